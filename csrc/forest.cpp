@@ -1,0 +1,1 @@
+// Placeholder translation unit; the forest engine lands here (issue #2).
