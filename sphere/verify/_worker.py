@@ -1,0 +1,148 @@
+"""The verifier worker process: math-verify (sympy) runs only here, never in the caller's process.
+
+Started as ``python -m sphere.verify._worker --memory-limit-mb N`` (a fresh interpreter: no fork of a
+process holding torch/vLLM threads, no re-import of the caller's ``__main__``). Protocol: JSON lines on
+stdin/stdout (never pickle):
+
+    parent -> worker   {"soft": seconds, "items": [[pred_answer, gold], ...]}      (EOF = stop)
+    worker -> parent   "ready" once after imports; then one [verdict, timed_out] per item, in order,
+                       so the parent can time each item and kill a stuck worker.
+
+Each item gets a soft timeout (``setitimer`` raising a BaseException that math-verify's ``except
+Exception`` blocks cannot swallow); work stuck in C code (a huge integer power) is not interruptible, and
+the parent's hard timeout kills the process. The address space is capped (``RLIMIT_AS``) so a hostile
+expression hits MemoryError instead of the machine's memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from collections import OrderedDict
+
+from sphere.verify.extract import normalize_answer
+
+
+class _SoftTimeout(BaseException):
+    """Raised by SIGALRM inside a check. BaseException so library ``except Exception`` cannot eat it."""
+
+
+def _on_alarm(signum, frame):  # noqa: ARG001
+    raise _SoftTimeout()
+
+
+_GOLD_CACHE: OrderedDict[str, list] = OrderedDict()
+_GOLD_CACHE_SIZE = 4096
+
+
+def _mv():
+    import math_verify  # imported lazily so the module imports cheaply in the parent (for tests)
+
+    return math_verify
+
+
+def _configs():
+    mv = _mv()
+    return [mv.LatexExtractionConfig(boxed_match_priority=0), mv.ExprExtractionConfig()]
+
+
+def _parse(ans: str) -> list:
+    mv = _mv()
+    # Gold-guided: both sides are the extracted answer spans, offered to math-verify as a \boxed{} so its
+    # extraction takes the whole span; the parse is latex first, then plain expression.
+    return mv.parse("\\boxed{" + ans + "}", extraction_config=_configs(), parsing_timeout=None)
+
+
+def _gold(gold: str) -> list:
+    got = _GOLD_CACHE.get(gold)
+    if got is None:
+        got = _parse(gold)
+        _GOLD_CACHE[gold] = got
+        if len(_GOLD_CACHE) > _GOLD_CACHE_SIZE:
+            _GOLD_CACHE.popitem(last=False)
+    else:
+        _GOLD_CACHE.move_to_end(gold)
+    return got
+
+
+def check_pair(pred: str, gold: str) -> bool:
+    """math-verify verdict on two extracted answers, or'ed with normalised-string equality.
+
+    Unsafe outside a worker (sympy on model text, no timeout): call it only from here or from tests."""
+    if normalize_answer(pred) == normalize_answer(gold) and normalize_answer(gold):
+        return True
+    g = _gold(gold)
+    if not g:
+        return False
+    p = _parse(pred)
+    if not p:
+        return False
+    return bool(_mv().verify(g, p, timeout_seconds=None))
+
+
+def _limit_memory(mb: int) -> None:
+    if mb <= 0:
+        return
+    try:
+        import resource
+
+        lim = mb * 1024 * 1024
+        resource.setrlimit(resource.RLIMIT_AS, (lim, lim))
+    except (ImportError, ValueError, OSError):  # not on this platform / not permitted: hard timeout remains
+        pass
+
+
+def worker_main(memory_limit_mb: int, stdin=None, stdout=None) -> None:
+    """Serve checks on ``stdin``/``stdout`` (JSON lines) until EOF."""
+    import json
+    import sys
+
+    stdin = stdin or sys.stdin
+    stdout = stdout or sys.stdout
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the parent, which stops us
+    logging.getLogger("math_verify").setLevel(logging.CRITICAL)
+    logging.getLogger("latex2sympy2_extended").setLevel(logging.CRITICAL)
+    _mv()
+    import sympy  # noqa: F401  (warm the import before declaring ready)
+
+    _limit_memory(memory_limit_mb)
+    signal.signal(signal.SIGALRM, _on_alarm)
+    stdout.write('"ready"\n')
+    stdout.flush()
+    for line in stdin:
+        try:
+            msg = json.loads(line)
+            soft = float(msg["soft"])
+            items = [(str(p), str(g)) for p, g in msg["items"]]
+        except (ValueError, KeyError, TypeError):
+            return  # a malformed request means a broken parent: exit, the parent restarts us
+        for pred, gold in items:
+            timed_out = False
+            verdict = False
+            try:
+                signal.setitimer(signal.ITIMER_REAL, max(0.01, soft))
+                try:
+                    verdict = check_pair(pred, gold)
+                finally:
+                    signal.setitimer(signal.ITIMER_REAL, 0)
+            except _SoftTimeout:
+                timed_out = True
+            except (MemoryError, RecursionError):
+                verdict = False
+            except Exception:  # noqa: BLE001  (any parser failure is a "not equal")
+                verdict = False
+            try:
+                stdout.write("[%s,%s]\n" % ("true" if verdict else "false", "true" if timed_out else "false"))
+                stdout.flush()
+            except (BrokenPipeError, OSError):
+                return
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser(description="sphere verifier worker (started by sphere.verify.pool)")
+    ap.add_argument("--memory-limit-mb", type=int, default=3072)
+    worker_main(ap.parse_args().memory_limit_mb)

@@ -1,0 +1,243 @@
+"""Answer extraction and normalisation: pure string work, no sympy, safe on hostile text.
+
+Everything here runs in the calling process, so every function is linear-time in the input (no
+backtracking-prone regexes over model text, bounded scans) and never evaluates anything.
+
+- ``extract_answer(text)``: the final answer a completion commits to, by priority
+  1. the last ``\\boxed{...}`` / ``\\fbox{...}`` (nested braces; ``\\boxed 5`` too),
+  2. the last GSM8K ``#### N`` line,
+  3. the last "final answer is ..." / "the answer is ..." / "answer: ...",
+  4. the last number in the text (GSM8K calculator annotations ``<<48/2=24>>`` removed first).
+- ``normalize_answer(s)``: a canonical string for comparison (units, percent, degrees, thousands
+  separators, ``\\dfrac``/``\\tfrac``, ``\\text{}``, ``\\left``/``\\right``, spacing, trailing punctuation).
+- ``parse_number(s)``: an exact ``Fraction`` for plain numbers (int, decimal, a/b, ``\\frac{a}{b}``).
+- ``fast_verdict(pred, gold)``: True / False when the answer is decided without sympy, else None. It may
+  only say False when both sides are exact numbers (integers or fractions, no decimals, no percent) that
+  differ, so it can never contradict math-verify on a True.
+"""
+
+from __future__ import annotations
+
+import re
+from fractions import Fraction
+
+# Longest answer (characters) the checker considers; longer extractions are not answers but runaway text.
+MAX_ANSWER_CHARS = 1000
+# Longest plain number (digits) turned into a Fraction; longer literals are compared as strings only.
+MAX_NUMBER_DIGITS = 200
+# How many trailing \boxed occurrences to try when the last one is unbalanced (truncated output).
+_MAX_BOX_TRIES = 8
+
+_BOX_CMDS = ("\\boxed", "\\fbox")
+_GSM_ANNOT = re.compile(r"<<[^<>]{0,400}>>")
+_GSM_HASH = re.compile(r"####[ \t]*([^\n]{0,%d})" % MAX_ANSWER_CHARS)
+# "final answer is", "the answer is", "answer:", "answer =" (case-insensitive); the answer runs to the end
+# of the line, or to a sentence end (". " / "." at end).
+_ANSWER_IS = re.compile(r"(?:final\s+answer|the\s+answer|answer)\s{0,3}(?:is|:|=)[ \t]*", re.IGNORECASE)
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?|-?\.\d+")
+
+
+def _balanced_from(text: str, start: int) -> tuple[str, int] | None:
+    """Content of the brace group opening at ``text[start] == '{'`` and the index after it, or None."""
+    depth = 0
+    i = start
+    n = len(text)
+    while i < n:
+        c = text[i]
+        if c == "\\" and i + 1 < n and text[i + 1] in "{}":
+            i += 2  # escaped \{ \} do not nest
+            continue
+        if c == "{":
+            depth += 1
+        elif c == "}":
+            depth -= 1
+            if depth == 0:
+                return text[start + 1 : i], i + 1
+        i += 1
+    return None
+
+
+def last_boxed(text: str) -> str | None:
+    """Content of the last complete ``\\boxed{...}`` / ``\\fbox{...}`` (or ``\\boxed X``), else None."""
+    end = len(text)
+    for _ in range(_MAX_BOX_TRIES):
+        pos, cmd = max((text.rfind(c, 0, end), c) for c in _BOX_CMDS)
+        if pos < 0:
+            return None
+        j = pos + len(cmd)
+        while j < len(text) and text[j] in " \t":
+            j += 1
+        if j < len(text) and text[j] == "{":
+            got = _balanced_from(text, j)
+            if got is not None:
+                return got[0].strip()
+        elif j > pos + len(cmd) and j < len(text):
+            # "\boxed 5": the argument is the next token (up to whitespace or "$")
+            m = re.match(r"[^\s$]{1,%d}" % MAX_ANSWER_CHARS, text[j:])
+            if m:
+                return m.group(0)
+        end = pos
+    return None
+
+
+def _strip_math_delims(s: str) -> str:
+    s = s.strip()
+    for a, b in (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]")):
+        if s.startswith(a) and s.endswith(b) and len(s) >= len(a) + len(b):
+            s = s[len(a) : len(s) - len(b)].strip()
+    return s
+
+
+def _answer_is(text: str) -> str | None:
+    last = None
+    for m in _ANSWER_IS.finditer(text):
+        last = m
+    if last is None:
+        return None
+    rest = text[last.end() : last.end() + 4 * MAX_ANSWER_CHARS]
+    rest = rest.split("\n", 1)[0]
+    if rest.startswith("$"):  # "$...$": take the math span whole (it may contain ". ")
+        close = rest.find("$", 1)
+        if close > 0:
+            return rest[1:close].strip() or None
+    m = re.search(r"\.(?:\s|$)", rest)
+    if m:
+        rest = rest[: m.start()]
+    rest = rest.strip().rstrip(".")
+    return rest or None
+
+
+def extract_answer(text: str) -> str | None:
+    """The final answer of a completion (see the module docstring for the priority), or None.
+
+    Returns the raw answer span (math delimiters stripped), not normalised. None when no answer is found
+    or the span exceeds ``MAX_ANSWER_CHARS``."""
+    if not isinstance(text, str) or not text:
+        return None
+    ans = last_boxed(text)
+    if ans is None:
+        m = None
+        for m in _GSM_HASH.finditer(text):
+            pass
+        if m is not None and m.group(1).strip():
+            ans = m.group(1).strip()
+    if ans is None:
+        ans = _answer_is(text)
+    if ans is None:
+        last = None
+        for last in _NUMBER.finditer(_GSM_ANNOT.sub("", text)):
+            pass
+        if last is not None:
+            ans = last.group(0).rstrip(",")
+    if ans is None:
+        return None
+    ans = _strip_math_delims(ans)
+    if not ans or len(ans) > MAX_ANSWER_CHARS:
+        return None
+    return ans
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Normalisation
+# ---------------------------------------------------------------------------------------------------------
+_TEXT_CMDS = re.compile(r"\\(?:text|textbf|textit|textrm|mathrm|mathbf|mbox|operatorname)\s*\{([^{}]*)\}")
+_SPACING = re.compile(r"\\[,:;! ]|\\quad|\\qquad|~|\\displaystyle|\\left|\\right|\\big|\\Big")
+_DEGREES = re.compile(r"\^\s*\{?\s*\\circ\s*\}?|°|\\degree")
+_THOUSANDS = re.compile(r"(?<![\d.])(\d{1,3})((?:,\d{3})+)(?![\d])")
+_FRAC_SHORT = re.compile(r"\\frac\s*(\d)\s*(\d)")
+_FRAC_SHORT2 = re.compile(r"\\frac\s*\{([^{}]*)\}\s*(\d)")
+_SQRT_SHORT = re.compile(r"\\sqrt\s*(\d)")
+_ASSIGN = re.compile(r"^(?:[a-zA-Z]|\\[a-zA-Z]+)\s*=\s*(?=[^=])")
+_UNIT_TAIL = re.compile(r"^(-?[\d.,/]+)\s*((?:[a-zA-Z]{2,}\.?\s*)+)(?:\^\{?[23]\}?)?$")
+_LEADING_NUM = re.compile(r"^-?(?:\d+(?:\.\d*)?|\.\d+)$")
+
+
+def normalize_answer(s: str) -> str:
+    """Canonical comparison string of an answer (see module docstring). Never raises."""
+    if not isinstance(s, str):
+        return ""
+    s = _strip_math_delims(s[: 4 * MAX_ANSWER_CHARS])
+    s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
+    s = s.replace("\\$", "").replace("$", "")
+    s = re.sub(r",\\!\s*", ",", s)
+    s = s.replace("{,}", ",")
+    s = _SPACING.sub(" ", s)
+    s = _DEGREES.sub("", s)
+    s = s.replace("\\%", "").replace("%", "")
+    for _ in range(3):  # nested \text{\textbf{x}}
+        s2 = _TEXT_CMDS.sub(r" \1 ", s)
+        if s2 == s:
+            break
+        s = s2
+    s = s.strip()
+    s = re.sub(r"\s*\b(?:degrees?|percent|dollars?|cents?|units?)\b\.?$", "", s, flags=re.IGNORECASE)
+    m = _UNIT_TAIL.match(s.strip())
+    if m:
+        s = m.group(1)
+    s = s.strip().rstrip(".,;:").strip()
+    s = _THOUSANDS.sub(lambda m: m.group(1) + m.group(2).replace(",", ""), s)
+    s = _ASSIGN.sub("", s, count=1)
+    s = re.sub(r"\s+", "", s)
+    s = _FRAC_SHORT.sub(r"\\frac{\1}{\2}", s)
+    s = _FRAC_SHORT2.sub(r"\\frac{\1}{\2}", s)
+    s = _SQRT_SHORT.sub(r"\\sqrt{\1}", s)
+    if _LEADING_NUM.match(s) and "." in s:  # 0.50 -> 0.5, 3.0 -> 3, .5 -> 0.5
+        neg = s.startswith("-")
+        body = s.lstrip("-").rstrip("0").rstrip(".")
+        if body.startswith("."):
+            body = "0" + body
+        body = body or "0"
+        s = ("-" if neg and body != "0" else "") + body
+    if re.fullmatch(r"[A-Za-z ]+|\([A-Za-z]\)", s):  # word answers ("Evelyn", "(C)") compare case-free
+        s = s.lower()
+    return s
+
+
+_FRAC_FULL = re.compile(r"^(-?)\\frac\{(-?\d+)\}\{(-?\d+)\}$")
+_SLASH = re.compile(r"^(-?\d+)/(\d+)$")
+_DEC = re.compile(r"^-?(?:\d+(?:\.\d*)?|\.\d+)$")
+
+
+def parse_number(norm: str) -> tuple[Fraction, bool] | None:
+    """``(value, exact)`` of a normalised plain number, else None. ``exact`` is False for decimals.
+
+    Accepts ``12``, ``-3.25``, ``.5``, ``3/4``, ``\\frac{3}{4}``, ``-\\frac{3}{4}``; at most
+    ``MAX_NUMBER_DIGITS`` characters so conversion stays cheap."""
+    if not norm or len(norm) > MAX_NUMBER_DIGITS:
+        return None
+    try:
+        if _DEC.match(norm):
+            return Fraction(norm), "." not in norm
+        m = _SLASH.match(norm)
+        if m:
+            den = int(m.group(2))
+            return (Fraction(int(m.group(1)), den), True) if den else None
+        m = _FRAC_FULL.match(norm)
+        if m:
+            den = int(m.group(3))
+            if not den:
+                return None
+            v = Fraction(int(m.group(2)), den)
+            return (-v if m.group(1) else v), True
+    except (ValueError, ZeroDivisionError):
+        return None
+    return None
+
+
+def fast_verdict(pred: str | None, gold: str) -> bool | None:
+    """Decide cheap cases in the caller's process: True on equal normalised strings or equal numbers;
+    False on no answer or two differing exact numbers; None (ask math-verify) otherwise.
+
+    ``pred`` is an extracted answer (``extract_answer``), ``gold`` the reference answer."""
+    if pred is None:
+        return False
+    np_, ng = normalize_answer(pred), normalize_answer(gold)
+    if np_ and np_ == ng:
+        return True
+    a, b = parse_number(np_), parse_number(ng)
+    if a is not None and b is not None:
+        if a[0] == b[0]:
+            return True
+        if a[1] and b[1] and "%" not in pred and "%" not in gold:
+            return False
+    return None
