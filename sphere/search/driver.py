@@ -177,6 +177,7 @@ class SearchDriver:
         self.seed = int(seed)
         self.forest = make_forest(_engine_config(scfg), backend=engine_backend)
         self.stats = SearchStats()
+        self._queue: deque[SearchJob] = deque()
         # Python-side step store: payload id -> step text / raw score / verdict.
         self.steps: list[str] = [""]  # payload 0 = root (no text)
         self.step_score: list[float] = [0.0]
@@ -220,7 +221,8 @@ class SearchDriver:
         progress: Callable[[dict], None] | None = None,
     ) -> SearchStats:
         """Search every job; ``on_result`` is called once per finished job, as soon as it finishes."""
-        queue: deque[SearchJob] = deque(jobs)
+        self._queue: deque[SearchJob] = deque(jobs)
+        queue = self._queue
         live: dict[int, dict] = {}  # root node id -> state
         f = self.forest
         scfg = self.cfg
@@ -230,6 +232,7 @@ class SearchDriver:
             top_p=float(scfg.top_p),
             max_tokens=int(scfg.max_step_tokens),
             seed=None,
+            stop=[self.delim],
         )
         round_idx = 0
         while queue or live:
@@ -424,6 +427,10 @@ class SearchDriver:
             if progress is not None:
                 progress({"live": len(live), "queued": len(queue), **self.stats.as_dict(self.batch)})
         return self.stats
+
+    def submit(self, job: SearchJob) -> None:
+        """Queue one more job while ``run`` is going (e.g. a stage-2 job from a stage-1 result)."""
+        self._queue.append(job)
 
     # ------------------------------------------------------------------ selection per mode
     def _select_live(self, live: dict, roots: list[int], leaves: list[int]) -> int:

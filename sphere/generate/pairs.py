@@ -1,0 +1,136 @@
+"""Preference pairs from search results, and the filters applied before they are written.
+
+A pair is (chosen = a correct trajectory, rejected = a wrong one) for one prompt. ``pairs.jsonl`` uses
+TRL's preference format: ``prompt``/``chosen``/``rejected`` as strings (plain models) or as message lists
+(models with a chat template), plus provenance fields.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from sphere.search.driver import Trajectory
+
+
+@dataclass
+class PairFilter:
+    """Filters (conf/generate.yaml ``filters``)."""
+
+    dedup: bool = True
+    min_margin: float = 0.0  # value(chosen) - value(rejected) must be >= this
+    min_edit_distance: float = 0.0  # 1 - difflib ratio between chosen and rejected texts, in [0, 1]
+    max_length_ratio: float = 0.0  # max(len)/min(len) of the two texts; 0 disables
+
+    @classmethod
+    def from_cfg(cls, c: Any) -> PairFilter:
+        f = cls(
+            dedup=bool(c.dedup),
+            min_margin=float(c.min_margin),
+            min_edit_distance=float(c.min_edit_distance),
+            max_length_ratio=float(c.max_length_ratio),
+        )
+        if not 0.0 <= f.min_edit_distance <= 1.0:
+            raise ValueError(f"config filters.min_edit_distance={f.min_edit_distance}: allowed [0, 1]")
+        if f.max_length_ratio != 0.0 and f.max_length_ratio < 1.0:
+            raise ValueError(
+                f"config filters.max_length_ratio={f.max_length_ratio}: allowed 0 (off) or >= 1"
+            )
+        return f
+
+
+def solution_text(t: Trajectory, delimiter: str) -> str:
+    return delimiter.join(t.steps)
+
+
+def edit_distance(a: str, b: str) -> float:
+    """Normalised edit distance in [0, 1] (1 - difflib's similarity ratio)."""
+    if not a and not b:
+        return 0.0
+    return 1.0 - difflib.SequenceMatcher(None, a, b, autojunk=False).ratio()
+
+
+def make_pair(
+    *,
+    stage: int,
+    problem: dict,
+    prompt: Any,
+    chosen: Trajectory,
+    rejected: Trajectory,
+    delimiter: str,
+    chosen_model: str,
+    rejected_model: str,
+    config_hash: str,
+    conversational: bool,
+    extra: dict | None = None,
+) -> dict:
+    c_text = solution_text(chosen, delimiter)
+    r_text = solution_text(rejected, delimiter)
+    if conversational:
+        c_out: Any = [{"role": "assistant", "content": c_text}]
+        r_out: Any = [{"role": "assistant", "content": r_text}]
+    else:
+        c_out, r_out = c_text, r_text
+    rec = {
+        "prompt": prompt,
+        "chosen": c_out,
+        "rejected": r_out,
+        "stage": int(stage),
+        "problem_id": str(problem["id"]),
+        "source": problem.get("source", ""),
+        "chosen_correct": bool(chosen.correct),
+        "rejected_correct": bool(rejected.correct),
+        "chosen_value": float(chosen.value),
+        "rejected_value": float(rejected.value),
+        "chosen_rewards": [float(x) for x in chosen.rewards],
+        "rejected_rewards": [float(x) for x in rejected.rewards],
+        "margin": float(chosen.value) - float(rejected.value),
+        "edit_distance": edit_distance(c_text, r_text),
+        "chosen_model": chosen_model,
+        "rejected_model": rejected_model,
+        "config_hash": config_hash,
+    }
+    if extra:
+        rec.update(extra)
+    return rec
+
+
+def _text(x: Any) -> str:
+    if isinstance(x, str):
+        return x
+    return json.dumps(x, sort_keys=True, ensure_ascii=False)
+
+
+def filter_pairs(pairs: list[dict], f: PairFilter) -> tuple[list[dict], dict]:
+    """Apply the filters in order; returns kept pairs and a count of drops per reason."""
+    drops = {"dedup": 0, "min_margin": 0, "min_edit_distance": 0, "length_ratio": 0, "not_contrastive": 0}
+    seen: set[str] = set()
+    kept = []
+    for p in pairs:
+        if not (p["chosen_correct"] and not p["rejected_correct"]):
+            drops["not_contrastive"] += 1
+            continue
+        if f.dedup:
+            h = hashlib.sha1(
+                (_text(p["prompt"]) + "\x00" + _text(p["chosen"]) + "\x00" + _text(p["rejected"])).encode()
+            ).hexdigest()
+            if h in seen:
+                drops["dedup"] += 1
+                continue
+            seen.add(h)
+        if p["margin"] < f.min_margin:
+            drops["min_margin"] += 1
+            continue
+        if p["edit_distance"] < f.min_edit_distance:
+            drops["min_edit_distance"] += 1
+            continue
+        if f.max_length_ratio:
+            a, b = len(_text(p["chosen"])), len(_text(p["rejected"]))
+            if max(a, b) > f.max_length_ratio * max(1, min(a, b)):
+                drops["length_ratio"] += 1
+                continue
+        kept.append(p)
+    return kept, drops

@@ -1,0 +1,480 @@
+"""`sphere generate`: the three SPHERE stages over a problem set, written as preference pairs.
+
+    sphere generate hydra.run.dir=DIR                     # mini world, CPU defaults
+    sphere generate search=mcts search.pruning.policy=topk search.pruning.k=3
+    sphere generate data.problems=data/benchmarks/math/train.jsonl model=qwen2_5_7b backend=vllm
+
+Routing (arXiv 2503.04813, Sec. 3):
+  stage 1  Sol_max correct, Sol_min wrong -> (Sol_max, Sol_min)
+  stage 2  both wrong  -> the policy gets the reflection prompt with its wrong attempt, the same search
+           runs; a corrected correct solution is chosen over the wrong attempt
+  stage 3  both right  -> the small model searches with 2E candidates for plausible wrong solutions;
+           the policy's correct solution is chosen over the small model's most plausible wrong one
+  Sol_max wrong but Sol_min right: ``stages.inverted`` = swap (a stage-1 pair with the roles swapped) or drop.
+
+Outputs (run directory): ``stages/stage{1,2,3}.jsonl`` (one durable line per finished problem and stage:
+the resume log), then, rebuilt atomically from it at the end: ``pairs.jsonl``, ``trajectories.jsonl``,
+``generate_stats.json``, and ``trees/<problem>.npz`` snapshots for a sample of problems.
+A kill -9 at any moment loses at most the problems in flight; a rerun skips every finished one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+from sphere.generate.pairs import PairFilter, filter_pairs, make_pair, solution_text
+from sphere.io import JsonlAppender, atomic_write_json, atomic_write_text, read_jsonl_tolerant
+from sphere.search.driver import SearchDriver, SearchJob, SearchResult, Trajectory
+
+STAGE_FILES = {1: "stage1.jsonl", 2: "stage2.jsonl", 3: "stage3.jsonl"}
+
+
+# ---------------------------------------------------------------------------------------------- config
+def config_hash(cfg: Any) -> str:
+    """Signature of everything that changes the generated data (not paths, logging or workers)."""
+    keep = {k: cfg[k] for k in ("model", "search", "stages", "scorer", "data", "prompt", "seed") if k in cfg}
+    blob = json.dumps(OmegaConf.to_container(OmegaConf.create(keep), resolve=True), sort_keys=True)
+    return hashlib.sha1(blob.encode()).hexdigest()[:12]
+
+
+def validate_generate_config(cfg: Any) -> None:
+    st = cfg.stages
+    if str(st.inverted) not in ("swap", "drop"):
+        raise ValueError(f"config stages.inverted={st.inverted!r}: allowed swap | drop")
+    if str(st.stage2_rejected) not in ("sol_max", "sol_min"):
+        raise ValueError(f"config stages.stage2_rejected={st.stage2_rejected!r}: allowed sol_max | sol_min")
+    if int(st.small_expansions_factor) < 1:
+        raise ValueError(f"config stages.small_expansions_factor={st.small_expansions_factor}: allowed >= 1")
+    if cfg.data.limit is not None and int(cfg.data.limit) < 0:
+        raise ValueError(f"config data.limit={cfg.data.limit}: allowed null or an integer >= 0")
+
+
+# ---------------------------------------------------------------------------------------------- data
+def load_problems(dcfg: Any, seed: int) -> list[dict]:
+    """Problems for generation: ``mini`` (the mini world's training split), a local JSONL path, a shipped
+    benchmark name (``math_train``, ``gsm8k_train``), or ``hf:NAME[:SPLIT]`` where a hub is reachable."""
+    src = str(dcfg.problems)
+    limit = None if dcfg.limit is None else int(dcfg.limit)
+    if src == "mini":
+        from sphere.mini.world import training_problems
+
+        n = int(dcfg.mini_n) if limit is None else min(int(dcfg.mini_n), limit)
+        return training_problems(n, seed=int(dcfg.mini_seed) + seed)
+    from sphere.data.benchmarks import load_problems_jsonl
+
+    named = {"math_train": "math/train.jsonl", "gsm8k_train": "gsm8k/train.jsonl"}
+    if src in named:
+        return load_problems_jsonl(Path(str(dcfg.data_dir)) / named[src], limit=limit)
+    if src.startswith("hf:"):
+        import datasets
+
+        name, _, split = src[3:].partition(":")
+        ds = datasets.load_dataset(name, split=split or "train")
+        pf, af = str(dcfg.hf_problem_field), str(dcfg.hf_answer_field)
+        out = []
+        for i, r in enumerate(ds):
+            if limit is not None and i >= limit:
+                break
+            out.append({"id": f"{name}-{i}", "problem": str(r[pf]), "answer": str(r[af]), "source": name})
+        return out
+    return load_problems_jsonl(src, limit=limit)
+
+
+# ---------------------------------------------------------------------------------------------- records
+def traj_to_dict(t: Trajectory | None) -> dict | None:
+    if t is None:
+        return None
+    return {
+        "steps": t.steps,
+        "correct": t.correct,
+        "value": t.value,
+        "rewards": t.rewards,
+        "scores": t.scores,
+        "finish": t.finish,
+    }
+
+
+def traj_from_dict(d: dict | None) -> Trajectory | None:
+    if d is None:
+        return None
+    return Trajectory(d["steps"], bool(d["correct"]), float(d["value"]), list(d["rewards"]),
+                      list(d["scores"]), str(d["finish"]))
+
+
+def route(sol_max: Trajectory | None, sol_min: Trajectory | None) -> str:
+    """Which stage a stage-1 search result goes to: pair | correct | both_right | both_wrong | inverted."""
+    mx = bool(sol_max and sol_max.correct)
+    mn = bool(sol_min and sol_min.correct)
+    if mx and not mn:
+        return "pair"
+    if mx and mn:
+        return "both_right"
+    if not mx and not mn:
+        return "both_wrong"
+    return "inverted"
+
+
+class Generator:
+    """Runs the three stages; used by `sphere generate` and by `sphere run` (one backend per model)."""
+
+    def __init__(self, cfg: DictConfig, out_dir: Path, *, logger: Any = None):
+        validate_generate_config(cfg)
+        self.cfg = cfg
+        self.out = Path(out_dir)
+        self.logger = logger
+        self.delim = str(cfg.prompt.step_delimiter)
+        self.hash = config_hash(cfg)
+        (self.out / "stages").mkdir(parents=True, exist_ok=True)
+
+    # ------------------------------------------------------------------ prompts
+    def _prompt_ids(self, tokenizer: Any, problem: dict) -> list[int]:
+        from sphere.prompts import build_prompt_ids
+
+        return build_prompt_ids(tokenizer, problem["problem"], [], self.cfg.prompt)
+
+    def _reflection_ids(self, tokenizer: Any, problem: dict, attempt: Trajectory) -> list[int]:
+        from sphere.prompts import build_reflection_ids
+
+        return build_reflection_ids(tokenizer, problem["problem"], attempt.steps, self.cfg.prompt)
+
+    def _pair_prompt(self, tokenizer: Any, problem: dict, attempt: Trajectory | None = None) -> Any:
+        from sphere.prompts import pair_prompt
+
+        return pair_prompt(tokenizer, problem["problem"], self.cfg.prompt,
+                           attempt=None if attempt is None else attempt.steps)
+
+    # ------------------------------------------------------------------ resume
+    def _done(self, stage: int) -> dict[str, dict]:
+        recs = read_jsonl_tolerant(self.out / "stages" / STAGE_FILES[stage])
+        return {r["problem_id"]: r for r in recs}
+
+    # ------------------------------------------------------------------ stages
+    def run(self, problems: list[dict], policy_backend: Any, scorer: Any, verifier: Any,
+            small_backend_factory: Any = None, progress: Any = None) -> dict:
+        """Run all three stages. ``small_backend_factory()`` opens the small model's backend (stage 3);
+        it is called after the policy's stages are done, so callers may free the policy first."""
+        t_start = time.perf_counter()
+        cfg = self.cfg
+        st_cfg = cfg.stages
+        done1, done2, done3 = self._done(1), self._done(2), self._done(3)
+        by_id = {p["id"]: p for p in problems}
+        if len(by_id) != len(problems):
+            dup = len(problems) - len(by_id)
+            raise ValueError(f"data.problems: {dup} duplicate problem ids; ids must be unique")
+        tok = policy_backend.tokenizer
+        policy_name = str(cfg.model.policy)
+        small_name = str(cfg.model.small)
+        snap_every = int(cfg.output.snapshot_every)
+        snap_dir = self.out / "trees"
+
+        w = {s: JsonlAppender(self.out / "stages" / f) for s, f in STAGE_FILES.items()}
+        stats_acc = {"search": {}}
+        try:
+            driver = SearchDriver(policy_backend, scorer, verifier, cfg.search, delimiter=self.delim,
+                                  engine_backend=str(cfg.engine_backend), seed=int(cfg.seed))
+
+            def stage1_job(i: int, p: dict) -> SearchJob:
+                meta = {"stage": 1, "snapshot": snap_every > 0 and i % snap_every == 0}
+                return SearchJob(f"1:{p['id']}", p, self._prompt_ids(tok, p), meta)
+
+            def stage2_job(p: dict, rec1: dict) -> SearchJob:
+                attempt = traj_from_dict(rec1[str(st_cfg.stage2_rejected)] or rec1["sol_max"])
+                return SearchJob(f"2:{p['id']}", p, self._reflection_ids(tok, p, attempt),
+                                 {"stage": 2, "attempt": attempt})
+
+            jobs = []
+            stage3_todo: list[tuple[dict, dict]] = []
+            for i, p in enumerate(problems):
+                r1 = done1.get(p["id"])
+                if r1 is None:
+                    jobs.append(stage1_job(i, p))
+                    continue
+                if r1["route"] == "both_wrong" and st_cfg.stage2 and p["id"] not in done2:
+                    jobs.append(stage2_job(p, r1))
+                if r1["route"] == "both_right" and st_cfg.stage3 and p["id"] not in done3:
+                    stage3_todo.append((p, r1))
+
+            counts = {"done": 0, "pairs": {1: 0, 2: 0, 3: 0}}
+
+            def on_result(res: SearchResult) -> None:
+                p = res.job.problem
+                stage = int(res.job.meta["stage"])
+                if res.snapshot is not None:
+                    self._save_snapshot(snap_dir, f"stage{stage}-{p['id']}", res)
+                if stage == 1:
+                    rt = route(res.sol_max, res.sol_min)
+                    pairs = []
+                    if rt == "pair" or (rt == "inverted" and st_cfg.inverted == "swap"):
+                        ch, rj = (res.sol_max, res.sol_min) if rt == "pair" else (res.sol_min, res.sol_max)
+                        pairs.append(make_pair(stage=1, problem=p, prompt=self._pair_prompt(tok, p),
+                                               chosen=ch, rejected=rj, delimiter=self.delim,
+                                               chosen_model=policy_name, rejected_model=policy_name,
+                                               config_hash=self.hash, conversational=self._conv(tok),
+                                               extra={"route": rt}))
+                    rec = self._record(1, p, res, rt, pairs)
+                    w[1].write(rec)
+                    counts["pairs"][1] += len(pairs)
+                    if rt == "both_wrong" and st_cfg.stage2:
+                        driver.submit(stage2_job(p, rec))
+                    elif rt == "both_right" and st_cfg.stage3:
+                        stage3_todo.append((p, rec))
+                    else:
+                        counts["done"] += 1
+                elif stage == 2:
+                    attempt: Trajectory = res.job.meta["attempt"]
+                    corrected = [t for t in res.terminals if t.correct]
+                    pairs = []
+                    if corrected and not attempt.correct:
+                        best = max(corrected, key=lambda t: t.value)
+                        prompt = self._pair_prompt(tok, p, attempt if st_cfg.stage2_prompt_with_attempt
+                                                   else None)
+                        pairs.append(make_pair(stage=2, problem=p, prompt=prompt, chosen=best,
+                                               rejected=attempt, delimiter=self.delim,
+                                               chosen_model=policy_name, rejected_model=policy_name,
+                                               config_hash=self.hash, conversational=self._conv(tok)))
+                    w[2].write(self._record(2, p, res, "corrected" if pairs else "uncorrected", pairs))
+                    counts["pairs"][2] += len(pairs)
+                    counts["done"] += 1
+                if progress is not None:
+                    progress(counts)
+
+            if jobs:
+                driver.run(jobs, on_result)
+                stats_acc["search"]["policy"] = driver.stats.as_dict(int(cfg.search.batch_leaves))
+
+            # ---- stage 3: the small model looks for plausible wrong solutions
+            if stage3_todo:
+                small = small_backend_factory() if small_backend_factory is not None else policy_backend
+                scfg3 = OmegaConf.merge(cfg.search, {
+                    "expansions": int(cfg.search.expansions) * int(st_cfg.small_expansions_factor)})
+                driver3 = SearchDriver(small, scorer, verifier, scfg3, delimiter=self.delim,
+                                       engine_backend=str(cfg.engine_backend), seed=int(cfg.seed) + 3)
+                stok = small.tokenizer
+                jobs3 = [SearchJob(f"3:{p['id']}", p, self._prompt_ids(stok, p), {"stage": 3, "rec1": r1})
+                         for p, r1 in stage3_todo]
+
+                def on_result3(res: SearchResult) -> None:
+                    p = res.job.problem
+                    r1 = res.job.meta["rec1"]
+                    chosen = traj_from_dict(r1["sol_max"])
+                    wrong = [t for t in res.terminals if not t.correct]
+                    pairs = []
+                    if wrong and chosen is not None and chosen.correct:
+                        rej = max(wrong, key=lambda t: t.value)  # the most plausible wrong solution
+                        pairs.append(make_pair(stage=3, problem=p, prompt=self._pair_prompt(tok, p),
+                                               chosen=chosen, rejected=rej, delimiter=self.delim,
+                                               chosen_model=policy_name, rejected_model=small_name,
+                                               config_hash=self.hash, conversational=self._conv(tok)))
+                    w[3].write(self._record(3, p, res, "contrast" if pairs else "no_wrong", pairs))
+                    counts["pairs"][3] += len(pairs)
+                    counts["done"] += 1
+                    if progress is not None:
+                        progress(counts)
+
+                driver3.run(jobs3, on_result3)
+                stats_acc["search"]["small"] = driver3.stats.as_dict(int(cfg.search.batch_leaves))
+        finally:
+            for a in w.values():
+                a.close()
+        return self.finalize(problems, stats_acc, time.perf_counter() - t_start)
+
+    @staticmethod
+    def _conv(tok: Any) -> bool:
+        from sphere.prompts import uses_chat_template
+
+        return bool(uses_chat_template(tok, None))
+
+    def _record(self, stage: int, p: dict, res: SearchResult, route_: str, pairs: list[dict]) -> dict:
+        return {
+            "problem_id": p["id"],
+            "stage": stage,
+            "route": route_,
+            "answer": p["answer"],
+            "sol_max": traj_to_dict(res.sol_max),
+            "sol_min": traj_to_dict(res.sol_min),
+            "terminals": [traj_to_dict(t) for t in res.terminals],
+            "nodes": res.nodes,
+            "expansions": res.expansions,
+            "pairs": pairs,
+            "config_hash": self.hash,
+        }
+
+    def _save_snapshot(self, d: Path, name: str, res: SearchResult) -> None:
+        d.mkdir(parents=True, exist_ok=True)
+        snap = res.snapshot
+        arrays = {k: np.asarray(v) for k, v in snap.items() if k != "text"}
+        meta = {
+            "problem": res.job.problem["problem"],
+            "answer": res.job.problem["answer"],
+            "text": list(snap["text"]),
+            "sol_max": traj_to_dict(res.sol_max),
+            "sol_min": traj_to_dict(res.sol_min),
+        }
+        tmp = d / f".{name}.npz.tmp"
+        with open(tmp, "wb") as fh:
+            np.savez_compressed(fh, meta_json=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
+                                **arrays)
+        tmp.replace(d / f"{name}.npz")
+
+    # ------------------------------------------------------------------ outputs
+    def finalize(self, problems: list[dict], stats_acc: dict, wall_s: float) -> dict:
+        """Rebuild pairs.jsonl / trajectories.jsonl / generate_stats.json from the stage logs."""
+        cfg = self.cfg
+        recs = {s: read_jsonl_tolerant(self.out / "stages" / f) for s, f in STAGE_FILES.items()}
+        wanted = {p["id"] for p in problems}
+        all_pairs: list[dict] = []
+        traj_lines = []
+        for s in (1, 2, 3):
+            seen = set()
+            for r in recs[s]:
+                if r["problem_id"] not in wanted or r["problem_id"] in seen:
+                    continue
+                seen.add(r["problem_id"])
+                all_pairs.extend(r["pairs"])
+                for t in r["terminals"]:
+                    traj_lines.append({"problem_id": r["problem_id"], "stage": s, **t})
+        kept, drops = filter_pairs(all_pairs, PairFilter.from_cfg(cfg.filters))
+        atomic_write_text(self.out / "pairs.jsonl",
+                          "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in kept))
+        atomic_write_text(self.out / "trajectories.jsonl",
+                          "".join(json.dumps(t, ensure_ascii=False) + "\n" for t in traj_lines))
+        s1 = {r["problem_id"]: r for r in recs[1] if r["problem_id"] in wanted}
+        routes: dict[str, int] = {}
+        for r in s1.values():
+            routes[r["route"]] = routes.get(r["route"], 0) + 1
+        pairs_per_stage = {str(s): sum(1 for p in kept if int(p["stage"]) == s) for s in (1, 2, 3)}
+        search = stats_acc.get("search", {})
+        prev = {}
+        stats_path = self.out / "generate_stats.json"
+        if stats_path.exists():
+            try:
+                prev = json.loads(stats_path.read_text())
+            except json.JSONDecodeError:
+                prev = {}
+        tot = {k: 0.0 for k in ("backend_calls", "tokens", "candidates", "leaves", "engine_s", "backend_s",
+                                "scorer_s", "verify_s", "full_calls", "full_call_leaves", "collisions",
+                                "pruned")}
+        for sd in search.values():
+            for k in tot:
+                tot[k] += float(sd.get(k, 0))
+        batch = int(cfg.search.batch_leaves)
+        pol = search.get("policy", {})
+        stats = {
+            "config_hash": self.hash,
+            "problems": len(problems),
+            "problems_done_stage1": len(s1),
+            "routes": routes,
+            "problems_per_stage": {"1": len(s1), "2": sum(1 for r in recs[2] if r["problem_id"] in wanted),
+                                   "3": sum(1 for r in recs[3] if r["problem_id"] in wanted)},
+            "pairs_per_stage": pairs_per_stage,
+            "pairs_total": len(kept),
+            "pairs_before_filters": len(all_pairs),
+            "filter_drops": drops,
+            "yield": len(kept) / max(1, len(problems)),
+            "backend_calls": int(tot["backend_calls"]),
+            "tokens": int(tot["tokens"]),
+            "candidates": int(tot["candidates"]),
+            "mean_leaves_per_call": tot["leaves"] / max(1, tot["backend_calls"]),
+            # mean prompts per backend call over the configured batch, over calls made while problems
+            # remained queued (policy search, where the queue is longest)
+            "leaves_per_call_frac": (pol.get("full_call_leaves", 0) / max(1, pol.get("full_calls", 0)))
+            / max(1, batch) if pol.get("full_calls") else None,
+            "engine_s": tot["engine_s"],
+            "backend_s": tot["backend_s"],
+            "scorer_s": tot["scorer_s"],
+            "verify_s": tot["verify_s"],
+            "engine_time_frac": tot["engine_s"] / max(1e-9, wall_s),
+            "collisions": int(tot["collisions"]),
+            "pruned": int(tot["pruned"]),
+            "wall_s": wall_s,
+            "search": search,
+            "previous_attempts_wall_s": (prev.get("previous_attempts_wall_s", 0.0) + prev.get("wall_s", 0.0))
+            if prev.get("config_hash") == self.hash else 0.0,
+        }
+        atomic_write_json(stats_path, stats)
+        return stats
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def build_components(cfg: DictConfig, which: str = "policy") -> Any:
+    """The backend for ``model.policy`` or ``model.small`` (conf/backend/)."""
+    from sphere.backends import make_backend
+    from sphere.models import resolve_model
+
+    name = str(cfg.model.policy if which == "policy" else cfg.model.small)
+    path = resolve_model(name, cfg)
+    return make_backend(cfg, path)
+
+
+def main(cfg: DictConfig) -> float:
+    from hydra.core.hydra_config import HydraConfig
+
+    from sphere.loggers import make_logger
+    from sphere.progress import StageProgress
+    from sphere.rewards import make_scorer
+    from sphere.verify import check_answers
+
+    out = Path(HydraConfig.get().runtime.output_dir)
+    validate_generate_config(cfg)
+    problems = load_problems(cfg.data, int(cfg.seed))
+    if not problems:
+        raise SystemExit(f"sphere generate: data.problems={cfg.data.problems!r} gave no problems")
+    logger = make_logger(cfg, out, "generate")
+    try:
+        policy = build_components(cfg, "policy")
+        scorer = make_scorer(cfg.scorer, backend=policy)
+        gen = Generator(cfg, out, logger=logger)
+        small_holder = {}
+
+        def small_factory():
+            if str(cfg.model.small) == str(cfg.model.policy):
+                return policy
+            if cfg.stages.close_policy_before_small:
+                policy.close()
+            small_holder["b"] = build_components(cfg, "small")
+            return small_holder["b"]
+
+        with StageProgress(len(problems), "generate") as prog:
+            stats = gen.run(problems, policy, scorer, check_answers, small_backend_factory=small_factory,
+                            progress=prog.update)
+        log_generate_stats(logger, stats, out)
+        print(json.dumps({k: stats[k] for k in ("pairs_per_stage", "yield", "engine_time_frac",
+                                                 "leaves_per_call_frac", "wall_s")}))
+        for b in (small_holder.get("b"), policy):
+            if b is not None:
+                b.close()
+        return float(stats["pairs_total"])
+    finally:
+        logger.finish()
+
+
+def log_generate_stats(logger: Any, stats: dict, out: Path) -> None:
+    if logger is None:
+        return
+    flat = {f"gen/pairs_stage{k}": v for k, v in stats["pairs_per_stage"].items()}
+    flat.update({"gen/yield": stats["yield"], "gen/pairs_total": stats["pairs_total"],
+                 "gen/wall_s": stats["wall_s"], "search/engine_time_frac": stats["engine_time_frac"],
+                 "search/backend_calls": stats["backend_calls"], "search/tokens": stats["tokens"],
+                 "search/mean_leaves_per_call": stats["mean_leaves_per_call"],
+                 "search/pruned": stats["pruned"], "search/collisions": stats["collisions"]})
+    logger.log(flat)
+    pairs = read_jsonl_tolerant(out / "pairs.jsonl")
+    rows = []
+    for s in (1, 2, 3):
+        for p in [q for q in pairs if int(q["stage"]) == s][:32]:
+            rows.append([s, p["problem_id"], json.dumps(p["prompt"])[:500], json.dumps(p["chosen"])[:1000],
+                         json.dumps(p["rejected"])[:1000], p["margin"]])
+    logger.log_table("gen/pairs_sample", ["stage", "problem_id", "prompt", "chosen", "rejected", "margin"],
+                     rows)
+    if (out / "pairs.jsonl").exists():
+        logger.log_artifact(out / "pairs.jsonl", f"pairs-{stats['config_hash']}", "dataset")
+
+
+__all__ = ["Generator", "load_problems", "route", "main", "solution_text"]
