@@ -129,26 +129,45 @@ class Generator:
         self.cfg = cfg
         self.out = Path(out_dir)
         self.logger = logger
-        self.delim = str(cfg.prompt.step_delimiter)
         self.hash = config_hash(cfg)
+        from sphere.prompts import family_config
+
+        self.fam = family_config(cfg)
+        self.delim = str(self.fam["step_delimiter"])
         (self.out / "stages").mkdir(parents=True, exist_ok=True)
 
     # ------------------------------------------------------------------ prompts
-    def _prompt_ids(self, tokenizer: Any, problem: dict) -> list[int]:
+    def _prompt_fn(self, tokenizer: Any, problem: dict):
         from sphere.prompts import build_prompt_ids
 
-        return build_prompt_ids(tokenizer, problem["problem"], [], self.cfg.prompt)
+        fam, text = self.fam, problem["problem"]
+        return lambda steps: build_prompt_ids(tokenizer, text, steps, fam)
 
-    def _reflection_ids(self, tokenizer: Any, problem: dict, attempt: Trajectory) -> list[int]:
+    def _reflection_fn(self, tokenizer: Any, problem: dict, attempt: Trajectory):
         from sphere.prompts import build_reflection_ids
 
-        return build_reflection_ids(tokenizer, problem["problem"], attempt.steps, self.cfg.prompt)
+        fam, text, att = self.fam, problem["problem"], list(attempt.steps)
+        return lambda steps: build_reflection_ids(tokenizer, text, att, fam, continue_steps=steps)
 
     def _pair_prompt(self, tokenizer: Any, problem: dict, attempt: Trajectory | None = None) -> Any:
-        from sphere.prompts import pair_prompt
+        """The pair's prompt: text for plain models, a user message list for chat models (TRL format)."""
+        from sphere.prompts import build_prompt_text, build_reflection_text, uses_chat
 
-        return pair_prompt(tokenizer, problem["problem"], self.cfg.prompt,
-                           attempt=None if attempt is None else attempt.steps)
+        fam = self.fam
+        if uses_chat(tokenizer, fam):
+            from sphere.prompts import _user_text
+
+            if attempt is None:
+                content = _user_text(fam, problem["problem"])
+            else:
+                content = fam["reflection"].format(problem=problem["problem"],
+                                                   attempt=self.delim.join(attempt.steps),
+                                                   instruction=fam.get("instruction") or "")
+            msgs = [{"role": "system", "content": fam["system"]}] if fam.get("system") else []
+            return msgs + [{"role": "user", "content": content}]
+        if attempt is None:
+            return build_prompt_text(tokenizer, problem["problem"], [], fam)
+        return build_reflection_text(tokenizer, problem["problem"], attempt.steps, fam)
 
     # ------------------------------------------------------------------ resume
     def _done(self, stage: int) -> dict[str, dict]:
@@ -182,11 +201,11 @@ class Generator:
 
             def stage1_job(i: int, p: dict) -> SearchJob:
                 meta = {"stage": 1, "snapshot": snap_every > 0 and i % snap_every == 0}
-                return SearchJob(f"1:{p['id']}", p, self._prompt_ids(tok, p), meta)
+                return SearchJob(f"1:{p['id']}", p, self._prompt_fn(tok, p), meta)
 
             def stage2_job(p: dict, rec1: dict) -> SearchJob:
                 attempt = traj_from_dict(rec1[str(st_cfg.stage2_rejected)] or rec1["sol_max"])
-                return SearchJob(f"2:{p['id']}", p, self._reflection_ids(tok, p, attempt),
+                return SearchJob(f"2:{p['id']}", p, self._reflection_fn(tok, p, attempt),
                                  {"stage": 2, "attempt": attempt})
 
             jobs = []
@@ -257,7 +276,7 @@ class Generator:
                 driver3 = SearchDriver(small, scorer, verifier, scfg3, delimiter=self.delim,
                                        engine_backend=str(cfg.engine_backend), seed=int(cfg.seed) + 3)
                 stok = small.tokenizer
-                jobs3 = [SearchJob(f"3:{p['id']}", p, self._prompt_ids(stok, p), {"stage": 3, "rec1": r1})
+                jobs3 = [SearchJob(f"3:{p['id']}", p, self._prompt_fn(stok, p), {"stage": 3, "rec1": r1})
                          for p, r1 in stage3_todo]
 
                 def on_result3(res: SearchResult) -> None:
@@ -285,11 +304,10 @@ class Generator:
                 a.close()
         return self.finalize(problems, stats_acc, time.perf_counter() - t_start)
 
-    @staticmethod
-    def _conv(tok: Any) -> bool:
-        from sphere.prompts import uses_chat_template
+    def _conv(self, tok: Any) -> bool:
+        from sphere.prompts import uses_chat
 
-        return bool(uses_chat_template(tok, None))
+        return uses_chat(tok, self.fam)
 
     def _record(self, stage: int, p: dict, res: SearchResult, route_: str, pairs: list[dict]) -> dict:
         return {

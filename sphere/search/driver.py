@@ -42,7 +42,9 @@ class SearchJob:
 
     job_id: str
     problem: dict  # {"id", "problem", "answer", ...}
-    prompt_ids: list[int]  # token ids of the prompt (problem, possibly a reflection prompt)
+    # steps so far -> token ids of the whole prompt (problem or reflection header + steps + delimiters).
+    # The whole text is tokenised at once so the model sees exactly the tokenisation it was trained on.
+    prompt_fn: Callable[[list[str]], list[int]]
     meta: dict = field(default_factory=dict)
 
 
@@ -191,11 +193,7 @@ class SearchDriver:
         return [int(p) for p in pl[1:]]
 
     def _prompt_for(self, job: SearchJob, payloads: list[int]) -> list[int]:
-        tok = self.backend.tokenizer
-        if not payloads:
-            return list(job.prompt_ids)
-        text = self.delim.join(self.steps[p] for p in payloads) + self.delim
-        return list(job.prompt_ids) + tok.encode(text, add_special_tokens=False)
+        return job.prompt_fn([self.steps[p] for p in payloads])
 
     def _trajectory(self, path_nodes: np.ndarray) -> Trajectory:
         pls = self._path_steps(path_nodes)
