@@ -22,6 +22,8 @@ from pathlib import Path
 # command words -> (primary config name, "module:function"). Functions take a DictConfig.
 HYDRA_COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("bench", "engine"): ("bench_engine", "sphere.bench.engine:main"),
+    ("generate",): ("generate", "sphere.generate.run:main"),
+    ("run",): ("run", "sphere.pipeline:main"),
 }
 
 # command words -> "module:function" taking argv (non-Hydra commands).
