@@ -24,6 +24,7 @@ HYDRA_COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("bench", "engine"): ("bench_engine", "sphere.bench.engine:main"),
     ("generate",): ("generate", "sphere.generate.run:main"),
     ("run",): ("run", "sphere.pipeline:main"),
+    ("eval",): ("eval", "sphere.evaluation.harness:main"),
 }
 
 # command words -> "module:function" taking argv (non-Hydra commands).
