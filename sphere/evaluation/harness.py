@@ -1,0 +1,348 @@
+"""`sphere eval`: pass@1 (greedy), pass@k and maj@k of a backend on math benchmarks.
+
+Run it::
+
+    sphere eval                                                   # mini model on the mini benchmark
+    sphere eval model=/ckpt backend=vllm benchmarks=[math500,gsm8k] limit=100
+    sphere eval model=/ckpt sampling.n=8 sampling.temperature=0.8 benchmarks=[aime24]
+    sphere eval backend=replay replay.references=true benchmarks=[math500,gsm8k]
+    sphere eval backend=replay replay.path=other_system.jsonl benchmarks=[math500]
+
+Protocol per benchmark: the problems (all of them in one backend call unless ``batch_size`` is set) get
+the model family's prompt (``sphere.prompts``, no steps yet), ``backend.complete`` writes ``sampling.n``
+full solutions each (greedy when n == 1), and ``sphere.verify`` extracts and checks the final answers.
+Each finished problem is appended durably to ``<out>/eval/<benchmark>.jsonl``; a rerun in the same run
+directory reuses those records (same settings required) and generates only the rest. At the end
+``eval/results.json`` (atomic) and ``eval/results.md`` (with reference numbers reported elsewhere) are
+written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from sphere.backends.base import Candidate, SamplingParams
+from sphere.data import BENCHMARKS, PAPER_BENCHMARKS, benchmark_key, load_benchmark
+from sphere.evaluation.metrics import majority_vote, summarize
+from sphere.io import JsonlAppender, atomic_write_json, atomic_write_text, read_jsonl_tolerant
+
+RESERVED_KEYS = ("meta",)
+
+
+@dataclass
+class EvalSettings:
+    n: int = 1  # samples per problem (sampling.n)
+    temperature: float = 0.0  # 0 = greedy; the harness default for n == 1
+    top_p: float = 1.0
+    max_tokens: int = 1024  # generation budget per solution
+    seed: int | None = 0
+    batch_size: int | None = None  # problems per backend call; None = a whole benchmark in one call
+    resume: bool = True  # reuse finished problems of eval/<benchmark>.jsonl
+    verify_timeout_s: float = 5.0  # per-answer checker timeout
+
+    def __post_init__(self) -> None:
+        if self.n < 1:
+            raise ValueError(f"sampling.n: must be >= 1, got {self.n}")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ValueError(f"batch_size: must be a positive integer or null, got {self.batch_size}")
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens: must be >= 1, got {self.max_tokens}")
+
+    def sampling_params(self) -> SamplingParams:
+        return SamplingParams(n=self.n, temperature=self.temperature, top_p=self.top_p,
+                              max_tokens=self.max_tokens, seed=self.seed, stop=None)
+
+
+def expand_benchmarks(names: Sequence[str]) -> list[str]:
+    """``all`` -> the six paper benchmarks; duplicates removed, order kept."""
+    out: list[str] = []
+    for nm in names:
+        for x in (PAPER_BENCHMARKS if nm == "all" else (str(nm),)):
+            if x not in out:
+                out.append(x)
+    if not out:
+        raise ValueError("benchmarks: empty list; give e.g. benchmarks=[math500,gsm8k] or benchmarks=[all]")
+    return out
+
+
+def _sha(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _pkg_version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def checker_info() -> dict:
+    """Versions that define a verdict: sphere.verify's own version tag (if it has one) and math-verify."""
+    import sphere.verify as v
+
+    return {
+        "module": "sphere.verify",
+        "version": getattr(v, "CHECKER_VERSION", None) or getattr(v, "__version__", None),
+        "math_verify": _pkg_version("math-verify"),
+        "sympy": _pkg_version("sympy"),
+    }
+
+
+def prompt_info(family_cfg: Mapping | None) -> dict:
+    if family_cfg is None:
+        return {"family": None, "sha256_16": None}
+    import sphere.prompts as p
+
+    return {
+        "family": family_cfg.get("name"),
+        "version": getattr(p, "PROMPT_VERSION", None),
+        "sha256_16": _sha(dict(family_cfg)),
+    }
+
+
+def _generate(backend, key: str, batch: list[dict], params: SamplingParams, family_cfg) -> list[list[Candidate]]:
+    if hasattr(backend, "complete_records"):  # replay: completions looked up by problem id
+        out = backend.complete_records(key, batch, params)
+    else:
+        from sphere.prompts import build_prompt_ids
+
+        if family_cfg is None:
+            raise ValueError("run_eval: family_cfg (the prompt family, cfg.prompt) is required for a model backend")
+        prompts = [build_prompt_ids(backend.tokenizer, r["problem"], [], family_cfg) for r in batch]
+        out = backend.complete(prompts, params)
+    if len(out) != len(batch) or any(len(c) != params.n for c in out):
+        raise RuntimeError(
+            f"backend {getattr(backend, 'name', '?')!r}: complete() returned {len(out)} lists for "
+            f"{len(batch)} prompts (expected {params.n} candidates each)"
+        )
+    return out
+
+
+def _grade(batch: list[dict], cands: list[list[Candidate]], sig: str, timeout_s: float) -> list[dict]:
+    from sphere.verify import check_answers, extract_answer
+
+    pairs = [(c.text, r["answer"]) for r, cs in zip(batch, cands) for c in cs]
+    verdicts = check_answers(pairs, timeout_s=timeout_s) if pairs else []
+    out, i = [], 0
+    for r, cs in zip(batch, cands):
+        v = [bool(x) for x in verdicts[i : i + len(cs)]]
+        i += len(cs)
+        ex = [extract_answer(c.text) for c in cs]
+        rec = {
+            "id": r["id"],
+            "gold": r["answer"],
+            "verdict": v[0],  # sample 0 (the greedy answer when n == 1)
+            "completions": [c.text for c in cs],
+            "extracted": ex,
+            "verdicts": v,
+            "finish": [c.finish for c in cs],
+            "n_tokens": [len(c.token_ids) for c in cs],
+            "sig": sig,
+        }
+        if len(cs) > 1:
+            m = majority_vote(ex)
+            rec["maj_answer"] = ex[m] if m is not None else None
+            rec["maj_verdict"] = bool(v[m]) if m is not None else False
+        out.append(rec)
+    return out
+
+
+def _progress(enabled: bool | None):
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    console = Console(stderr=True)
+    on = console.is_terminal if enabled is None else enabled
+    return Progress(TextColumn("eval {task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), console=console, disable=not on)
+
+
+def evaluate_benchmark(backend, name: str, records: list[dict], out_dir: Path, settings: EvalSettings, *,
+                       family_cfg=None, sig_parts: Mapping | None = None, progress=None) -> tuple[dict, dict]:
+    """Evaluate one benchmark's ``records``; returns (summary, run info). Resumes from
+    ``out_dir/eval/<key>.jsonl``."""
+    key = benchmark_key(name)
+    path = Path(out_dir) / "eval" / f"{key}.jsonl"
+    skipped = 0
+    if hasattr(backend, "select"):  # replay: problems without a stored completion
+        records, skipped = backend.select(key, records)
+    sig = _sha({**dict(sig_parts or {}), "sampling": asdict(settings.sampling_params())})
+    done: dict[str, dict] = {}
+    if settings.resume:
+        ids = {r["id"] for r in records}
+        for k, rec in enumerate(read_jsonl_tolerant(path), 1):
+            if rec.get("sig") != sig:
+                raise RuntimeError(
+                    f"{path}: record {k} was written with different settings (model, backend, prompt, "
+                    f"checker or sampling; sig {rec.get('sig')} != {sig}). Use a new hydra.run.dir or resume=false."
+                )
+            if rec["id"] in ids:
+                done[rec["id"]] = rec
+    elif path.exists():
+        path.unlink()
+    todo = [r for r in records if r["id"] not in done]
+    params = settings.sampling_params()
+    task = progress.add_task(key, total=len(records), completed=len(done)) if progress is not None else None
+    t0 = time.perf_counter()
+    if todo:
+        bs = settings.batch_size or len(todo)
+        with JsonlAppender(path) as w:
+            for s in range(0, len(todo), bs):
+                batch = todo[s : s + bs]
+                cands = _generate(backend, key, batch, params, family_cfg)
+                new = _grade(batch, cands, sig, settings.verify_timeout_s)
+                w.write_many(new)
+                done.update((r["id"], r) for r in new)
+                if task is not None:
+                    progress.advance(task, len(batch))
+    final = [done[r["id"]] for r in records]
+    summary = summarize(final, settings.n)
+    summary["title"] = BENCHMARKS[key].title if key in BENCHMARKS else key
+    summary["skipped"] = skipped
+    info = {"generated": len(todo), "reused": len(records) - len(todo), "seconds": time.perf_counter() - t0,
+            "file": str(path)}
+    return summary, info
+
+
+def run_eval(
+    backend,
+    benchmarks: Sequence[str],
+    out_dir: str | Path,
+    *,
+    data_dir: str | Path | None = None,
+    limit: int | None = None,
+    settings: EvalSettings | None = None,
+    family_cfg: Mapping | None = None,
+    model_name: str = "",
+    reference_path: str | Path | None = None,
+    progress: bool | None = None,
+    extra_meta: Mapping | None = None,
+) -> dict:
+    """Evaluate ``backend`` (already constructed; reused, not closed) on ``benchmarks``; write
+    ``out_dir/eval/{results.json, results.md, <benchmark>.jsonl}``; return the results dict
+    ``{benchmark: {n, correct, accuracy, ci95_low, ci95_high, ...}, "meta": {...}}``."""
+    settings = settings or EvalSettings()
+    out_dir = Path(out_dir)
+    names = expand_benchmarks(benchmarks)
+    keys = [benchmark_key(n) for n in names]
+    for k in keys:
+        if k in RESERVED_KEYS:
+            raise ValueError(f"benchmarks: {k!r} is a reserved key of eval/results.json; rename the file")
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"benchmarks: two entries map to the same output name: {keys}")
+    loaded = [(n, load_benchmark(n, data_dir, limit)) for n in names]  # fail on bad data before generating
+    sig_parts = {"model": model_name, "backend": getattr(backend, "name", type(backend).__name__),
+                 "prompt": prompt_info(family_cfg) if not hasattr(backend, "complete_records") else None,
+                 "checker": checker_info()}
+    results: dict = {}
+    runs: dict = {}
+    with _progress(progress) as prog:
+        for (name, recs), key in zip(loaded, keys):
+            results[key], runs[key] = evaluate_benchmark(backend, name, recs, out_dir, settings,
+                                                         family_cfg=family_cfg, sig_parts=sig_parts,
+                                                         progress=prog)
+    stats = backend.stats() if hasattr(backend, "stats") else {}
+    results["meta"] = {
+        "model": model_name,
+        "backend": {"name": sig_parts["backend"], "stats": stats},
+        "prompt": sig_parts["prompt"],
+        "checker": sig_parts["checker"],
+        "sampling": asdict(settings.sampling_params()),
+        "batch_size": settings.batch_size,
+        "limit": limit,
+        "data_dir": str(data_dir) if data_dir is not None else None,
+        "runs": runs,
+        "sphere_version": _pkg_version("sphere"),
+        "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **dict(extra_meta or {}),
+    }
+    atomic_write_json(out_dir / "eval" / "results.json", results)
+    from sphere.evaluation.report import load_reference_results, markdown_table
+
+    refs = load_reference_results(reference_path)
+    atomic_write_text(out_dir / "eval" / "results.md", markdown_table(results, refs))
+    return results
+
+
+def settings_from_config(cfg) -> EvalSettings:
+    """EvalSettings from the composed config (conf/eval.yaml + the ``sampling`` node)."""
+    from omegaconf import OmegaConf
+
+    def sel(key, default):
+        v = OmegaConf.select(cfg, key, default=default)
+        return default if v is None else v
+
+    n = int(sel("sampling.n", 1))
+    temp = cfg.get("temperature")
+    if temp is None:  # eval default: greedy for a single sample, the sampling temperature for n > 1
+        temp = 0.0 if n == 1 else float(sel("sampling.temperature", 0.8))
+    max_tokens = cfg.get("max_tokens")
+    if max_tokens is None:
+        max_tokens = int(sel("sampling.max_solution_tokens", 1024))
+    return EvalSettings(n=n, temperature=float(temp), top_p=float(sel("sampling.top_p", 1.0)),
+                        max_tokens=int(max_tokens), seed=OmegaConf.select(cfg, "sampling.seed", default=cfg.get("seed")),
+                        batch_size=cfg.get("batch_size"), resume=bool(cfg.get("resume", True)),
+                        verify_timeout_s=float(cfg.get("verify_timeout_s", 5.0)))
+
+
+def evaluate(cfg, out_dir: str | Path, backend=None) -> dict:
+    """Evaluate from a composed config (conf/eval.yaml). ``backend``: reuse an existing one (e.g. the
+    engine of ``sphere run``; it is not closed here); None -> built from ``cfg.backend`` and closed."""
+    from omegaconf import OmegaConf
+
+    backend_name = OmegaConf.select(cfg, "backend.name", default=None)
+    own = backend is None
+    family_cfg = None
+    model_name = str(OmegaConf.select(cfg, "model.policy", default=""))
+    if backend is None and backend_name == "replay":
+        from sphere.backends.replay import make_replay_backend
+
+        backend = make_replay_backend(cfg)
+        model_name = f"replay:{backend.source}"
+    elif backend is None:
+        from sphere.backends import make_backend
+        from sphere.models import resolve_model
+
+        backend = make_backend(cfg, resolve_model(model_name, cfg))
+    if not hasattr(backend, "complete_records"):
+        from sphere.prompts import family_config
+
+        family_cfg = family_config(cfg)
+    try:
+        results = run_eval(
+            backend,
+            list(cfg.benchmarks),
+            out_dir,
+            data_dir=OmegaConf.select(cfg, "paths.data_dir", default=None),
+            limit=cfg.get("limit"),
+            settings=settings_from_config(cfg),
+            family_cfg=family_cfg,
+            model_name=model_name,
+            reference_path=cfg.get("reference_results"),
+            progress=cfg.get("progress"),
+        )
+    finally:
+        if own:
+            backend.close()
+    return results
+
+
+def main(cfg) -> float:
+    """Hydra entry point of ``sphere eval``; prints the table and returns the mean accuracy (for sweepers)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    out_dir = Path(HydraConfig.get().runtime.output_dir)
+    results = evaluate(cfg, out_dir)
+    print((out_dir / "eval" / "results.md").read_text(encoding="utf-8"))
+    accs = [v["accuracy"] for k, v in results.items() if k not in RESERVED_KEYS]
+    line = {k: round(v["accuracy"], 4) for k, v in results.items() if k not in RESERVED_KEYS}
+    print(json.dumps({"eval/accuracy": line, "out": str(out_dir / "eval" / "results.json")}), file=sys.stdout)
+    return sum(accs) / len(accs) if accs else 0.0
