@@ -57,11 +57,49 @@ def validate_generate_config(cfg: Any) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- data
+def _sources(dcfg: Any) -> list[str]:
+    src = dcfg.problems
+    if OmegaConf.is_config(src) or isinstance(src, (list, tuple)):
+        return [str(s) for s in src]
+    return [str(src)]
+
+
+_NAMED = {"math_train": "math/train.jsonl", "gsm8k_train": "gsm8k/train.jsonl"}
+
+
 def load_problems(dcfg: Any, seed: int) -> list[dict]:
-    """Problems for generation: ``mini`` (the mini world's training split), a local JSONL path, a shipped
-    benchmark name (``math_train``, ``gsm8k_train``), or ``hf:NAME[:SPLIT]`` where a hub is reachable."""
-    src = str(dcfg.problems)
+    """Problems for generation from ``data.problems``: one source or a list of sources, each ``mini`` (the
+    mini world's training split), a shipped set (``math_train``, ``gsm8k_train``), a local JSONL path, or
+    ``hf:NAME[:SPLIT]`` where a hub is reachable. ``data.limit`` caps the total."""
     limit = None if dcfg.limit is None else int(dcfg.limit)
+    out: list[dict] = []
+    for src in _sources(dcfg):
+        left = None if limit is None else max(0, limit - len(out))
+        if left == 0:
+            break
+        out.extend(_load_source(src, dcfg, seed, left))
+    return out
+
+
+def count_problems(dcfg: Any, seed: int) -> int:
+    """Number of problems ``load_problems`` would return, reading local files only (for dry runs)."""
+    limit = None if dcfg.limit is None else int(dcfg.limit)
+    n = 0
+    for src in _sources(dcfg):
+        if src == "mini":
+            n += int(dcfg.mini_n)
+        elif src.startswith("hf:"):
+            n += int(dcfg.get("hf_expected_size") or 0)
+        else:
+            path = Path(str(dcfg.data_dir)) / _NAMED[src] if src in _NAMED else Path(src)
+            if not path.is_file():
+                raise FileNotFoundError(f"config data.problems: {path} not found")
+            with open(path, "rb") as f:
+                n += sum(1 for line in f if line.strip())
+    return n if limit is None else min(n, limit)
+
+
+def _load_source(src: str, dcfg: Any, seed: int, limit: int | None) -> list[dict]:
     if src == "mini":
         from sphere.mini.world import training_problems
 
@@ -69,9 +107,8 @@ def load_problems(dcfg: Any, seed: int) -> list[dict]:
         return training_problems(n, seed=int(dcfg.mini_seed) + seed)
     from sphere.data.benchmarks import load_problems_jsonl
 
-    named = {"math_train": "math/train.jsonl", "gsm8k_train": "gsm8k/train.jsonl"}
-    if src in named:
-        return load_problems_jsonl(Path(str(dcfg.data_dir)) / named[src], limit=limit)
+    if src in _NAMED:
+        return load_problems_jsonl(Path(str(dcfg.data_dir)) / _NAMED[src], limit=limit)
     if src.startswith("hf:"):
         import datasets
 

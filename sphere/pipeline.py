@@ -1,0 +1,214 @@
+"""`sphere run`: the SPHERE self-evolution loop.
+
+    sphere run                                   # mini world on CPU (the embedded default)
+    sphere run rounds=3 search=mcts              # any generate/train/eval override composes
+    sphere run experiment=paper_qwen2_5_7b dry_run=true   # print the plan of the paper's setting
+
+For round r = 0..R: evaluate policy_r; if r < R, generate pairs with policy_r (three stages), train
+policy_{r+1} with DPO on them. One backend per policy serves both its evaluation and its generation.
+Every piece resumes: evaluation per problem, generation per problem and stage, training per round
+(DONE marker), so a rerun of the same command continues where a crash stopped it.
+
+Outputs: ``round_<r>/{eval,generate,train}/`` and ``summary.json`` / ``summary.md`` rewritten after every
+round: ``{"rounds": [{"round", "policy", "eval": {bench: {"accuracy", ...}}, "pairs_per_stage",
+"wall_s"}, ...]}``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from sphere.io import atomic_write_json, atomic_write_text
+
+
+def _eval_round(cfg: DictConfig, backend: Any, rdir: Path, policy: str, logger: Any, r: int) -> dict:
+    from sphere.evaluation.harness import run_eval, settings_from_config
+    from sphere.prompts import family_config
+
+    ecfg = OmegaConf.merge(OmegaConf.create({"sampling": OmegaConf.to_container(cfg.sampling, resolve=True),
+                                             "seed": int(cfg.seed)}), cfg.eval)
+    res = run_eval(backend, list(cfg.eval.benchmarks), rdir, data_dir=cfg.paths.data_dir,
+                   limit=cfg.eval.limit, settings=settings_from_config(ecfg), family_cfg=family_config(cfg),
+                   model_name=policy, progress=cfg.eval.get("progress"))
+    if logger is not None:
+        logger.log({f"eval/{k}/accuracy": v["accuracy"] for k, v in res.items() if k != "meta"}, step=r)
+    return {k: v for k, v in res.items() if k != "meta"}
+
+
+def summary_markdown(rounds: list[dict]) -> str:
+    """The per-round table; accuracy change against round 0 in points."""
+    if not rounds:
+        return "# sphere run\n\n(no rounds finished)\n"
+    benches = sorted({b for r in rounds for b in r.get("eval", {})})
+    head = ["round", *[f"{b} acc" for b in benches], *[f"{b} Δ vs r0" for b in benches],
+            "pairs s1/s2/s3", "wall s"]
+    lines = ["# sphere run: summary", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    base = rounds[0].get("eval", {})
+    for r in rounds:
+        ev = r.get("eval", {})
+        acc = [f"{100 * ev[b]['accuracy']:.1f}%" if b in ev else "—" for b in benches]
+        delta = []
+        for b in benches:
+            if b in ev and b in base:
+                delta.append(f"{100 * (ev[b]['accuracy'] - base[b]['accuracy']):+.1f}")
+            else:
+                delta.append("—")
+        pp = r.get("pairs_per_stage") or {}
+        pairs = "/".join(str(pp.get(k, 0)) for k in ("1", "2", "3")) if pp else "—"
+        lines.append("| " + " | ".join([str(r["round"]), *acc, *delta, pairs, f"{r['wall_s']:.0f}"]) + " |")
+    lines += ["", "Accuracy: greedy pass@1 on the configured benchmarks; Δ in points against round 0. "
+              "Pairs are the preference pairs generated with that round's policy's predecessor."]
+    return "\n".join(lines) + "\n"
+
+
+def plan(cfg: DictConfig) -> dict:
+    """What a run would do, without loading any model (dry runs)."""
+    from sphere.generate.run import count_problems, validate_generate_config
+    from sphere.search.driver import estimate_backend_calls, validate_search_config
+
+    validate_search_config(cfg.search)
+    validate_generate_config(cfg)
+    validate_run_config(cfg)
+    n = count_problems(cfg.data, int(cfg.seed))
+    est = estimate_backend_calls(n, cfg.search)
+    return {
+        "models": {"policy": str(cfg.model.policy), "small": str(cfg.model.small), "prm": str(cfg.model.prm)},
+        "backend": str(cfg.backend.name),
+        "prompt_family": str(cfg.prompt.name),
+        "rounds": int(cfg.rounds),
+        "problems": n,
+        "data": OmegaConf.to_container(cfg.data.problems, resolve=True)
+        if OmegaConf.is_config(cfg.data.problems) else str(cfg.data.problems),
+        "stages": {"1": True, "2": bool(cfg.stages.stage2), "3": bool(cfg.stages.stage3)},
+        "search": {"mode": str(cfg.search.mode), "E": int(cfg.search.expansions),
+                   "E_small": int(cfg.search.expansions) * int(cfg.stages.small_expansions_factor),
+                   "temperature": float(cfg.search.temperature), "max_depth": int(cfg.search.max_depth),
+                   "pruning": str(cfg.search.pruning.policy), "batch_leaves": int(cfg.search.batch_leaves)},
+        "scorer": str(cfg.scorer.name),
+        "train": {"lora": bool(cfg.train.lora.enabled) if "lora" in cfg.train else None,
+                  "loss": OmegaConf.to_container(cfg.train.loss, resolve=True) if "loss" in cfg.train else None},
+        "eval": {"benchmarks": list(cfg.eval.benchmarks), "limit": cfg.eval.limit},
+        "estimate_per_round_stage1": est,
+    }
+
+
+def validate_run_config(cfg: DictConfig) -> None:
+    if int(cfg.rounds) < 0:
+        raise ValueError(f"config rounds={cfg.rounds}: allowed an integer >= 0")
+    if not list(cfg.eval.benchmarks):
+        raise ValueError("config eval.benchmarks is empty: list at least one benchmark")
+
+
+def run(cfg: DictConfig, out: Path) -> dict:
+    from sphere.backends import make_backend
+    from sphere.generate.run import Generator, load_problems
+    from sphere.loggers import make_logger
+    from sphere.models import resolve_model
+    from sphere.progress import StageProgress
+    from sphere.rewards import make_scorer
+    from sphere.train.dpo import train_dpo
+    from sphere.verify import check_answers
+
+    validate_run_config(cfg)
+    logger = make_logger(cfg, out, "run")
+    summary_path = out / "summary.json"
+    rounds: list[dict] = []
+    try:
+        t_prep = time.perf_counter()
+        policy = str(resolve_model(str(cfg.model.policy), cfg))
+        small = str(resolve_model(str(cfg.model.small), cfg)) if cfg.stages.stage3 else None
+        prep_s = time.perf_counter() - t_prep
+        problems = load_problems(cfg.data, int(cfg.seed))
+        R = int(cfg.rounds)
+        for r in range(R + 1):
+            t0 = time.perf_counter()
+            rdir = out / f"round_{r}"
+            rec: dict = {"round": r, "policy": policy}
+            backend = make_backend(cfg, policy)
+            try:
+                rec["eval"] = _eval_round(cfg, backend, rdir, policy, logger, r)
+                print(f"[sphere run] round {r} eval: " + ", ".join(
+                    f"{b} {100 * v['accuracy']:.1f}%" for b, v in rec["eval"].items()), flush=True)
+                if r < R:
+                    gdir = out / f"round_{r + 1}" / "generate"
+                    gen = Generator(cfg, gdir, logger=logger)
+                    scorer = make_scorer(cfg.scorer, backend=backend)
+                    holder: dict = {}
+
+                    def small_factory():
+                        holder["b"] = make_backend(cfg, small)
+                        return holder["b"]
+
+                    with StageProgress(len(problems), f"round {r + 1} generate") as prog:
+                        gstats = gen.run(problems, backend, scorer, check_answers,
+                                         small_backend_factory=small_factory if small else None,
+                                         progress=prog.update)
+                    if holder.get("b") is not None:
+                        holder["b"].close()
+            finally:
+                backend.close()
+            rec["wall_s"] = time.perf_counter() - t0 + (prep_s if r == 0 else 0.0)
+            if r > 0:
+                prev = rounds[-1]
+                rec["pairs_per_stage"] = prev.pop("_next_pairs", None)
+            if r < R:
+                pairs_path = out / f"round_{r + 1}" / "generate" / "pairs.jsonl"
+                rec["_next_pairs"] = gstats["pairs_per_stage"]
+                if gstats["pairs_total"] == 0:
+                    raise RuntimeError(
+                        f"round {r + 1}: generation produced no preference pairs ({pairs_path}); "
+                        "nothing to train on. Try more problems (data.mini_n / data.limit) or another search."
+                    )
+                t1 = time.perf_counter()
+                policy = str(train_dpo(cfg.train, policy, pairs_path, out / f"round_{r + 1}" / "train",
+                                       logger=_StepLogger(logger, r + 1)))
+                rec["train_s"] = time.perf_counter() - t1
+                rec["wall_s"] += rec["train_s"]
+            rounds.append(rec)
+            _write_summary(out, rounds)
+        _write_summary(out, rounds)
+        if logger is not None:
+            logger.log_artifact(summary_path, "summary", "results")
+        return json.loads(summary_path.read_text())
+    finally:
+        logger.finish()
+
+
+class _StepLogger:
+    """Forwards train/* metrics to the run logger (round-tagged)."""
+
+    def __init__(self, logger: Any, r: int):
+        self.logger, self.r = logger, r
+
+    def log(self, metrics: dict, step: int | None = None) -> None:
+        if self.logger is not None:
+            self.logger.log({**metrics, "round": self.r})
+
+
+def _write_summary(out: Path, rounds: list[dict]) -> None:
+    clean = [{k: v for k, v in r.items() if not k.startswith("_")} for r in rounds]
+    # pairs_per_stage of round r = pairs generated by policy_{r-1} and trained into policy_r
+    for i, r in enumerate(rounds):
+        if "_next_pairs" in r and i + 1 >= len(rounds):
+            clean[i]["next_round_pairs_per_stage"] = r["_next_pairs"]
+    atomic_write_json(out / "summary.json", {"rounds": clean})
+    atomic_write_text(out / "summary.md", summary_markdown(clean))
+
+
+def main(cfg: DictConfig) -> float:
+    from hydra.core.hydra_config import HydraConfig
+
+    out = Path(HydraConfig.get().runtime.output_dir)
+    if cfg.dry_run:
+        p = plan(cfg)
+        print(json.dumps(p, indent=2))
+        return 0.0
+    summary = run(cfg, out)
+    last = summary["rounds"][-1]["eval"]
+    print((out / "summary.md").read_text())
+    return float(sum(v["accuracy"] for v in last.values()) / max(1, len(last)))
