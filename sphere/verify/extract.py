@@ -37,23 +37,25 @@ _ANSWER_IS = re.compile(r"(?:final\s+answer|the\s+answer|answer)\s{0,3}(?:is|:|=
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?|-?\.\d+")
 
 
+_BRACE = re.compile(r"\\[{}]|[{}]")
+
+
 def _balanced_from(text: str, start: int) -> tuple[str, int] | None:
-    """Content of the brace group opening at ``text[start] == '{'`` and the index after it, or None."""
+    """Content of the brace group opening at ``text[start] == '{'`` and the index after it, or None.
+
+    Scans at most ``MAX_ANSWER_CHARS`` characters: a longer group is not an answer (and the bound keeps
+    hostile input, e.g. 100k unclosed braces, cheap)."""
     depth = 0
-    i = start
-    n = len(text)
-    while i < n:
-        c = text[i]
-        if c == "\\" and i + 1 < n and text[i + 1] in "{}":
-            i += 2  # escaped \{ \} do not nest
+    for m in _BRACE.finditer(text, start, start + MAX_ANSWER_CHARS + 2):
+        c = m.group(0)
+        if len(c) == 2:  # escaped \{ \} do not nest
             continue
         if c == "{":
             depth += 1
-        elif c == "}":
+        else:
             depth -= 1
             if depth == 0:
-                return text[start + 1 : i], i + 1
-        i += 1
+                return text[start + 1 : m.start()], m.end()
     return None
 
 
@@ -132,6 +134,8 @@ def extract_answer(text: str) -> str | None:
     if ans is None:
         return None
     ans = _strip_math_delims(ans)
+    if len(ans) > 4 and ans.startswith("**") and ans.endswith("**"):  # markdown bold "**73**"
+        ans = ans[2:-2].strip()
     if not ans or len(ans) > MAX_ANSWER_CHARS:
         return None
     return ans
@@ -148,7 +152,8 @@ _FRAC_SHORT = re.compile(r"\\frac\s*(\d)\s*(\d)")
 _FRAC_SHORT2 = re.compile(r"\\frac\s*\{([^{}]*)\}\s*(\d)")
 _SQRT_SHORT = re.compile(r"\\sqrt\s*(\d)")
 _ASSIGN = re.compile(r"^(?:[a-zA-Z]|\\[a-zA-Z]+)\s*=\s*(?=[^=])")
-_UNIT_TAIL = re.compile(r"^(-?[\d.,/]+)\s*((?:[a-zA-Z]{2,}\.?\s*)+)(?:\^\{?[23]\}?)?$")
+# "12 square feet", "5 cm^2": a number followed by unit words (each word >= 2 letters, unambiguous split).
+_UNIT_TAIL = re.compile(r"^(-?[\d.,/]+)\s*[a-zA-Z]{2,}\.?(?:\s+[a-zA-Z]{2,}\.?)*\s*(?:\^\{?[23]\}?)?$")
 _LEADING_NUM = re.compile(r"^-?(?:\d+(?:\.\d*)?|\.\d+)$")
 
 
@@ -156,7 +161,8 @@ def normalize_answer(s: str) -> str:
     """Canonical comparison string of an answer (see module docstring). Never raises."""
     if not isinstance(s, str):
         return ""
-    s = _strip_math_delims(s[: 4 * MAX_ANSWER_CHARS])
+    s = s[: 4 * MAX_ANSWER_CHARS].replace("**", "")  # markdown bold: "**73**" (Math-Verify#76)
+    s = _strip_math_delims(s)
     s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
     s = s.replace("\\$", "").replace("$", "")
     s = re.sub(r",\\!\s*", ",", s)

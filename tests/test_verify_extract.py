@@ -1,0 +1,128 @@
+"""Answer extraction, normalisation and the parent-side fast verdict (no worker processes)."""
+
+from __future__ import annotations
+
+import time
+from fractions import Fraction
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sphere.verify import extract_answer, fast_verdict, normalize_answer, parse_number
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("so \\boxed{36}.", "36"),
+        ("first \\boxed{1} then \\boxed{\\frac{a}{\\sqrt{b}}} end", "\\frac{a}{\\sqrt{b}}"),
+        ("\\fbox{7}", "7"),
+        ("$\\boxed 5$", "5"),
+        ("\\boxed{{1}+{2}}", "{1}+{2}"),
+        ("\\boxed{\\{1,2\\}}", "\\{1,2\\}"),  # escaped braces do not nest
+        ("good \\boxed{3} then truncated \\boxed{4", "3"),  # unbalanced last box: take the previous one
+        ("He makes 9 * 2 = $<<9*2=18>>18.\n#### 18", "18"),
+        ("#### 1,000", "1,000"),
+        ("The answer is 42.", "42"),
+        ("So the final answer is $\\frac{3}{4}$. Done.", "\\frac{3}{4}"),
+        ("The answer is 3.5.", "3.5"),
+        ("Final Answer: **73**", "73"),  # Math-Verify#76
+        ("Thus 2 + 3 = 5 apples", "5"),
+        ("cost 48/2=<<48/2=24>>24 dollars", "24"),
+        ("no digits at all", None),
+        ("", None),
+    ],
+)
+def test_extract_answer(text, expected):
+    assert extract_answer(text) == expected
+
+
+@pytest.mark.parametrize(
+    "raw, norm",
+    [
+        ("\\dfrac{1}{2}", "\\frac{1}{2}"),
+        ("\\tfrac12", "\\frac{1}{2}"),
+        ("10 \\text{ cm}", "10"),
+        ("5.4 \\text{ cents}", "5.4"),
+        ("12 square feet", "12"),
+        ("90^\\circ", "90"),
+        ("90^{\\circ}", "90"),
+        ("50\\%", "50"),
+        ("\\$32,\\!348", "32348"),
+        ("11,\\! 111,\\! 111,\\! 100", "11111111100"),
+        ("1{,}000", "1000"),
+        ("3, 5, 7", "3,5,7"),  # a list, not a thousands separator
+        ("1,-2", "1,-2"),
+        ("\\left( 3, \\frac{\\pi}{2} \\right)", "(3,\\frac{\\pi}{2})"),
+        ("x = 5.", "5"),
+        ("\\text{Evelyn}", "evelyn"),
+        ("\\text{(C)}", "(c)"),
+        ("0.50", "0.5"),
+        (".5", "0.5"),
+        ("3.0", "3"),
+        ("$-0.0$", "0"),
+        ("**73**", "73"),
+    ],
+)
+def test_normalize_answer(raw, norm):
+    assert normalize_answer(raw) == norm
+
+
+def test_parse_number():
+    assert parse_number("3/4") == (Fraction(3, 4), True)
+    assert parse_number("-\\frac{3}{4}") == (Fraction(-3, 4), True)
+    assert parse_number("0.25") == (Fraction(1, 4), False)
+    assert parse_number("1/0") is None
+    assert parse_number("x") is None
+    assert parse_number("9" * 500) is None  # over MAX_NUMBER_DIGITS
+
+
+@pytest.mark.parametrize(
+    "pred, gold, verdict",
+    [
+        ("36", "36", True),
+        ("0.5", "\\frac{1}{2}", True),
+        ("\\dfrac{1}{2}", "1/2", True),
+        ("37", "36", False),  # two different integers: decided without sympy
+        ("\\frac{1}{3}", "\\frac{1}{2}", False),
+        ("0.333", "\\frac{1}{3}", None),  # decimal vs fraction: rounding rules -> math-verify
+        ("500\\%", "5", None),  # percent: never a fast False
+        ("x^2", "x^2+0", None),
+        (None, "3", False),
+    ],
+)
+def test_fast_verdict(pred, gold, verdict):
+    assert fast_verdict(pred, gold) is verdict
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=3000))
+def test_extract_and_normalize_never_raise_and_stay_fast(text):
+    t0 = time.perf_counter()
+    a = extract_answer(text)
+    normalize_answer(text)
+    if a is not None:
+        assert len(a) <= 1000
+        fast_verdict(a, "1")
+    assert time.perf_counter() - t0 < 2.0  # a hang guard, not a speed target: linear scans of <= 3k chars
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "\\boxed{" + "{" * 100_000,
+        "\\boxed{" * 20_000,
+        "{" * 10_000 + "1" + "}" * 10_000,
+        "1" * 100_000,
+        "a" * 100_000 + "!",
+        "the answer is " * 10_000,
+        bytes(range(256)).decode("latin-1") * 400,
+        "5 " + "ab" * 5_000 + "!",
+    ],
+)
+def test_pathological_text_is_cheap_in_parent(text):
+    t0 = time.perf_counter()
+    extract_answer(text)
+    normalize_answer(text)
+    assert time.perf_counter() - t0 < 2.0
