@@ -1,0 +1,210 @@
+// sphere forest: one arena of many MCTS trees (one per problem), struct-of-arrays, integer node ids.
+//
+// Text never enters C++: a node carries an int64 payload id into a Python-side step store. C++ never
+// calls back into Python. All methods take raw arrays (the binding checks shapes/dtypes) and are batched
+// over many trees, so a search round is O(1) binding calls. No randomness: the same operation sequence
+// gives the same tree, bit for bit, as the pure-Python reference (sphere/engine/reference.py).
+//
+// Node layout (SoA, one std::vector per field; bytes per node = kBytesPerNode = 55):
+//   hot (selection / backup)                         cold (extraction / bookkeeping)
+//   value_sum  f64  8  sum of backed-up values        payload i64  8  id into the Python step store
+//   parent     i32  4  -1 for a root                  tree    i32  4  index of the tree (add_roots order)
+//   first_child i32 4  -1 until expanded              reward  f32  4  step reward given at expansion
+//   num_children i32 4 children are contiguous ids    depth   i16  2  root = 0
+//   visits     i32  4  completed backups through node
+//   inflight   i32  4  unresolved select() descents through node; returns to 0 after backup/cancel
+//   prior      f32  4  given at expansion (not normalised)
+//   init_value f32  4  initial value estimate, NaN = none
+//   flags      u8   1  kTerminal | kExpanded | kPrunedExpand | kPrunedSubtree | kExhausted; bits are only
+//                      ever set, never cleared (states only move forward) until reset()
+//   hot record = 37 bytes (static_assert <= 64 below).
+//
+// Semantics
+// * A node is exhausted when it is terminal, or pruned, or expanded and every child is exhausted
+//   (an expansion with zero children exhausts the leaf). select() never returns or descends into an
+//   exhausted node; a tree whose root is exhausted yields no leaves.
+// * select(roots, k): k descents per tree, trees in the given order. A descent increments `inflight`
+//   on every node it enters (root first) and, at each expanded node, moves to the non-exhausted child
+//   with the highest score (lowest index on ties). It ends at the first unexpanded node (a leaf). If that
+//   leaf already has inflight > 0 (returned earlier in this call, or by an earlier select not yet backed
+//   up / cancelled) the descent is a collision: its inflight increments are removed at once, the tree's
+//   collision counter grows, and nothing is returned. After a collision the tree's state is unchanged, so
+//   the remaining descents of that tree collide too; they are counted without being walked.
+// * Virtual loss blend (weight VL = virtual_loss, pessimistic value L = virtual_loss_value):
+//     n_vl  = VL * inflight,  N_eff = visits + n_vl
+//     Q     = (value_sum + n_vl * L) / N_eff            if N_eff > 0
+//           = FPU                                       otherwise (the child counts as unvisited)
+//   FPU: "parent" = parent's mean value (value_sum/visits, else its init_value, else 0) - fpu_reduction;
+//        "value" = the child's init_value (NaN -> the "parent" rule); "inf" = +inf; "const" = fpu_value.
+//   q_norm: Q <- (Q - qmin) / (qmax - qmin) when qmax > qmin (finite Q only), where [qmin, qmax] is the
+//   range of node mean values seen by backup() in this tree (MuZero's MinMaxStats).
+//   Parent count P_eff = parent visits + VL * parent inflight (the current descent included).
+//   PUCT: score = Q + c * prior * sqrt(P_eff) / (1 + N_eff)
+//   UCT:  score = Q + c * sqrt(log(max(P_eff, 1)) / N_eff) for N_eff > 0; an unvisited child scores its
+//         FPU (Gelly & Wang's first-play urgency; "inf" = classic UCT, unvisited children first).
+//   All arithmetic is double, no FMA contraction (-ffp-contract=off), so Python floats reproduce it.
+// * expand(): children of a leaf get contiguous ids; depth = parent + 1; a child at depth == max_depth is
+//   terminal. Pruning at expansion (on the children's rewards, per leaf): minmax keeps the best reward
+//   (lowest index on ties) and the worst among the others (lowest index on ties); topk keeps the k best
+//   (stable: lower index wins ties); threshold drops reward < tau (absolute) or < best - tau (relative).
+//   Pruned children are created with kPrunedExpand (so viewers can show them) and are exhausted.
+// * backup(leaves, values): for every node from leaf to root: inflight -= 1, visits += 1,
+//   value_sum += value. cancel(leaves): inflight -= 1 only. Both first check (exactly, on integers) that
+//   no inflight count would go below zero and raise without changing anything otherwise.
+// * prune_subtrees(roots, tau, min_visits): marks kPrunedSubtree on every non-root node reachable without
+//   crossing a pruned node with visits >= min_visits and mean value < tau; returns how many.
+//
+// Threading: every public method takes the forest's mutex, so concurrent Python threads are safe; the
+// binding releases the GIL around the long calls.
+#pragma once
+
+#include <cstdint>
+#include <mutex>
+#include <string>
+#include <vector>
+
+namespace sphere {
+
+enum Flag : uint8_t {
+  kTerminal = 1,
+  kExpanded = 2,
+  kPrunedExpand = 4,
+  kPrunedSubtree = 8,
+  kExhausted = 16,
+};
+constexpr uint8_t kPruned = kPrunedExpand | kPrunedSubtree;
+
+enum class Rule : int32_t { kUct = 0, kPuct = 1 };
+enum class Fpu : int32_t { kParent = 0, kValue = 1, kInf = 2, kConst = 3 };
+enum class Pruning : int32_t { kNone = 0, kMinMax = 1, kTopK = 2, kThreshold = 3 };
+enum class PathBy : int32_t { kVisits = 0, kValue = 1, kReward = 2 };
+
+struct Config {
+  Rule rule = Rule::kPuct;
+  double c = 1.25;
+  double virtual_loss = 1.0;
+  double virtual_loss_value = 0.0;
+  Fpu fpu = Fpu::kParent;
+  double fpu_value = 0.0;
+  double fpu_reduction = 0.0;
+  bool q_norm = false;
+  int32_t max_depth = 12;
+  Pruning pruning = Pruning::kNone;
+  int32_t prune_k = 2;
+  double prune_tau = 0.0;
+  bool prune_relative = false;
+};
+
+constexpr int kHotBytes = sizeof(double) + 5 * sizeof(int32_t) + 2 * sizeof(float) + sizeof(uint8_t);
+static_assert(kHotBytes <= 64, "hot node record must stay within one 64-byte cache line");
+constexpr int kBytesPerNode = kHotBytes + sizeof(int64_t) + sizeof(int32_t) + sizeof(float) + sizeof(int16_t);
+static_assert(kBytesPerNode <= 64, "node record (hot + cold) must stay within 64 bytes");
+
+struct Stats {
+  int64_t nodes = 0, trees = 0, expanded = 0, terminal = 0, pruned_at_expansion = 0;
+  int64_t pruned_subtrees = 0, collisions = 0, exhausted_roots = 0, inflight_roots = 0;
+  std::vector<int64_t> depth_histogram;
+};
+
+class Forest {
+ public:
+  explicit Forest(const Config& cfg);
+
+  const Config& config() const { return cfg_; }
+  int64_t num_nodes() const { return static_cast<int64_t>(parent_.size()); }
+  int64_t num_trees() const { return static_cast<int64_t>(roots_.size()); }
+
+  void reserve(int64_t nodes);
+  void reset();
+
+  // payloads: int64[T] -> out int32[T] root ids.
+  void add_roots(const int64_t* payloads, int64_t t, int32_t* out);
+  // roots int32[T], k >= 0 -> tree_idx int32[M], leaves int32[M]; collisions int32[T] (written).
+  void select(const int32_t* roots, int64_t t, int32_t k, std::vector<int32_t>& tree_idx,
+              std::vector<int32_t>& leaves, int32_t* collisions);
+  // nodes int32[M] -> offsets int64[M+1] (written), path ids root first (appended).
+  void paths(const int32_t* nodes, int64_t m, int64_t* offsets, std::vector<int32_t>& out);
+  // per leaf i: counts[i] children, per child: priors, payloads, rewards, values, terminal -> ids int32[C].
+  void expand(const int32_t* leaves, const int32_t* counts, int64_t m, const float* priors,
+              const int64_t* payloads, const float* rewards, const float* values, const uint8_t* terminal,
+              int64_t c, int32_t* out);
+  void backup(const int32_t* leaves, const float* values, int64_t m);
+  void cancel(const int32_t* leaves, int64_t m);
+  int64_t prune_subtrees(const int32_t* roots, int64_t t, double tau, int32_t min_visits);
+
+  std::vector<int32_t> best_path(int32_t root, PathBy by);
+  std::vector<int32_t> worst_path(int32_t root);
+  void terminals(const int32_t* roots, int64_t t, int64_t* offsets, std::vector<int32_t>& nodes,
+                 std::vector<float>& values);
+
+  // Per-node getters (nodes int32[M] -> out[M]).
+  void get_payload(const int32_t* n, int64_t m, int64_t* out);
+  void get_reward(const int32_t* n, int64_t m, float* out);
+  void get_prior(const int32_t* n, int64_t m, float* out);
+  void get_visits(const int32_t* n, int64_t m, int32_t* out);
+  void get_inflight(const int32_t* n, int64_t m, int32_t* out);
+  void get_value(const int32_t* n, int64_t m, float* out);
+  void get_depth(const int32_t* n, int64_t m, int32_t* out);
+  void get_parent(const int32_t* n, int64_t m, int32_t* out);
+  void get_flags(const int32_t* n, int64_t m, uint8_t* out);
+
+  Stats stats();
+  // Empty string when every invariant holds, else a description of the first broken one.
+  std::string validate();
+  // One tree's node ids, ascending (= creation order; parents before children).
+  std::vector<int32_t> tree_nodes(int32_t root);
+
+  // Raw SoA storage for zero-copy snapshots (invalid after the next growth or reset).
+  const std::vector<int32_t>& parent() const { return parent_; }
+  const std::vector<int32_t>& first_child() const { return first_child_; }
+  const std::vector<int32_t>& num_children() const { return num_children_; }
+  const std::vector<int32_t>& visits() const { return visits_; }
+  const std::vector<int32_t>& inflight() const { return inflight_; }
+  const std::vector<double>& value_sum() const { return value_sum_; }
+  const std::vector<float>& prior() const { return prior_; }
+  const std::vector<float>& init_value() const { return init_value_; }
+  const std::vector<uint8_t>& flags() const { return flags_; }
+  const std::vector<int64_t>& payload() const { return payload_; }
+  const std::vector<int32_t>& tree() const { return tree_; }
+  const std::vector<float>& reward() const { return reward_; }
+  const std::vector<int16_t>& depth() const { return depth_; }
+  const std::vector<int32_t>& roots() const { return roots_; }
+  const std::vector<int64_t>& tree_collisions() const { return tree_collisions_; }
+
+ private:
+  void check_node(int32_t id, const char* arg, int64_t i) const;
+  void check_root(int32_t id, const char* arg, int64_t i) const;
+  int32_t new_node(int32_t parent, int64_t payload, float prior, float reward, float value, int32_t tree,
+                   int16_t depth);
+  void mark_exhausted(int32_t n);
+  double mean_or_init(int32_t n) const;
+  double node_value(int32_t n) const;
+  int32_t pick_child(int32_t n);
+  bool descend(int32_t root, std::vector<int32_t>& path);
+  void release(const int32_t* leaves, int64_t m, const char* arg);
+  void apply_pruning(int32_t first, int32_t count);
+  void collect(int32_t root, std::vector<int32_t>& out, bool skip_pruned) const;
+  std::string validate_locked() const;
+
+  Config cfg_;
+  std::mutex mu_;
+  // per node
+  std::vector<double> value_sum_;
+  std::vector<int32_t> parent_, first_child_, num_children_, visits_, inflight_;
+  std::vector<float> prior_, init_value_;
+  std::vector<uint8_t> flags_;
+  std::vector<int64_t> payload_;
+  std::vector<int32_t> tree_;
+  std::vector<float> reward_;
+  std::vector<int16_t> depth_;
+  // per tree
+  std::vector<int32_t> roots_;
+  std::vector<double> qmin_, qmax_;
+  std::vector<int64_t> tree_collisions_;
+  int64_t pruned_subtrees_ = 0;
+  // scratch
+  std::vector<int32_t> scratch_;
+  std::vector<int32_t> path_;
+};
+
+}  // namespace sphere
