@@ -26,7 +26,10 @@ def wilson_ci(correct: int, n: int, z: float = 1.959963984540054) -> tuple[float
     denom = 1.0 + z2 / n
     centre = (p + z2 / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
+    # Exact ends at 0/n and n/n (the closed form leaves ~1e-17 of rounding there).
+    lo = 0.0 if correct == 0 else min(p, max(0.0, centre - half))
+    hi = 1.0 if correct == n else max(p, min(1.0, centre + half))
+    return lo, hi
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
