@@ -28,7 +28,9 @@ HYDRA_COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
 }
 
 # command words -> "module:function" taking argv (non-Hydra commands).
-PLAIN_COMMANDS: dict[tuple[str, ...], str] = {}
+PLAIN_COMMANDS: dict[tuple[str, ...], str] = {
+    ("sweep",): "sphere.sweep:main",
+}
 
 
 def conf_dir() -> Path:
