@@ -32,8 +32,7 @@ def build_commands(spec: dict, extra: list[str], out_dir: str) -> list[list[str]
         if not isinstance(params, dict) or not params:
             raise ValueError(f"sweep file: block {name!r} must map override keys to values")
         args = [f"{k}={v}" for k, v in params.items()]
-        out.append([*cmd, "-m", *base, *args, *extra, f"hydra.sweep.dir={out_dir}/{name}",
-                    "hydra.sweep.subdir=${hydra.job.num}"])
+        out.append([*cmd, "-m", *base, *args, *extra, f"hydra.sweep.dir={out_dir}/{name}"])
     return out
 
 
