@@ -42,12 +42,12 @@ _STARTUP_TIMEOUT_S = 120.0
 class _Proc:
     """One worker process (``python -m sphere.verify._worker``) and the parent's ends of its pipes."""
 
-    def __init__(self, memory_limit_mb: int):
+    def __init__(self, memory_limit_mb: int, module: str = "sphere.verify._worker"):
         env = dict(os.environ)
         env["OMP_NUM_THREADS"] = "1"
         env["PYTHONPATH"] = os.pathsep.join(x for x in (_PKG_ROOT, env.get("PYTHONPATH", "")) if x)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "sphere.verify._worker", "--memory-limit-mb", str(int(memory_limit_mb))],
+            [sys.executable, "-m", module, "--memory-limit-mb", str(int(memory_limit_mb))],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             env=env,
@@ -136,6 +136,7 @@ class Verifier:
         chunk_size: int = 32,
         memory_limit_mb: int = 3072,
         fast_path: bool = True,
+        worker_module: str = "sphere.verify._worker",
     ):
         if workers < 1:
             raise ValueError(f"verify.workers must be >= 1 (got {workers})")
@@ -146,6 +147,7 @@ class Verifier:
         self.chunk_size = max(1, int(chunk_size))
         self.memory_limit_mb = int(memory_limit_mb)
         self.fast_path = bool(fast_path)
+        self.worker_module = worker_module  # tests swap in a Fake worker speaking the same protocol
         self._idle: queue.Queue[_Proc] = queue.Queue()
         self._all: list[_Proc] = []
         self._lock = threading.Lock()
@@ -160,7 +162,7 @@ class Verifier:
 
     # -- bookkeeping -------------------------------------------------------------------------------
     def _add_proc(self) -> _Proc:
-        p = _Proc(self.memory_limit_mb)
+        p = _Proc(self.memory_limit_mb, self.worker_module)
         with self._lock:
             self._all.append(p)
         self._idle.put(p)
@@ -168,7 +170,7 @@ class Verifier:
 
     def _replace(self, p: _Proc) -> _Proc:
         p.kill()
-        q = _Proc(self.memory_limit_mb)
+        q = _Proc(self.memory_limit_mb, self.worker_module)
         with self._lock:
             self._all = [x for x in self._all if x is not p] + [q]
             self._stats["restarts"] += 1
