@@ -22,6 +22,7 @@ from pathlib import Path
 # command words -> (primary config name, "module:function"). Functions take a DictConfig.
 HYDRA_COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("bench", "engine"): ("bench_engine", "sphere.bench.engine:main"),
+    ("bench", "verify"): ("bench_verify", "sphere.bench.verify:main"),
     ("generate",): ("generate", "sphere.generate.run:main"),
     ("run",): ("run", "sphere.pipeline:main"),
     ("eval",): ("eval", "sphere.evaluation.harness:main"),

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from sphere.verify import Verifier, check_answer, check_answers, get_verifier, reset_verifier
+from sphere.verify.validate import PATHOLOGICAL_INPUTS as PATHOLOGICAL
 
 # (completion, gold, expected verdict, where the case comes from)
 REGRESSIONS = [
@@ -55,20 +56,6 @@ REGRESSIONS = [
     ("#### 17", "18", False, "GSM8K"),
 ]
 
-PATHOLOGICAL = [
-    "\\boxed{10^{10^{10^{10}}}}",
-    "\\boxed{2^{2^{2^{2^{2^{2^{2}}}}}}}",
-    "\\boxed{9^{9^{9^{9}}}!}",
-    "x" * 100_000,
-    "\\boxed{" + "1+" * 400 + "1}",
-    "1" * 100_000,
-    "\\boxed{" + "{" * 10_000 + "1" + "}" * 10_000 + "}",
-    "\\boxed{" + "(" * 450 + "1" + ")" * 450 + "}",
-    bytes(range(256)).decode("latin-1") * 400,
-    "\\boxed{\\frac{1}{0}}",
-    "\\boxed{\\infty - \\infty}",
-    "\\boxed{\\x00\\ud800}",
-]
 
 
 @pytest.fixture(scope="module")

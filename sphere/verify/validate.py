@@ -15,6 +15,23 @@ from sphere.io import iter_jsonl_strict
 from sphere.verify.extract import extract_answer, normalize_answer
 from sphere.verify.pool import Verifier
 
+# Hostile completions that must come back False within the hard timeout (power towers, 100k-character
+# strings, 10k nested braces, binary junk, deep parentheses, undefined values).
+PATHOLOGICAL_INPUTS = [
+    "\\boxed{10^{10^{10^{10}}}}",
+    "\\boxed{2^{2^{2^{2^{2^{2^{2}}}}}}}",
+    "\\boxed{9^{9^{9^{9}}}!}",
+    "x" * 100_000,
+    "\\boxed{" + "1+" * 400 + "1}",
+    "1" * 100_000,
+    "\\boxed{" + "{" * 10_000 + "1" + "}" * 10_000 + "}",
+    "\\boxed{" + "(" * 450 + "1" + ")" * 450 + "}",
+    bytes(range(256)).decode("latin-1") * 400,
+    "\\boxed{\\frac{1}{0}}",
+    "\\boxed{\\infty - \\infty}",
+    "\\boxed{\\x00\\ud800}",
+]
+
 # benchmark name -> file under the data dir
 BENCHMARK_FILES = {"math500": "math500/test.jsonl", "gsm8k": "gsm8k/test.jsonl"}
 
