@@ -1,0 +1,130 @@
+"""Prompt families: (problem, steps so far) -> prompt text / token ids; the stage-2 reflection prompt.
+
+A family is a config in ``conf/prompt/<family>.yaml`` (fields documented there): ``system``,
+``instruction``, ``template`` (used without a chat template), ``assistant_prefix``, ``step_delimiter``,
+``use_chat_template``, ``reflection``. The composed config carries the chosen family as ``cfg.prompt``
+(``sphere ... prompt=qwen2_5_math``); ``family_config(cfg)`` returns it.
+
+The prompt for a partial solution is the family header followed by the steps, each followed by the
+delimiter, so the model's next tokens are the next step::
+
+    <header><step 1><delim><step 2><delim>          -> the backend samples <step 3> up to <delim>
+
+Token ids are produced once here and handed to the backend; nothing is tokenised twice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+FAMILIES = ("mini", "qwen2_5", "qwen2_5_math", "phi4", "deepseek_r1")
+REQUIRED = ("system", "instruction", "template", "assistant_prefix", "step_delimiter", "use_chat_template",
+            "reflection")
+
+
+def _conf_dir() -> Path:
+    from sphere.cli import conf_dir
+
+    return conf_dir()
+
+
+def load_family(name: str) -> dict:
+    """Read ``conf/prompt/<name>.yaml`` as a plain dict (outside Hydra: scripts, tests)."""
+    from omegaconf import OmegaConf
+
+    path = _conf_dir() / "prompt" / f"{name}.yaml"
+    if not path.is_file():
+        have = sorted(p.stem for p in path.parent.glob("*.yaml"))
+        raise FileNotFoundError(f"prompt family {name!r}: {path} not found; available: {have}")
+    return validate_family(OmegaConf.to_container(OmegaConf.load(path), resolve=True), str(path))
+
+
+def validate_family(fam: Mapping[str, Any], where: str = "prompt") -> dict:
+    fam = dict(fam)
+    missing = [k for k in REQUIRED if k not in fam]
+    if missing:
+        raise KeyError(f"{where}: prompt family config lacks {missing}; required fields: {list(REQUIRED)}")
+    if not isinstance(fam["step_delimiter"], str) or not fam["step_delimiter"]:
+        raise ValueError(f"{where}: step_delimiter must be a non-empty string, got {fam['step_delimiter']!r}")
+    if "{problem}" not in fam["template"]:
+        raise ValueError(f"{where}: template must contain {{problem}}, got {fam['template']!r}")
+    return fam
+
+
+def family_config(cfg) -> dict:
+    """The prompt family of a composed config: ``cfg.prompt`` (conf/prompt/<family>.yaml)."""
+    from omegaconf import OmegaConf
+
+    node = cfg.get("prompt") if hasattr(cfg, "get") else None
+    if node is None:
+        fam_name = (cfg.get("model") or {}).get("family", "mini") if hasattr(cfg, "get") else "mini"
+        return load_family(fam_name)
+    data = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else dict(node)
+    return validate_family(data, "cfg.prompt")
+
+
+def _user_text(fam: Mapping[str, Any], problem: str) -> str:
+    instr = fam.get("instruction") or ""
+    return f"{problem}\n{instr}".strip() if instr else problem
+
+
+def uses_chat(tokenizer, fam: Mapping[str, Any]) -> bool:
+    return bool(fam.get("use_chat_template")) and bool(getattr(tokenizer, "chat_template", None))
+
+
+def header_text(tokenizer, problem: str, fam: Mapping[str, Any]) -> str:
+    """The prompt before the first step (chat template when the tokenizer has one and the family wants it)."""
+    if uses_chat(tokenizer, fam):
+        msgs = []
+        if fam.get("system"):
+            msgs.append({"role": "system", "content": fam["system"]})
+        msgs.append({"role": "user", "content": _user_text(fam, problem)})
+        head = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        return head + (fam.get("assistant_prefix") or "")
+    return fam["template"].format(problem=problem, instruction=fam.get("instruction") or "",
+                                  system=fam.get("system") or "") + (fam.get("assistant_prefix") or "")
+
+
+def steps_text(steps: Sequence[str], delimiter: str) -> str:
+    """Steps so far, each followed by the delimiter ("" when there are none)."""
+    return "".join(f"{s}{delimiter}" for s in steps)
+
+
+def build_prompt_text(tokenizer, problem: str, steps: Sequence[str], fam: Mapping[str, Any]) -> str:
+    return header_text(tokenizer, problem, fam) + steps_text(steps, fam["step_delimiter"])
+
+
+def encode(tokenizer, text: str, fam: Mapping[str, Any]) -> list[int]:
+    # A chat template renders its own BOS; a plain template gets the tokenizer's special tokens.
+    return list(tokenizer(text, add_special_tokens=not uses_chat(tokenizer, fam))["input_ids"])
+
+
+def build_prompt_ids(tokenizer, problem: str, steps: Sequence[str], fam: Mapping[str, Any]) -> list[int]:
+    """Token ids of the prompt for the next step after ``steps`` (``[]`` -> the first step)."""
+    return encode(tokenizer, build_prompt_text(tokenizer, problem, steps, fam), fam)
+
+
+def build_reflection_text(tokenizer, problem: str, steps: Sequence[str], fam: Mapping[str, Any],
+                          continue_steps: Sequence[str] = ()) -> str:
+    """Stage 2 (self-correction): the family's ``reflection`` template around a flawed attempt, then the
+    corrected solution starts (``continue_steps`` are steps of the corrected solution so far)."""
+    delim = fam["step_delimiter"]
+    attempt = delim.join(steps)
+    body = fam["reflection"].format(problem=problem, attempt=attempt, instruction=fam.get("instruction") or "")
+    if uses_chat(tokenizer, fam):
+        msgs = []
+        if fam.get("system"):
+            msgs.append({"role": "system", "content": fam["system"]})
+        msgs.append({"role": "user", "content": body})
+        head = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        head += fam.get("assistant_prefix") or ""
+    else:
+        head = body
+    return head + steps_text(continue_steps, delim)
+
+
+def build_reflection_ids(tokenizer, problem: str, steps: Sequence[str], fam: Mapping[str, Any],
+                         continue_steps: Sequence[str] = ()) -> list[int]:
+    return encode(tokenizer, build_reflection_text(tokenizer, problem, steps, fam, continue_steps), fam)
