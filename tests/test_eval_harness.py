@@ -266,3 +266,18 @@ def test_cli_replay_writes_results(tmp_path):
     assert (res["toy"]["n"], res["toy"]["correct"]) == (3, 3)
     assert res["meta"]["backend"]["name"] == "replay"
     assert '"eval/accuracy": {"toy": 1.0}' in proc.stdout
+
+
+def test_prompts_longer_than_the_context_window_are_graded_wrong_not_fatal(tmp_path):
+    path, answers = _problems(tmp_path, 3)
+    long_prob = "What is " + "9" * 50 + "?"
+    with open(path, "a") as f:
+        f.write(json.dumps({"id": "long", "problem": long_prob, "answer": "1"}) + "\n")
+    fb = FakeBackend(answers)
+    fb.max_model_len = 40  # "Q: What is 2+3?\nA:" fits, the long one does not
+    res = run_eval(fb, [str(path)], tmp_path / "run", family_cfg=FAMILY, progress=False)
+    assert fb.calls == [["What is 0+1?", "What is 1+2?", "What is 2+3?"]]
+    e = res["toy"]
+    assert (e["n"], e["correct"], e["overflow"]) == (4, 2, 1)
+    rec = read_jsonl_tolerant(tmp_path / "run" / "eval" / "toy.jsonl")[-1]
+    assert rec["id"] == "long" and rec["finish"] == ["overflow"] and rec["verdict"] is False

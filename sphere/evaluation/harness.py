@@ -109,6 +109,10 @@ def prompt_info(family_cfg: Mapping | None) -> dict:
 
 
 def _generate(backend, key: str, batch: list[dict], params: SamplingParams, family_cfg) -> list[list[Candidate]]:
+    """``params.n`` candidates per record. A prompt that leaves no room to generate in the backend's
+    context window (``backend.max_model_len``) is not sent: it gets empty candidates with finish
+    ``"overflow"`` and is graded wrong (counted as ``overflow`` in the summary), so one long problem
+    cannot abort a benchmark."""
     if hasattr(backend, "complete_records"):  # replay: completions looked up by problem id
         out = backend.complete_records(key, batch, params)
     else:
@@ -117,7 +121,16 @@ def _generate(backend, key: str, batch: list[dict], params: SamplingParams, fami
         if family_cfg is None:
             raise ValueError("run_eval: family_cfg (the prompt family, cfg.prompt) is required for a model backend")
         prompts = [build_prompt_ids(backend.tokenizer, r["problem"], [], family_cfg) for r in batch]
-        out = backend.complete(prompts, params)
+        limit = getattr(backend, "max_model_len", None)
+        fits = [i for i, p in enumerate(prompts) if not isinstance(limit, int) or len(p) + 1 <= limit]
+        got = backend.complete([prompts[i] for i in fits], params) if fits else []
+        if len(got) != len(fits):
+            raise RuntimeError(f"backend {getattr(backend, 'name', '?')!r}: complete() returned {len(got)} "
+                               f"lists for {len(fits)} prompts")
+        overflow = [Candidate(text="", token_ids=[], logprob_sum=0.0, logprob_mean=0.0, finish="overflow")]
+        out = [overflow * params.n for _ in batch]
+        for i, cands in zip(fits, got):
+            out[i] = cands
     if len(out) != len(batch) or any(len(c) != params.n for c in out):
         raise RuntimeError(
             f"backend {getattr(backend, 'name', '?')!r}: complete() returned {len(out)} lists for "

@@ -111,6 +111,8 @@ def summarize(records: Sequence[dict], n_samples: int) -> dict:
         "samples": n_samples,
         "no_answer": sum(1 for r in records if r["extracted"][0] is None),
         "truncated": sum(1 for r in records if r["finish"][0] == "length"),
+        # prompt longer than the backend's context window: not generated, graded wrong
+        "overflow": sum(1 for r in records if r["finish"][0] == "overflow"),
     }
     if n_samples > 1 and n:
         for k in pass_ks(n_samples):
