@@ -31,6 +31,8 @@ HYDRA_COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
 # command words -> "module:function" taking argv (non-Hydra commands).
 PLAIN_COMMANDS: dict[tuple[str, ...], str] = {
     ("sweep",): "sphere.sweep:main",
+    ("viz", "tree"): "sphere.viz:main",
+    ("report",): "sphere.report:main",
 }
 
 
