@@ -5,6 +5,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cstddef>
 #include <string>
 #include <vector>
 
@@ -37,6 +38,17 @@ py::array view(const std::vector<T>& v, const py::object& owner) {
   // Zero-copy, read-only; `owner` keeps the forest alive. Invalid after the forest grows or resets.
   py::array a(py::dtype::of<T>(), {static_cast<py::ssize_t>(v.size())}, {static_cast<py::ssize_t>(sizeof(T))},
               v.empty() ? nullptr : v.data(), owner);
+  a.attr("flags").attr("writeable") = false;
+  return a;
+}
+
+template <class T>
+py::array hot_view(const std::vector<sphere::Hot>& v, size_t offset, const py::object& owner) {
+  // A strided zero-copy view of one field of the hot records.
+  if (v.empty()) return py::array_t<T>(0);
+  py::array a(py::dtype::of<T>(), {static_cast<py::ssize_t>(v.size())},
+              {static_cast<py::ssize_t>(sizeof(sphere::Hot))},
+              reinterpret_cast<const T*>(reinterpret_cast<const char*>(v.data()) + offset), owner);
   a.attr("flags").attr("writeable") = false;
   return a;
 }
@@ -255,15 +267,16 @@ PYBIND11_MODULE(_core, mod) {
       .def("snapshot", [](py::object self) {
         Forest& f = self.cast<Forest&>();
         py::dict d;
+        const auto& hot = f.hot();
         d["parent"] = view(f.parent(), self);
-        d["first_child"] = view(f.first_child(), self);
-        d["num_children"] = view(f.num_children(), self);
-        d["visits"] = view(f.visits(), self);
-        d["inflight"] = view(f.inflight(), self);
-        d["value_sum"] = view(f.value_sum(), self);
-        d["prior"] = view(f.prior(), self);
-        d["init_value"] = view(f.init_value(), self);
-        d["flags"] = view(f.flags(), self);
+        d["first_child"] = hot_view<int32_t>(hot, offsetof(sphere::Hot, first_child), self);
+        d["num_children"] = hot_view<uint16_t>(hot, offsetof(sphere::Hot, num_children), self);
+        d["visits"] = hot_view<int32_t>(hot, offsetof(sphere::Hot, visits), self);
+        d["inflight"] = hot_view<int32_t>(hot, offsetof(sphere::Hot, inflight), self);
+        d["value_sum"] = hot_view<double>(hot, offsetof(sphere::Hot, value_sum), self);
+        d["prior"] = hot_view<float>(hot, offsetof(sphere::Hot, prior), self);
+        d["init_value"] = hot_view<float>(hot, offsetof(sphere::Hot, init_value), self);
+        d["flags"] = hot_view<uint8_t>(hot, offsetof(sphere::Hot, flags), self);
         d["payload"] = view(f.payload(), self);
         d["tree"] = view(f.tree(), self);
         d["reward"] = view(f.reward(), self);

@@ -34,16 +34,12 @@ void Forest::reserve(int64_t nodes) {
   std::lock_guard<std::mutex> lock(mu_);
   if (nodes < 0 || nodes > std::numeric_limits<int32_t>::max())
     throw std::invalid_argument("capacity must be in [0, 2^31-1], got " + std::to_string(nodes));
-  const auto n = static_cast<size_t>(nodes);
-  value_sum_.reserve(n);
+  reserve_locked(static_cast<size_t>(nodes));
+}
+
+void Forest::reserve_locked(size_t n) {
+  hot_.reserve(n);
   parent_.reserve(n);
-  first_child_.reserve(n);
-  num_children_.reserve(n);
-  visits_.reserve(n);
-  inflight_.reserve(n);
-  prior_.reserve(n);
-  init_value_.reserve(n);
-  flags_.reserve(n);
   payload_.reserve(n);
   tree_.reserve(n);
   reward_.reserve(n);
@@ -52,15 +48,8 @@ void Forest::reserve(int64_t nodes) {
 
 void Forest::reset() {
   std::lock_guard<std::mutex> lock(mu_);
-  value_sum_.clear();
+  hot_.clear();
   parent_.clear();
-  first_child_.clear();
-  num_children_.clear();
-  visits_.clear();
-  inflight_.clear();
-  prior_.clear();
-  init_value_.clear();
-  flags_.clear();
   payload_.clear();
   tree_.clear();
   reward_.clear();
@@ -69,6 +58,7 @@ void Forest::reset() {
   qmin_.clear();
   qmax_.clear();
   tree_collisions_.clear();
+  tree_mark_.clear();
   pruned_subtrees_ = 0;
 }
 
@@ -88,15 +78,18 @@ void Forest::check_root(int32_t id, const char* arg, int64_t i) const {
 int32_t Forest::new_node(int32_t parent, int64_t payload, float prior, float reward, float value, int32_t tree,
                          int16_t depth) {
   const auto id = static_cast<int32_t>(parent_.size());
-  value_sum_.push_back(0.0);
+  Hot h;
+  h.value_sum = 0.0;
+  h.first_child = -1;
+  h.visits = 0;
+  h.inflight = 0;
+  h.prior = prior;
+  h.init_value = value;
+  h.num_children = 0;
+  h.flags = 0;
+  h.pad = 0;
+  hot_.push_back(h);
   parent_.push_back(parent);
-  first_child_.push_back(-1);
-  num_children_.push_back(0);
-  visits_.push_back(0);
-  inflight_.push_back(0);
-  prior_.push_back(prior);
-  init_value_.push_back(value);
-  flags_.push_back(0);
   payload_.push_back(payload);
   tree_.push_back(tree);
   reward_.push_back(reward);
@@ -120,37 +113,36 @@ void Forest::add_roots(const int64_t* payloads, int64_t t, int32_t* out) {
 }
 
 void Forest::mark_exhausted(int32_t n) {
-  flags_[n] |= kExhausted;
+  hot_[n].flags |= kExhausted;
   int32_t p = parent_[n];
-  while (p >= 0 && !(flags_[p] & kExhausted)) {
-    const int32_t first = first_child_[p], end = first + num_children_[p];
+  while (p >= 0 && !(hot_[p].flags & kExhausted)) {
+    const int32_t first = hot_[p].first_child, end = first + hot_[p].num_children;
     for (int32_t ch = first; ch < end; ++ch)
-      if (!(flags_[ch] & kExhausted)) return;
-    flags_[p] |= kExhausted;
+      if (!(hot_[ch].flags & kExhausted)) return;
+    hot_[p].flags |= kExhausted;
     p = parent_[p];
   }
 }
 
 double Forest::mean_or_init(int32_t n) const {
-  if (visits_[n] > 0) return value_sum_[n] / static_cast<double>(visits_[n]);
-  const float v = init_value_[n];
+  if (hot_[n].visits > 0) return hot_[n].value_sum / static_cast<double>(hot_[n].visits);
+  const float v = hot_[n].init_value;
   return std::isnan(v) ? 0.0 : static_cast<double>(v);
 }
 
 double Forest::node_value(int32_t n) const {
-  if (visits_[n] > 0) return value_sum_[n] / static_cast<double>(visits_[n]);
-  if (!std::isnan(init_value_[n])) return static_cast<double>(init_value_[n]);
+  if (hot_[n].visits > 0) return hot_[n].value_sum / static_cast<double>(hot_[n].visits);
+  if (!std::isnan(hot_[n].init_value)) return static_cast<double>(hot_[n].init_value);
   return static_cast<double>(reward_[n]);
 }
 
-int32_t Forest::pick_child(int32_t n) {
-  const int32_t first = first_child_[n], end = first + num_children_[n];
+int32_t Forest::pick_child(int32_t n, int32_t t) {
+  const int32_t first = hot_[n].first_child, end = first + hot_[n].num_children;
   const double vl = cfg_.virtual_loss, c = cfg_.c, lv = cfg_.virtual_loss_value;
-  const double p_eff = static_cast<double>(visits_[n]) + vl * static_cast<double>(inflight_[n]);
+  const double p_eff = static_cast<double>(hot_[n].visits) + vl * static_cast<double>(hot_[n].inflight);
   const bool puct = cfg_.rule == Rule::kPuct;
   const double sq = puct ? std::sqrt(p_eff) : 0.0;
   const double lg = puct ? 0.0 : std::log(std::max(p_eff, 1.0));
-  const int32_t t = tree_[n];
   const bool norm = cfg_.q_norm && qmax_[t] > qmin_[t];
   const double lo = qmin_[t], span = qmax_[t] - qmin_[t];
   double parent_fpu = 0.0;
@@ -158,17 +150,17 @@ int32_t Forest::pick_child(int32_t n) {
   int32_t best = -1;
   double best_score = 0.0;
   for (int32_t ch = first; ch < end; ++ch) {
-    if (flags_[ch] & kExhausted) continue;
-    const double nvl = vl * static_cast<double>(inflight_[ch]);
-    const double neff = static_cast<double>(visits_[ch]) + nvl;
+    if (hot_[ch].flags & kExhausted) continue;
+    const double nvl = vl * static_cast<double>(hot_[ch].inflight);
+    const double neff = static_cast<double>(hot_[ch].visits) + nvl;
     const bool visited = neff > 0.0;
     double q;
     if (visited) {
-      q = (value_sum_[ch] + nvl * lv) / neff;
+      q = (hot_[ch].value_sum + nvl * lv) / neff;
     } else {
       switch (cfg_.fpu) {
         case Fpu::kParent: q = parent_fpu; break;
-        case Fpu::kValue: q = std::isnan(init_value_[ch]) ? parent_fpu : static_cast<double>(init_value_[ch]); break;
+        case Fpu::kValue: q = std::isnan(hot_[ch].init_value) ? parent_fpu : static_cast<double>(hot_[ch].init_value); break;
         case Fpu::kInf: q = kInf; break;
         default: q = cfg_.fpu_value; break;
       }
@@ -176,7 +168,7 @@ int32_t Forest::pick_child(int32_t n) {
     if (norm && std::isfinite(q)) q = (q - lo) / span;
     double s;
     if (puct) {
-      s = q + c * static_cast<double>(prior_[ch]) * sq / (1.0 + neff);
+      s = q + c * static_cast<double>(hot_[ch].prior) * sq / (1.0 + neff);
     } else {
       s = visited ? q + c * std::sqrt(lg / neff) : q;
     }
@@ -188,48 +180,92 @@ int32_t Forest::pick_child(int32_t n) {
   return best;  // n is not exhausted, so some child is not either
 }
 
-// One descent from root; returns false on a collision (inflight restored).
-bool Forest::descend(int32_t root, std::vector<int32_t>& path) {
-  (void)path;
-  int32_t n = root;
-  while (flags_[n] & kExpanded) {
-    ++inflight_[n];
-    n = pick_child(n);
-  }
-  if (inflight_[n] > 0) {
-    for (int32_t p = parent_[n]; p >= 0; p = parent_[p]) --inflight_[p];
-    return false;
-  }
-  ++inflight_[n];
-  path.assign(1, n);
-  return true;
+// Descents of different trees are independent, so select() runs kLanes trees in lockstep, one tree level
+// per lane per step, and prefetches the chosen child's children: the memory latency of one lane is hidden
+// behind the work of the others. Within a tree, descents stay sequential (each sees the virtual loss of
+// the previous ones), so the result equals running the trees one after another (the reference does that).
+namespace {
+constexpr int kLanes = 16;
+inline void prefetch_children(const Hot* base, const Hot& h) {
+  if (!(h.flags & kExpanded) || h.num_children == 0) return;
+  const char* p = reinterpret_cast<const char*>(base + h.first_child);
+  const char* e = reinterpret_cast<const char*>(base + h.first_child + h.num_children) - 1;
+  for (int i = 0; i < 4 && p <= e; ++i, p += 64) __builtin_prefetch(p);
+  __builtin_prefetch(e);
 }
+}  // namespace
 
 void Forest::select(const int32_t* roots, int64_t t, int32_t k, std::vector<int32_t>& tree_idx,
                     std::vector<int32_t>& leaves, int32_t* collisions) {
   std::lock_guard<std::mutex> lock(mu_);
   if (k < 0) throw std::invalid_argument("k must be >= 0, got " + std::to_string(k));
   for (int64_t i = 0; i < t; ++i) check_root(roots[i], "roots", i);
+  if (++select_epoch_ == 0) {  // wrapped: forget old marks
+    std::fill(tree_mark_.begin(), tree_mark_.end(), 0u);
+    select_epoch_ = 1;
+  }
+  tree_mark_.resize(roots_.size(), 0);
+  for (int64_t i = 0; i < t; ++i) {
+    const auto tr = static_cast<size_t>(tree_[roots[i]]);
+    if (tree_mark_[tr] == select_epoch_)
+      throw std::invalid_argument(at("roots", i) + "=" + std::to_string(roots[i]) + " appears more than once");
+    tree_mark_[tr] = select_epoch_;
+  }
   tree_idx.clear();
   leaves.clear();
   tree_idx.reserve(static_cast<size_t>(t) * static_cast<size_t>(k));
   leaves.reserve(static_cast<size_t>(t) * static_cast<size_t>(k));
-  for (int64_t i = 0; i < t; ++i) {
-    collisions[i] = 0;
-    const int32_t root = roots[i];
-    for (int32_t j = 0; j < k; ++j) {
-      if (flags_[root] & kExhausted) break;
-      if (descend(root, path_)) {
-        tree_idx.push_back(static_cast<int32_t>(i));
-        leaves.push_back(path_[0]);
-      } else {
-        // The state is exactly as before this descent, so the remaining ones would collide too.
-        const int32_t rest = k - j;
-        collisions[i] += rest;
-        tree_collisions_[static_cast<size_t>(tree_[root])] += rest;
-        break;
+  struct Lane {
+    int32_t root, node, tree, done;
+    bool active;
+  };
+  Lane lanes[kLanes];
+  std::vector<int32_t> buf(static_cast<size_t>(kLanes) * static_cast<size_t>(k));
+  const Hot* base = hot_.data();
+  for (int64_t g0 = 0; g0 < t; g0 += kLanes) {
+    const int gn = static_cast<int>(std::min<int64_t>(kLanes, t - g0));
+    int active = 0;
+    for (int l = 0; l < gn; ++l) {
+      const int32_t root = roots[g0 + l];
+      collisions[g0 + l] = 0;
+      lanes[l] = Lane{root, root, tree_[root], 0, k > 0 && !(hot_[root].flags & kExhausted)};
+      active += lanes[l].active;
+    }
+    while (active > 0) {
+      for (int l = 0; l < gn; ++l) {
+        Lane& ln = lanes[l];
+        if (!ln.active) continue;
+        const int32_t n = ln.node;
+        if (hot_[n].flags & kExpanded) {  // one level down
+          ++hot_[n].inflight;
+          const int32_t ch = pick_child(n, ln.tree);
+          ln.node = ch;
+          prefetch_children(base, hot_[ch]);
+          continue;
+        }
+        if (hot_[n].inflight > 0) {  // collision: undo; the tree's state is exactly as before this descent,
+          for (int32_t p = parent_[n]; p >= 0; p = parent_[p]) --hot_[p].inflight;  // so the rest collide too
+          const int32_t rest = k - ln.done;
+          collisions[g0 + l] += rest;
+          tree_collisions_[static_cast<size_t>(ln.tree)] += rest;
+          ln.active = false;
+          --active;
+          continue;
+        }
+        ++hot_[n].inflight;
+        buf[static_cast<size_t>(l) * static_cast<size_t>(k) + static_cast<size_t>(ln.done)] = n;
+        ln.node = ln.root;
+        if (++ln.done == k) {
+          ln.active = false;
+          --active;
+        }
       }
     }
+    for (int l = 0; l < gn; ++l)
+      for (int32_t j = 0; j < lanes[l].done; ++j) {
+        tree_idx.push_back(static_cast<int32_t>(g0 + l));
+        leaves.push_back(buf[static_cast<size_t>(l) * static_cast<size_t>(k) + static_cast<size_t>(j)]);
+      }
   }
 }
 
@@ -247,7 +283,7 @@ void Forest::paths(const int32_t* nodes, int64_t m, int64_t* offsets, std::vecto
 }
 
 void Forest::apply_pruning(int32_t first, int32_t count) {
-  auto prune = [&](int32_t ch) { flags_[ch] |= kPrunedExpand | kExhausted; };
+  auto prune = [&](int32_t ch) { hot_[ch].flags |= kPrunedExpand | kExhausted; };
   const float* r = reward_.data() + first;
   switch (cfg_.pruning) {
     case Pruning::kNone: return;
@@ -294,12 +330,13 @@ void Forest::expand(const int32_t* leaves, const int32_t* counts, int64_t m, con
   for (int64_t i = 0; i < m; ++i) {
     check_node(leaves[i], "leaves", i);
     const int32_t n = leaves[i];
-    if (flags_[n] & kExpanded)
+    if (hot_[n].flags & kExpanded)
       throw std::invalid_argument(at("leaves", i) + "=" + std::to_string(n) + " is already expanded");
-    if (flags_[n] & kTerminal)
+    if (hot_[n].flags & kTerminal)
       throw std::invalid_argument(at("leaves", i) + "=" + std::to_string(n) + " is terminal; it cannot be expanded");
-    if (counts[i] < 0)
-      throw std::invalid_argument(at("counts", i) + "=" + std::to_string(counts[i]) + " must be >= 0");
+    if (counts[i] < 0 || counts[i] > kMaxChildren)
+      throw std::invalid_argument(at("counts", i) + "=" + std::to_string(counts[i]) + " must be in [0, " +
+                                  std::to_string(kMaxChildren) + "]");
     total += counts[i];
   }
   if (total != c)
@@ -321,22 +358,7 @@ void Forest::expand(const int32_t* leaves, const int32_t* counts, int64_t m, con
         throw std::invalid_argument("leaves: node " + std::to_string(scratch_[i]) + " appears more than once");
   }
   const auto want = static_cast<size_t>(num_nodes() + c);
-  if (parent_.capacity() < want) {
-    size_t cap = std::max(want, parent_.capacity() * 2);
-    value_sum_.reserve(cap);
-    parent_.reserve(cap);
-    first_child_.reserve(cap);
-    num_children_.reserve(cap);
-    visits_.reserve(cap);
-    inflight_.reserve(cap);
-    prior_.reserve(cap);
-    init_value_.reserve(cap);
-    flags_.reserve(cap);
-    payload_.reserve(cap);
-    tree_.reserve(cap);
-    reward_.reserve(cap);
-    depth_.reserve(cap);
-  }
+  if (parent_.capacity() < want) reserve_locked(std::max(want, parent_.capacity() * 2));
   int64_t off = 0;
   for (int64_t i = 0; i < m; ++i) {
     const int32_t leaf = leaves[i], cnt = counts[i];
@@ -344,20 +366,20 @@ void Forest::expand(const int32_t* leaves, const int32_t* counts, int64_t m, con
     const int32_t first = static_cast<int32_t>(num_nodes());
     for (int32_t j = 0; j < cnt; ++j, ++off) {
       const int32_t id = new_node(leaf, payloads[off], priors[off], rewards[off], values[off], tree_[leaf], d);
-      if (terminal[off] || d >= cfg_.max_depth) flags_[id] |= kTerminal | kExhausted;
+      if (terminal[off] || d >= cfg_.max_depth) hot_[id].flags |= kTerminal | kExhausted;
       out[off] = id;
     }
-    first_child_[leaf] = cnt > 0 ? first : -1;
-    num_children_[leaf] = cnt;
-    flags_[leaf] |= kExpanded;
+    hot_[leaf].first_child = cnt > 0 ? first : -1;
+    hot_[leaf].num_children = static_cast<uint16_t>(cnt);
+    hot_[leaf].flags |= kExpanded;
     apply_pruning(first, cnt);
     bool all = true;
     for (int32_t ch = first; ch < first + cnt; ++ch)
-      if (!(flags_[ch] & kExhausted)) {
+      if (!(hot_[ch].flags & kExhausted)) {
         all = false;
         break;
       }
-    if (all && !(flags_[leaf] & kExhausted)) mark_exhausted(leaf);
+    if (all && !(hot_[leaf].flags & kExhausted)) mark_exhausted(leaf);
   }
 }
 
@@ -366,15 +388,15 @@ void Forest::release(const int32_t* leaves, int64_t m, const char* arg) {
   // Decrement exactly on integers; on an underflow put everything back and raise.
   for (int64_t i = 0; i < m; ++i) {
     for (int32_t n = leaves[i]; n >= 0; n = parent_[n]) {
-      if (inflight_[n] <= 0) {
-        for (int32_t u = leaves[i]; u != n; u = parent_[u]) ++inflight_[u];
+      if (hot_[n].inflight <= 0) {
+        for (int32_t u = leaves[i]; u != n; u = parent_[u]) ++hot_[u].inflight;
         for (int64_t i2 = 0; i2 < i; ++i2)
-          for (int32_t u = leaves[i2]; u >= 0; u = parent_[u]) ++inflight_[u];
+          for (int32_t u = leaves[i2]; u >= 0; u = parent_[u]) ++hot_[u].inflight;
         throw std::invalid_argument(at(arg, i) + "=" + std::to_string(leaves[i]) +
                                     " has no select() in flight (node " + std::to_string(n) +
                                     " would have a negative in-flight count)");
       }
-      --inflight_[n];
+      --hot_[n].inflight;
     }
   }
 }
@@ -387,10 +409,10 @@ void Forest::backup(const int32_t* leaves, const float* values, int64_t m) {
   for (int64_t i = 0; i < m; ++i) {
     const double v = static_cast<double>(values[i]);
     for (int32_t n = leaves[i]; n >= 0; n = parent_[n]) {
-      ++visits_[n];
-      value_sum_[n] += v;
+      ++hot_[n].visits;
+      hot_[n].value_sum += v;
       if (cfg_.q_norm) {
-        const double q = value_sum_[n] / static_cast<double>(visits_[n]);
+        const double q = hot_[n].value_sum / static_cast<double>(hot_[n].visits);
         const auto t = static_cast<size_t>(tree_[n]);
         if (q < qmin_[t]) qmin_[t] = q;
         if (q > qmax_[t]) qmax_[t] = q;
@@ -417,14 +439,14 @@ int64_t Forest::prune_subtrees(const int32_t* roots, int64_t t, double tau, int3
     while (!stack.empty()) {
       const int32_t n = stack.back();
       stack.pop_back();
-      if (flags_[n] & kPruned) continue;
-      if (parent_[n] >= 0 && visits_[n] >= need && value_sum_[n] / static_cast<double>(visits_[n]) < tau) {
-        flags_[n] |= kPrunedSubtree;
+      if (hot_[n].flags & kPruned) continue;
+      if (parent_[n] >= 0 && hot_[n].visits >= need && hot_[n].value_sum / static_cast<double>(hot_[n].visits) < tau) {
+        hot_[n].flags |= kPrunedSubtree;
         ++count;
-        if (!(flags_[n] & kExhausted)) mark_exhausted(n);
+        if (!(hot_[n].flags & kExhausted)) mark_exhausted(n);
         continue;
       }
-      for (int32_t ch = first_child_[n] + num_children_[n] - 1; ch >= first_child_[n] && ch >= 0; --ch)
+      for (int32_t ch = hot_[n].first_child + hot_[n].num_children - 1; ch >= hot_[n].first_child && ch >= 0; --ch)
         stack.push_back(ch);
     }
   }
@@ -440,11 +462,11 @@ std::vector<int32_t> Forest::best_path(int32_t root, PathBy by) {
   while (true) {
     int32_t best = -1;
     double best_key = 0.0;
-    for (int32_t ch = first_child_[n]; ch >= 0 && ch < first_child_[n] + num_children_[n]; ++ch) {
-      if (flags_[ch] & kPruned) continue;
+    for (int32_t ch = hot_[n].first_child; ch >= 0 && ch < hot_[n].first_child + hot_[n].num_children; ++ch) {
+      if (hot_[ch].flags & kPruned) continue;
       double key;
       switch (by) {
-        case PathBy::kVisits: key = static_cast<double>(visits_[ch]); break;
+        case PathBy::kVisits: key = static_cast<double>(hot_[ch].visits); break;
         case PathBy::kValue: key = node_value(ch); break;
         default: key = static_cast<double>(reward_[ch]); break;
       }
@@ -471,7 +493,7 @@ std::vector<int32_t> Forest::worst_path(int32_t root) {
   std::vector<uint8_t> reach(static_cast<size_t>(span), 0);
   for (auto it = nodes.rbegin(); it != nodes.rend(); ++it) {  // children have larger ids than parents
     const int32_t n = *it;
-    if (flags_[n] & kTerminal) reach[static_cast<size_t>(n - root)] = 1;
+    if (hot_[n].flags & kTerminal) reach[static_cast<size_t>(n - root)] = 1;
     if (reach[static_cast<size_t>(n - root)] && n != root)
       reach[static_cast<size_t>(parent_[n] - root)] = 1;
   }
@@ -480,8 +502,8 @@ std::vector<int32_t> Forest::worst_path(int32_t root) {
   while (true) {
     int32_t worst = -1;
     bool worst_reach = false;
-    for (int32_t ch = first_child_[n]; ch >= 0 && ch < first_child_[n] + num_children_[n]; ++ch) {
-      if (flags_[ch] & kPruned) continue;
+    for (int32_t ch = hot_[n].first_child; ch >= 0 && ch < hot_[n].first_child + hot_[n].num_children; ++ch) {
+      if (hot_[ch].flags & kPruned) continue;
       const bool rc = reach[static_cast<size_t>(ch - root)] != 0;
       if (worst < 0 || (rc && !worst_reach) || (rc == worst_reach && reward_[ch] < reward_[worst])) {
         worst = ch;
@@ -501,9 +523,9 @@ void Forest::collect(int32_t root, std::vector<int32_t>& out, bool skip_pruned) 
   while (!stack.empty()) {
     const int32_t n = stack.back();
     stack.pop_back();
-    if (skip_pruned && (flags_[n] & kPruned)) continue;
+    if (skip_pruned && (hot_[n].flags & kPruned)) continue;
     out.push_back(n);
-    for (int32_t ch = first_child_[n]; ch >= 0 && ch < first_child_[n] + num_children_[n]; ++ch)
+    for (int32_t ch = hot_[n].first_child; ch >= 0 && ch < hot_[n].first_child + hot_[n].num_children; ++ch)
       stack.push_back(ch);
   }
 }
@@ -520,7 +542,7 @@ void Forest::terminals(const int32_t* roots, int64_t t, int64_t* offsets, std::v
     collect(roots[i], sub, true);
     std::sort(sub.begin(), sub.end());
     for (int32_t n : sub)
-      if (flags_[n] & kTerminal) {
+      if (hot_[n].flags & kTerminal) {
         nodes.push_back(n);
         values.push_back(static_cast<float>(node_value(n)));
       }
@@ -548,13 +570,13 @@ std::vector<int32_t> Forest::tree_nodes(int32_t root) {
   }
 SPHERE_GETTER(get_payload, int64_t, payload_[n])
 SPHERE_GETTER(get_reward, float, reward_[n])
-SPHERE_GETTER(get_prior, float, prior_[n])
-SPHERE_GETTER(get_visits, int32_t, visits_[n])
-SPHERE_GETTER(get_inflight, int32_t, inflight_[n])
+SPHERE_GETTER(get_prior, float, hot_[n].prior)
+SPHERE_GETTER(get_visits, int32_t, hot_[n].visits)
+SPHERE_GETTER(get_inflight, int32_t, hot_[n].inflight)
 SPHERE_GETTER(get_value, float, static_cast<float>(node_value(n)))
 SPHERE_GETTER(get_depth, int32_t, depth_[n])
 SPHERE_GETTER(get_parent, int32_t, parent_[n])
-SPHERE_GETTER(get_flags, uint8_t, flags_[n])
+SPHERE_GETTER(get_flags, uint8_t, hot_[n].flags)
 #undef SPHERE_GETTER
 
 Stats Forest::stats() {
@@ -564,7 +586,7 @@ Stats Forest::stats() {
   s.trees = num_trees();
   s.depth_histogram.assign(static_cast<size_t>(cfg_.max_depth) + 1, 0);
   for (int64_t n = 0; n < s.nodes; ++n) {
-    const uint8_t f = flags_[static_cast<size_t>(n)];
+    const uint8_t f = hot_[static_cast<size_t>(n)].flags;
     s.expanded += (f & kExpanded) != 0;
     s.terminal += (f & kTerminal) != 0;
     s.pruned_at_expansion += (f & kPrunedExpand) != 0;
@@ -573,8 +595,8 @@ Stats Forest::stats() {
   s.pruned_subtrees = pruned_subtrees_;
   for (size_t t = 0; t < roots_.size(); ++t) {
     s.collisions += tree_collisions_[t];
-    s.exhausted_roots += (flags_[static_cast<size_t>(roots_[t])] & kExhausted) != 0;
-    s.inflight_roots += inflight_[static_cast<size_t>(roots_[t])] > 0;
+    s.exhausted_roots += (hot_[static_cast<size_t>(roots_[t])].flags & kExhausted) != 0;
+    s.inflight_roots += hot_[static_cast<size_t>(roots_[t])].inflight > 0;
   }
   return s;
 }
@@ -587,9 +609,8 @@ std::string Forest::validate() {
 std::string Forest::validate_locked() const {
   const int64_t n_nodes = num_nodes();
   const size_t nn = static_cast<size_t>(n_nodes);
-  if (value_sum_.size() != nn || first_child_.size() != nn || num_children_.size() != nn || visits_.size() != nn ||
-      inflight_.size() != nn || prior_.size() != nn || init_value_.size() != nn || flags_.size() != nn ||
-      payload_.size() != nn || tree_.size() != nn || reward_.size() != nn || depth_.size() != nn)
+  if (hot_.size() != nn || payload_.size() != nn || tree_.size() != nn || reward_.size() != nn ||
+      depth_.size() != nn)
     return "per-node arrays have different lengths";
   if (qmin_.size() != roots_.size() || qmax_.size() != roots_.size() || tree_collisions_.size() != roots_.size())
     return "per-tree arrays have different lengths";
@@ -601,7 +622,7 @@ std::string Forest::validate_locked() const {
   }
   for (int32_t n = 0; n < static_cast<int32_t>(n_nodes); ++n) {
     const std::string id = "node " + std::to_string(n) + ": ";
-    const uint8_t f = flags_[n];
+    const uint8_t f = hot_[n].flags;
     const int32_t p = parent_[n];
     if (p < -1 || p >= n) return id + "parent " + std::to_string(p) + " is not an earlier node";
     if (p == -1) {
@@ -612,32 +633,32 @@ std::string Forest::validate_locked() const {
     } else {
       if (depth_[n] != depth_[p] + 1) return id + "depth is not parent depth + 1";
       if (tree_[n] != tree_[p]) return id + "tree differs from its parent's";
-      if (n < first_child_[p] || n >= first_child_[p] + num_children_[p]) return id + "not within its parent's children";
+      if (n < hot_[p].first_child || n >= hot_[p].first_child + hot_[p].num_children) return id + "not within its parent's children";
       if (depth_[n] > cfg_.max_depth) return id + "deeper than max_depth";
       if (depth_[n] == cfg_.max_depth && !(f & kTerminal)) return id + "at max_depth but not terminal";
     }
-    if (visits_[n] < 0) return id + "negative visits";
-    if (inflight_[n] < 0) return id + "negative in-flight count";
-    if (!std::isfinite(value_sum_[n])) return id + "value_sum is not finite";
-    if (visits_[n] == 0 && value_sum_[n] != 0.0) return id + "value_sum is non-zero without visits";
+    if (hot_[n].visits < 0) return id + "negative visits";
+    if (hot_[n].inflight < 0) return id + "negative in-flight count";
+    if (!std::isfinite(hot_[n].value_sum)) return id + "value_sum is not finite";
+    if (hot_[n].visits == 0 && hot_[n].value_sum != 0.0) return id + "value_sum is non-zero without visits";
     if ((f & kTerminal) && (f & kExpanded)) return id + "terminal and expanded";
     if (!(f & kExpanded)) {
-      if (num_children_[n] != 0 || first_child_[n] != -1) return id + "unexpanded but has children";
-    } else if (num_children_[n] < 0 || (num_children_[n] > 0 && first_child_[n] <= n) ||
-               (num_children_[n] == 0 && first_child_[n] != -1) ||
-               static_cast<int64_t>(first_child_[n]) + num_children_[n] > n_nodes) {
+      if (hot_[n].num_children != 0 || hot_[n].first_child != -1) return id + "unexpanded but has children";
+    } else if ((hot_[n].num_children > 0 && hot_[n].first_child <= n) ||
+               (hot_[n].num_children == 0 && hot_[n].first_child != -1) ||
+               static_cast<int64_t>(hot_[n].first_child) + hot_[n].num_children > n_nodes) {
       return id + "children range is invalid";
     }
     int64_t child_visits = 0, child_inflight = 0;
     bool all_exhausted = true;
-    for (int32_t ch = first_child_[n]; ch >= 0 && ch < first_child_[n] + num_children_[n]; ++ch) {
+    for (int32_t ch = hot_[n].first_child; ch >= 0 && ch < hot_[n].first_child + hot_[n].num_children; ++ch) {
       if (parent_[ch] != n) return id + "child " + std::to_string(ch) + " names another parent";
-      child_visits += visits_[ch];
-      child_inflight += inflight_[ch];
-      all_exhausted = all_exhausted && (flags_[ch] & kExhausted);
+      child_visits += hot_[ch].visits;
+      child_inflight += hot_[ch].inflight;
+      all_exhausted = all_exhausted && (hot_[ch].flags & kExhausted);
     }
-    if (child_visits > visits_[n]) return id + "children have more visits than the node";
-    if (child_inflight > inflight_[n]) return id + "children have more in-flight descents than the node";
+    if (child_visits > hot_[n].visits) return id + "children have more visits than the node";
+    if (child_inflight > hot_[n].inflight) return id + "children have more in-flight descents than the node";
     const bool exhausted = (f & (kTerminal | kPruned)) || ((f & kExpanded) && all_exhausted);
     if (exhausted != ((f & kExhausted) != 0))
       return id + (exhausted ? "should be exhausted but is not flagged" : "flagged exhausted but is not");

@@ -5,19 +5,22 @@
 // over many trees, so a search round is O(1) binding calls. No randomness: the same operation sequence
 // gives the same tree, bit for bit, as the pure-Python reference (sphere/engine/reference.py).
 //
-// Node layout (SoA, one std::vector per field; bytes per node = kBytesPerNode = 55):
-//   hot (selection / backup)                         cold (extraction / bookkeeping)
-//   value_sum  f64  8  sum of backed-up values        payload i64  8  id into the Python step store
-//   parent     i32  4  -1 for a root                  tree    i32  4  index of the tree (add_roots order)
-//   first_child i32 4  -1 until expanded              reward  f32  4  step reward given at expansion
-//   num_children i32 4 children are contiguous ids    depth   i16  2  root = 0
-//   visits     i32  4  completed backups through node
-//   inflight   i32  4  unresolved select() descents through node; returns to 0 after backup/cancel
-//   prior      f32  4  given at expansion (not normalised)
-//   init_value f32  4  initial value estimate, NaN = none
-//   flags      u8   1  kTerminal | kExpanded | kPrunedExpand | kPrunedSubtree | kExhausted; bits are only
-//                      ever set, never cleared (states only move forward) until reset()
-//   hot record = 37 bytes (static_assert <= 64 below).
+// Node layout: bytes per node = kBytesPerNode = 54. The fields that selection reads for every child are
+// one 32-byte hot record (two per cache line; a node's children are contiguous, so scanning 5 children
+// touches 2-3 lines and the chosen child's first_child is already loaded). Everything else is
+// struct-of-arrays, one std::vector per field, read by backup, extraction and the snapshot.
+//   hot record `Hot` (std::vector<Hot>, 32 B, static_assert)      cold arrays (22 B)
+//   value_sum    f64 8  sum of backed-up values                   parent  i32 4  -1 for a root
+//   first_child  i32 4  -1 until expanded (children contiguous)   payload i64 8  id into the Python step store
+//   visits       i32 4  completed backups through the node        tree    i32 4  tree index (add_roots order)
+//   inflight     i32 4  unresolved select() descents through it;  reward  f32 4  step reward given at expansion
+//                       returns to 0 after backup/cancel          depth   i16 2  root = 0
+//   prior        f32 4  given at expansion (not normalised)
+//   init_value   f32 4  initial value estimate, NaN = none
+//   num_children u16 2  <= 65535 (checked)
+//   flags        u8  1  kTerminal | kExpanded | kPrunedExpand | kPrunedSubtree | kExhausted; bits are only
+//                       ever set, never cleared (states only move forward) until reset()
+//   pad          u8  1
 //
 // Semantics
 // * A node is exhausted when it is terminal, or pruned, or expanded and every child is exhausted
@@ -95,10 +98,23 @@ struct Config {
   bool prune_relative = false;
 };
 
-constexpr int kHotBytes = sizeof(double) + 5 * sizeof(int32_t) + 2 * sizeof(float) + sizeof(uint8_t);
-static_assert(kHotBytes <= 64, "hot node record must stay within one 64-byte cache line");
-constexpr int kBytesPerNode = kHotBytes + sizeof(int64_t) + sizeof(int32_t) + sizeof(float) + sizeof(int16_t);
+struct Hot {
+  double value_sum;
+  int32_t first_child;
+  int32_t visits;
+  int32_t inflight;
+  float prior;
+  float init_value;
+  uint16_t num_children;
+  uint8_t flags;
+  uint8_t pad;
+};
+constexpr int kHotBytes = static_cast<int>(sizeof(Hot));
+static_assert(sizeof(Hot) == 32, "hot node record must stay 32 bytes (two per 64-byte cache line)");
+constexpr int kBytesPerNode =
+    kHotBytes + static_cast<int>(sizeof(int32_t) + sizeof(int64_t) + sizeof(int32_t) + sizeof(float) + sizeof(int16_t));
 static_assert(kBytesPerNode <= 64, "node record (hot + cold) must stay within 64 bytes");
+constexpr int32_t kMaxChildren = 65535;
 
 struct Stats {
   int64_t nodes = 0, trees = 0, expanded = 0, terminal = 0, pruned_at_expansion = 0;
@@ -154,16 +170,9 @@ class Forest {
   // One tree's node ids, ascending (= creation order; parents before children).
   std::vector<int32_t> tree_nodes(int32_t root);
 
-  // Raw SoA storage for zero-copy snapshots (invalid after the next growth or reset).
+  // Raw storage for zero-copy snapshots (invalid after the next growth or reset).
+  const std::vector<Hot>& hot() const { return hot_; }
   const std::vector<int32_t>& parent() const { return parent_; }
-  const std::vector<int32_t>& first_child() const { return first_child_; }
-  const std::vector<int32_t>& num_children() const { return num_children_; }
-  const std::vector<int32_t>& visits() const { return visits_; }
-  const std::vector<int32_t>& inflight() const { return inflight_; }
-  const std::vector<double>& value_sum() const { return value_sum_; }
-  const std::vector<float>& prior() const { return prior_; }
-  const std::vector<float>& init_value() const { return init_value_; }
-  const std::vector<uint8_t>& flags() const { return flags_; }
   const std::vector<int64_t>& payload() const { return payload_; }
   const std::vector<int32_t>& tree() const { return tree_; }
   const std::vector<float>& reward() const { return reward_; }
@@ -172,6 +181,7 @@ class Forest {
   const std::vector<int64_t>& tree_collisions() const { return tree_collisions_; }
 
  private:
+  void reserve_locked(size_t n);
   void check_node(int32_t id, const char* arg, int64_t i) const;
   void check_root(int32_t id, const char* arg, int64_t i) const;
   int32_t new_node(int32_t parent, int64_t payload, float prior, float reward, float value, int32_t tree,
@@ -179,8 +189,7 @@ class Forest {
   void mark_exhausted(int32_t n);
   double mean_or_init(int32_t n) const;
   double node_value(int32_t n) const;
-  int32_t pick_child(int32_t n);
-  bool descend(int32_t root, std::vector<int32_t>& path);
+  int32_t pick_child(int32_t n, int32_t t);
   void release(const int32_t* leaves, int64_t m, const char* arg);
   void apply_pruning(int32_t first, int32_t count);
   void collect(int32_t root, std::vector<int32_t>& out, bool skip_pruned) const;
@@ -189,10 +198,8 @@ class Forest {
   Config cfg_;
   std::mutex mu_;
   // per node
-  std::vector<double> value_sum_;
-  std::vector<int32_t> parent_, first_child_, num_children_, visits_, inflight_;
-  std::vector<float> prior_, init_value_;
-  std::vector<uint8_t> flags_;
+  std::vector<Hot> hot_;
+  std::vector<int32_t> parent_;
   std::vector<int64_t> payload_;
   std::vector<int32_t> tree_;
   std::vector<float> reward_;
@@ -201,10 +208,11 @@ class Forest {
   std::vector<int32_t> roots_;
   std::vector<double> qmin_, qmax_;
   std::vector<int64_t> tree_collisions_;
+  std::vector<uint32_t> tree_mark_;  // duplicate-root check in select()
+  uint32_t select_epoch_ = 0;
   int64_t pruned_subtrees_ = 0;
   // scratch
   std::vector<int32_t> scratch_;
-  std::vector<int32_t> path_;
 };
 
 }  // namespace sphere

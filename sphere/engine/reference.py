@@ -23,8 +23,8 @@ from ._common import (
 
 _INF = math.inf
 _I32_MAX = 2**31 - 1
-BYTES_PER_NODE = 55  # the C++ layout (csrc/forest.hpp); the Python lists use far more
-HOT_BYTES_PER_NODE = 37
+BYTES_PER_NODE = 54  # the C++ layout (csrc/forest.hpp); the Python lists use far more
+HOT_BYTES_PER_NODE = 32
 
 
 def _f32(x: float) -> float:
@@ -220,6 +220,11 @@ class PyCore:
         rl = roots.tolist()
         for i, r in enumerate(rl):
             self._check_root(r, "roots", i)
+        seen = set()
+        for i, r in enumerate(rl):
+            if r in seen:
+                raise ValueError(f"roots[{i}]={r} appears more than once")
+            seen.add(r)
         tree_idx: list[int] = []
         leaves: list[int] = []
         coll = np.zeros(len(rl), np.int32)
@@ -304,8 +309,8 @@ class PyCore:
                 raise ValueError(f"leaves[{i}]={n} is already expanded")
             if self.flags[n] & TERMINAL:
                 raise ValueError(f"leaves[{i}]={n} is terminal; it cannot be expanded")
-            if cl[i] < 0:
-                raise ValueError(f"counts[{i}]={cl[i]} must be >= 0")
+            if not 0 <= cl[i] <= 65535:
+                raise ValueError(f"counts[{i}]={cl[i]} must be in [0, 65535]")
             total += cl[i]
         if total != c:
             raise ValueError(f"counts sum to {total} but the per-child arrays (priors, payloads, rewards, values, "
@@ -561,7 +566,7 @@ class PyCore:
         return {
             "parent": np.array(self.parent, np.int32),
             "first_child": np.array(self.first_child, np.int32),
-            "num_children": np.array(self.num_children, np.int32),
+            "num_children": np.array(self.num_children, np.uint16),
             "visits": np.array(self.visits, np.int32),
             "inflight": np.array(self.inflight, np.int32),
             "value_sum": np.array(self.value_sum, np.float64),
