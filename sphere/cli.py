@@ -26,6 +26,7 @@ HYDRA_COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("generate",): ("generate", "sphere.generate.run:main"),
     ("run",): ("run", "sphere.pipeline:main"),
     ("eval",): ("eval", "sphere.evaluation.harness:main"),
+    ("train",): ("train", "sphere.train.dpo:main"),
 }
 
 # command words -> "module:function" taking argv (non-Hydra commands).
