@@ -6,7 +6,8 @@
 The mix is built from the real MATH-500 and GSM8K test reference solutions (model-like completions):
 - ``same``: a solution against its own gold (mostly decided by the cheap parent-side comparison);
 - ``equivalent``: the solution with its boxed / #### answer rewritten to an equal but different form
-  (``n`` -> ``(n-1)+1``, ``a`` -> ``1\\cdot(a)``), which only math-verify can confirm;
+  (integers ``n`` -> ``(n-1)+1`` or ``\\frac{2n}{2}``, decided by the exact arithmetic fast path; other
+  scalars ``a`` -> ``1\\cdot(a)``, which only math-verify can confirm);
 - ``other``: the solution against another problem's (different) gold.
 Timed twice: with the parent fast path (production) and with every check sent to the workers. Then each
 pathological input is checked; a "hang" is a call that took longer than timeout + restart margin.
@@ -16,6 +17,7 @@ Prints a table and, last, one JSON object; result.json lands in the Hydra run di
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 import time
@@ -33,9 +35,9 @@ def _rewrite_equivalent(solution: str, gold: str) -> str | None:
     """The solution with its final answer replaced by an equal expression of a different form."""
     g = gold.strip()
     if re.fullmatch(r"-?\d+", g):
-        alt = f"({int(g) - 1})+1"
-    elif len(g) < 200:
-        alt = f"1\\cdot ({g})"
+        alt = f"({int(g) - 1})+1" if int(g) % 2 else f"\\frac{{{2 * int(g)}}}{{2}}"
+    elif len(g) < 200 and not re.search(r"[,=]|\\text|\\in|\\begin|\\cup|^[(\[]", g):
+        alt = f"1\\cdot ({g})"  # scalars only: "1*(a, b)" or "1*(y = x)" would not be equal
     else:
         return None
     i = solution.rfind("\\boxed{")
@@ -72,12 +74,29 @@ def build_mix(rows: list[dict], n: int, shares: dict, seed: int) -> list[tuple[s
     return out
 
 
-def _timed(v: Verifier, mix, batch: int, fast: bool) -> tuple[float, list[bool]]:
+def _proc_cpu_s(pids: list[int]) -> float:
+    """User+system CPU seconds of live processes (Linux /proc; 0 elsewhere)."""
+    tot = 0.0
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            tot += (int(fields[11]) + int(fields[12])) / tick
+        except (OSError, IndexError, ValueError):
+            pass
+    return tot
+
+
+def _timed(v: Verifier, mix, batch: int, fast: bool) -> tuple[float, float, list[bool]]:
+    """(wall seconds, CPU seconds of parent + workers, verdicts)."""
     got: list[bool] = []
+    pids = v.worker_pids()
+    c0 = time.process_time() + _proc_cpu_s(pids)
     t0 = time.perf_counter()
     for i in range(0, len(mix), batch):
         got += v.check_many([(c, g) for c, g, _ in mix[i : i + batch]], fast_path=fast)
-    return time.perf_counter() - t0, got
+    wall = time.perf_counter() - t0
+    return wall, time.process_time() + _proc_cpu_s(pids) - c0, got
 
 
 def bench(cfg) -> dict:
@@ -90,13 +109,17 @@ def bench(cfg) -> dict:
                   memory_limit_mb=cfg.memory_limit_mb) as v:
         v.check_many([(c, g) for c, g, _ in mix[: 4 * cfg.workers]], fast_path=False)  # start + warm up
         s0 = v.stats()
-        dt, got = _timed(v, mix, int(cfg.batch), True)
+        dt, cpu, got = _timed(v, mix, int(cfg.batch), True)
         s1 = v.stats()
         res["checks_per_s"] = round(len(mix) / dt, 1)
+        # CPU seconds per check (parent + workers): load-independent; on a shared machine the wall-clock
+        # figure above also depends on what else runs (see loadavg_1m).
+        res["checks_per_cpu_s"] = round(len(mix) / max(cpu, 1e-9), 1)
         res["fast_path_share"] = round((s1["fast_decided"] - s0["fast_decided"]) / len(mix), 3)
         res["agreement_with_expected"] = round(sum(a == b for a, b in zip(got, want)) / len(mix), 4)
-        dt2, got2 = _timed(v, mix, int(cfg.batch), False)
+        dt2, cpu2, got2 = _timed(v, mix, int(cfg.batch), False)
         res["checks_per_s_workers_only"] = round(len(mix) / dt2, 1)
+        res["checks_per_cpu_s_workers_only"] = round(len(mix) / max(cpu2, 1e-9), 1)
         res["fast_vs_workers_disagreements"] = sum(a != b for a, b in zip(got, got2))
         res["mix_timeouts"] = v.stats()["timeouts"] - s0["timeouts"]
         res["disagreements"] = [
@@ -120,6 +143,8 @@ def bench(cfg) -> dict:
         res["hangs"] = hangs
         res["timeouts"] = sp1["timeouts"]
         res["restarts"] = sp1["restarts"]
+    res["loadavg_1m"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    res["cpu_count"] = os.cpu_count()
     res["target_checks_per_s"] = 500
     res["meets_target"] = res["checks_per_s"] >= 500
     return res
@@ -134,9 +159,9 @@ def _table(res: dict) -> None:
     t = Table(title=f"sphere bench verify ({res['workers']} workers, {res['n_checks']} checks)")
     t.add_column("metric")
     t.add_column("value", justify="right")
-    for k in ("checks_per_s", "checks_per_s_workers_only", "fast_path_share", "agreement_with_expected",
+    for k in ("checks_per_s", "checks_per_cpu_s", "checks_per_s_workers_only", "checks_per_cpu_s_workers_only", "fast_path_share", "agreement_with_expected",
               "fast_vs_workers_disagreements", "mix_timeouts", "pathological_max_s", "pathological_timeouts",
-              "hangs", "timeouts", "restarts"):
+              "hangs", "timeouts", "restarts", "loadavg_1m"):
         t.add_row(k, str(res[k]))
     Console(stderr=True).print(t)
 

@@ -230,20 +230,47 @@ def parse_number(norm: str) -> tuple[Fraction, bool] | None:
     return None
 
 
+def _value(norm: str):
+    """Exact (Fraction) or approximate (float) value of a normalised arithmetic answer, else None."""
+    from sphere.verify.arith import try_evaluate
+
+    if not norm or len(norm) > 300 or not _ARITH_CHARS.fullmatch(norm):
+        return None
+    return try_evaluate(norm)
+
+
+# Characters an arithmetic answer may contain after normalisation (cheap gate before the parser).
+_ARITH_CHARS = re.compile(r"[0-9.+\-*/^(){}\[\]!a-z\\]*")
+
+
 def fast_verdict(pred: str | None, gold: str) -> bool | None:
-    """Decide cheap cases in the caller's process: True on equal normalised strings or equal numbers;
-    False on no answer or two differing exact numbers; None (ask math-verify) otherwise.
+    """Decide cheap cases in the caller's process, or return None to ask math-verify.
+
+    True: equal normalised strings, or two arithmetic answers with equal exact values (``\\frac{6}{8}`` vs
+    ``0.75``, ``2^{10}`` vs ``1024``). False: no answer; or two arithmetic answers whose values differ, when
+    no decimal literal or percent is involved (math-verify rounds decimals, so ``0.3333333`` vs ``1/3`` is
+    left to it) and, for irrational values, when they differ by more than 1e-6 relative (floats that close
+    could still be symbolically equal). So a False here is one math-verify cannot turn into a True.
 
     ``pred`` is an extracted answer (``extract_answer``), ``gold`` the reference answer."""
     if pred is None:
         return False
     np_, ng = normalize_answer(pred), normalize_answer(gold)
-    if np_ and np_ == ng:
+    if not ng:
+        return None
+    if np_ == ng:
         return True
-    a, b = parse_number(np_), parse_number(ng)
-    if a is not None and b is not None:
-        if a[0] == b[0]:
-            return True
-        if a[1] and b[1] and "%" not in pred and "%" not in gold:
-            return False
+    a, b = _value(np_), _value(ng)
+    if a is None or b is None:
+        return None
+    exact = isinstance(a, Fraction) and isinstance(b, Fraction)
+    if exact and a == b:
+        return True
+    if "." in np_ or "." in ng or "%" in pred or "%" in gold:
+        return None
+    if exact:
+        return False
+    fa, fb = float(a), float(b)
+    if abs(fa - fb) > 1e-6 * max(1.0, abs(fa), abs(fb)):
+        return False
     return None

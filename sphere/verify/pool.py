@@ -181,6 +181,10 @@ class Verifier:
             for k, v in kw.items():
                 self._stats[k] += v
 
+    def worker_pids(self) -> list[int]:
+        with self._lock:
+            return [p.proc.pid for p in self._all]
+
     def stats(self) -> dict:
         with self._lock:
             return dict(self._stats, workers=self.workers, timeout_s=self.timeout_s)
@@ -261,8 +265,9 @@ class Verifier:
                 items.append((pred, gold))
         self._count(checks=n, fast_decided=n_fast, worker_checks=len(items))
         if items:
-            # Enough chunks to keep every worker busy, each at most chunk_size long.
-            k = max(1, min(self.chunk_size, math.ceil(len(items) / self.workers)))
+            # ~4 chunks per worker (at most chunk_size long): a free worker takes the next chunk, so one slow
+            # item holds up only its own small chunk, while IPC is still amortised over several items.
+            k = max(1, min(self.chunk_size, math.ceil(len(items) / (4 * self.workers))))
             chunks = [items[j : j + k] for j in range(0, len(items), k)]
             futs = [self._pool.submit(self._run_chunk, c, timeout_s) for c in chunks]
             verdicts = [v for f in futs for v in f.result()]
