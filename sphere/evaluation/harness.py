@@ -353,7 +353,12 @@ def main(cfg) -> float:
     from hydra.core.hydra_config import HydraConfig
 
     out_dir = Path(HydraConfig.get().runtime.output_dir)
-    results = evaluate(cfg, out_dir)
+    if str(getattr(cfg.get("runner"), "name", "local")) == "ray":  # Ray actors (sphere/scale/ray_runner.py)
+        from sphere.scale.ray_runner import evaluate as evaluate_ray
+
+        results = evaluate_ray(cfg, out_dir)
+    else:
+        results = evaluate(cfg, out_dir)
     print((out_dir / "eval" / "results.md").read_text(encoding="utf-8"))
     accs = [v["accuracy"] for k, v in results.items() if k not in RESERVED_KEYS]
     line = {k: round(v["accuracy"], 4) for k, v in results.items() if k not in RESERVED_KEYS}

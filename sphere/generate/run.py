@@ -477,6 +477,10 @@ def main(cfg: DictConfig) -> float:
     from sphere.verify import check_answers
 
     out = Path(HydraConfig.get().runtime.output_dir)
+    if OmegaConf.select(cfg, "runner.name", default="local") == "ray":  # Ray actors (sphere/scale)
+        from sphere.scale.ray_runner import main_generate
+
+        return main_generate(cfg, out)
     validate_generate_config(cfg)
     problems = load_problems(cfg.data, int(cfg.seed))
     if not problems:

@@ -1,0 +1,218 @@
+"""`runner=ray`: generation and evaluation on a local 2-CPU Ray cluster against the single-process path.
+
+One Ray cluster (2 CPUs, 200 MB object store, no dashboard) serves the whole module; the tiny test model
+(sphere/testing/tiny.py, transformers backend) and the symbolic scorer keep each run to seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import ray  # the `scale` extra (scripts/setup.sh installs it): a missing ray fails here, never skips
+from omegaconf import OmegaConf
+
+from sphere.io import read_jsonl_tolerant
+from sphere.scale import ray_runner
+
+pytestmark = [pytest.mark.ray]
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+N_PROBLEMS = 16
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from sphere.testing.tiny import tiny_model_path
+
+    return str(tiny_model_path())
+
+
+@pytest.fixture(scope="module")
+def problems_file(tmp_path_factory):
+    """Problems of the tiny model's own arithmetic world, so every route (pair / both right / both wrong)
+    occurs."""
+    from sphere.testing.tiny import arithmetic_problem
+
+    rng = random.Random(11)
+    path = tmp_path_factory.mktemp("data") / "problems.jsonl"
+    with open(path, "w") as f:
+        for i in range(N_PROBLEMS):
+            problem, _, answer, _ = arithmetic_problem(rng)
+            f.write(json.dumps({"id": f"t{i:02d}", "problem": problem, "answer": answer}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A local cluster shared by the module; ``RayCluster`` reuses it (and does not shut it down)."""
+    rcfg = OmegaConf.load(CONF / "runner" / "ray.yaml")
+    ray.init(address="local", num_cpus=2, object_store_memory=200 * 2**20, include_dashboard=False,
+             runtime_env=ray_runner.runtime_env(rcfg), log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def compose(name: str, out: Path, overrides: list[str]):
+    """The config ``sphere <name> hydra.run.dir=out overrides`` composes, with Hydra's runtime set so
+    ``${hydra:...}`` resolves and ``main(cfg)`` finds its output directory."""
+    from hydra import compose as hcompose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = hcompose(name, overrides=[*overrides, f"hydra.run.dir={out}"], return_hydra_config=True)
+    cfg.hydra.runtime.output_dir = str(out)
+    cfg.hydra.runtime.cwd = str(Path.cwd())
+    HydraConfig.instance().set_config(cfg)
+    return cfg
+
+
+def gen_overrides(tiny: str, problems_file: Path, *extra: str) -> list[str]:
+    return [f"model.policy={tiny}", f"model.small={tiny}", "backend=transformers", "backend.device=cpu",
+            "backend.batch_size=32", "prompt=mini", "scorer=symbolic", f"data.problems={problems_file}",
+            "search.expansions=3", "search.max_depth=4", "search.max_step_tokens=24", "search.batch_leaves=16",
+            "output.snapshot_every=8", "logger=none", *extra]
+
+
+def ray_overrides(workers: int = 2, chunk: int = 4) -> list[str]:
+    return ["runner=ray", f"runner.workers={workers}", f"runner.chunk_size={chunk}", "runner.eval_chunk_size=4",
+            "runner.progress_poll_s=0.5", "runner.log_to_driver=false"]
+
+
+def stage_ids(out: Path) -> dict[int, list[str]]:
+    return {s: [r["problem_id"] for r in read_jsonl_tolerant(out / "stages" / f"stage{s}.jsonl")] for s in (1, 2, 3)}
+
+
+def assert_complete(out: Path, want: set[str], stage2: bool = True, stage3: bool = True) -> None:
+    """Every problem has its stage-1 record and the record of the stage it was routed to; no problem
+    appears twice in any stage log."""
+    ids = stage_ids(out)
+    for s, lst in ids.items():
+        dup = [k for k, c in Counter(lst).items() if c > 1]
+        assert not dup, f"stage {s}: duplicate problem ids {dup}"
+    assert set(ids[1]) == want
+    r1 = {r["problem_id"]: r for r in read_jsonl_tolerant(out / "stages" / "stage1.jsonl")}
+    assert set(ids[2]) == {p for p, r in r1.items() if r["route"] == "both_wrong"} if stage2 else set()
+    assert set(ids[3]) == {p for p, r in r1.items() if r["route"] == "both_right"} if stage3 else set()
+
+
+def noise_tol(a: int, b: int, n: int) -> float:
+    """Three standard deviations of the difference of two independent binomial counts over ``n`` problems
+    with the pooled rate, at least 1: the sampling noise of a per-stage count between two runs."""
+    p = (a + b) / (2 * n)
+    return max(1.0, 3.0 * math.sqrt(2 * n * p * (1 - p)))
+
+
+@pytest.fixture(scope="module")
+def single_run(tmp_path_factory, tiny, problems_file):
+    from sphere.generate.run import main
+
+    out = tmp_path_factory.mktemp("single")
+    main(compose("generate", out, gen_overrides(tiny, problems_file)))
+    return out
+
+
+def test_ray_generate_matches_single_process(cluster, single_run, tiny, problems_file, tmp_path):
+    from sphere.generate.run import main
+
+    out = tmp_path / "ray"
+    main(compose("generate", out, gen_overrides(tiny, problems_file, *ray_overrides())))
+    want = {f"t{i:02d}" for i in range(N_PROBLEMS)}
+    assert_complete(single_run, want)
+    assert_complete(out, want)
+    info = json.loads((out / "ray_runner.json").read_text())
+    assert info["chunks"] == N_PROBLEMS // 4 and info["retries"] == 0
+    assert sum(info["per_actor_chunks"].values()) == info["chunks"]
+    assert len(info["workers_seen"]) == 2, info["workers_seen"]  # both actors did work
+    a = json.loads((single_run / "generate_stats.json").read_text())
+    b = json.loads((out / "generate_stats.json").read_text())
+    assert set(a) <= set(b)
+    assert b["problems"] == a["problems"] == N_PROBLEMS
+    assert b["problems_done_stage1"] == N_PROBLEMS
+    for s in ("1", "2", "3"):
+        tol = noise_tol(a["pairs_per_stage"][s], b["pairs_per_stage"][s], N_PROBLEMS)
+        assert abs(a["pairs_per_stage"][s] - b["pairs_per_stage"][s]) <= tol, (s, a["pairs_per_stage"],
+                                                                                b["pairs_per_stage"])
+    for rt in set(a["routes"]) | set(b["routes"]):
+        x, y = a["routes"].get(rt, 0), b["routes"].get(rt, 0)
+        assert abs(x - y) <= noise_tol(x, y, N_PROBLEMS), (rt, a["routes"], b["routes"])
+    # the outputs are rebuilt by the single-process code: pairs.jsonl agrees with the stats
+    pairs = read_jsonl_tolerant(out / "pairs.jsonl")
+    assert len(pairs) == b["pairs_total"]
+    assert Counter(str(p["stage"]) for p in pairs) == Counter({k: v for k, v in b["pairs_per_stage"].items() if v})
+    assert b["backend_calls"] > 0 and b["search"]["policy"]["backend_calls"] > 0
+    assert len(read_jsonl_tolerant(out / "trajectories.jsonl")) > 0
+    assert sorted(p.name for p in (out / "trees").glob("*.npz"))  # snapshots came back from the actors
+
+    # a rerun in the same directory finds everything finished: no chunk, identical logs
+    before = stage_ids(out)
+    main(compose("generate", out, gen_overrides(tiny, problems_file, *ray_overrides())))
+    assert stage_ids(out) == before
+    assert json.loads((out / "ray_runner.json").read_text())["chunks"] == 0
+
+
+def test_ray_generate_actor_killed_mid_run_is_retried(cluster, tiny, problems_file, tmp_path):
+    """ray.kill one actor right after it received chunk 1: the chunk goes to another (fresh) actor; the
+    finished ids are complete and unique. Then a partial run directory resumes without duplicates."""
+    out = tmp_path / "fault"
+    killed = []
+
+    def on_dispatch(actor, chunk):
+        if chunk.id == 1 and chunk.attempts == 1:
+            killed.append(chunk.id)
+            ray.kill(actor, no_restart=True)
+
+    cfg = compose("generate", out, gen_overrides(tiny, problems_file, "data.limit=8", *ray_overrides(chunk=2)))
+    ray_runner.generate(cfg, out, on_dispatch=on_dispatch)
+    want = {f"t{i:02d}" for i in range(8)}
+    assert killed == [1]
+    assert_complete(out, want)
+    info = json.loads((out / "ray_runner.json").read_text())
+    assert info["actor_deaths"] == 1 and info["retries"] == 1 and info["retried_chunks"] == [1]
+    assert info["actors_started"] == 3
+    stats = json.loads((out / "generate_stats.json").read_text())
+    assert stats["problems_done_stage1"] == 8
+
+    # resume: drop two problems from every stage log (as if their chunk never came back)
+    drop = {"t02", "t05"}
+    for s in (1, 2, 3):
+        p = out / "stages" / f"stage{s}.jsonl"
+        keep = [r for r in read_jsonl_tolerant(p) if r["problem_id"] not in drop]
+        p.write_text("".join(json.dumps(r) + "\n" for r in keep))
+    ray_runner.generate(cfg, out)
+    assert_complete(out, want)
+    info = json.loads((out / "ray_runner.json").read_text())
+    assert info["skipped_finished"] == 6 and info["chunks"] == 1
+
+
+def test_ray_eval_matches_single_process(cluster, tiny, tmp_path):
+    from sphere.evaluation.harness import evaluate, main
+
+    ov = [f"model.policy={tiny}", "backend=transformers", "backend.device=cpu", "prompt=mini",
+          "benchmarks=[mini]", "limit=10", "sampling.max_solution_tokens=64", "progress=false"]
+    single = tmp_path / "single"
+    evaluate(compose("eval", single, ov), single)
+    out = tmp_path / "ray"
+    main(compose("eval", out, [*ov, *ray_overrides()]))
+    a = {r["id"]: r for r in read_jsonl_tolerant(single / "eval" / "mini.jsonl")}
+    recs = read_jsonl_tolerant(out / "eval" / "mini.jsonl")
+    assert len(recs) == len({r["id"] for r in recs}) == 10
+    b = {r["id"]: r for r in recs}
+    assert set(a) == set(b)
+    # greedy decoding of the same prompts: the same signature, and (batching aside) the same answers
+    assert {r["sig"] for r in recs} == {r["sig"] for r in a.values()}
+    same = sum(a[k]["extracted"] == b[k]["extracted"] for k in a)
+    assert same >= 8, f"greedy answers differ on {10 - same}/10 problems"
+    ra = json.loads((single / "eval" / "results.json").read_text())
+    rb = json.loads((out / "eval" / "results.json").read_text())
+    assert rb["mini"]["n"] == ra["mini"]["n"] == 10
+    assert abs(rb["mini"]["accuracy"] - ra["mini"]["accuracy"]) <= 0.2
+    assert rb["meta"]["runner"]["chunks"] == 3 and rb["meta"]["runner"]["workers"] == 2
+    assert (out / "eval" / "results.md").is_file()
