@@ -1,28 +1,45 @@
 """Experiment loggers: ``none`` (default) and ``wandb``.
 
-W&B mode: ``online`` only when ``WANDB_API_KEY`` is set, otherwise ``offline`` (files under the run
-directory, synced later with ``wandb sync``); ``disabled`` when asked. One run per job; a Hydra multirun
-groups its jobs by sweep directory. Metric names are namespaced by the caller (``search/``, ``gen/``,
-``train/``, ``eval/``). The API key is never logged: it is read by wandb itself from the environment and
-the resolved config we log has every key that looks like a secret redacted.
+W&B mode (``logger.mode``): ``auto`` = ``$WANDB_MODE`` when set, else ``online`` when ``WANDB_API_KEY`` is
+set, else ``offline`` (files under ``<run dir>/wandb/``, synced later with ``wandb sync``); or
+``online`` | ``offline`` | ``disabled`` explicitly. One run per job: a Hydra multirun gives one run per
+job (named ``<job>-<job number>``, with the job's overrides as run notes) grouped by its sweep directory.
+Metric names are namespaced by the caller (``search/``, ``gen/``, ``train/``, ``eval/``).
+
+The API key is never logged: wandb reads it from the environment itself, and the resolved config we
+log has every secret-looking key (``api_key``, ``token``, ``secret``, ``password``) and every value equal
+to a secret-looking environment variable replaced by ``***``. ``read_offline_run`` reads an offline run
+back (the tests use it to check what was recorded).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import struct
 from pathlib import Path
 from typing import Any
 
-_SECRET = re.compile(r"(api[_-]?key|token|secret|password)", re.I)
+_SECRET = re.compile(r"(api[_-]?key|token|secret|password|passwd|credential)", re.I)
+MODES = ("auto", "online", "offline", "disabled")
 
 
-def redact(obj: Any) -> Any:
-    """A copy of a config dict with secret-looking keys replaced by '***'."""
+def _secret_env_values() -> set[str]:
+    """Values of environment variables whose names look secret (WANDB_API_KEY, HF_TOKEN, ...)."""
+    return {v for k, v in os.environ.items() if _SECRET.search(k) and len(v) >= 8}
+
+
+def redact(obj: Any, _secrets: set[str] | None = None) -> Any:
+    """A copy of a config dict with secret-looking keys, and values equal to (or containing) a secret
+    environment variable's value, replaced by '***'."""
+    secrets = _secret_env_values() if _secrets is None else _secrets
     if isinstance(obj, dict):
-        return {k: ("***" if _SECRET.search(str(k)) else redact(v)) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [redact(v) for v in obj]
+        return {k: ("***" if _SECRET.search(str(k)) else redact(v, secrets)) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [redact(v, secrets) for v in obj]
+    if isinstance(obj, str) and any(s in obj for s in secrets):
+        return "***"
     return obj
 
 
@@ -41,6 +58,43 @@ class NullLogger:
     def finish(self) -> None:
         pass
 
+    close = finish
+
+
+def resolve_mode(mode: str) -> str:
+    """``logger.mode`` -> the wandb mode actually used (see the module docstring)."""
+    mode = str(mode)
+    if mode not in MODES:
+        raise ValueError(f"config logger.mode={mode!r}: allowed {' | '.join(MODES)}")
+    if mode != "auto":
+        return mode
+    env = os.environ.get("WANDB_MODE", "").strip().lower()
+    if env:
+        if env in ("dryrun",):
+            return "offline"
+        if env not in MODES[1:]:
+            raise ValueError(f"environment WANDB_MODE={env!r} (used by logger.mode=auto): "
+                             "allowed online | offline | disabled")
+        return env
+    return "online" if os.environ.get("WANDB_API_KEY") else "offline"
+
+
+def hydra_job_identity() -> dict[str, Any]:
+    """Group / job number / overrides of the current Hydra job ({} outside Hydra)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        hc = HydraConfig.get()
+    except Exception:
+        return {}
+    out: dict[str, Any] = {"overrides": list(hc.overrides.task or [])}
+    if hc.mode is not None and str(hc.mode).endswith("MULTIRUN"):
+        sweep = Path(str(hc.sweep.dir))
+        # parent/name: `sphere sweep` writes <dir>/<block>, plain multiruns <job>/<timestamp>
+        out["group"] = f"{sweep.parent.name}/{sweep.name}" if sweep.parent.name else sweep.name
+        out["num"] = int(hc.job.num)
+    return out
+
 
 class WandbLogger:
     name = "wandb"
@@ -48,26 +102,22 @@ class WandbLogger:
     def __init__(self, cfg_logger: Any, run_dir: Path, config: dict, job_name: str):
         import wandb
 
-        mode = str(cfg_logger.get("mode", "auto"))
-        if mode == "auto":
-            mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
-        if mode not in ("online", "offline", "disabled"):
-            raise ValueError(f"config logger.mode={mode!r}: allowed auto | online | offline | disabled")
-        group = cfg_logger.get("group") or None
-        try:
-            from hydra.core.hydra_config import HydraConfig
-
-            hc = HydraConfig.get()
-            if group is None and hc.mode is not None and str(hc.mode).endswith("MULTIRUN"):
-                group = Path(hc.sweep.dir).name
-        except Exception:
-            pass
+        mode = resolve_mode(cfg_logger.get("mode", "auto"))
+        ident = hydra_job_identity()
+        group = cfg_logger.get("group") or ident.get("group")
+        name = str(cfg_logger.get("name_prefix", "") or "") + job_name
+        if "num" in ident:
+            name += f"-{ident['num']}"
+        notes = " ".join(redact(ident.get("overrides") or [])) or None
         self._wandb = wandb
+        self.mode = mode
+        run_dir.mkdir(parents=True, exist_ok=True)
         self.run = wandb.init(
             project=str(cfg_logger.get("project", "sphere")),
             entity=cfg_logger.get("entity") or None,
-            name=cfg_logger.get("name_prefix", "") + job_name,
+            name=name,
             group=group,
+            notes=notes,
             dir=str(run_dir),
             mode=mode,
             config=redact(config),
@@ -79,15 +129,24 @@ class WandbLogger:
         self.run.log(metrics, step=step)
 
     def log_table(self, key: str, columns: list[str], rows: list[list[Any]]) -> None:
-        self.run.log({key: self._wandb.Table(columns=columns, data=rows)})
+        self.run.log({key: self._wandb.Table(columns=list(columns), data=[list(r) for r in rows])})
 
     def log_artifact(self, path: str | os.PathLike, name: str, type_: str) -> None:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"log_artifact: {path} is not a file")
         art = self._wandb.Artifact(name=re.sub(r"[^A-Za-z0-9_.-]", "-", name), type=type_)
         art.add_file(str(path))
         self.run.log_artifact(art)
 
     def finish(self) -> None:
         self.run.finish()
+        # wandb-core writes the offline transaction log asynchronously and may still be flushing when
+        # finish() returns; tearing the service down waits for it, so the run's files are complete when
+        # the job ends (a later job in the same process starts a fresh service).
+        if self.mode != "disabled":
+            self._wandb.teardown()
+
+    close = finish
 
 
 def make_logger(cfg: Any, run_dir: str | os.PathLike, job_name: str) -> NullLogger | WandbLogger:
@@ -99,6 +158,101 @@ def make_logger(cfg: Any, run_dir: str | os.PathLike, job_name: str) -> NullLogg
     if name == "wandb":
         from omegaconf import OmegaConf
 
-        config = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
+        try:
+            config = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
+        except Exception:  # an interpolation that needs a live Hydra app (outside `sphere <cmd>`)
+            config = OmegaConf.to_container(cfg, resolve=False)
         return WandbLogger(lcfg, Path(run_dir), config, job_name)
     raise ValueError(f"config logger.name={name!r}: allowed none | wandb")
+
+
+# ------------------------------------------------------------------------------------ reading runs back
+def _wandb_log_records(path: Path):
+    """Raw record payloads of a ``run-<id>.wandb`` transaction log (LevelDB log format: 32 KiB blocks of
+    7-byte-headed chunks FULL/FIRST/MIDDLE/LAST, after a 7-byte ``:W&B`` file header)."""
+    data = path.read_bytes()
+    if data[:4] != b":W&B":
+        raise ValueError(f"{path}: not a W&B transaction log (no ':W&B' header)")
+    block, pos, buf = 32768, 7, b""
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        if left < 7:  # block trailer padding
+            pos += left
+            continue
+        _crc, length, kind = struct.unpack_from("<IHB", data, pos)
+        pos += 7
+        chunk = data[pos:pos + length]
+        pos += length
+        if kind == 0 and length == 0:  # zero padding at the end of a block
+            pos += block - pos % block if pos % block else 0
+            continue
+        if kind == 1:
+            yield chunk
+        elif kind == 2:
+            buf = chunk
+        elif kind == 3:
+            buf += chunk
+        elif kind == 4:
+            yield buf + chunk
+            buf = b""
+        else:
+            raise ValueError(f"{path}: unknown chunk type {kind} at byte {pos - length - 7}")
+
+
+def read_offline_run(run_dir: str | os.PathLike) -> dict[str, Any]:
+    """What an offline W&B run recorded: ``{"dir", "run" (name/group/notes/project), "config" (key -> value),
+    "history" (list of step dicts), "summary", "artifacts" (list of {name, type, files}), "tables"
+    (key -> {"columns", "data"})}``. ``run_dir`` is a job directory (holding ``wandb/``) or an
+    ``offline-run-*`` directory; the latest run is read."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    d = Path(run_dir)
+    if not d.name.startswith("offline-run-"):
+        runs = sorted((d / "wandb").glob("offline-run-*")) if (d / "wandb").is_dir() else sorted(d.glob("offline-run-*"))
+        if not runs:
+            raise FileNotFoundError(f"{run_dir}: no wandb/offline-run-* directory")
+        d = runs[-1]
+    logs = sorted(d.glob("run-*.wandb"))
+    if not logs:
+        raise FileNotFoundError(f"{d}: no run-*.wandb transaction log")
+    out: dict[str, Any] = {"dir": str(d), "run": {}, "config": {}, "history": [], "summary": {},
+                           "artifacts": [], "tables": {}}
+
+    def put(dst: dict, item) -> None:  # nested_key = path into nested dicts (tables are logged as dicts)
+        keys = list(item.nested_key) or [item.key]
+        for k in keys[:-1]:
+            dst = dst.setdefault(k, {})
+        dst[keys[-1]] = json.loads(item.value_json)
+
+    def items(its) -> dict:
+        d: dict = {}
+        for it in its:
+            put(d, it)
+        return d
+
+    for raw in _wandb_log_records(logs[0]):
+        rec = pb.Record()
+        rec.ParseFromString(raw)
+        kind = rec.WhichOneof("record_type")
+        if kind == "run":
+            r = rec.run
+            out["run"] = {"name": r.display_name, "group": r.run_group, "notes": r.notes, "project": r.project,
+                          "id": r.run_id}
+            out["config"].update(items(r.config.update))
+        elif kind == "config":
+            out["config"].update(items(rec.config.update))
+        elif kind == "history":
+            out["history"].append(items(rec.history.item))
+        elif kind == "summary":
+            out["summary"].update(items(rec.summary.update))
+        elif kind == "artifact":
+            a = rec.artifact
+            out["artifacts"].append({"name": a.name, "type": a.type,
+                                     "files": [e.path for e in a.manifest.contents]})
+    for row in out["history"]:
+        for k, v in row.items():
+            if isinstance(v, dict) and v.get("_type") == "table-file" and v.get("path"):
+                p = d / "files" / v["path"]
+                if p.is_file():
+                    out["tables"][k] = json.loads(p.read_text())
+    return out
