@@ -314,6 +314,7 @@ def evaluate(cfg, out_dir: str | Path, backend=None) -> dict:
     backend_name = OmegaConf.select(cfg, "backend.name", default=None)
     own = backend is None
     family_cfg = None
+    extra: dict = {}
     model_name = str(OmegaConf.select(cfg, "model.policy", default=""))
     if backend is None and backend_name == "replay":
         from sphere.backends.replay import make_replay_backend
@@ -324,7 +325,9 @@ def evaluate(cfg, out_dir: str | Path, backend=None) -> dict:
         from sphere.backends import make_backend
         from sphere.models import resolve_model
 
-        backend = make_backend(cfg, resolve_model(model_name, cfg))
+        model_path = resolve_model(model_name, cfg)
+        extra["model_path"] = str(model_path)
+        backend = make_backend(cfg, model_path)
     if not hasattr(backend, "complete_records"):
         from sphere.prompts import family_config
 
@@ -341,6 +344,7 @@ def evaluate(cfg, out_dir: str | Path, backend=None) -> dict:
             model_name=model_name,
             reference_path=cfg.get("reference_results"),
             progress=cfg.get("progress"),
+            extra_meta=extra,
         )
     finally:
         if own:
