@@ -54,13 +54,19 @@ def validate_family(fam: Mapping[str, Any], where: str = "prompt") -> dict:
 
 
 def family_config(cfg) -> dict:
-    """The prompt family of a composed config: ``cfg.prompt`` (conf/prompt/<family>.yaml)."""
+    """The prompt family of a composed config.
+
+    ``cfg.prompt`` (conf/prompt/<name>.yaml, with any command-line overrides) when its ``name`` equals
+    ``cfg.model.family``; otherwise ``model.family`` wins and conf/prompt/<model.family>.yaml is loaded, so
+    ``model=qwen2_5_7b`` alone picks the Qwen prompts (override fields with ``prompt=qwen2_5 prompt.x=...``).
+    """
     from omegaconf import OmegaConf
 
+    model = cfg.get("model") if hasattr(cfg, "get") else None
+    family = model.get("family") if model is not None else None
     node = cfg.get("prompt") if hasattr(cfg, "get") else None
-    if node is None:
-        fam_name = (cfg.get("model") or {}).get("family", "mini") if hasattr(cfg, "get") else "mini"
-        return load_family(fam_name)
+    if node is None or (family and node.get("name") != family):
+        return load_family(family or "mini")
     data = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else dict(node)
     return validate_family(data, "cfg.prompt")
 

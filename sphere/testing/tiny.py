@@ -9,8 +9,9 @@
   (``Qwen2ForProcessRewardModel``: Qwen2 body + ``score = Linear(h,h), ReLU, Linear(h,2)``; a reward token
   ``<extra_0>`` after each step; positive-class probability). vLLM serves this architecture natively
   (pooling runner, token_classify); transformers has no class for it, so ``sphere.rewards.prm`` assembles
-  it from ``Qwen2Model`` and the same weights. It is trained briefly to tell correct arithmetic steps from
-  wrong ones, so its scores carry signal.
+  it from ``Qwen2Model`` and the same weights. It gets a few training steps on correct vs corrupted
+  arithmetic steps so its head is not at initialisation; it is far too small to judge arithmetic, and the
+  tests only rely on its shape (one score per step, prefix consistency, engine agreement).
 - ``tiny_model_path()`` / ``tiny_prm_path()``: the same, cached under ``$SPHERE_CACHE_DIR/testing`` (or
   ``~/.cache/sphere/testing``) in a directory keyed by a hash of the recipe; builds are atomic
   (temp dir + rename), so parallel test sessions never see half a model.
@@ -48,7 +49,7 @@ POLICY_RECIPE = dict(
     lr=3e-3, seq_len=128,
 )
 PRM_RECIPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-                  num_key_value_heads=2, train_steps=150, batch_size=24, lr=3e-3)
+                  num_key_value_heads=2, train_steps=40, batch_size=16, lr=3e-3)
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -198,7 +199,7 @@ def prm_text(tokenizer, problem: str, steps: list[str], system: str = "") -> str
 
 def build_tiny_prm(out_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike, seed: int = 0,
                    train_steps: int | None = None) -> Path:
-    """A Qwen2ForProcessRewardModel-shaped PRM trained briefly on correct vs corrupted arithmetic steps."""
+    """A Qwen2ForProcessRewardModel-shaped PRM, a few steps trained on correct vs corrupted arithmetic."""
     import torch
     from safetensors.torch import save_file
     from transformers import AutoTokenizer, Qwen2Config

@@ -1,0 +1,232 @@
+"""Process reward model (PRM) step scorer in the Qwen2.5-Math-PRM style, through transformers or vLLM.
+
+Input convention (Qwen2.5-Math-PRM model card): a chat with the system prompt, the problem as the user turn
+and, as the assistant turn, the steps joined by the reward token ``<extra_0>`` with one after the last step.
+The model (``Qwen2ForProcessRewardModel``) puts a 2-way classifier on every token; a step's score is the
+softmax probability of class 1 ("correct") at the reward token that follows it.
+
+- transformers has no class for this architecture (the hub repo ships remote code); ``QwenProcessRewardModel``
+  rebuilds it from the base model class of the config (``AutoModel``: Qwen2Model) plus the same ``score``
+  head (``Linear(h, h), ReLU, Linear(h, num_labels)``) and loads the checkpoint's safetensors directly, so
+  no remote code runs. Checkpoints whose architecture ends in ``ForTokenClassification`` (2 labels, e.g. a
+  Llama PRM) load through ``AutoModelForTokenClassification`` with the same scoring rule.
+- vLLM serves ``Qwen2ForProcessRewardModel`` natively with the pooling runner; ``token_classify`` returns the
+  per-token class probabilities, and the reward-token positions are picked here.
+
+``PRMScorer(cfg)`` reads ``cfg.scorer`` (conf/scorer/prm.yaml). ``score(items)`` -> one score in [0, 1] per
+step. Steps that contain the reward token have it removed (it would shift the step boundaries).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+DEFAULT_SYSTEM = "Please reason step by step, and put your final answer within \\boxed{}."
+
+
+def _torch_nn():
+    import torch.nn as nn
+
+    return nn
+
+
+class QwenProcessRewardModel(_torch_nn().Module):
+    """Qwen2.5-Math-PRM architecture in plain PyTorch: body (AutoModel of the config) + ``score`` head."""
+
+    def __init__(self, config):
+        super().__init__()
+        import torch.nn as nn
+        from transformers import AutoModel
+
+        self.config = config
+        self.model = AutoModel.from_config(config)
+        h, k = config.hidden_size, int(getattr(config, "num_labels", 2) or 2)
+        self.score = nn.Sequential(nn.Linear(h, h), nn.ReLU(), nn.Linear(h, k))
+
+    def forward(self, input_ids, attention_mask=None):
+        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return self.score(hidden)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, dtype=None) -> QwenProcessRewardModel:
+        import torch
+        from safetensors.torch import load_file
+        from transformers import AutoConfig
+
+        path = Path(path)
+        config = AutoConfig.from_pretrained(path)
+        model = cls(config)
+        index = path / "model.safetensors.index.json"
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else [
+            "model.safetensors"]
+        state: dict[str, Any] = {}
+        for f in files:
+            if not (path / f).is_file():
+                raise FileNotFoundError(f"PRM checkpoint {path}: weight file {f} missing")
+            state.update(load_file(str(path / f)))
+        state = {k: v for k, v in state.items() if not k.startswith("lm_head.")}
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.endswith("rotary_emb.inv_freq")]
+        if missing or unexpected:
+            raise ValueError(f"PRM checkpoint {path}: does not match the Qwen PRM layout "
+                             f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
+        if dtype is not None:
+            model.to(dtype)
+        return model.eval().requires_grad_(False) if isinstance(model, torch.nn.Module) else model
+
+
+class PRMScorer:
+    """Step scorer: PRM positive-class probability at the reward token after each step."""
+
+    def __init__(self, cfg: Any = None, model_path: str | Path | None = None, *, engine: str | None = None,
+                 **overrides: Any):
+        from omegaconf import OmegaConf
+
+        sc = cfg.get("scorer") if cfg is not None and hasattr(cfg, "get") else None
+        s = (OmegaConf.to_container(sc, resolve=True) if OmegaConf.is_config(sc) else dict(sc or {}))
+        s.update(overrides)
+        self.engine = engine or s.get("engine", "transformers")
+        if self.engine not in ("transformers", "vllm"):
+            raise ValueError(f"scorer.engine={self.engine!r}: allowed 'transformers' | 'vllm'")
+        if model_path is None:
+            name = s.get("model") or (cfg.model.prm if cfg is not None else None)
+            if not name:
+                raise ValueError("PRMScorer: no model (config key scorer.model or model.prm)")
+            from sphere.models import resolve_model
+
+            model_path = resolve_model(name, cfg)
+        from sphere.models import check_model_dir
+
+        self.model_path = check_model_dir(model_path, what="PRM model")
+        self.step_tag = s.get("step_tag", "<extra_0>")
+        self.system = s.get("system", DEFAULT_SYSTEM)
+        self.batch_size = int(s.get("batch_size", 16))
+        trust = bool(s.get("trust_remote_code", False))
+        from transformers import AutoConfig, AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_path, trust_remote_code=trust)
+        self.tag_id = self.tokenizer.convert_tokens_to_ids(self.step_tag)
+        if self.tag_id is None or self.tag_id == self.tokenizer.unk_token_id:
+            raise ValueError(f"PRM {self.model_path}: the tokenizer has no token {self.step_tag!r} "
+                             "(config key scorer.step_tag)")
+        hf = AutoConfig.from_pretrained(self.model_path, trust_remote_code=trust)
+        self.max_length = int(s.get("max_length") or getattr(hf, "max_position_embeddings", 4096))
+        arch = (getattr(hf, "architectures", None) or [""])[0]
+        self._llm = None
+        self._key = None
+        if self.engine == "transformers":
+            import torch
+
+            dtype = getattr(torch, s.get("dtype", "float32"))
+            device = s.get("device", "auto")
+            if device == "auto":
+                device = "cuda" if torch.cuda.is_available() else "cpu"
+            self.device = torch.device(device)
+            if arch.endswith("ForTokenClassification"):
+                from transformers import AutoModelForTokenClassification
+
+                self._model = AutoModelForTokenClassification.from_pretrained(
+                    self.model_path, dtype=dtype, trust_remote_code=trust).eval()
+                self._token_cls = True
+            else:
+                self._model = QwenProcessRewardModel.from_pretrained(self.model_path, dtype=dtype)
+                self._token_cls = False
+            self._model.to(self.device)
+        else:
+            from sphere.backends.vllm_backend import configure_cpu_env, get_engine, is_cpu_build
+
+            if is_cpu_build():
+                configure_cpu_env(s.get("cpu_kvcache_gib", 1), s.get("cpu_omp_threads_bind", "nobind"))
+            kw = dict(runner="pooling", dtype=s.get("dtype", "float32"), trust_remote_code=trust,
+                      enforce_eager=bool(s.get("enforce_eager", True)), seed=0,
+                      gpu_memory_utilization=float(s.get("gpu_memory_utilization", 0.3)))
+            for k in ("max_model_len", "block_size"):
+                if s.get(k):
+                    kw[k] = int(s[k])
+            self._llm, self._key = get_engine(str(self.model_path), **kw)
+
+    # ---------------------------------------------------------------------------------------------
+    def build_ids(self, problem: str, steps: list[str]) -> list[int]:
+        clean = [st.replace(self.step_tag, "").strip() for st in steps]
+        msgs = ([{"role": "system", "content": self.system}] if self.system else []) + [
+            {"role": "user", "content": problem},
+            {"role": "assistant", "content": self.step_tag.join(clean) + self.step_tag},
+        ]
+        if getattr(self.tokenizer, "chat_template", None):
+            text = self.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=False)
+            return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        text = f"{self.system}\n\n{problem}\n\n{msgs[-1]['content']}"
+        return list(self.tokenizer(text)["input_ids"])
+
+    def score(self, items: list[tuple[str, list[str]]]) -> list[list[float]]:
+        """One score in [0, 1] per step of each (problem, steps)."""
+        rows = []
+        for i, (problem, steps) in enumerate(items):
+            ids = self.build_ids(problem, list(steps)) if steps else []
+            if len(ids) > self.max_length:
+                raise ValueError(f"PRM {self.model_path}: item {i} has {len(ids)} tokens > max_length "
+                                 f"{self.max_length} (config key scorer.max_length)")
+            rows.append(ids)
+        out: list[list[float] | None] = [None] * len(rows)
+        todo = [i for i, r in enumerate(rows) if r]
+        for i, r in enumerate(rows):
+            if not r:
+                out[i] = []
+        probs = self._probs_vllm([rows[i] for i in todo]) if self.engine == "vllm" else \
+            self._probs_hf([rows[i] for i in todo])
+        for i, p in zip(todo, probs):
+            n_steps = len(items[i][1])
+            if len(p) != n_steps:
+                raise RuntimeError(f"PRM {self.model_path}: item {i}: {len(p)} reward tokens for {n_steps} steps")
+            out[i] = [min(1.0, max(0.0, float(x))) for x in p]
+        return out  # type: ignore[return-value]
+
+    def _probs_hf(self, rows: list[list[int]]) -> list[list[float]]:
+        import torch
+
+        res = []
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        for s in range(0, len(rows), self.batch_size):
+            chunk = rows[s: s + self.batch_size]
+            width = max(map(len, chunk))
+            x = torch.full((len(chunk), width), pad, dtype=torch.long)
+            m = torch.zeros_like(x)
+            for i, r in enumerate(chunk):  # right padding
+                x[i, : len(r)] = torch.tensor(r)
+                m[i, : len(r)] = 1
+            with torch.inference_mode():
+                x, m = x.to(self.device), m.to(self.device)
+                logits = self._model(input_ids=x, attention_mask=m)
+                logits = logits.logits if hasattr(logits, "logits") else logits
+                p = torch.softmax(logits.float(), dim=-1)[..., 1].cpu()
+            for i, r in enumerate(chunk):
+                pos = [j for j, t in enumerate(r) if t == self.tag_id]
+                res.append(p[i, pos].tolist())
+        return res
+
+    def _probs_vllm(self, rows: list[list[int]]) -> list[list[float]]:
+        from vllm.inputs import TokensPrompt
+
+        outs = self._llm.encode([TokensPrompt(prompt_token_ids=r) for r in rows], pooling_task="token_classify",
+                                use_tqdm=False)
+        res = []
+        for r, o in zip(rows, outs):
+            data = o.outputs.data  # [num_tokens, num_labels], softmax probabilities
+            pos = [j for j, t in enumerate(r) if t == self.tag_id]
+            if data.shape[0] == len(r):
+                res.append([float(data[j, 1]) for j in pos])
+            elif data.shape[0] == len(pos):  # STEP pooling already selected the reward tokens
+                res.append([float(v) for v in data[:, 1]])
+            else:
+                raise RuntimeError(f"PRM {self.model_path}: vLLM returned {tuple(data.shape)} for "
+                                   f"{len(r)} tokens / {len(pos)} reward tokens")
+        return res
+
+    def close(self) -> None:
+        if self._key is not None:
+            from sphere.backends.vllm_backend import release_engine
+
+            release_engine(self._key)
+            self._key = self._llm = None
