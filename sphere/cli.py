@@ -27,6 +27,7 @@ HYDRA_COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("run",): ("run", "sphere.pipeline:main"),
     ("eval",): ("eval", "sphere.evaluation.harness:main"),
     ("train",): ("train", "sphere.train.dpo:main"),
+    ("pretrain-mini",): ("pretrain_mini", "sphere.mini.pretrain:main"),
 }
 
 # command words -> "module:function" taking argv (non-Hydra commands).
