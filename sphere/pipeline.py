@@ -26,14 +26,16 @@ from omegaconf import DictConfig, OmegaConf
 from sphere.io import atomic_write_json, atomic_write_text
 
 
-def _eval_round(cfg: DictConfig, backend: Any, rdir: Path, policy: str, logger: Any, r: int) -> dict:
+def _eval_round(cfg: DictConfig, backend: Any, rdir: Path, policy: str, logger: Any, r: int,
+                family: dict | None = None) -> dict:
     from sphere.evaluation.harness import run_eval, settings_from_config
     from sphere.prompts import family_config
 
     ecfg = OmegaConf.merge(OmegaConf.create({"sampling": OmegaConf.to_container(cfg.sampling, resolve=True),
                                              "seed": int(cfg.seed)}), cfg.eval)
     res = run_eval(backend, list(cfg.eval.benchmarks), rdir, data_dir=cfg.paths.data_dir,
-                   limit=cfg.eval.limit, settings=settings_from_config(ecfg), family_cfg=family_config(cfg),
+                   limit=cfg.eval.limit, settings=settings_from_config(ecfg),
+                   family_cfg=family or family_config(cfg),
                    model_name=policy, progress=cfg.eval.get("progress"))
     if logger is not None:
         logger.log({f"eval/{k}/accuracy": v["accuracy"] for k, v in res.items() if k != "meta"}, step=r)
@@ -77,7 +79,8 @@ def plan(cfg: DictConfig) -> dict:
     n = count_problems(cfg.data, int(cfg.seed))
     est = estimate_backend_calls(n, cfg.search)
     return {
-        "models": {"policy": str(cfg.model.policy), "small": str(cfg.model.small), "prm": str(cfg.model.prm)},
+        "models": {"policy": str(cfg.model.policy), "small": str(cfg.model.small), "prm": str(cfg.model.prm),
+                   "train_target": cfg.model.get("train_target")},
         "backend": str(cfg.backend.name),
         "prompt_family": str(cfg.prompt.name),
         "rounds": int(cfg.rounds),
@@ -100,6 +103,8 @@ def plan(cfg: DictConfig) -> dict:
 def validate_run_config(cfg: DictConfig) -> None:
     if int(cfg.rounds) < 0:
         raise ValueError(f"config rounds={cfg.rounds}: allowed an integer >= 0")
+    if cfg.model.get("train_target") and int(cfg.rounds) != 1:
+        raise ValueError(f"config rounds={cfg.rounds}: a transfer run (model.train_target set) has exactly 1 round")
     if not list(cfg.eval.benchmarks):
         raise ValueError("config eval.benchmarks is empty: list at least one benchmark")
 
@@ -115,6 +120,9 @@ def run(cfg: DictConfig, out: Path) -> dict:
     from sphere.verify import check_answers
 
     validate_run_config(cfg)
+    target_name = cfg.model.get("train_target")
+    if target_name:
+        return run_transfer(cfg, out, str(target_name))
     logger = make_logger(cfg, out, "run")
     summary_path = out / "summary.json"
     rounds: list[dict] = []
@@ -175,6 +183,60 @@ def run(cfg: DictConfig, out: Path) -> dict:
         if logger is not None:
             logger.log_artifact(summary_path, "summary", "results")
         return json.loads(summary_path.read_text())
+    finally:
+        logger.finish()
+
+
+def run_transfer(cfg: DictConfig, out: Path, target_name: str) -> dict:
+    """Transfer (the paper's Table 4 setting): the policy generates pairs once; ``model.train_target`` is
+    evaluated before and after DPO on them. Round 0 and round 1 are the target's numbers."""
+    from sphere.backends import make_backend
+    from sphere.generate.run import Generator, load_problems
+    from sphere.loggers import make_logger
+    from sphere.models import resolve_model
+    from sphere.prompts import load_family
+    from sphere.rewards import make_scorer
+    from sphere.train.dpo import train_dpo
+    from sphere.verify import check_answers
+
+    logger = make_logger(cfg, out, "run")
+    try:
+        fam_name = cfg.model.get("train_target_family")
+        fam = load_family(str(fam_name)) if fam_name else None
+        policy = str(resolve_model(str(cfg.model.policy), cfg))
+        target = str(resolve_model(target_name, cfg))
+        small = str(resolve_model(str(cfg.model.small), cfg)) if cfg.stages.stage3 else None
+        rounds: list[dict] = []
+        t0 = time.perf_counter()
+        tb = make_backend(cfg, target)
+        try:
+            rounds.append({"round": 0, "policy": target,
+                           "eval": _eval_round(cfg, tb, out / "round_0", target, logger, 0, fam)})
+        finally:
+            tb.close()
+        rounds[0]["wall_s"] = time.perf_counter() - t0
+        _write_summary(out, rounds)
+        t0 = time.perf_counter()
+        gdir = out / "round_1" / "generate"
+        pb = make_backend(cfg, policy)
+        try:
+            gen = Generator(cfg, gdir, logger=logger)
+            gstats = gen.run(load_problems(cfg.data, int(cfg.seed)), pb, make_scorer(cfg.scorer, backend=pb),
+                             check_answers,
+                             small_backend_factory=(lambda: make_backend(cfg, small)) if small else None)
+        finally:
+            pb.close()
+        trained = str(train_dpo(cfg.train, target, gdir / "pairs.jsonl", out / "round_1" / "train",
+                                logger=_StepLogger(logger, 1)))
+        tb = make_backend(cfg, trained)
+        try:
+            ev = _eval_round(cfg, tb, out / "round_1", trained, logger, 1, fam)
+        finally:
+            tb.close()
+        rounds.append({"round": 1, "policy": trained, "generated_by": policy, "eval": ev,
+                       "pairs_per_stage": gstats["pairs_per_stage"], "wall_s": time.perf_counter() - t0})
+        _write_summary(out, rounds)
+        return json.loads((out / "summary.json").read_text())
     finally:
         logger.finish()
 
