@@ -23,6 +23,7 @@ from pathlib import Path
 HYDRA_COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("bench", "engine"): ("bench_engine", "sphere.bench.engine:main"),
     ("bench", "verify"): ("bench_verify", "sphere.bench.verify:main"),
+    ("bench", "generate"): ("bench_generate", "sphere.bench.generate:main"),
     ("generate",): ("generate", "sphere.generate.run:main"),
     ("run",): ("run", "sphere.pipeline:main"),
     ("eval",): ("eval", "sphere.evaluation.harness:main"),

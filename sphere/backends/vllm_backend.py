@@ -249,3 +249,53 @@ class VLLMBackend:
         self._stats["prompts"] += len(prompts)
         self._stats["gen_seconds"] += time.perf_counter() - t0
         return results
+
+
+def launch_server(model_path: str | Path, *, port: int | None = None, served_model: str = "model",
+                  args: list[str] | None = None, log_path: str | Path | None = None,
+                  timeout_s: float = 300.0):
+    """Start ``python -m vllm.entrypoints.openai.api_server`` on 127.0.0.1 and wait for ``/health``.
+
+    Returns ``(process, base_url)``; stop it with ``stop_server(process)``. ``args``: extra engine flags
+    (``--max-model-len 512 --block-size 32 ...``). The log goes to ``log_path`` (default: discarded).
+    """
+    import socket
+    import subprocess
+    import sys
+    import urllib.request
+
+    if port is None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_path),
+           "--served-model-name", served_model, "--host", "127.0.0.1", "--port", str(port), *(args or [])]
+    out = open(log_path, "wb") if log_path else subprocess.DEVNULL
+    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=os.environ.copy())
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if proc.poll() is not None:
+            tail = Path(log_path).read_text(errors="replace")[-3000:] if log_path else ""
+            raise RuntimeError(f"vllm server ({' '.join(cmd)}) exited with {proc.returncode}\n{tail}")
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=2) as r:
+                if r.status == 200:
+                    return proc, url
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            stop_server(proc)
+            raise RuntimeError(f"vllm server at {url} not healthy after {timeout_s:.0f} s (log: {log_path})")
+        time.sleep(1.0)
+
+
+def stop_server(proc, timeout_s: float = 30.0) -> None:
+    import subprocess
+
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

@@ -1,0 +1,228 @@
+"""`sphere bench generate`: one tree-shaped next-step workload on every installed generation backend.
+
+    sphere bench generate                                   # tiny test model, all backends (conf/bench_generate.yaml)
+    sphere bench generate backends=[transformers,vllm] problems=8
+    sphere bench generate model=/path/to/hf_model prompt=qwen2_5_math
+
+Workload (the shape of a search): ``problems`` problems, each with ``branches`` partial solutions, behind a
+shared few-shot header (``shots`` worked examples), so prompts share long prefixes as siblings in a search
+tree do. ``rounds`` rounds; each round samples ``n`` candidate next steps for every partial solution
+(problems x branches prompts) and extends each partial solution by its first candidate, so every round's
+prompts extend the previous round's: the prefix cache can reuse all but the newest step.
+
+Per backend: seconds, tokens_per_s (generated tokens / s), candidates_per_s. vLLM runs twice in this one
+process, prefix caching on then off (the first engine is shut down before the second starts), giving
+``apc_speedup`` (time off / time on) and the ``prefix_cache_hit_rate`` of the "on" run. The OpenAI backend
+runs against ``openai_url`` or, when null, a ``vllm serve`` started here on 127.0.0.1. A backend that cannot
+run (not installed, fails) is reported with an ``error`` and the others still run.
+Prints a table, writes result.json under the Hydra run dir, and prints one JSON object as the last line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import random
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from sphere.backends import SamplingParams
+
+
+def _model_path(cfg) -> Path:
+    name = str(cfg.bench_model)
+    if name == "tiny":
+        from sphere.testing.tiny import tiny_model_path
+
+        return tiny_model_path()
+    from sphere.models import resolve_model
+
+    return resolve_model(name, cfg)
+
+
+def _workload(cfg, tok, fam) -> list[dict]:
+    """Partial solutions: problem, header-prefixed plain template, steps so far."""
+    from sphere.testing.tiny import DELIM, arithmetic_problem
+
+    rng = random.Random(int(cfg.seed))
+    shots = []
+    for _ in range(int(cfg.shots)):
+        p, steps, _, _ = arithmetic_problem(rng)
+        shots.append(fam["template"].format(problem=p, instruction="", system="") + DELIM.join(steps))
+    header = (DELIM.join(shots) + DELIM) if shots else ""
+    jobs = []
+    for _ in range(int(cfg.problems)):
+        p, steps, _, _ = arithmetic_problem(rng)
+        for b in range(int(cfg.branches)):
+            # branches of one problem start from 0, 1, 2, ... of the reference steps (siblings/cousins)
+            jobs.append({"problem": p, "header": header, "steps": steps[: b % 2]})
+    return jobs
+
+
+def _prompt_ids(tok, job, fam) -> list[int]:
+    from sphere.prompts import build_prompt_text
+
+    text = job["header"] + build_prompt_text(tok, job["problem"], job["steps"], fam)
+    return list(tok(text)["input_ids"])
+
+
+def run_workload(backend, cfg, fam) -> dict:
+    tok = backend.tokenizer
+    jobs = _workload(cfg, tok, fam)
+    sp = SamplingParams(n=int(cfg.n), temperature=float(cfg.temperature), top_p=1.0,
+                        max_tokens=int(cfg.max_step_tokens), seed=int(cfg.seed), stop=[fam["step_delimiter"]])
+    # warm-up on other prompts (engine start-up effects, lazy init), not timed
+    warm = [_prompt_ids(tok, {"problem": "Warm up.", "header": "", "steps": []}, fam)]
+    backend.next_steps(warm, SamplingParams(n=1, temperature=0.0, max_tokens=4))
+    gen_tokens = cands = prompt_tokens = calls = 0
+    seconds = 0.0
+    for _ in range(int(cfg.rounds)):
+        prompts = [_prompt_ids(tok, j, fam) for j in jobs]
+        t0 = time.perf_counter()
+        res = backend.next_steps(prompts, sp)
+        seconds += time.perf_counter() - t0
+        calls += 1
+        prompt_tokens += sum(map(len, prompts))
+        for j, row in zip(jobs, res):
+            cands += len(row)
+            gen_tokens += sum(len(c.token_ids) for c in row)
+            if row[0].finish == "step" and row[0].text.strip():
+                j["steps"] = j["steps"] + [row[0].text]
+    return {
+        "seconds": round(seconds, 4),
+        "tokens_per_s": round(gen_tokens / seconds, 2) if seconds else None,
+        "candidates_per_s": round(cands / seconds, 2) if seconds else None,
+        "generated_tokens": gen_tokens,
+        "candidates": cands,
+        "prompt_tokens": prompt_tokens,
+        "calls": calls,
+        "mean_prompt_tokens": round(prompt_tokens / max(1, len(jobs) * calls), 1),
+    }
+
+
+def _bcfg(cfg, name: str, **over: Any) -> dict:
+    from omegaconf import OmegaConf
+
+    base = OmegaConf.to_container(cfg.backends_cfg[name], resolve=True) if name in cfg.backends_cfg else {}
+    base.update(over)
+    return base
+
+
+def _run_one(name: str, cfg, model: Path, fam) -> dict:
+    if name == "transformers":
+        from sphere.backends.transformers_backend import TransformersBackend
+
+        b = TransformersBackend(model, **_bcfg(cfg, name))
+        try:
+            return {**run_workload(b, cfg, fam), **_pick(b.stats(), ["prefix_cache_hit_rate"])}
+        finally:
+            b.close()
+    if name == "vllm":
+        from sphere.backends.vllm_backend import VLLMBackend
+
+        out: dict[str, Any] = {}
+        for apc in (True, False):
+            b = VLLMBackend(model, **_bcfg(cfg, name, enable_prefix_caching=apc))
+            try:
+                r = run_workload(b, cfg, fam)
+                st = b.stats()
+            finally:
+                b.close()
+            if apc:
+                out = {**r, "prefix_cache_hit_rate": st["prefix_cache_hit_rate"],
+                       "prefix_cache_queries": st["prefix_cache_queries"]}
+            else:
+                out["apc_off_seconds"] = r["seconds"]
+                out["apc_off_tokens_per_s"] = r["tokens_per_s"]
+                out["apc_speedup"] = round(r["seconds"] / out["seconds"], 3) if out["seconds"] else None
+        return out
+    if name == "openai":
+        from sphere.backends.openai_backend import OpenAIBackend
+        from sphere.backends.vllm_backend import launch_server, stop_server
+
+        proc = None
+        url = cfg.openai_url
+        vc = _bcfg(cfg, "vllm")
+        if not url:
+            args = ["--dtype", str(vc.get("dtype", "float32")), "--enforce-eager", "--enable-prefix-caching"]
+            if vc.get("max_model_len"):
+                args += ["--max-model-len", str(vc["max_model_len"])]
+            if vc.get("block_size"):
+                args += ["--block-size", str(vc["block_size"])]
+            from sphere.backends.vllm_backend import configure_cpu_env, is_cpu_build
+
+            if is_cpu_build():
+                configure_cpu_env(vc.get("cpu_kvcache_gib", 1), vc.get("cpu_omp_threads_bind", "nobind"))
+            proc, url = launch_server(model, served_model="bench", args=args)
+        try:
+            b = OpenAIBackend(model, **_bcfg(cfg, name, base_url=url))
+            try:
+                return {**run_workload(b, cfg, fam), **_pick(b.stats(), ["prefix_cache_hit_rate"]),
+                        "base_url": url}
+            finally:
+                b.close()
+        finally:
+            if proc is not None:
+                stop_server(proc)
+    raise ValueError(f"bench generate: unknown backend {name!r}; allowed transformers | vllm | openai")
+
+
+def _pick(d: dict, keys: list[str]) -> dict:
+    return {k: d.get(k) for k in keys}
+
+
+def main(cfg) -> dict:
+    from sphere.prompts import family_config
+
+    model = _model_path(cfg)
+    fam = family_config(cfg)
+    res: dict[str, Any] = {
+        "bench": "generate",
+        "model": str(model),
+        "workload": {"problems": int(cfg.problems), "branches": int(cfg.branches), "rounds": int(cfg.rounds),
+                     "prompts_per_round": int(cfg.problems) * int(cfg.branches), "n": int(cfg.n),
+                     "shots": int(cfg.shots), "max_step_tokens": int(cfg.max_step_tokens),
+                     "temperature": float(cfg.temperature)},
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                    "omp_threads": os.environ.get("OMP_NUM_THREADS")},
+        "backends": {},
+    }
+    for name in list(cfg.backends):
+        t0 = time.perf_counter()
+        try:
+            res["backends"][name] = _run_one(name, cfg, model, fam)
+        except Exception as e:  # noqa: BLE001 - one failing backend must not hide the others' figures
+            traceback.print_exc()
+            res["backends"][name] = {"error": f"{type(e).__name__}: {e}"[:500]}
+        res["backends"][name]["wall_s_incl_startup"] = round(time.perf_counter() - t0, 1)
+    _table(res)
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        outdir = Path(HydraConfig.get().runtime.output_dir)
+        outdir.mkdir(parents=True, exist_ok=True)
+        from sphere.io import atomic_write_json
+
+        atomic_write_json(outdir / "result.json", res)
+    except ValueError:  # not under Hydra
+        pass
+    print(json.dumps(res), flush=True)
+    return res
+
+
+def _table(res: dict) -> None:
+    w = res["workload"]
+    print(f"bench generate: {w['prompts_per_round']} partial solutions x n={w['n']} x {w['rounds']} rounds "
+          f"(model {res['model']})")
+    print(f"{'backend':<14}{'s':>9}{'tok/s':>10}{'cand/s':>10}{'apc_x':>8}{'hit':>7}")
+    for name, r in res["backends"].items():
+        if "error" in r:
+            print(f"{name:<14} error: {r['error'][:90]}")
+            continue
+        hit = r.get("prefix_cache_hit_rate")
+        print(f"{name:<14}{r['seconds']:>9.2f}{r['tokens_per_s'] or 0:>10.1f}{r['candidates_per_s'] or 0:>10.1f}"
+              f"{r.get('apc_speedup') or float('nan'):>8.2f}{(hit if hit is not None else float('nan')):>7.2f}")
+
