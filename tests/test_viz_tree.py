@@ -228,3 +228,26 @@ def test_page_in_headless_chromium(tmp_path: Path):
         dest = Path(__file__).resolve().parents[1] / "docs" / "img" / "tree_viewer.png"
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(shot, dest)
+
+
+def test_reads_what_generate_writes(tmp_path):
+    """`sphere generate` saves trees with Generator._save_snapshot; the viewer must read those files."""
+    from sphere.generate.run import Generator
+    from sphere.search.driver import SearchJob, SearchResult, Trajectory
+
+    src = tmp_path / "src.npz"
+    build_snapshot(src, rounds=6)
+    arrays, meta = load_tree_snapshot(src)
+    snap = {**arrays, "text": meta["text"]}
+    t = meta["sol_max"]
+    traj = Trajectory(t["steps"], True, t["value"], [], [], "answer")
+    res = SearchResult(SearchJob("1:p0", {"id": "p0", "problem": "Compute 2 + 2.", "answer": "4"}, lambda s: []),
+                       traj, None, [traj], len(meta["text"]), 6, snapshot=snap)
+    Generator._save_snapshot(None, tmp_path / "trees", "stage1-p0", res)
+    arrays2, meta2 = load_tree_snapshot(tmp_path / "trees" / "stage1-p0.npz")
+    assert meta2["text"] == meta["text"] and meta2["sol_min"] is None
+    for k, v in arrays.items():
+        np.testing.assert_array_equal(arrays2[k], v)
+    page = render_tree_html(arrays2, meta2)
+    data = json.loads(re.search(r'id="sphere-tree-data">(.*?)</script>', page, re.S).group(1))
+    assert len(data["parent"]) == len(meta["text"]) and data["sol_max"]["correct"] is True
