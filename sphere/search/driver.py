@@ -247,6 +247,9 @@ class SearchDriver:
                 live[root] = st
                 got = self._select_tree(st, sel_roots, sel_leaves)
                 pending += got
+            if self.mode == "paper" and len(sel_leaves) > self.batch:
+                # chain heads not sent now stay heads: they are picked up next round (oldest trees first)
+                del sel_roots[self.batch :], sel_leaves[self.batch :]
             queue_nonempty = bool(queue)
             self.stats.engine_s += time.perf_counter() - t0
             if not sel_leaves:
@@ -390,7 +393,9 @@ class SearchDriver:
                 v = vals[off : off + n][keep] if keep.any() else vals[off : off + n]
                 bvals[i] = (v.max() if scfg.backup == "max" else v.mean()) if n else 0.0
                 off += n
-            f.backup(leaves_arr, bvals)
+            if self.mode != "paper":
+                # paper chains are chosen by reward, not by select(): nothing is in flight to back up
+                f.backup(leaves_arr, bvals)
             self.stats.pruned += int(pruned.sum())
             # advance the paper chains
             off = 0
