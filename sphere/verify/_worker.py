@@ -21,7 +21,7 @@ import os
 import signal
 from collections import OrderedDict
 
-from sphere.verify.extract import normalize_answer
+from sphere.verify.extract import fast_verdict, is_prose
 
 
 class _SoftTimeout(BaseException):
@@ -67,11 +67,15 @@ def _gold(gold: str) -> list:
 
 
 def check_pair(pred: str, gold: str) -> bool:
-    """math-verify verdict on two extracted answers, or'ed with normalised-string equality.
+    """math-verify verdict on two extracted answers, or'ed with the cheap opinion (normalised strings or
+    exact values equal); prose answers are compared as strings only; an exact-rational guard vetoes
+    math-verify's float-precision Trues.
 
     Unsafe outside a worker (sympy on model text, no timeout): call it only from here or from tests."""
-    if normalize_answer(pred) == normalize_answer(gold) and normalize_answer(gold):
+    if fast_verdict(pred, gold) is True:  # the second opinion: normalised strings / exact values agree
         return True
+    if is_prose(gold) or is_prose(pred):  # math-verify would compare a fragment of the text
+        return False
     g = _gold(gold)
     if not g:
         return False

@@ -230,6 +230,17 @@ def parse_number(norm: str) -> tuple[Fraction, bool] | None:
     return None
 
 
+_PROSE_WORD = re.compile(r"(?<![\\a-zA-Z])[a-zA-Z]{3,}")
+
+
+def is_prose(ans: str) -> bool:
+    """True when an answer is mostly words (>= 3 words of >= 3 letters outside \\text{} and LaTeX commands),
+    e.g. "f(x)=ax+b, where b is an arbitrary integer". math-verify picks a fragment out of such text
+    (an "= 0" clause) and can then call it equal to an unrelated number, so prose is compared as strings."""
+    s = _TEXT_CMDS.sub(" ", ans)
+    return len(_PROSE_WORD.findall(s)) >= 3
+
+
 def _value(norm: str):
     """Exact (Fraction) or approximate (float) value of a normalised arithmetic answer, else None."""
     from sphere.verify.arith import try_evaluate

@@ -33,7 +33,15 @@ PATHOLOGICAL_INPUTS = [
 ]
 
 # benchmark name -> file under the data dir
-BENCHMARK_FILES = {"math500": "math500/test.jsonl", "gsm8k": "gsm8k/test.jsonl"}
+BENCHMARK_FILES = {
+    "math500": "math500/test.jsonl",
+    "gsm8k": "gsm8k/test.jsonl",
+    # informational: their solutions do not end in a \boxed / #### answer, so extraction falls back to
+    # "the answer is" / the last number and self-agreement is expected to be well below 100%
+    "aime24": "aime24/test.jsonl",
+    "olympiadbench": "olympiadbench/test.jsonl",
+    "math_train": "math/train.jsonl",
+}
 
 
 def load_rows(data_dir: str | Path, name: str) -> list[dict]:
