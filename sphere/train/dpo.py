@@ -242,6 +242,7 @@ def _trainer_class():
         sphere_max_prompt_length: int | None = None
         sphere_append_eos: bool = True
         sphere_prep_stats: dict = {}
+        sphere_source: str = "pairs"  # the pairs file, for error messages
 
         def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
             ds = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
@@ -264,6 +265,12 @@ def _trainer_class():
                 ds = ds.map(fix, desc=f"sphere: prompt truncation / EOS policy ({dataset_name})")
             ds = ds.filter(lambda ex: len(ex["chosen_ids"]) > 0 and len(ex["rejected_ids"]) > 0)
             self.sphere_prep_stats = {"prompts_truncated": cut, "dropped": n_before - len(ds), "kept": len(ds)}
+            if len(ds) == 0:
+                raise ValueError(
+                    f"{self.sphere_source}: every pair was dropped: the prompts alone fill "
+                    f"train.max_length={args.max_length} tokens; raise train.max_length or set "
+                    "train.max_prompt_length"
+                )
             return ds
 
     return SphereDPOTrainer
@@ -349,6 +356,7 @@ def train_dpo(cfg_train: Any, policy_path: str | os.PathLike, pairs_path: str | 
     Trainer = _trainer_class()
     Trainer.sphere_max_prompt_length = t["max_prompt_length"]
     Trainer.sphere_append_eos = bool(t["append_eos"])
+    Trainer.sphere_source = str(pairs.path)
     # TRL's reference-log-prob precompute bar only listens to TQDM_DISABLE
     with _env(TQDM_DISABLE=None if show else "1"):
         trainer = Trainer(model=model, args=args, train_dataset=Dataset.from_list(pairs.rows),
@@ -357,11 +365,6 @@ def train_dpo(cfg_train: Any, policy_path: str | os.PathLike, pairs_path: str | 
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
     prep = dict(trainer.sphere_prep_stats)
-    if prep.get("kept", 1) == 0:
-        raise ValueError(
-            f"{pairs.path}: every pair was dropped: the prompts alone fill train.max_length={t['max_length']} "
-            "tokens; raise train.max_length or set train.max_prompt_length"
-        )
     t_setup = time.perf_counter() - t0
     result = trainer.train()
     t_train = time.perf_counter() - t0 - t_setup

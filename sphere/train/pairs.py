@@ -57,6 +57,8 @@ def load_pairs(path: str | os.PathLike) -> PairSet:
     present, is 1, 2 or 3. Extra fields are allowed and ignored. Zero pairs is an error.
     """
     path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: pairs file not found (config key pairs=, or sphere generate's pairs.jsonl)")
     rows: list[dict] = []
     stages: Counter = Counter()
     kind: str | None = None  # "text" | "chat", fixed by the first record
