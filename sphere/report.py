@@ -452,6 +452,9 @@ def write_report(root: str | os.PathLike, out: str | os.PathLike | None = None) 
 
     report = out / "report.md"
     atomic_write_text(report, report_markdown(root, jobs, figures, out))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(report, 0o666 & ~umask)  # the atomic write's temp file was 0600
     return report, [p for _, p in figures]
 
 

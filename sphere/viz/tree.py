@@ -12,6 +12,7 @@ from __future__ import annotations
 import html
 import json
 import math
+import os
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -98,4 +99,7 @@ def write_tree_html(snapshot: str | Path, out: str | Path, title: str | None = N
     from sphere.io import atomic_write_text
 
     atomic_write_text(out, page)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(out, 0o666 & ~umask)  # a page to share: the temp file behind the atomic write was 0600
     return out
