@@ -148,12 +148,11 @@ class TransformersBackend:
             x[i, width - len(p):] = torch.tensor(p)
             mask[i, width - len(p):] = 1
         kw = dict(max_new_tokens=max_new, num_return_sequences=n_gen, return_dict_in_generate=True,
-                  output_logits=True, pad_token_id=self.pad_id, eos_token_id=sorted(self.eos_ids),
-                  top_k=0)
+                  output_logits=True, pad_token_id=self.pad_id, eos_token_id=sorted(self.eos_ids))
         if params.greedy:
-            kw.update(do_sample=False, temperature=None, top_p=None)
-        else:
-            kw.update(do_sample=True, temperature=params.temperature, top_p=params.top_p)
+            kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        else:  # top_k=0: no top-k cut (transformers' default is 50), as in vLLM
+            kw.update(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=0)
         if params.stop:
             kw.update(stop_strings=list(params.stop), tokenizer=self.tokenizer)
         with torch.inference_mode():

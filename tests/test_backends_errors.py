@@ -1,0 +1,122 @@
+"""Clear, immediate errors: missing model, server that does not answer, bad config; config wiring."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import pytest
+
+from sphere.backends import BackendUnavailableError, SamplingParams, make_backend, sampling_params
+from sphere.models import ModelNotFoundError, resolve_model
+
+
+def test_missing_model_path_fails_at_once(tmp_path):
+    missing = tmp_path / "no-such-model"
+    t0 = time.perf_counter()
+    with pytest.raises(ModelNotFoundError, match="no-such-model"):
+        resolve_model(str(missing))
+    with pytest.raises(ModelNotFoundError, match="does not exist"):
+        make_backend({"backend": {"name": "transformers"}}, missing)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelNotFoundError, match="no config.json"):
+        resolve_model(str(tmp_path / "empty"))
+    assert time.perf_counter() - t0 < 2.0
+
+
+def test_hub_name_offline_not_cached_fails_clearly(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelNotFoundError, match="local HF cache"):
+        resolve_model("sphere-test-org/definitely-not-cached-model")
+
+
+def test_unknown_backend_name(tiny_model_dir):
+    with pytest.raises(ValueError, match="backend.name"):
+        make_backend({"backend": {"name": "nope"}}, tiny_model_dir)
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_server_refusing_connections_fails_fast_naming_url(tiny_model_dir):
+    from sphere.backends.openai_backend import OpenAIBackend
+
+    port = _closed_port()
+    t0 = time.perf_counter()
+    with pytest.raises(BackendUnavailableError, match=f"127.0.0.1:{port}/v1/models"):
+        OpenAIBackend(tiny_model_dir, base_url=f"http://127.0.0.1:{port}", retries=2, backoff_s=0.05, timeout_s=1)
+    assert time.perf_counter() - t0 < 3.0
+
+
+class FakeSilentServer:
+    """Accepts TCP connections and never answers (a hung server)."""
+
+    def __init__(self):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        self.conns = []
+        self._stop = False
+        threading.Thread(target=self._loop, daemon=True).start()
+
+    def _loop(self):
+        self.sock.settimeout(0.1)
+        while not self._stop:
+            try:
+                c, _ = self.sock.accept()
+                self.conns.append(c)
+            except OSError:
+                continue
+
+    def close(self):
+        self._stop = True
+        for c in self.conns:
+            c.close()
+        self.sock.close()
+
+
+def test_server_that_hangs_times_out_within_budget(tiny_model_dir):
+    from sphere.backends.openai_backend import OpenAIBackend
+
+    srv = FakeSilentServer()
+    try:
+        t0 = time.perf_counter()
+        with pytest.raises(BackendUnavailableError, match="no answer after 2 attempt"):
+            OpenAIBackend(tiny_model_dir, base_url=f"http://127.0.0.1:{srv.port}", retries=1, backoff_s=0.05,
+                          timeout_s=0.5)
+        assert time.perf_counter() - t0 < 3.0  # 2 x 0.5 s timeout + backoff
+    finally:
+        srv.close()
+
+
+def test_composed_config_builds_backend_and_sampling(tiny_model_dir):
+    from hydra import compose, initialize_config_dir
+
+    from sphere.cli import conf_dir
+
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["backend=transformers", "sampling.n=3"])
+    sp = sampling_params(cfg, "step")
+    assert sp.n == 3 and sp.stop == [cfg.prompt.step_delimiter] and sp.max_tokens == cfg.sampling.max_step_tokens
+    full = sampling_params(cfg, "solution")
+    assert full.stop is None and full.max_tokens == cfg.sampling.max_solution_tokens
+    b = make_backend(cfg, tiny_model_dir)
+    try:
+        assert b.name == "transformers"
+        out = b.next_steps([b.tokenizer("Problem: Ann has 3 pens.\n\nSolution:\n")["input_ids"]],
+                           SamplingParams(n=2, temperature=0.5, max_tokens=8, seed=0, stop=sp.stop))
+        assert len(out) == 1 and len(out[0]) == 2
+    finally:
+        b.close()
+    for name in ("vllm", "openai"):
+        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+            c = compose(config_name="config", overrides=[f"backend={name}"])
+        assert c.backend.name == name  # every backend config composes (interpolations resolve)
+        from omegaconf import OmegaConf
+
+        OmegaConf.to_container(c.backend, resolve=True)
