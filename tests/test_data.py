@@ -8,7 +8,8 @@ import pytest
 
 from sphere.data import BENCHMARKS, PAPER_BENCHMARKS, benchmark_key, default_data_dir, load_benchmark
 
-EXPECTED_COUNTS = {"math500": 500, "gsm8k": 1319, "aime24": 30, "aime25": 30, "amc23": 40, "olympiadbench": 675}
+EXPECTED_COUNTS = {"math500": 500, "gsm8k": 1319, "aime24": 30, "aime25": 30, "amc23": 40,
+                   "olympiadbench": 675}
 
 
 @pytest.mark.parametrize("name", PAPER_BENCHMARKS)

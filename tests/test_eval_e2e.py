@@ -43,7 +43,8 @@ def _entries(res: dict) -> dict:
 @pytest.mark.slow
 def test_eval_cli_vllm_tiny_model_all_six_benchmarks(tiny_model, tmp_path):
     out = tmp_path / "run"
-    proc = _sphere_eval([f"model={tiny_model}", "backend=vllm", "benchmarks=[all]", "limit=2", "max_tokens=32",
+    proc = _sphere_eval([f"model={tiny_model}", "backend=vllm", "benchmarks=[all]", "limit=2",
+                         "max_tokens=32",
                          "backend.max_model_len=1024", "backend.cpu_kvcache_gib=1", f"hydra.run.dir={out}"])
     res = json.loads((out / "eval" / "results.json").read_text())
     assert list(_entries(res)) == PAPER
@@ -68,7 +69,8 @@ def test_eval_cli_vllm_tiny_model_all_six_benchmarks(tiny_model, tmp_path):
 @pytest.mark.slow
 def test_eval_cli_transformers_interrupt_and_rerun(tiny_model, tmp_path):
     out = tmp_path / "run"
-    args = [f"model={tiny_model}", "backend=transformers", "benchmarks=[mini,gsm8k]", "limit=3", "max_tokens=32",
+    args = [f"model={tiny_model}", "backend=transformers", "benchmarks=[mini,gsm8k]", "limit=3",
+            "max_tokens=32",
             f"hydra.run.dir={out}"]
     _sphere_eval(args)
     first = json.loads((out / "eval" / "results.json").read_text())
@@ -83,7 +85,8 @@ def test_eval_cli_transformers_interrupt_and_rerun(tiny_model, tmp_path):
     _sphere_eval(args)
     second = json.loads((out / "eval" / "results.json").read_text())
     assert second["meta"]["runs"]["mini"] == {**second["meta"]["runs"]["mini"], "generated": 0, "reused": 3}
-    assert second["meta"]["runs"]["gsm8k"]["generated"] == 1 and second["meta"]["runs"]["gsm8k"]["reused"] == 2
+    runs = second["meta"]["runs"]["gsm8k"]
+    assert runs["generated"] == 1 and runs["reused"] == 2
     assert _entries(second) == _entries(first)
     again = read_jsonl_tolerant(out / "eval" / "gsm8k.jsonl")
     assert [r["id"] for r in again] == [r["id"] for r in full]

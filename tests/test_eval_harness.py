@@ -16,7 +16,8 @@ from sphere.evaluation import EvalSettings, run_eval
 from sphere.io import read_jsonl_tolerant
 
 FAMILY = {"name": "fake", "system": "", "instruction": "", "template": "Q: {problem}\nA:",
-          "assistant_prefix": "", "step_delimiter": "\n\n", "use_chat_template": False, "reflection": "{problem}"}
+          "assistant_prefix": "", "step_delimiter": "\n\n", "use_chat_template": False,
+          "reflection": "{problem}"}
 
 
 class FakeTokenizer:
@@ -105,7 +106,8 @@ def test_one_batched_call_and_output_files(tmp_path):
     recs = read_jsonl_tolerant(out / "toy.jsonl")
     assert [r["id"] for r in recs] == [f"t{i}" for i in range(6)]
     assert [r["verdict"] for r in recs] == [i % 2 == 0 for i in range(6)]
-    assert recs[1]["extracted"] == ["4"] and recs[1]["gold"] == "3" and "\\boxed{4}" in recs[1]["completions"][0]
+    assert recs[1]["extracted"] == ["4"] and recs[1]["gold"] == "3"
+    assert "\\boxed{4}" in recs[1]["completions"][0]
     md = (out / "results.md").read_text()
     assert "| toy | 6 | 3 | 50.0 |" in md
 
@@ -126,7 +128,8 @@ def test_interrupted_run_resumes_without_regenerating(tmp_path):
 
     crashing = FakeBackend(answers, fail_on_call=2)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        run_eval(crashing, [str(path)], tmp_path / "run", family_cfg=FAMILY, settings=settings, progress=False)
+        run_eval(crashing, [str(path)], tmp_path / "run", family_cfg=FAMILY, settings=settings,
+                 progress=False)
     saved = read_jsonl_tolerant(tmp_path / "run" / "eval" / "toy.jsonl")
     assert [r["id"] for r in saved] == ["t0", "t1"]
     # a kill -9 mid-write leaves a torn last line: it must be ignored, not break the resume
@@ -156,7 +159,8 @@ def test_resume_refuses_records_from_other_settings(tmp_path):
         run_eval(FakeBackend(answers), [str(path)], tmp_path / "run", family_cfg=FAMILY,
                  settings=EvalSettings(max_tokens=7), progress=False)
     fb = FakeBackend(answers)
-    run_eval(fb, [str(path)], tmp_path / "run", family_cfg=FAMILY, settings=EvalSettings(max_tokens=7, resume=False),
+    run_eval(fb, [str(path)], tmp_path / "run", family_cfg=FAMILY,
+             settings=EvalSettings(max_tokens=7, resume=False),
              progress=False)
     assert len(fb.calls[0]) == 3
 
@@ -165,8 +169,8 @@ def test_sampling_reports_pass_at_k_and_maj_at_k(tmp_path):
     path = tmp_path / "s.jsonl"
     path.write_text(json.dumps({"id": "a", "problem": "p1", "answer": "7"}) + "\n"
                     + json.dumps({"id": "b", "problem": "p2", "answer": "1"}) + "\n")
-    answers = {"p1": ["\\boxed{7}", "\\boxed{8}", "\\boxed{7}", "\\boxed{9}"],   # 2/4 right, majority 7 (right)
-               "p2": ["\\boxed{2}", "\\boxed{2}", "\\boxed{1}", "no answer"]}    # 1/4 right, majority 2 (wrong)
+    answers = {"p1": ["\\boxed{7}", "\\boxed{8}", "\\boxed{7}", "\\boxed{9}"],  # 2/4 right, majority 7: right
+               "p2": ["\\boxed{2}", "\\boxed{2}", "\\boxed{1}", "no answer"]}  # 1/4 right, majority 2: wrong
     fb = FakeBackend(answers)
     res = run_eval(fb, [str(path)], tmp_path / "run", family_cfg=FAMILY,
                    settings=EvalSettings(n=4, temperature=0.7), progress=False)
@@ -204,19 +208,23 @@ def test_replay_file_grades_stored_completions(tmp_path):
     ]) + "\n")
     res = run_eval(ReplayBackend.from_file(comp), [str(path)], tmp_path / "run", progress=False)
     assert (res["toy"]["n"], res["toy"]["correct"], res["toy"]["skipped"]) == (3, 2, 1)
-    res = run_eval(ReplayBackend.from_file(comp, missing="empty"), [str(path)], tmp_path / "run2", progress=False)
+    res = run_eval(ReplayBackend.from_file(comp, missing="empty"), [str(path)], tmp_path / "run2",
+                   progress=False)
     assert (res["toy"]["n"], res["toy"]["correct"], res["toy"]["no_answer"]) == (4, 2, 1)
     with pytest.raises(KeyError, match="no completion for toy problem 't3'"):
-        run_eval(ReplayBackend.from_file(comp, missing="error"), [str(path)], tmp_path / "run3", progress=False)
+        run_eval(ReplayBackend.from_file(comp, missing="error"), [str(path)], tmp_path / "run3",
+                 progress=False)
 
 
 def test_replay_needs_enough_samples(tmp_path):
     path, _ = _problems(tmp_path, 1)
     rb = ReplayBackend({(None, "t0"): ["\\boxed{1}", "\\boxed{2}"]})
-    res = run_eval(rb, [str(path)], tmp_path / "run", settings=EvalSettings(n=2, temperature=1.0), progress=False)
+    two = EvalSettings(n=2, temperature=1.0)
+    res = run_eval(rb, [str(path)], tmp_path / "run", settings=two, progress=False)
     assert res["toy"]["pass@2"] == 1.0 and res["toy"]["pass@1"] == 0.5
     with pytest.raises(ValueError, match="has 2 completion"):
-        run_eval(rb, [str(path)], tmp_path / "run2", settings=EvalSettings(n=3, temperature=1.0), progress=False)
+        run_eval(rb, [str(path)], tmp_path / "run2", settings=EvalSettings(n=3, temperature=1.0),
+                 progress=False)
 
 
 @pytest.mark.parametrize("line, match", [

@@ -66,7 +66,8 @@ def test_summarize_sampled():
     recs = [
         {"verdicts": [True, False, True, True], "extracted": ["1", "2", "1", "1"], "finish": ["eos"] * 4,
          "maj_verdict": True},
-        {"verdicts": [False, False, False, True], "extracted": [None, "5", "5", "3"], "finish": ["length"] * 4,
+        {"verdicts": [False, False, False, True], "extracted": [None, "5", "5", "3"],
+         "finish": ["length"] * 4,
          "maj_verdict": False},
     ]
     s = summarize(recs, 4)

@@ -70,7 +70,8 @@ class ReplayBackend:
 
     @classmethod
     def from_file(cls, path: str | os.PathLike, **kw) -> ReplayBackend:
-        """Read ``{"id", "completion" | "completions"[, "benchmark"]}`` records; errors name file and record."""
+        """Read ``{"id", "completion" | "completions"[, "benchmark"]}`` records; errors name the file and
+        the record."""
         path = Path(path)
         table: dict[tuple[str | None, str], list[str]] = {}
         for k, rec in enumerate(iter_jsonl_strict(path, required=("id",)), 1):
@@ -113,7 +114,9 @@ class ReplayBackend:
         kept = [r for r in records if self._texts(benchmark, r) is not None]
         return kept, len(records) - len(kept)
 
-    def complete_records(self, benchmark: str, records: list[dict], params: SamplingParams) -> list[list[Candidate]]:
+    def complete_records(
+        self, benchmark: str, records: list[dict], params: SamplingParams
+    ) -> list[list[Candidate]]:
         """``params.n`` candidates per record. A record with fewer stored completions than ``n`` is an
         error (replaying cannot invent samples); with more, the first ``n`` are used."""
         self._calls += 1
@@ -157,7 +160,8 @@ class ReplayBackend:
 
 
 def make_replay_backend(cfg, model_path=None) -> ReplayBackend:
-    """Build from config: ``replay.path`` (JSONL of completions), ``replay.references``, ``replay.missing``."""
+    """Build from config: ``replay.path`` (JSONL of completions), ``replay.references``,
+    ``replay.missing``."""
     del model_path  # replay has no model
     rc = cfg.get("replay") if hasattr(cfg, "get") else None
     path = rc.get("path") if rc is not None else None

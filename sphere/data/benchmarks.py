@@ -92,7 +92,9 @@ def load_problems_jsonl(path: str | os.PathLike, limit: int | None = None) -> li
     for k, rec in enumerate(iter_jsonl_strict(path, required=REQUIRED_FIELDS), 1):
         rid = rec["id"]
         if rid in seen:
-            raise ValueError(f"{path}: record {k} repeats id {rid!r} of record {seen[rid]}; ids must be unique")
+            raise ValueError(
+                f"{path}: record {k} repeats id {rid!r} of record {seen[rid]}; ids must be unique"
+            )
         seen[rid] = k
         sol = rec.get("solution")
         if sol is not None and not isinstance(sol, str):
@@ -103,7 +105,9 @@ def load_problems_jsonl(path: str | os.PathLike, limit: int | None = None) -> li
     return out
 
 
-def load_benchmark(name: str, data_dir: str | os.PathLike | None = None, limit: int | None = None) -> list[dict]:
+def load_benchmark(
+    name: str, data_dir: str | os.PathLike | None = None, limit: int | None = None
+) -> list[dict]:
     """Problem records of benchmark ``name`` (a registry key or a local .jsonl path).
 
     ``data_dir``: the directory holding ``<benchmark>/<split>.jsonl`` (config ``paths.data_dir``); None ->

@@ -108,7 +108,9 @@ def prompt_info(family_cfg: Mapping | None) -> dict:
     }
 
 
-def _generate(backend, key: str, batch: list[dict], params: SamplingParams, family_cfg) -> list[list[Candidate]]:
+def _generate(
+    backend, key: str, batch: list[dict], params: SamplingParams, family_cfg
+) -> list[list[Candidate]]:
     """``params.n`` candidates per record. A prompt that leaves no room to generate in the backend's
     context window (``backend.max_model_len``) is not sent: it gets empty candidates with finish
     ``"overflow"`` and is graded wrong (counted as ``overflow`` in the summary), so one long problem
@@ -119,7 +121,9 @@ def _generate(backend, key: str, batch: list[dict], params: SamplingParams, fami
         from sphere.prompts import build_prompt_ids
 
         if family_cfg is None:
-            raise ValueError("run_eval: family_cfg (the prompt family, cfg.prompt) is required for a model backend")
+            raise ValueError(
+                "run_eval: family_cfg (the prompt family, cfg.prompt) is required for a model backend"
+            )
         prompts = [build_prompt_ids(backend.tokenizer, r["problem"], [], family_cfg) for r in batch]
         limit = getattr(backend, "max_model_len", None)
         fits = [i for i, p in enumerate(prompts) if not isinstance(limit, int) or len(p) + 1 <= limit]
@@ -195,7 +199,8 @@ def evaluate_benchmark(backend, name: str, records: list[dict], out_dir: Path, s
             if rec.get("sig") != sig:
                 raise RuntimeError(
                     f"{path}: record {k} was written with different settings (model, backend, prompt, "
-                    f"checker or sampling; sig {rec.get('sig')} != {sig}). Use a new hydra.run.dir or resume=false."
+                    f"checker or sampling; sig {rec.get('sig')} != {sig}). "
+                    "Use a new hydra.run.dir or resume=false."
                 )
             if rec["id"] in ids:
                 done[rec["id"]] = rec
@@ -301,7 +306,8 @@ def settings_from_config(cfg) -> EvalSettings:
     if max_tokens is None:
         max_tokens = int(sel("sampling.max_solution_tokens", 1024))
     return EvalSettings(n=n, temperature=float(temp), top_p=float(sel("sampling.top_p", 1.0)),
-                        max_tokens=int(max_tokens), seed=OmegaConf.select(cfg, "sampling.seed", default=cfg.get("seed")),
+                        max_tokens=int(max_tokens),
+                        seed=OmegaConf.select(cfg, "sampling.seed", default=cfg.get("seed")),
                         batch_size=cfg.get("batch_size"), resume=bool(cfg.get("resume", True)),
                         verify_timeout_s=float(cfg.get("verify_timeout_s", 5.0)))
 
