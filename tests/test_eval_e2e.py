@@ -92,3 +92,33 @@ def test_eval_cli_transformers_interrupt_and_rerun(tiny_model, tmp_path):
     assert [r["id"] for r in again] == [r["id"] for r in full]
     # the regenerated problem gets the same greedy completion as in the uninterrupted run
     assert again[-1]["completions"] == full[-1]["completions"]
+
+
+@pytest.mark.parametrize("backend_fixture", [
+    "tiny_transformers_backend",
+    pytest.param("tiny_vllm_backend", marks=[pytest.mark.vllm, pytest.mark.slow]),
+    pytest.param("tiny_openai_backend", marks=[pytest.mark.vllm, pytest.mark.slow]),  # HTTP: `vllm serve`
+])
+def test_run_eval_api_on_each_backend(request, backend_fixture, tmp_path):
+    """The Python API (``run_eval`` with an existing backend, as `sphere run` uses it) on the session's
+    tiny-model backends: greedy pass@1 and sampled pass@k / maj@k give real (near-zero) numbers."""
+    from sphere.evaluation import EvalSettings, run_eval
+    from sphere.prompts import load_family
+
+    be = request.getfixturevalue(backend_fixture)
+    fam = load_family("mini")
+    res = run_eval(be, ["gsm8k", "mini"], tmp_path / "greedy", limit=3, settings=EvalSettings(max_tokens=24),
+                   family_cfg=fam, model_name="tiny", progress=False)
+    assert res["meta"]["backend"]["name"] == be.name
+    for b in ("gsm8k", "mini"):
+        assert res[b]["n"] == 3 and 0 <= res[b]["accuracy"] <= 1
+        recs = read_jsonl_tolerant(tmp_path / "greedy" / "eval" / f"{b}.jsonl")
+        assert all(r["n_tokens"][0] > 0 and r["completions"][0] for r in recs)
+    sampled = run_eval(be, ["mini"], tmp_path / "sampled", limit=2,
+                       settings=EvalSettings(n=3, temperature=1.0, max_tokens=16, seed=1),
+                       family_cfg=fam, model_name="tiny", progress=False)["mini"]
+    assert sampled["samples"] == 3
+    assert 0 <= sampled["pass@1"] <= sampled["pass@2"] <= sampled["pass@3"] <= 1
+    assert 0 <= sampled["maj@3"] <= sampled["pass@3"]
+    recs = read_jsonl_tolerant(tmp_path / "sampled" / "eval" / "mini.jsonl")
+    assert all(len(r["completions"]) == 3 for r in recs)
