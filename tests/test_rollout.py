@@ -59,3 +59,28 @@ def test_rollout_values_with_the_tiny_model(tiny_transformers_backend):
 def test_rollout_needs_golds(tiny_transformers_backend):
     with pytest.raises(ValueError, match="gold"):
         RolloutScorer(None, tiny_transformers_backend, m=2).score([(PROBLEM, ["x"])])
+
+
+def test_registered_golds_serve_the_stepscorer_call(tiny_transformers_backend):
+    fake = FakeRolloutBackend(tiny_transformers_backend.tokenizer, ["So \\boxed{20}.", "So \\boxed{7}."])
+    sc = RolloutScorer(None, fake, m=2, records=[{"problem": PROBLEM, "answer": "20"}])
+    assert sc.score([(PROBLEM, ["First, 12 + 5 = 17."])]) == [[0.5]]
+    with pytest.raises(KeyError, match="no gold answer"):
+        sc.score([("Another problem?", ["x"])])
+
+
+def test_make_scorer_factory_builds_rollout_and_prm(tiny_transformers_backend, tiny_prm_dir):
+    from omegaconf import OmegaConf
+
+    from sphere.rewards import make_scorer
+    from sphere.rewards.prm import PRMScorer
+
+    cfg = OmegaConf.create({"seed": 0, "model": {"prm": str(tiny_prm_dir), "family": "mini"},
+                            "scorer": {"name": "rollout", "m": 2, "mode": "soft", "temperature": 0.0,
+                                       "max_tokens": 32, "seed": "${seed}"}})
+    sc = make_scorer(cfg, backend=tiny_transformers_backend)
+    assert isinstance(sc, RolloutScorer) and sc.m == 2 and sc.seed == 0
+    cfg.scorer = {"name": "prm", "model": "${model.prm}", "engine": "transformers"}
+    prm = make_scorer(cfg)
+    assert isinstance(prm, PRMScorer)
+    assert len(prm.score([(PROBLEM, ["a", "b"])])[0]) == 2

@@ -85,13 +85,21 @@ class PRMScorer:
         from omegaconf import OmegaConf
 
         sc = cfg.get("scorer") if cfg is not None and hasattr(cfg, "get") else None
-        s = (OmegaConf.to_container(sc, resolve=True) if OmegaConf.is_config(sc) else dict(sc or {}))
+        if OmegaConf.is_config(sc):
+            try:
+                s = OmegaConf.to_container(sc, resolve=True)
+            except Exception:  # noqa: BLE001 - a detached scorer node: keep literal values only
+                s = {k: v for k, v in OmegaConf.to_container(sc, resolve=False).items()
+                     if not (isinstance(v, str) and v.startswith("${"))}
+        else:
+            s = dict(sc or {})
         s.update(overrides)
         self.engine = engine or s.get("engine", "transformers")
         if self.engine not in ("transformers", "vllm"):
             raise ValueError(f"scorer.engine={self.engine!r}: allowed 'transformers' | 'vllm'")
         if model_path is None:
-            name = s.get("model") or (cfg.model.prm if cfg is not None else None)
+            model_cfg = cfg.get("model") if cfg is not None and hasattr(cfg, "get") else None
+            name = s.get("model") or (model_cfg.get("prm") if model_cfg is not None else None)
             if not name:
                 raise ValueError("PRMScorer: no model (config key scorer.model or model.prm)")
             from sphere.models import resolve_model

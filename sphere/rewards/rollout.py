@@ -8,8 +8,10 @@ prefix), so prefix caching shares the problem and earlier steps; answers are che
 ``sphere.verify.check_answers``.
 
 ``RolloutScorer(cfg, backend)``: reads ``cfg.scorer`` (conf/scorer/rollout.yaml: m, mode, temperature,
-max_tokens, seed) and the prompt family of ``cfg``. ``score(items, golds)`` needs the gold answers (one per
-item); ``score_records(records, steps)`` takes problem records (``{"problem", "answer"}``).
+max_tokens, seed) and the prompt family of ``cfg``. Gold answers: ``score(items, golds)`` (one per item),
+or register problem records once (``set_golds(records)`` / ``RolloutScorer(..., records=...)``) so the
+StepScorer call ``score(items)`` finds each problem's gold by its text (what the search driver calls);
+``score_records(records, steps)`` takes records directly.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from sphere.backends.base import SamplingParams, has_boxed_answer
 
 
 class RolloutScorer:
-    def __init__(self, cfg: Any = None, backend: Any = None, *, family: dict | None = None, **overrides: Any):
+    def __init__(self, cfg: Any = None, backend: Any = None, *, family: dict | None = None,
+                 records: list[dict] | None = None, **overrides: Any):
         from omegaconf import OmegaConf
 
         if backend is None:
@@ -29,6 +32,9 @@ class RolloutScorer:
         s = OmegaConf.to_container(sc, resolve=True) if OmegaConf.is_config(sc) else dict(sc or {})
         s.update(overrides)
         self.backend = backend
+        self.gold_by_problem: dict[str, str] = {}
+        if records:
+            self.set_golds(records)
         self.m = int(s.get("m", 8))
         self.mode = s.get("mode", "soft")
         if self.m < 1:
@@ -48,11 +54,22 @@ class RolloutScorer:
         self.delim = family["step_delimiter"]
         self.rollouts = 0
 
+    def set_golds(self, records: list[dict]) -> None:
+        """Remember gold answers by problem text (``{"problem": ..., "answer": ...}`` records)."""
+        for r in records:
+            self.gold_by_problem[r["problem"]] = str(r["answer"])
+
     def score(self, items: list[tuple[str, list[str]]], golds: list[str] | None = None) -> list[list[float]]:
         """One value in [0, 1] per step: the share of m rollouts from that step that reach ``golds[i]``."""
         from sphere.prompts import build_prompt_ids
         from sphere.verify import check_answers
 
+        if golds is None and self.gold_by_problem:
+            missing = [p for p, _ in items if p not in self.gold_by_problem]
+            if missing:
+                raise KeyError(f"RolloutScorer: no gold answer registered for problem {missing[0][:80]!r} "
+                               "(call set_golds(records) or pass golds=)")
+            golds = [self.gold_by_problem[p] for p, _ in items]
         if golds is None or len(golds) != len(items):
             raise ValueError(f"RolloutScorer.score needs one gold answer per item (golds=...), got "
                              f"{None if golds is None else len(golds)} for {len(items)} items")
