@@ -42,13 +42,13 @@ _TOKEN = re.compile(
     r"\s*(?:"
     r"(?P<num>\d+(?:\.\d+)?|\.\d+)"
     r"|(?P<cmd>\\[a-zA-Z]+)"
-    r"|(?P<op>[-+*/^(){}\[\]!×·∙÷−])"
+    r"|(?P<op>[-+*/^(){}\[\]!×·∙÷−–])"
     r")"
 )
 _CMD_OPS = {"\\cdot": "*", "\\times": "*", "\\div": "/", "\\ast": "*"}
 _CMD_ATOMS = {"\\frac", "\\dfrac", "\\tfrac", "\\sqrt", "\\pi"}
 _CMD_SKIP = {"\\left", "\\right", "\\big", "\\Big", "\\bigl", "\\bigr", "\\Bigl", "\\Bigr"}
-_UNICODE_OPS = {"×": "*", "·": "*", "∙": "*", "÷": "/", "−": "-"}
+_UNICODE_OPS = {"×": "*", "·": "*", "∙": "*", "÷": "/", "−": "-", "–": "-"}  # – (en dash): GSM8K minus
 
 
 def tokenize(text: str) -> list[tuple[str, str]]:
