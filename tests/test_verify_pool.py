@@ -142,3 +142,36 @@ def test_closed_verifier_refuses_work():
         v.check_many([("1", "1")])
     with pytest.raises(ValueError, match="timeout_s"):
         Verifier(workers=1, timeout_s=0)
+
+
+def test_interpreter_exit_stops_workers_without_close(tmp_path):
+    """A script that never calls close(): it must exit promptly and leave no worker process behind."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "use_verifier.py"
+    script.write_text(
+        "from sphere.verify import check_answers, get_verifier\n"
+        "print(check_answers([('\\\\boxed{x^2}', 'x^2'), ('#### 4', '5')]))\n"
+        "print(*get_verifier().worker_pids())\n"
+    )
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, PYTHONPATH=str(root))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.strip().splitlines()
+    assert lines[0] == "[True, False]"
+    for pid in map(int, lines[1].split()):
+        deadline = time.time() + 10
+        while _running(pid) and time.time() < deadline:
+            time.sleep(0.1)
+        assert not _running(pid), f"worker {pid} outlived the interpreter"
+
+
+def _running(pid: int) -> bool:
+    """The process exists and is not a zombie (Linux /proc)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
