@@ -17,11 +17,6 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
 
 import importlib.util  # noqa: E402
-import socket  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-import urllib.request  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -75,49 +70,21 @@ def tiny_vllm_backend(tiny_model_dir):
     b.close()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def tiny_vllm_server(tiny_model_dir, tmp_path_factory):
     """A real `vllm serve` (OpenAI API) on 127.0.0.1 with the tiny model; yields its base URL."""
     if not has_vllm():
         pytest.skip("vllm is not installed")
-    port = free_port()
+    from sphere.backends.vllm_backend import launch_server, stop_server
+
     log = tmp_path_factory.mktemp("vllm_server") / "server.log"
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_model_dir),
-           "--served-model-name", "tiny", "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
-           "--max-model-len", str(TINY_MAX_MODEL_LEN), "--block-size", str(TINY_BLOCK_SIZE),
-           "--enforce-eager", "--enable-prefix-caching", "--seed", "0"]
-    with open(log, "wb") as fh:
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=os.environ.copy())
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
+    args = ["--dtype", "float32", "--max-model-len", str(TINY_MAX_MODEL_LEN), "--block-size",
+            str(TINY_BLOCK_SIZE), "--enforce-eager", "--enable-prefix-caching", "--seed", "0"]
+    proc, url = launch_server(tiny_model_dir, served_model="tiny", args=args, log_path=log, timeout_s=300)
     try:
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"vllm serve exited with {proc.returncode}; log: {log}\n"
-                                   + log.read_text()[-3000:])
-            try:
-                with urllib.request.urlopen(url + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"vllm serve did not become healthy in 300 s; log: {log}")
-            time.sleep(1.0)
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_server(proc)
 
 
 @pytest.fixture(scope="session")

