@@ -271,17 +271,23 @@ def test_conversational_pairs_prompt_truncation_and_eos_policy(tmp_path, tiny_mo
     shutil.copytree(tiny_model_dir, model)
     tc = json.loads((model / "tokenizer_config.json").read_text())
     tc["chat_template"] = CHATML
+    del tc["pad_token"]  # like the mini tokenizer: no pad token (the trainer pads with EOS on its copy)
     (model / "tokenizer_config.json").write_text(json.dumps(tc))
     rows = [{"prompt": [{"role": "user", "content": r["prompt"]}],
              "chosen": [{"role": "assistant", "content": r["chosen"]}],
              "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in make_pairs(8)]
     pairs = write_jsonl(tmp_path / "pairs.jsonl", rows)
     out = tmp_path / "out"
-    train_dpo({**FAST, "max_steps": 2, "max_prompt_length": 8, "append_eos": False},
+    train_dpo({**FAST, "max_steps": 2, "max_prompt_length": 8, "append_eos": False, "max_length": 4096},
               model, pairs, out)
     m = json.loads((out / "train_metrics.json").read_text())
     assert m["pairs_kept"] == 8 and m["prompts_truncated"] == 8 and m["steps"] == 2
+    assert m["max_length"] == 1024  # capped at the model's max_position_embeddings
     _check_merged(out / "merged")
+    from transformers import AutoTokenizer
+
+    merged_tok = AutoTokenizer.from_pretrained(out / "merged")
+    assert merged_tok.pad_token is None and merged_tok.chat_template == CHATML  # the policy's tokenizer as is
 
     # plain-text pairs for a tokenizer without a chat template work; chat pairs do not
     with pytest.raises(ValueError, match="no chat template"):

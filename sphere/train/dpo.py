@@ -346,6 +346,11 @@ def train_dpo(cfg_train: Any, policy_path: str | os.PathLike, pairs_path: str | 
 
     t0 = time.perf_counter()
     model, tok = _load(policy_path, pairs, t)
+    mpe = getattr(model.config, "max_position_embeddings", None)
+    if mpe and (t["max_length"] is None or int(t["max_length"]) > int(mpe)):
+        # longer sequences would run past the positions the model was trained on (mini: 384)
+        log.info("train: max_length %s -> %s (the model's max_position_embeddings)", t["max_length"], mpe)
+        t["max_length"] = int(mpe)
     args = dpo_config(t, out_dir)
     peft_config = _peft_config(t["lora"]) if t["lora"]["enabled"] else None
     history: list[dict] = []
@@ -375,7 +380,7 @@ def train_dpo(cfg_train: Any, policy_path: str | os.PathLike, pairs_path: str | 
         tmp = out_dir / ".adapter.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         trained.save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)
+        _load_tokenizer(policy_path, t).save_pretrained(tmp)
         _publish(tmp, out_dir / "adapter")
         trained = trained.merge_and_unload()
     trained = trained.to(torch.float32) if t["dtype"] == "float32" else trained
@@ -383,7 +388,8 @@ def train_dpo(cfg_train: Any, policy_path: str | os.PathLike, pairs_path: str | 
     tmp = out_dir / ".merged.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     trained.save_pretrained(tmp, safe_serialization=True)
-    tok.save_pretrained(tmp)
+    # the policy's own tokenizer, untouched (the trainer may have set a pad token on its copy)
+    _load_tokenizer(policy_path, t).save_pretrained(tmp)
     _clean_config(tmp, str(t["dtype"]))
     metrics = _metrics(history, result, pairs, t, prep, policy_path, peft_config is not None,
                        t_setup=t_setup, t_train=t_train, wall=time.perf_counter() - t0)
@@ -427,13 +433,13 @@ def _env(**kv: str | None):
 
 def _load(policy_path: Path, pairs: PairSet, t: dict):
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if t["dtype"] not in dtypes:
         raise ValueError(f"train.dtype={t['dtype']!r}: allowed {list(dtypes)}")
     trc = bool(t["trust_remote_code"])
-    tok = AutoTokenizer.from_pretrained(policy_path, trust_remote_code=trc)
+    tok = _load_tokenizer(policy_path, t)
     if pairs.conversational and not getattr(tok, "chat_template", None):
         raise ValueError(
             f"{pairs.path}: the pairs are conversational (lists of messages) but the tokenizer of {policy_path} "
@@ -445,6 +451,12 @@ def _load(policy_path: Path, pairs: PairSet, t: dict):
         tok.pad_token = tok.eos_token
     model = AutoModelForCausalLM.from_pretrained(policy_path, dtype=dtypes[t["dtype"]], trust_remote_code=trc)
     return model, tok
+
+
+def _load_tokenizer(policy_path: Path, t: dict):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(policy_path, trust_remote_code=bool(t["trust_remote_code"]))
 
 
 def _peft_config(lora: dict):
@@ -461,6 +473,7 @@ def _metrics(history, result, pairs: PairSet, t, prep, policy_path, lora: bool, 
     out: dict[str, Any] = {
         "pairs": len(pairs), "pairs_by_stage": {str(k): v for k, v in sorted(pairs.stages.items())},
         "pairs_kept": prep.get("kept"), "prompts_truncated": prep.get("prompts_truncated"),
+        "max_length": t["max_length"],
         "steps": int(result.global_step), "train_loss_mean": float(result.training_loss),
         "lora": lora, "loss": loss_settings(t["loss"]), "lr": float(t["lr"]), "epochs": float(t["epochs"]),
         "policy": str(policy_path), "setup_s": round(t_setup, 3), "train_s": round(t_train, 3),
