@@ -89,6 +89,10 @@ def test_parse_number():
         ("0.333", "\\frac{1}{3}", None),  # decimal vs fraction: rounding rules -> math-verify
         ("500\\%", "5", None),  # percent: never a fast False
         ("x^2", "x^2+0", None),
+        ("5", "(5, 7)", False),  # a number is never a tuple / list / interval
+        ("3", "3, 5, 7", False),
+        ("(1,2)", "\\frac{1}{2}", False),
+        ("\\{5\\}", "5", None),
         (None, "3", False),
     ],
 )

@@ -254,11 +254,25 @@ def _value(norm: str):
 _ARITH_CHARS = re.compile(r"[0-9.+\-*/^(){}\[\]!a-z\\]*")
 
 
+def _has_top_level_comma(norm: str) -> bool:
+    """A comma outside ``{...}`` groups: a tuple, list, set or interval ("(1,2)", "3,5,7", "[2,5)")."""
+    depth = 0
+    for c in norm:
+        if c == "{":
+            depth += 1
+        elif c == "}":
+            depth -= 1
+        elif c == "," and depth == 0:
+            return True
+    return False
+
+
 def fast_verdict(pred: str | None, gold: str) -> bool | None:
     """Decide cheap cases in the caller's process, or return None to ask math-verify.
 
     True: equal normalised strings, or two arithmetic answers with equal exact values (``\\frac{6}{8}`` vs
-    ``0.75``, ``2^{10}`` vs ``1024``). False: no answer; or two arithmetic answers whose values differ, when
+    ``0.75``, ``2^{10}`` vs ``1024``). False: no answer; a number against a tuple / list / interval; or two
+    arithmetic answers whose values differ, when
     no decimal literal or percent is involved (math-verify rounds decimals, so ``0.3333333`` vs ``1/3`` is
     left to it) and, for irrational values, when they differ by more than 1e-6 relative (floats that close
     could still be symbolically equal). So a False here is one math-verify cannot turn into a True.
@@ -272,6 +286,8 @@ def fast_verdict(pred: str | None, gold: str) -> bool | None:
     if np_ == ng:
         return True
     a, b = _value(np_), _value(ng)
+    if (a is None) != (b is None) and _has_top_level_comma(ng if a is not None else np_):
+        return False  # a number against a tuple / list / interval: never equal (math-verify agrees)
     if a is None or b is None:
         return None
     exact = isinstance(a, Fraction) and isinstance(b, Fraction)
