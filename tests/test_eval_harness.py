@@ -289,3 +289,11 @@ def test_prompts_longer_than_the_context_window_are_graded_wrong_not_fatal(tmp_p
     assert (e["n"], e["correct"], e["overflow"]) == (4, 2, 1)
     rec = read_jsonl_tolerant(tmp_path / "run" / "eval" / "toy.jsonl")[-1]
     assert rec["id"] == "long" and rec["finish"] == ["overflow"] and rec["verdict"] is False
+
+
+def test_progress_bar_forced_on_does_not_change_results(tmp_path, capsys):
+    path, answers = _problems(tmp_path, 4)
+    quiet = run_eval(FakeBackend(answers), [str(path)], tmp_path / "a", family_cfg=FAMILY, progress=False)
+    shown = run_eval(FakeBackend(answers), [str(path)], tmp_path / "b", family_cfg=FAMILY, progress=True)
+    assert _bench_entries(quiet) == _bench_entries(shown)
+    assert "eval toy" in capsys.readouterr().err
