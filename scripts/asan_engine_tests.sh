@@ -40,8 +40,10 @@ export PYTHONPATH="$STAGE${PYTHONPATH:+:$PYTHONPATH}"
 # no real function and aborts on the first C++ exception ("real___cxa_throw != 0").
 LIBSTDCXX=$("$CXX_BIN" -print-file-name=libstdc++.so)
 export LD_PRELOAD="$LIBASAN $LIBSTDCXX"
-export ASAN_OPTIONS="detect_leaks=0:abort_on_error=1:halt_on_error=1"
-export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1"
+# Reports go to files (pytest captures stderr, and an abort would swallow them); printed on failure.
+rm -f "$BUILD"/sanitizer.report.*
+export ASAN_OPTIONS="detect_leaks=0:abort_on_error=1:halt_on_error=1:log_path=$BUILD/sanitizer.report"
+export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1:log_path=$BUILD/sanitizer.report"
 export OMP_NUM_THREADS=1 PYTHONDONTWRITEBYTECODE=1
 # The editable install's import hook (scikit-build-core's redirecting finder) would win over PYTHONPATH:
 # run python through a bootstrap that drops it (and the repository root, which holds the plain sources),
@@ -53,5 +55,9 @@ echo "asan_engine_tests: running tests/test_engine*.py against $WHERE"
 "$PY" -c "$BOOT; import pytest; sys.exit(pytest.main(sys.argv[1:]))" -q -p no:cacheprovider \
   tests/test_engine_parity.py tests/test_engine_api.py "$@"
 rc=$?
+if ls "$BUILD"/sanitizer.report.* >/dev/null 2>&1; then
+  head -60 "$BUILD"/sanitizer.report.*
+  fail "sanitizer report (pytest exit $rc)"
+fi
 [ $rc -eq 0 ] && { echo "asan_engine_tests: PASS"; exit 0; }
 fail "pytest exit $rc"
