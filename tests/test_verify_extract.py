@@ -94,6 +94,8 @@ def test_parse_number():
         ("(1,2)", "\\frac{1}{2}", False),
         ("\\{5\\}", "5", None),
         (None, "3", False),
+        ("2^{2000}", "\\sqrt{2}", None),  # a huge exact value vs an irrational one: no float overflow
+        ("2^{2000}", "2^{1999}", False),
     ],
 )
 def test_fast_verdict(pred, gold, verdict):

@@ -27,14 +27,18 @@ REGRESSIONS = [
     ("\\boxed{4\\sqrt{2}}", "4", False, "huggingface/Math-Verify#41"),
     ("\\boxed{\\frac{2}{3}}", "2/3", True, "huggingface/Math-Verify#1 (a/b)"),
     ("\\boxed{\\frac12}", "\\frac{1}{2}", True, "huggingface/Math-Verify#35 (\\frac12)"),
-    ("\\boxed{(3, \\frac{2\\pi}{3})}", "\\left( 3, \\frac{\\pi}{2} \\right)", False, "huggingface/Math-Verify#56"),
-    ("\\boxed{(3, \\frac{\\pi}{2})}", "\\left( 3, \\frac{\\pi}{2} \\right)", True, "huggingface/Math-Verify#56"),
+    ("\\boxed{(3, \\frac{2\\pi}{3})}", "\\left( 3, \\frac{\\pi}{2} \\right)", False,
+     "huggingface/Math-Verify#56"),
+    ("\\boxed{(3, \\frac{\\pi}{2})}", "\\left( 3, \\frac{\\pi}{2} \\right)", True,
+     "huggingface/Math-Verify#56"),
     ("\\boxed{(2,1)}", "(1,2)", False, "tuples are ordered"),
     ("\\boxed{[2,5)}", "[2,5]", False, "interval end points"),
     ("\\boxed{[2,5)}", "[2,5)", True, "interval"),
     ("\\boxed{(-\\infty, 2) \\cup (3, \\infty)}", "(-\\infty, 2) \\cup (3, \\infty)", True, "union"),
-    ("\\boxed{\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}}", "\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}", True, "matrix"),
-    ("\\boxed{\\begin{pmatrix} 1 \\\\ 3 \\end{pmatrix}}", "\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}", False, "matrix"),
+    ("\\boxed{\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}}", "\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}", True,
+     "matrix"),
+    ("\\boxed{\\begin{pmatrix} 1 \\\\ 3 \\end{pmatrix}}", "\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}", False,
+     "matrix"),
     ("\\boxed{120}", "5!", True, "factorial"),
     ("\\boxed{5!}", "120", True, "factorial"),
     ("\\boxed{24}", "5!", False, "factorial"),
@@ -68,7 +72,7 @@ def verifier():
 @pytest.mark.parametrize("fast_path", [True, False], ids=["fast", "workers-only"])
 def test_regressions(verifier, fast_path):
     got = verifier.check_many([(c, g) for c, g, _, _ in REGRESSIONS], fast_path=fast_path)
-    wrong = [(src, c, g, e) for (c, g, e, src), r in zip(REGRESSIONS, got) if r != e]
+    wrong = [(src, c, g, e) for (c, g, e, src), r in zip(REGRESSIONS, got, strict=True) if r != e]
     assert not wrong, wrong
 
 

@@ -1,6 +1,7 @@
 """Validation on the real benchmark files: each reference solution against its own gold answer
 (>= 99% on MATH-500 and GSM8K test) and against another problem's different gold (<= 1% accepted).
-Prints the figures; every miss must be listed, with its cause, in tests/fixtures/verify_validation_misses.json."""
+Prints the figures; every miss must be listed, with its cause, in
+tests/fixtures/verify_validation_misses.json."""
 
 from __future__ import annotations
 

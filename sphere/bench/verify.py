@@ -116,15 +116,16 @@ def bench(cfg) -> dict:
         # figure above also depends on what else runs (see loadavg_1m).
         res["checks_per_cpu_s"] = round(len(mix) / max(cpu, 1e-9), 1)
         res["fast_path_share"] = round((s1["fast_decided"] - s0["fast_decided"]) / len(mix), 3)
-        res["agreement_with_expected"] = round(sum(a == b for a, b in zip(got, want)) / len(mix), 4)
+        agree = sum(a == b for a, b in zip(got, want, strict=True))
+        res["agreement_with_expected"] = round(agree / len(mix), 4)
         dt2, cpu2, got2 = _timed(v, mix, int(cfg.batch), False)
         res["checks_per_s_workers_only"] = round(len(mix) / dt2, 1)
         res["checks_per_cpu_s_workers_only"] = round(len(mix) / max(cpu2, 1e-9), 1)
-        res["fast_vs_workers_disagreements"] = sum(a != b for a, b in zip(got, got2))
+        res["fast_vs_workers_disagreements"] = sum(a != b for a, b in zip(got, got2, strict=True))
         res["mix_timeouts"] = v.stats()["timeouts"] - s0["timeouts"]
         res["disagreements"] = [
             {"gold": g[:80], "extracted": (extract_answer(c) or "")[:80], "expected": e, "got": a}
-            for (c, g, e), a in zip(mix, got) if a != e
+            for (c, g, e), a in zip(mix, got, strict=True) if a != e
         ][:20]
         # pathological inputs, one call each, at the configured timeout
         t_max, hangs = 0.0, 0
@@ -159,7 +160,8 @@ def _table(res: dict) -> None:
     t = Table(title=f"sphere bench verify ({res['workers']} workers, {res['n_checks']} checks)")
     t.add_column("metric")
     t.add_column("value", justify="right")
-    for k in ("checks_per_s", "checks_per_cpu_s", "checks_per_s_workers_only", "checks_per_cpu_s_workers_only", "fast_path_share", "agreement_with_expected",
+    for k in ("checks_per_s", "checks_per_cpu_s", "checks_per_s_workers_only",
+              "checks_per_cpu_s_workers_only", "fast_path_share", "agreement_with_expected",
               "fast_vs_workers_disagreements", "mix_timeouts", "pathological_max_s", "pathological_timeouts",
               "hangs", "timeouts", "restarts", "loadavg_1m"):
         t.add_row(k, str(res[k]))

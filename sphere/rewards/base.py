@@ -41,7 +41,9 @@ class StepScorer(Protocol):
 def shape_rewards(scores: list[float], mode: str = "advantage") -> list[float]:
     """Per-step rewards of one path from its per-step scores (see the module docstring for the modes)."""
     if mode not in SHAPE_MODES:
-        raise ValueError(f"reward shaping mode {mode!r} (config search.reward): allowed {', '.join(SHAPE_MODES)}")
+        raise ValueError(
+            f"reward shaping mode {mode!r} (config search.reward): allowed {', '.join(SHAPE_MODES)}"
+        )
     s = [float(x) for x in scores]
     for i, x in enumerate(s):
         if not math.isfinite(x):
@@ -68,6 +70,8 @@ def combine_outcome(step_reward: float, correct: bool, mode: str = "replace", we
         return o
     if mode == "mix":
         if not 0.0 <= weight <= 1.0:
-            raise ValueError(f"outcome weight {weight} (config search.outcome_weight): 'mix' needs 0 <= w <= 1")
+            raise ValueError(
+                f"outcome weight {weight} (config search.outcome_weight): 'mix' needs 0 <= w <= 1"
+            )
         return (1.0 - weight) * float(step_reward) + weight * o
     return float(step_reward) + float(weight) * (1.0 if correct else -1.0)

@@ -131,7 +131,7 @@ _TIGHT_FRACTION = re.compile(r"(?<![\d.)}])(\d+(?:\.\d+)?)/(\d+(?:\.\d+)?)(?![\d
 
 
 def _has_adjacent_numbers(run: list[_Tok]) -> bool:
-    return any(a.kind == "num" and b.kind == "num" for a, b in zip(run, run[1:]))
+    return any(a.kind == "num" and b.kind == "num" for a, b in zip(run, run[1:], strict=False))
 
 
 def _side_text(run: list[_Tok]) -> str:
@@ -304,10 +304,13 @@ class SymbolicStepScorer:
 
     def _holds1(self, lhs: str, rhs: str) -> bool | None:
         try:
-            lv = evaluate(lhs, self.max_bits)
-            rv = evaluate(rhs, self.max_bits)
+            return self._compare(lhs, rhs)
         except (NotArithmetic, OverflowError, ZeroDivisionError, ValueError, RecursionError):
-            return None
+            return None  # not checkable (or a huge exact value next to a float)
+
+    def _compare(self, lhs: str, rhs: str) -> bool:
+        lv = evaluate(lhs, self.max_bits)
+        rv = evaluate(rhs, self.max_bits)
         if isinstance(lv, Fraction) and isinstance(rv, Fraction) and lv == rv:
             return True
         if self.decimal_tolerance:

@@ -13,12 +13,12 @@ sympy / math-verify only ever see model text inside the worker processes (``sphe
 
 from __future__ import annotations
 
+from sphere.verify.extract import extract_answer, fast_verdict, normalize_answer, parse_number
+from sphere.verify.pool import Verifier, check_answer, check_answers, get_verifier, reset_verifier
+
 # Bumped whenever a verdict can change (extraction, normalisation, fast path, worker rules); recorded with
 # evaluation results (sphere.evaluation.harness.checker_info) so scores from different checkers are not mixed.
 CHECKER_VERSION = "sphere-verify-1"
-
-from sphere.verify.extract import extract_answer, fast_verdict, normalize_answer, parse_number
-from sphere.verify.pool import Verifier, check_answer, check_answers, get_verifier, reset_verifier
 
 __all__ = [
     "CHECKER_VERSION",

@@ -158,7 +158,7 @@ def worker_main(memory_limit_mb: int, stdin=None, stdout=None) -> None:
             except Exception:  # noqa: BLE001  (any parser failure is a "not equal")
                 verdict = False
             try:
-                stdout.write("[%s,%s]\n" % ("true" if verdict else "false", "true" if timed_out else "false"))
+                stdout.write(f"[{'true' if verdict else 'false'},{'true' if timed_out else 'false'}]\n")
                 stdout.flush()
             except (BrokenPipeError, OSError):
                 return

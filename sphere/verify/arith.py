@@ -199,7 +199,7 @@ class _Parser:
         while self.peek() == ("op", "!"):
             self.i += 1
             if not (isinstance(v, Fraction) and v.denominator == 1 and 0 <= v <= MAX_FACTORIAL):
-                raise NotArithmetic("factorial needs an integer 0..%d" % MAX_FACTORIAL)
+                raise NotArithmetic(f"factorial needs an integer 0..{MAX_FACTORIAL}")
             v = self._check(Fraction(math.factorial(int(v))))
         return v
 

@@ -19,6 +19,7 @@ backtracking-prone regexes over model text, bounded scans) and never evaluates a
 from __future__ import annotations
 
 import re
+from collections import deque
 from fractions import Fraction
 
 # Longest answer (characters) the checker considers; longer extractions are not answers but runaway text.
@@ -30,7 +31,7 @@ _MAX_BOX_TRIES = 8
 
 _BOX_CMDS = ("\\boxed", "\\fbox")
 _GSM_ANNOT = re.compile(r"<<[^<>]{0,400}>>")
-_GSM_HASH = re.compile(r"####[ \t]*([^\n]{0,%d})" % MAX_ANSWER_CHARS)
+_GSM_HASH = re.compile(rf"####[ \t]*([^\n]{{0,{MAX_ANSWER_CHARS}}})")
 # "final answer is", "the answer is", "answer:", "answer =" (case-insensitive); the answer runs to the end
 # of the line, or to a sentence end (". " / "." at end).
 _ANSWER_IS = re.compile(r"(?:final\s+answer|the\s+answer|answer)\s{0,3}(?:is|:|=)[ \t]*", re.IGNORECASE)
@@ -75,7 +76,7 @@ def last_boxed(text: str) -> str | None:
                 return got[0].strip()
         elif j > pos + len(cmd) and j < len(text):
             # "\boxed 5": the argument is the next token (up to whitespace or "$")
-            m = re.match(r"[^\s$]{1,%d}" % MAX_ANSWER_CHARS, text[j:])
+            m = re.match(rf"[^\s$]{{1,{MAX_ANSWER_CHARS}}}", text[j:])
             if m:
                 return m.group(0)
         end = pos
@@ -90,10 +91,14 @@ def _strip_math_delims(s: str) -> str:
     return s
 
 
+def _last(it):
+    """The last item of an iterator, or None (constant memory)."""
+    d = deque(it, maxlen=1)
+    return d[0] if d else None
+
+
 def _answer_is(text: str) -> str | None:
-    last = None
-    for m in _ANSWER_IS.finditer(text):
-        last = m
+    last = _last(_ANSWER_IS.finditer(text))
     if last is None:
         return None
     rest = text[last.end() : last.end() + 4 * MAX_ANSWER_CHARS]
@@ -118,17 +123,13 @@ def extract_answer(text: str) -> str | None:
         return None
     ans = last_boxed(text)
     if ans is None:
-        m = None
-        for m in _GSM_HASH.finditer(text):
-            pass
+        m = _last(_GSM_HASH.finditer(text))
         if m is not None and m.group(1).strip():
             ans = m.group(1).strip()
     if ans is None:
         ans = _answer_is(text)
     if ans is None:
-        last = None
-        for last in _NUMBER.finditer(_GSM_ANNOT.sub("", text)):
-            pass
+        last = _last(_NUMBER.finditer(_GSM_ANNOT.sub("", text)))
         if last is not None:
             ans = last.group(0).rstrip(",")
     if ans is None:
@@ -297,7 +298,10 @@ def fast_verdict(pred: str | None, gold: str) -> bool | None:
         return None
     if exact:
         return False
-    fa, fb = float(a), float(b)
+    try:
+        fa, fb = float(a), float(b)
+    except OverflowError:  # a huge exact value (up to arith's bit cap) next to an irrational one
+        return None
     if abs(fa - fb) > 1e-6 * max(1.0, abs(fa), abs(fb)):
         return False
     return None

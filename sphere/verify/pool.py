@@ -251,12 +251,16 @@ class Verifier:
         items: list[tuple[str, str]] = []
         n_fast = 0
         for i, (completion, gold) in enumerate(pairs):
-            pred = extract_answer(completion)
+            pred = extract_answer(completion) if isinstance(completion, str) else None
             if pred is None or not isinstance(gold, str) or not gold.strip():
                 res[i] = False
                 n_fast += 1
                 continue
-            v = fast_verdict(pred, gold) if fast else None
+            try:
+                v = fast_verdict(pred, gold) if fast else None
+            except Exception:  # noqa: BLE001  (defence in depth: an unforeseen case goes to the workers)
+                log.exception("sphere.verify: fast path failed on %r vs %r", pred[:80], gold[:80])
+                v = None
             if v is not None:
                 res[i] = v
                 n_fast += 1
@@ -271,7 +275,7 @@ class Verifier:
             chunks = [items[j : j + k] for j in range(0, len(items), k)]
             futs = [self._pool.submit(self._run_chunk, c, timeout_s) for c in chunks]
             verdicts = [v for f in futs for v in f.result()]
-            for i, v in zip(todo, verdicts):
+            for i, v in zip(todo, verdicts, strict=True):
                 res[i] = v
         return res
 

@@ -73,14 +73,15 @@ def validate(
         verdicts = verifier.check_many([(r["solution"], r["answer"]) for r in rows], fast_path=fast_path)
         misses = [
             {"id": r["id"], "gold": r["answer"], "extracted": extract_answer(r["solution"])}
-            for r, ok in zip(rows, verdicts) if not ok
+            for r, ok in zip(rows, verdicts, strict=True) if not ok
         ]
         cps = [p for s in shifts for p in cross_pairs(rows, s)]
-        cv = verifier.check_many([(rows[i]["solution"], rows[j]["answer"]) for i, j in cps], fast_path=fast_path)
+        cross = [(rows[i]["solution"], rows[j]["answer"]) for i, j in cps]
+        cv = verifier.check_many(cross, fast_path=fast_path)
         fps = [
             {"id": rows[i]["id"], "other_id": rows[j]["id"], "gold": rows[i]["answer"],
              "other_gold": rows[j]["answer"], "extracted": extract_answer(rows[i]["solution"])}
-            for (i, j), ok in zip(cps, cv) if ok
+            for (i, j), ok in zip(cps, cv, strict=True) if ok
         ]
         report[name] = {
             "self_n": len(rows),
