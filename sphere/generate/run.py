@@ -39,8 +39,10 @@ STAGE_FILES = {1: "stage1.jsonl", 2: "stage2.jsonl", 3: "stage3.jsonl"}
 # ---------------------------------------------------------------------------------------------- config
 def config_hash(cfg: Any) -> str:
     """Signature of everything that changes the generated data (not paths, logging or workers)."""
-    keep = {k: cfg[k] for k in ("model", "search", "stages", "scorer", "data", "prompt", "seed") if k in cfg}
-    blob = json.dumps(OmegaConf.to_container(OmegaConf.create(keep), resolve=True), sort_keys=True)
+    # resolve each node against the whole config (data.data_dir points at paths.data_dir)
+    keep = {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k]
+            for k in ("model", "search", "stages", "scorer", "data", "prompt", "seed") if k in cfg}
+    blob = json.dumps(keep, sort_keys=True)
     return hashlib.sha1(blob.encode()).hexdigest()[:12]
 
 
