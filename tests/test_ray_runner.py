@@ -192,27 +192,49 @@ def test_ray_generate_actor_killed_mid_run_is_retried(cluster, tiny, problems_fi
     assert info["skipped_finished"] == 6 and info["chunks"] == 1
 
 
-def test_ray_eval_matches_single_process(cluster, tiny, tmp_path):
+def test_ray_eval_matches_single_process(cluster, tiny, problems_file, tmp_path):
     from sphere.evaluation.harness import evaluate, main
 
     ov = [f"model.policy={tiny}", "backend=transformers", "backend.device=cpu", "prompt=mini",
-          "benchmarks=[mini]", "limit=10", "sampling.max_solution_tokens=64", "progress=false"]
+          f"benchmarks=[{problems_file}]", "limit=10", "sampling.max_solution_tokens=48", "progress=false"]
     single = tmp_path / "single"
     evaluate(compose("eval", single, ov), single)
     out = tmp_path / "ray"
     main(compose("eval", out, [*ov, *ray_overrides()]))
-    a = {r["id"]: r for r in read_jsonl_tolerant(single / "eval" / "mini.jsonl")}
-    recs = read_jsonl_tolerant(out / "eval" / "mini.jsonl")
+    a = {r["id"]: r for r in read_jsonl_tolerant(single / "eval" / "problems.jsonl")}
+    recs = read_jsonl_tolerant(out / "eval" / "problems.jsonl")
     assert len(recs) == len({r["id"] for r in recs}) == 10
     b = {r["id"]: r for r in recs}
     assert set(a) == set(b)
-    # greedy decoding of the same prompts: the same signature, and (batching aside) the same answers
+    # same settings -> the same record signature, so single-process and Ray records resume each other
     assert {r["sig"] for r in recs} == {r["sig"] for r in a.values()}
+    # greedy decoding of the same prompts: the same answers up to batching effects on float ties
     same = sum(a[k]["extracted"] == b[k]["extracted"] for k in a)
     assert same >= 8, f"greedy answers differ on {10 - same}/10 problems"
     ra = json.loads((single / "eval" / "results.json").read_text())
     rb = json.loads((out / "eval" / "results.json").read_text())
-    assert rb["mini"]["n"] == ra["mini"]["n"] == 10
-    assert abs(rb["mini"]["accuracy"] - ra["mini"]["accuracy"]) <= 0.2
+    assert ra["problems"]["correct"] > 0  # the tiny model solves some of its own problems
+    assert rb["problems"]["n"] == ra["problems"]["n"] == 10
+    assert abs(rb["problems"]["correct"] - ra["problems"]["correct"]) <= 2
     assert rb["meta"]["runner"]["chunks"] == 3 and rb["meta"]["runner"]["workers"] == 2
+    assert rb["meta"]["backend"]["stats"]  # the actors' backend statistics, summed
     assert (out / "eval" / "results.md").is_file()
+
+
+def test_cli_generate_runner_ray_starts_its_own_cluster(tiny, problems_file, tmp_path):
+    """The command-line contract: `sphere generate runner=ray runner.workers=2 hydra.run.dir=DIR` starts a
+    local cluster (none is running in that process), writes the single-process files and shuts it down."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "cli"
+    cmd = [sys.executable, "-m", "sphere.cli", "generate", *gen_overrides(tiny, problems_file, "data.limit=4"),
+           *ray_overrides(chunk=2), f"hydra.run.dir={out}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "RAY_ADDRESS": ""}
+    r = subprocess.run(cmd, cwd=CONF.parent, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    for f in ("pairs.jsonl", "trajectories.jsonl", "generate_stats.json", "ray_runner.json"):
+        assert (out / f).is_file(), f
+    assert_complete(out, {f"t{i:02d}" for i in range(4)})
+    assert json.loads(r.stdout.strip().splitlines()[-1])["pairs_per_stage"]
