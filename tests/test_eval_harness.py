@@ -297,3 +297,14 @@ def test_progress_bar_forced_on_does_not_change_results(tmp_path, capsys):
     shown = run_eval(FakeBackend(answers), [str(path)], tmp_path / "b", family_cfg=FAMILY, progress=True)
     assert _bench_entries(quiet) == _bench_entries(shown)
     assert "eval toy" in capsys.readouterr().err
+
+
+def test_make_backend_dispatches_replay():
+    from omegaconf import OmegaConf
+
+    from sphere.backends import make_backend
+
+    cfg = OmegaConf.create({"backend": {"name": "replay"}, "replay": {"references": True, "path": None,
+                                                                      "missing": "error"}})
+    be = make_backend(cfg, None)
+    assert isinstance(be, ReplayBackend) and be.references and be.missing == "error"
