@@ -308,3 +308,25 @@ def test_make_backend_dispatches_replay():
                                                                       "missing": "error"}})
     be = make_backend(cfg, None)
     assert isinstance(be, ReplayBackend) and be.references and be.missing == "error"
+
+
+def test_markdown_table_columns_and_reference_section():
+    from sphere.evaluation.report import load_reference_results, markdown_table
+
+    results = {
+        "math500": {"title": "MATH-500", "n": 10, "correct": 3, "accuracy": 0.3, "ci95_low": 0.1,
+                    "ci95_high": 0.6, "pass@1": 0.25, "pass@4": 0.5, "maj@4": 0.3, "maj@4_correct": 3},
+        "meta": {"model": "m", "backend": {"name": "fake"}, "sampling": {"n": 4, "temperature": 0.8}},
+    }
+    md = markdown_table(results, load_reference_results())
+    assert "| benchmark | n | correct | accuracy % | 95% CI (Wilson) | pass@1 % | pass@4 % | maj@4 % |" in md
+    assert "| MATH-500 | 10 | 3 | 30.0 | 10.0–60.0 | 25.0 | 50.0 | 30.0 |" in md
+    assert "Reported elsewhere (NOT measured here)" in md and "https://arxiv.org/abs/2409.12122" in md
+    assert "GSM8K (test, 1,319)" not in md  # references are shown only next to benchmarks of the run
+
+
+def test_reference_file_entries_all_have_sources():
+    from sphere.evaluation.report import load_reference_results
+
+    refs = load_reference_results()
+    assert refs and all(r["url"].startswith("https://") and r["source"] for r in refs)

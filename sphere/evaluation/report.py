@@ -50,8 +50,9 @@ def markdown_table(results: dict, references: list[dict] | None = None) -> str:
     reference numbers relevant to the run's benchmarks, each with its numbered source."""
     meta = results.get("meta", {})
     benches = {k: v for k, v in results.items() if k != "meta"}
-    k_cols = sorted({c for v in benches.values() for c in v if c.startswith(("pass@", "maj@"))
-                     and not c.endswith("_correct")}, key=lambda c: (c.split("@")[0], int(c.split("@")[1])))
+    k_cols = {c for v in benches.values() for c in v
+              if c.startswith(("pass@", "maj@")) and not c.endswith("_correct")}
+    k_cols = sorted(k_cols, key=lambda c: (c.startswith("maj"), int(c.split("@")[1])))  # pass@k first
     lines = [
         "# Evaluation results",
         "",
