@@ -56,6 +56,9 @@ REGRESSIONS = [
     ("\\boxed{x = 3}", "3", True, "assignment"),
     ("\\boxed{Evelyn}", "\\text{Evelyn}", True, "word answer"),
     ("\\boxed{Navin}", "\\text{Evelyn}", False, "word answer"),
+    ("\\boxed{2x - y + 2z - 18 = 0}", "0", False, "MATH train precalculus/900 vs 905 (equation vs value)"),
+    ("\\boxed{f(x) = 2x}", "2x", True, "function assignment"),
+    ("\\boxed{y = 2x + 3}", "y = 2x + 3", True, "equation vs the same equation"),
     ("#### 18", "18", True, "GSM8K"),
     ("#### 17", "18", False, "GSM8K"),
 ]

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 from collections import OrderedDict
 
@@ -76,6 +77,8 @@ def check_pair(pred: str, gold: str) -> bool:
         return True
     if is_prose(gold) or is_prose(pred):  # math-verify would compare a fragment of the text
         return False
+    if _is_equation_not_assignment(pred) and not _is_equation_not_assignment(gold) and "=" not in gold:
+        return False  # "2x - y + 2z - 18 = 0" is a plane, not the value 0 (math-verify compares the rhs)
     g = _gold(gold)
     if not g:
         return False
@@ -103,6 +106,18 @@ def _exact_disagree(a, b, pred: str, gold: str) -> bool:
         return bool(a.is_Rational and b.is_Rational and a != b)
     except Exception:  # noqa: BLE001
         return False
+
+
+_RELATION = re.compile(r"\\(?:le|ge|ne|leq|geq|neq)(?![a-zA-Z])|[<>!]=|=>|<=")
+_ASSIGN_LHS = re.compile(r"^\s*(?:[a-zA-Z](?:_\{?\w+\}?)?|\\[a-zA-Z]+|[a-zA-Z]\s*\(\s*[a-z]\s*\))\s*$")
+
+
+def _is_equation_not_assignment(ans: str) -> bool:
+    """An equation whose left side is not a lone name: "2x - y + 2z - 18 = 0" (vs "x = 3", "f(x) = 2x")."""
+    s = _RELATION.sub(" ", ans)
+    if s.count("=") != 1:
+        return False
+    return not _ASSIGN_LHS.match(s.split("=", 1)[0])
 
 
 def _limit_memory(mb: int) -> None:
