@@ -186,11 +186,12 @@ def _chromium() -> str | None:
     return None
 
 
-def _run_chromium(exe: str, page: Path, *args: str) -> subprocess.CompletedProcess:
+def _run_chromium(exe: str, page: Path, *args: str, fragment: str = "") -> subprocess.CompletedProcess:
     prof = page.parent / "chromium-profile"
+    url = page.resolve().as_uri() + (f"#{fragment}" if fragment else "")
     cmd = [exe, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
            "--no-first-run", "--disable-extensions", f"--user-data-dir={prof}",
-           "--virtual-time-budget=10000", *args, page.resolve().as_uri()]
+           "--virtual-time-budget=10000", *args, url]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=180,
                           env={**os.environ, "HOME": str(page.parent)})
 
@@ -224,10 +225,14 @@ def test_page_in_headless_chromium(tmp_path: Path):
     assert shot.is_file(), r.stderr[-2000:]
     png = shot.read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
-    if os.environ.get("SPHERE_UPDATE_DOCS_IMG") == "1":  # refresh the README image on demand
-        dest = Path(__file__).resolve().parents[1] / "docs" / "img" / "tree_viewer.png"
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(shot, dest)
+
+    # a #node=K link opens the tree at node K with its path in the side panel
+    k = expect["sol_min"][-1]
+    r = _run_chromium(exe, page.with_name("tree.html"), "--dump-dom", fragment=f"node={k}")
+    assert 'id="sphere-js-error"' not in r.stdout
+    sel = re.findall(r'<div class="node[^"]*\bsel\b[^"]*" data-id="(\d+)"', r.stdout)
+    assert sel == [str(k)]
+    assert re.search(r'<div id="detail-body"><div>node %d ' % k, r.stdout)
 
 
 def test_reads_what_generate_writes(tmp_path):
@@ -251,3 +256,27 @@ def test_reads_what_generate_writes(tmp_path):
     page = render_tree_html(arrays2, meta2)
     data = json.loads(re.search(r'id="sphere-tree-data">(.*?)</script>', page, re.S).group(1))
     assert len(data["parent"]) == len(meta["text"]) and data["sol_max"]["correct"] is True
+
+
+def test_trees_from_a_generate_run_render_with_full_sol_paths(tmp_path):
+    """End to end without a model: the three-stage generator (test double backend) saves trees/*.npz;
+    every file loads, and Sol_max / Sol_min are found in the tree step by step (root + one node per step)."""
+    from test_generate import FakeStepBackend, _cfg, _problems
+
+    from sphere.generate.run import Generator
+    from sphere.rewards.symbolic import SymbolicStepScorer
+    from sphere.verify import check_answers
+
+    cfg = _cfg(**{"output.snapshot_every": 1, "data.data_dir": str(tmp_path)})
+    Generator(cfg, tmp_path).run(_problems(6), FakeStepBackend(0.6), SymbolicStepScorer(), check_answers,
+                                 small_backend_factory=lambda: FakeStepBackend(0.3))
+    files = sorted((tmp_path / "trees").glob("*.npz"))
+    assert len(files) >= 6
+    for f in files:
+        arrays, meta = load_tree_snapshot(f)
+        d = tree_payload(arrays, meta, f.stem)
+        assert len(d["text"]) == len(arrays["parent"]) > 1
+        for key in ("sol_max", "sol_min"):
+            if d[key] is not None:
+                assert len(d[key]["nodes"]) == d[key]["steps"] + 1, (f.name, key)
+        assert viz_main([str(f)]) == 0
