@@ -146,7 +146,7 @@ def run(cfg: DictConfig, out: Path) -> dict:
                     f"{b} {100 * v['accuracy']:.1f}%" for b, v in rec["eval"].items()), flush=True)
                 if r < R:
                     gen = Generator(cfg, out / f"round_{r + 1}" / "generate", logger=logger)
-                    scorer = make_scorer(cfg.scorer, backend=backend)
+                    scorer = make_scorer(cfg, backend=backend)
                     holder: dict = {}
 
                     def small_factory():
@@ -220,7 +220,7 @@ def run_transfer(cfg: DictConfig, out: Path, target_name: str) -> dict:
         pb = make_backend(cfg, policy)
         try:
             gen = Generator(cfg, gdir, logger=logger)
-            gstats = gen.run(load_problems(cfg.data, int(cfg.seed)), pb, make_scorer(cfg.scorer, backend=pb),
+            gstats = gen.run(load_problems(cfg.data, int(cfg.seed)), pb, make_scorer(cfg, backend=pb),
                              check_answers,
                              small_backend_factory=(lambda: make_backend(cfg, small)) if small else None)
         finally:

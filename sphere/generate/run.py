@@ -227,6 +227,8 @@ class Generator:
             dup = len(problems) - len(by_id)
             raise ValueError(f"data.problems: {dup} duplicate problem ids; ids must be unique")
         tok = policy_backend.tokenizer
+        if hasattr(scorer, "set_golds"):  # rollout values need each problem's gold answer
+            scorer.set_golds(problems)
         policy_name = str(cfg.model.policy)
         small_name = str(cfg.model.small)
         snap_every = int(cfg.output.snapshot_every)
@@ -490,7 +492,7 @@ def main(cfg: DictConfig) -> float:
     logger = make_logger(cfg, out, "generate")
     try:
         policy = build_components(cfg, "policy")
-        scorer = make_scorer(cfg.scorer, backend=policy)
+        scorer = make_scorer(cfg, backend=policy)
         gen = Generator(cfg, out, logger=logger)
         small_holder = {}
 

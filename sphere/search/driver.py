@@ -276,9 +276,8 @@ class SearchDriver:
             try:
                 cands = self.backend.next_steps(prompts, sp)
             except Exception:
-                t1 = time.perf_counter()
-                f.cancel(leaves_arr)  # failed request: remove the virtual loss, keep the tree intact
-                self.stats.engine_s += time.perf_counter() - t1
+                if self.mode != "paper":  # failed request: remove the virtual loss, keep the trees intact
+                    f.cancel(leaves_arr)
                 raise
             self.stats.backend_s += time.perf_counter() - t0
             self.stats.backend_calls += 1
@@ -442,17 +441,24 @@ class SearchDriver:
             for st in live.values():
                 n += self._select_tree(st, roots, leaves)
             return n
-        active = [r for r, st in live.items() if st["sims"] < int(self.cfg.simulations)]
-        if not active:
-            return 0
-        ra = np.asarray(active, dtype=np.int32)
-        kk = self.k
-        tree_idx, lv, coll = self.forest.select(ra, kk)
-        self.stats.collisions += int(np.asarray(coll).sum())
-        for t, leaf in zip(tree_idx.tolist(), lv.tolist()):
-            roots.append(int(ra[t]))
-            leaves.append(int(leaf))
-        return len(lv)
+        budget = int(self.cfg.simulations)
+        # k leaves per tree, but never past a tree's remaining simulation budget: one select() call per
+        # distinct leaf count (at most k calls per round, each batched over its trees)
+        groups: dict[int, list[int]] = {}
+        for r, st in live.items():
+            kk = min(self.k, budget - st["sims"])
+            if kk > 0:
+                groups.setdefault(kk, []).append(r)
+        n = 0
+        for kk, active in sorted(groups.items()):
+            ra = np.asarray(active, dtype=np.int32)
+            tree_idx, lv, coll = self.forest.select(ra, kk)
+            self.stats.collisions += int(np.asarray(coll).sum())
+            for t, leaf in zip(tree_idx.tolist(), lv.tolist()):
+                roots.append(int(ra[t]))
+                leaves.append(int(leaf))
+            n += len(lv)
+        return n
 
     def _select_tree(self, st: dict, roots: list[int], leaves: list[int]) -> int:
         f = self.forest
@@ -463,9 +469,10 @@ class SearchDriver:
                 leaves.append(node)
                 got += 1
             return got
-        if st["sims"] >= int(self.cfg.simulations):
+        kk = min(self.k, int(self.cfg.simulations) - st["sims"])
+        if kk <= 0:
             return 0
-        tree_idx, lv, coll = f.select(np.asarray([st["root"]], dtype=np.int32), self.k)
+        tree_idx, lv, coll = f.select(np.asarray([st["root"]], dtype=np.int32), kk)
         self.stats.collisions += int(np.asarray(coll).sum())
         for leaf in lv.tolist():
             roots.append(st["root"])
