@@ -302,6 +302,7 @@ def test_prompts_filling_max_length_are_reported(tmp_path, tiny_model_dir):
         train_dpo({**FAST, "max_length": 8}, tiny_model_dir, pairs, tmp_path / "out")
 
 
+@pytest.mark.slow  # a fresh interpreter imports torch/trl/hydra: 40-65 s on a loaded 2-core machine
 def test_sphere_train_cli(tmp_path, tiny_model_dir):
     pairs = write_jsonl(tmp_path / "pairs.jsonl", make_pairs(8))
     run_dir = tmp_path / "run"
