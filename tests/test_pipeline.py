@@ -1,0 +1,65 @@
+"""`sphere run`: every experiment config composes and passes its dry run; the summary table."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sphere.pipeline import summary_markdown
+
+ROOT = Path(__file__).resolve().parents[1]
+EXPERIMENTS = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml"))
+
+
+def _sphere(*args: str, cwd: Path = ROOT, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "sphere.cli", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def _plan(stdout: str) -> dict:
+    return json.loads(stdout[stdout.index("{"):])
+
+
+@pytest.mark.parametrize("exp", EXPERIMENTS)
+def test_every_experiment_dry_run(exp, tmp_path):
+    extra = ["variant=no_stage3"] if exp == "ablation" else []
+    r = _sphere("run", f"experiment={exp}", "dry_run=true", *extra, f"hydra.run.dir={tmp_path}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    plan = _plan(r.stdout)
+    assert plan["problems"] > 0
+    assert plan["estimate_per_round_stage1"]["backend_calls"] > 0
+    assert not (tmp_path / "summary.json").exists()  # a dry run trains and evaluates nothing
+    if exp.startswith("paper_") or exp.startswith("transfer_"):
+        assert plan["problems"] == 11998 + 7473  # MATH train + GSM8K train (~20K, the paper's scale)
+        assert plan["search"]["E"] == 5 and plan["search"]["E_small"] == 10
+        assert plan["search"]["temperature"] == 0.8 and plan["search"]["pruning"] == "minmax"
+        assert "math500" in plan["eval"]["benchmarks"]
+    if exp.startswith("transfer_"):
+        assert plan["models"]["train_target"] and plan["models"]["policy"] == "Qwen/Qwen2.5-7B-Instruct"
+    if exp == "ablation":
+        assert plan["stages"]["3"] is False and plan["stages"]["2"] is True
+
+
+def test_dry_run_rejects_bad_config(tmp_path):
+    r = _sphere("run", "dry_run=true", "search.pruning.policy=best", f"hydra.run.dir={tmp_path}")
+    assert r.returncode != 0
+    assert "search.pruning.policy" in r.stderr and "minmax" in r.stderr
+    r = _sphere("run", "dry_run=true", "rounds=-1", f"hydra.run.dir={tmp_path}")
+    assert r.returncode != 0 and "rounds" in r.stderr
+
+
+def test_summary_markdown_shows_change_against_round0():
+    rounds = [
+        {"round": 0, "eval": {"mini": {"accuracy": 0.40}}, "pairs_per_stage": None, "wall_s": 10.0},
+        {"round": 1, "eval": {"mini": {"accuracy": 0.55}}, "pairs_per_stage": {"1": 5, "2": 2, "3": 1},
+         "wall_s": 100.0},
+    ]
+    md = summary_markdown(rounds)
+    assert "| 1 | 55.0% | +15.0 | 5/2/1 | 100 |" in md
+    assert "| 0 | 40.0% | +0.0 | — | 10 |" in md
