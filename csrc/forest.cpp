@@ -359,15 +359,39 @@ void Forest::expand(const int32_t* leaves, const int32_t* counts, int64_t m, con
   }
   const auto want = static_cast<size_t>(num_nodes() + c);
   if (parent_.capacity() < want) reserve_locked(std::max(want, parent_.capacity() * 2));
+  // Grow every array once, then fill by index (no per-child push_back).
+  const auto base = static_cast<size_t>(num_nodes());
+  hot_.resize(want);
+  parent_.resize(want);
+  payload_.resize(want);
+  tree_.resize(want);
+  reward_.resize(want);
+  depth_.resize(want);
+  std::copy(payloads, payloads + c, payload_.begin() + static_cast<std::ptrdiff_t>(base));
+  std::copy(rewards, rewards + c, reward_.begin() + static_cast<std::ptrdiff_t>(base));
   int64_t off = 0;
   for (int64_t i = 0; i < m; ++i) {
     const int32_t leaf = leaves[i], cnt = counts[i];
     const auto d = static_cast<int16_t>(depth_[leaf] + 1);
-    const int32_t first = static_cast<int32_t>(num_nodes());
+    const int32_t tr = tree_[leaf];
+    const int32_t first = static_cast<int32_t>(base + static_cast<size_t>(off));
+    const uint8_t auto_terminal = d >= cfg_.max_depth ? (kTerminal | kExhausted) : 0;
     for (int32_t j = 0; j < cnt; ++j, ++off) {
-      const int32_t id = new_node(leaf, payloads[off], priors[off], rewards[off], values[off], tree_[leaf], d);
-      if (terminal[off] || d >= cfg_.max_depth) hot_[id].flags |= kTerminal | kExhausted;
-      out[off] = id;
+      const auto id = static_cast<size_t>(base + static_cast<size_t>(off));
+      Hot& h = hot_[id];
+      h.value_sum = 0.0;
+      h.first_child = -1;
+      h.visits = 0;
+      h.inflight = 0;
+      h.prior = priors[off];
+      h.init_value = values[off];
+      h.num_children = 0;
+      h.flags = terminal[off] ? static_cast<uint8_t>(kTerminal | kExhausted) : auto_terminal;
+      h.pad = 0;
+      parent_[id] = leaf;
+      tree_[id] = tr;
+      depth_[id] = d;
+      out[off] = static_cast<int32_t>(id);
     }
     hot_[leaf].first_child = cnt > 0 ? first : -1;
     hot_[leaf].num_children = static_cast<uint16_t>(cnt);

@@ -24,7 +24,7 @@ KEYS = {"cpp_selects_per_s", "py_selects_per_s", "speedup", "round_ms_4096_leave
 def _cfg(**kw):
     base = dict(trees=16, branching=3, max_depth=6, k=2, rounds=4, py_rounds=2, p_terminal=0.1, rule="puct",
                 c=1.25, virtual_loss=1.0, pruning="none", peers=False, peer_simulations=8,
-                peer_trees_llm_reasoners=2, threads=1, seed=0)
+                peer_trees_llm_reasoners=2, threads=1, seed=0, timer="cpu")
     base.update(kw)
     return OmegaConf.create(base)
 

@@ -41,31 +41,39 @@ def _round_inputs(rng: np.random.Generator, m: int, branching: int, p_terminal: 
     }
 
 
+def _now() -> tuple[float, float]:
+    return time.perf_counter(), time.thread_time()
+
+
 def run_workload(backend: str, cfg: EngineConfig, trees: int, branching: int, k: int, rounds: int,
                  seed: int, p_terminal: float) -> dict:
-    """Run `rounds` search rounds; returns timings (seconds per round) and the final forest."""
+    """Run `rounds` search rounds; returns per-round seconds of select/expand/backup on two clocks
+    (wall: perf_counter; cpu: this thread's CPU time, which excludes time other processes hold the core)
+    and the final forest."""
     rng = np.random.default_rng(seed)
     f = make_forest(cfg, backend=backend)
     roots = f.add_roots(np.arange(trees, dtype=np.int64))
-    sel, exp, bkp, leaves_n, coll = [], [], [], [], []
+    t = {f"{part}_{clock}": [] for part in ("select", "expand", "backup") for clock in ("wall", "cpu")}
+    leaves_n, coll = [], []
     for _ in range(rounds):
-        t0 = time.perf_counter()
+        t0 = _now()
         _, leaves, collisions = f.select(roots, k)
-        t1 = time.perf_counter()
+        t1 = _now()
         inp = _round_inputs(rng, len(leaves), branching, p_terminal)
-        t2 = time.perf_counter()
+        t2 = _now()
         f.expand(leaves, inp["counts"], inp["priors"], inp["payloads"], inp["rewards"], inp["values"],
                  inp["terminal"])
-        t3 = time.perf_counter()
+        t3 = _now()
         f.backup(leaves, inp["leaf_values"])
-        t4 = time.perf_counter()
-        sel.append(t1 - t0)
-        exp.append(t3 - t2)
-        bkp.append(t4 - t3)
+        t4 = _now()
+        for part, (a, b) in (("select", (t0, t1)), ("expand", (t2, t3)), ("backup", (t3, t4))):
+            t[f"{part}_wall"].append(b[0] - a[0])
+            t[f"{part}_cpu"].append(b[1] - a[1])
         leaves_n.append(len(leaves))
         coll.append(int(collisions.sum()))
-    return {"forest": f, "select_s": np.array(sel), "expand_s": np.array(exp), "backup_s": np.array(bkp),
-            "leaves": np.array(leaves_n), "collisions": np.array(coll)}
+    out = {key: np.array(v) for key, v in t.items()}
+    out.update(forest=f, leaves=np.array(leaves_n), collisions=np.array(coll))
+    return out
 
 
 def _same_trees(a, b) -> bool:
@@ -87,36 +95,54 @@ def bench(cfg) -> dict:
     py = run_workload("py", **common, rounds=py_rounds)
     cpp_small = run_workload("cpp", **common, rounds=py_rounds)  # same rounds as Python, fresh forest
     parity = _same_trees(cpp_small["forest"], py["forest"])
+    del py["forest"], cpp_small["forest"]
 
     f = cpp["forest"]
     st = f.stats()
-    leaves_total = int(cpp["leaves"].sum())
-    round_s = cpp["select_s"] + cpp["expand_s"] + cpp["backup_s"]
-    per_leaf = round_s / np.maximum(cpp["leaves"], 1)
-    small_sel = float(cpp_small["leaves"].sum() / cpp_small["select_s"].sum())
-    py_sel = float(py["leaves"].sum() / py["select_s"].sum())
-    small_round = float(cpp_small["leaves"].sum() / (cpp_small["select_s"] + cpp_small["expand_s"]
-                                                      + cpp_small["backup_s"]).sum())
-    py_round = float(py["leaves"].sum() / (py["select_s"] + py["expand_s"] + py["backup_s"]).sum())
-    cpp_sims = leaves_total / float(round_s.sum())
+    clock = str(cfg.timer)
+    if clock not in ("cpu", "wall"):
+        raise ValueError(f"timer={clock!r}: allowed 'cpu', 'wall'")
+
+    def rates(run: dict, clk: str) -> dict:
+        n = np.maximum(run["leaves"], 1).astype(float)
+        sel = run[f"select_{clk}"]
+        rnd = sel + run[f"expand_{clk}"] + run[f"backup_{clk}"]
+        return {
+            # medians over rounds: robust to the odd round where the machine was busy elsewhere
+            "selects_per_s": float(np.median(n / np.maximum(sel, 1e-9))),
+            "round_per_leaf_s": float(np.median(rnd / n)),
+            "sims_per_s": float(np.median(n / np.maximum(rnd, 1e-9))),
+            "select_ms": float(np.median(sel)) * 1e3,
+            "expand_ms": float(np.median(run[f"expand_{clk}"])) * 1e3,
+            "backup_ms": float(np.median(run[f"backup_{clk}"])) * 1e3,
+            "round_ms": float(np.median(rnd)) * 1e3,
+        }
+
+    main_, wall = rates(cpp, clock), rates(cpp, "wall")
+    small, pyr = rates(cpp_small, clock), rates(py, clock)
     out = {
         "bench": "engine",
         "trees": int(cfg.trees), "branching": int(cfg.branching), "max_depth": int(cfg.max_depth),
         "k": int(cfg.k), "rounds": rounds, "py_rounds": py_rounds, "rule": cfg.rule, "pruning": cfg.pruning,
         "virtual_loss": float(cfg.virtual_loss),
-        # selects = leaves returned by select() (virtual loss applied; collisions excluded)
-        "cpp_selects_per_s": round(leaves_total / float(cpp["select_s"].sum())),
-        "py_selects_per_s": round(py_sel),
+        "timer": clock,  # cpu = thread CPU time (excludes time other processes hold the core); wall = perf_counter
+        # selects = leaves returned by select() (virtual loss applied; collisions excluded), median round
+        "cpp_selects_per_s": round(main_["selects_per_s"]),
+        "py_selects_per_s": round(pyr["selects_per_s"]),
         # speedup on the same first py_rounds rounds (same trees, same inputs)
-        "speedup": round(small_sel / py_sel, 1),
-        "round_speedup": round(small_round / py_round, 1),
-        "round_ms_4096_leaves": round(float(np.median(per_leaf)) * 4096 * 1e3, 3),
-        "round_ms_median": round(float(np.median(round_s)) * 1e3, 3),
+        "speedup": round(small["selects_per_s"] / pyr["selects_per_s"], 1),
+        "round_speedup": round(small["sims_per_s"] / pyr["sims_per_s"], 1),
+        # select + expand + backup, per leaf, scaled to 4,096 leaves (= trees*k at the defaults)
+        "round_ms_4096_leaves": round(main_["round_per_leaf_s"] * 4096 * 1e3, 3),
+        "round_ms_median": round(main_["round_ms"], 3),
         "leaves_per_round": round(float(cpp["leaves"].mean()), 1),
-        "select_ms_median": round(float(np.median(cpp["select_s"])) * 1e3, 3),
-        "expand_ms_median": round(float(np.median(cpp["expand_s"])) * 1e3, 3),
-        "backup_ms_median": round(float(np.median(cpp["backup_s"])) * 1e3, 3),
-        "cpp_simulations_per_s": round(cpp_sims),
+        "select_ms_median": round(main_["select_ms"], 3),
+        "expand_ms_median": round(main_["expand_ms"], 3),
+        "backup_ms_median": round(main_["backup_ms"], 3),
+        "cpp_simulations_per_s": round(main_["sims_per_s"]),
+        "wall_cpp_selects_per_s": round(wall["selects_per_s"]),
+        "wall_round_ms_4096_leaves": round(wall["round_per_leaf_s"] * 4096 * 1e3, 3),
+        "wall_speedup": round(rates(cpp_small, "wall")["selects_per_s"] / rates(py, "wall")["selects_per_s"], 1),
         "bytes_per_node": int(st["bytes_per_node"]),
         "nodes": int(st["nodes"]),
         "max_tree_depth": int(max(d for d, n in enumerate(st["depth_histogram"]) if n)),
@@ -125,11 +151,12 @@ def bench(cfg) -> dict:
         "threads": int(cfg.threads),
         "cpu": platform.processor() or platform.machine(),
         "cpus": os.cpu_count(),
+        "loadavg_1m": round(os.getloadavg()[0], 2),
     }
     out["targets_met"] = bool(out["cpp_selects_per_s"] >= 1_000_000 and out["speedup"] >= 50
                               and out["round_ms_4096_leaves"] <= 10)
     if cfg.peers:
-        out.update(peers.run_peers(cfg, cpp_sims))
+        out.update(peers.run_peers(cfg, out["cpp_simulations_per_s"], clock))
     else:
         out["peers"] = "skipped (peers=false)"
     return out
@@ -144,7 +171,8 @@ def _table(res: dict) -> None:
     t = Table(title=f"sphere bench engine: {res['trees']} trees, branching {res['branching']}, k={res['k']}")
     t.add_column("metric")
     t.add_column("value", justify="right")
-    for key in ("cpp_selects_per_s", "py_selects_per_s", "speedup", "round_speedup", "round_ms_4096_leaves",
+    for key in ("timer", "cpp_selects_per_s", "py_selects_per_s", "speedup", "round_speedup", "round_ms_4096_leaves",
+                "wall_cpp_selects_per_s", "wall_round_ms_4096_leaves", "wall_speedup", "loadavg_1m",
                 "select_ms_median", "expand_ms_median", "backup_ms_median", "cpp_simulations_per_s",
                 "bytes_per_node", "nodes", "max_tree_depth", "parity_cpp_py", "vs_llm_reasoners", "vs_mctx"):
         if key in res:
