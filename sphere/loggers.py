@@ -3,7 +3,8 @@
 W&B mode (``logger.mode``): ``auto`` = ``$WANDB_MODE`` when set, else ``online`` when ``WANDB_API_KEY`` is
 set, else ``offline`` (files under ``<run dir>/wandb/``, synced later with ``wandb sync``); or
 ``online`` | ``offline`` | ``disabled`` explicitly. One run per job: a Hydra multirun gives one run per
-job (named ``<job>-<job number>``, with the job's overrides as run notes) grouped by its sweep directory.
+job (named ``<job>-<job number>``, with the job's overrides as run notes) grouped by ``logger.group``, else
+``$WANDB_RUN_GROUP``, else its sweep directory.
 Metric names are namespaced by the caller (``search/``, ``gen/``, ``train/``, ``eval/``).
 
 The API key is never logged: wandb reads it from the environment itself, and the resolved config we
@@ -96,6 +97,12 @@ def hydra_job_identity() -> dict[str, Any]:
     return out
 
 
+def run_group(cfg_logger: Any, ident: dict[str, Any]) -> str | None:
+    """W&B run group: ``logger.group``, else ``$WANDB_RUN_GROUP`` (a driver such as `sphere sweep` can set
+    it to put all its multiruns in one group), else the Hydra sweep directory of a multirun job."""
+    return cfg_logger.get("group") or os.environ.get("WANDB_RUN_GROUP") or ident.get("group") or None
+
+
 class WandbLogger:
     name = "wandb"
 
@@ -104,7 +111,7 @@ class WandbLogger:
 
         mode = resolve_mode(cfg_logger.get("mode", "auto"))
         ident = hydra_job_identity()
-        group = cfg_logger.get("group") or ident.get("group")
+        group = run_group(cfg_logger, ident)
         name = str(cfg_logger.get("name_prefix", "") or "") + job_name
         if "num" in ident:
             name += f"-{ident['num']}"

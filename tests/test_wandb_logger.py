@@ -80,6 +80,17 @@ def test_mode_resolution(monkeypatch):
     assert isinstance(make_logger(OmegaConf.create({"logger": {"name": "none"}}), "/tmp", "x"), NullLogger)
 
 
+def test_run_group_precedence(monkeypatch):
+    from sphere.loggers import run_group
+
+    monkeypatch.delenv("WANDB_RUN_GROUP", raising=False)
+    assert run_group({"group": None}, {}) is None
+    assert run_group({"group": None}, {"group": "sweep/threshold"}) == "sweep/threshold"
+    monkeypatch.setenv("WANDB_RUN_GROUP", "pruning-2026")
+    assert run_group({"group": None}, {"group": "sweep/threshold"}) == "pruning-2026"
+    assert run_group({"group": "mine"}, {"group": "sweep/threshold"}) == "mine"
+
+
 def test_offline_run_records_metrics_config_table_artifact_and_no_key(tmp_path, wandb_env, monkeypatch):
     # offline even with a key in the environment: mode=offline is explicit
     monkeypatch.setenv("WANDB_API_KEY", FAKE_KEY)
