@@ -58,6 +58,7 @@ REGRESSIONS = [
     ("\\boxed{Navin}", "\\text{Evelyn}", False, "word answer"),
     ("\\boxed{2x - y + 2z - 18 = 0}", "0", False, "MATH train precalculus/900 vs 905 (equation vs value)"),
     ("\\boxed{f(x) = 2x}", "2x", True, "function assignment"),
+    ("\\boxed{\\frac{8}{24}=\\frac{1}{3}}", "\\frac{1}{3}", True, "numeric chain (OlympiadBench 2836)"),
     ("\\boxed{y = 2x + 3}", "y = 2x + 3", True, "equation vs the same equation"),
     ("#### 18", "18", True, "GSM8K"),
     ("#### 17", "18", False, "GSM8K"),

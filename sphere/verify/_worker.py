@@ -109,15 +109,20 @@ def _exact_disagree(a, b, pred: str, gold: str) -> bool:
 
 
 _RELATION = re.compile(r"\\(?:le|ge|ne|leq|geq|neq)(?![a-zA-Z])|[<>!]=|=>|<=")
+_VARIABLE = re.compile(r"(?<![\\a-zA-Z])[a-zA-Z]")  # a letter that is not part of a \command
 _ASSIGN_LHS = re.compile(r"^\s*(?:[a-zA-Z](?:_\{?\w+\}?)?|\\[a-zA-Z]+|[a-zA-Z]\s*\(\s*[a-z]\s*\))\s*$")
 
 
 def _is_equation_not_assignment(ans: str) -> bool:
-    """An equation whose left side is not a lone name: "2x - y + 2z - 18 = 0" (vs "x = 3", "f(x) = 2x")."""
+    """An equation in variables whose left side is not a lone name: "2x - y + 2z - 18 = 0" (but not
+    "x = 3", "f(x) = 2x", or a numeric chain "\\frac{8}{24} = \\frac{1}{3}")."""
     s = _RELATION.sub(" ", ans)
     if s.count("=") != 1:
         return False
-    return not _ASSIGN_LHS.match(s.split("=", 1)[0])
+    lhs = s.split("=", 1)[0]
+    if not _VARIABLE.search(lhs):
+        return False
+    return not _ASSIGN_LHS.match(lhs)
 
 
 def _limit_memory(mb: int) -> None:
