@@ -343,3 +343,21 @@ def test_vllm_generates_from_the_merged_checkpoint(tmp_path, tiny_model_dir):
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["n"] > 0 and out["text"].strip()
+
+
+# --------------------------------------------------------------------------------------------- config
+def test_train_configs_compose_and_resolve():
+    """conf/train.yaml with both recipes composes, every train.* key is known to train_dpo, and the
+    recipes differ where they should."""
+    from hydra import compose, initialize_config_dir
+
+    from sphere.cli import conf_dir
+    from sphere.train.dpo import resolve_train_cfg
+
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        lora = resolve_train_cfg(compose("train", overrides=["pairs=p.jsonl", "seed=5"]).train)
+        full = resolve_train_cfg(compose("train", overrides=["pairs=p.jsonl", "train_opts@train=full",
+                                                             "train.loss.type=ipo"]).train)
+    assert lora["lora"]["enabled"] is True and full["lora"]["enabled"] is False
+    assert full["lr"] < lora["lr"] and lora["seed"] == 5 and full["loss"]["type"] == "ipo"
+    assert lora["trust_remote_code"] is False
