@@ -112,6 +112,17 @@ def test_hard_timeout_kills_and_replaces_a_stuck_worker(monkeypatch):
     assert dt < 30  # hang guard: one 1 s timeout plus two restarts of a tiny process
 
 
+def test_cache_answers_repeats_but_never_timeouts(monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parent / "fixtures"))
+    with Verifier(workers=1, timeout_s=1.0, worker_module="verify_fake_worker") as v:
+        pairs = [("\\boxed{abc}", "abd"), ("\\boxed{HANG}", "1"), ("\\boxed{xyz}", "abc")]
+        assert v.check_many(pairs) == [False, False, False]
+        assert v.check_many(pairs) == [False, False, False]
+        s = v.stats()
+    assert s["worker_checks"] == 4 and s["cache_hits"] == 2  # the second abc/abd and xyz/abc: cache
+    assert s["timeouts"] == 2 and s["hard_kills"] == 2  # the hung check was retried, not cached
+
+
 def test_concurrent_callers_get_their_own_answers(verifier):
     errors: list[str] = []
 

@@ -116,6 +116,8 @@ def bench(cfg) -> dict:
         # figure above also depends on what else runs (see loadavg_1m).
         res["checks_per_cpu_s"] = round(len(mix) / max(cpu, 1e-9), 1)
         res["fast_path_share"] = round((s1["fast_decided"] - s0["fast_decided"]) / len(mix), 3)
+        res["cache_hit_share"] = round((s1["cache_hits"] - s0["cache_hits"]) / len(mix), 3)
+        res["worker_share"] = round((s1["worker_checks"] - s0["worker_checks"]) / len(mix), 3)
         agree = sum(a == b for a, b in zip(got, want, strict=True))
         res["agreement_with_expected"] = round(agree / len(mix), 4)
         dt2, cpu2, got2 = _timed(v, mix, int(cfg.batch), False)
@@ -161,7 +163,8 @@ def _table(res: dict) -> None:
     t.add_column("metric")
     t.add_column("value", justify="right")
     for k in ("checks_per_s", "checks_per_cpu_s", "checks_per_s_workers_only",
-              "checks_per_cpu_s_workers_only", "fast_path_share", "agreement_with_expected",
+              "checks_per_cpu_s_workers_only", "fast_path_share", "cache_hit_share", "worker_share",
+              "agreement_with_expected",
               "fast_vs_workers_disagreements", "mix_timeouts", "pathological_max_s", "pathological_timeouts",
               "hangs", "timeouts", "restarts", "loadavg_1m"):
         t.add_row(k, str(res[k]))

@@ -7,7 +7,8 @@ exist) speaking JSON lines, so nothing is pickled and the caller's ``__main__`` 
 
 Flow of ``Verifier.check_many(pairs)``:
 1. In the caller: ``extract_answer`` + ``fast_verdict`` decide the obvious cases (no IPC, no sympy;
-   ``fast_verdict`` never returns a wrong True, see ``sphere.verify.extract``).
+   ``fast_verdict`` never returns a wrong True, see ``sphere.verify.extract``); an LRU cache of earlier
+   worker verdicts per (answer, gold) answers repeats (a search's candidates converge on few answers).
 2. The rest is cut into chunks (amortising IPC) and run by an internal thread per worker process. The
    worker answers per item; if an item takes longer than ``timeout_s`` the worker is killed and replaced,
    the item's verdict is False, the timeout is counted, and the rest of the chunk is resent.
@@ -26,6 +27,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 
 from sphere.verify.extract import extract_answer, fast_verdict
@@ -126,8 +128,8 @@ class _Proc:
 class Verifier:
     """A pool of ``workers`` checker processes with a hard per-item timeout of ``timeout_s`` seconds.
 
-    ``check_many`` is thread-safe. ``stats()`` -> dict: checks, fast_decided, worker_checks, timeouts
-    (soft + hard), hard_kills, restarts, crashes. ``close()`` stops the workers (also run at exit)."""
+    ``check_many`` is thread-safe. ``stats()`` -> dict: checks, fast_decided, cache_hits, worker_checks,
+    timeouts (soft + hard), hard_kills, restarts, crashes. ``close()`` stops the workers (also at exit)."""
 
     def __init__(
         self,
@@ -137,6 +139,7 @@ class Verifier:
         memory_limit_mb: int = 3072,
         fast_path: bool = True,
         worker_module: str = "sphere.verify._worker",
+        cache_size: int = 65536,
     ):
         if workers < 1:
             raise ValueError(f"verify.workers must be >= 1 (got {workers})")
@@ -153,8 +156,13 @@ class Verifier:
         self._lock = threading.Lock()
         self._closed = False
         self._stats = dict.fromkeys(
-            ("checks", "fast_decided", "worker_checks", "timeouts", "hard_kills", "restarts", "crashes"), 0
+            ("checks", "fast_decided", "cache_hits", "worker_checks", "timeouts", "hard_kills", "restarts",
+             "crashes"), 0
         )
+        # (extracted answer, gold) -> worker verdict. A search sends the same answer for the same problem
+        # many times (candidates converge); verdicts are deterministic, timed-out ones are never cached.
+        self._cache: OrderedDict[tuple[str, str], bool] = OrderedDict()
+        self.cache_size = max(0, int(cache_size))
         for _ in range(self.workers):
             self._add_proc()
         self._pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="sphere-verify")
@@ -190,9 +198,9 @@ class Verifier:
             return dict(self._stats, workers=self.workers, timeout_s=self.timeout_s)
 
     # -- work ----------------------------------------------------------------------------------------
-    def _run_chunk(self, items: list[tuple[str, str]], timeout_s: float) -> list[bool]:
-        """Run one chunk on an idle worker; per-item hard timeout; returns verdicts in order."""
-        out: list[bool] = []
+    def _run_chunk(self, items: list[tuple[str, str]], timeout_s: float) -> list[tuple[bool, bool]]:
+        """Run one chunk on an idle worker; per-item hard timeout; ``(verdict, timed_out)`` in order."""
+        out: list[tuple[bool, bool]] = []
         send_failures = 0
         p = self._idle.get()
         try:
@@ -215,7 +223,7 @@ class Verifier:
                     except (EOFError, OSError):
                         line, died = None, True  # the worker died (crash / out of memory)
                     if line is None:
-                        out.append(False)
+                        out.append((False, True))
                         if died:
                             self._count(crashes=1)
                         else:
@@ -225,7 +233,7 @@ class Verifier:
                         p = self._replace(p)
                         break
                     verdict, soft_to = json.loads(line)
-                    out.append(bool(verdict))
+                    out.append((bool(verdict), bool(soft_to)))
                     if soft_to:
                         self._count(timeouts=1)
         except BaseException:
@@ -240,7 +248,7 @@ class Verifier:
         self, pairs: list[tuple[str, str]], timeout_s: float | None = None, fast_path: bool | None = None
     ) -> list[bool]:
         """Verdicts for ``(completion, gold)`` pairs. ``timeout_s`` overrides the per-item hard timeout;
-        ``fast_path=False`` sends every extracted answer to math-verify (for validation)."""
+        ``fast_path=False`` sends every extracted answer to math-verify (for validation; no cache either)."""
         if self._closed:
             raise RuntimeError("sphere.verify: Verifier is closed")
         timeout_s = self.timeout_s if timeout_s is None else float(timeout_s)
@@ -249,7 +257,7 @@ class Verifier:
         res: list[bool] = [False] * n
         todo: list[int] = []
         items: list[tuple[str, str]] = []
-        n_fast = 0
+        n_fast = n_hit = 0
         for i, (completion, gold) in enumerate(pairs):
             pred = extract_answer(completion) if isinstance(completion, str) else None
             if pred is None or not isinstance(gold, str) or not gold.strip():
@@ -264,10 +272,17 @@ class Verifier:
             if v is not None:
                 res[i] = v
                 n_fast += 1
-            else:
-                todo.append(i)
-                items.append((pred, gold))
-        self._count(checks=n, fast_decided=n_fast, worker_checks=len(items))
+                continue
+            if fast and self.cache_size:
+                with self._lock:
+                    hit = self._cache.get((pred, gold))
+                if hit is not None:
+                    res[i] = hit
+                    n_hit += 1
+                    continue
+            todo.append(i)
+            items.append((pred, gold))
+        self._count(checks=n, fast_decided=n_fast, cache_hits=n_hit, worker_checks=len(items))
         if items:
             # ~4 chunks per worker (at most chunk_size long): a free worker takes the next chunk, so one slow
             # item holds up only its own small chunk, while IPC is still amortised over several items.
@@ -275,8 +290,16 @@ class Verifier:
             chunks = [items[j : j + k] for j in range(0, len(items), k)]
             futs = [self._pool.submit(self._run_chunk, c, timeout_s) for c in chunks]
             verdicts = [v for f in futs for v in f.result()]
-            for i, v in zip(todo, verdicts, strict=True):
+            for i, (v, _) in zip(todo, verdicts, strict=True):
                 res[i] = v
+            if fast and self.cache_size:
+                with self._lock:
+                    for key, (v, timed_out) in zip(items, verdicts, strict=True):
+                        if not timed_out:
+                            self._cache[key] = v
+                            self._cache.move_to_end(key)
+                    while len(self._cache) > self.cache_size:
+                        self._cache.popitem(last=False)
         return res
 
     def check(self, completion: str, gold: str, timeout_s: float | None = None) -> bool:
