@@ -137,45 +137,55 @@ double Forest::node_value(int32_t n) const {
 }
 
 int32_t Forest::pick_child(int32_t n, int32_t t) {
-  const int32_t first = hot_[n].first_child, end = first + hot_[n].num_children;
-  const double vl = cfg_.virtual_loss, c = cfg_.c, lv = cfg_.virtual_loss_value;
-  const double p_eff = static_cast<double>(hot_[n].visits) + vl * static_cast<double>(hot_[n].inflight);
-  const bool puct = cfg_.rule == Rule::kPuct;
+  const Hot* __restrict h = hot_.data();
+  const Config& cf = cfg_;
+  const int32_t first = h[n].first_child, end = first + h[n].num_children;
+  const double vl = cf.virtual_loss, c = cf.c, lv = cf.virtual_loss_value;
+  const double p_eff = static_cast<double>(h[n].visits) + vl * static_cast<double>(h[n].inflight);
+  const bool puct = cf.rule == Rule::kPuct;
   const double sq = puct ? std::sqrt(p_eff) : 0.0;
   const double lg = puct ? 0.0 : std::log(std::max(p_eff, 1.0));
-  const bool norm = cfg_.q_norm && qmax_[t] > qmin_[t];
+  const bool norm = cf.q_norm && qmax_[t] > qmin_[t];
   const double lo = qmin_[t], span = qmax_[t] - qmin_[t];
-  double parent_fpu = 0.0;
-  if (cfg_.fpu == Fpu::kParent || cfg_.fpu == Fpu::kValue) parent_fpu = mean_or_init(n) - cfg_.fpu_reduction;
+  // Q of an unvisited child (FPU); "value" mode is per child and handled in the loop.
+  double fpu_q;
+  switch (cf.fpu) {
+    case Fpu::kParent:
+    case Fpu::kValue: fpu_q = mean_or_init(n) - cf.fpu_reduction; break;
+    case Fpu::kInf: fpu_q = kInf; break;
+    default: fpu_q = cf.fpu_value; break;
+  }
+  const bool fpu_per_child = cf.fpu == Fpu::kValue;
   int32_t best = -1;
-  double best_score = 0.0;
+  double best_score = -kInf;
   for (int32_t ch = first; ch < end; ++ch) {
-    if (hot_[ch].flags & kExhausted) continue;
-    const double nvl = vl * static_cast<double>(hot_[ch].inflight);
-    const double neff = static_cast<double>(hot_[ch].visits) + nvl;
+    const Hot& x = h[ch];
+    if (x.flags & kExhausted) continue;
+    const double nvl = vl * static_cast<double>(x.inflight);
+    const double neff = static_cast<double>(x.visits) + nvl;
     const bool visited = neff > 0.0;
     double q;
     if (visited) {
-      q = (hot_[ch].value_sum + nvl * lv) / neff;
+      q = (x.value_sum + nvl * lv) / neff;
     } else {
-      switch (cfg_.fpu) {
-        case Fpu::kParent: q = parent_fpu; break;
-        case Fpu::kValue: q = std::isnan(hot_[ch].init_value) ? parent_fpu : static_cast<double>(hot_[ch].init_value); break;
-        case Fpu::kInf: q = kInf; break;
-        default: q = cfg_.fpu_value; break;
-      }
+      q = (fpu_per_child && !std::isnan(x.init_value)) ? static_cast<double>(x.init_value) : fpu_q;
     }
     if (norm && std::isfinite(q)) q = (q - lo) / span;
     double s;
     if (puct) {
-      s = q + c * static_cast<double>(hot_[ch].prior) * sq / (1.0 + neff);
+      s = q + c * static_cast<double>(x.prior) * sq / (1.0 + neff);
     } else {
       s = visited ? q + c * std::sqrt(lg / neff) : q;
     }
-    if (best < 0 || s > best_score) {
-      best = ch;
-      best_score = s;
-    }
+    // Branch-free argmax (the comparison is unpredictable); scores are never NaN or -inf (finite values,
+    // FPU finite or +inf), so the first candidate always beats the initial -inf, as `best < 0` would.
+    const bool take = s > best_score;
+    best = take ? ch : best;
+    best_score = take ? s : best_score;
+  }
+  if (best < 0) {  // defensive: a NaN score can only come from a broken invariant; fall back to the first
+    for (int32_t ch = first; ch < end && best < 0; ++ch)
+      if (!(h[ch].flags & kExhausted)) best = ch;
   }
   return best;  // n is not exhausted, so some child is not either
 }
