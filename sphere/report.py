@@ -282,49 +282,86 @@ def plot_pairs_per_stage(jobs: list[Job], out: Path) -> Path | None:
     return _save(fig, out / "pairs_per_stage.png")
 
 
-def series_against(jobs: list[Job], xkey: str, value_fn, name: str = "value"
-                   ) -> tuple[dict[str, list[tuple[float, float]]], list[tuple[str, float]]]:
-    """(lines: label -> sorted [(x, y)] for jobs that set ``xkey``, refs: [(label, y)] for jobs that don't);
-    a line's label is the job's other swept settings."""
-    lines: dict[str, list[tuple[float, float]]] = {}
-    refs: list[tuple[str, float]] = []
+def _split(v: Any) -> tuple[float, float | None, float | None]:
+    """value_fn results: a number, or (value, low, high) for an interval."""
+    if isinstance(v, (tuple, list)):
+        y, lo, hi = v
+        return float(y), (None if lo is None else float(lo)), (None if hi is None else float(hi))
+    return float(v), None, None
+
+
+def _series(jobs: list[Job], xkey: str, value_fn, name: str):
+    lines: dict[str, list[tuple]] = {}
+    refs: list[tuple] = []
     for j in jobs:
         v = value_fn(j)
         if v is None:
             continue
+        y, lo, hi = _split(v)
         rest = ", ".join(f"{k}={val}" for k, val in j.swept.items() if k != xkey)
         if xkey in j.swept:
-            lines.setdefault(rest or name, []).append((float(_as_float(j.swept[xkey])), float(v)))
+            lines.setdefault(rest or name, []).append((float(_as_float(j.swept[xkey])), y, lo, hi))
         else:
-            refs.append((rest or j.label, float(v)))
+            refs.append((rest or j.label, y, lo, hi))
     for xy in lines.values():
-        xy.sort()
+        xy.sort(key=lambda t: t[0])
     return lines, refs
 
 
+def series_against(jobs: list[Job], xkey: str, value_fn, name: str = "value"
+                   ) -> tuple[dict[str, list[tuple[float, float]]], list[tuple[str, float]]]:
+    """(lines: label -> sorted [(x, y)] for jobs that set ``xkey``, refs: [(label, y)] for jobs that don't);
+    a line's label is the job's other swept settings. ``value_fn(job)`` gives y, (y, low, high) or None."""
+    lines, refs = _series(jobs, xkey, value_fn, name)
+    return ({k: [(x, y) for x, y, _, _ in v] for k, v in lines.items()}, [(n, y) for n, y, _, _ in refs])
+
+
+def _yerr(pts: list[tuple]) -> list[list[float]] | None:
+    if not any(lo is not None and hi is not None for *_, lo, hi in pts):
+        return None
+    return [[(y - lo) if lo is not None else 0.0 for _, y, lo, _ in pts],
+            [(hi - y) if hi is not None else 0.0 for _, y, _, hi in pts]]
+
+
 def _against(ax, jobs: list[Job], xkey: str | None, value_fn, ylabel: str) -> bool:
-    """One metric against the swept setting: lines over `xkey`, horizontal references for the rest."""
+    """One metric against the swept setting: lines over `xkey` (with interval bars where value_fn gives
+    them), horizontal references (interval shaded) for jobs that do not set `xkey`."""
     pts = [(j, value_fn(j)) for j in jobs]
-    pts = [(j, v) for j, v in pts if v is not None]
+    pts = [(j, _split(v)) for j, v in pts if v is not None]
     if not pts:
         return False
     if xkey is None:  # categorical: one bar per job
-        ax.bar(range(len(pts)), [v for _, v in pts], color="#0969da")
-        ax.set_xticks(range(len(pts)), [j.label for j, _ in pts], rotation=30, ha="right")
-        for i, (_, v) in enumerate(pts):
-            ax.text(i, v, f"{v:.3g}", ha="center", va="bottom", fontsize=7)
+        bars = [(j.label, *v) for j, v in pts]
+        ax.bar(range(len(bars)), [b[1] for b in bars], yerr=_yerr(bars), capsize=3, color="#0969da")
+        ax.set_xticks(range(len(bars)), [b[0] for b in bars], rotation=30, ha="right")
+        for i, b in enumerate(bars):
+            ax.text(i, b[1], f"{b[1]:.3g}", ha="center", va="bottom", fontsize=7)
         ax.set_ylabel(ylabel)
         return True
-    lines, refs = series_against(jobs, xkey, value_fn, ylabel)
+    lines, refs = _series(jobs, xkey, value_fn, ylabel)
     for name, xy in lines.items():
-        ax.plot([x for x, _ in xy], [y for _, y in xy], marker="o", label=name)
+        ax.errorbar([t[0] for t in xy], [t[1] for t in xy], yerr=_yerr(xy), marker="o", capsize=3, label=name)
     styles = ["--", ":", "-.", (0, (5, 1, 1, 1))]
-    for i, (name, v) in enumerate(refs):
-        ax.axhline(v, linestyle=styles[i % len(styles)], color=f"C{(i + len(lines)) % 10}", label=name)
+    for i, (name, y, lo, hi) in enumerate(refs):
+        color = f"C{(i + len(lines)) % 10}"
+        ax.axhline(y, linestyle=styles[i % len(styles)], color=color, label=name)
+        if lo is not None and hi is not None:
+            ax.axhspan(lo, hi, color=color, alpha=0.08)
     ax.set_xlabel(xkey)
     ax.set_ylabel(ylabel)
     ax.legend(fontsize=7)
     return True
+
+
+def _yield_ci(j: Job):
+    y, k, n = j.data.get("yield"), j.data.get("pairs_total"), j.data.get("problems")
+    if y is None:
+        return None
+    if isinstance(k, int) and isinstance(n, int) and 0 <= k <= n and n > 0:
+        from sphere.evaluation.metrics import wilson_ci
+
+        return (float(y), *wilson_ci(k, n))  # at most one pair per problem: a proportion
+    return float(y)
 
 
 def plot_yield_against(jobs: list[Job], out: Path) -> Path | None:
@@ -334,7 +371,7 @@ def plot_yield_against(jobs: list[Job], out: Path) -> Path | None:
     xkey = numeric_axis(gens)
     plt = _plt()
     fig, axs = plt.subplots(1, 2, figsize=(11, 4.0))
-    _against(axs[0], gens, xkey, lambda j: j.data.get("yield"), "yield (pairs per problem)")
+    _against(axs[0], gens, xkey, _yield_ci, "yield (pairs per problem, 95% CI)")
     _against(axs[1], gens, xkey, lambda j: j.data.get("pairs_total"), "pairs (after filters)")
     what = xkey or "setting"
     axs[0].set_title(f"yield against {what}")
@@ -353,9 +390,13 @@ def plot_accuracy_against(jobs: list[Job], out: Path) -> Path | None:
     for ax, b in zip(axs[0], benches):
         def acc(j, b=b):
             v = j.final_accuracy().get(b)
-            return None if v is None or v.get("accuracy") is None else 100 * float(v["accuracy"])
+            if v is None or v.get("accuracy") is None:
+                return None
+            lo, hi = v.get("ci95_low"), v.get("ci95_high")
+            return (100 * float(v["accuracy"]), None if lo is None else 100 * float(lo),
+                    None if hi is None else 100 * float(hi))
 
-        _against(ax, accs, xkey, acc, "final accuracy (%)")
+        _against(ax, accs, xkey, acc, "final accuracy (%, 95% CI)")
         ax.set_title(f"{b}: accuracy against {xkey or 'setting'}")
     return _save(fig, out / f"accuracy_vs_{_fname(xkey)}.png")
 

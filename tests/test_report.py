@@ -154,3 +154,15 @@ def test_cli_dispatch(pruning_sweep):
     with pytest.raises(SystemExit) as ei:
         cli.main(["report", str(pruning_sweep)])
     assert ei.value.code == 0 and (pruning_sweep / "report.md").is_file()
+
+
+def test_yield_interval_is_wilson(pruning_sweep):
+    from sphere.evaluation.metrics import wilson_ci
+    from sphere.report import _yield_ci
+
+    j = find_jobs(pruning_sweep)[0]
+    y, lo, hi = _yield_ci(j)
+    assert y == pytest.approx(16 / 48) and (lo, hi) == pytest.approx(wilson_ci(16, 48))
+    assert lo < y < hi
+    j.data["pairs_total"] = 60  # more pairs than problems: not a proportion, no interval
+    assert _yield_ci(j) == pytest.approx(16 / 48)
