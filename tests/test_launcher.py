@@ -100,7 +100,7 @@ def test_submitit_local_pruning_sweep(tmp_path):
     sweep = tmp_path / "sweep"
     cmd = [sys.executable, "-m", "sphere.cli", "generate", "-m", "hydra/launcher=submitit_local",
            "hydra.launcher.timeout_min=20", "hydra.launcher.cpus_per_task=1",
-           "search.pruning.policy=minmax,none", f"data.problems={data}", "data.limit=4",
+           "search.pruning.policy=minmax,none", "engine_backend=py", f"data.problems={data}", "data.limit=4",
            f"model.policy={tiny}", f"model.small={tiny}", "backend=transformers", "backend.device=cpu",
            "prompt=mini", "scorer=symbolic", "search.expansions=3", "search.max_depth=4",
            "search.max_step_tokens=24", "search.batch_leaves=16", "output.snapshot_every=0",

@@ -1,7 +1,8 @@
 """`runner=ray`: generation and evaluation on a local 2-CPU Ray cluster against the single-process path.
 
 One Ray cluster (2 CPUs, 200 MB object store, no dashboard) serves the whole module; the tiny test model
-(sphere/testing/tiny.py, transformers backend) and the symbolic scorer keep each run to seconds.
+(sphere/testing/tiny.py, transformers backend), the symbolic scorer and the reference tree engine keep each
+run to seconds.
 """
 
 from __future__ import annotations
@@ -75,7 +76,9 @@ def compose(name: str, out: Path, overrides: list[str]):
 
 
 def gen_overrides(tiny: str, problems_file: Path, *extra: str) -> list[str]:
-    return [f"model.policy={tiny}", f"model.small={tiny}", "backend=transformers", "backend.device=cpu",
+    # engine_backend=py: the reference forest (same API as the C++ one, which has its own tests); the trees
+    # here are tiny, so the engine's speed does not matter and these tests do not depend on the C++ build
+    return ["engine_backend=py", f"model.policy={tiny}", f"model.small={tiny}", "backend=transformers", "backend.device=cpu",
             "backend.batch_size=32", "prompt=mini", "scorer=symbolic", f"data.problems={problems_file}",
             "search.expansions=3", "search.max_depth=4", "search.max_step_tokens=24", "search.batch_leaves=16",
             "output.snapshot_every=8", "logger=none", *extra]
