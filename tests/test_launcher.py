@@ -41,7 +41,9 @@ def test_accelerate_config_parses(name, dtype):
             assert k in opts, f"{path}: {section}.{key} is not an `accelerate launch` option"
     # every line of configuration carries a comment somewhere above it: at least one comment per 3 keys
     text = path.read_text()
-    assert text.count("#") * 3 >= len([ln for ln in text.splitlines() if ":" in ln and not ln.lstrip().startswith("#")])
+    assert text.count("#") * 3 >= len(
+        [ln for ln in text.splitlines() if ":" in ln and not ln.lstrip().startswith("#")]
+    )
 
 
 def test_zero3_deepspeed_json():
@@ -85,26 +87,50 @@ def test_runner_group_defaults_to_local():
     assert cfg.runner.name == "ray" and cfg.runner.workers == 3
 
 
+@pytest.mark.slow  # two submitit jobs, each a fresh process loading a model: ~60 s on 2 busy cores
 def test_submitit_local_pruning_sweep(tmp_path):
     """`sphere generate -m hydra/launcher=submitit_local search.pruning.policy=minmax,none` runs two jobs
     through submitit's local executor; each leaves exactly one generate_stats.json with its own policy."""
-    from sphere.testing.tiny import arithmetic_problem, tiny_model_path
-
     import random
+
+    from sphere.testing.tiny import arithmetic_problem, tiny_model_path
 
     rng = random.Random(3)
     data = tmp_path / "problems.jsonl"
-    data.write_text("".join(json.dumps({"id": f"s{i}", "problem": p, "answer": a}) + "\n"
-                            for i, (p, _, a, _) in enumerate(arithmetic_problem(rng) for _ in range(4))))
+    data.write_text(
+        "".join(
+            json.dumps({"id": f"s{i}", "problem": p, "answer": a}) + "\n"
+            for i, (p, _, a, _) in enumerate(arithmetic_problem(rng) for _ in range(4))
+        )
+    )
     tiny = tiny_model_path()
     sweep = tmp_path / "sweep"
-    cmd = [sys.executable, "-m", "sphere.cli", "generate", "-m", "hydra/launcher=submitit_local",
-           "hydra.launcher.timeout_min=20", "hydra.launcher.cpus_per_task=1",
-           "search.pruning.policy=minmax,none", "engine_backend=py", f"data.problems={data}", "data.limit=4",
-           f"model.policy={tiny}", f"model.small={tiny}", "backend=transformers", "backend.device=cpu",
-           "prompt=mini", "scorer=symbolic", "search.expansions=3", "search.max_depth=4",
-           "search.max_step_tokens=24", "search.batch_leaves=16", "output.snapshot_every=0",
-           f"hydra.sweep.dir={sweep}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "sphere.cli",
+        "generate",
+        "-m",
+        "hydra/launcher=submitit_local",
+        "hydra.launcher.timeout_min=20",
+        "hydra.launcher.cpus_per_task=1",
+        "search.pruning.policy=minmax,none",
+        "engine_backend=py",
+        f"data.problems={data}",
+        "data.limit=4",
+        f"model.policy={tiny}",
+        f"model.small={tiny}",
+        "backend=transformers",
+        "backend.device=cpu",
+        "prompt=mini",
+        "scorer=symbolic",
+        "search.expansions=3",
+        "search.max_depth=4",
+        "search.max_step_tokens=24",
+        "search.batch_leaves=16",
+        "output.snapshot_every=0",
+        f"hydra.sweep.dir={sweep}",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -115,5 +141,7 @@ def test_submitit_local_pruning_sweep(tmp_path):
     for p in stats:
         s = json.loads(p.read_text())
         assert s["problems"] == 4 and s["problems_done_stage1"] == 4
-        policies.append(yaml.safe_load((p.parent / ".hydra" / "config.yaml").read_text())["search"]["pruning"]["policy"])
+        policies.append(
+            yaml.safe_load((p.parent / ".hydra" / "config.yaml").read_text())["search"]["pruning"]["policy"]
+        )
     assert sorted(policies) == ["minmax", "none"]

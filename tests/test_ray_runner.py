@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -52,8 +53,14 @@ def problems_file(tmp_path_factory):
 def cluster():
     """A local cluster shared by the module; ``RayCluster`` reuses it (and does not shut it down)."""
     rcfg = OmegaConf.load(CONF / "runner" / "ray.yaml")
-    ray.init(address="local", num_cpus=2, object_store_memory=200 * 2**20, include_dashboard=False,
-             runtime_env=ray_runner.runtime_env(rcfg), log_to_driver=False)
+    ray.init(
+        address="local",
+        num_cpus=2,
+        object_store_memory=200 * 2**20,
+        include_dashboard=False,
+        runtime_env=ray_runner.runtime_env(rcfg),
+        log_to_driver=False,
+    )
     yield
     ray.shutdown()
 
@@ -78,19 +85,42 @@ def compose(name: str, out: Path, overrides: list[str]):
 def gen_overrides(tiny: str, problems_file: Path, *extra: str) -> list[str]:
     # engine_backend=py: the reference forest (same API as the C++ one, which has its own tests); the trees
     # here are tiny, so the engine's speed does not matter and these tests do not depend on the C++ build
-    return ["engine_backend=py", f"model.policy={tiny}", f"model.small={tiny}", "backend=transformers", "backend.device=cpu",
-            "backend.batch_size=32", "prompt=mini", "scorer=symbolic", f"data.problems={problems_file}",
-            "search.expansions=3", "search.max_depth=4", "search.max_step_tokens=24", "search.batch_leaves=16",
-            "output.snapshot_every=8", "logger=none", *extra]
+    return [
+        "engine_backend=py",
+        f"model.policy={tiny}",
+        f"model.small={tiny}",
+        "backend=transformers",
+        "backend.device=cpu",
+        "backend.batch_size=32",
+        "prompt=mini",
+        "scorer=symbolic",
+        f"data.problems={problems_file}",
+        "search.expansions=3",
+        "search.max_depth=4",
+        "search.max_step_tokens=24",
+        "search.batch_leaves=16",
+        "output.snapshot_every=8",
+        "logger=none",
+        *extra,
+    ]
 
 
 def ray_overrides(workers: int = 2, chunk: int = 4) -> list[str]:
-    return ["runner=ray", f"runner.workers={workers}", f"runner.chunk_size={chunk}", "runner.eval_chunk_size=4",
-            "runner.progress_poll_s=0.5", "runner.log_to_driver=false"]
+    return [
+        "runner=ray",
+        f"runner.workers={workers}",
+        f"runner.chunk_size={chunk}",
+        "runner.eval_chunk_size=4",
+        "runner.progress_poll_s=0.5",
+        "runner.log_to_driver=false",
+    ]
 
 
 def stage_ids(out: Path) -> dict[int, list[str]]:
-    return {s: [r["problem_id"] for r in read_jsonl_tolerant(out / "stages" / f"stage{s}.jsonl")] for s in (1, 2, 3)}
+    return {
+        s: [r["problem_id"] for r in read_jsonl_tolerant(out / "stages" / f"stage{s}.jsonl")]
+        for s in (1, 2, 3)
+    }
 
 
 def assert_complete(out: Path, want: set[str], stage2: bool = True, stage3: bool = True) -> None:
@@ -111,6 +141,47 @@ def noise_tol(a: int, b: int, n: int) -> float:
     with the pooled rate, at least 1: the sampling noise of a per-stage count between two runs."""
     p = (a + b) / (2 * n)
     return max(1.0, 3.0 * math.sqrt(2 * n * p * (1 - p)))
+
+
+def test_runner_config_errors_name_the_key():
+    rcfg = OmegaConf.load(CONF / "runner" / "ray.yaml")
+    ray_runner.validate_runner_config(rcfg)
+    bad = {
+        "workers": 0,
+        "chunk_size": "8",
+        "cpus_per_worker": 0,
+        "gpus_per_worker": -1,
+        "max_chunk_retries": -1,
+        "object_store_mb": 10,
+        "num_cpus": 0,
+        "progress_poll_s": 0,
+    }
+    for key, value in bad.items():
+        c = rcfg.copy()
+        c[key] = value
+        with pytest.raises(ValueError, match=f"runner.{key}="):
+            ray_runner.validate_runner_config(c)
+    assert ray_runner.runner_name(OmegaConf.create({})) == "local"
+    with pytest.raises(ValueError, match=re.escape("runner.name='slurm': allowed local | ray")):
+        ray_runner.runner_name(OmegaConf.create({"runner": {"name": "slurm"}}))
+
+
+def test_finished_rule_follows_the_routes():
+    """A problem counts as finished only when the stage it was routed to (if enabled) has its record."""
+    st = OmegaConf.create({"stage2": True, "stage3": False})
+    state = {
+        1: {
+            "a": {"route": "pair"},
+            "b": {"route": "both_wrong"},
+            "c": {"route": "both_right"},
+            "d": {"route": "both_wrong"},
+        },
+        2: {"d": {}},
+        3: {},
+    }
+    got = {p: ray_runner.is_finished(p, state, st) for p in "abcde"}
+    assert got == {"a": True, "b": False, "c": True, "d": True, "e": False}
+    assert ray_runner.chunked(list(range(5)), 2) == [[0, 1], [2, 3], [4]]
 
 
 @pytest.fixture(scope="module")
@@ -141,15 +212,20 @@ def test_ray_generate_matches_single_process(cluster, single_run, tiny, problems
     assert b["problems_done_stage1"] == N_PROBLEMS
     for s in ("1", "2", "3"):
         tol = noise_tol(a["pairs_per_stage"][s], b["pairs_per_stage"][s], N_PROBLEMS)
-        assert abs(a["pairs_per_stage"][s] - b["pairs_per_stage"][s]) <= tol, (s, a["pairs_per_stage"],
-                                                                                b["pairs_per_stage"])
+        assert abs(a["pairs_per_stage"][s] - b["pairs_per_stage"][s]) <= tol, (
+            s,
+            a["pairs_per_stage"],
+            b["pairs_per_stage"],
+        )
     for rt in set(a["routes"]) | set(b["routes"]):
         x, y = a["routes"].get(rt, 0), b["routes"].get(rt, 0)
         assert abs(x - y) <= noise_tol(x, y, N_PROBLEMS), (rt, a["routes"], b["routes"])
     # the outputs are rebuilt by the single-process code: pairs.jsonl agrees with the stats
     pairs = read_jsonl_tolerant(out / "pairs.jsonl")
     assert len(pairs) == b["pairs_total"]
-    assert Counter(str(p["stage"]) for p in pairs) == Counter({k: v for k, v in b["pairs_per_stage"].items() if v})
+    assert Counter(str(p["stage"]) for p in pairs) == Counter(
+        {k: v for k, v in b["pairs_per_stage"].items() if v}
+    )
     assert b["backend_calls"] > 0 and b["search"]["policy"]["backend_calls"] > 0
     assert len(read_jsonl_tolerant(out / "trajectories.jsonl")) > 0
     assert sorted(p.name for p in (out / "trees").glob("*.npz"))  # snapshots came back from the actors
@@ -172,7 +248,9 @@ def test_ray_generate_actor_killed_mid_run_is_retried(cluster, tiny, problems_fi
             killed.append(chunk.id)
             ray.kill(actor, no_restart=True)
 
-    cfg = compose("generate", out, gen_overrides(tiny, problems_file, "data.limit=8", *ray_overrides(chunk=2)))
+    cfg = compose(
+        "generate", out, gen_overrides(tiny, problems_file, "data.limit=8", *ray_overrides(chunk=2))
+    )
     ray_runner.generate(cfg, out, on_dispatch=on_dispatch)
     want = {f"t{i:02d}" for i in range(8)}
     assert killed == [1]
@@ -198,8 +276,16 @@ def test_ray_generate_actor_killed_mid_run_is_retried(cluster, tiny, problems_fi
 def test_ray_eval_matches_single_process(cluster, tiny, problems_file, tmp_path):
     from sphere.evaluation.harness import evaluate, main
 
-    ov = [f"model.policy={tiny}", "backend=transformers", "backend.device=cpu", "prompt=mini",
-          f"benchmarks=[{problems_file}]", "limit=10", "sampling.max_solution_tokens=48", "progress=false"]
+    ov = [
+        f"model.policy={tiny}",
+        "backend=transformers",
+        "backend.device=cpu",
+        "prompt=mini",
+        f"benchmarks=[{problems_file}]",
+        "limit=10",
+        "sampling.max_solution_tokens=48",
+        "progress=false",
+    ]
     single = tmp_path / "single"
     evaluate(compose("eval", single, ov), single)
     out = tmp_path / "ray"
@@ -224,6 +310,7 @@ def test_ray_eval_matches_single_process(cluster, tiny, problems_file, tmp_path)
     assert (out / "eval" / "results.md").is_file()
 
 
+@pytest.mark.slow  # a fresh process and Ray cluster: ~50 s on 2 busy cores
 def test_cli_generate_runner_ray_starts_its_own_cluster(tiny, problems_file, tmp_path):
     """The command-line contract: `sphere generate runner=ray runner.workers=2 hydra.run.dir=DIR` starts a
     local cluster (none is running in that process), writes the single-process files and shuts it down."""
@@ -232,8 +319,15 @@ def test_cli_generate_runner_ray_starts_its_own_cluster(tiny, problems_file, tmp
     import sys
 
     out = tmp_path / "cli"
-    cmd = [sys.executable, "-m", "sphere.cli", "generate", *gen_overrides(tiny, problems_file, "data.limit=4"),
-           *ray_overrides(chunk=2), f"hydra.run.dir={out}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "sphere.cli",
+        "generate",
+        *gen_overrides(tiny, problems_file, "data.limit=4"),
+        *ray_overrides(chunk=2),
+        f"hydra.run.dir={out}",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "RAY_ADDRESS": ""}
     r = subprocess.run(cmd, cwd=CONF.parent, env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

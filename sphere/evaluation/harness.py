@@ -363,9 +363,10 @@ def main(cfg) -> float:
     from hydra.core.hydra_config import HydraConfig
 
     out_dir = Path(HydraConfig.get().runtime.output_dir)
-    if str(getattr(cfg.get("runner"), "name", "local")) == "ray":  # Ray actors (sphere/scale/ray_runner.py)
-        from sphere.scale.ray_runner import evaluate as evaluate_ray
+    from sphere.scale.ray_runner import evaluate as evaluate_ray
+    from sphere.scale.ray_runner import runner_name
 
+    if runner_name(cfg) == "ray":  # runner=ray: Ray actors (sphere/scale/ray_runner.py)
         results = evaluate_ray(cfg, out_dir)
     else:
         results = evaluate(cfg, out_dir)

@@ -481,9 +481,9 @@ def main(cfg: DictConfig) -> float:
     from sphere.verify import check_answers
 
     out = Path(HydraConfig.get().runtime.output_dir)
-    if OmegaConf.select(cfg, "runner.name", default="local") == "ray":  # Ray actors (sphere/scale)
-        from sphere.scale.ray_runner import main_generate
+    from sphere.scale.ray_runner import main_generate, runner_name
 
+    if runner_name(cfg) == "ray":  # runner=ray: Ray actors (sphere/scale/ray_runner.py)
         return main_generate(cfg, out)
     validate_generate_config(cfg)
     problems = load_problems(cfg.data, int(cfg.seed))

@@ -70,21 +70,28 @@ def validate_runner_config(rcfg: Any) -> None:
     for k in ("max_chunk_retries", "max_actor_restarts"):
         pos_int(k, 0)
     g = rcfg.get("gpus_per_worker")
-    if not (g == "auto" or (isinstance(g, (int, float)) and not isinstance(g, bool) and g >= 0)):
+    if not (g == "auto" or (isinstance(g, int | float) and not isinstance(g, bool) and g >= 0)):
         raise ValueError(f"config runner.gpus_per_worker={g!r}: allowed auto or a number >= 0")
     if rcfg.get("num_cpus") is not None:
         pos_int("num_cpus")
     if not isinstance(rcfg.get("object_store_mb"), int) or rcfg.get("object_store_mb") < 64:
-        raise ValueError(f"config runner.object_store_mb={rcfg.get('object_store_mb')!r}: allowed an integer >= 64")
+        raise ValueError(
+            f"config runner.object_store_mb={rcfg.get('object_store_mb')!r}: allowed an integer >= 64"
+        )
     if float(rcfg.get("progress_poll_s", 1.0)) <= 0:
-        raise ValueError(f"config runner.progress_poll_s={rcfg.get('progress_poll_s')!r}: allowed a number > 0")
+        raise ValueError(
+            f"config runner.progress_poll_s={rcfg.get('progress_poll_s')!r}: allowed a number > 0"
+        )
 
 
 def plain_config(cfg: Any) -> dict:
     """The composed config as a resolved plain dict (no ``hydra`` node) to ship to the actors: Hydra
     resolvers such as ``${hydra:runtime.cwd}`` only resolve in the driver."""
-    return {str(k): (OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k])
-            for k in cfg if k != "hydra"}
+    return {
+        str(k): (OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k])
+        for k in cfg
+        if k != "hydra"
+    }
 
 
 # ---------------------------------------------------------------------------------------------- cluster
@@ -93,8 +100,12 @@ def runtime_env(rcfg: Any) -> dict:
     PYTHONPATH (so a node without the editable install still imports this checkout)."""
     repo = str(Path(__file__).resolve().parents[2])
     threads = str(int(rcfg.cpus_per_worker))
-    env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "TOKENIZERS_PARALLELISM": "false",
-           "PYTHONPATH": os.pathsep.join([repo, *filter(None, [os.environ.get("PYTHONPATH")])])}
+    env = {
+        "OMP_NUM_THREADS": threads,
+        "MKL_NUM_THREADS": threads,
+        "TOKENIZERS_PARALLELISM": "false",
+        "PYTHONPATH": os.pathsep.join([repo, *filter(None, [os.environ.get("PYTHONPATH")])]),
+    }
     for k, v in os.environ.items():
         if k.startswith(("SPHERE_", "HF_", "TRANSFORMERS_", "VLLM_", "WANDB_")):
             env[k] = v
@@ -116,14 +127,19 @@ class RayCluster:
         r = self.rcfg
         if ray.is_initialized():
             return self
-        kw: dict[str, Any] = {"runtime_env": runtime_env(r), "log_to_driver": bool(r.get("log_to_driver", True)),
-                              "include_dashboard": False}
+        kw: dict[str, Any] = {
+            "runtime_env": runtime_env(r),
+            "log_to_driver": bool(r.get("log_to_driver", True)),
+            "include_dashboard": False,
+        }
         if r.get("address"):
             kw.pop("include_dashboard")
             ray.init(address=str(r.address), **kw)
         else:
             n_cpu = int(r.num_cpus) if r.get("num_cpus") else int(r.workers) * int(r.cpus_per_worker)
-            ray.init(address="local", num_cpus=n_cpu, object_store_memory=int(r.object_store_mb) * 2**20, **kw)
+            ray.init(
+                address="local", num_cpus=n_cpu, object_store_memory=int(r.object_store_mb) * 2**20, **kw
+            )
         self.started = True
         return self
 
@@ -149,7 +165,13 @@ def actor_resources(rcfg: Any, cfg: Any) -> dict:
 def _actor_death_errors() -> tuple[type[BaseException], ...]:
     import ray.exceptions as rex
 
-    names = ("RayActorError", "ActorDiedError", "ActorUnavailableError", "WorkerCrashedError", "NodeDiedError")
+    names = (
+        "RayActorError",
+        "ActorDiedError",
+        "ActorUnavailableError",
+        "WorkerCrashedError",
+        "NodeDiedError",
+    )
     return tuple(getattr(rex, n) for n in names if hasattr(rex, n))
 
 
@@ -157,9 +179,9 @@ def _actor_death_errors() -> tuple[type[BaseException], ...]:
 @dataclass
 class Chunk:
     id: int
-    kind: str                 # "generate" | "eval"
-    payload: dict             # method arguments (problems, prior records / benchmark name and records)
-    size: int                 # problems in the chunk (progress)
+    kind: str  # "generate" | "eval"
+    payload: dict  # method arguments (problems, prior records / benchmark name and records)
+    size: int  # problems in the chunk (progress)
     attempts: int = 0
 
 
@@ -182,8 +204,15 @@ class ActorPool:
     ``{chunk_id: problems done so far}`` from the actors' ``poll()`` every ``poll_s`` seconds;
     ``on_dispatch(handle, chunk)`` is a hook for tests and logs."""
 
-    def __init__(self, make_actor: Callable[[int], Any], n: int, *, max_chunk_retries: int,
-                 max_actor_restarts: int, poll_s: float = 2.0):
+    def __init__(
+        self,
+        make_actor: Callable[[int], Any],
+        n: int,
+        *,
+        max_chunk_retries: int,
+        max_actor_restarts: int,
+        poll_s: float = 2.0,
+    ):
         self.make_actor = make_actor
         self.actors = [make_actor(i) for i in range(n)]
         self.gen = [0] * n  # generation of each slot (bumped when its actor is replaced)
@@ -200,15 +229,23 @@ class ActorPool:
         except Exception:  # noqa: BLE001 - already gone
             pass
         if self.stats.actor_deaths > self.max_actor_restarts:
-            raise RuntimeError(f"ray runner: {self.stats.actor_deaths} actors died, more than "
-                               f"runner.max_actor_restarts={self.max_actor_restarts}; giving up")
+            raise RuntimeError(
+                f"ray runner: {self.stats.actor_deaths} actors died, more than "
+                f"runner.max_actor_restarts={self.max_actor_restarts}; giving up"
+            )
         self.actors[slot] = self.make_actor(slot)
         self.gen[slot] += 1
         self.stats.actors_started += 1
 
-    def run(self, chunks: Sequence[Chunk], submit: Callable[[Any, Chunk], Any],
-            on_result: Callable[[Chunk, Any], None], *, on_poll: Callable[[dict], None] | None = None,
-            on_dispatch: Callable[[Any, Chunk], None] | None = None) -> PoolStats:
+    def run(
+        self,
+        chunks: Sequence[Chunk],
+        submit: Callable[[Any, Chunk], Any],
+        on_result: Callable[[Chunk, Any], None],
+        *,
+        on_poll: Callable[[dict], None] | None = None,
+        on_dispatch: Callable[[Any, Chunk], None] | None = None,
+    ) -> PoolStats:
         import ray
 
         deaths = _actor_death_errors()
@@ -233,11 +270,16 @@ class ActorPool:
                     self.stats.actor_deaths += 1
                     if ch.attempts > self.max_chunk_retries:
                         raise RuntimeError(
-                            f"ray runner: chunk {ch.id} ({ch.size} problems) lost its actor {ch.attempts} times, "
-                            f"more than runner.max_chunk_retries={self.max_chunk_retries}: {type(e).__name__}: {e}"
+                            f"ray runner: chunk {ch.id} ({ch.size} problems) lost its actor {ch.attempts} "
+                            f"times, more than runner.max_chunk_retries={self.max_chunk_retries}: "
+                            f"{type(e).__name__}: {e}"
                         ) from e
-                    print(f"[ray runner] actor {slot} died ({type(e).__name__}); chunk {ch.id} goes back to the "
-                          f"queue (attempt {ch.attempts + 1})", file=sys.stderr, flush=True)
+                    print(
+                        f"[ray runner] actor {slot} died ({type(e).__name__}); chunk {ch.id} goes back to "
+                        f"the queue (attempt {ch.attempts + 1})",
+                        file=sys.stderr,
+                        flush=True,
+                    )
                     self.stats.retries += 1
                     self.stats.retried_chunks.append(ch.id)
                     self._replace(slot)
@@ -281,7 +323,7 @@ class ActorPool:
 
 
 def chunked(items: Sequence, size: int) -> list[list]:
-    return [list(items[i: i + size]) for i in range(0, len(items), size)]
+    return [list(items[i : i + size]) for i in range(0, len(items), size)]
 
 
 # ---------------------------------------------------------------------------------------------- actors
@@ -335,7 +377,12 @@ class GenerateWorker:
     def info(self) -> dict:
         import socket
 
-        return {"slot": self.slot, "pid": os.getpid(), "host": socket.gethostname(), "scratch": str(self.scratch)}
+        return {
+            "slot": self.slot,
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "scratch": str(self.scratch),
+        }
 
     def poll(self) -> int:
         return self.done_in_chunk
@@ -362,19 +409,36 @@ class GenerateWorker:
 
         t0 = time.perf_counter()
         try:
-            stats = Generator(self.cfg, work).run(problems, self.policy, self.scorer, check_answers,
-                                                  small_backend_factory=self._small_factory, progress=progress)
+            stats = Generator(self.cfg, work).run(
+                problems,
+                self.policy,
+                self.scorer,
+                check_answers,
+                small_backend_factory=self._small_factory,
+                progress=progress,
+            )
             had = {int(s): {r["problem_id"] for r in recs} for s, recs in prior.items()}
-            records = {s: [r for r in read_jsonl_tolerant(work / "stages" / STAGE_FILES[s])
-                           if r["problem_id"] not in had.get(s, set())] for s in STAGES}
+            records = {
+                s: [
+                    r
+                    for r in read_jsonl_tolerant(work / "stages" / STAGE_FILES[s])
+                    if r["problem_id"] not in had.get(s, set())
+                ]
+                for s in STAGES
+            }
             trees = {p.name: p.read_bytes() for p in sorted((work / "trees").glob("*.npz"))}
         finally:
             shutil.rmtree(work, ignore_errors=True)
             if self.small is not None and self.cfg.stages.close_policy_before_small:
                 self.small.close()
                 self.small = None
-        return {"records": records, "search": stats.get("search", {}), "trees": trees,
-                "wall_s": time.perf_counter() - t0, "worker": self.info()}
+        return {
+            "records": records,
+            "search": stats.get("search", {}),
+            "trees": trees,
+            "wall_s": time.perf_counter() - t0,
+            "worker": self.info(),
+        }
 
     def close(self) -> None:
         for b in {id(x): x for x in (self.small, self.policy) if x is not None}.values():
@@ -401,8 +465,12 @@ class EvalWorker:
         self.backend = make_backend(self.cfg, resolve_model(self.model_name, self.cfg))
         self.family_cfg = family_config(self.cfg)
         # the same signature parts as run_eval (sphere.evaluation.harness), so records merge and resume
-        self.sig_parts = {"model": self.model_name, "backend": getattr(self.backend, "name", type(self.backend).__name__),
-                          "prompt": prompt_info(self.family_cfg), "checker": checker_info()}
+        self.sig_parts = {
+            "model": self.model_name,
+            "backend": getattr(self.backend, "name", type(self.backend).__name__),
+            "prompt": prompt_info(self.family_cfg),
+            "checker": checker_info(),
+        }
         self.done_in_chunk = 0
 
     def signature(self) -> dict:
@@ -423,10 +491,28 @@ class EvalWorker:
         settings = replace(settings_from_config(self.cfg), resume=True)
         work = self.scratch / f"chunk-{chunk_id}"
         shutil.rmtree(work, ignore_errors=True)
+        self.done_in_chunk = 0
+        worker = self
+
+        class Counter:  # the two calls evaluate_benchmark makes on its rich progress bar
+            def add_task(self, *a, **k):
+                return 0
+
+            def advance(self, task, n):
+                worker.done_in_chunk += int(n)
+
         t0 = time.perf_counter()
         try:
-            evaluate_benchmark(self.backend, name, records, work, settings, family_cfg=self.family_cfg,
-                               sig_parts=self.sig_parts, progress=None)
+            evaluate_benchmark(
+                self.backend,
+                name,
+                records,
+                work,
+                settings,
+                family_cfg=self.family_cfg,
+                sig_parts=self.sig_parts,
+                progress=Counter(),
+            )
             out = read_jsonl_tolerant(work / "eval" / f"{benchmark_key(name)}.jsonl")
         finally:
             shutil.rmtree(work, ignore_errors=True)
@@ -488,10 +574,12 @@ def _sum_search(acc: dict, add: dict, batch_leaves: int) -> None:
         for k, v in d.items():
             if k in ("mean_leaves_per_call", "leaves_per_call_frac"):
                 continue
-            if isinstance(v, (int, float)) and not isinstance(v, bool):
+            if isinstance(v, int | float) and not isinstance(v, bool):
                 a[k] = a.get(k, 0) + v
         a["mean_leaves_per_call"] = a.get("leaves", 0) / max(1, a.get("backend_calls", 0))
-        a["leaves_per_call_frac"] = (a.get("full_call_leaves", 0) / max(1, a.get("full_calls", 0))) / max(1, batch_leaves)
+        a["leaves_per_call_frac"] = (a.get("full_call_leaves", 0) / max(1, a.get("full_calls", 0))) / max(
+            1, batch_leaves
+        )
 
 
 def _write_bytes_atomic(path: Path, data: bytes) -> None:
@@ -504,7 +592,9 @@ def _write_bytes_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def generate(cfg: DictConfig, out: str | Path, *, on_dispatch: Callable[[Any, Chunk], None] | None = None) -> dict:
+def generate(
+    cfg: DictConfig, out: str | Path, *, on_dispatch: Callable[[Any, Chunk], None] | None = None
+) -> dict:
     """`sphere generate` over Ray; writes the same files as ``Generator.run`` in ``out`` and returns the
     stats dict (generate_stats.json). ``on_dispatch(actor, chunk)``: hook called after each dispatch."""
     from sphere.generate.run import STAGE_FILES, Generator, load_problems, validate_generate_config
@@ -522,25 +612,44 @@ def generate(cfg: DictConfig, out: str | Path, *, on_dispatch: Callable[[Any, Ch
     gen = Generator(cfg, out)
     state = stage_state(out)
     todo = [p for p in problems if not is_finished(p["id"], state, cfg.stages)]
-    chunks = [Chunk(i, "generate", {"problems": ps, "prior": {s: [state[s][p["id"]] for p in ps if p["id"] in state[s]]
-                                                              for s in STAGES}}, len(ps))
-              for i, ps in enumerate(chunked(todo, int(rcfg.chunk_size)))]
+    chunks = [
+        Chunk(
+            i,
+            "generate",
+            {
+                "problems": ps,
+                "prior": {s: [state[s][p["id"]] for p in ps if p["id"] in state[s]] for s in STAGES},
+            },
+            len(ps),
+        )
+        for i, ps in enumerate(chunked(todo, int(rcfg.chunk_size)))
+    ]
     t0 = time.perf_counter()
     search: dict = {}
     counts = {"done": len(problems) - len(todo), "pairs": {1: 0, 2: 0, 3: 0}}
-    info: dict[str, Any] = {"runner": "ray", "workers": int(rcfg.workers), "chunk_size": int(rcfg.chunk_size),
-                            "problems": len(problems), "skipped_finished": len(problems) - len(todo),
-                            "chunks": len(chunks), "workers_seen": {}}
+    info: dict[str, Any] = {
+        "runner": "ray",
+        "workers": int(rcfg.workers),
+        "chunk_size": int(rcfg.chunk_size),
+        "problems": len(problems),
+        "skipped_finished": len(problems) - len(todo),
+        "chunks": len(chunks),
+        "workers_seen": {},
+    }
     if chunks:
         plain = plain_config(cfg)
         writers = {s: JsonlAppender(out / "stages" / STAGE_FILES[s]) for s in STAGES}
         try:
             with RayCluster(rcfg), StageProgress(len(problems), "generate[ray]") as prog:
                 cls = _remote(GenerateWorker, rcfg, cfg)
-                pool = ActorPool(lambda slot: cls.remote(plain, slot), int(rcfg.workers),
-                                 max_chunk_retries=int(rcfg.max_chunk_retries),
-                                 max_actor_restarts=int(rcfg.max_actor_restarts),
-                                 poll_s=float(rcfg.progress_poll_s))
+                pool = ActorPool(
+                    lambda slot: cls.remote(plain, slot),
+                    int(rcfg.workers),
+                    max_chunk_retries=int(rcfg.max_chunk_retries),
+                    max_actor_restarts=int(rcfg.max_actor_restarts),
+                    poll_s=float(rcfg.progress_poll_s),
+                )
+
                 def on_result(ch: Chunk, res: dict) -> None:
                     for s in STAGES:
                         new = [r for r in res["records"][s] if r["problem_id"] not in state[s]]
@@ -554,28 +663,45 @@ def generate(cfg: DictConfig, out: str | Path, *, on_dispatch: Callable[[Any, Ch
                             _write_bytes_atomic(out / "trees" / name, data)
                     _sum_search(search, res["search"], int(cfg.search.batch_leaves))
                     w = res["worker"]
-                    info["workers_seen"][f"{w['host']}:{w['pid']}"] = info["workers_seen"].get(
-                        f"{w['host']}:{w['pid']}", 0) + 1
+                    info["workers_seen"][f"{w['host']}:{w['pid']}"] = (
+                        info["workers_seen"].get(f"{w['host']}:{w['pid']}", 0) + 1
+                    )
                     counts["done"] = sum(1 for p in problems if is_finished(p["id"], state, cfg.stages))
                     prog.update(counts)
 
                 def on_poll(running: dict) -> None:
-                    prog.update({**counts, "done": min(len(problems), counts["done"] + sum(running.values()))})
+                    prog.update(
+                        {**counts, "done": min(len(problems), counts["done"] + sum(running.values()))}
+                    )
 
                 try:
-                    pst = pool.run(chunks, lambda a, ch: a.run_chunk.remote(ch.id, **ch.payload), on_result,
-                                   on_poll=on_poll, on_dispatch=on_dispatch)
+                    pst = pool.run(
+                        chunks,
+                        lambda a, ch: a.run_chunk.remote(ch.id, **ch.payload),
+                        on_result,
+                        on_poll=on_poll,
+                        on_dispatch=on_dispatch,
+                    )
                 finally:
                     pool.close()
         finally:
             for w_ in writers.values():
                 w_.close()
-        info.update({"retries": pst.retries, "actor_deaths": pst.actor_deaths, "actors_started": pst.actors_started,
-                     "retried_chunks": pst.retried_chunks, "per_actor_chunks": pst.per_actor_chunks})
+        info.update(
+            {
+                "retries": pst.retries,
+                "actor_deaths": pst.actor_deaths,
+                "actors_started": pst.actors_started,
+                "retried_chunks": pst.retried_chunks,
+                "per_actor_chunks": pst.per_actor_chunks,
+            }
+        )
     missing = [p["id"] for p in problems if not is_finished(p["id"], stage_state(out), cfg.stages)]
     if missing:
-        raise RuntimeError(f"ray runner: {len(missing)} problems unfinished after all chunks returned "
-                           f"(first: {missing[:5]}); rerun the same command to resume")
+        raise RuntimeError(
+            f"ray runner: {len(missing)} problems unfinished after all chunks returned "
+            f"(first: {missing[:5]}); rerun the same command to resume"
+        )
     wall = time.perf_counter() - t0
     stats = gen.finalize(problems, {"search": search}, wall)
     info["wall_s"] = wall
@@ -592,8 +718,20 @@ def main_generate(cfg: DictConfig, out: Path) -> float:
     try:
         stats = generate(cfg, out)
         log_generate_stats(logger, stats, out)
-        print(json.dumps({k: stats[k] for k in ("pairs_per_stage", "yield", "engine_time_frac",
-                                                 "leaves_per_call_frac", "wall_s")}))
+        print(
+            json.dumps(
+                {
+                    k: stats[k]
+                    for k in (
+                        "pairs_per_stage",
+                        "yield",
+                        "engine_time_frac",
+                        "leaves_per_call_frac",
+                        "wall_s",
+                    )
+                }
+            )
+        )
         return float(stats["pairs_total"])
     finally:
         logger.finish()
@@ -610,21 +748,25 @@ class _FinishedRecords:
         self._stats = stats
 
     def complete(self, prompts, params):
-        raise RuntimeError("ray runner: a problem was left unevaluated by the actors (internal error); "
-                           "rerun the same command to resume")
+        raise RuntimeError(
+            "ray runner: a problem was left unevaluated by the actors (internal error); "
+            "rerun the same command to resume"
+        )
 
     def stats(self) -> dict:
         return self._stats
 
 
-def evaluate(cfg: DictConfig, out_dir: str | Path, *,
-             on_dispatch: Callable[[Any, Chunk], None] | None = None) -> dict:
+def evaluate(
+    cfg: DictConfig, out_dir: str | Path, *, on_dispatch: Callable[[Any, Chunk], None] | None = None
+) -> dict:
     """`sphere eval` over Ray; writes eval/<benchmark>.jsonl, results.json, results.md like ``evaluate``."""
     from dataclasses import replace
 
     from sphere.data import benchmark_key, load_benchmark
     from sphere.evaluation.harness import evaluate as evaluate_local
     from sphere.evaluation.harness import expand_benchmarks, run_eval, settings_from_config
+    from sphere.progress import StageProgress
     from sphere.prompts import family_config
 
     out_dir = Path(out_dir)
@@ -641,14 +783,22 @@ def evaluate(cfg: DictConfig, out_dir: str | Path, *,
         for n, _ in loaded:
             (out_dir / "eval" / f"{benchmark_key(n)}.jsonl").unlink(missing_ok=True)
     t0 = time.perf_counter()
-    info: dict[str, Any] = {"runner": "ray", "workers": int(rcfg.workers), "chunk_size": int(rcfg.eval_chunk_size)}
+    info: dict[str, Any] = {
+        "runner": "ray",
+        "workers": int(rcfg.workers),
+        "chunk_size": int(rcfg.eval_chunk_size),
+    }
     plain = plain_config(cfg)
     backend_stats: dict = {}
     with RayCluster(rcfg):
         cls = _remote(EvalWorker, rcfg, cfg)
-        pool = ActorPool(lambda slot: cls.remote(plain, slot), int(rcfg.workers),
-                         max_chunk_retries=int(rcfg.max_chunk_retries),
-                         max_actor_restarts=int(rcfg.max_actor_restarts), poll_s=float(rcfg.progress_poll_s))
+        pool = ActorPool(
+            lambda slot: cls.remote(plain, slot),
+            int(rcfg.workers),
+            max_chunk_retries=int(rcfg.max_chunk_retries),
+            max_actor_restarts=int(rcfg.max_actor_restarts),
+            poll_s=float(rcfg.progress_poll_s),
+        )
         try:
             import ray
 
@@ -663,43 +813,75 @@ def evaluate(cfg: DictConfig, out_dir: str | Path, *,
                 for k, rec in enumerate(read_jsonl_tolerant(path), 1):
                     if rec.get("sig") != sig["sig"]:
                         raise RuntimeError(
-                            f"{path}: record {k} was written with different settings (model, backend, prompt, "
-                            f"checker or sampling; sig {rec.get('sig')} != {sig['sig']}). Use a new "
-                            "hydra.run.dir or resume=false.")
+                            f"{path}: record {k} was written with different settings (model, backend, "
+                            f"prompt, checker or sampling; sig {rec.get('sig')} != {sig['sig']}). Use a new "
+                            "hydra.run.dir or resume=false."
+                        )
                     if rec["id"] in ids:
                         present[key].add(rec["id"])
                 todo = [r for r in recs if r["id"] not in present[key]]
                 for part in chunked(todo, int(rcfg.eval_chunk_size)):
                     chunks.append(Chunk(len(chunks), "eval", {"name": n, "records": part}, len(part)))
-            writers = {benchmark_key(n): JsonlAppender(out_dir / "eval" / f"{benchmark_key(n)}.jsonl")
-                       for n, _ in loaded}
+            writers = {
+                benchmark_key(n): JsonlAppender(out_dir / "eval" / f"{benchmark_key(n)}.jsonl")
+                for n, _ in loaded
+            }
+
+            total = sum(len(recs) for _, recs in loaded)
+            done = {"done": sum(len(v) for v in present.values())}
 
             def on_result(ch: Chunk, res: dict) -> None:
                 key = benchmark_key(ch.payload["name"])
                 new = [r for r in res["records"] if r["id"] not in present[key]]
                 writers[key].write_many(new)
                 present[key].update(r["id"] for r in new)
+                done["done"] = sum(len(v) for v in present.values())
+                prog.update(done)
 
             try:
-                pst = pool.run(chunks, lambda a, ch: a.run_chunk.remote(ch.id, **ch.payload), on_result,
-                               on_dispatch=on_dispatch)
+                with StageProgress(total, "eval[ray]") as prog:
+                    pst = pool.run(
+                        chunks,
+                        lambda a, ch: a.run_chunk.remote(ch.id, **ch.payload),
+                        on_result,
+                        on_poll=lambda running: prog.update(
+                            {"done": min(total, done["done"] + sum(running.values()))}
+                        ),
+                        on_dispatch=on_dispatch,
+                    )
             finally:
                 for w in writers.values():
                     w.close()
             for st in ray.get([a.stats.remote() for a in pool.actors]):
                 for k, v in (st or {}).items():
-                    if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    if isinstance(v, int | float) and not isinstance(v, bool):
                         backend_stats[k] = backend_stats.get(k, 0) + v
         finally:
             pool.close()
-    info.update({"chunks": len(chunks), "retries": pst.retries, "actor_deaths": pst.actor_deaths,
-                 "actors_started": pst.actors_started, "retried_chunks": pst.retried_chunks,
-                 "per_actor_chunks": pst.per_actor_chunks, "wall_s": time.perf_counter() - t0})
+    info.update(
+        {
+            "chunks": len(chunks),
+            "retries": pst.retries,
+            "actor_deaths": pst.actor_deaths,
+            "actors_started": pst.actors_started,
+            "retried_chunks": pst.retried_chunks,
+            "per_actor_chunks": pst.per_actor_chunks,
+            "wall_s": time.perf_counter() - t0,
+        }
+    )
     # the harness's own summary and writers, over the records the actors produced
-    results = run_eval(_FinishedRecords(sig["backend_name"], backend_stats), list(cfg.benchmarks), out_dir,
-                       data_dir=data_dir, limit=limit, settings=replace(settings, resume=True),
-                       family_cfg=family_config(cfg), model_name=str(OmegaConf.select(cfg, "model.policy", default="")),
-                       reference_path=cfg.get("reference_results"), progress=False,
-                       extra_meta={"runner": info})
+    results = run_eval(
+        _FinishedRecords(sig["backend_name"], backend_stats),
+        list(cfg.benchmarks),
+        out_dir,
+        data_dir=data_dir,
+        limit=limit,
+        settings=replace(settings, resume=True),
+        family_cfg=family_config(cfg),
+        model_name=str(OmegaConf.select(cfg, "model.policy", default="")),
+        reference_path=cfg.get("reference_results"),
+        progress=False,
+        extra_meta={"runner": info},
+    )
     atomic_write_json(out_dir / "eval" / "ray_runner.json", info)
     return results
