@@ -166,3 +166,42 @@ def test_yield_interval_is_wilson(pruning_sweep):
     assert lo < y < hi
     j.data["pairs_total"] = 60  # more pairs than problems: not a proportion, no interval
     assert _yield_ci(j) == pytest.approx(16 / 48)
+
+
+@pytest.mark.slow
+def test_report_on_a_real_generate_multirun(tmp_path, tiny_model_dir):
+    """A real (small) pruning sweep through the CLI: `sphere generate -m` with the tiny test model on its own
+    arithmetic problems, then `sphere report` on the sweep directory."""
+    import os
+    import random
+    import subprocess
+    import sys
+
+    from sphere.testing.tiny import arithmetic_problem
+
+    rng = random.Random(4321)
+    probs = tmp_path / "problems.jsonl"
+    with open(probs, "w") as f:
+        for i in range(6):
+            p, _, ans, _ = arithmetic_problem(rng)
+            f.write(json.dumps({"id": f"t{i}", "problem": p, "answer": ans}) + "\n")
+    sweep = tmp_path / "sweep" / "threshold"
+    cmd = [sys.executable, "-m", "sphere.cli", "generate", "-m", f"model.policy={tiny_model_dir}",
+           f"model.small={tiny_model_dir}", f"data.problems={probs}", "search.pruning.policy=threshold",
+           "search.pruning.relative=true", "search.pruning.tau=0.0,1.0", "search.max_depth=4",
+           "output.snapshot_every=3", f"hydra.sweep.dir={sweep}"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=tmp_path,
+                       env={**os.environ, "WANDB_MODE": "disabled"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert report_main([str(tmp_path / "sweep")]) == 0
+    jobs = find_jobs(tmp_path / "sweep")
+    assert [j.rel for j in jobs] == ["threshold/0", "threshold/1"] and all(j.kind == "generate" for j in jobs)
+    assert [j.swept for j in jobs] == [{"tau": "0.0"}, {"tau": "1.0"}]
+    md = (tmp_path / "sweep" / "report.md").read_text()
+    assert sorted(_links(md)) == ["pairs_per_stage.png", "yield_vs_tau.png"]
+    for link in _links(md):
+        _png_ok(tmp_path / "sweep" / link)
+    for j in jobs:
+        stats = json.loads((j.path / "generate_stats.json").read_text())
+        assert f"| {j.rel} | tau={j.swept['tau']} | " + " | ".join(
+            str(stats["pairs_per_stage"][s]) for s in ("1", "2", "3")) in md
