@@ -37,7 +37,7 @@ def redact(obj: Any, _secrets: set[str] | None = None) -> Any:
     secrets = _secret_env_values() if _secrets is None else _secrets
     if isinstance(obj, dict):
         return {k: ("***" if _SECRET.search(str(k)) else redact(v, secrets)) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
+    if isinstance(obj, list | tuple):
         return [redact(v, secrets) for v in obj]
     if isinstance(obj, str) and any(s in obj for s in secrets):
         return "***"
@@ -215,7 +215,8 @@ def read_offline_run(run_dir: str | os.PathLike) -> dict[str, Any]:
 
     d = Path(run_dir)
     if not d.name.startswith("offline-run-"):
-        runs = sorted((d / "wandb").glob("offline-run-*")) if (d / "wandb").is_dir() else sorted(d.glob("offline-run-*"))
+        base = d / "wandb" if (d / "wandb").is_dir() else d
+        runs = sorted(base.glob("offline-run-*"))
         if not runs:
             raise FileNotFoundError(f"{run_dir}: no wandb/offline-run-* directory")
         d = runs[-1]
@@ -243,7 +244,8 @@ def read_offline_run(run_dir: str | os.PathLike) -> dict[str, Any]:
         kind = rec.WhichOneof("record_type")
         if kind == "run":
             r = rec.run
-            out["run"] = {"name": r.display_name, "group": r.run_group, "notes": r.notes, "project": r.project,
+            out["run"] = {"name": r.display_name, "group": r.run_group, "notes": r.notes,
+                          "project": r.project,
                           "id": r.run_id}
             out["config"].update(items(r.config.update))
         elif kind == "config":

@@ -125,7 +125,8 @@ def find_jobs(root: str | os.PathLike) -> list[Job]:
             jobs.append(Job(d, rel, kind, _read_overrides(d), data))
             dirnames[:] = []
             continue
-        dirnames[:] = sorted((n for n in dirnames if not n.startswith(".") and n not in _SKIP_DIRS), key=_natural)
+        keep = (n for n in dirnames if not n.startswith(".") and n not in _SKIP_DIRS)
+        dirnames[:] = sorted(keep, key=_natural)
     jobs.sort(key=lambda j: _natural(j.rel))
     _label_jobs(jobs)
     return jobs
@@ -228,7 +229,7 @@ def plot_accuracy_per_round(jobs: list[Job], out: Path) -> Path | None:
     else:
         fig, axs = plt.subplots(1, len(benches), figsize=(5.2 * len(benches), 3.8), squeeze=False)
         axes = list(axs[0])
-        for ax, b in zip(axes, benches):
+        for ax, b in zip(axes, benches, strict=False):
             for j in runs:
                 xs, ys, err = _acc_points(j.data["rounds"], b)
                 if xs:
@@ -271,10 +272,11 @@ def plot_pairs_per_stage(jobs: list[Job], out: Path) -> Path | None:
     for s in STAGES:
         vals = [int(r.get(s, 0)) for r in rows]
         ax.bar(range(len(rows)), vals, bottom=bottom, color=STAGE_COLORS[s], label=f"stage {s}")
-        bottom = [b + v for b, v in zip(bottom, vals)]
+        bottom = [b + v for b, v in zip(bottom, vals, strict=False)]
     for i, tot in enumerate(bottom):
         ax.text(i, tot, str(tot), ha="center", va="bottom", fontsize=7)
-    ax.set_xticks(range(len(rows)), labels, rotation=30 if len(labels) > 3 else 0, ha="right" if len(labels) > 3 else "center")
+    tilt = len(labels) > 3
+    ax.set_xticks(range(len(rows)), labels, rotation=30 if tilt else 0, ha="right" if tilt else "center")
     ax.set_ylabel("preference pairs")
     ax.set_xlabel(xlabel)
     ax.set_title("pairs per stage")
@@ -284,7 +286,7 @@ def plot_pairs_per_stage(jobs: list[Job], out: Path) -> Path | None:
 
 def _split(v: Any) -> tuple[float, float | None, float | None]:
     """value_fn results: a number, or (value, low, high) for an interval."""
-    if isinstance(v, (tuple, list)):
+    if isinstance(v, tuple | list):
         y, lo, hi = v
         return float(y), (None if lo is None else float(lo)), (None if hi is None else float(hi))
     return float(v), None, None
@@ -387,7 +389,7 @@ def plot_accuracy_against(jobs: list[Job], out: Path) -> Path | None:
     benches = sorted({b for j in accs for b in j.final_accuracy()})
     plt = _plt()
     fig, axs = plt.subplots(1, len(benches), figsize=(5.5 * len(benches), 4.0), squeeze=False)
-    for ax, b in zip(axs[0], benches):
+    for ax, b in zip(axs[0], benches, strict=False):
         def acc(j, b=b):
             v = j.final_accuracy().get(b)
             if v is None or v.get("accuracy") is None:
@@ -477,7 +479,8 @@ def write_report(root: str | os.PathLike, out: str | os.PathLike | None = None) 
     jobs = find_jobs(root)
     if not jobs:
         raise FileNotFoundError(
-            f"{root}: no jobs found; expected summary.json (sphere run), generate_stats.json (sphere generate) "
+            f"{root}: no jobs found; expected summary.json (sphere run), generate_stats.json "
+            "(sphere generate) "
             "or eval/results.json (sphere eval) in DIR or its subdirectories")
     out = Path(out) if out is not None else root
     out.mkdir(parents=True, exist_ok=True)

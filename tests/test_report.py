@@ -1,4 +1,4 @@
-"""`sphere report`: job discovery, swept settings, plots and report.md on synthetic run / sweep directories."""
+"""`sphere report`: job discovery, swept settings, plots and report.md on synthetic run / sweep dirs."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from sphere.report import find_jobs, main as report_main, numeric_axis, series_against, write_report
+from sphere.report import find_jobs, numeric_axis, series_against, write_report
+from sphere.report import main as report_main
 
 
 def _png_ok(path: Path) -> None:
@@ -110,7 +111,8 @@ def test_pruning_sweep_report(pruning_sweep):
 def test_multirun_of_runs_plots_accuracy_against_setting(tmp_path):
     root = tmp_path / "multi"
     for i, tau in enumerate(["0.1", "0.3", "0.5"]):
-        _run_summary(root / str(i), [0.30, 0.33 + 0.02 * i], overrides=[f"search.pruning.tau={tau}", "rounds=1"])
+        _run_summary(root / str(i), [0.30, 0.33 + 0.02 * i],
+                     overrides=[f"search.pruning.tau={tau}", "rounds=1"])
     out = tmp_path / "elsewhere"
     report, figs = write_report(root, out)
     assert report == out / "report.md"

@@ -63,7 +63,8 @@ def build_snapshot(path: Path, *, expansions: int = 5, rounds: int = 14, seed: i
             "sol_max": traj(best, True), "sol_min": traj(worst, False)}
     arrays = {k: np.asarray(v) for k, v in snap.items()}
     save_tree_snapshot(path, arrays, meta)
-    expect = {"n": len(texts), "sol_max": [remap[int(x)] for x in best], "sol_min": [remap[int(x)] for x in worst]}
+    expect = {"n": len(texts), "sol_max": [remap[int(x)] for x in best],
+              "sol_min": [remap[int(x)] for x in worst]}
     return expect, meta
 
 
@@ -120,7 +121,8 @@ def test_trajectory_nodes_follow_step_texts(snapshot):
     # a step that is not in the tree ends the path there
     steps = list(meta["sol_max"]["steps"])
     steps[1] = "no such step"
-    assert trajectory_nodes(arrays["parent"], meta["text"], arrays["flags"], steps, 12) == expect["sol_max"][:2]
+    got = trajectory_nodes(arrays["parent"], meta["text"], arrays["flags"], steps, 12)
+    assert got == expect["sol_max"][:2]
 
 
 def test_page_embeds_untrusted_text_safely(snapshot):
@@ -165,9 +167,8 @@ def test_cli(snapshot, tmp_path, capsys):
 
 
 def test_cli_dispatch(snapshot, tmp_path):
-    from sphere.cli import PLAIN_COMMANDS
-
     from sphere import cli
+    from sphere.cli import PLAIN_COMMANDS
 
     assert PLAIN_COMMANDS[("viz", "tree")] == "sphere.viz:main"
     path, _ = snapshot
@@ -232,7 +233,7 @@ def test_page_in_headless_chromium(tmp_path: Path):
     assert 'id="sphere-js-error"' not in r.stdout
     sel = re.findall(r'<div class="node[^"]*\bsel\b[^"]*" data-id="(\d+)"', r.stdout)
     assert sel == [str(k)]
-    assert re.search(r'<div id="detail-body"><div>node %d ' % k, r.stdout)
+    assert re.search(rf'<div id="detail-body"><div>node {k} ', r.stdout)
 
 
 def test_reads_what_generate_writes(tmp_path):
@@ -246,8 +247,8 @@ def test_reads_what_generate_writes(tmp_path):
     snap = {**arrays, "text": meta["text"]}
     t = meta["sol_max"]
     traj = Trajectory(t["steps"], True, t["value"], [], [], "answer")
-    res = SearchResult(SearchJob("1:p0", {"id": "p0", "problem": "Compute 2 + 2.", "answer": "4"}, lambda s: []),
-                       traj, None, [traj], len(meta["text"]), 6, snapshot=snap)
+    job = SearchJob("1:p0", {"id": "p0", "problem": "Compute 2 + 2.", "answer": "4"}, lambda s: [])
+    res = SearchResult(job, traj, None, [traj], len(meta["text"]), 6, snapshot=snap)
     Generator._save_snapshot(None, tmp_path / "trees", "stage1-p0", res)
     arrays2, meta2 = load_tree_snapshot(tmp_path / "trees" / "stage1-p0.npz")
     assert meta2["text"] == meta["text"] and meta2["sol_min"] is None

@@ -38,8 +38,8 @@ def _cfg(mode: str, **extra) -> OmegaConf:
     base = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "logger" / "wandb.yaml")
     base.mode = mode
     base.project = "sphere-test"
-    return OmegaConf.create({"logger": base, "seed": 7, "search": {"pruning": {"policy": "minmax", "tau": 0.0}},
-                             **extra})
+    return OmegaConf.create({"logger": base, "seed": 7,
+                             "search": {"pruning": {"policy": "minmax", "tau": 0.0}}, **extra})
 
 
 def _files_containing(root: Path, needle: str) -> list[str]:
@@ -149,7 +149,7 @@ def test_disabled_mode_logs_nothing(tmp_path, wandb_env, monkeypatch):
 
 
 def test_generate_logging_sample_table_per_stage_and_pairs_artifact(tmp_path, wandb_env):
-    """The generate command's own logging path (sphere.generate.run.log_generate_stats) on generate outputs."""
+    """The generate command's own logging path (sphere.generate.run.log_generate_stats) on its outputs."""
     from sphere.generate.run import log_generate_stats
 
     out = tmp_path / "gen"

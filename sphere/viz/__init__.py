@@ -41,7 +41,8 @@ def main(argv: list[str]) -> int:
             print(f"sphere viz tree: one snapshot file expected, got {snap!r} and {a!r}", file=sys.stderr)
             return 2
     if snap is None:
-        print("sphere viz tree: missing SNAPSHOT_FILE (a trees/<name>.npz from sphere generate)", file=sys.stderr)
+        print("sphere viz tree: missing SNAPSHOT_FILE (a trees/<name>.npz from sphere generate)",
+              file=sys.stderr)
         return 2
     out = opts.get("out") or str(Path(snap).with_suffix(".html"))
     try:

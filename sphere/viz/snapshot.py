@@ -92,7 +92,8 @@ def load_tree_snapshot(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], 
             continue
         a = data[name]
         if a.ndim != 1 or a.dtype.kind not in kinds:
-            raise ValueError(f"{path}: array {name!r} must be 1-D of kind {kinds!r}, got {a.dtype}{list(a.shape)}")
+            raise ValueError(f"{path}: array {name!r} must be 1-D of kind {kinds!r}, "
+                             f"got {a.dtype}{list(a.shape)}")
         if n is None:
             n = len(a)
         elif len(a) != n:
@@ -111,7 +112,8 @@ def load_tree_snapshot(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], 
         raise ValueError(f"{path}: meta 'text' must be a list of {n} strings (one per node), got {got}")
     for k in ("sol_max_nodes", "sol_min_nodes"):
         v = meta.get(k)
-        if v is not None and (not isinstance(v, list) or not all(isinstance(i, int) and 0 <= i < n for i in v)):
+        ok = isinstance(v, list) and all(isinstance(i, int) and 0 <= i < n for i in v)
+        if v is not None and not ok:
             raise ValueError(f"{path}: meta {k!r} must be a list of node indices in 0..{n - 1}")
     return data, meta
 

@@ -42,7 +42,7 @@ def _sol(meta: dict, key: str, parent: np.ndarray, text: list[str], flags: np.nd
     correct = traj.get("correct")
     value = traj.get("value")
     return {"nodes": [int(i) for i in nodes], "correct": None if correct is None else bool(correct),
-            "value": float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None,
+            "value": float(value) if isinstance(value, int | float) and math.isfinite(value) else None,
             "steps": len(traj.get("steps") or [])}
 
 
