@@ -33,8 +33,8 @@ py::array_t<T> to_array(const std::vector<T>& v) {
   return out;
 }
 
-template <class T>
-py::array view(const std::vector<T>& v, const py::object& owner) {
+template <class T, class A>
+py::array view(const std::vector<T, A>& v, const py::object& owner) {
   // Zero-copy, read-only; `owner` keeps the forest alive. Invalid after the forest grows or resets.
   py::array a(py::dtype::of<T>(), {static_cast<py::ssize_t>(v.size())}, {static_cast<py::ssize_t>(sizeof(T))},
               v.empty() ? nullptr : v.data(), owner);
@@ -43,7 +43,7 @@ py::array view(const std::vector<T>& v, const py::object& owner) {
 }
 
 template <class T>
-py::array hot_view(const std::vector<sphere::Hot>& v, size_t offset, const py::object& owner) {
+py::array hot_view(const sphere::NodeVec<sphere::Hot>& v, size_t offset, const py::object& owner) {
   // A strided zero-copy view of one field of the hot records.
   if (v.empty()) return py::array_t<T>(0);
   py::array a(py::dtype::of<T>(), {static_cast<py::ssize_t>(v.size())},

@@ -61,8 +61,12 @@
 // binding releases the GIL around the long calls.
 #pragma once
 
+#include <sys/mman.h>
+
 #include <cstdint>
+#include <cstdlib>
 #include <mutex>
+#include <new>
 #include <string>
 #include <vector>
 
@@ -97,6 +101,39 @@ struct Config {
   double prune_tau = 0.0;
   bool prune_relative = false;
 };
+
+// Allocator for the per-node arrays: blocks of 2 MiB and more are 2 MiB-aligned and marked for transparent
+// huge pages (madvise), so descending many trees does not pay a page walk per node (costly in VMs).
+template <class T>
+struct HugePageAlloc {
+  using value_type = T;
+  HugePageAlloc() = default;
+  template <class U>
+  HugePageAlloc(const HugePageAlloc<U>&) {}  // NOLINT: allocator rebind
+  T* allocate(size_t n) {
+    constexpr size_t kHuge = size_t{1} << 21;
+    size_t bytes = n * sizeof(T);
+    void* p;
+    if (bytes >= kHuge) {
+      bytes = (bytes + kHuge - 1) / kHuge * kHuge;
+      p = std::aligned_alloc(kHuge, bytes);
+#ifdef MADV_HUGEPAGE
+      if (p) madvise(p, bytes, MADV_HUGEPAGE);
+#endif
+    } else {
+      p = std::malloc(bytes ? bytes : 1);
+    }
+    if (!p) throw std::bad_alloc();
+    return static_cast<T*>(p);
+  }
+  void deallocate(T* p, size_t) noexcept { std::free(p); }
+  template <class U>
+  bool operator==(const HugePageAlloc<U>&) const { return true; }
+  template <class U>
+  bool operator!=(const HugePageAlloc<U>&) const { return false; }
+};
+template <class T>
+using NodeVec = std::vector<T, HugePageAlloc<T>>;
 
 struct Hot {
   double value_sum;
@@ -171,12 +208,12 @@ class Forest {
   std::vector<int32_t> tree_nodes(int32_t root);
 
   // Raw storage for zero-copy snapshots (invalid after the next growth or reset).
-  const std::vector<Hot>& hot() const { return hot_; }
-  const std::vector<int32_t>& parent() const { return parent_; }
-  const std::vector<int64_t>& payload() const { return payload_; }
-  const std::vector<int32_t>& tree() const { return tree_; }
-  const std::vector<float>& reward() const { return reward_; }
-  const std::vector<int16_t>& depth() const { return depth_; }
+  const NodeVec<Hot>& hot() const { return hot_; }
+  const NodeVec<int32_t>& parent() const { return parent_; }
+  const NodeVec<int64_t>& payload() const { return payload_; }
+  const NodeVec<int32_t>& tree() const { return tree_; }
+  const NodeVec<float>& reward() const { return reward_; }
+  const NodeVec<int16_t>& depth() const { return depth_; }
   const std::vector<int32_t>& roots() const { return roots_; }
   const std::vector<int64_t>& tree_collisions() const { return tree_collisions_; }
 
@@ -198,12 +235,12 @@ class Forest {
   Config cfg_;
   std::mutex mu_;
   // per node
-  std::vector<Hot> hot_;
-  std::vector<int32_t> parent_;
-  std::vector<int64_t> payload_;
-  std::vector<int32_t> tree_;
-  std::vector<float> reward_;
-  std::vector<int16_t> depth_;
+  NodeVec<Hot> hot_;
+  NodeVec<int32_t> parent_;
+  NodeVec<int64_t> payload_;
+  NodeVec<int32_t> tree_;
+  NodeVec<float> reward_;
+  NodeVec<int16_t> depth_;
   // per tree
   std::vector<int32_t> roots_;
   std::vector<double> qmin_, qmax_;
