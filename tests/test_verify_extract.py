@@ -93,6 +93,16 @@ def test_parse_number():
         ("3", "3, 5, 7", False),
         ("(1,2)", "\\frac{1}{2}", False),
         ("\\{5\\}", "5", None),
+        ("17", "x^3+3x-6", False),  # an exact number is not a polynomial in x
+        ("(a+5)(b+2)", "12", False),
+        ("40", "y = -2x", False),
+        ("22", "\\cot x", None),  # normalised to "\\cotx": no free letter left, math-verify decides
+        ("7", "e^2", None),  # e and i are constants: math-verify decides
+        ("5", "2i+5", None),
+        ("5", "x - x + 5", False),  # documented limit: a cancelling expression is not simplified here
+        ("3", "52_8", None),  # base subscripts: math-verify decides
+        ("3", "\\text{Evelyn}", None),
+        ("0.5", "x/2", None),  # decimals: math-verify decides
         (None, "3", False),
         ("2^{2000}", "\\sqrt{2}", None),  # a huge exact value vs an irrational one: no float overflow
         ("2^{2000}", "2^{1999}", False),

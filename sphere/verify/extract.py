@@ -268,15 +268,34 @@ def _has_top_level_comma(norm: str) -> bool:
     return False
 
 
+_EXPR_CHARS = re.compile(r"[0-9a-zA-Z+\-*/^(){}\\ ]+")
+_FREE_VAR = re.compile(r"(?<![\\a-zA-Z])[a-df-hj-zA-Z](?![a-zA-Z])")  # one letter, not e / i / a \command
+_CONST_LETTER = re.compile(r"(?<![\\a-zA-Z])[ei](?![a-zA-Z])")
+
+
+def _is_expression_in_variables(norm: str) -> bool:
+    """An algebraic expression with a one-letter free variable ("x^3+3x-6", "(a+5)(b+2)", "8n^2+4n+1").
+    Letters e and i (constants), subscripts, relations, decimals and multi-letter words are left out, so
+    anything math-verify could still call equal to a number goes to it."""
+    return bool(
+        _EXPR_CHARS.fullmatch(norm)
+        and _FREE_VAR.search(norm)
+        and not _CONST_LETTER.search(norm)
+        and not re.search(r"[a-zA-Z]{2,}", re.sub(r"\\[a-zA-Z]+", " ", norm))
+    )
+
+
 def fast_verdict(pred: str | None, gold: str) -> bool | None:
     """Decide cheap cases in the caller's process, or return None to ask math-verify.
 
-    True: equal normalised strings, or two arithmetic answers with equal exact values (``\\frac{6}{8}`` vs
-    ``0.75``, ``2^{10}`` vs ``1024``). False: no answer; a number against a tuple / list / interval; or two
-    arithmetic answers whose values differ, when
-    no decimal literal or percent is involved (math-verify rounds decimals, so ``0.3333333`` vs ``1/3`` is
+    True (never wrong): equal normalised strings, or two arithmetic answers with equal exact values
+    (``\\frac{6}{8}`` vs ``0.75``, ``2^{10}`` vs ``1024``).
+    False: no answer; an exact number against a tuple / list / interval, or against an expression in a
+    one-letter variable (``17`` vs ``x^3+3x-6``); two arithmetic answers whose values differ, when no
+    decimal literal or percent is involved (math-verify rounds decimals, so ``0.3333333`` vs ``1/3`` is
     left to it) and, for irrational values, when they differ by more than 1e-6 relative (floats that close
-    could still be symbolically equal). So a False here is one math-verify cannot turn into a True.
+    could still be symbolically equal). Known limit: an expression whose variables cancel (``x - x + 5``)
+    is not simplified here, so it is False against 5 where math-verify would say True.
 
     ``pred`` is an extracted answer (``extract_answer``), ``gold`` the reference answer."""
     if pred is None:
@@ -289,6 +308,11 @@ def fast_verdict(pred: str | None, gold: str) -> bool | None:
     a, b = _value(np_), _value(ng)
     if (a is None) != (b is None) and _has_top_level_comma(ng if a is not None else np_):
         return False  # a number against a tuple / list / interval: never equal (math-verify agrees)
+    if (a is None) != (b is None):
+        num, raw_num, other = (a, np_ + pred, ng) if a is not None else (b, ng + gold, np_)
+        if (isinstance(num, Fraction) and "." not in raw_num and "%" not in raw_num
+                and _is_expression_in_variables(other)):
+            return False  # 17 vs x^3+3x-6: an exact number is not a polynomial in a variable
     if a is None or b is None:
         return None
     exact = isinstance(a, Fraction) and isinstance(b, Fraction)
