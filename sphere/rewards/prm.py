@@ -10,8 +10,10 @@ softmax probability of class 1 ("correct") at the reward token that follows it.
   head (``Linear(h, h), ReLU, Linear(h, num_labels)``) and loads the checkpoint's safetensors directly, so
   no remote code runs. Checkpoints whose architecture ends in ``ForTokenClassification`` (2 labels, e.g. a
   Llama PRM) load through ``AutoModelForTokenClassification`` with the same scoring rule.
-- vLLM serves ``Qwen2ForProcessRewardModel`` natively with the pooling runner; ``token_classify`` returns the
-  per-token class probabilities, and the reward-token positions are picked here.
+- vLLM serves ``Qwen2ForProcessRewardModel`` natively with the pooling runner: ``encode(...,
+  pooling_task="token_classify")`` with ``PoolingParams(step_tag_id=<reward token>)`` (STEP pooling) returns
+  the softmax class probabilities at the reward tokens. Prefix caching is off for this engine (pooled
+  outputs cover only computed tokens).
 
 ``PRMScorer(cfg)`` reads ``cfg.scorer`` (conf/scorer/prm.yaml). ``score(items)`` -> one score in [0, 1] per
 step. Steps that contain the reward token have it removed (it would shift the step boundaries).
@@ -147,7 +149,10 @@ class PRMScorer:
 
             if is_cpu_build():
                 configure_cpu_env(s.get("cpu_kvcache_gib", 1), s.get("cpu_omp_threads_bind", "nobind"))
+            # Prefix caching off: token pooling returns hidden states only for the tokens the engine computed,
+            # so reward tokens inside a cached prefix would be missing from the output.
             kw = dict(runner="pooling", dtype=s.get("dtype", "float32"), trust_remote_code=trust,
+                      enable_prefix_caching=False,
                       enforce_eager=bool(s.get("enforce_eager", True)), seed=0,
                       gpu_memory_utilization=float(s.get("gpu_memory_utilization", 0.3)))
             for k in ("max_model_len", "block_size"):
@@ -215,9 +220,12 @@ class PRMScorer:
         return res
 
     def _probs_vllm(self, rows: list[list[int]]) -> list[list[float]]:
+        from vllm import PoolingParams
         from vllm.inputs import TokensPrompt
 
-        outs = self._llm.encode([TokensPrompt(prompt_token_ids=r) for r in rows], pooling_task="token_classify",
+        # STEP pooling with step_tag_id returns the class probabilities at the reward tokens only.
+        outs = self._llm.encode([TokensPrompt(prompt_token_ids=r) for r in rows],
+                                PoolingParams(step_tag_id=self.tag_id), pooling_task="token_classify",
                                 use_tqdm=False)
         res = []
         for r, o in zip(rows, outs):
