@@ -196,11 +196,14 @@ def test_cdpo_weights_reproduce_the_cdpo_loss_in_trl(tmp_path, tiny_model_dir):
 
 
 # ------------------------------------------------------------------------------------------ training
-def _check_merged(merged: Path) -> None:
+def _check_merged(merged: Path, policy: Path | None = None) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
     assert (merged / "DONE").is_file()
+    if policy is not None:  # the next policy gets the tokenizer files of this one, byte for byte
+        for f in ("tokenizer.json", "tokenizer_config.json"):
+            assert (merged / f).read_bytes() == (policy / f).read_bytes(), f
     assert (merged / "model.safetensors").is_file() and (merged / "tokenizer.json").is_file()
     cfg = json.loads((merged / "config.json").read_text())
     assert cfg["dtype"] == "float32" and cfg["use_cache"] is True
@@ -222,7 +225,7 @@ def test_dpo_raises_the_chosen_margin_and_saves_a_loadable_checkpoint(tmp_path, 
     merged = train_dpo(opts, tiny_model_dir, pairs, out, logger=log)
 
     assert merged == out / "merged"
-    _check_merged(merged)
+    _check_merged(merged, tiny_model_dir)
     assert (out / "adapter" / "adapter_config.json").is_file() == (mode == "lora")
     assert not (out / ".merged.tmp").exists() and not (out / "trainer").exists()
 
@@ -283,7 +286,7 @@ def test_conversational_pairs_prompt_truncation_and_eos_policy(tmp_path, tiny_mo
     m = json.loads((out / "train_metrics.json").read_text())
     assert m["pairs_kept"] == 8 and m["prompts_truncated"] == 8 and m["steps"] == 2
     assert m["max_length"] == 1024  # capped at the model's max_position_embeddings
-    _check_merged(out / "merged")
+    _check_merged(out / "merged", model)
     from transformers import AutoTokenizer
 
     merged_tok = AutoTokenizer.from_pretrained(out / "merged")

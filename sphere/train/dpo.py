@@ -380,7 +380,7 @@ def train_dpo(cfg_train: Any, policy_path: str | os.PathLike, pairs_path: str | 
         tmp = out_dir / ".adapter.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         trained.save_pretrained(tmp, safe_serialization=True)
-        _load_tokenizer(policy_path, t).save_pretrained(tmp)
+        _copy_tokenizer(policy_path, tmp, t)
         _publish(tmp, out_dir / "adapter")
         trained = trained.merge_and_unload()
     trained = trained.to(torch.float32) if t["dtype"] == "float32" else trained
@@ -388,8 +388,7 @@ def train_dpo(cfg_train: Any, policy_path: str | os.PathLike, pairs_path: str | 
     tmp = out_dir / ".merged.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     trained.save_pretrained(tmp, safe_serialization=True)
-    # the policy's own tokenizer, untouched (the trainer may have set a pad token on its copy)
-    _load_tokenizer(policy_path, t).save_pretrained(tmp)
+    _copy_tokenizer(policy_path, tmp, t)
     _clean_config(tmp, str(t["dtype"]))
     metrics = _metrics(history, result, pairs, t, prep, policy_path, peft_config is not None,
                        t_setup=t_setup, t_train=t_train, wall=time.perf_counter() - t0)
@@ -451,6 +450,22 @@ def _load(policy_path: Path, pairs: PairSet, t: dict):
         tok.pad_token = tok.eos_token
     model = AutoModelForCausalLM.from_pretrained(policy_path, dtype=dtypes[t["dtype"]], trust_remote_code=trc)
     return model, tok
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt", "chat_template.jinja",
+                   "chat_template.json")
+
+
+def _copy_tokenizer(policy_path: Path, dst: Path, t: dict) -> None:
+    """The policy's tokenizer files, byte for byte (a load/save round trip adds keys such as
+    ``local_files_only``, and the trainer's copy may have gained a pad token)."""
+    found = [f for f in TOKENIZER_FILES if (policy_path / f).is_file()]
+    if "tokenizer_config.json" not in found:
+        _load_tokenizer(policy_path, t).save_pretrained(dst)
+        return
+    for f in found:
+        shutil.copyfile(policy_path / f, dst / f)
 
 
 def _load_tokenizer(policy_path: Path, t: dict):
