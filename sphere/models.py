@@ -1,7 +1,8 @@
 """Model names -> local directories.
 
 ``resolve_model(name_or_path, cfg)``:
-- ``"mini"``: the mini-world model, built/cached on first use by ``sphere.mini.ensure_mini_model(cfg)``;
+- ``"mini"`` / ``"mini-small"``: the mini-world policy / small model, built or cached on first use by
+  ``sphere.mini.ensure_mini_model(cfg, which)``;
 - an existing local directory with a ``config.json``: returned as is;
 - a path-like value (absolute, ``./``, ``~``) that does not exist: fails at once, naming the path;
 - a hub name (``Qwen/Qwen2.5-Math-7B-Instruct``): looked up in the local Hugging Face cache only when
@@ -38,10 +39,10 @@ def resolve_model(name_or_path: str | os.PathLike, cfg=None) -> Path:
     s = str(name_or_path).strip()
     if not s:
         raise ModelNotFoundError("model name is empty (config key model.policy / model.small / model.prm)")
-    if s == "mini":
+    if s in ("mini", "mini-small"):
         from sphere.mini import ensure_mini_model  # lazy: the mini world is optional at import time
 
-        return Path(ensure_mini_model(cfg))
+        return Path(ensure_mini_model(cfg, which=s))
     p = Path(s).expanduser()
     if p.exists() or _looks_like_path(s):
         return check_model_dir(p)
