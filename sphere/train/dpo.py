@@ -78,7 +78,7 @@ DEFAULTS: dict[str, Any] = {
     "max_length": 512, "max_prompt_length": None, "append_eos": True,
     "warmup_ratio": 0.1, "scheduler": "cosine", "weight_decay": 0.0, "max_grad_norm": 1.0,
     "precompute_ref": True, "seed": 0, "threads": None, "progress": "auto", "logging_steps": 1,
-    "dtype": "float32", "trust_remote_code": False, "device": "auto",
+    "dtype": "float32", "trust_remote_code": False, "device": "auto", "gradient_checkpointing": False,
 }
 
 
@@ -172,9 +172,9 @@ def dpo_config(t: dict, out_dir: Path):
         precompute_ref_batch_size=4 * int(t["batch_size"]),  # no gradients: bigger batches are cheap
         seed=int(t["seed"]),
         logging_steps=int(t["logging_steps"]),
-        # Speed on small CPU machines: no checkpointing recomputation, no eval, no intermediate saves,
-        # no worker processes, no mixed precision (CPU float32).
-        gradient_checkpointing=False,
+        # Speed on small CPU machines: no activation recomputation (unless asked, for big models on GPU), no
+        # eval, no intermediate saves, no worker processes, no mixed precision (CPU float32).
+        gradient_checkpointing=bool(t["gradient_checkpointing"]),
         eval_strategy="no",
         save_strategy="no",
         dataloader_num_workers=0,
