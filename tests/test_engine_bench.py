@@ -47,9 +47,11 @@ def test_bench_rejects_bad_rounds():
 
 
 def _sphere(args, tmp_path):
+    # cwd = tmp_path and no sweep-dir override: the multirun uses conf/config.yaml's own hydra.sweep.dir
     cmd = [sys.executable, "-m", "sphere.cli", "bench", "engine", *args, "trees=8", "rounds=3", "py_rounds=1",
-           "peers=false", f"hydra.run.dir={tmp_path}/run", f"hydra.sweep.dir={tmp_path}/multi"]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+           "peers=false", f"hydra.run.dir={tmp_path}/run"]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 def test_cli_override_and_multirun(tmp_path):
@@ -62,3 +64,4 @@ def test_cli_override_and_multirun(tmp_path):
     assert p.returncode == 0, p.stderr[-2000:]
     lines = [json.loads(x) for x in p.stdout.splitlines() if x.startswith("{")]
     assert [r["k"] for r in lines] == [1, 2]
+    assert len(list((tmp_path / "multirun").glob("*/*/1/result.json"))) == 1
