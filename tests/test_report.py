@@ -86,6 +86,7 @@ def test_single_run_report(tmp_path):
     assert report == d / "report.md"
     assert sorted(_links(md)) == ["accuracy_per_round.png", "pairs_per_stage.png"]
     assert "41.0% [36.0, 46.0] (+11.0 vs round 0)" in md and "20.5%" in md
+    assert "| 1 | 19.0% | 38.0% | 10/3/5 | - | - | 12 |" in md  # per-round table (gsm8k, mini)
 
 
 def test_pruning_sweep_report(pruning_sweep):
