@@ -39,8 +39,12 @@ def redact(obj: Any, _secrets: set[str] | None = None) -> Any:
         return {k: ("***" if _SECRET.search(str(k)) else redact(v, secrets)) for k, v in obj.items()}
     if isinstance(obj, list | tuple):
         return [redact(v, secrets) for v in obj]
-    if isinstance(obj, str) and any(s in obj for s in secrets):
-        return "***"
+    if isinstance(obj, str):
+        if any(s in obj for s in secrets):
+            return "***"
+        key, eq, _ = obj.partition("=")  # a command-line override: backend.api_key=...
+        if eq and _SECRET.search(key):
+            return f"{key}=***"
     return obj
 
 

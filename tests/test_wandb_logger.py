@@ -59,6 +59,8 @@ def test_redact_keys_and_secret_values(monkeypatch):
     assert r["backend"]["openai"]["base_url"] == "http://h"
     assert r["notes"] == ["***", "plain"] and r["hf_token_path"] == "***" and r["seed"] == 1
     assert FAKE_KEY not in json.dumps(r)
+    assert redact(["backend.openai.api_key=sk-abc", "search.pruning.tau=0.5"]) == [
+        "backend.openai.api_key=***", "search.pruning.tau=0.5"]
 
 
 def test_mode_resolution(monkeypatch):
