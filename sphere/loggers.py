@@ -19,6 +19,7 @@ import json
 import os
 import re
 import struct
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -134,6 +135,8 @@ class WandbLogger:
             config=redact(config),
             tags=list(cfg_logger.get("tags", []) or []),
             reinit="finish_previous",
+            # non-interactive logs (CI, SLURM) get wandb's essentials only, not its banners
+            settings=wandb.Settings(quiet=not sys.stderr.isatty()),
         )
 
     def log(self, metrics: dict, step: int | None = None) -> None:
