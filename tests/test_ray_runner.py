@@ -273,6 +273,21 @@ def test_ray_generate_actor_killed_mid_run_is_retried(cluster, tiny, problems_fi
     assert info["skipped_finished"] == 6 and info["chunks"] == 1
 
 
+def test_ray_generate_gives_up_after_max_chunk_retries(cluster, tiny, problems_file, tmp_path):
+    """A chunk whose actor dies on every attempt stops the run with an error naming the config key, and
+    nothing of it reaches the stage logs."""
+    out = tmp_path / "doomed"
+
+    def kill_always(actor, chunk):
+        ray.kill(actor, no_restart=True)
+
+    ov = gen_overrides(tiny, problems_file, "data.limit=2", *ray_overrides(workers=1, chunk=2))
+    cfg = compose("generate", out, [*ov, "runner.max_chunk_retries=1"])
+    with pytest.raises(RuntimeError, match=r"chunk 0 .* runner.max_chunk_retries=1"):
+        ray_runner.generate(cfg, out, on_dispatch=kill_always)
+    assert stage_ids(out) == {1: [], 2: [], 3: []}
+
+
 def test_ray_eval_matches_single_process(cluster, tiny, problems_file, tmp_path):
     from sphere.evaluation.harness import evaluate, main
 

@@ -221,7 +221,7 @@ class ActorPool:
         self.poll_s = poll_s
         self.stats = PoolStats(actors_started=n)
 
-    def _replace(self, slot: int) -> None:
+    def _replace(self, slot: int, err: BaseException) -> None:
         import ray
 
         try:
@@ -231,8 +231,9 @@ class ActorPool:
         if self.stats.actor_deaths > self.max_actor_restarts:
             raise RuntimeError(
                 f"ray runner: {self.stats.actor_deaths} actors died, more than "
-                f"runner.max_actor_restarts={self.max_actor_restarts}; giving up"
-            )
+                f"runner.max_actor_restarts={self.max_actor_restarts}; giving up. Last error: "
+                f"{type(err).__name__}: {err}"
+            ) from err
         self.actors[slot] = self.make_actor(slot)
         self.gen[slot] += 1
         self.stats.actors_started += 1
@@ -282,7 +283,7 @@ class ActorPool:
                     )
                     self.stats.retries += 1
                     self.stats.retried_chunks.append(ch.id)
-                    self._replace(slot)
+                    self._replace(slot, e)
                     queue.appendleft(ch)
                     idle.append(slot)
                     continue
