@@ -123,6 +123,7 @@ class WandbLogger:
         notes = " ".join(redact(ident.get("overrides") or [])) or None
         self._wandb = wandb
         self.mode = mode
+        self.table_rows = int(cfg_logger.get("log_pairs_table", 32))  # sample-table rows per stage
         run_dir.mkdir(parents=True, exist_ok=True)
         self.run = wandb.init(
             project=str(cfg_logger.get("project", "sphere")),

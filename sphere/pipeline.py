@@ -39,6 +39,7 @@ def _eval_round(cfg: DictConfig, backend: Any, rdir: Path, policy: str, logger: 
                    model_name=policy, progress=cfg.eval.get("progress"))
     if logger is not None:
         logger.log({f"eval/{k}/accuracy": v["accuracy"] for k, v in res.items() if k != "meta"}, step=r)
+        logger.log_artifact(rdir / "eval" / "results.json", f"eval-round{r}", "results")
     return {k: v for k, v in res.items() if k != "meta"}
 
 
@@ -111,7 +112,7 @@ def validate_run_config(cfg: DictConfig) -> None:
 
 def run(cfg: DictConfig, out: Path) -> dict:
     from sphere.backends import make_backend
-    from sphere.generate.run import Generator, load_problems
+    from sphere.generate.run import Generator, load_problems, log_generate_stats
     from sphere.loggers import make_logger
     from sphere.models import resolve_model
     from sphere.progress import StageProgress
@@ -159,6 +160,7 @@ def run(cfg: DictConfig, out: Path) -> dict:
                                          progress=prog.update)
                     if holder.get("b") is not None:
                         holder["b"].close()
+                    log_generate_stats(logger, gstats, out / f"round_{r + 1}" / "generate", step=r + 1)
             finally:
                 backend.close()
             rec["wall_s"] = time.perf_counter() - t0 + (prep_s if r == 0 else 0.0)
@@ -248,7 +250,7 @@ class _StepLogger:
 
     def log(self, metrics: dict, step: int | None = None) -> None:
         if self.logger is not None:
-            self.logger.log({**metrics, "round": self.r})
+            self.logger.log({**metrics, "train/round": self.r})
 
 
 def _write_summary(out: Path, rounds: list[dict]) -> None:

@@ -366,21 +366,25 @@ class Generator:
         }
 
     def _save_snapshot(self, d: Path, name: str, res: SearchResult) -> None:
-        d.mkdir(parents=True, exist_ok=True)
+        """The searched tree as trees/<name>.npz (``sphere viz tree`` renders it)."""
+        from sphere.viz.snapshot import save_tree_snapshot
+
         snap = res.snapshot
         arrays = {k: np.asarray(v) for k, v in snap.items() if k != "text"}
+        index = {int(n): i for i, n in enumerate(np.asarray(snap["node_id"]).tolist())}
         meta = {
             "problem": res.job.problem["problem"],
             "answer": res.job.problem["answer"],
+            "problem_id": res.job.problem["id"],
+            "stage": res.job.meta.get("stage"),
             "text": list(snap["text"]),
             "sol_max": traj_to_dict(res.sol_max),
             "sol_min": traj_to_dict(res.sol_min),
+            "sol_max_nodes": [index[n] for n in res.sol_max.nodes if n in index] if res.sol_max else None,
+            "sol_min_nodes": [index[n] for n in res.sol_min.nodes if n in index] if res.sol_min else None,
+            "config_hash": self.hash,
         }
-        tmp = d / f".{name}.npz.tmp"
-        with open(tmp, "wb") as fh:
-            np.savez_compressed(fh, meta_json=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
-                                **arrays)
-        tmp.replace(d / f"{name}.npz")
+        save_tree_snapshot(d / f"{name}.npz", arrays, meta)
 
     # ------------------------------------------------------------------ outputs
     def finalize(self, problems: list[dict], stats_acc: dict, wall_s: float) -> dict:
@@ -518,7 +522,8 @@ def main(cfg: DictConfig) -> float:
         logger.finish()
 
 
-def log_generate_stats(logger: Any, stats: dict, out: Path) -> None:
+def log_generate_stats(logger: Any, stats: dict, out: Path, step: int | None = None) -> None:
+    """gen/ and search/ metrics, a sample table of pairs per stage, pairs.jsonl as an artifact."""
     if logger is None:
         return
     flat = {f"gen/pairs_stage{k}": v for k, v in stats["pairs_per_stage"].items()}
@@ -527,11 +532,12 @@ def log_generate_stats(logger: Any, stats: dict, out: Path) -> None:
                  "search/backend_calls": stats["backend_calls"], "search/tokens": stats["tokens"],
                  "search/mean_leaves_per_call": stats["mean_leaves_per_call"],
                  "search/pruned": stats["pruned"], "search/collisions": stats["collisions"]})
-    logger.log(flat)
+    logger.log(flat, step=step)
     pairs = read_jsonl_tolerant(out / "pairs.jsonl")
     rows = []
+    per_stage = int(getattr(logger, "table_rows", 32))
     for s in (1, 2, 3):
-        for p in [q for q in pairs if int(q["stage"]) == s][:32]:
+        for p in [q for q in pairs if int(q["stage"]) == s][:per_stage]:
             rows.append([s, p["problem_id"], json.dumps(p["prompt"])[:500], json.dumps(p["chosen"])[:1000],
                          json.dumps(p["rejected"])[:1000], p["margin"]])
     logger.log_table("gen/pairs_sample", ["stage", "problem_id", "prompt", "chosen", "rejected", "margin"],

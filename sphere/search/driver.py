@@ -34,6 +34,7 @@ import numpy as np
 
 from sphere.backends.base import SamplingParams
 from sphere.engine import EngineConfig, make_forest
+from sphere.rewards.base import combine_outcome, shape_rewards
 
 
 @dataclass
@@ -56,6 +57,7 @@ class Trajectory:
     rewards: list[float]  # shaped reward per step
     scores: list[float]  # raw step-scorer score per step
     finish: str  # how the last step ended: answer | eos | length | depth
+    nodes: list[int] = field(default_factory=list, repr=False)  # forest node ids, root first (this run only)
 
 
 @dataclass
@@ -126,6 +128,8 @@ def validate_search_config(scfg: Any) -> None:
     need(float(scfg.temperature) >= 0, "temperature", "a number >= 0", scfg.temperature)
     need(0 < float(scfg.top_p) <= 1, "top_p", "a number in (0, 1]", scfg.top_p)
     need(scfg.reward in ("raw", "advantage", "min"), "reward", "raw | advantage | min", scfg.reward)
+    need(scfg.outcome in ("none", "replace", "mix", "add"), "outcome", "none | replace | mix | add",
+         scfg.outcome)
     need(scfg.backup in ("mean", "max"), "backup", "mean | max", scfg.backup)
     p = scfg.pruning
     need(p.policy in ("none", "minmax", "topk", "threshold"), "pruning.policy",
@@ -208,6 +212,7 @@ class SearchDriver:
             rewards=[float(r) for r in rewards],
             scores=[float(self.step_score[p]) for p in pls],
             finish=fin,
+            nodes=[int(n) for n in path_nodes],
         )
 
     # ------------------------------------------------------------------ main loop
@@ -320,34 +325,23 @@ class SearchDriver:
             self.stats.verify_s += time.perf_counter() - t0
 
             # ---- rewards, values, priors
-            counts = np.zeros(len(cands), dtype=np.int32)
-            priors, payloads, rewards, values, terms = [], [], [], [], []
-            for i, cl in enumerate(cands):
-                counts[i] = len(cl)
+            counts = np.array([len(cl) for cl in cands], dtype=np.int32)
+            payloads, rewards, values, terms = [], [], [], []
             rmode = str(scfg.reward)
             lp = np.array([c.logprob_mean for c in flat], dtype=np.float64)
             for j, c in enumerate(flat):
                 i = owners[j]
                 s = scores[j]
                 last = float(s[-1]) if len(s) else 0.0
-                prev_pl = path_payloads[i]
-                prev_score = self.step_score[prev_pl[-1]] if prev_pl else None
-                if rmode == "raw" or prev_score is None:
-                    r = last
-                elif rmode == "advantage":  # the paper: PRM(s<=t) - PRM(s<=t-1)
-                    r = last - prev_score
-                else:  # "min": the minimum step score so far
-                    r = min(last, min(self.step_score[p] for p in prev_pl))
+                # step reward: shaped over the path's raw scores (the paper: advantage)
+                path_scores = [self.step_score[p] for p in path_payloads[i]] + [last]
+                r = shape_rewards(path_scores, rmode)[-1]
                 value = last
                 if terminal[j]:
                     ok = verdicts.get(j, False)
-                    out = str(scfg.outcome)
-                    if out == "replace":
-                        value = 1.0 if ok else 0.0
-                    elif out == "add":
-                        value = 0.5 * last + 0.5 * (1.0 if ok else 0.0)
-                    if scfg.outcome_in_reward:
-                        r = r + float(scfg.outcome_weight) * (1.0 if ok else -1.0)
+                    value = combine_outcome(last, ok, str(scfg.outcome), float(scfg.outcome_weight))
+                    if scfg.outcome_in_reward:  # steer reward-based pruning towards correct answers
+                        r = combine_outcome(r, ok, "add", float(scfg.outcome_weight))
                 pid = len(self.steps)
                 self.steps.append(c.text)
                 self.step_score.append(last)
@@ -360,16 +354,13 @@ class SearchDriver:
                 values.append(value)
                 terms.append(1 if terminal[j] else 0)
             # priors: softmax over the candidates' mean token logprob (a cheap policy prior for PUCT)
+            priors = np.zeros(len(flat), dtype=np.float64)
             off = 0
-            pri = np.zeros(len(flat), dtype=np.float64)
-            for i, cl in enumerate(cands):
-                n = len(cl)
+            for n in counts.tolist():
                 if n:
-                    x = lp[off : off + n]
-                    x = np.exp(x - x.max())
-                    pri[off : off + n] = x / x.sum()
+                    x = np.exp(lp[off : off + n] - lp[off : off + n].max())
+                    priors[off : off + n] = x / x.sum()
                 off += n
-            priors = pri
 
             t0 = time.perf_counter()
             child_ids = f.expand(
