@@ -39,9 +39,11 @@ def make_pairs(n: int, seed: int = 0) -> list[dict]:
         op2, c = m2[2], int(m2[3])
         w1 = r1 + rng.choice([-3, -2, -1, 1, 2, 3])
         w2 = w1 + c if op2 == "+" else w1 * c
-        bad = [f"First, {a} {op1} {b} = {w1}.", f"Then, {w1} {op2} {c} = {w2}.", f"The answer is \\boxed{{{w2}}}."]
+        bad = [f"First, {a} {op1} {b} = {w1}.", f"Then, {w1} {op2} {c} = {w2}.",
+               f"The answer is \\boxed{{{w2}}}."]
         out.append({"prompt": PROMPT_TEMPLATE.format(problem=problem), "chosen": DELIM.join(steps),
-                    "rejected": DELIM.join(bad), "stage": 1 + i % 3, "problem_id": f"p{i}", "extra": {"x": i}})
+                    "rejected": DELIM.join(bad), "stage": 1 + i % 3, "problem_id": f"p{i}",
+                    "extra": {"x": i}})
     return out
 
 

@@ -102,13 +102,14 @@ def resolve_train_cfg(cfg_train: Any) -> dict:
 
 
 def loss_settings(loss: Mapping) -> dict:
-    """``train.loss`` -> the DPOConfig fields ``loss_type``, ``loss_weights``, ``label_smoothing``, ``beta``."""
+    """``train.loss`` -> DPOConfig fields ``loss_type``, ``loss_weights``, ``label_smoothing``, ``beta``."""
     typ = str(loss.get("type", "sigmoid")).lower()
     beta = float(loss.get("beta", 0.1))
     eps = float(loss.get("label_smoothing", 0.0) or 0.0)
     alpha = float(loss.get("rpo_alpha", 0.0) or 0.0)
     if typ not in LOSS_TYPES:
-        raise ValueError(f"train.loss.type={typ!r}: allowed {list(LOSS_TYPES)} (cDPO = sigmoid + label_smoothing)")
+        raise ValueError(
+            f"train.loss.type={typ!r}: allowed {list(LOSS_TYPES)} (cDPO = sigmoid + label_smoothing)")
     if not beta > 0:
         raise ValueError(f"train.loss.beta={beta}: must be > 0")
     if not 0.0 <= eps < 0.5:
@@ -150,7 +151,8 @@ def dpo_config(t: dict, out_dir: Path):
     from trl import DPOConfig
 
     if t["batch_size"] < 1 or t["grad_accum"] < 1:
-        raise ValueError(f"train.batch_size={t['batch_size']}, train.grad_accum={t['grad_accum']}: must be >= 1")
+        raise ValueError(
+            f"train.batch_size={t['batch_size']}, train.grad_accum={t['grad_accum']}: must be >= 1")
     if not t["lr"] > 0:
         raise ValueError(f"train.lr={t['lr']}: must be > 0")
     if t["max_length"] is not None and int(t["max_length"]) < 8:
@@ -197,7 +199,8 @@ def _callbacks(logger: MetricsLogger | None, show_progress: bool, history: list[
         def on_log(self, args, state, control, logs=None, **kwargs):
             if not logs:
                 return
-            rec = {k: float(v) for k, v in logs.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            rec = {k: float(v) for k, v in logs.items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool)}
             rec["step"] = state.global_step
             history.append(rec)
             if logger is not None:
@@ -219,7 +222,8 @@ def _callbacks(logger: MetricsLogger | None, show_progress: bool, history: list[
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if self.bar is not None and logs and "loss" in logs:
-                self.bar.set_postfix(loss=f"{logs['loss']:.4f}", margin=f"{logs.get('rewards/margins', 0):.3f}",
+                self.bar.set_postfix(loss=f"{logs['loss']:.4f}",
+                                     margin=f"{logs.get('rewards/margins', 0):.3f}",
                                      acc=f"{logs.get('rewards/accuracies', 0):.2f}", refresh=False)
 
         def on_train_end(self, args, state, control, **kwargs):
@@ -264,7 +268,8 @@ def _trainer_class():
             if mpl is not None or not keep_eos:
                 ds = ds.map(fix, desc=f"sphere: prompt truncation / EOS policy ({dataset_name})")
             ds = ds.filter(lambda ex: len(ex["chosen_ids"]) > 0 and len(ex["rejected_ids"]) > 0)
-            self.sphere_prep_stats = {"prompts_truncated": cut, "dropped": n_before - len(ds), "kept": len(ds)}
+            self.sphere_prep_stats = {"prompts_truncated": cut, "dropped": n_before - len(ds),
+                                      "kept": len(ds)}
             if len(ds) == 0:
                 raise ValueError(
                     f"{self.sphere_source}: every pair was dropped: the prompts alone fill "
@@ -441,8 +446,8 @@ def _load(policy_path: Path, pairs: PairSet, t: dict):
     tok = _load_tokenizer(policy_path, t)
     if pairs.conversational and not getattr(tok, "chat_template", None):
         raise ValueError(
-            f"{pairs.path}: the pairs are conversational (lists of messages) but the tokenizer of {policy_path} "
-            "has no chat template; write plain-text prompts for this model family"
+            f"{pairs.path}: the pairs are conversational (lists of messages) but the tokenizer of "
+            f"{policy_path} has no chat template; write plain-text prompts for this model family"
         )
     if tok.eos_token is None:
         raise ValueError(f"{policy_path}: tokenizer has no eos_token; DPO needs one to end completions")
@@ -481,7 +486,8 @@ def _peft_config(lora: dict):
     if isinstance(tm, str) and tm != "all-linear":
         tm = [tm]
     return LoraConfig(r=int(lora["r"]), lora_alpha=int(lora["alpha"]), lora_dropout=float(lora["dropout"]),
-                      target_modules=tm if isinstance(tm, str) else list(tm), bias="none", task_type="CAUSAL_LM")
+                      target_modules=tm if isinstance(tm, str) else list(tm), bias="none",
+                      task_type="CAUSAL_LM")
 
 
 def _metrics(history, result, pairs: PairSet, t, prep, policy_path, lora: bool, *, t_setup, t_train, wall):

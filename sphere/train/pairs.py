@@ -1,4 +1,4 @@
-"""Reading and checking ``pairs.jsonl``, the preference data `sphere generate` writes and `sphere train` reads.
+"""Reading and checking ``pairs.jsonl``: the preference data `sphere generate` writes, `sphere train` reads.
 
 One JSON object per line, TRL's preference format plus SPHERE bookkeeping::
 
@@ -42,7 +42,7 @@ def _check_messages(v, where: str, key: str) -> None:
     if not v:
         raise ValueError(f"{where}: field {key!r} is an empty message list; expected at least one message")
     for i, m in enumerate(v):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
             raise ValueError(
                 f"{where}: field {key!r} message {i} must be an object with string 'role' and 'content' "
                 f"(got {m!r:.80})"
@@ -58,7 +58,8 @@ def load_pairs(path: str | os.PathLike) -> PairSet:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: pairs file not found (config key pairs=, or sphere generate's pairs.jsonl)")
+        raise FileNotFoundError(
+            f"{path}: pairs file not found (config key `pairs`, or sphere generate's pairs.jsonl)")
     rows: list[dict] = []
     stages: Counter = Counter()
     kind: str | None = None  # "text" | "chat", fixed by the first record
@@ -69,7 +70,8 @@ def load_pairs(path: str | os.PathLike) -> PairSet:
         vals = {}
         for k in TEXT_FIELDS:
             if k not in rec:
-                raise ValueError(f"{where}: missing field {k!r}; a pair needs 'prompt', 'chosen' and 'rejected'")
+                raise ValueError(
+                    f"{where}: missing field {k!r}; a pair needs 'prompt', 'chosen' and 'rejected'")
             v = rec[k]
             if isinstance(v, str):
                 if not v.strip():
@@ -86,10 +88,10 @@ def load_pairs(path: str | os.PathLike) -> PairSet:
             if kind is None:
                 kind, first_line = this, lineno
             elif this != kind:
+                names = {"chat": "conversational", "text": "plain text"}
                 raise ValueError(
-                    f"{where}: field {k!r} is {'conversational' if this == 'chat' else 'plain text'} but "
-                    f"{path}:{first_line} set the file to {'conversational' if kind == 'chat' else 'plain text'}; "
-                    "a pairs file must be all plain text or all conversational"
+                    f"{where}: field {k!r} is {names[this]} but {path}:{first_line} set the file to "
+                    f"{names[kind]}; a pairs file must be all plain text or all conversational"
                 )
             vals[k] = v
         if vals["chosen"] == vals["rejected"]:
