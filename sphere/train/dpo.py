@@ -533,6 +533,8 @@ def main(cfg) -> float | None:
 
     out_dir = Path(cfg.out_dir) if cfg.get("out_dir") else Path(HydraConfig.get().runtime.output_dir)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for name in ("datasets", "transformers", "peft", "trl", "accelerate"):  # INFO chatter ("JAX available")
+        logging.getLogger(name).setLevel(logging.WARNING)
     from sphere.loggers import make_logger
 
     logger = make_logger(cfg, out_dir, "train")
