@@ -366,3 +366,24 @@ def test_train_configs_compose_and_resolve():
     assert lora["lora"]["enabled"] is True and full["lora"]["enabled"] is False
     assert full["lr"] < lora["lr"] and lora["seed"] == 5 and full["loss"]["type"] == "ipo"
     assert lora["trust_remote_code"] is False
+
+
+def test_train_metrics_reach_an_offline_wandb_run(tmp_path, tiny_model_dir):
+    """train/* metrics through the project's W&B logger (offline): one history row per optimizer step."""
+    pytest.importorskip("wandb")
+    from omegaconf import OmegaConf
+
+    from sphere.loggers import make_logger, read_offline_run
+    from sphere.train.dpo import train_dpo
+
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", make_pairs(8))
+    cfg = OmegaConf.create({"logger": {"name": "wandb", "mode": "offline", "project": "sphere-test"}})
+    logger = make_logger(cfg, tmp_path / "run", "train")
+    try:
+        train_dpo({**FAST, "max_steps": 3}, tiny_model_dir, pairs, tmp_path / "out", logger=logger)
+    finally:
+        logger.finish()
+    hist = read_offline_run(tmp_path / "run")["history"]
+    rows = [h for h in hist if "train/loss" in h]
+    assert len(rows) == 3 and all("train/rewards/margins" in h for h in rows)
+    assert any(h.get("train/final/steps") == 3 for h in hist)
