@@ -273,3 +273,31 @@ def read_offline_run(run_dir: str | os.PathLike) -> dict[str, Any]:
                 if p.is_file():
                     out["tables"][k] = json.loads(p.read_text())
     return out
+
+
+def _hydra_callback_base() -> type:
+    from hydra.experimental.callback import Callback
+
+    return Callback
+
+
+class RedactHydraFiles(_hydra_callback_base()):
+    """Hydra callback (conf/config.yaml ``hydra.callbacks``): Hydra saves the composed config and the
+    command-line overrides to ``<run dir>/.hydra/*.yaml`` before the job starts; a secret passed as an
+    override (``+logger.api_key=...``) would sit there in clear. ``on_job_start`` runs right after the
+    save and rewrites those files through ``redact`` (tests/test_security.py)."""
+
+    def on_job_start(self, config: Any, **kwargs: Any) -> None:
+        from omegaconf import OmegaConf
+
+        from sphere.io import atomic_write_text
+
+        hydra_dir = config.hydra.get("output_subdir")
+        if not hydra_dir:
+            return
+        d = Path(config.hydra.runtime.output_dir) / str(hydra_dir)
+        for name in ("config.yaml", "hydra.yaml", "overrides.yaml"):
+            p = d / name
+            if p.is_file():
+                data = OmegaConf.to_container(OmegaConf.load(p), resolve=False)
+                atomic_write_text(p, OmegaConf.to_yaml(OmegaConf.create(redact(data))))

@@ -1,0 +1,246 @@
+"""Security claims of SECURITY.md, each checked here (issue #11).
+
+1. No eval/exec/compile/sympify/parse_expr/pickle/marshal/yaml.load(unsafe)/shell=True anywhere under sphere/;
+   math-verify (sympy) is imported only by the sandboxed checker worker (sphere/verify/_worker.py).
+2. torch.load always has weights_only=True; np.load always allow_pickle=False.
+3. trust_remote_code: false in every config that has it, never a literal True in code, and every
+   from_pretrained call that can load a downloaded model passes it from config.
+4. Secrets: a W&B-looking key set in the environment and as a config override never reaches any file under
+   the run directory (Hydra's .hydra/*.yaml included) nor stdout/stderr.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+PKG = ROOT / "sphere"
+SOURCES = sorted(PKG.rglob("*.py"))
+
+# The one module allowed to hand model text to sympy / math-verify: the checker worker, a separate process
+# with a hard timeout, speaking JSON lines (sphere/verify/pool.py).
+SANDBOXED = {PKG / "verify" / "_worker.py"}
+# Models these modules load are ones this project built itself (the mini world, the tiny test models):
+# local directories written by sphere, never downloaded, so they carry no remote code to trust.
+SELF_BUILT = {PKG / "mini" / "pretrain.py", PKG / "testing" / "tiny.py", PKG / "rewards" / "prm.py"}
+
+BANNED_CALLS = {"eval", "exec", "compile", "sympify", "parse_expr", "parse_latex", "__import__"}
+BANNED_ATTRS = {("pickle", "load"), ("pickle", "loads"), ("marshal", "load"), ("marshal", "loads"),
+                ("dill", "load"), ("cloudpickle", "load"), ("joblib", "load"), ("yaml", "unsafe_load"),
+                ("shelve", "open")}
+
+
+def _trees():
+    for p in SOURCES:
+        yield p, ast.parse(p.read_text(encoding="utf-8"), filename=str(p))
+
+
+def _call_name(node: ast.Call) -> tuple[str | None, str]:
+    f = node.func
+    if isinstance(f, ast.Name):
+        return None, f.id
+    if isinstance(f, ast.Attribute):
+        base = f.value
+        # a method of some expression (model.eval(), x.to(d).eval()) has owner "<expr>", never None
+        owner = base.id if isinstance(base, ast.Name) else (base.attr if isinstance(base, ast.Attribute)
+                                                            else "<expr>")
+        return owner, f.attr
+    return None, ""
+
+
+def _kw(node: ast.Call, name: str) -> ast.expr | None:
+    for k in node.keywords:
+        if k.arg == name:
+            return k.value
+    return None
+
+
+def test_sources_found():
+    assert len(SOURCES) > 30 and (PKG / "verify" / "_worker.py") in SOURCES
+
+
+def test_no_eval_exec_sympify_or_pickle_of_untrusted_data():
+    bad = []
+    for p, tree in _trees():
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call):
+                owner, name = _call_name(node)
+                if owner is None and name in BANNED_CALLS:
+                    bad.append(f"{p.relative_to(ROOT)}:{node.lineno}: {name}()")
+                if owner is not None and name in ("sympify", "parse_expr", "parse_latex"):
+                    bad.append(f"{p.relative_to(ROOT)}:{node.lineno}: {owner}.{name}()")
+                if (owner, name) in BANNED_ATTRS:
+                    bad.append(f"{p.relative_to(ROOT)}:{node.lineno}: {owner}.{name}()")
+                if owner == "yaml" and name == "load":
+                    loader = _kw(node, "Loader")
+                    if not (isinstance(loader, ast.Attribute) and loader.attr == "SafeLoader"):
+                        bad.append(f"{p.relative_to(ROOT)}:{node.lineno}: yaml.load without SafeLoader")
+                shell = _kw(node, "shell")
+                if isinstance(shell, ast.Constant) and shell.value is True:
+                    bad.append(f"{p.relative_to(ROOT)}:{node.lineno}: shell=True")
+                if owner == "os" and name in ("system", "popen"):
+                    bad.append(f"{p.relative_to(ROOT)}:{node.lineno}: os.{name}()")
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                mods = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+                for m in mods:
+                    top = m.split(".")[0]
+                    if top in ("pickle", "dill", "cloudpickle", "marshal", "shelve"):
+                        bad.append(f"{p.relative_to(ROOT)}:{node.lineno}: import {m}")
+    assert not bad, "unsafe calls:\n" + "\n".join(bad)
+
+
+def test_sympy_and_math_verify_only_in_the_sandboxed_worker():
+    users = set()
+    for p, tree in _trees():
+        for node in ast.walk(tree):
+            mods = []
+            if isinstance(node, ast.Import):
+                mods = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                mods = [node.module or ""]
+            if any(m.split(".")[0] in ("sympy", "math_verify", "latex2sympy2_extended") for m in mods):
+                users.add(p)
+    assert users == SANDBOXED, sorted(str(u.relative_to(ROOT)) for u in users)
+
+
+def test_torch_load_weights_only_and_np_load_no_pickle():
+    bad, seen_np = [], 0
+    for p, tree in _trees():
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.Call):
+                continue
+            owner, name = _call_name(node)
+            if owner == "torch" and name == "load":
+                v = _kw(node, "weights_only")
+                if not (isinstance(v, ast.Constant) and v.value is True):
+                    bad.append(f"{p.relative_to(ROOT)}:{node.lineno}: torch.load without weights_only=True")
+            if owner in ("np", "numpy") and name == "load":
+                seen_np += 1
+                v = _kw(node, "allow_pickle")
+                if not (isinstance(v, ast.Constant) and v.value is False):
+                    bad.append(f"{p.relative_to(ROOT)}:{node.lineno}: np.load without allow_pickle=False")
+    assert not bad, "\n".join(bad)
+    assert seen_np >= 1  # the tree snapshots are read with np.load: the check above is live
+
+
+def test_tree_snapshot_with_object_array_is_refused(tmp_path):
+    """The claim behind np.load(allow_pickle=False): a snapshot carrying a pickled object is an error."""
+    import numpy as np
+
+    from sphere.viz.snapshot import load_tree_snapshot
+
+    p = tmp_path / "evil.npz"
+    np.savez(p, node_id=np.array([object()], dtype=object))
+    with pytest.raises(Exception) as ei:
+        load_tree_snapshot(p)
+    assert "pickle" in str(ei.value).lower() or "object" in str(ei.value).lower()
+
+
+def test_trust_remote_code_false_in_every_config():
+    found = {}
+    for p in sorted((ROOT / "conf").rglob("*.yaml")):
+        def walk(d, prefix=""):
+            if isinstance(d, dict):
+                for k, v in d.items():
+                    if k == "trust_remote_code":
+                        found[f"{p.relative_to(ROOT)}:{prefix}{k}"] = v
+                    walk(v, f"{prefix}{k}.")
+        walk(yaml.safe_load(p.read_text()) or {})
+    assert found, "no config declares trust_remote_code"
+    # false, or an interpolation of another config's value (train_opts -> model.trust_remote_code)
+    bad = {k: v for k, v in found.items() if v is not False and not (isinstance(v, str) and v.startswith("${"))}
+    assert not bad, bad
+    assert any("conf/model/" in k for k in found)
+
+
+def test_trust_remote_code_never_literal_true_and_passed_to_from_pretrained():
+    bad = []
+    for p, tree in _trees():
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call):
+                v = _kw(node, "trust_remote_code")
+                if isinstance(v, ast.Constant) and v.value is True:
+                    bad.append(f"{p.relative_to(ROOT)}:{node.lineno}: trust_remote_code=True literal")
+                _, name = _call_name(node)
+                if name == "from_pretrained" and p not in SELF_BUILT and v is None:
+                    bad.append(f"{p.relative_to(ROOT)}:{node.lineno}: from_pretrained without trust_remote_code")
+            if isinstance(node, ast.FunctionDef):
+                for arg, default in zip(reversed(node.args.args), reversed(node.args.defaults)):
+                    if arg.arg == "trust_remote_code" and not (
+                            isinstance(default, ast.Constant) and default.value is False):
+                        bad.append(f"{p.relative_to(ROOT)}:{node.lineno}: trust_remote_code default not False")
+                for arg, default in zip(node.args.kwonlyargs, node.args.kw_defaults):
+                    if arg.arg == "trust_remote_code" and not (
+                            isinstance(default, ast.Constant) and default.value is False):
+                        bad.append(f"{p.relative_to(ROOT)}:{node.lineno}: trust_remote_code default not False")
+    assert not bad, "\n".join(bad)
+
+
+def test_make_backend_passes_trust_remote_code_from_config(monkeypatch):
+    """The value reaches the backend from cfg.model.trust_remote_code (False by default, True only if set)."""
+    from omegaconf import OmegaConf
+
+    import sphere.backends.transformers_backend as tb
+    from sphere.backends import make_backend
+
+    seen = []
+
+    class FakeTransformersBackend:
+        def __init__(self, path, trust_remote_code=False, **kw):
+            seen.append(trust_remote_code)
+
+    monkeypatch.setattr(tb, "TransformersBackend", FakeTransformersBackend)
+    for flag in (False, True):
+        cfg = OmegaConf.create({"backend": {"name": "transformers"}, "model": {"trust_remote_code": flag}})
+        make_backend(cfg, "/nonexistent-model")
+    assert seen == [False, True]
+
+
+def test_secret_override_and_env_key_never_written_or_printed(tmp_path):
+    """A W&B-looking key in the environment and another passed as a config override: after a run, no file
+    under the run directory (Hydra's saved config included) and neither output stream contains either."""
+    env_key = "0123456789abcdef0123456789abcdef01234567"
+    cfg_key = "fedcba9876543210fedcba9876543210fedcba98"
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "WANDB_API_KEY": env_key,
+           "WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path / "wandb-home"),
+           "WANDB_CACHE_DIR": str(tmp_path / "wandb-home"), "WANDB_CONFIG_DIR": str(tmp_path / "wandb-home"),
+           "WANDB_DATA_DIR": str(tmp_path / "wandb-home")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "sphere.cli", "eval", "backend=replay", "replay.references=true",
+         "benchmarks=[mini]", "limit=3", f"+logger.api_key={cfg_key}", f"+backend.token={cfg_key}",
+         f"hydra.run.dir={out}"], capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert (out / ".hydra" / "config.yaml") in files and (out / "eval" / "results.json") in files
+    for key in (env_key, cfg_key):
+        assert key not in proc.stdout and key not in proc.stderr
+        leaks = [str(p) for p in files if key.encode() in p.read_bytes()]
+        assert not leaks, leaks
+    # redacted, not dropped: the override is still recorded (sphere report reads overrides.yaml)
+    assert "+logger.api_key=***" in (out / ".hydra" / "overrides.yaml").read_text()
+
+
+def test_secret_redaction_callback_rewrites_saved_files(tmp_path):
+    """Unit check of the Hydra callback: without it the override would be in .hydra/ in clear."""
+    from omegaconf import OmegaConf
+
+    from sphere.loggers import RedactHydraFiles
+
+    d = tmp_path / ".hydra"
+    d.mkdir()
+    (d / "overrides.yaml").write_text("- seed=1\n- +logger.api_key=SECRETSECRET\n")
+    (d / "config.yaml").write_text("seed: 1\nlogger:\n  api_key: SECRETSECRET\n")
+    cfg = OmegaConf.create({"hydra": {"output_subdir": ".hydra", "runtime": {"output_dir": str(tmp_path)}}})
+    RedactHydraFiles().on_job_start(config=cfg)
+    for name in ("overrides.yaml", "config.yaml"):
+        assert "SECRETSECRET" not in (d / name).read_text()
+    assert yaml.safe_load((d / "config.yaml").read_text()) == {"seed": 1, "logger": {"api_key": "***"}}
+    assert yaml.safe_load((d / "overrides.yaml").read_text()) == ["seed=1", "+logger.api_key=***"]
