@@ -299,6 +299,18 @@ def test_conversational_pairs_prompt_truncation_and_eos_policy(tmp_path, tiny_mo
         train_dpo(FAST, tiny_model_dir, pairs, tmp_path / "out2")
 
 
+@pytest.mark.parametrize("append_eos", [True, False])
+def test_eos_policy_on_plain_completions(tmp_path, tiny_model_dir, append_eos):
+    """append_eos=true ends every plain completion with EOS (full solutions); false leaves them open
+    (step-level pairs, where the policy must go on after the step)."""
+    from sphere.train.dpo import train_dpo
+
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", make_pairs(4))
+    train_dpo({**FAST, "max_steps": 1, "append_eos": append_eos}, tiny_model_dir, pairs, tmp_path / "out")
+    m = json.loads((tmp_path / "out" / "train_metrics.json").read_text())
+    assert m["completions_with_eos"] == (8 if append_eos else 0)
+
+
 def test_prompts_filling_max_length_are_reported(tmp_path, tiny_model_dir):
     from sphere.train.dpo import train_dpo
 

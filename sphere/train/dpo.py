@@ -268,8 +268,10 @@ def _trainer_class():
             if mpl is not None or not keep_eos:
                 ds = ds.map(fix, desc=f"sphere: prompt truncation / EOS policy ({dataset_name})")
             ds = ds.filter(lambda ex: len(ex["chosen_ids"]) > 0 and len(ex["rejected_ids"]) > 0)
+            with_eos = sum(1 for k in ("chosen_ids", "rejected_ids") for ids in ds[k]
+                           if ids and ids[-1] == eos_id)
             self.sphere_prep_stats = {"prompts_truncated": cut, "dropped": n_before - len(ds),
-                                      "kept": len(ds)}
+                                      "kept": len(ds), "completions_with_eos": with_eos}
             if len(ds) == 0:
                 raise ValueError(
                     f"{self.sphere_source}: every pair was dropped: the prompts alone fill "
@@ -494,7 +496,7 @@ def _metrics(history, result, pairs: PairSet, t, prep, policy_path, lora: bool, 
     out: dict[str, Any] = {
         "pairs": len(pairs), "pairs_by_stage": {str(k): v for k, v in sorted(pairs.stages.items())},
         "pairs_kept": prep.get("kept"), "prompts_truncated": prep.get("prompts_truncated"),
-        "max_length": t["max_length"],
+        "max_length": t["max_length"], "completions_with_eos": prep.get("completions_with_eos"),
         "steps": int(result.global_step), "train_loss_mean": float(result.training_loss),
         "lora": lora, "loss": loss_settings(t["loss"]), "lr": float(t["lr"]), "epochs": float(t["epochs"]),
         "policy": str(policy_path), "setup_s": round(t_setup, 3), "train_s": round(t_train, 3),
