@@ -74,9 +74,12 @@ def plan(cfg: DictConfig) -> dict:
     from sphere.generate.run import count_problems, validate_generate_config
     from sphere.search.driver import estimate_backend_calls, validate_search_config
 
+    from sphere.train.dpo import resolve_train_cfg
+
     validate_search_config(cfg.search)
     validate_generate_config(cfg)
     validate_run_config(cfg)
+    resolve_train_cfg(cfg.train)  # unknown or bad train.* keys fail here, not after generation
     n = count_problems(cfg.data, int(cfg.seed))
     est = estimate_backend_calls(n, cfg.search)
     return {
