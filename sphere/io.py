@@ -127,6 +127,11 @@ class JsonlAppender:
         self.close()
 
 
+# A data record (a problem, a preference pair, stored completions) larger than this is rejected: no math
+# problem is 16 MiB, and a runaway line (a concatenated dump, a binary file) would otherwise reach the model.
+MAX_RECORD_BYTES = 16 * 1024 * 1024
+
+
 def iter_jsonl_strict(path: str | os.PathLike, required: tuple[str, ...] = ()) -> Iterator[dict]:
     """Parse a user-supplied JSONL data file; errors name the file, the line and what is wrong."""
     path = Path(path)
@@ -134,6 +139,9 @@ def iter_jsonl_strict(path: str | os.PathLike, required: tuple[str, ...] = ()) -
         raise FileNotFoundError(f"{path}: data file not found")
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
+            if len(raw) > MAX_RECORD_BYTES:
+                raise ValueError(f"{path}:{lineno}: line is {len(raw)} bytes; a data record may be at most "
+                                 f"{MAX_RECORD_BYTES} bytes (sphere.io.MAX_RECORD_BYTES)")
             if not raw.strip():
                 continue
             try:

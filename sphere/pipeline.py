@@ -113,6 +113,10 @@ def validate_run_config(cfg: DictConfig) -> None:
         raise ValueError(f"config rounds={cfg.rounds}: a transfer run (model.train_target set) has exactly 1 round")
     if not list(cfg.eval.benchmarks):
         raise ValueError("config eval.benchmarks is empty: list at least one benchmark")
+    if int(cfg.rounds) > 0:  # the generate settings too, before round 0 spends time (issue #11)
+        from sphere.generate.run import validate_generate_config
+
+        validate_generate_config(cfg)
 
 
 def run(cfg: DictConfig, out: Path) -> dict:

@@ -102,6 +102,9 @@ def load_problems_jsonl(path: str | os.PathLike, limit: int | None = None) -> li
         out.append(rec)
         if limit is not None and len(out) >= limit:
             break
+    if not out:
+        raise ValueError(f"{path}: no problem records (the file is empty); expected one JSON object per line "
+                         "with id, problem, answer")
     return out
 
 

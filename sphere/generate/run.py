@@ -56,6 +56,13 @@ def validate_generate_config(cfg: Any) -> None:
         raise ValueError(f"config stages.small_expansions_factor={st.small_expansions_factor}: allowed >= 1")
     if cfg.data.limit is not None and int(cfg.data.limit) < 0:
         raise ValueError(f"config data.limit={cfg.data.limit}: allowed null or an integer >= 0")
+    # the search and filter settings too, before any model loads or output file is created (issue #11)
+    from sphere.search.driver import validate_search_config
+
+    validate_search_config(cfg.search)
+    PairFilter.from_cfg(cfg.filters)
+    if str(cfg.get("engine_backend", "cpp")) not in ("cpp", "py"):
+        raise ValueError(f"config engine_backend={cfg.engine_backend!r}: allowed cpp | py")
 
 
 # ---------------------------------------------------------------------------------------------- data

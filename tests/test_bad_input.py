@@ -1,0 +1,292 @@
+"""Bad input through the real CLI (issue #11): broken data files (tests/bad_inputs/, plus a 50 MB line made at
+test time), invalid configs, an unwritable output directory and a model directory without weights.
+
+Each must exit non-zero, say on stderr which file and line (or which config key) is wrong and what is
+allowed, and leave no output file behind: the run directory of a failed run holds only Hydra's own
+``.hydra/`` record and the job log.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CORPUS = ROOT / "tests" / "bad_inputs"
+
+# data file -> (line named in the error, words the message must contain)
+DATA_CASES = {
+    "missing_answer.jsonl": (2, ["'answer'", "non-empty string"]),
+    "missing_id.jsonl": (2, ["'id'", "non-empty string"]),
+    "empty_answer.jsonl": (1, ["'answer'", "non-empty string"]),
+    "nonstring_answer.jsonl": (2, ["'answer'", "non-empty string"]),
+    "null_answer.jsonl": (1, ["'answer'", "non-empty string"]),
+    "list_answer.jsonl": (1, ["'answer'", "non-empty string"]),
+    "blank_problem.jsonl": (1, ["'problem'", "non-empty string"]),
+    "wrong_json.jsonl": (2, ["invalid JSON"]),
+    "truncated_json.jsonl": (2, ["invalid JSON"]),
+    "not_an_object.jsonl": (1, ["expected a JSON object"]),
+    "non_utf8.jsonl": (2, ["not UTF-8"]),
+    "utf8_bom.jsonl": (1, ["invalid JSON", "BOM"]),
+    "duplicate_ids.jsonl": (None, ["record 3", "repeats id 'a'", "unique"]),
+    "empty.jsonl": (None, ["no problem records", "id, problem, answer"]),
+    "blank_lines.jsonl": (None, ["no problem records"]),
+    "nonstring_solution.jsonl": (None, ["record 1", "'solution'", "string or absent"]),
+}
+
+PAIR_CASES = {
+    "pairs_missing_rejected.jsonl": (2, ["rejected"]),
+    "pairs_chosen_equals_rejected.jsonl": (1, ["chosen"]),
+    "pairs_bad_stage.jsonl": (1, ["stage"]),
+    "pairs_mixed_kinds.jsonl": (2, []),
+    "pairs_non_utf8.jsonl": (2, ["not UTF-8"]),
+}
+
+OUTPUT_OK = {".hydra"}  # Hydra's record of the composed config (written before the job starts)
+
+
+def _env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+            "HYDRA_FULL_ERROR": "0"}
+
+
+def _sphere(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "sphere.cli", *args], capture_output=True, text=True,
+                          env=_env(), timeout=timeout, cwd=ROOT)
+
+
+def _outputs(run_dir: Path) -> list[str]:
+    """Files a failed run left in its run directory, except Hydra's record and the job log."""
+    if not run_dir.exists():
+        return []
+    out = []
+    for p in run_dir.rglob("*"):
+        rel = p.relative_to(run_dir)
+        if p.is_file() and rel.parts[0] not in OUTPUT_OK and p.suffix != ".log":
+            out.append(str(rel))
+    return sorted(out)
+
+
+def _assert_clean_failure(proc: subprocess.CompletedProcess, run_dir: Path | None, needles: list[str]) -> None:
+    err = proc.stderr
+    assert proc.returncode != 0, f"exit 0 on bad input; stdout:\n{proc.stdout[-2000:]}"
+    for n in needles:
+        assert n in err, f"stderr lacks {n!r}:\n{err[-3000:]}"
+    if run_dir is not None:
+        assert _outputs(run_dir) == [], _outputs(run_dir)
+
+
+# ---------------------------------------------------------------------------------------------- data files
+def test_corpus_is_complete():
+    files = {p.name for p in CORPUS.glob("*.jsonl")}
+    assert set(DATA_CASES) | set(PAIR_CASES) <= files
+    assert all(p.stat().st_size < 4096 for p in CORPUS.iterdir())  # small files; the 50 MB line is made here
+
+
+@pytest.mark.parametrize("name", sorted(DATA_CASES))
+def test_bad_data_file_loader_names_file_and_line(name):
+    from sphere.data import load_benchmark
+
+    line, words = DATA_CASES[name]
+    path = CORPUS / name
+    with pytest.raises(ValueError) as ei:
+        load_benchmark(str(path))
+    msg = str(ei.value)
+    assert str(path) in msg
+    if line is not None:
+        assert f"{path}:{line}:" in msg
+    for w in words:
+        assert w in msg, msg
+
+
+@pytest.mark.parametrize("name", sorted(DATA_CASES))
+def test_bad_data_file_through_sphere_eval(name, tmp_path):
+    line, words = DATA_CASES[name]
+    path = CORPUS / name
+    out = tmp_path / "run"
+    proc = _sphere("eval", "backend=replay", "replay.references=true", f"benchmarks=[{path}]",
+                   f"hydra.run.dir={out}")
+    _assert_clean_failure(proc, out, [f"{path}:{line}:" if line else str(path), *words])
+
+
+@pytest.mark.parametrize("name", ["missing_answer.jsonl", "non_utf8.jsonl", "duplicate_ids.jsonl", "empty.jsonl"])
+def test_bad_data_file_through_sphere_generate(name, tmp_path):
+    line, words = DATA_CASES[name]
+    path = CORPUS / name
+    out = tmp_path / "run"
+    proc = _sphere("generate", f"data.problems={path}", f"hydra.run.dir={out}")
+    _assert_clean_failure(proc, out, [str(path), *words])
+
+
+@pytest.mark.parametrize("name", sorted(PAIR_CASES))
+def test_bad_pairs_file(name):
+    from sphere.train.pairs import load_pairs
+
+    line, words = PAIR_CASES[name]
+    path = CORPUS / name
+    with pytest.raises(ValueError) as ei:
+        load_pairs(path)
+    assert f"{path}:{line}" in str(ei.value)
+    for w in words:
+        assert w in str(ei.value)
+
+
+def test_bad_pairs_file_through_sphere_train(tmp_path):
+    from sphere.testing.tiny import tiny_model_path
+
+    path = CORPUS / "pairs_missing_rejected.jsonl"
+    out = tmp_path / "run"
+    proc = _sphere("train", f"model={tiny_model_path()}", f"pairs={path}", f"hydra.run.dir={out}")
+    _assert_clean_failure(proc, out, [f"{path}:2", "rejected"])
+
+
+def test_replay_completions_file_with_non_string_completion(tmp_path):
+    path = CORPUS / "replay_nonstring_completion.jsonl"
+    out = tmp_path / "run"
+    proc = _sphere("eval", "backend=replay", f"replay.path={path}", "benchmarks=[mini]", "limit=2",
+                   f"hydra.run.dir={out}")
+    _assert_clean_failure(proc, out, [str(path), "completion"])
+
+
+@pytest.fixture(scope="module")
+def fifty_mb_files(tmp_path_factory) -> dict[str, Path]:
+    """A 50 MB line, made at test time (never committed): once a valid JSON record, once garbage."""
+    d = tmp_path_factory.mktemp("big")
+    ok = '{"id": "a", "problem": "1+1?", "answer": "2"}\n'
+    valid = d / "huge_record.jsonl"
+    with open(valid, "w") as f:
+        f.write(ok)
+        f.write(json.dumps({"id": "b", "problem": "x" * (50 * 1024 * 1024), "answer": "1"}) + "\n")
+    garbage = d / "huge_garbage.jsonl"
+    with open(garbage, "wb") as f:
+        f.write(ok.encode())
+        f.write(b"\xff" * (50 * 1024 * 1024) + b"\n")
+    return {"valid": valid, "garbage": garbage}
+
+
+@pytest.mark.parametrize("kind", ["valid", "garbage"])
+def test_fifty_mb_line(kind, fifty_mb_files, tmp_path):
+    from sphere.io import MAX_RECORD_BYTES
+
+    path = fifty_mb_files[kind]
+    out = tmp_path / "run"
+    proc = _sphere("eval", "backend=replay", "replay.references=true", f"benchmarks=[{path}]",
+                   f"hydra.run.dir={out}")
+    _assert_clean_failure(proc, out, [f"{path}:2:", f"at most {MAX_RECORD_BYTES} bytes"])
+    proc = _sphere("generate", f"data.problems={path}", f"hydra.run.dir={out}")
+    _assert_clean_failure(proc, out, [f"{path}:2:", "at most"])
+
+
+# ---------------------------------------------------------------------------------------------- configs
+GENERATE_CONFIGS = [
+    (["search.expansions=0"], ["search.expansions", ">= 1"]),
+    (["search.expansions=-3"], ["search.expansions", ">= 1"]),
+    (["search.max_depth=0"], ["search.max_depth", ">= 1"]),
+    (["search.batch_leaves=-1"], ["search.batch_leaves", ">= 1"]),
+    (["search.mode=mcts", "search.simulations=0"], ["search.simulations", ">= 1"]),
+    (["search.mode=mcts", "search.k=0"], ["search.k", ">= 1"]),
+    (["search.pruning.policy=topk", "search.pruning.k=9"], ["search.pruning.k", "1..search.expansions (5)"]),
+    (["search.pruning.policy=best"], ["search.pruning.policy", "minmax"]),
+    (["search.mode=beam"], ["search.mode", "'paper' or 'mcts'"]),
+    (["search.engine.rule=random"], ["search.engine.rule", "uct | puct"]),
+    (["search.pruning.policy=threshold", "search.pruning.tau=1.5"], ["search.pruning.tau", "[0, 1]"]),
+    (["search.pruning.policy=threshold", "search.pruning.tau=-0.1"], ["search.pruning.tau", "[0, 1]"]),
+    (["search.top_p=0"], ["search.top_p", "(0, 1]"]),
+    (["search.temperature=-1"], ["search.temperature", ">= 0"]),
+    (["filters.min_edit_distance=1.5"], ["filters.min_edit_distance", "[0, 1]"]),
+    (["filters.max_length_ratio=0.5"], ["filters.max_length_ratio", ">= 1"]),
+    (["stages.inverted=keep"], ["stages.inverted", "swap | drop"]),
+    (["stages.small_expansions_factor=0"], ["stages.small_expansions_factor", ">= 1"]),
+    (["data.limit=-5"], ["data.limit", ">= 0"]),
+    (["engine_backend=rust"], ["engine_backend", "cpp | py"]),
+    (["backend=tensorrt"], ["backend/tensorrt", "Available options", "transformers"]),
+    (["scorer=oracle"], ["scorer/oracle", "symbolic"]),
+    (["search=beam"], ["search/beam", "paper"]),
+    (["runner=slurm"], ["runner/slurm", "local"]),
+]
+
+
+@pytest.mark.parametrize("overrides,needles", GENERATE_CONFIGS, ids=lambda x: "+".join(x) if isinstance(x, list)
+                         and "=" in x[0] else None)
+def test_bad_generate_config(overrides, needles, tmp_path):
+    out = tmp_path / "run"
+    proc = _sphere("generate", "data.mini_n=4", *overrides, f"hydra.run.dir={out}")
+    _assert_clean_failure(proc, out, needles)
+
+
+EVAL_CONFIGS = [
+    (["limit=-1"], ["limit", "positive integer"]),
+    (["limit=0"], ["limit", "positive integer"]),
+    (["sampling.n=0"], ["sampling.n", ">= 1"]),
+    (["batch_size=0"], ["batch_size", "positive integer"]),
+    (["max_tokens=0"], ["max_tokens", ">= 1"]),
+    (["benchmarks=[]"], ["benchmarks", "empty"]),
+    (["benchmarks=[nosuchbench]"], ["nosuchbench", "math500"]),
+    (["replay.missing=guess"], ["replay.missing", "skip"]),
+    (["backend=nosuch"], ["backend/nosuch", "Available options"]),
+]
+
+
+@pytest.mark.parametrize("overrides,needles", EVAL_CONFIGS, ids=lambda x: "+".join(x) if isinstance(x, list)
+                         and "=" in x[0] else None)
+def test_bad_eval_config(overrides, needles, tmp_path):
+    out = tmp_path / "run"
+    proc = _sphere("eval", "backend=replay", "replay.references=true", *overrides, f"hydra.run.dir={out}")
+    _assert_clean_failure(proc, out, needles)
+
+
+RUN_CONFIGS = [
+    (["rounds=-1"], ["rounds", ">= 0"]),
+    (["eval.benchmarks=[]"], ["eval.benchmarks", "empty"]),
+    (["search.expansions=0"], ["search.expansions", ">= 1"]),
+    (["search.pruning.policy=topk", "search.pruning.k=6"], ["search.pruning.k", "1..search.expansions"]),
+]
+
+
+@pytest.mark.parametrize("overrides,needles", RUN_CONFIGS, ids=lambda x: "+".join(x) if isinstance(x, list)
+                         and "=" in x[0] else None)
+def test_bad_run_config_fails_before_any_work(overrides, needles, tmp_path, tiny_model_dir):
+    """Caught up front: no round-0 evaluation is spent before the generate settings are found wrong."""
+    out = tmp_path / "run"
+    proc = _sphere("run", f"model={tiny_model_dir}", f"model.small={tiny_model_dir}", "rounds=1", "eval.limit=2",
+                   *overrides, f"hydra.run.dir={out}")
+    _assert_clean_failure(proc, out, needles)
+
+
+# ---------------------------------------------------------------------------------------------- environment
+@pytest.mark.parametrize("where", ["proc", "file"])
+def test_unwritable_output_dir(where, tmp_path):
+    # root ignores permission bits, so: a path under /proc (no new entries there) or under a regular file
+    if where == "proc":
+        out = Path("/proc/sphere-forbidden/run")
+    else:
+        f = tmp_path / "a-file"
+        f.write_text("")
+        out = f / "run"
+    proc = _sphere("eval", "backend=replay", "replay.references=true", "limit=2", f"hydra.run.dir={out}")
+    _assert_clean_failure(proc, None, [str(out.parent) if where == "proc" else str(f)])
+    assert not out.exists()
+
+
+def test_model_dir_without_weights(tmp_path, tiny_model_dir):
+    model = tmp_path / "no-weights"
+    model.mkdir()
+    for p in tiny_model_dir.glob("*.json"):
+        shutil.copy(p, model)
+    out = tmp_path / "run"
+    proc = _sphere("eval", "backend=transformers", f"model={model}", "limit=2", f"hydra.run.dir={out}")
+    _assert_clean_failure(proc, out, [str(model), "model.safetensors"])
+    proc = _sphere("generate", f"model={model}", f"model.small={model}", "data.mini_n=2", f"hydra.run.dir={out}")
+    _assert_clean_failure(proc, out, [str(model), "model.safetensors"])
+
+
+def test_model_path_missing(tmp_path):
+    out = tmp_path / "run"
+    proc = _sphere("eval", "backend=transformers", f"model={tmp_path / 'nope'}", "limit=2", f"hydra.run.dir={out}")
+    _assert_clean_failure(proc, out, [str(tmp_path / "nope"), "does not exist"])
