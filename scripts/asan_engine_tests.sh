@@ -53,7 +53,7 @@ WHERE=$("$PY" -c "$BOOT; import sphere._core as c; print(c.__file__)") || fail "
 case "$WHERE" in "$STAGE"/*) ;; *) fail "tests would import $WHERE, not the sanitized build" ;; esac
 echo "asan_engine_tests: running tests/test_engine*.py against $WHERE"
 "$PY" -c "$BOOT; import pytest; sys.exit(pytest.main(sys.argv[1:]))" -q -p no:cacheprovider \
-  tests/test_engine_parity.py tests/test_engine_api.py "$@"
+  tests/test_engine_parity.py tests/test_engine_api.py tests/test_adversarial_engine.py "$@"
 rc=$?
 if ls "$BUILD"/sanitizer.report.* >/dev/null 2>&1; then
   head -60 "$BUILD"/sanitizer.report.*
