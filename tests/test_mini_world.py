@@ -112,3 +112,12 @@ def test_prompt_family_mini_matches_the_training_template():
     fam = load_family("mini")
     assert fam["template"].format(problem="Q", instruction="", system="") + fam["assistant_prefix"] == format_prompt("Q")
     assert fam["step_delimiter"] == STEP_DELIMITER
+
+
+def test_recipes_train_on_the_default_world():
+    """Evaluation (load_mini_benchmark) and generation (training_problems) use WorldSpec's defaults, so the
+    shipped recipes must train on exactly that world."""
+    from sphere.mini import load_recipe
+
+    for which in ("policy", "small"):
+        assert WorldSpec.from_mapping(load_recipe(which)["world"]) == WorldSpec()
