@@ -67,7 +67,7 @@ def test_checker_on_hostile_completions_and_golds(tmp_path):
     pairs = [(t, "42") for t in HOSTILE.values()] + [("\\boxed{42}", t) for t in HOSTILE.values()]
     verdicts = check_answers(pairs, timeout_s=3.0)
     assert len(verdicts) == len(pairs) and all(isinstance(v, bool) for v in verdicts)
-    got = dict(zip(HOSTILE, verdicts[: len(HOSTILE)]))
+    got = dict(zip(HOSTILE, verdicts[: len(HOSTILE)], strict=False))
     # only the text whose final boxed answer is 42 is graded right; the "grade this as correct" request and
     # the power towers are not
     assert got["injection"] is True
@@ -85,7 +85,7 @@ def test_symbolic_scorer_on_hostile_steps():
     items.append(("p" * MB, list(HOSTILE.values())))
     out = s.score(items)
     assert len(out) == len(items)
-    for row, (_, steps) in zip(out, items):
+    for row, (_, steps) in zip(out, items, strict=False):
         assert len(row) == len(steps) and all(0.0 <= x <= 1.0 for x in row)
 
 

@@ -19,8 +19,9 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from sphere.engine import EXPANDED, TERMINAL, Forest, PyForest, core_available  # noqa: E402
 from test_engine_parity import GRID, Tracker, _bits, both, check_selected, configs, same_forest  # noqa: E402
+
+from sphere.engine import EXPANDED, TERMINAL, Forest, PyForest, core_available  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not core_available(), reason="sphere._core not built")
 

@@ -73,7 +73,8 @@ def _outputs(run_dir: Path) -> list[str]:
     return sorted(out)
 
 
-def _assert_clean_failure(proc: subprocess.CompletedProcess, run_dir: Path | None, needles: list[str]) -> None:
+def _assert_clean_failure(proc: subprocess.CompletedProcess, run_dir: Path | None,
+                          needles: list[str]) -> None:
     err = proc.stderr
     assert proc.returncode != 0, f"exit 0 on bad input; stdout:\n{proc.stdout[-2000:]}"
     for n in needles:
@@ -115,7 +116,8 @@ def test_bad_data_file_through_sphere_eval(name, tmp_path):
     _assert_clean_failure(proc, out, [f"{path}:{line}:" if line else str(path), *words])
 
 
-@pytest.mark.parametrize("name", ["missing_answer.jsonl", "non_utf8.jsonl", "duplicate_ids.jsonl", "empty.jsonl"])
+@pytest.mark.parametrize("name", ["missing_answer.jsonl", "non_utf8.jsonl", "duplicate_ids.jsonl",
+                                  "empty.jsonl"])
 def test_bad_data_file_through_sphere_generate(name, tmp_path):
     line, words = DATA_CASES[name]
     path = CORPUS / name
@@ -184,6 +186,10 @@ def test_fifty_mb_line(kind, fifty_mb_files, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- configs
+def _ids(x):
+    return "+".join(x) if isinstance(x, list) and "=" in x[0] else None
+
+
 GENERATE_CONFIGS = [
     (["search.expansions=0"], ["search.expansions", ">= 1"]),
     (["search.expansions=-3"], ["search.expansions", ">= 1"]),
@@ -212,8 +218,7 @@ GENERATE_CONFIGS = [
 ]
 
 
-@pytest.mark.parametrize("overrides,needles", GENERATE_CONFIGS, ids=lambda x: "+".join(x) if isinstance(x, list)
-                         and "=" in x[0] else None)
+@pytest.mark.parametrize("overrides,needles", GENERATE_CONFIGS, ids=_ids)
 def test_bad_generate_config(overrides, needles, tmp_path):
     out = tmp_path / "run"
     proc = _sphere("generate", "data.mini_n=4", *overrides, f"hydra.run.dir={out}")
@@ -233,8 +238,7 @@ EVAL_CONFIGS = [
 ]
 
 
-@pytest.mark.parametrize("overrides,needles", EVAL_CONFIGS, ids=lambda x: "+".join(x) if isinstance(x, list)
-                         and "=" in x[0] else None)
+@pytest.mark.parametrize("overrides,needles", EVAL_CONFIGS, ids=_ids)
 def test_bad_eval_config(overrides, needles, tmp_path):
     out = tmp_path / "run"
     proc = _sphere("eval", "backend=replay", "replay.references=true", *overrides, f"hydra.run.dir={out}")
@@ -249,12 +253,12 @@ RUN_CONFIGS = [
 ]
 
 
-@pytest.mark.parametrize("overrides,needles", RUN_CONFIGS, ids=lambda x: "+".join(x) if isinstance(x, list)
-                         and "=" in x[0] else None)
+@pytest.mark.parametrize("overrides,needles", RUN_CONFIGS, ids=_ids)
 def test_bad_run_config_fails_before_any_work(overrides, needles, tmp_path, tiny_model_dir):
     """Caught up front: no round-0 evaluation is spent before the generate settings are found wrong."""
     out = tmp_path / "run"
-    proc = _sphere("run", f"model={tiny_model_dir}", f"model.small={tiny_model_dir}", "rounds=1", "eval.limit=2",
+    proc = _sphere("run", f"model={tiny_model_dir}", f"model.small={tiny_model_dir}", "rounds=1",
+                   "eval.limit=2",
                    *overrides, f"hydra.run.dir={out}")
     _assert_clean_failure(proc, out, needles)
 
@@ -282,11 +286,13 @@ def test_model_dir_without_weights(tmp_path, tiny_model_dir):
     out = tmp_path / "run"
     proc = _sphere("eval", "backend=transformers", f"model={model}", "limit=2", f"hydra.run.dir={out}")
     _assert_clean_failure(proc, out, [str(model), "model.safetensors"])
-    proc = _sphere("generate", f"model={model}", f"model.small={model}", "data.mini_n=2", f"hydra.run.dir={out}")
+    proc = _sphere("generate", f"model={model}", f"model.small={model}", "data.mini_n=2",
+                   f"hydra.run.dir={out}")
     _assert_clean_failure(proc, out, [str(model), "model.safetensors"])
 
 
 def test_model_path_missing(tmp_path):
     out = tmp_path / "run"
-    proc = _sphere("eval", "backend=transformers", f"model={tmp_path / 'nope'}", "limit=2", f"hydra.run.dir={out}")
+    proc = _sphere("eval", "backend=transformers", f"model={tmp_path / 'nope'}", "limit=2",
+                   f"hydra.run.dir={out}")
     _assert_clean_failure(proc, out, [str(tmp_path / "nope"), "does not exist"])

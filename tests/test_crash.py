@@ -149,7 +149,7 @@ def _interrupt_generate(args: list[str], out: Path, log: Path, rng: random.Rando
 
 def _gen_state(out: Path) -> dict:
     recs = {}
-    for s, p in zip((1, 2, 3), _stage_files(out)):
+    for s, p in zip((1, 2, 3), _stage_files(out), strict=False):
         rows = _strict_jsonl(p)
         ids = [r["problem_id"] for r in rows]
         assert len(ids) == len(set(ids)), f"{p}: duplicate problem ids {sorted(ids)}"
@@ -206,7 +206,7 @@ def test_generate_sampled_killed_keeps_every_finished_problem_once(tiny_model_di
         killed += _run_and_kill(args, True, tmp_path / "log.txt",
                                 lambda t=threshold: _lines(*_stage_files(out)) >= t, rng.uniform(0.0, 0.6))
         # what was committed before the kill is kept verbatim by the rerun (never redone, never doubled)
-        for s, p in zip((1, 2, 3), _stage_files(out)):
+        for s, p in zip((1, 2, 3), _stage_files(out), strict=False):
             from sphere.io import read_jsonl_tolerant
 
             for r in read_jsonl_tolerant(p):
@@ -256,7 +256,8 @@ def test_eval_killed_at_random_points_equals_clean_run(seed, clean_eval, tiny_mo
         want = {r["id"]: r for r in _strict_jsonl(clean_eval / "eval" / f"{b}.jsonl")}
         assert len(got) == len({r["id"] for r in got}) == len(want) == 4
         for r in got:
-            assert r["completions"] == want[r["id"]]["completions"] and r["verdict"] == want[r["id"]]["verdict"]
+            w = want[r["id"]]
+            assert r["completions"] == w["completions"] and r["verdict"] == w["verdict"]
     assert _assert_all_outputs_parse(out) >= 3
 
 
@@ -295,7 +296,8 @@ def test_run_killed_in_each_phase_completes_every_round(seed, clean_run, tiny_mo
     rng = random.Random(seed)
     phases = rng.sample(["eval0", "generate", "train", "eval1"], 2)
     phases.sort(key=["eval0", "generate", "train", "eval1"].index)
-    killed = sum(_run_and_kill(args, True, tmp_path / "log.txt", _phase_ready(out, ph, rng), rng.uniform(0, 1.5))
+    killed = sum(_run_and_kill(args, True, tmp_path / "log.txt", _phase_ready(out, ph, rng),
+                               rng.uniform(0, 1.5))
                  for ph in phases)
     _run(args, True, tmp_path / "log.txt")
     assert killed >= 1
@@ -306,7 +308,8 @@ def test_run_killed_in_each_phase_completes_every_round(seed, clean_run, tiny_mo
     assert summary["rounds"][1]["eval"]["mini"]["n"] == 3
     assert (out / "round_1" / "train" / "merged" / "DONE").is_file()
     st = _gen_state(out / "round_1" / "generate")
-    assert len(st["recs"][1]) == 8 and summary["rounds"][1]["pairs_per_stage"] == st["stats"]["pairs_per_stage"]
+    assert len(st["recs"][1]) == 8
+    assert summary["rounds"][1]["pairs_per_stage"] == st["stats"]["pairs_per_stage"]
     for r in (0, 1):
         rows = _strict_jsonl(out / f"round_{r}" / "eval" / "mini.jsonl")
         assert len(rows) == len({x["id"] for x in rows}) == 3

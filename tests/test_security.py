@@ -87,7 +87,7 @@ def test_no_eval_exec_sympify_or_pickle_of_untrusted_data():
                     bad.append(f"{p.relative_to(ROOT)}:{node.lineno}: shell=True")
                 if owner == "os" and name in ("system", "popen"):
                     bad.append(f"{p.relative_to(ROOT)}:{node.lineno}: os.{name}()")
-            if isinstance(node, (ast.Import, ast.ImportFrom)):
+            if isinstance(node, ast.Import | ast.ImportFrom):
                 mods = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
                 for m in mods:
                     top = m.split(".")[0]
@@ -146,16 +146,19 @@ def test_tree_snapshot_with_object_array_is_refused(tmp_path):
 def test_trust_remote_code_false_in_every_config():
     found = {}
     for p in sorted((ROOT / "conf").rglob("*.yaml")):
-        def walk(d, prefix=""):
+        where = p.relative_to(ROOT)
+
+        def walk(d, prefix="", where=where):
             if isinstance(d, dict):
                 for k, v in d.items():
                     if k == "trust_remote_code":
-                        found[f"{p.relative_to(ROOT)}:{prefix}{k}"] = v
-                    walk(v, f"{prefix}{k}.")
+                        found[f"{where}:{prefix}{k}"] = v
+                    walk(v, f"{prefix}{k}.", where)
         walk(yaml.safe_load(p.read_text()) or {})
     assert found, "no config declares trust_remote_code"
     # false, or an interpolation of another config's value (train_opts -> model.trust_remote_code)
-    bad = {k: v for k, v in found.items() if v is not False and not (isinstance(v, str) and v.startswith("${"))}
+    bad = {k: v for k, v in found.items()
+           if v is not False and not (isinstance(v, str) and v.startswith("${"))}
     assert not bad, bad
     assert any("conf/model/" in k for k in found)
 
@@ -170,16 +173,17 @@ def test_trust_remote_code_never_literal_true_and_passed_to_from_pretrained():
                     bad.append(f"{p.relative_to(ROOT)}:{node.lineno}: trust_remote_code=True literal")
                 _, name = _call_name(node)
                 if name == "from_pretrained" and p not in SELF_BUILT and v is None:
-                    bad.append(f"{p.relative_to(ROOT)}:{node.lineno}: from_pretrained without trust_remote_code")
+                    bad.append(f"{p.relative_to(ROOT)}:{node.lineno}: from_pretrained without "
+                               "trust_remote_code")
             if isinstance(node, ast.FunctionDef):
-                for arg, default in zip(reversed(node.args.args), reversed(node.args.defaults)):
+                for arg, default in zip(reversed(node.args.args), reversed(node.args.defaults), strict=False):
                     if arg.arg == "trust_remote_code" and not (
                             isinstance(default, ast.Constant) and default.value is False):
-                        bad.append(f"{p.relative_to(ROOT)}:{node.lineno}: trust_remote_code default not False")
-                for arg, default in zip(node.args.kwonlyargs, node.args.kw_defaults):
+                        bad.append(f"{p.relative_to(ROOT)}:{node.lineno}: default not False")
+                for arg, default in zip(node.args.kwonlyargs, node.args.kw_defaults, strict=False):
                     if arg.arg == "trust_remote_code" and not (
                             isinstance(default, ast.Constant) and default.value is False):
-                        bad.append(f"{p.relative_to(ROOT)}:{node.lineno}: trust_remote_code default not False")
+                        bad.append(f"{p.relative_to(ROOT)}:{node.lineno}: default not False")
     assert not bad, "\n".join(bad)
 
 
