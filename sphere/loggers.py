@@ -125,20 +125,26 @@ class WandbLogger:
         self.mode = mode
         self.table_rows = int(cfg_logger.get("log_pairs_table", 32))  # sample-table rows per stage
         run_dir.mkdir(parents=True, exist_ok=True)
-        self.run = wandb.init(
-            project=str(cfg_logger.get("project", "sphere")),
-            entity=cfg_logger.get("entity") or None,
-            name=name,
-            group=group,
-            notes=notes,
-            dir=str(run_dir),
-            mode=mode,
-            config=redact(config),
-            tags=list(cfg_logger.get("tags", []) or []),
-            reinit="finish_previous",
-            # non-interactive logs (CI, SLURM) get wandb's essentials only, not its banners
-            settings=wandb.Settings(quiet=not sys.stderr.isatty()),
-        )
+        # wandb records the command line (sys.argv) in the run's metadata: a secret passed as an override
+        # (+logger.api_key=...) would be stored in the run file and uploaded; it sees the redacted argv.
+        argv, sys.argv = sys.argv, [str(a) for a in redact(list(sys.argv))]
+        try:
+            self.run = wandb.init(
+                project=str(cfg_logger.get("project", "sphere")),
+                entity=cfg_logger.get("entity") or None,
+                name=name,
+                group=group,
+                notes=notes,
+                dir=str(run_dir),
+                mode=mode,
+                config=redact(config),
+                tags=list(cfg_logger.get("tags", []) or []),
+                reinit="finish_previous",
+                # non-interactive logs (CI, SLURM) get wandb's essentials only, not its banners
+                settings=wandb.Settings(quiet=not sys.stderr.isatty()),
+            )
+        finally:
+            sys.argv = argv
 
     def log(self, metrics: dict, step: int | None = None) -> None:
         self.run.log(metrics, step=step)

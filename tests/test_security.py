@@ -207,23 +207,34 @@ def test_make_backend_passes_trust_remote_code_from_config(monkeypatch):
     assert seen == [False, True]
 
 
-def test_secret_override_and_env_key_never_written_or_printed(tmp_path):
-    """A W&B-looking key in the environment and another passed as a config override: after a run, no file
-    under the run directory (Hydra's saved config included) and neither output stream contains either."""
+@pytest.mark.parametrize("command", ["eval", pytest.param("generate", marks=pytest.mark.slow)])
+def test_secret_override_and_env_key_never_written_or_printed(command, tmp_path, tiny_model_dir):
+    """A W&B-looking key in the environment and another passed as a config override: after a run (for
+    generate, with W&B logging offline into the run directory), no file under the run directory (Hydra's
+    saved config and wandb's files included), no file wandb wrote elsewhere, and neither output stream
+    contains either."""
     env_key = "0123456789abcdef0123456789abcdef01234567"
     cfg_key = "fedcba9876543210fedcba9876543210fedcba98"
-    out = tmp_path / "run"
+    out, home = tmp_path / "run", tmp_path / "wandb-home"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "WANDB_API_KEY": env_key,
-           "WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path / "wandb-home"),
-           "WANDB_CACHE_DIR": str(tmp_path / "wandb-home"), "WANDB_CONFIG_DIR": str(tmp_path / "wandb-home"),
-           "WANDB_DATA_DIR": str(tmp_path / "wandb-home")}
-    proc = subprocess.run(
-        [sys.executable, "-m", "sphere.cli", "eval", "backend=replay", "replay.references=true",
-         "benchmarks=[mini]", "limit=3", f"+logger.api_key={cfg_key}", f"+backend.token={cfg_key}",
-         f"hydra.run.dir={out}"], capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
+           "WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_DIR": str(home),
+           "WANDB_CACHE_DIR": str(home), "WANDB_CONFIG_DIR": str(home), "WANDB_DATA_DIR": str(home)}
+    secrets = [f"+logger.api_key={cfg_key}", f"+backend.token={cfg_key}"]
+    if command == "eval":
+        args = ["eval", "backend=replay", "replay.references=true", "benchmarks=[mini]", "limit=3"]
+        expect = out / "eval" / "results.json"
+    else:
+        args = ["generate", f"model={tiny_model_dir}", f"model.small={tiny_model_dir}", "data.mini_n=2",
+                "search.max_depth=2", "search.max_step_tokens=16", "logger=wandb", "logger.mode=offline"]
+        expect = out / "pairs.jsonl"
+        secrets = secrets[:1]  # the transformers backend takes no token argument
+    proc = subprocess.run([sys.executable, "-m", "sphere.cli", *args, *secrets, f"hydra.run.dir={out}"],
+                          capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    files = [p for p in out.rglob("*") if p.is_file()]
-    assert (out / ".hydra" / "config.yaml") in files and (out / "eval" / "results.json") in files
+    files = [p for root in (out, home) if root.exists() for p in root.rglob("*") if p.is_file()]
+    assert (out / ".hydra" / "config.yaml") in files and expect in files
+    if command == "generate":
+        assert any(p.suffix == ".wandb" for p in files), "no offline W&B run was written"
     for key in (env_key, cfg_key):
         assert key not in proc.stdout and key not in proc.stderr
         leaks = [str(p) for p in files if key.encode() in p.read_bytes()]
