@@ -132,8 +132,10 @@ class JsonlAppender:
 MAX_RECORD_BYTES = 16 * 1024 * 1024
 
 
-def iter_jsonl_strict(path: str | os.PathLike, required: tuple[str, ...] = ()) -> Iterator[dict]:
-    """Parse a user-supplied JSONL data file; errors name the file, the line and what is wrong."""
+def iter_jsonl_strict(path: str | os.PathLike, required: tuple[str, ...] = (),
+                      with_lineno: bool = False) -> Iterator[Any]:
+    """Parse a user-supplied JSONL data file; errors name the file, the line and what is wrong.
+    Yields records, or ``(line number, record)`` with ``with_lineno=True``."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: data file not found")
@@ -160,4 +162,4 @@ def iter_jsonl_strict(path: str | os.PathLike, required: tuple[str, ...] = ()) -
                     raise ValueError(
                         f"{path}:{lineno}: field {k!r} must be a non-empty string (got {v!r:.60})"
                     )
-            yield rec
+            yield (lineno, rec) if with_lineno else rec

@@ -34,10 +34,10 @@ DATA_CASES = {
     "not_an_object.jsonl": (1, ["expected a JSON object"]),
     "non_utf8.jsonl": (2, ["not UTF-8"]),
     "utf8_bom.jsonl": (1, ["invalid JSON", "BOM"]),
-    "duplicate_ids.jsonl": (None, ["record 3", "repeats id 'a'", "unique"]),
+    "duplicate_ids.jsonl": (3, ["repeats id 'a'", "(line 1)", "unique"]),
     "empty.jsonl": (None, ["no problem records", "id, problem, answer"]),
     "blank_lines.jsonl": (None, ["no problem records"]),
-    "nonstring_solution.jsonl": (None, ["record 1", "'solution'", "string or absent"]),
+    "nonstring_solution.jsonl": (1, ["'solution'", "string or absent"]),
 }
 
 PAIR_CASES = {

@@ -88,17 +88,20 @@ def load_problems_jsonl(path: str | os.PathLike, limit: int | None = None) -> li
     ``problem``, ``answer``; ids unique). ``limit``: the first N records."""
     path = Path(path)
     out: list[dict] = []
-    seen: dict[str, int] = {}
-    for k, rec in enumerate(iter_jsonl_strict(path, required=REQUIRED_FIELDS), 1):
+    seen: dict[str, tuple[int, int]] = {}
+    for k, (line, rec) in enumerate(iter_jsonl_strict(path, required=REQUIRED_FIELDS, with_lineno=True), 1):
         rid = rec["id"]
         if rid in seen:
+            j, jline = seen[rid]
             raise ValueError(
-                f"{path}: record {k} repeats id {rid!r} of record {seen[rid]}; ids must be unique"
+                f"{path}:{line}: record {k} repeats id {rid!r} of record {j} (line {jline}); "
+                "ids must be unique"
             )
-        seen[rid] = k
+        seen[rid] = (k, line)
         sol = rec.get("solution")
         if sol is not None and not isinstance(sol, str):
-            raise ValueError(f"{path}: record {k} (id {rid!r}): field 'solution' must be a string or absent")
+            raise ValueError(f"{path}:{line}: record {k} (id {rid!r}): field 'solution' must be a string "
+                             "or absent")
         out.append(rec)
         if limit is not None and len(out) >= limit:
             break
