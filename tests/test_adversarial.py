@@ -105,6 +105,25 @@ def test_edit_distance_bounded_on_megabyte_texts():
     assert 0.0 <= edit_distance(a, c) <= 1.0
 
 
+def _cot(seed: int, steps: int = 400) -> str:
+    r = random.Random(seed)
+    return "\n\n".join(f"Step {i}: we compute {r.randint(1, 999)} + {r.randint(1, 999)} = "
+                       f"{r.randint(1, 2000)}, so the next value is {r.randint(1, 99)}."
+                       for i in range(steps))
+
+
+@pytest.mark.timeout(120)
+def test_edit_distance_on_long_chain_of_thought_keeps_distinct_pairs():
+    """Long solutions (25 KB, past the exact budget) that differ stay far apart (kept by the 0.02 filter);
+    a one-step edit stays a near duplicate (dropped). A character-multiset estimate would call the two
+    different solutions near duplicates."""
+    a, b = _cot(1), _cot(2)
+    assert len(a) * len(b) > 4_000_000
+    assert edit_distance(a, b) > 0.5
+    assert edit_distance(a, a.replace("Step 200:", "Step 200 (changed):")) < 0.001
+    assert 0.2 < edit_distance(a[:15000] + b[15000:], a) < 0.8
+
+
 def test_edit_distance_unchanged_on_short_texts():
     import difflib
 

@@ -46,10 +46,24 @@ def solution_text(t: Trajectory, delimiter: str) -> str:
     return delimiter.join(t.steps)
 
 
-# difflib is quadratic: two 32 KB texts take over a minute, two 1 MB ones hours (tests/test_adversarial.py).
-# Above this product of lengths the common prefix and suffix are matched first, and a middle still too
-# long for difflib is estimated by its character multisets (difflib's quick_ratio, an upper bound).
+# difflib is quadratic: two 32 KB texts take over a minute, two 1 MB ones hours (tests/test_adversarial.py),
+# and long chain-of-thought solutions are that long. Above this product of lengths the common prefix and
+# suffix are matched first; a middle still too long for character-level difflib is matched line by line
+# (steps are lines), and only a middle with too many lines falls back to difflib's quick_ratio (character
+# multisets: an upper bound on the similarity, so the distance is then a lower bound).
 EXACT_EDIT_BUDGET = 4_000_000
+
+
+def _line_matches(a: str, b: str) -> float | None:
+    """Characters in the lines difflib matches between a and b; None when there are too many lines."""
+    # blank lines left out: hundreds of identical elements make difflib slow (their characters then count
+    # as unmatched: the distance errs high, which keeps a pair rather than dropping it)
+    la = [x for x in a.splitlines(keepends=True) if x.strip()]
+    lb = [x for x in b.splitlines(keepends=True) if x.strip()]
+    if len(la) * len(lb) > EXACT_EDIT_BUDGET:
+        return None
+    sm = difflib.SequenceMatcher(None, la, lb, autojunk=False)
+    return float(sum(len(x) for m in sm.get_matching_blocks() for x in la[m.a:m.a + m.size]))
 
 
 def edit_distance(a: str, b: str) -> float:
@@ -66,9 +80,14 @@ def edit_distance(a: str, b: str) -> float:
     while suf < n - pre and a[len(a) - 1 - suf] == b[len(b) - 1 - suf]:
         suf += 1
     ma, mb = a[pre:len(a) - suf], b[pre:len(b) - suf]
-    sm = difflib.SequenceMatcher(None, ma, mb, autojunk=False)
-    mid = sm.ratio() if len(ma) * len(mb) <= EXACT_EDIT_BUDGET else sm.quick_ratio()
-    matches = pre + suf + mid * (len(ma) + len(mb)) / 2
+    if len(ma) * len(mb) <= EXACT_EDIT_BUDGET:
+        mid = difflib.SequenceMatcher(None, ma, mb, autojunk=False).ratio() * (len(ma) + len(mb)) / 2
+    else:
+        mid = _line_matches(ma, mb)
+        if mid is None:
+            sm = difflib.SequenceMatcher(None, ma, mb, autojunk=False)
+            mid = sm.quick_ratio() * (len(ma) + len(mb)) / 2
+    matches = pre + suf + mid
     return min(1.0, max(0.0, 1.0 - 2.0 * matches / (len(a) + len(b))))
 
 
