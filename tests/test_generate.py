@@ -109,6 +109,8 @@ def _cfg(**over) -> OmegaConf:
     gen = OmegaConf.load(CONF / "generate.yaml")
     gen.pop("defaults")
     prompt = OmegaConf.load(CONF / "prompt" / "mini.yaml")
+    # a reflection prompt that shows the attempt (the chat families' shape), so stage 2 is recognisable
+    prompt.reflection = "Problem: {problem}\n\nAttempt:\n{attempt}\n\nThe attempt has a mistake. Corrected solution:\n"
     cfg = OmegaConf.create({"seed": 0, "model": {"policy": "fake", "small": "fake-small", "prm": "symbolic"},
                             "paths": {"data_dir": "data/benchmarks"}, "engine_backend": "cpp"})
     cfg = OmegaConf.merge(cfg, gen, {"search": search, "prompt": prompt,
