@@ -64,13 +64,33 @@ def test_answer_check_and_equation_slips():
     assert equation_slips("so 4 * 12 = 48.\n\nso 48 - 5 = 42.\n\nso 42 / 6 = 7.") == (3, 1)
 
 
+def test_drills_are_correct_equations_from_the_world():
+    import re
+
+    from sphere.mini.pretrain import DRILL_PROBLEM, drill_examples
+    from sphere.mini.world import WorldSpec
+
+    w = WorldSpec()
+    d = drill_examples(20, 8, seed=5, world=w)
+    assert d == drill_examples(20, 8, seed=5, world=w) and len(d) == 20
+    for rec in d:
+        assert rec["problem"] == DRILL_PROBLEM
+        steps = rec["solution"].split(STEP_DELIMITER)
+        assert len(steps) == 8
+        for s in steps:
+            a, op, b, c = re.fullmatch(r"(\d+) ([-+*/]) (\d+) = (\d+)\.", s).groups()
+            assert equation_slips(s) == (1, 0)
+            assert int(c) <= w.max_value
+    assert drill_examples(0, 8, seed=5, world=w) == []
+
+
 TINY = {
     "name": "mini-tiny", "seed": 3,
     "world": {"min_steps": 1, "max_steps": 2, "max_operand": 20, "max_factor": 3, "max_value": 60, "ops": ["+", "-"]},
     "tokenizer": {"seed": 7, "n_texts": 100, "vocab_size": 320},
     "model": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 1,
               "max_position_embeddings": 160},
-    "train": {"n_problems": 64, "max_steps": 3, "batch_size": 8, "learning_rate": 1e-3, "lr_scheduler": "constant",
+    "train": {"n_problems": 64, "n_drills": 16, "drill_equations": 4, "max_steps": 3, "batch_size": 8, "learning_rate": 1e-3, "lr_scheduler": "constant",
               "warmup_steps": 0, "weight_decay": 0.0, "max_grad_norm": 1.0, "threads": 1},
     "eval": {"split": "dev", "n": 4, "pass_k": 2, "temperature": 0.8, "batch_size": 8, "max_new_tokens": 8, "seed": 0},
 }
@@ -91,6 +111,8 @@ def test_pretrain_end_to_end_tiny(tmp_path):
 
     assert AutoModelForCausalLM.from_pretrained(d).config.num_hidden_layers == 1
     assert AutoTokenizer.from_pretrained(d).eos_token == "<|endoftext|>"
+    assert json.loads((d / "tokenizer_config.json").read_text())["tokenizer_class"] == "PreTrainedTokenizerFast"
+    assert json.loads((d / "config.json").read_text())["use_cache"] is True
     # corruption is detected
     (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:-8] + b"\0" * 8)
     assert "sha256" in verify_checkpoint(d)[0]
@@ -180,3 +202,15 @@ def test_shipped_policy_figures_are_what_evaluation_measures():
     ev = {**rec["recipe"]["eval"], "pass_k": 1}  # greedy only (+1 sample): the cheap half
     m = evaluate(d, ev, rec["recipe"]["world"], progress=False)
     assert abs(m["greedy_accuracy"] - rec["metrics"]["greedy_accuracy"]) <= 0.01
+
+
+def test_training_is_deterministic(tmp_path):
+    """Same recipe and seed -> bit-identical weights (single thread, deterministic algorithms): the basis of
+    `sphere pretrain-mini` reproducing the shipped checkpoints. A different seed gives different weights."""
+    from sphere.mini.pretrain import pretrain, sha256_file
+
+    shas = []
+    for i, seed in enumerate((3, 3, 4)):
+        pretrain({**TINY, "seed": seed}, tmp_path / str(i), progress=False, evaluate_after=False)
+        shas.append(sha256_file(tmp_path / str(i) / "model.safetensors"))
+    assert shas[0] == shas[1] != shas[2]

@@ -53,6 +53,16 @@ def equation_slips(text: str) -> tuple[int, int]:
     return n, bad
 
 
+def portable_tokenizer_config(d: Path) -> None:
+    """transformers 5 saves ``tokenizer_class: TokenizersBackend``, which transformers 4.x (and so some
+    vLLM installs) cannot resolve; ``PreTrainedTokenizerFast`` loads the same tokenizer.json in both."""
+    p = Path(d) / "tokenizer_config.json"
+    cfg = json.loads(p.read_text())
+    if cfg.get("tokenizer_class") == "TokenizersBackend":
+        cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+        atomic_write_json(p, cfg)
+
+
 def sha256_file(p: Path) -> str:
     h = hashlib.sha256()
     with open(p, "rb") as f:
@@ -246,8 +256,10 @@ def train(recipe: dict, out_dir: Path, progress: bool = True, snapshots: tuple[i
         model = trainer.model
         model.eval()
         out_dir.mkdir(parents=True, exist_ok=True)
+        model.config.use_cache = True  # the Trainer turns the KV cache off for training
         model.save_pretrained(out_dir, safe_serialization=True)
         tokenizer.save_pretrained(out_dir)
+        portable_tokenizer_config(out_dir)
         import shutil
 
         shutil.rmtree(out_dir / "_trainer", ignore_errors=True)

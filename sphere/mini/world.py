@@ -68,9 +68,9 @@ class WorldSpec:
 
     min_steps: int = 2  # fewest equations per solution (>= 1)
     max_steps: int = 4  # most equations per solution (>= min_steps)
-    max_operand: int = 99  # largest starting amount / + and - operand (>= 10)
-    max_factor: int = 9  # largest * factor and / divisor (>= 2)
-    max_value: int = 999  # running totals stay in [1, max_value] (>= max_operand)
+    max_operand: int = 40  # largest starting amount / + and - operand (>= 10)
+    max_factor: int = 5  # largest * factor and / divisor (>= 2)
+    max_value: int = 200  # running totals stay in [1, max_value] (>= max_operand)
     ops: tuple[str, ...] = field(default=OPS)  # subset of "+", "-", "*", "/"
 
     def __post_init__(self) -> None:
@@ -176,9 +176,9 @@ def generate_problems(
     *,
     min_steps: int = 2,
     max_steps: int = 4,
-    max_operand: int = 99,
-    max_factor: int = 9,
-    max_value: int = 999,
+    max_operand: int = 40,
+    max_factor: int = 5,
+    max_value: int = 200,
     ops: tuple[str, ...] | list[str] = OPS,
     id_prefix: str = "mini",
     exclude: set[str] | None = None,
