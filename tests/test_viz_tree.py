@@ -249,7 +249,9 @@ def test_reads_what_generate_writes(tmp_path):
     traj = Trajectory(t["steps"], True, t["value"], [], [], "answer")
     job = SearchJob("1:p0", {"id": "p0", "problem": "Compute 2 + 2.", "answer": "4"}, lambda s: [])
     res = SearchResult(job, traj, None, [traj], len(meta["text"]), 6, snapshot=snap)
-    Generator._save_snapshot(None, tmp_path / "trees", "stage1-p0", res)
+    gen = Generator.__new__(Generator)  # only the snapshot writer is exercised: no config needed
+    gen.hash = "test"
+    gen._save_snapshot(tmp_path / "trees", "stage1-p0", res)
     arrays2, meta2 = load_tree_snapshot(tmp_path / "trees" / "stage1-p0.npz")
     assert meta2["text"] == meta["text"] and meta2["sol_min"] is None
     for k, v in arrays.items():
