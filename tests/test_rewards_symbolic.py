@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import time
 from pathlib import Path
 
 import pytest
@@ -149,11 +148,10 @@ def test_random_arithmetic_correct_and_off_by_delta(a, b, op, delta):
     ["9" * 5000 + " * 9 = 1", "(" * 5000 + "1" + ")" * 5000 + " = 1", "1 = " * 20000, "=" * 100_000,
      "2^2^2^2^2^2^2^2^2 = 1", "2^{2000} = \\sqrt{2}", bytes(range(256)).decode("latin-1") * 300],
 )
+@pytest.mark.timeout(60)  # a hang fails the test (pytest-timeout); no wall-clock assertion
 def test_hostile_steps_are_bounded(scorer, step):
-    t0 = time.perf_counter()
     v = scorer.step_score(step)
     assert 0.0 <= v <= 1.0
-    assert time.perf_counter() - t0 < 5.0  # a hang guard, not a speed target
 
 
 @pytest.mark.skipif(not (DATA / "gsm8k" / "test.jsonl").is_file(), reason="GSM8K test file not found")

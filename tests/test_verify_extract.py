@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from fractions import Fraction
 
 import pytest
@@ -114,14 +113,13 @@ def test_fast_verdict(pred, gold, verdict):
 
 @settings(max_examples=300, deadline=None)
 @given(st.text(max_size=3000))
+@pytest.mark.timeout(60)  # a hang fails the test (pytest-timeout); no wall-clock assertion
 def test_extract_and_normalize_never_raise_and_stay_fast(text):
-    t0 = time.perf_counter()
     a = extract_answer(text)
     normalize_answer(text)
     if a is not None:
         assert len(a) <= 1000
         fast_verdict(a, "1")
-    assert time.perf_counter() - t0 < 2.0  # a hang guard, not a speed target: linear scans of <= 3k chars
 
 
 @pytest.mark.parametrize(
@@ -137,8 +135,7 @@ def test_extract_and_normalize_never_raise_and_stay_fast(text):
         "5 " + "ab" * 5_000 + "!",
     ],
 )
+@pytest.mark.timeout(60)  # a hang fails the test (pytest-timeout); no wall-clock assertion
 def test_pathological_text_is_cheap_in_parent(text):
-    t0 = time.perf_counter()
     extract_answer(text)
     normalize_answer(text)
-    assert time.perf_counter() - t0 < 2.0
