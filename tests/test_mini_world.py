@@ -59,7 +59,7 @@ def test_reference_solutions_have_the_pipeline_step_format():
 @pytest.mark.parametrize(
     "kw",
     [dict(min_steps=1, max_steps=1, ops=("+",)), dict(min_steps=3, max_steps=5, max_operand=20, max_value=200),
-     dict(ops=("*", "/"), max_factor=3, min_steps=2, max_steps=2), dict(ops=("-", "+"), max_operand=999)],
+     dict(ops=("*", "/"), max_factor=3, min_steps=2, max_steps=2), dict(ops=("-", "+"), max_operand=999, max_value=999)],
 )
 def test_knobs_are_respected(kw):
     w = WorldSpec(**{k: tuple(v) if k == "ops" else v for k, v in kw.items()})
