@@ -112,7 +112,8 @@ def test_pretrain_end_to_end_tiny(tmp_path):
     assert AutoModelForCausalLM.from_pretrained(d).config.num_hidden_layers == 1
     assert AutoTokenizer.from_pretrained(d).eos_token == "<|endoftext|>"
     assert json.loads((d / "tokenizer_config.json").read_text())["tokenizer_class"] == "PreTrainedTokenizerFast"
-    assert json.loads((d / "config.json").read_text())["use_cache"] is True
+    cfgj = json.loads((d / "config.json").read_text())
+    assert cfgj["use_cache"] is True and cfgj["max_position_embeddings"] >= 2048  # vLLM default max_model_len
     # corruption is detected
     (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:-8] + b"\0" * 8)
     assert "sha256" in verify_checkpoint(d)[0]

@@ -53,6 +53,18 @@ def equation_slips(text: str) -> tuple[int, int]:
     return n, bad
 
 
+# Context advertised in the saved config.json. The model uses RoPE (no position parameters), so this only
+# sizes caches; backends default to max_model_len=2048 (conf/backend/vllm.yaml) and vLLM refuses a
+# max_model_len above the config's. Training sequences are <= model.max_position_embeddings of the recipe.
+SERVE_CONTEXT = 2048
+
+
+def serving_config(config) -> None:
+    """Make a trained mini config ready to serve: KV cache on, SERVE_CONTEXT positions."""
+    config.use_cache = True
+    config.max_position_embeddings = max(int(config.max_position_embeddings), SERVE_CONTEXT)
+
+
 def portable_tokenizer_config(d: Path) -> None:
     """transformers 5 saves ``tokenizer_class: TokenizersBackend``, which transformers 4.x (and so some
     vLLM installs) cannot resolve; ``PreTrainedTokenizerFast`` loads the same tokenizer.json in both."""
@@ -257,6 +269,7 @@ def train(recipe: dict, out_dir: Path, progress: bool = True, snapshots: tuple[i
         model.eval()
         out_dir.mkdir(parents=True, exist_ok=True)
         model.config.use_cache = True  # the Trainer turns the KV cache off for training
+        serving_config(model.config)
         model.save_pretrained(out_dir, safe_serialization=True)
         tokenizer.save_pretrained(out_dir)
         portable_tokenizer_config(out_dir)
