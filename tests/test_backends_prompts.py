@@ -63,6 +63,11 @@ def test_chat_template_used_when_present_and_wanted(chat_tok, tok):
 
 def test_reflection_prompt(tok, chat_tok):
     fam = load_family("mini")
+    # the mini models never saw a reflection format: their stage 2 is a fresh attempt on the plain prompt
+    text = build_reflection_text(tok, "P?", ["a = 1.", "b = 3."], fam, continue_steps=["a = 1."])
+    assert text == "Problem: P?\n\nSolution:\na = 1.\n\n"
+    fam = {**fam, "reflection": "Problem: {problem}\n\nAttempt:\n{attempt}\n\nThe attempt has a mistake. "
+                                "Corrected solution:\n"}
     text = build_reflection_text(tok, "P?", ["a = 1.", "b = 3."], fam, continue_steps=["a = 1."])
     assert text == "Problem: P?\n\nAttempt:\na = 1.\n\nb = 3.\n\nThe attempt has a mistake. Corrected solution:\na = 1.\n\n"
     ids = build_reflection_ids(chat_tok, "P?", ["a = 1."], load_family("qwen2_5_math"))
