@@ -58,8 +58,12 @@ def test_reference_solutions_have_the_pipeline_step_format():
 
 @pytest.mark.parametrize(
     "kw",
-    [dict(min_steps=1, max_steps=1, ops=("+",)), dict(min_steps=3, max_steps=5, max_operand=20, max_value=200),
-     dict(ops=("*", "/"), max_factor=3, min_steps=2, max_steps=2), dict(ops=("-", "+"), max_operand=999, max_value=999)],
+    [
+        dict(min_steps=1, max_steps=1, ops=("+",)),
+        dict(min_steps=3, max_steps=5, max_operand=20, max_value=200),
+        dict(ops=("*", "/"), max_factor=3, min_steps=2, max_steps=2),
+        dict(ops=("-", "+"), max_operand=999, max_value=999),
+    ],
 )
 def test_knobs_are_respected(kw):
     w = WorldSpec(**{k: tuple(v) if k == "ops" else v for k, v in kw.items()})
@@ -77,8 +81,12 @@ def test_all_ops_and_step_counts_occur():
 
 @pytest.mark.parametrize(
     "kw, key",
-    [(dict(ops=("^",)), "ops"), (dict(min_steps=3, max_steps=2), "min_steps"), (dict(max_operand=5), "max_operand"),
-     (dict(max_factor=1), "max_factor")],
+    [
+        (dict(ops=("^",)), "ops"),
+        (dict(min_steps=3, max_steps=2), "min_steps"),
+        (dict(max_operand=5), "max_operand"),
+        (dict(max_factor=1), "max_factor"),
+    ],
 )
 def test_bad_knobs_name_the_key(kw, key):
     with pytest.raises(ValueError, match=key):
@@ -110,7 +118,9 @@ def test_prompt_family_mini_matches_the_training_template():
     from sphere.prompts import load_family
 
     fam = load_family("mini")
-    assert fam["template"].format(problem="Q", instruction="", system="") + fam["assistant_prefix"] == format_prompt("Q")
+    assert fam["template"].format(problem="Q", instruction="", system="") + fam[
+        "assistant_prefix"
+    ] == format_prompt("Q")
     assert fam["step_delimiter"] == STEP_DELIMITER
 
 

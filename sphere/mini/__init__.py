@@ -67,7 +67,9 @@ def verify_checkpoint(d: Path) -> list[str]:
         return [f"{d / 'recipe.json'}: unreadable ({e})"]
     want = rec.get("weights_sha256")
     if want and sha256_file(d / "model.safetensors") != want:
-        return [f"{d / 'model.safetensors'}: sha256 differs from recipe.json weights_sha256 (corrupt or replaced)"]
+        return [
+            f"{d / 'model.safetensors'}: sha256 differs from recipe.json weights_sha256 (corrupt or replaced)"
+        ]
     return []
 
 

@@ -82,7 +82,13 @@ def n_params(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "recipe.json")
+REQUIRED_FILES = (
+    "config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "recipe.json",
+)
 
 
 def missing_files(d: Path) -> list[str]:

@@ -103,8 +103,12 @@ def _progress(total: int, desc: str):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     return Progress(
-        TextColumn(f"[bold]{desc}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-        TimeRemainingColumn(), transient=False,
+        TextColumn(f"[bold]{desc}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeRemainingColumn(),
+        transient=False,
     )
 
 
@@ -124,7 +128,9 @@ def drill_examples(n: int, per: int, seed: int, world) -> list[dict]:
         return []
     eq = re.compile(r"(\d+ [-+*/] \d+ = \d+)")
     pool: list[str] = []
-    src = generate_problems(n * per // 2 + 8, seed, id_prefix="mini-drill-src", **{**world.to_dict(), "ops": world.ops})
+    src = generate_problems(
+        n * per // 2 + 8, seed, id_prefix="mini-drill-src", **{**world.to_dict(), "ops": world.ops}
+    )
     for p in src:
         pool += eq.findall(p["solution"])
     out = []
@@ -142,14 +148,17 @@ def _tokenize_examples(tokenizer, probs: list[dict], max_length: int) -> dict:
 
     prompts = [format_prompt(p["problem"]) for p in probs]
     p_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
-    full = tokenizer([q + p["solution"] for q, p in zip(prompts, probs)], add_special_tokens=False)["input_ids"]
+    full = tokenizer(
+        [q + p["solution"] for q, p in zip(prompts, probs, strict=False)], add_special_tokens=False
+    )["input_ids"]
     ids, mask = [], []
-    for a, b, p in zip(p_ids, full, probs):
+    for a, b, p in zip(p_ids, full, probs, strict=False):
         if b[: len(a)] != a:  # the prompt must end on a token boundary (see MINI_PROMPT_TEMPLATE)
             raise ValueError(f"mini tokenizer: prompt of {p['id']} is not a token prefix of prompt+solution")
         if len(b) + 1 > max_length:
             raise ValueError(
-                f"mini recipe: {p['id']} has {len(b) + 1} tokens > model.max_position_embeddings={max_length}; "
+                f"mini recipe: {p['id']} has {len(b) + 1} tokens > "
+                f"model.max_position_embeddings={max_length}; "
                 "raise it or lower the world's max_steps"
             )
         ids.append(b + [tokenizer.eos_token_id])
@@ -167,8 +176,11 @@ def _plain_loss_sft_trainer():
         0.14 s vs 0.03 s per 32x140-token batch), so the loss is the same and the step twice as fast."""
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            out = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"),
-                        labels=inputs["labels"])
+            out = model(
+                input_ids=inputs["input_ids"],
+                attention_mask=inputs.get("attention_mask"),
+                labels=inputs["labels"],
+            )
             return (out.loss, out) if return_outputs else out.loss
 
     return PlainLossSFTTrainer
@@ -196,14 +208,19 @@ def train(recipe: dict, out_dir: Path, progress: bool = True, snapshots: tuple[i
     with _deterministic(threads):
         # The tokenizer depends only on its own block (seed, texts, vocab), so every recipe with the
         # same block (policy and small) shares one tokenizer.
-        tok_probs = generate_problems(int(tcfg["n_texts"]), int(tcfg["seed"]), id_prefix="mini-tok",
-                                      **{**world.to_dict(), "ops": world.ops})
+        tok_probs = generate_problems(
+            int(tcfg["n_texts"]),
+            int(tcfg["seed"]),
+            id_prefix="mini-tok",
+            **{**world.to_dict(), "ops": world.ops},
+        )
         tok_texts = [format_prompt(p["problem"]) + p["solution"] for p in tok_probs]
         tokenizer = train_tokenizer(tok_texts, int(tcfg["vocab_size"]))
 
         probs = training_problems(int(tr["n_problems"]), int(recipe["seed"]), world)
-        probs += drill_examples(int(tr.get("n_drills", 0)), int(tr.get("drill_equations", 8)),
-                                int(recipe["seed"]) + 1, world)
+        probs += drill_examples(
+            int(tr.get("n_drills", 0)), int(tr.get("drill_equations", 8)), int(recipe["seed"]) + 1, world
+        )
         max_len = int(recipe["model"]["max_position_embeddings"])
         ds = datasets.Dataset.from_dict(_tokenize_examples(tokenizer, probs, max_len))
         model = build_model(recipe["model"], tokenizer, int(recipe["seed"]))
@@ -263,7 +280,9 @@ def train(recipe: dict, out_dir: Path, progress: bool = True, snapshots: tuple[i
                 if self.bar:
                     self.bar.stop()
 
-        trainer = _PlainLossSFTTrainer(model=model, args=cfg, train_dataset=ds, processing_class=tokenizer, callbacks=[_Cb()])
+        trainer = _PlainLossSFTTrainer(
+            model=model, args=cfg, train_dataset=ds, processing_class=tokenizer, callbacks=[_Cb()]
+        )
         trainer.train()
         model = trainer.model
         model.eval()
@@ -285,8 +304,9 @@ def train(recipe: dict, out_dir: Path, progress: bool = True, snapshots: tuple[i
     }
 
 
-def evaluate(model_dir: str | Path, ev: dict, world: dict | None = None, progress: bool = True,
-             threads: int = 1) -> dict:
+def evaluate(
+    model_dir: str | Path, ev: dict, world: dict | None = None, progress: bool = True, threads: int = 1
+) -> dict:
     """Greedy accuracy and pass@k on ``ev.n`` problems of the held-out ``ev.split`` with plain
     ``model.generate`` (batched, left-padded). Sampling uses top_k=0 (pure temperature sampling, like
     vLLM's default) and a fixed torch seed."""
@@ -315,12 +335,16 @@ def evaluate(model_dir: str | Path, ev: dict, world: dict | None = None, progres
             enc = tok(texts[i : i + bs], return_tensors="pt", padding=True)
             with torch.inference_mode():
                 gen = model.generate(
-                    **enc, max_new_tokens=max_new, do_sample=sample,
+                    **enc,
+                    max_new_tokens=max_new,
+                    do_sample=sample,
                     temperature=float(ev["temperature"]) if sample else None,
-                    top_k=0 if sample else None, top_p=1.0 if sample else None,
-                    pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                    top_k=0 if sample else None,
+                    top_p=1.0 if sample else None,
+                    pad_token_id=tok.pad_token_id,
+                    eos_token_id=tok.eos_token_id,
                 )
-            outs += tok.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+            outs += tok.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
             if bar:
                 bar.update(task, completed=len(outs))
         if bar:
@@ -331,7 +355,7 @@ def evaluate(model_dir: str | Path, ev: dict, world: dict | None = None, progres
         greedy = run(prompts, False, "eval greedy")
         torch.manual_seed(int(ev["seed"]))
         sampled = run([p for p in prompts for _ in range(k)], True, f"eval T={ev['temperature']} x{k}")
-    g_ok = [is_correct(c, p["answer"]) for c, p in zip(greedy, probs)]
+    g_ok = [is_correct(c, p["answer"]) for c, p in zip(greedy, probs, strict=False)]
     s_ok = [is_correct(c, probs[i // k]["answer"]) for i, c in enumerate(sampled)]
     pass_k = [any(s_ok[i * k : (i + 1) * k]) for i in range(len(probs))]
     eqs = [equation_slips(c) for c in greedy]
@@ -347,7 +371,10 @@ def evaluate(model_dir: str | Path, ev: dict, world: dict | None = None, progres
         "greedy_equation_error_rate": n_bad / max(1, n_eq),
         "greedy_boxed_rate": sum(boxed_answer(c) is not None for c in greedy) / len(probs),
         "eval_seconds": round(time.time() - t0, 1),
-        "examples": [{"id": p["id"], "gold": p["answer"], "greedy": c} for p, c in zip(probs[:3], greedy[:3])],
+        "examples": [
+            {"id": p["id"], "gold": p["answer"], "greedy": c}
+            for p, c in zip(probs[:3], greedy[:3], strict=False)
+        ],
     }
 
 
@@ -360,8 +387,8 @@ def pretrain(recipe: dict, out_dir: str | Path, progress: bool = True, evaluate_
 
 
 def write_record(recipe: dict, out_dir: Path, stats: dict, metrics: dict) -> dict:
-    """Write ``out_dir/recipe.json``: the recipe, its seed, the measured figures, training stats, the sha256 of
-    the weights and the library versions. Returns it."""
+    """Write ``out_dir/recipe.json``: the recipe, its seed, the measured figures, training stats, the sha256
+    of the weights and the library versions. Returns it."""
     out_dir = Path(out_dir)
     import torch
     import transformers
@@ -375,8 +402,13 @@ def write_record(recipe: dict, out_dir: Path, stats: dict, metrics: dict) -> dic
         "examples": metrics.get("examples", []),
         "train": stats,
         "weights_sha256": sha256_file(out_dir / "model.safetensors"),
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__},
-        "command": "sphere pretrain-mini mini=" + {"mini": "policy", "mini-small": "small"}.get(recipe["name"], "?"),
+        "versions": {
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "trl": trl.__version__,
+        },
+        "command": "sphere pretrain-mini mini="
+        + {"mini": "policy", "mini-small": "small"}.get(recipe["name"], "?"),
     }
     atomic_write_json(out_dir / "recipe.json", rec)
     return rec

@@ -33,8 +33,18 @@ SPLIT_SEEDS = {"test": 1_000_003, "dev": 1_000_033}
 OPS = ("+", "-", "*", "/")
 
 _NAMES = [
-    ("Sam", "he"), ("Mia", "she"), ("Leo", "he"), ("Ava", "she"), ("Ben", "he"), ("Zoe", "she"),
-    ("Max", "he"), ("Lily", "she"), ("Tom", "he"), ("Emma", "she"), ("Noah", "he"), ("Ruby", "she"),
+    ("Sam", "he"),
+    ("Mia", "she"),
+    ("Leo", "he"),
+    ("Ava", "she"),
+    ("Ben", "he"),
+    ("Zoe", "she"),
+    ("Max", "he"),
+    ("Lily", "she"),
+    ("Tom", "he"),
+    ("Emma", "she"),
+    ("Noah", "he"),
+    ("Ruby", "she"),
 ]
 _ITEMS = ["marbles", "apples", "stickers", "coins", "cards", "books", "shells", "stamps", "pens", "beads"]
 _BOXES = ["bags", "boxes", "jars", "packs", "baskets", "cups"]
@@ -76,7 +86,9 @@ class WorldSpec:
     def __post_init__(self) -> None:
         bad = [o for o in self.ops if o not in OPS]
         if bad or not self.ops:
-            raise ValueError(f"mini world `ops`: {list(self.ops)} has {bad or 'nothing'}; allowed: {list(OPS)}")
+            raise ValueError(
+                f"mini world `ops`: {list(self.ops)} has {bad or 'nothing'}; allowed: {list(OPS)}"
+            )
         if not (1 <= self.min_steps <= self.max_steps):
             raise ValueError(
                 f"mini world: need 1 <= min_steps <= max_steps, got {self.min_steps}, {self.max_steps}"
@@ -92,7 +104,9 @@ class WorldSpec:
         d = dict(m or {})
         unknown = set(d) - set(cls.__dataclass_fields__)
         if unknown:
-            raise ValueError(f"mini world: unknown key(s) {sorted(unknown)}; allowed: {sorted(cls.__dataclass_fields__)}")
+            raise ValueError(
+                f"mini world: unknown key(s) {sorted(unknown)}; allowed: {sorted(cls.__dataclass_fields__)}"
+            )
         if "ops" in d:
             d["ops"] = tuple(str(o) for o in d["ops"])
         return cls(**d)
@@ -198,19 +212,26 @@ def generate_problems(
     return out
 
 
-def load_mini_benchmark(split: str = "test", n: int = 500, world: WorldSpec | dict | None = None) -> list[dict]:
-    """The held-out ``split`` ("test" or "dev") of the mini world: ``n`` problem records (benchmark "mini")."""
+def load_mini_benchmark(
+    split: str = "test", n: int = 500, world: WorldSpec | dict | None = None
+) -> list[dict]:
+    """The held-out ``split`` ("test" or "dev") of the mini world: ``n`` problem records
+    (benchmark "mini")."""
     if split not in SPLIT_SEEDS:
         raise ValueError(f"mini benchmark split {split!r}; allowed: {sorted(SPLIT_SEEDS)}")
     w = world if isinstance(world, WorldSpec) else WorldSpec.from_mapping(world)
     return generate_problems(n, SPLIT_SEEDS[split], id_prefix=f"mini-{split}", **_kw(w))
 
 
-def training_problems(n: int, seed: int, world: WorldSpec | dict | None = None, holdout: int = 1000) -> list[dict]:
+def training_problems(
+    n: int, seed: int, world: WorldSpec | dict | None = None, holdout: int = 1000
+) -> list[dict]:
     """``n`` training problems from ``seed``, disjoint (by problem text) from the first ``holdout``
     problems of the test and dev splits."""
     if seed in SPLIT_SEEDS.values():
-        raise ValueError(f"mini training seed {seed} is reserved for a held-out split ({SPLIT_SEEDS}); pick another")
+        raise ValueError(
+            f"mini training seed {seed} is reserved for a held-out split ({SPLIT_SEEDS}); pick another"
+        )
     w = world if isinstance(world, WorldSpec) else WorldSpec.from_mapping(world)
     held = {p["problem"] for s in SPLIT_SEEDS for p in load_mini_benchmark(s, holdout, w)}
     return generate_problems(n, seed, id_prefix="mini-train", exclude=held, **_kw(w))
