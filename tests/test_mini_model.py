@@ -191,11 +191,6 @@ def test_shipped_checkpoint_is_complete_and_in_band(name):
     assert sum(f.stat().st_size for f in d.iterdir()) < 8 * 2**20  # "a few MB"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="shipped policy measures pass@16 = 0.76 on the test split, short of the "
-    "issue's 0.80 target; flips to a pass when a checkpoint that meets it ships",
-)
 def test_shipped_policy_meets_the_pass_at_16_target():
     d = assets_dir() / "mini"
     if not d.is_dir():
