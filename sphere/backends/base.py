@@ -199,3 +199,29 @@ def check_context(prompts: list[list[int]], max_new: int, max_len: int, where: s
 def check_sampling(params: SamplingParams) -> None:
     if not isinstance(params, SamplingParams):
         raise TypeError(f"expected sphere.backends.SamplingParams, got {type(params).__name__}")
+
+
+class BackendBase:
+    """Plumbing shared by the generating backends: ``next_steps`` and ``complete`` differ only in the
+    params the caller passes (the step delimiter as a stop string, the token budget), so both go to the
+    backend's ``_generate``; ``score`` inputs are validated and joined once here."""
+
+    max_model_len: int | None = None
+
+    def next_steps(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Candidate]]:
+        return self._generate(prompts, params)
+
+    def complete(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Candidate]]:
+        return self._generate(prompts, params)
+
+    def _generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Candidate]]:
+        raise NotImplementedError
+
+    def _score_rows(self, prompts: list[list[int]], continuations: list[list[int]],
+                    where: str) -> list[list[int]]:
+        """prompt + continuation token rows for ``score``; checked against the context window."""
+        if len(prompts) != len(continuations):
+            raise ValueError(f"score: {len(prompts)} prompts but {len(continuations)} continuations")
+        rows = [list(p) + list(c) for p, c in zip(prompts, continuations, strict=True)]
+        check_context(rows, 0, self.max_model_len, where)
+        return rows

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from sphere.backends.base import (
+    BackendBase,
     BackendUnavailableError,
     Candidate,
     ContextOverflowError,
@@ -43,7 +44,7 @@ class HTTPStatusError(RuntimeError):
         self.body = body
 
 
-class OpenAIBackend:
+class OpenAIBackend(BackendBase):
     name = "openai"
 
     def __init__(
@@ -150,17 +151,8 @@ class OpenAIBackend:
             return r.read().decode()
 
     # ------------------------------------------------------------------------------------------ public
-    def next_steps(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Candidate]]:
-        return self._generate(prompts, params)
-
-    def complete(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Candidate]]:
-        return self._generate(prompts, params)
-
     def score(self, prompts: list[list[int]], continuations: list[list[int]]) -> list[list[float]]:
-        if len(prompts) != len(continuations):
-            raise ValueError(f"score: {len(prompts)} prompts but {len(continuations)} continuations")
-        rows = [list(p) + list(c) for p, c in zip(prompts, continuations)]
-        check_context(rows, 0, self.max_model_len, self._where())
+        rows = self._score_rows(prompts, continuations, self._where())
 
         def one(i: int) -> list[float]:
             if not continuations[i]:

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from sphere.backends.base import (
+    BackendBase,
     Candidate,
     ContextOverflowError,
     SamplingParams,
@@ -23,7 +24,7 @@ from sphere.backends.base import (
 _DTYPES = ("float32", "bfloat16", "float16", "auto")
 
 
-class TransformersBackend:
+class TransformersBackend(BackendBase):
     name = "transformers"
 
     def __init__(
@@ -69,19 +70,10 @@ class TransformersBackend:
         self._stats = {"calls": 0, "prompts": 0, "sequences": 0, "generated_tokens": 0, "gen_seconds": 0.0}
 
     # ------------------------------------------------------------------------------------------ public
-    def next_steps(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Candidate]]:
-        return self._generate(prompts, params)
-
-    def complete(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Candidate]]:
-        return self._generate(prompts, params)
-
     def score(self, prompts: list[list[int]], continuations: list[list[int]]) -> list[list[float]]:
         import torch
 
-        if len(prompts) != len(continuations):
-            raise ValueError(f"score: {len(prompts)} prompts but {len(continuations)} continuations")
-        rows = [list(p) + list(c) for p, c in zip(prompts, continuations)]
-        check_context(rows, 0, self.max_model_len, f"{self.name} backend ({self.model_path})")
+        rows = self._score_rows(prompts, continuations, f"{self.name} backend ({self.model_path})")
         out: list[list[float]] = []
         for s in range(0, len(rows), self.batch_size):
             chunk = rows[s: s + self.batch_size]

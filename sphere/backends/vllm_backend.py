@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from sphere.backends.base import (
+    BackendBase,
     Candidate,
     ContextOverflowError,
     SamplingParams,
@@ -147,7 +148,7 @@ def read_counters(llm) -> dict[str, float]:
     return out
 
 
-class VLLMBackend:
+class VLLMBackend(BackendBase):
     name = "vllm"
 
     def __init__(self, model_path: str | Path, *, cpu_kvcache_gib: float | None = 1,
@@ -178,19 +179,10 @@ class VLLMBackend:
         self._stats = {"calls": 0, "prompts": 0, "sequences": 0, "generated_tokens": 0, "gen_seconds": 0.0}
 
     # ------------------------------------------------------------------------------------------ public
-    def next_steps(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Candidate]]:
-        return self._generate(prompts, params)
-
-    def complete(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Candidate]]:
-        return self._generate(prompts, params)
-
     def score(self, prompts: list[list[int]], continuations: list[list[int]]) -> list[list[float]]:
         from vllm import SamplingParams as VSP
 
-        if len(prompts) != len(continuations):
-            raise ValueError(f"score: {len(prompts)} prompts but {len(continuations)} continuations")
-        rows = [list(p) + list(c) for p, c in zip(prompts, continuations)]
-        check_context(rows, 0, self.max_model_len, self._where())
+        rows = self._score_rows(prompts, continuations, self._where())
         sp = VSP(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
         outs = self.llm.generate([self._TokensPrompt(prompt_token_ids=r) for r in rows], sp, use_tqdm=False)
         res = []
