@@ -1,1 +1,39 @@
 """Benchmarks: `sphere bench <name>`; each prints one JSON object as its last stdout line."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+
+def emit(res: dict) -> None:
+    """Save ``res`` as ``result.json`` in the Hydra run directory (when run under Hydra) and print it as
+    the last stdout line, the contract every `sphere bench` command keeps."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from sphere.io import atomic_write_json
+
+    try:
+        outdir = Path(HydraConfig.get().runtime.output_dir)
+    except ValueError:  # not under Hydra (called from tests)
+        outdir = None
+    if outdir is not None:
+        atomic_write_json(outdir / "result.json", res)
+    print(json.dumps(res), flush=True)
+
+
+def metrics_table(title: str, res: dict, keys: Iterable[str], fmt: Callable[[object], str] = str) -> None:
+    """A two-column rich table of ``res[key]`` for the keys present, on stderr (stdout stays parseable)."""
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:  # pragma: no cover
+        return
+    t = Table(title=title)
+    t.add_column("metric")
+    t.add_column("value", justify="right")
+    for key in keys:
+        if key in res:
+            t.add_row(key, fmt(res[key]))
+    Console(stderr=True).print(t)

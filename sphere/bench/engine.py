@@ -14,14 +14,13 @@ Prints a table, writes result.json under the Hydra run dir, and prints one JSON 
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import time
-from pathlib import Path
 
 import numpy as np
 
+from sphere.bench import emit, metrics_table
 from sphere.engine import EngineConfig, make_forest
 
 from . import engine_peers as peers
@@ -163,35 +162,19 @@ def bench(cfg) -> dict:
 
 
 def _table(res: dict) -> None:
-    try:
-        from rich.console import Console
-        from rich.table import Table
-    except ImportError:  # pragma: no cover
-        return
-    t = Table(title=f"sphere bench engine: {res['trees']} trees, branching {res['branching']}, k={res['k']}")
-    t.add_column("metric")
-    t.add_column("value", justify="right")
-    for key in ("timer", "cpp_selects_per_s", "py_selects_per_s", "speedup", "round_speedup", "round_ms_4096_leaves",
-                "wall_cpp_selects_per_s", "wall_round_ms_4096_leaves", "wall_speedup", "loadavg_1m",
-                "select_ms_median", "expand_ms_median", "backup_ms_median", "cpp_simulations_per_s",
-                "bytes_per_node", "nodes", "max_tree_depth", "parity_cpp_py", "vs_llm_reasoners", "vs_mctx"):
-        if key in res:
-            t.add_row(key, f"{res[key]:,}" if isinstance(res[key], (int, float)) else str(res[key]))
-    Console(stderr=True).print(t)
+    metrics_table(
+        f"sphere bench engine: {res['trees']} trees, branching {res['branching']}, k={res['k']}", res,
+        ("timer", "cpp_selects_per_s", "py_selects_per_s", "speedup", "round_speedup", "round_ms_4096_leaves",
+         "wall_cpp_selects_per_s", "wall_round_ms_4096_leaves", "wall_speedup", "loadavg_1m",
+         "select_ms_median", "expand_ms_median", "backup_ms_median", "cpp_simulations_per_s",
+         "bytes_per_node", "nodes", "max_tree_depth", "parity_cpp_py", "vs_llm_reasoners", "vs_mctx"),
+        fmt=lambda v: f"{v:,}" if isinstance(v, (int, float)) else str(v),
+    )
 
 
 def main(cfg) -> float:
     os.environ.setdefault("OMP_NUM_THREADS", str(cfg.threads))
     res = bench(cfg)
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        outdir = Path(HydraConfig.get().runtime.output_dir)
-    except Exception:  # called outside Hydra (tests)
-        outdir = None
-    if outdir is not None:
-        outdir.mkdir(parents=True, exist_ok=True)
-        (outdir / "result.json").write_text(json.dumps(res, indent=2) + "\n")
     _table(res)
-    print(json.dumps(res), flush=True)
+    emit(res)
     return float(res["cpp_selects_per_s"])

@@ -20,7 +20,6 @@ Prints a table, writes result.json under the Hydra run dir, and prints one JSON 
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import random
@@ -30,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from sphere.backends import SamplingParams
+from sphere.bench import emit
 
 
 def _model_path(cfg) -> Path:
@@ -199,17 +199,7 @@ def main(cfg) -> dict:
             res["backends"][name] = {"error": f"{type(e).__name__}: {e}"[:500]}
         res["backends"][name]["wall_s_incl_startup"] = round(time.perf_counter() - t0, 1)
     _table(res)
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        outdir = Path(HydraConfig.get().runtime.output_dir)
-        outdir.mkdir(parents=True, exist_ok=True)
-        from sphere.io import atomic_write_json
-
-        atomic_write_json(outdir / "result.json", res)
-    except ValueError:  # not under Hydra
-        pass
-    print(json.dumps(res), flush=True)
+    emit(res)
     return res
 
 

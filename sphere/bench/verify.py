@@ -16,13 +16,13 @@ Prints a table and, last, one JSON object; result.json lands in the Hydra run di
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import re
 import time
 from pathlib import Path
 
+from sphere.bench import emit, metrics_table
 from sphere.verify import Verifier, extract_answer, normalize_answer
 from sphere.verify.extract import _balanced_from
 from sphere.verify.validate import PATHOLOGICAL_INPUTS, load_rows
@@ -154,34 +154,17 @@ def bench(cfg) -> dict:
 
 
 def _table(res: dict) -> None:
-    try:
-        from rich.console import Console
-        from rich.table import Table
-    except ImportError:  # pragma: no cover
-        return
-    t = Table(title=f"sphere bench verify ({res['workers']} workers, {res['n_checks']} checks)")
-    t.add_column("metric")
-    t.add_column("value", justify="right")
-    for k in ("checks_per_s", "checks_per_cpu_s", "checks_per_s_workers_only",
-              "checks_per_cpu_s_workers_only", "fast_path_share", "cache_hit_share", "worker_share",
-              "agreement_with_expected",
-              "fast_vs_workers_disagreements", "mix_timeouts", "pathological_max_s", "pathological_timeouts",
-              "hangs", "timeouts", "restarts", "loadavg_1m"):
-        t.add_row(k, str(res[k]))
-    Console(stderr=True).print(t)
+    metrics_table(
+        f"sphere bench verify ({res['workers']} workers, {res['n_checks']} checks)", res,
+        ("checks_per_s", "checks_per_cpu_s", "checks_per_s_workers_only", "checks_per_cpu_s_workers_only",
+         "fast_path_share", "cache_hit_share", "worker_share", "agreement_with_expected",
+         "fast_vs_workers_disagreements", "mix_timeouts", "pathological_max_s", "pathological_timeouts",
+         "hangs", "timeouts", "restarts", "loadavg_1m"),
+    )
 
 
 def main(cfg) -> float:
     res = bench(cfg)
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        outdir = Path(HydraConfig.get().runtime.output_dir)
-    except Exception:  # noqa: BLE001  (called outside Hydra, e.g. tests)
-        outdir = None
-    if outdir is not None:
-        outdir.mkdir(parents=True, exist_ok=True)
-        (outdir / "result.json").write_text(json.dumps(res, indent=2) + "\n")
     _table(res)
-    print(json.dumps(res), flush=True)
+    emit(res)
     return float(res["checks_per_s"])
