@@ -593,6 +593,19 @@ def _write_bytes_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+
+def _worker_pool(worker_cls: Any, rcfg: Any, cfg: Any, plain: dict) -> ActorPool:
+    """``runner.workers`` actors of ``worker_cls`` (each built from the plain config), with the runner's
+    retry, restart and polling settings."""
+    cls = _remote(worker_cls, rcfg, cfg)
+    return ActorPool(
+        lambda slot: cls.remote(plain, slot),
+        int(rcfg.workers),
+        max_chunk_retries=int(rcfg.max_chunk_retries),
+        max_actor_restarts=int(rcfg.max_actor_restarts),
+        poll_s=float(rcfg.progress_poll_s),
+    )
+
 def generate(
     cfg: DictConfig, out: str | Path, *, on_dispatch: Callable[[Any, Chunk], None] | None = None
 ) -> dict:
@@ -642,14 +655,7 @@ def generate(
         writers = {s: JsonlAppender(out / "stages" / STAGE_FILES[s]) for s in STAGES}
         try:
             with RayCluster(rcfg), StageProgress(len(problems), "generate[ray]") as prog:
-                cls = _remote(GenerateWorker, rcfg, cfg)
-                pool = ActorPool(
-                    lambda slot: cls.remote(plain, slot),
-                    int(rcfg.workers),
-                    max_chunk_retries=int(rcfg.max_chunk_retries),
-                    max_actor_restarts=int(rcfg.max_actor_restarts),
-                    poll_s=float(rcfg.progress_poll_s),
-                )
+                pool = _worker_pool(GenerateWorker, rcfg, cfg, plain)
 
                 def on_result(ch: Chunk, res: dict) -> None:
                     for s in STAGES:
@@ -792,14 +798,7 @@ def evaluate(
     plain = plain_config(cfg)
     backend_stats: dict = {}
     with RayCluster(rcfg):
-        cls = _remote(EvalWorker, rcfg, cfg)
-        pool = ActorPool(
-            lambda slot: cls.remote(plain, slot),
-            int(rcfg.workers),
-            max_chunk_retries=int(rcfg.max_chunk_retries),
-            max_actor_restarts=int(rcfg.max_actor_restarts),
-            poll_s=float(rcfg.progress_poll_s),
-        )
+        pool = _worker_pool(EvalWorker, rcfg, cfg, plain)
         try:
             import ray
 
