@@ -46,6 +46,9 @@
 //   UCT:  score = Q + c * sqrt(log(max(P_eff, 1)) / N_eff) for N_eff > 0; an unvisited child scores its
 //         FPU (Gelly & Wang's first-play urgency; "inf" = classic UCT, unvisited children first).
 //   All arithmetic is double, no FMA contraction (-ffp-contract=off), so Python floats reproduce it.
+//   On x86-64 pick_child scores two children at once with SSE2 packed doubles (same operations in the same
+//   order per lane, so the same bits as the scalar formula; both sides of "visited ?" are computed and
+//   blended); the argmax reads the scores in child order. Other targets use the scalar formula.
 // * expand(): children of a leaf get contiguous ids; depth = parent + 1; a child at depth == max_depth is
 //   terminal. Pruning at expansion (on the children's rewards, per leaf): minmax keeps the best reward
 //   (lowest index on ties) and the worst among the others (lowest index on ties); topk keeps the k best
@@ -226,7 +229,11 @@ class Forest {
   void mark_exhausted(int32_t n);
   double mean_or_init(int32_t n) const;
   double node_value(int32_t n) const;
-  int32_t pick_child(int32_t n, int32_t t);
+  template <Rule R, Fpu F, bool Norm>
+  int32_t pick_child(int32_t n, int32_t t) const;
+  template <Rule R, Fpu F, bool QNorm>
+  void descend(const int32_t* roots, int64_t t, int32_t k, std::vector<int32_t>& tree_idx,
+               std::vector<int32_t>& leaves, int32_t* collisions);
   void release(const int32_t* leaves, int64_t m, const char* arg);
   void apply_pruning(int32_t first, int32_t count);
   void collect(int32_t root, std::vector<int32_t>& out, bool skip_pruned) const;
