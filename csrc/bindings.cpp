@@ -195,6 +195,19 @@ PYBIND11_MODULE(_core, mod) {
              py::gil_scoped_release rel;
              return f.prune_subtrees(rp, t, tau, min_visits);
            })
+      .def("child_scores",
+           [](Forest& f, const arr<int32_t>& nodes) {
+             const int64_t m = len1d(nodes, "nodes");
+             py::array_t<int64_t> off(static_cast<py::ssize_t>(m + 1));
+             std::vector<double> scores;
+             const int32_t* np_ = nodes.data();
+             int64_t* op = off.mutable_data();
+             {
+               py::gil_scoped_release rel;
+               f.child_scores(np_, m, op, scores);
+             }
+             return py::make_tuple(off, to_array(scores));
+           })
       .def("best_path",
            [](Forest& f, int32_t root, int by) {
              if (by < 0 || by > 2) throw py::value_error("by must be 0 (visits), 1 (value) or 2 (reward)");

@@ -241,15 +241,19 @@ inline __m128d score2(const Hot& a, const Hot& b, const PickArgs& p) {
 
 }  // namespace
 
-template <Rule R, Fpu F, bool Norm>
-SPHERE_ALWAYS_INLINE int32_t Forest::pick_child(int32_t n, int32_t t) const {
+// The one scoring routine: the scores of n's children, in child order, as a descent through n computes
+// them, given n's in-flight count `inflight` (the descent's own increment included). Each score goes to
+// sink(s, ch) with the score in the low lane of s (SSE2) or as a double (scalar). pick_child() takes the
+// argmax of these scores; child_scores() stores them, so the API reports exactly what select() compares.
+template <Rule R, Fpu F, bool Norm, class Sink>
+SPHERE_ALWAYS_INLINE void Forest::score_children(int32_t n, int32_t t, double inflight, Sink&& sink) const {
   const Hot* __restrict h = hot_.data();
   const int32_t first = h[n].first_child, end = first + h[n].num_children;
   PickArgs p;
   p.vl = cfg_.virtual_loss;
   p.lv = cfg_.virtual_loss_value;
   p.c = cfg_.c;
-  const double p_eff = static_cast<double>(h[n].visits) + p.vl * static_cast<double>(h[n].inflight);
+  const double p_eff = static_cast<double>(h[n].visits) + p.vl * inflight;
   p.sq = R == Rule::kPuct ? std::sqrt(p_eff) : 0.0;
   p.lg = R == Rule::kPuct ? 0.0 : std::log(std::max(p_eff, 1.0));
   p.lo = Norm ? qmin_[static_cast<size_t>(t)] : 0.0;
@@ -261,39 +265,97 @@ SPHERE_ALWAYS_INLINE int32_t Forest::pick_child(int32_t n, int32_t t) const {
     case Fpu::kInf: p.fpu_q = kInf; break;
     default: p.fpu_q = cfg_.fpu_value; break;
   }
-  // Branch-free argmax in child order (the comparison is unpredictable); scores are never NaN or -inf for a
-  // live child (finite values, FPU finite or +inf), so the first live child always beats the initial -inf.
-  int32_t best = -1;
   int32_t ch = first;
 #if SPHERE_SSE2
+  for (; ch + 1 < end; ch += 2) {  // an odd last child is scored in both lanes
+    const __m128d s = score2<R, F, Norm>(h[ch], h[ch + 1], p);
+    sink(s, ch);
+    sink(_mm_unpackhi_pd(s, s), ch + 1);
+  }
+  if (ch < end) sink(score2<R, F, Norm>(h[ch], h[ch], p), ch);
+#else
+  for (; ch < end; ++ch) sink(score1<R, F, Norm>(h[ch], p), ch);
+#endif
+}
+
+template <Rule R, Fpu F, bool Norm>
+SPHERE_ALWAYS_INLINE int32_t Forest::pick_child(int32_t n, int32_t t) const {
+  // Branch-free argmax in child order (the comparison is unpredictable); scores are never NaN or -inf for a
+  // live child (finite values, FPU finite or +inf), so the first live child always beats the initial -inf.
+  // n's in-flight count already includes this descent (descend() increments it before picking).
+  int32_t best = -1;
+#if SPHERE_SSE2
   // best = s > best_score ? i : best: comisd/seta for the index (false on NaN, like the scalar >), maxsd
-  // for the score (maxsd(s, b) = s > b ? s : b, exactly). An odd last child is scored in both lanes.
+  // for the score (maxsd(s, b) = s > b ? s : b, exactly).
   __m128d best_score = _mm_set_sd(-kInf);
-  auto consider = [&](__m128d s, int32_t i) {
+  score_children<R, F, Norm>(n, t, static_cast<double>(hot_[n].inflight), [&](__m128d s, int32_t i) {
     const int32_t take = _mm_comigt_sd(s, best_score);
     best += (i - best) & -take;
     best_score = _mm_max_sd(s, best_score);
-  };
-  for (; ch + 1 < end; ch += 2) {
-    const __m128d s = score2<R, F, Norm>(h[ch], h[ch + 1], p);
-    consider(s, ch);
-    consider(_mm_unpackhi_pd(s, s), ch + 1);
-  }
-  if (ch < end) consider(score2<R, F, Norm>(h[ch], h[ch], p), ch);
+  });
 #else
   double best_score = -kInf;
-  for (; ch < end; ++ch) {
-    const double s = score1<R, F, Norm>(h[ch], p);
+  score_children<R, F, Norm>(n, t, static_cast<double>(hot_[n].inflight), [&](double s, int32_t i) {
     const bool take = s > best_score;
-    best = take ? ch : best;
+    best = take ? i : best;
     best_score = take ? s : best_score;
-  }
+  });
 #endif
   if (best < 0) {  // defensive: a NaN score can only come from a broken invariant; fall back to the first
-    for (ch = first; ch < end && best < 0; ++ch)
+    const Hot* h = hot_.data();
+    for (int32_t ch = h[n].first_child; ch < h[n].first_child + h[n].num_children && best < 0; ++ch)
       if (!(h[ch].flags & kExhausted)) best = ch;
   }
   return best;  // n is not exhausted, so some child is not either
+}
+
+// child_scores(): per node, the same instance select() would use (the q_norm one only when the tree's value
+// range is non-empty), and the node's in-flight count plus the one a descent adds before it picks.
+template <Rule R, Fpu F>
+void Forest::child_scores_rf(const int32_t* nodes, int64_t m, int64_t* offsets, std::vector<double>& out) const {
+  for (int64_t i = 0; i < m; ++i) {
+    const int32_t n = nodes[i];
+    const auto tr = static_cast<size_t>(tree_[n]);
+    const double inflight = static_cast<double>(hot_[n].inflight) + 1.0;
+#if SPHERE_SSE2
+    auto store = [&](__m128d s, int32_t) { out.push_back(_mm_cvtsd_f64(s)); };
+#else
+    auto store = [&](double s, int32_t) { out.push_back(s); };
+#endif
+    if (cfg_.q_norm && qmax_[tr] > qmin_[tr])
+      score_children<R, F, true>(n, tree_[n], inflight, store);
+    else
+      score_children<R, F, false>(n, tree_[n], inflight, store);
+    offsets[i + 1] = static_cast<int64_t>(out.size());
+  }
+}
+
+void Forest::child_scores(const int32_t* nodes, int64_t m, int64_t* offsets, std::vector<double>& out) {
+  std::lock_guard<std::mutex> lock(mu_);
+  size_t total = 0;
+  for (int64_t i = 0; i < m; ++i) {
+    check_node(nodes[i], "nodes", i);
+    if (!(hot_[nodes[i]].flags & kExpanded))
+      throw std::invalid_argument(at("nodes", i) + "=" + std::to_string(nodes[i]) +
+                                  " is not expanded (it has no children to score)");
+    total += hot_[nodes[i]].num_children;
+  }
+  out.clear();
+  out.reserve(total);
+  offsets[0] = 0;
+#define SPHERE_SCORES_RULE(R)                                                                \
+  switch (cfg_.fpu) {                                                                        \
+    case Fpu::kParent: child_scores_rf<Rule::R, Fpu::kParent>(nodes, m, offsets, out); break; \
+    case Fpu::kValue: child_scores_rf<Rule::R, Fpu::kValue>(nodes, m, offsets, out); break;   \
+    case Fpu::kInf: child_scores_rf<Rule::R, Fpu::kInf>(nodes, m, offsets, out); break;       \
+    default: child_scores_rf<Rule::R, Fpu::kConst>(nodes, m, offsets, out); break;            \
+  }
+  if (cfg_.rule == Rule::kPuct) {
+    SPHERE_SCORES_RULE(kPuct)
+  } else {
+    SPHERE_SCORES_RULE(kUct)
+  }
+#undef SPHERE_SCORES_RULE
 }
 
 // Descents of different trees are independent, so select() runs kLanes trees in lockstep, one tree level

@@ -49,6 +49,14 @@
 //   On x86-64 pick_child scores two children at once with SSE2 packed doubles (same operations in the same
 //   order per lane, so the same bits as the scalar formula; both sides of "visited ?" are computed and
 //   blended); the argmax reads the scores in child order. Other targets use the scalar formula.
+// * child_scores(nodes): read-only; for each expanded node, the score of every child (child order, CSR:
+//   offsets int64[M+1], scores f64) exactly as the next select() descent that reaches the node would compute
+//   it now: same routine as pick_child (Forest::score_children, SSE2 where pick_child uses it), the node's
+//   P_eff counting its current in-flight descents plus the one that descent adds on entering it, children's
+//   virtual loss, FPU and q_norm as above; an exhausted child (never picked) is reported as -inf. The
+//   argmax (lowest index on ties) is the child select() would take. A node that is not expanded raises
+//   (std::invalid_argument -> ValueError), an id out of range too (std::out_of_range -> IndexError), naming
+//   nodes[i]. An expanded node with zero children contributes no scores.
 // * expand(): children of a leaf get contiguous ids; depth = parent + 1; a child at depth == max_depth is
 //   terminal. Pruning at expansion (on the children's rewards, per leaf): minmax keeps the best reward
 //   (lowest index on ties) and the worst among the others (lowest index on ties); topk keeps the k best
@@ -187,6 +195,9 @@ class Forest {
   void backup(const int32_t* leaves, const float* values, int64_t m);
   void cancel(const int32_t* leaves, int64_t m);
   int64_t prune_subtrees(const int32_t* roots, int64_t t, double tau, int32_t min_visits);
+  // Read-only. nodes int32[M] (each expanded) -> offsets int64[M+1] (written), per node its children's
+  // selection scores in child order (appended); see "child_scores" above.
+  void child_scores(const int32_t* nodes, int64_t m, int64_t* offsets, std::vector<double>& out);
 
   std::vector<int32_t> best_path(int32_t root, PathBy by);
   std::vector<int32_t> worst_path(int32_t root);
@@ -229,8 +240,12 @@ class Forest {
   void mark_exhausted(int32_t n);
   double mean_or_init(int32_t n) const;
   double node_value(int32_t n) const;
+  template <Rule R, Fpu F, bool Norm, class Sink>
+  void score_children(int32_t n, int32_t t, double inflight, Sink&& sink) const;
   template <Rule R, Fpu F, bool Norm>
   int32_t pick_child(int32_t n, int32_t t) const;
+  template <Rule R, Fpu F>
+  void child_scores_rf(const int32_t* nodes, int64_t m, int64_t* offsets, std::vector<double>& out) const;
   template <Rule R, Fpu F, bool QNorm>
   void descend(const int32_t* roots, int64_t t, int32_t k, std::vector<int32_t>& tree_idx,
                std::vector<int32_t>& leaves, int32_t* collisions);

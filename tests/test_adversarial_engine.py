@@ -1,8 +1,9 @@
 """Engine fuzzing, stateful (issue #11): a hypothesis RuleBasedStateMachine drives the C++ Forest and the
 pure-Python PyForest with the same operations, hostile ones included (out-of-range ids, NaN/inf/huge
 rewards, wrong dtypes and lengths, double backups, expanding a node twice), and after every rule requires
-identical results or identical exception types, bit-identical state and every invariant of
-tests/test_engine_parity.py. Hypothesis shrinks a failing run to a minimal rule sequence.
+identical results or identical exception types, bit-identical state (child_scores of every expanded node
+included) and every invariant of tests/test_engine_parity.py. Hypothesis shrinks a failing run to a minimal
+rule sequence.
 
 Also run under AddressSanitizer + UBSan by scripts/asan_engine_tests.sh.
 """
@@ -19,7 +20,16 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from test_engine_parity import GRID, Tracker, _bits, both, check_selected, configs, same_forest  # noqa: E402
+from test_engine_parity import (  # noqa: E402
+    GRID,
+    Tracker,
+    _bits,
+    both,
+    check_selected,
+    configs,
+    same_child_scores,
+    same_forest,
+)
 
 from sphere.engine import EXPANDED, TERMINAL, Forest, PyForest, core_available  # noqa: E402
 
@@ -168,6 +178,7 @@ class ForestMachine(RuleBasedStateMachine):
         if self.fc is None:
             return
         same_forest(self.fc, self.fp)
+        same_child_scores(self.fc, self.fp)
         self.tracker.check(self.fc, self.pending)
         self.fp.validate()
 

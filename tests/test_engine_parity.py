@@ -8,6 +8,7 @@ is resolved, root visits = backups of the tree).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import numpy as np
@@ -23,6 +24,9 @@ pytestmark = pytest.mark.skipif(not core_available(), reason="sphere._core not b
 
 # Values on a coarse grid so that ties (and the lowest-index tie rule) happen often.
 GRID = [0.0, 0.125, 0.25, 0.5, 0.75, 1.0]
+# Plus values that are not short binary fractions: with these, reassociating a product or a sum changes the
+# rounding of many scores (GRID's dyadic values mostly multiply exactly, hiding a 1-ulp change).
+FINE_GRID = [*GRID, 0.1, 0.3, 0.7, 0.9]
 
 configs = st.builds(
     EngineConfig,
@@ -40,6 +44,12 @@ configs = st.builds(
     prune_tau=st.sampled_from([0.0, 0.25, 0.5]),
     prune_relative=st.booleans(),
 )
+
+
+# For child_scores: exploration constants that are not short binary fractions either (with c = 0.5 or 2
+# every c*x is exact and the order of the products does not matter).
+score_configs = st.tuples(configs, st.sampled_from([0.0, 0.7, 1.25, 1.9, 2.0])).map(
+    lambda t: dataclasses.replace(t[0], c=t[1]))
 
 
 def _same(a, b) -> None:
@@ -121,14 +131,38 @@ def check_selected(f, leaves: np.ndarray) -> None:
     assert not np.any(f.flags(nodes) & (PRUNED | EXHAUSTED)), "descended through a pruned or exhausted node"
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(cfg=configs, data=st.data())
-def test_random_operation_sequences_match(cfg, data):
+def same_child_scores(fc: Forest, fp: PyForest) -> int:
+    """child_scores of every expanded node, bit for bit (float64 bit patterns; any NaN matches any NaN).
+    Also checks the CSR offsets against the children counts. Returns how many scores were compared."""
+    snap = fc.snapshot()
+    nodes = np.flatnonzero(np.array(snap["flags"]) & EXPANDED).astype(np.int32)
+    oc, sc = fc.child_scores(nodes)
+    op, sp = fp.child_scores(nodes)
+    assert oc.dtype == op.dtype == np.int64 and sc.dtype == sp.dtype == np.float64
+    assert np.array_equal(oc, op)
+    assert np.array_equal(np.diff(oc), np.array(snap["num_children"])[nodes].astype(np.int64))
+    nan_c, nan_p = np.isnan(sc), np.isnan(sp)
+    assert np.array_equal(nan_c, nan_p), (sc, sp)
+    bc, bp = sc.view(np.uint64), sp.view(np.uint64)
+    diff = np.flatnonzero((bc != bp) & ~nan_c)
+    assert len(diff) == 0, [(float(sc[i]), float(sp[i]), hex(int(bc[i])), hex(int(bp[i]))) for i in diff[:5]]
+    # exhausted children (and only those) score -inf
+    first = np.array(snap["first_child"])[nodes]
+    kids = np.concatenate([np.arange(f, f + n) for f, n in zip(first, np.diff(oc), strict=True)] + [[]])
+    kids = kids.astype(np.int64)
+    assert np.array_equal(np.array(snap["flags"])[kids] & EXHAUSTED != 0, sc == -np.inf)
+    return len(sc)
+
+
+def run_sequence(cfg, data, after_step=None, grid=GRID, max_ops=40) -> None:
+    """A random operation sequence on both engines, checked for parity and invariants after every step;
+    `after_step(fc, fp)` adds checks of its own. Priors, rewards, values and backed-up values come from
+    `grid`."""
     fc, fp = Forest(cfg), PyForest(cfg)
     tracker = Tracker()
     pending: list[int] = []  # leaves returned by select, not yet backed up / cancelled
     roots = np.zeros(0, np.int32)
-    n_ops = data.draw(st.integers(5, 40), label="n_ops")
+    n_ops = data.draw(st.integers(5, max_ops), label="n_ops")
     for _ in range(n_ops):
         op = data.draw(st.sampled_from(
             ["add_roots", "select", "select", "expand", "expand", "backup", "cancel", "prune", "query", "bad"]
@@ -156,10 +190,10 @@ def test_random_operation_sequences_match(cfg, data):
             chosen = data.draw(st.lists(st.sampled_from(cand), min_size=1, max_size=4, unique=True), label="leaves")
             counts = [data.draw(st.integers(0, 4), label="count") for _ in chosen]
             c = sum(counts)
-            g = st.sampled_from(GRID)
+            g = st.sampled_from(grid)
             priors = [data.draw(g, label="prior") for _ in range(c)]
             rewards = [data.draw(g, label="reward") for _ in range(c)]
-            values = [data.draw(st.sampled_from([*GRID, float("nan")]), label="value") for _ in range(c)]
+            values = [data.draw(st.sampled_from([*grid, float("nan")]), label="value") for _ in range(c)]
             term = [data.draw(st.sampled_from([0, 0, 0, 1]), label="terminal") for _ in range(c)]
             both(fc, fp, "expand", np.array(chosen, np.int32), np.array(counts, np.int32),
                  np.array(priors, np.float32), np.arange(c, dtype=np.int64), np.array(rewards, np.float32),
@@ -170,7 +204,7 @@ def test_random_operation_sequences_match(cfg, data):
             chosen = data.draw(st.lists(st.sampled_from(pending), min_size=1, max_size=len(pending), unique=True),
                                label="resolve")
             if op == "backup":
-                vals = np.array([data.draw(st.sampled_from(GRID), label="v") for _ in chosen], np.float32)
+                vals = np.array([data.draw(st.sampled_from(grid), label="v") for _ in chosen], np.float32)
                 _, err = both(fc, fp, "backup", np.array(chosen, np.int32), vals)
                 if err is None:
                     tree = fc.snapshot()["tree"]
@@ -224,12 +258,59 @@ def test_random_operation_sequences_match(cfg, data):
         same_forest(fc, fp)
         tracker.check(fc, pending)
         fp.validate()
+        if after_step is not None:
+            after_step(fc, fp)
     # resolve everything: virtual loss must return to 0 on both
     if pending:
         both(fc, fp, "cancel", np.array(pending, np.int32))
         pending.clear()
     tracker.check(fc, pending)
     same_forest(fc, fp)
+    if after_step is not None:
+        after_step(fc, fp)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(cfg=configs, data=st.data())
+def test_random_operation_sequences_match(cfg, data):
+    run_sequence(cfg, data)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(cfg=score_configs, data=st.data())
+def test_child_scores_match(cfg, data):
+    """child_scores() bit for bit on both engines, for every expanded node after every step (descents in
+    flight or not), over rule / FPU / q_norm / virtual-loss configs. Unlike the tree-level checks, this
+    sees a 1-ulp change of a score that does not change which child wins."""
+    run_sequence(cfg, data, same_child_scores, grid=FINE_GRID, max_ops=60)
+
+
+@pytest.mark.parametrize("q_norm", [False, True])
+@pytest.mark.parametrize("fpu", ["parent", "value", "inf", "const"])
+@pytest.mark.parametrize("rule,vl", [("puct", 1.0), ("puct", 0.0), ("uct", 3.0)])
+def test_child_scores_match_workloads(rule, vl, fpu, q_norm):
+    """Deeper trees than the random sequences reach (hundreds of visits, arbitrary float32 priors and values,
+    descents left in flight): child_scores of every expanded node bit for bit after each select and backup."""
+    cfg = EngineConfig(rule=rule, c=1.25, virtual_loss=vl, virtual_loss_value=-0.5, fpu=fpu, fpu_value=0.3,
+                       fpu_reduction=0.1, q_norm=q_norm, max_depth=6)
+    fc, fp = Forest(cfg), PyForest(cfg)
+    rng = np.random.default_rng(7)
+    roots, _ = both(fc, fp, "add_roots", np.arange(3, dtype=np.int64))
+    compared = 0
+    for _ in range(12):
+        (_, leaves, _), _ = both(fc, fp, "select", roots, 4)
+        compared += same_child_scores(fc, fp)
+        counts = rng.integers(0, 4, len(leaves)).astype(np.int32)
+        c = int(counts.sum())
+        priors, rewards = rng.random(c, dtype=np.float32), rng.random(c, dtype=np.float32)
+        values = np.where(rng.random(c) < 0.3, np.nan, rng.random(c)).astype(np.float32)
+        both(fc, fp, "expand", leaves, counts, priors, np.arange(c), rewards, values, rng.random(c) < 0.05)
+        done = leaves[rng.random(len(leaves)) < 0.8]  # the rest stay in flight (virtual loss) for a round
+        both(fc, fp, "backup", done, rng.random(len(done), dtype=np.float32))
+        compared += same_child_scores(fc, fp)
+        both(fc, fp, "cancel", np.setdiff1d(leaves, done).astype(np.int32))
+    same_forest(fc, fp)
+    assert compared > 100
 
 
 @pytest.mark.parametrize("backend", [Forest, PyForest])
@@ -257,3 +338,65 @@ def test_workload_invariants(backend):
         tracker.check(f, [])
     st_ = f.stats()
     assert st_["nodes"] == f.num_nodes and sum(st_["depth_histogram"]) == st_["nodes"]
+
+
+@pytest.mark.parametrize("cfg", [
+    EngineConfig(rule="puct", c=1.25, virtual_loss=1.0, fpu="parent"),
+    EngineConfig(rule="uct", c=0.5, virtual_loss=3.0, virtual_loss_value=-1.0, fpu="inf", q_norm=True),
+    EngineConfig(rule="puct", c=2.0, virtual_loss=0.0, fpu="value", fpu_reduction=0.1, q_norm=True),
+])
+@pytest.mark.parametrize("backend", [Forest, PyForest])
+def test_child_scores_argmax_is_the_selected_child(backend, cfg):
+    """The first child with the highest child_scores() score is the child the next select() takes."""
+    f = backend(cfg)
+    rng = np.random.default_rng(3)
+    root = f.add_roots([0])
+    checked = 0
+    for _ in range(30):
+        if f.is_exhausted(root)[0]:
+            break
+        if f.is_expanded(root)[0]:
+            offsets, scores = f.child_scores(root)
+            first = int(f.snapshot_field("first_child", root)[0])
+            want = first + int(np.argmax(scores))
+        _, leaves, _ = f.select(root, 1)
+        if f.is_expanded(root)[0] and len(leaves):
+            assert f.paths(leaves)[1][1] == want
+            checked += 1
+        if len(leaves):
+            c = int(rng.integers(0, 4))
+            f.expand(leaves, [c], rng.random(c), np.arange(c), rng.random(c), rng.random(c),
+                     np.zeros(c, bool))
+            if rng.random() < 0.7:
+                f.backup(leaves, rng.random(1))
+            # else: left in flight, so the next scores carry virtual loss
+    assert checked > 5
+
+
+@pytest.mark.parametrize("backend", [Forest, PyForest])
+def test_child_scores_bad_input(backend):
+    f = backend(EngineConfig())
+    roots = f.add_roots([0, 1])
+    _, leaves, _ = f.select(roots, 1)
+    kids = f.expand(leaves[:1], [2], [0.5, 0.5], [0, 1], [0.0, 0.0], [np.nan, np.nan], [0, 0])
+    offsets, scores = f.child_scores(roots[:1])
+    assert offsets.tolist() == [0, 2] and scores.dtype == np.float64
+    offsets, scores = f.child_scores(np.zeros(0, np.int32))
+    assert offsets.tolist() == [0] and len(scores) == 0
+    with pytest.raises(ValueError, match=r"nodes\[1\]=1 is not expanded"):
+        f.child_scores([0, 1])  # root 1 was selected but not expanded
+    with pytest.raises(ValueError, match=rf"nodes\[0\]={kids[0]} is not expanded"):
+        f.child_scores(kids[:1])
+    with pytest.raises(IndexError, match=r"nodes\[1\]=99 is not a node id"):
+        f.child_scores([0, 99])
+    with pytest.raises(IndexError, match=r"nodes\[0\]=-1 is not a node id"):
+        f.child_scores([-1])
+    with pytest.raises(ValueError, match="nodes must hold integers"):
+        f.child_scores(np.array([0.0]))
+    with pytest.raises(ValueError, match="nodes must be a 1-D array"):
+        f.child_scores(np.array([[0]], np.int32))
+    before = {k: np.array(v) for k, v in f.snapshot().items()}
+    f.child_scores(roots[:1])  # read-only
+    after = f.snapshot()
+    for key in before:
+        assert np.array_equal(_bits(before[key]), _bits(after[key])), key

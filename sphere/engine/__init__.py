@@ -13,6 +13,7 @@ A search round is a handful of calls, each over every tree at once::
     ...  # Python builds prompts from f.payload(nodes), asks the LLM, scores the steps
     ids = f.expand(leaves, counts, priors, payloads, rewards, values, terminal)
     f.backup(leaves, leaf_values)                          # or f.cancel(leaves) when a request failed
+    offsets, scores = f.child_scores(roots)                # CSR: int64[T+1], f64[]: what select() compares
 
 Node ids are int32 indices into the arena; payloads are int64 ids into a Python-side step store (text
 never enters C++). Node states only move forward: unexpanded -> expanded, flags are never cleared.
@@ -155,6 +156,19 @@ class _ForestAPI:
         mean value < tau; returns how many were newly pruned. roots: int32[T]."""
         return int(self._f.prune_subtrees(as_int(roots, "roots", np.int32), float(tau),
                                           as_count(min_visits, "min_visits")))
+
+    def child_scores(self, nodes) -> tuple[np.ndarray, np.ndarray]:
+        """Selection scores of the children of each node, read-only: nodes int32[M], each expanded ->
+        (offsets int64[M+1], scores float64[offsets[-1]]), CSR: node i's children (child order, ids
+        first_child..first_child+count-1) score scores[offsets[i]:offsets[i+1]].
+
+        Each score is exactly what the next select() descent reaching the node would compute now (both
+        engines use the very routine select() uses): virtual loss of in-flight descents on the children,
+        the node's P_eff counting its in-flight descents plus the one that descent adds, FPU for unvisited
+        children, q_norm, PUCT/UCT as in csrc/forest.hpp. Exhausted children (never selected) are -inf.
+        The first child with the highest score is the one select() takes. Raises ValueError for a node
+        that is not expanded and IndexError for an id out of range, naming nodes[i]."""
+        return self._f.child_scores(as_int(nodes, "nodes", np.int32))
 
     def best_path(self, root: int, by: str = "visits") -> np.ndarray:
         """Greedy descent over non-pruned children by "visits" | "value" | "reward" (ties: lowest id).

@@ -157,55 +157,88 @@ class PyCore:
             return self.init_value[n]
         return self.reward[n]
 
-    def _pick_child(self, n: int) -> int:
-        first = self.first_child[n]
+    def _pick_child(self, n: int, inflight: int, scores: list[float] | None = None) -> int:
+        """The child a descent through n takes, n's in-flight count (that descent included) being `inflight`:
+        the first child with the highest score (a score is taken when > the best so far, from -inf, like the
+        C++ argmax; if none is, the first non-exhausted child). With a list `scores`, every child's score is
+        also appended to it, in child order, -inf for an exhausted child: child_scores() reports through
+        this very loop what select() compares. Returns -1 only when every child is exhausted."""
         vl, c, lv = self.vl, self.c, self.vl_value
-        p_eff = float(self.visits[n]) + vl * float(self.inflight[n])
+        p_eff = float(self.visits[n]) + vl * float(inflight)
         puct = self.rule == 1
         sq = math.sqrt(p_eff) if puct else 0.0
         lg = 0.0 if puct else math.log(max(p_eff, 1.0))
-        t = self.tree[n]
-        norm = self.q_norm and self.qmax[t] > self.qmin[t]
-        lo, span = self.qmin[t], self.qmax[t] - self.qmin[t]
-        parent_fpu = 0.0
-        if self.fpu in (0, 1):
-            parent_fpu = self._mean_or_init(n) - self.fpu_reduction
-        best, best_score = -1, 0.0
-        flags, inflight, visits, value_sum = self.flags, self.inflight, self.visits, self.value_sum
+        norm, lo, span = False, 0.0, 1.0
+        if self.q_norm:
+            t = self.tree[n]
+            lo, hi = self.qmin[t], self.qmax[t]
+            norm, span = hi > lo, hi - lo
+        # Q of an unvisited child (FPU); fpu "value" (1) takes the child's init_value instead when not NaN.
+        fpu = self.fpu
+        if fpu == 0 or fpu == 1:
+            fpu_q = self._mean_or_init(n) - self.fpu_reduction
+        elif fpu == 2:
+            fpu_q = _INF
+        else:
+            fpu_q = self.fpu_value
+        by_value = fpu == 1
+        flags, inflight_, visits, value_sum = self.flags, self.inflight, self.visits, self.value_sum
+        prior, init_value = self.prior, self.init_value
+        first = self.first_child[n]
+        best, best_score = -1, -_INF
         for ch in range(first, first + self.num_children[n]):
             if flags[ch] & EXHAUSTED:
+                if scores is not None:
+                    scores.append(-_INF)
                 continue
-            nvl = vl * float(inflight[ch])
+            nvl = vl * float(inflight_[ch])
             neff = float(visits[ch]) + nvl
             visited = neff > 0.0
             if visited:
                 q = (value_sum[ch] + nvl * lv) / neff
-            elif self.fpu == 0:
-                q = parent_fpu
-            elif self.fpu == 1:
-                iv = self.init_value[ch]
-                q = parent_fpu if math.isnan(iv) else iv
-            elif self.fpu == 2:
-                q = _INF
+            elif by_value:
+                iv = init_value[ch]
+                q = fpu_q if math.isnan(iv) else iv
             else:
-                q = self.fpu_value
+                q = fpu_q
             if norm and math.isfinite(q):
                 q = (q - lo) / span
             if puct:
-                s = q + c * self.prior[ch] * sq / (1.0 + neff)
+                s = q + c * prior[ch] * sq / (1.0 + neff)
             else:
                 s = q + c * math.sqrt(lg / neff) if visited else q
-            if best < 0 or s > best_score:
+            if s > best_score:
                 best, best_score = ch, s
+            if scores is not None:
+                scores.append(s)
+        if best < 0:  # no score above -inf (only NaN or -inf ones, e.g. from overflow): the C++ fallback
+            for ch in range(first, first + self.num_children[n]):
+                if not flags[ch] & EXHAUSTED:
+                    return ch
         return best
+
+    def child_scores(self, nodes: np.ndarray):
+        nl = nodes.tolist()
+        for i, n in enumerate(nl):
+            self._check_node(n, "nodes", i)
+            if not self.flags[n] & EXPANDED:
+                raise ValueError(f"nodes[{i}]={n} is not expanded (it has no children to score)")
+        offsets = np.zeros(len(nl) + 1, np.int64)
+        out: list[float] = []
+        for i, n in enumerate(nl):
+            # what a select() descent reaching n would compute now: it increments n's in-flight count first
+            self._pick_child(n, self.inflight[n] + 1, out)
+            offsets[i + 1] = len(out)
+        return offsets, np.array(out, np.float64)
 
     def _descend(self, root: int) -> int:
         """One descent; returns the leaf, or -1 on a collision (in-flight counts restored)."""
         n = root
-        while self.flags[n] & EXPANDED:
-            self.inflight[n] += 1
-            n = self._pick_child(n)
-        if self.inflight[n] > 0:
+        flags, inflight, pick = self.flags, self.inflight, self._pick_child
+        while flags[n] & EXPANDED:
+            inflight[n] += 1
+            n = pick(n, inflight[n])
+        if inflight[n] > 0:
             p = self.parent[n]
             while p >= 0:
                 self.inflight[p] -= 1
