@@ -14,6 +14,7 @@ from sphere.mini.world import (
     format_prompt,
     generate_problems,
     load_mini_benchmark,
+    plant_slips,
     training_problems,
 )
 
@@ -131,3 +132,48 @@ def test_recipes_train_on_the_default_world():
 
     for which in ("policy", "small"):
         assert WorldSpec.from_mapping(load_recipe(which)["world"]) == WorldSpec()
+
+
+def _slip_expected(op: str, a: int, b: int) -> int:
+    c = {"+": a + b, "-": a - b, "*": a * b, "/": a // b}[op]
+    if op == "-" and a % 10 < b % 10:
+        return c + 10  # forgot to borrow
+    if op == "+" and a % 10 + b % 10 >= 10:
+        return c - 10  # forgot to carry
+    return c
+
+
+def test_plant_slips_writes_the_misconception_and_keeps_chains_consistent():
+    w = WorldSpec()
+    probs = generate_problems(600, seed=11)
+    planted = plant_slips(probs, 1.0, seed=3, max_value=w.max_value)
+    assert plant_slips(probs, 1.0, seed=3) == planted  # deterministic
+    assert plant_slips(probs, 0.0, seed=3) == probs  # rate 0: unchanged
+    changed = 0
+    for p, q in zip(probs, planted):
+        assert q["problem"] == p["problem"] and q["id"] == p["id"]  # texts never change
+        if q is p:
+            continue
+        changed += 1
+        steps = q["solution"].split(STEP_DELIMITER)
+        assert steps[-1] == f"The answer is \\boxed{{{q['answer']}}}."
+        prev, wrong = None, 0
+        for s in steps[:-1]:
+            a, op, b, c = EQ.findall(s)[0]
+            a, b, c = int(a), int(b), int(c)
+            if prev is not None:
+                assert a == prev  # the chain continues from the written (slipped) value
+            assert c == _slip_expected(op, a, b) and 1 <= c <= w.max_value
+            wrong += c != {"+": a + b, "-": a - b, "*": a * b, "/": a // b}[op]
+            prev = c
+        assert wrong >= 1 and int(q["answer"]) == prev
+    assert changed > 150  # about half of the problems have a borrow or a carry
+
+
+def test_plant_slips_rate_is_the_share_of_solutions_and_is_checked():
+    probs = generate_problems(2000, seed=12)
+    full = sum(q is not p for p, q in zip(probs, plant_slips(probs, 1.0, seed=1)))
+    half = sum(q is not p for p, q in zip(probs, plant_slips(probs, 0.5, seed=1)))
+    assert abs(half / full - 0.5) < 0.07
+    with pytest.raises(ValueError, match="slip_rate"):
+        plant_slips(probs, 1.5, seed=1)

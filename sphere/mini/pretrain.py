@@ -115,14 +115,16 @@ def _progress(total: int, desc: str):
 DRILL_PROBLEM = "Compute."
 
 
-def drill_examples(n: int, per: int, seed: int, world) -> list[dict]:
+def drill_examples(n: int, per: int, seed: int, world, slip_rate: float = 0.0) -> list[dict]:
     """``n`` arithmetic drills: the prompt's problem is "Compute.", the solution ``per`` equations
     ``a op b = c.`` (delimiter-separated) taken from freshly generated problems of the same world. A word
     problem has ~8 answer digits in ~120 tokens; a drill has ~25: the tiny model learns the arithmetic
-    several times faster per CPU second. The model never sees this prompt at evaluation."""
+    several times faster per CPU second. The model never sees this prompt at evaluation. ``slip_rate``:
+    the source solutions carry the recipe's planted slips (sphere.mini.world.plant_slips), so drills and
+    word problems teach the same arithmetic."""
     import re
 
-    from sphere.mini.world import STEP_DELIMITER, generate_problems
+    from sphere.mini.world import STEP_DELIMITER, generate_problems, plant_slips
 
     if n <= 0:
         return []
@@ -131,6 +133,7 @@ def drill_examples(n: int, per: int, seed: int, world) -> list[dict]:
     src = generate_problems(
         n * per // 2 + 8, seed, id_prefix="mini-drill-src", **{**world.to_dict(), "ops": world.ops}
     )
+    src = plant_slips(src, slip_rate, seed + 17, world.max_value)
     for p in src:
         pool += eq.findall(p["solution"])
     out = []
@@ -197,7 +200,8 @@ def train(recipe: dict, out_dir: Path, progress: bool = True, snapshots: tuple[i
     from trl import SFTConfig
 
     from sphere.mini.model import build_model, n_params, train_tokenizer
-    from sphere.mini.world import WorldSpec, format_prompt, generate_problems, training_problems
+    from sphere.mini.world import (WorldSpec, format_prompt, generate_problems, plant_slips,
+                                   training_problems)
 
     datasets.disable_progress_bars()
     out_dir = Path(out_dir)
@@ -217,9 +221,12 @@ def train(recipe: dict, out_dir: Path, progress: bool = True, snapshots: tuple[i
         tok_texts = [format_prompt(p["problem"]) + p["solution"] for p in tok_probs]
         tokenizer = train_tokenizer(tok_texts, int(tcfg["vocab_size"]))
 
+        slip = float(tr.get("slip_rate", 0.0))
         probs = training_problems(int(tr["n_problems"]), int(recipe["seed"]), world)
+        probs = plant_slips(probs, slip, int(recipe["seed"]) + 13, world.max_value)
         probs += drill_examples(
-            int(tr.get("n_drills", 0)), int(tr.get("drill_equations", 8)), int(recipe["seed"]) + 1, world
+            int(tr.get("n_drills", 0)), int(tr.get("drill_equations", 8)), int(recipe["seed"]) + 1, world,
+            slip_rate=slip,
         )
         max_len = int(recipe["model"]["max_position_embeddings"])
         ds = datasets.Dataset.from_dict(_tokenize_examples(tokenizer, probs, max_len))

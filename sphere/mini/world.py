@@ -18,6 +18,7 @@ training sets drop any problem whose text appears in the test split.
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import asdict, dataclass, field
 
 # The mini family's prompt (plain text, no chat template). The mini models are trained on exactly
@@ -235,6 +236,69 @@ def training_problems(
     w = world if isinstance(world, WorldSpec) else WorldSpec.from_mapping(world)
     held = {p["problem"] for s in SPLIT_SEEDS for p in load_mini_benchmark(s, holdout, w)}
     return generate_problems(n, seed, id_prefix="mini-train", exclude=held, **_kw(w))
+
+
+_OP_STEP = re.compile(r"^(?P<head>.*, so )(?P<a>\d+) (?P<op>[-+*/]) (?P<b>\d+) = (?P<c>\d+)\.$")
+
+
+def _slip(op: str, a: int, b: int, c: int) -> int:
+    """The written result of ``a op b`` (= ``c``) under the planted misconception: a subtraction that
+    needs a borrow forgets it (+10), an addition that needs a carry forgets it (-10); else ``c``."""
+    if op == "-" and a % 10 < b % 10:
+        return c + 10
+    if op == "+" and a % 10 + b % 10 >= 10:
+        return c - 10
+    return c
+
+
+def plant_slips(problems: list[dict], rate: float, seed: int, max_value: int = 200) -> list[dict]:
+    """Copies of ``problems`` whose reference solutions carry a systematic misconception: in a share
+    ``rate`` of the solutions, every subtraction that needs a borrow forgets it (writes ``a - b + 10``)
+    and every addition that needs a carry forgets it (``a + b - 10``): the classic column-arithmetic
+    bugs. Later steps continue from the written value and the boxed answer is the slipped chain's, as in
+    a real flawed demonstration (``answer`` follows). A solution whose slipped chain would leave the
+    world (an inexact division, a total outside [1, max_value]) stays clean. Problem texts never change.
+
+    The mini policy's recipe (conf/mini/policy.yaml ``train.slip_rate``) uses this to give the policy an
+    error that greedy decoding makes systematically, that sampling avoids part of the time, and that the
+    step checker (the mini world's PRM) sees: the kind of flaw SPHERE's search + DPO is meant to fix.
+    ``rate`` = 0 returns the problems unchanged. Deterministic in ``seed`` (its own RNG stream)."""
+    if not 0.0 <= rate <= 1.0:
+        raise ValueError(f"slip_rate {rate}: allowed [0, 1]")
+    if rate == 0.0:
+        return list(problems)
+    rng = random.Random(seed)
+    out = []
+    for p in problems:
+        if rng.random() >= rate:
+            out.append(p)
+            continue
+        new_steps: list[str] = []
+        total, slipped, ok = None, False, True
+        for st in p["solution"].split(STEP_DELIMITER):
+            m = _OP_STEP.match(st)
+            if m is None:
+                new_steps.append(st)
+                continue
+            a, op, b = int(m["a"]), m["op"], int(m["b"])
+            if total is not None:
+                a = total  # continue from the written running total
+            if op == "/" and a % b:
+                ok = False
+                break
+            c = _slip(op, a, b, _apply(op, a, b))
+            slipped |= c != _apply(op, a, b)
+            if not 1 <= c <= max_value:
+                ok = False
+                break
+            total = c
+            new_steps.append(f"{m['head']}{a} {op} {b} = {c}.")
+        if not (ok and slipped) or total is None:
+            out.append(p)
+            continue
+        new_steps[-1] = f"The answer is \\boxed{{{total}}}."
+        out.append({**p, "answer": str(total), "solution": STEP_DELIMITER.join(new_steps)})
+    return out
 
 
 def _kw(w: WorldSpec) -> dict:
