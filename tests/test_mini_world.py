@@ -177,3 +177,25 @@ def test_plant_slips_rate_is_the_share_of_solutions_and_is_checked():
     assert abs(half / full - 0.5) < 0.07
     with pytest.raises(ValueError, match="slip_rate"):
         plant_slips(probs, 1.5, seed=1)
+
+
+def test_plant_slips_divide_kind_writes_products_for_divisions():
+    probs = generate_problems(800, seed=13)
+    planted = plant_slips(probs, 1.0, seed=2, kinds=["divide"])
+    changed = 0
+    for p, q in zip(probs, planted):
+        if q is p:
+            continue
+        changed += 1
+        prev = None
+        for s in q["solution"].split(STEP_DELIMITER)[:-1]:
+            a, op, b, c = EQ.findall(s)[0]
+            a, b, c = int(a), int(b), int(c)
+            if prev is not None:
+                assert a == prev
+            assert c == (a * b if op == "/" else {"+": a + b, "-": a - b, "*": a * b}[op])
+            prev = c
+        assert int(q["answer"]) == prev and " / " in q["solution"]
+    assert changed > 80
+    with pytest.raises(ValueError, match="slip_kinds"):
+        plant_slips(probs, 0.5, seed=1, kinds=["typo"])

@@ -115,7 +115,8 @@ def _progress(total: int, desc: str):
 DRILL_PROBLEM = "Compute."
 
 
-def drill_examples(n: int, per: int, seed: int, world, slip_rate: float = 0.0) -> list[dict]:
+def drill_examples(n: int, per: int, seed: int, world, slip_rate: float = 0.0,
+                   slip_kinds: tuple[str, ...] = ("carry",)) -> list[dict]:
     """``n`` arithmetic drills: the prompt's problem is "Compute.", the solution ``per`` equations
     ``a op b = c.`` (delimiter-separated) taken from freshly generated problems of the same world. A word
     problem has ~8 answer digits in ~120 tokens; a drill has ~25: the tiny model learns the arithmetic
@@ -133,7 +134,7 @@ def drill_examples(n: int, per: int, seed: int, world, slip_rate: float = 0.0) -
     src = generate_problems(
         n * per // 2 + 8, seed, id_prefix="mini-drill-src", **{**world.to_dict(), "ops": world.ops}
     )
-    src = plant_slips(src, slip_rate, seed + 17, world.max_value)
+    src = plant_slips(src, slip_rate, seed + 17, world.max_value, slip_kinds)
     for p in src:
         pool += eq.findall(p["solution"])
     out = []
@@ -222,11 +223,12 @@ def train(recipe: dict, out_dir: Path, progress: bool = True, snapshots: tuple[i
         tokenizer = train_tokenizer(tok_texts, int(tcfg["vocab_size"]))
 
         slip = float(tr.get("slip_rate", 0.0))
+        kinds = tuple(tr.get("slip_kinds", ("carry",)))
         probs = training_problems(int(tr["n_problems"]), int(recipe["seed"]), world)
-        probs = plant_slips(probs, slip, int(recipe["seed"]) + 13, world.max_value)
+        probs = plant_slips(probs, slip, int(recipe["seed"]) + 13, world.max_value, kinds)
         probs += drill_examples(
             int(tr.get("n_drills", 0)), int(tr.get("drill_equations", 8)), int(recipe["seed"]) + 1, world,
-            slip_rate=slip,
+            slip_rate=slip, slip_kinds=kinds,
         )
         max_len = int(recipe["model"]["max_position_embeddings"])
         ds = datasets.Dataset.from_dict(_tokenize_examples(tokenizer, probs, max_len))

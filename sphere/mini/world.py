@@ -241,17 +241,25 @@ def training_problems(
 _OP_STEP = re.compile(r"^(?P<head>.*, so )(?P<a>\d+) (?P<op>[-+*/]) (?P<b>\d+) = (?P<c>\d+)\.$")
 
 
-def _slip(op: str, a: int, b: int, c: int) -> int:
-    """The written result of ``a op b`` (= ``c``) under the planted misconception: a subtraction that
-    needs a borrow forgets it (+10), an addition that needs a carry forgets it (-10); else ``c``."""
-    if op == "-" and a % 10 < b % 10:
-        return c + 10
-    if op == "+" and a % 10 + b % 10 >= 10:
-        return c - 10
+SLIP_KINDS = ("carry", "divide")
+
+
+def _slip(op: str, a: int, b: int, c: int, kinds: tuple[str, ...] = ("carry",)) -> int:
+    """The written result of ``a op b`` (= ``c``) under the planted misconceptions ``kinds``: "carry" = a
+    subtraction that needs a borrow forgets it (+10), an addition that needs a carry forgets it (-10);
+    "divide" = "keeps one of b groups" multiplies instead (``a / b = a * b``). Else ``c``."""
+    if "carry" in kinds:
+        if op == "-" and a % 10 < b % 10:
+            return c + 10
+        if op == "+" and a % 10 + b % 10 >= 10:
+            return c - 10
+    if "divide" in kinds and op == "/":
+        return a * b
     return c
 
 
-def plant_slips(problems: list[dict], rate: float, seed: int, max_value: int = 200) -> list[dict]:
+def plant_slips(problems: list[dict], rate: float, seed: int, max_value: int = 200,
+                kinds: tuple[str, ...] | list[str] = ("carry",)) -> list[dict]:
     """Copies of ``problems`` whose reference solutions carry a systematic misconception: in a share
     ``rate`` of the solutions, every subtraction that needs a borrow forgets it (writes ``a - b + 10``)
     and every addition that needs a carry forgets it (``a + b - 10``): the classic column-arithmetic
@@ -262,9 +270,15 @@ def plant_slips(problems: list[dict], rate: float, seed: int, max_value: int = 2
     The mini policy's recipe (conf/mini/policy.yaml ``train.slip_rate``) uses this to give the policy an
     error that greedy decoding makes systematically, that sampling avoids part of the time, and that the
     step checker (the mini world's PRM) sees: the kind of flaw SPHERE's search + DPO is meant to fix.
+    ``kinds`` picks the misconceptions (SLIP_KINDS; see _slip): "carry" (the default) and "divide" (a
+    division written as a product, ``a / b = a * b``).
     ``rate`` = 0 returns the problems unchanged. Deterministic in ``seed`` (its own RNG stream)."""
     if not 0.0 <= rate <= 1.0:
         raise ValueError(f"slip_rate {rate}: allowed [0, 1]")
+    kinds = tuple(kinds)
+    bad = [k for k in kinds if k not in SLIP_KINDS]
+    if bad or not kinds:
+        raise ValueError(f"slip_kinds {list(kinds)}: allowed a non-empty subset of {list(SLIP_KINDS)}")
     if rate == 0.0:
         return list(problems)
     rng = random.Random(seed)
@@ -283,10 +297,10 @@ def plant_slips(problems: list[dict], rate: float, seed: int, max_value: int = 2
             a, op, b = int(m["a"]), m["op"], int(m["b"])
             if total is not None:
                 a = total  # continue from the written running total
-            if op == "/" and a % b:
+            if op == "/" and a % b and "divide" not in kinds:
                 ok = False
                 break
-            c = _slip(op, a, b, _apply(op, a, b))
+            c = _slip(op, a, b, _apply(op, a, b), kinds)
             slipped |= c != _apply(op, a, b)
             if not 1 <= c <= max_value:
                 ok = False
