@@ -33,6 +33,22 @@ py::array_t<T> to_array(const std::vector<T>& v) {
   return out;
 }
 
+// A per-node CSR result (offsets int64[m+1], values T[]): `name` is the input's name in errors; fill(ids, m,
+// offsets, values) runs without the GIL. Used by paths() and child_scores().
+template <class T, class Fill>
+py::tuple csr(const arr<int32_t>& ids, const char* name, Fill&& fill) {
+  const int64_t m = len1d(ids, name);
+  py::array_t<int64_t> off(static_cast<py::ssize_t>(m + 1));
+  std::vector<T> values;
+  const int32_t* ip = ids.data();
+  int64_t* op = off.mutable_data();
+  {
+    py::gil_scoped_release rel;
+    fill(ip, m, op, values);
+  }
+  return py::make_tuple(off, to_array(values));
+}
+
 template <class T, class A>
 py::array view(const std::vector<T, A>& v, const py::object& owner) {
   // Zero-copy, read-only; `owner` keeps the forest alive. Invalid after the forest grows or resets.
@@ -128,16 +144,8 @@ PYBIND11_MODULE(_core, mod) {
            })
       .def("paths",
            [](Forest& f, const arr<int32_t>& leaves) {
-             const int64_t m = len1d(leaves, "leaves");
-             py::array_t<int64_t> off(static_cast<py::ssize_t>(m + 1));
-             std::vector<int32_t> nodes;
-             const int32_t* lp = leaves.data();
-             int64_t* op = off.mutable_data();
-             {
-               py::gil_scoped_release rel;
-               f.paths(lp, m, op, nodes);
-             }
-             return py::make_tuple(off, to_array(nodes));
+             return csr<int32_t>(leaves, "leaves", [&](const int32_t* lp, int64_t m, int64_t* op,
+                                                       std::vector<int32_t>& out) { f.paths(lp, m, op, out); });
            })
       .def("expand",
            [](Forest& f, const arr<int32_t>& leaves, const arr<int32_t>& counts, const arr<float>& priors,
@@ -197,16 +205,8 @@ PYBIND11_MODULE(_core, mod) {
            })
       .def("child_scores",
            [](Forest& f, const arr<int32_t>& nodes) {
-             const int64_t m = len1d(nodes, "nodes");
-             py::array_t<int64_t> off(static_cast<py::ssize_t>(m + 1));
-             std::vector<double> scores;
-             const int32_t* np_ = nodes.data();
-             int64_t* op = off.mutable_data();
-             {
-               py::gil_scoped_release rel;
-               f.child_scores(np_, m, op, scores);
-             }
-             return py::make_tuple(off, to_array(scores));
+             return csr<double>(nodes, "nodes", [&](const int32_t* np_, int64_t m, int64_t* op,
+                                                    std::vector<double>& out) { f.child_scores(np_, m, op, out); });
            })
       .def("best_path",
            [](Forest& f, int32_t root, int by) {

@@ -8,6 +8,7 @@
 #include <limits>
 #include <numeric>
 #include <stdexcept>
+#include <type_traits>
 
 #if (defined(__SSE2__) || defined(_M_X64)) && !defined(SPHERE_NO_SIMD)
 #include <emmintrin.h>
@@ -309,6 +310,26 @@ SPHERE_ALWAYS_INLINE int32_t Forest::pick_child(int32_t n, int32_t t) const {
   return best;  // n is not exhausted, so some child is not either
 }
 
+namespace {
+// Calls fn(rule, fpu) with the configuration's rule and FPU mode as compile-time constants
+// (std::integral_constant), so select() and child_scores() pick their template instance in one place.
+template <class Fn>
+void with_rule_fpu(Rule rule, Fpu fpu, Fn&& fn) {
+  auto by_fpu = [&](auto r) {
+    switch (fpu) {
+      case Fpu::kParent: fn(r, std::integral_constant<Fpu, Fpu::kParent>{}); break;
+      case Fpu::kValue: fn(r, std::integral_constant<Fpu, Fpu::kValue>{}); break;
+      case Fpu::kInf: fn(r, std::integral_constant<Fpu, Fpu::kInf>{}); break;
+      default: fn(r, std::integral_constant<Fpu, Fpu::kConst>{}); break;
+    }
+  };
+  if (rule == Rule::kPuct)
+    by_fpu(std::integral_constant<Rule, Rule::kPuct>{});
+  else
+    by_fpu(std::integral_constant<Rule, Rule::kUct>{});
+}
+}  // namespace
+
 // child_scores(): per node, the same instance select() would use (the q_norm one only when the tree's value
 // range is non-empty), and the node's in-flight count plus the one a descent adds before it picks.
 template <Rule R, Fpu F>
@@ -343,19 +364,9 @@ void Forest::child_scores(const int32_t* nodes, int64_t m, int64_t* offsets, std
   out.clear();
   out.reserve(total);
   offsets[0] = 0;
-#define SPHERE_SCORES_RULE(R)                                                                \
-  switch (cfg_.fpu) {                                                                        \
-    case Fpu::kParent: child_scores_rf<Rule::R, Fpu::kParent>(nodes, m, offsets, out); break; \
-    case Fpu::kValue: child_scores_rf<Rule::R, Fpu::kValue>(nodes, m, offsets, out); break;   \
-    case Fpu::kInf: child_scores_rf<Rule::R, Fpu::kInf>(nodes, m, offsets, out); break;       \
-    default: child_scores_rf<Rule::R, Fpu::kConst>(nodes, m, offsets, out); break;            \
-  }
-  if (cfg_.rule == Rule::kPuct) {
-    SPHERE_SCORES_RULE(kPuct)
-  } else {
-    SPHERE_SCORES_RULE(kUct)
-  }
-#undef SPHERE_SCORES_RULE
+  with_rule_fpu(cfg_.rule, cfg_.fpu, [&](auto r, auto f) {
+    child_scores_rf<decltype(r)::value, decltype(f)::value>(nodes, m, offsets, out);
+  });
 }
 
 // Descents of different trees are independent, so select() runs kLanes trees in lockstep, one tree level
@@ -464,24 +475,12 @@ void Forest::select(const int32_t* roots, int64_t t, int32_t k, std::vector<int3
   tree_idx.reserve(static_cast<size_t>(t) * static_cast<size_t>(k));
   leaves.reserve(static_cast<size_t>(t) * static_cast<size_t>(k));
   // One instance per configuration (see pick_child).
-  const bool qn = cfg_.q_norm;
-#define SPHERE_DESCEND(R, F)                                                       \
-  (qn ? descend<Rule::R, Fpu::F, true>(roots, t, k, tree_idx, leaves, collisions) \
-      : descend<Rule::R, Fpu::F, false>(roots, t, k, tree_idx, leaves, collisions))
-#define SPHERE_DESCEND_RULE(R)                          \
-  switch (cfg_.fpu) {                                   \
-    case Fpu::kParent: SPHERE_DESCEND(R, kParent); break; \
-    case Fpu::kValue: SPHERE_DESCEND(R, kValue); break;   \
-    case Fpu::kInf: SPHERE_DESCEND(R, kInf); break;       \
-    default: SPHERE_DESCEND(R, kConst); break;            \
-  }
-  if (cfg_.rule == Rule::kPuct) {
-    SPHERE_DESCEND_RULE(kPuct)
-  } else {
-    SPHERE_DESCEND_RULE(kUct)
-  }
-#undef SPHERE_DESCEND_RULE
-#undef SPHERE_DESCEND
+  with_rule_fpu(cfg_.rule, cfg_.fpu, [&](auto r, auto f) {
+    if (cfg_.q_norm)
+      descend<decltype(r)::value, decltype(f)::value, true>(roots, t, k, tree_idx, leaves, collisions);
+    else
+      descend<decltype(r)::value, decltype(f)::value, false>(roots, t, k, tree_idx, leaves, collisions);
+  });
 }
 
 

@@ -300,14 +300,15 @@ def plant_slips(problems: list[dict], rate: float, seed: int, max_value: int = 2
             if op == "/" and a % b and "divide" not in kinds:
                 ok = False
                 break
-            c = _slip(op, a, b, _apply(op, a, b), kinds)
-            slipped |= c != _apply(op, a, b)
+            exact = _apply(op, a, b)
+            c = _slip(op, a, b, exact, kinds)
+            slipped |= c != exact
             if not 1 <= c <= max_value:
                 ok = False
                 break
             total = c
             new_steps.append(f"{m['head']}{a} {op} {b} = {c}.")
-        if not (ok and slipped) or total is None:
+        if not (ok and slipped):  # slipped implies a written total
             out.append(p)
             continue
         new_steps[-1] = f"The answer is \\boxed{{{total}}}."
