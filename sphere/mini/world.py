@@ -274,11 +274,12 @@ def plant_slips(problems: list[dict], rate: float, seed: int, max_value: int = 2
     division written as a product, ``a / b = a * b``).
     ``rate`` = 0 returns the problems unchanged. Deterministic in ``seed`` (its own RNG stream)."""
     if not 0.0 <= rate <= 1.0:
-        raise ValueError(f"slip_rate {rate}: allowed [0, 1]")
+        raise ValueError(f"mini recipe train.slip_rate={rate} (conf/mini/*.yaml): allowed [0, 1]")
     kinds = tuple(kinds)
     bad = [k for k in kinds if k not in SLIP_KINDS]
     if bad or not kinds:
-        raise ValueError(f"slip_kinds {list(kinds)}: allowed a non-empty subset of {list(SLIP_KINDS)}")
+        raise ValueError(f"mini recipe train.slip_kinds={list(kinds)} (conf/mini/*.yaml): allowed a non-empty "
+                         f"subset of {list(SLIP_KINDS)}")
     if rate == 0.0:
         return list(problems)
     rng = random.Random(seed)
