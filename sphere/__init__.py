@@ -7,3 +7,19 @@ scorers), ``sphere.evaluation``, ``sphere.generate`` (the three SPHERE stages), 
 """
 
 __version__ = "0.1.0"
+
+
+def _register_resolvers() -> None:
+    # `${sphere_resource:...}` in the configs must resolve in every process that reads a config (the CLI,
+    # tests composing configs, Ray workers), so it is registered on import.
+    try:
+        from sphere.resources import register_resolvers
+    except ImportError:  # pragma: no cover - omegaconf missing: nothing reads configs then
+        return
+    try:
+        register_resolvers()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+_register_resolvers()

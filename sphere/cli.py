@@ -21,14 +21,14 @@ from pathlib import Path
 
 # command words -> (primary config name, "module:function"). Functions take a DictConfig.
 HYDRA_COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
+    ("run",): ("run", "sphere.pipeline:main"),
+    ("generate",): ("generate", "sphere.generate.run:main"),
+    ("train",): ("train", "sphere.train.dpo:main"),
+    ("eval",): ("eval", "sphere.evaluation.harness:main"),
+    ("pretrain-mini",): ("pretrain_mini", "sphere.mini.pretrain:main"),
     ("bench", "engine"): ("bench_engine", "sphere.bench.engine:main"),
     ("bench", "verify"): ("bench_verify", "sphere.bench.verify:main"),
     ("bench", "generate"): ("bench_generate", "sphere.bench.generate:main"),
-    ("generate",): ("generate", "sphere.generate.run:main"),
-    ("run",): ("run", "sphere.pipeline:main"),
-    ("eval",): ("eval", "sphere.evaluation.harness:main"),
-    ("train",): ("train", "sphere.train.dpo:main"),
-    ("pretrain-mini",): ("pretrain_mini", "sphere.mini.pretrain:main"),
 }
 
 # command words -> "module:function" taking argv (non-Hydra commands).
@@ -38,13 +38,35 @@ PLAIN_COMMANDS: dict[tuple[str, ...], str] = {
     ("report",): "sphere.report:main",
 }
 
+# One line per command for `sphere --help` (kept here so the help never imports torch).
+DESCRIPTIONS: dict[tuple[str, ...], str] = {
+    ("run",): "the self-evolution loop: evaluate, generate pairs (3 stages), DPO, repeat",
+    ("generate",): "the three SPHERE stages over a problem set -> pairs.jsonl",
+    ("train",): "DPO (TRL; LoRA by default) on a pairs.jsonl -> a merged checkpoint",
+    ("eval",): "pass@1 / pass@k / maj@k on MATH-500, GSM8K, AIME, AMC, OlympiadBench, mini",
+    ("pretrain-mini",): "train the mini-world models from scratch on CPU and measure them",
+    ("bench", "engine"): "search-engine throughput, C++ vs the Python reference (and peers)",
+    ("bench", "verify"): "answer-checking throughput and the pathological set",
+    ("bench", "generate"): "generation throughput of every installed backend",
+    ("sweep",): "run the Hydra multiruns a sweep file describes (sweeps/*.yaml)",
+    ("viz", "tree"): "render a saved search tree as one HTML page",
+    ("report",): "plots and a markdown report from a run or a multirun directory",
+}
+
+# Config groups a user chooses on the command line (`group=option`); others (hydra/*, accelerate/*, the
+# mini recipes) are internal and stay out of `--help`.
+USER_GROUPS = ("model", "backend", "prompt", "search", "scorer", "runner", "logger", "train_opts",
+               "experiment", "mini")
+
 
 def conf_dir() -> Path:
-    """The config directory: the repository's ``conf/`` (editable install) or the packaged copy."""
-    here = Path(__file__).resolve().parent
-    for cand in (here.parent / "conf", here / "conf"):
-        if (cand / "config.yaml").is_file():
-            return cand
+    """The config directory: the repository's ``conf/`` (checkout / editable install) or the packaged copy
+    (``sphere.resources``)."""
+    from sphere.resources import resource_path
+
+    cand = resource_path("conf", must_exist=False)
+    if (cand / "config.yaml").is_file():
+        return cand
     raise SystemExit(
         "sphere: cannot find the config directory (conf/config.yaml). Reinstall with "
         "`pip install -e .` from the repository root."
@@ -52,8 +74,65 @@ def conf_dir() -> Path:
 
 
 def _usage() -> str:
-    names = sorted(" ".join(k) for k in [*HYDRA_COMMANDS, *PLAIN_COMMANDS])
-    return "usage: sphere <command> [hydra overrides]\ncommands:\n  " + "\n  ".join(names)
+    lines = ["sphere: self-evolving preference data for multi-step math (SPHERE, arXiv 2503.04813)", "",
+             "usage: sphere <command> [key=value ...]      (Hydra overrides: `sphere run rounds=3 search=mcts`)",
+             "", "commands:"]
+    for key in [*HYDRA_COMMANDS, *PLAIN_COMMANDS]:
+        lines.append(f"  {' '.join(key):<16} {DESCRIPTIONS.get(key, '')}")
+    lines += ["", "`sphere <command> --help` describes a command and the options it takes;",
+              "`sphere <command> --cfg job` prints its composed config (every field is commented in conf/)."]
+    return "\n".join(lines)
+
+
+def _defaults_groups(cdir: Path, config_name: str, seen: set | None = None) -> dict[str, str]:
+    """group -> default option of a primary config, following its parent configs (``- config``)."""
+    from omegaconf import OmegaConf
+
+    seen = set() if seen is None else seen
+    if config_name in seen or not (cdir / f"{config_name}.yaml").is_file():
+        return {}
+    seen.add(config_name)
+    out: dict[str, str] = {}
+    for item in OmegaConf.to_container(OmegaConf.load(cdir / f"{config_name}.yaml")).get("defaults", []):
+        if isinstance(item, str):
+            if item != "_self_":
+                out.update(_defaults_groups(cdir, item, seen))
+            continue
+        for k, v in item.items():
+            group = k.replace("override ", "").strip().split("@")[0]
+            out[group] = "null" if v is None else str(v)
+    return out
+
+
+def command_help(key: tuple[str, ...], cdir: Path) -> str:
+    """`sphere <command> --help`: what the command does, its usage, the groups and options it takes."""
+    config_name, target = HYDRA_COMMANDS[key]
+    mod = target.split(":")[0]
+    import importlib.util
+
+    doc = ""
+    spec = importlib.util.find_spec(mod)
+    if spec is not None and spec.origin:
+        import ast
+
+        doc = ast.get_docstring(ast.parse(Path(spec.origin).read_text(encoding="utf-8"))) or ""
+    name = " ".join(key)
+    lines = [f"sphere {name}: {DESCRIPTIONS.get(key, '')}", ""]
+    if doc:
+        lines += [doc.strip(), ""]
+    groups = {g: d for g, d in _defaults_groups(cdir, config_name).items() if g in USER_GROUPS}
+    if groups:
+        lines.append("config groups (choose with group=option; default in brackets):")
+        for g, d in groups.items():
+            opts = sorted(p.stem for p in (cdir / g).glob("*.yaml")) if (cdir / g).is_dir() else []
+            lines.append(f"  {g:<12} [{d}]  {' | '.join(opts)}")
+        lines.append("")
+    lines += [f"fields: `sphere {name} --cfg job` prints the composed config; each field is documented in "
+              f"conf/{config_name}.yaml and the files it composes ({cdir}).",
+              "common: hydra.run.dir=DIR (where outputs go; rerun the same command to resume), "
+              "verbose=true (third-party INFO logs), -m (multirun sweep).",
+              f"Hydra's own flags: sphere {name} --hydra-help"]
+    return "\n".join(lines)
 
 
 def _match(argv: list[str], table: dict) -> tuple[tuple[str, ...], list[str]] | None:
@@ -81,6 +160,44 @@ def _load(target: str):
     return getattr(importlib.import_module(mod), fn)
 
 
+def _verbose(args: list[str]) -> bool:
+    return any(a.lower() in ("verbose=true", "verbose=1", "+verbose=true") for a in args)
+
+
+def quiet_third_party(verbose: bool) -> None:
+    """Third-party libraries log at WARNING unless ``verbose=true`` (vLLM's ~100 start-up INFO lines, HF
+    progress chatter); sphere's own progress lines are unaffected. Environment settings the user made win."""
+    if verbose:
+        return
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DATASETS_VERBOSITY", "error")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    import logging
+
+    for name in ("vllm", "transformers", "datasets", "ray", "urllib3", "httpx", "filelock", "torch"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _task(fn, verbose: bool):
+    """The Hydra task: ``fn(cfg)`` with sphere's process-wide settings applied first."""
+    import functools
+
+    @functools.wraps(fn)  # Hydra names the job after the wrapped function's module
+    def task(cfg):
+        import logging
+
+        quiet_third_party(verbose)
+        if verbose:
+            logging.getLogger().setLevel(logging.INFO)
+        return fn(cfg)
+
+    return task
+
+
+INTERRUPTED = "sphere: interrupted; rerun the same command (same hydra.run.dir) to resume"
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -88,6 +205,16 @@ def main(argv: list[str] | None = None) -> None:
         return
     # Keep tokenizers/torch from oversubscribing small machines unless the user chose otherwise.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        _dispatch(argv)
+    except KeyboardInterrupt:
+        # one line, no 100-line torch traceback; the outputs written so far are durable (resume works)
+        print(f"\n{INTERRUPTED}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(130)  # skip atexit handlers of half-stopped engines, which print their own tracebacks
+
+
+def _dispatch(argv: list[str]) -> None:
     m = _match(argv, PLAIN_COMMANDS)
     if m is not None:
         key, rest = m
@@ -99,13 +226,18 @@ def main(argv: list[str] | None = None) -> None:
     key, rest = m
     config_name, target = HYDRA_COMMANDS[key]
     cdir = conf_dir()
+    if any(a in ("-h", "--help") for a in rest):
+        print(command_help(key, cdir))
+        return
     rest = rewrite_model_override(rest, cdir)
+    verbose = _verbose(rest)
+    quiet_third_party(verbose)
     fn = _load(target)
 
     import hydra
 
     sys.argv = ["sphere-" + "-".join(key), *rest]
-    hydra.main(version_base="1.3", config_path=str(cdir), config_name=config_name)(fn)()
+    hydra.main(version_base="1.3", config_path=str(cdir), config_name=config_name)(_task(fn, verbose))()
 
 
 if __name__ == "__main__":

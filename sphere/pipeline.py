@@ -28,14 +28,14 @@ from sphere.io import atomic_write_json, atomic_write_text
 
 def _eval_round(cfg: DictConfig, backend: Any, rdir: Path, policy: str, logger: Any, r: int,
                 family: dict | None = None) -> dict:
-    from sphere.evaluation.harness import run_eval, settings_from_config
+    from sphere.evaluation.harness import expand_benchmarks, run_eval, settings_from_config
     from sphere.prompts import family_config
 
     # eval.n samples per problem (1 = greedy pass@1), not the search's sampling.n
     ev = OmegaConf.to_container(cfg.eval, resolve=True)
     samp = {**OmegaConf.to_container(cfg.sampling, resolve=True), "n": int(ev.pop("n", 1))}
     ecfg = OmegaConf.create({"sampling": samp, "seed": int(cfg.seed), **ev})
-    res = run_eval(backend, list(cfg.eval.benchmarks), rdir, data_dir=cfg.paths.data_dir,
+    res = run_eval(backend, expand_benchmarks(cfg.eval.benchmarks), rdir, data_dir=cfg.paths.data_dir,
                    limit=cfg.eval.limit, settings=settings_from_config(ecfg),
                    family_cfg=family or family_config(cfg),
                    model_name=policy, progress=cfg.eval.get("progress"))
@@ -101,7 +101,7 @@ def plan(cfg: DictConfig) -> dict:
         "scorer": str(cfg.scorer.name),
         "train": {"lora": bool(cfg.train.lora.enabled) if "lora" in cfg.train else None,
                   "loss": OmegaConf.to_container(cfg.train.loss, resolve=True) if "loss" in cfg.train else None},
-        "eval": {"benchmarks": list(cfg.eval.benchmarks), "limit": cfg.eval.limit},
+        "eval": {"benchmarks": expand_benchmarks(cfg.eval.benchmarks), "limit": cfg.eval.limit},
         "estimate_per_round_stage1": est,
     }
 
@@ -111,8 +111,12 @@ def validate_run_config(cfg: DictConfig) -> None:
         raise ValueError(f"config rounds={cfg.rounds}: allowed an integer >= 0")
     if cfg.model.get("train_target") and int(cfg.rounds) != 1:
         raise ValueError(f"config rounds={cfg.rounds}: a transfer run (model.train_target set) has exactly 1 round")
-    if not list(cfg.eval.benchmarks):
-        raise ValueError("config eval.benchmarks is empty: list at least one benchmark")
+    from sphere.data.benchmarks import benchmark_key, load_benchmark
+    from sphere.evaluation.harness import expand_benchmarks
+
+    for name in expand_benchmarks(cfg.eval.benchmarks):  # empty, unknown or missing: fail before any work
+        benchmark_key(name)
+        load_benchmark(name, cfg.paths.data_dir, cfg.eval.limit)
     if int(cfg.rounds) > 0:  # the generate settings too, before round 0 spends time (issue #11)
         from sphere.generate.run import validate_generate_config
 

@@ -214,7 +214,9 @@ def test_ensure_mini_model_trains_into_cache_when_nothing_is_shipped(tmp_path, m
     from omegaconf import OmegaConf
 
     cfg = OmegaConf.create({"paths": {"cache_dir": str(tmp_path / "cache")}})
-    d = mini.ensure_mini_model(cfg, "policy", progress=False)
+    with pytest.raises(FileNotFoundError, match=r"sphere pretrain-mini mini=policy save_to=.*mini-tiny-"):
+        mini.ensure_mini_model(cfg, "policy", progress=False)  # never a silent long job
+    d = mini.ensure_mini_model(cfg, "policy", progress=False, build=True)
     assert d.parent == tmp_path / "cache" / "mini" and d.name.startswith("mini-tiny-")
     assert verify_checkpoint(d) == []
     mtime = (d / "model.safetensors").stat().st_mtime

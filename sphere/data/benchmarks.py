@@ -48,11 +48,14 @@ PAPER_BENCHMARKS = ("math500", "gsm8k", "aime24", "aime25", "amc23", "olympiadbe
 
 
 def default_data_dir() -> Path:
-    """``$SPHERE_DATA_DIR`` if set, else the copies shipped in the repository (``data/benchmarks``)."""
+    """``$SPHERE_DATA_DIR`` if set, else the shipped copies (``data/benchmarks`` of the checkout or of the
+    installed package, ``sphere.resources``)."""
     env = os.environ.get("SPHERE_DATA_DIR")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parents[2] / "data" / "benchmarks"
+    from sphere.resources import resource_path
+
+    return resource_path("data/benchmarks", must_exist=False)
 
 
 def _is_path(name: str) -> bool:

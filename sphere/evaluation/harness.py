@@ -61,8 +61,11 @@ class EvalSettings:
                               max_tokens=self.max_tokens, seed=self.seed, stop=None)
 
 
-def expand_benchmarks(names: Sequence[str]) -> list[str]:
-    """``all`` -> the six paper benchmarks; duplicates removed, order kept."""
+def expand_benchmarks(names: Sequence[str] | str) -> list[str]:
+    """``all`` -> the six paper benchmarks; duplicates removed, order kept. A single name (``benchmarks=mini``
+    on the command line arrives as a string) is a one-element list, never a list of its letters."""
+    if isinstance(names, str):
+        names = [x.strip() for x in names.split(",") if x.strip()]
     out: list[str] = []
     for nm in names:
         for x in (PAPER_BENCHMARKS if nm == "all" else (str(nm),)):
@@ -318,6 +321,11 @@ def evaluate(cfg, out_dir: str | Path, backend=None) -> dict:
     from omegaconf import OmegaConf
 
     backend_name = OmegaConf.select(cfg, "backend.name", default=None)
+    benchmarks = expand_benchmarks(cfg.benchmarks)
+    data_dir = OmegaConf.select(cfg, "paths.data_dir", default=None)
+    for name in benchmarks:  # unknown names and missing files fail before any engine starts
+        benchmark_key(name)
+        load_benchmark(name, data_dir, cfg.get("limit"))
     own = backend is None
     family_cfg = None
     extra: dict = {}
@@ -341,9 +349,9 @@ def evaluate(cfg, out_dir: str | Path, backend=None) -> dict:
     try:
         results = run_eval(
             backend,
-            list(cfg.benchmarks),
+            benchmarks,
             out_dir,
-            data_dir=OmegaConf.select(cfg, "paths.data_dir", default=None),
+            data_dir=data_dir,
             limit=cfg.get("limit"),
             settings=settings_from_config(cfg),
             family_cfg=family_cfg,

@@ -32,8 +32,11 @@ def repo_root() -> Path:
 
 
 def assets_dir() -> Path:
-    """Where shipped checkpoints live: ``<repo>/assets/mini`` (editable install / source checkout)."""
-    return repo_root() / "assets" / "mini"
+    """Where shipped mini checkpoints live: ``<repo>/assets/mini`` in a checkout, the packaged copy in an
+    installed wheel (``sphere.resources``)."""
+    from sphere.resources import resource_path
+
+    return resource_path("assets/mini", must_exist=False)
 
 
 def load_recipe(which: str) -> dict:
@@ -81,13 +84,15 @@ def _which_of(cfg, which: str | None) -> str:
     return which
 
 
-def ensure_mini_model(cfg=None, which: str = "policy", progress: bool = True) -> Path:
+def ensure_mini_model(cfg=None, which: str = "policy", progress: bool = True, build: bool = False) -> Path:
     """A local HF checkpoint directory of the mini ``which`` model ("policy"/"mini" or "small"/"mini-small").
 
     Returns the shipped ``assets/mini/<name>`` when it is complete and its weights match recipe.json;
     otherwise the cached ``<cfg.paths.cache_dir>/mini/<name>-<recipe hash>``, training it there first with
-    the recipe of conf/mini/<which>.yaml (a few minutes on one CPU core). A half-written cache entry is
-    never returned: training writes to a temporary directory that is renamed when complete."""
+    the recipe of conf/mini/<which>.yaml. Training (15-25 minutes on 2 CPU cores) only happens with
+    ``build=True``; otherwise a missing model is an error naming the command that builds it, never a silent
+    long job. A half-written cache entry is never returned: training writes to a temporary directory that
+    is renamed when complete."""
     import hashlib
     import json
     import os
@@ -98,11 +103,9 @@ def ensure_mini_model(cfg=None, which: str = "policy", progress: bool = True) ->
     recipe = load_recipe(which)
     name = recipe["name"]
     shipped = assets_dir() / name
-    if shipped.is_dir():
-        problems = verify_checkpoint(shipped)
-        if not problems:
-            return shipped
-        log.warning("shipped mini checkpoint unusable (%s); training it from the recipe", "; ".join(problems))
+    problems = verify_checkpoint(shipped) if shipped.is_dir() else [f"{shipped}: not shipped"]
+    if not problems:
+        return shipped
     cache_root = None
     if cfg is not None:
         try:
@@ -115,6 +118,14 @@ def ensure_mini_model(cfg=None, which: str = "policy", progress: bool = True) ->
     target = cache_root / "mini" / f"{name}-{key}"
     if target.is_dir() and not verify_checkpoint(target):
         return target
+    if not build:
+        from sphere.models import ModelNotFoundError
+
+        raise ModelNotFoundError(
+            f"the mini {which} model {name!r} is not usable ({'; '.join(problems)}) and not in the cache "
+            f"({target}). Build it once (15-25 min on 2 CPU cores): "
+            f"`sphere pretrain-mini mini={which} save_to={target}`"
+        )
     from sphere.mini.pretrain import pretrain
 
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -782,7 +782,7 @@ def evaluate(
     if OmegaConf.select(cfg, "backend.name", default=None) == "replay":  # grading stored text: no model
         return evaluate_local(cfg, out_dir)
     settings = settings_from_config(cfg)
-    names = expand_benchmarks(list(cfg.benchmarks))
+    names = expand_benchmarks(cfg.benchmarks)
     data_dir = OmegaConf.select(cfg, "paths.data_dir", default=None)
     limit = cfg.get("limit")
     loaded = [(n, load_benchmark(n, data_dir, limit)) for n in names]
@@ -872,7 +872,7 @@ def evaluate(
     # the harness's own summary and writers, over the records the actors produced
     results = run_eval(
         _FinishedRecords(sig["backend_name"], backend_stats),
-        list(cfg.benchmarks),
+        expand_benchmarks(cfg.benchmarks),
         out_dir,
         data_dir=data_dir,
         limit=limit,
