@@ -9,7 +9,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
-PY=${PYTHON:-$ROOT/.venv/bin/python}
+PY=${PYTHON:-${SPHERE_VENV:-$ROOT/.venv}/bin/python}
 BUILD=${SPHERE_ASAN_BUILD:-$ROOT/build/asan}
 STAGE=$BUILD/stage
 fail() { echo "asan_engine_tests: FAIL ($1)"; exit 1; }

@@ -73,6 +73,8 @@ def summary_markdown(rounds: list[dict]) -> str:
 
 def plan(cfg: DictConfig) -> dict:
     """What a run would do, without loading any model (dry runs)."""
+    from sphere.data.training import describe_source
+    from sphere.evaluation.harness import expand_benchmarks
     from sphere.generate.run import count_problems, validate_generate_config
     from sphere.search.driver import estimate_backend_calls, validate_search_config
 
@@ -93,6 +95,7 @@ def plan(cfg: DictConfig) -> dict:
         "problems": n,
         "data": OmegaConf.to_container(cfg.data.problems, resolve=True)
         if OmegaConf.is_config(cfg.data.problems) else str(cfg.data.problems),
+        "data_source": describe_source(cfg.data),  # which pools data.problems reads, and why
         "stages": {"1": True, "2": bool(cfg.stages.stage2), "3": bool(cfg.stages.stage3)},
         "search": {"mode": str(cfg.search.mode), "E": int(cfg.search.expansions),
                    "E_small": int(cfg.search.expansions) * int(cfg.stages.small_expansions_factor),
@@ -130,6 +133,7 @@ def run(cfg: DictConfig, out: Path) -> dict:
     from sphere.models import resolve_model
     from sphere.progress import StageProgress
     from sphere.rewards import make_scorer
+    from sphere.rundir import check_generate
     from sphere.train.dpo import train_dpo
     from sphere.verify import check_answers
 
@@ -162,6 +166,7 @@ def run(cfg: DictConfig, out: Path) -> dict:
                 print(f"[sphere run] round {r} eval: " + ", ".join(
                     f"{b} {100 * v['accuracy']:.1f}%" for b, v in rec["eval"].items()), flush=True)
                 if r < R:
+                    check_generate(cfg, out / f"round_{r + 1}" / "generate", policy, small)  # signature.json
                     gen = Generator(cfg, out / f"round_{r + 1}" / "generate", logger=logger)
                     scorer = make_scorer(cfg, backend=backend)
                     holder: dict = {}
@@ -214,6 +219,7 @@ def run_transfer(cfg: DictConfig, out: Path, target_name: str) -> dict:
     from sphere.models import resolve_model
     from sphere.prompts import load_family
     from sphere.rewards import make_scorer
+    from sphere.rundir import check_generate
     from sphere.train.dpo import train_dpo
     from sphere.verify import check_answers
 
@@ -236,6 +242,7 @@ def run_transfer(cfg: DictConfig, out: Path, target_name: str) -> dict:
         _write_summary(out, rounds)
         t0 = time.perf_counter()
         gdir = out / "round_1" / "generate"
+        check_generate(cfg, gdir, policy, small)  # signature.json (sphere/rundir.py)
         pb = make_backend(cfg, policy)
         try:
             gen = Generator(cfg, gdir, logger=logger)

