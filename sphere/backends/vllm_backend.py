@@ -99,6 +99,34 @@ def engine_kwargs(
     return kw
 
 
+def model_max_positions(path: str | Path) -> int | None:
+    """``max_position_embeddings`` of a local HF model directory (None when it does not say)."""
+    import json
+
+    try:
+        cfg = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    cfg = cfg.get("text_config", cfg)
+    v = cfg.get("max_position_embeddings")
+    return int(v) if isinstance(v, int) and v > 0 else None
+
+
+def clamp_max_model_len(path: str | Path, want: int | None) -> int | None:
+    """The context window to ask vLLM for: ``backend.max_model_len`` sized for the paper models (32k for
+    Qwen2.5-7B) but never past what the model supports, so one experiment config serves the real models and
+    small stand-ins; a clamp is logged at WARNING."""
+    have = model_max_positions(path)
+    if want and have and int(want) > have:
+        import logging
+
+        logging.getLogger(__name__).warning(
+            "backend.max_model_len=%d exceeds %s's max_position_embeddings=%d; using %d", int(want), path, have,
+            have)
+        return have
+    return want
+
+
 def get_engine(model_path: str, **kw):
     """The process-wide engine for (model_path, kw); created on first use. Pair with ``release_engine``."""
     key = (str(model_path), tuple(sorted((k, repr(v)) for k, v in kw.items())))
@@ -163,6 +191,7 @@ class VLLMBackend(BackendBase):
 
         self._TokensPrompt = TokensPrompt
         self.model_path = str(path)
+        engine_cfg["max_model_len"] = clamp_max_model_len(path, engine_cfg.get("max_model_len"))
         self.engine_kw = engine_kwargs(**engine_cfg)
         self.llm, self._key = get_engine(self.model_path, **self.engine_kw)
         self.tokenizer = self.llm.get_tokenizer()

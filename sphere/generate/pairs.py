@@ -46,6 +46,53 @@ def solution_text(t: Trajectory, delimiter: str) -> str:
     return delimiter.join(t.steps)
 
 
+# ------------------------------------------------------------------------ picking a stage's solution
+def prm_rank(t: Trajectory) -> tuple[float, float]:
+    """How plausible the step scorer finds a solution: its last step's raw score (the PRM's judgement of the
+    whole solution so far), then its weakest step. Not the outcome-replaced engine value: with
+    ``search.outcome: replace`` every terminal's value is 1 or 0, and ranking by it is ranking by node id."""
+    if not t.scores:
+        return (float("-inf"), float("-inf"))
+    return (float(t.scores[-1]), float(min(t.scores)))
+
+
+def has_final_answer(t: Trajectory, delimiter: str = "\n\n") -> bool:
+    """Whether the solution states a final answer (a closed ``\\boxed{}``)."""
+    from sphere.backends.base import has_boxed_answer
+
+    return has_boxed_answer(solution_text(t, delimiter))
+
+
+# Phrases by which a solution written under the reflection prompt refers to the attempt it was shown. When the
+# pair is trained on the plain problem prompt (stages.stage2_prompt_with_attempt: false), such a chosen text
+# refers to something its prompt never shows.
+_ATTEMPT_REFS = (
+    r"\b(the|this|that|your|my) (previous |given |above |original |earlier |attempted |first |provided )?"
+    r"(attempt|attempted solution|solution above|solution to review)\b",
+    r"\b(the|this) (previous|given|above|original|earlier|attempted|provided) solution\b",
+    r"\b(first )?incorrect step\b", r"\bthe (mistake|error) (is|was|in|occurs)\b",
+    r"\bcorrected solution\b", r"\bre-?view(ing)? (the|this) solution\b",
+)
+
+
+def mentions_attempt(text: str) -> bool:
+    import re
+
+    return any(re.search(p, text, flags=re.IGNORECASE) for p in _ATTEMPT_REFS)
+
+
+def pick_solution(extreme: Trajectory | None, pool: list[Trajectory], ok, *, best: bool = True
+                  ) -> Trajectory | None:
+    """The search's own extreme (Sol_max) when it qualifies (``ok``), else the best (``best``) or worst
+    qualifying terminal by ``prm_rank``; None when nothing qualifies."""
+    if extreme is not None and ok(extreme):
+        return extreme
+    cands = [t for t in pool if ok(t)]
+    if not cands:
+        return None
+    return max(cands, key=prm_rank) if best else min(cands, key=prm_rank)
+
+
 # difflib is quadratic: two 32 KB texts take over a minute, two 1 MB ones hours (tests/test_adversarial.py),
 # and long chain-of-thought solutions are that long. Above this product of lengths the common prefix and
 # suffix are matched first; a middle still too long for character-level difflib is matched line by line

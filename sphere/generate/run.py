@@ -29,7 +29,15 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from sphere.generate.pairs import PairFilter, filter_pairs, make_pair, solution_text
+from sphere.generate.pairs import (
+    PairFilter,
+    filter_pairs,
+    has_final_answer,
+    make_pair,
+    mentions_attempt,
+    pick_solution,
+    solution_text,
+)
 from sphere.io import JsonlAppender, atomic_write_json, atomic_write_text, read_jsonl_tolerant
 from sphere.search.driver import SearchDriver, SearchJob, SearchResult, Trajectory
 
@@ -99,6 +107,10 @@ def count_problems(dcfg: Any, seed: int) -> int:
             n += int(dcfg.mini_n)
         elif src.startswith("hf:"):
             n += int(dcfg.get("hf_expected_size") or 0)
+        elif src == "training" or src.startswith(("numina:", "metamath:")):  # sphere/data/training.py
+            from sphere.data.training import count_source
+
+            n += count_source(src, dcfg, seed)
         else:
             path = Path(str(dcfg.data_dir)) / _NAMED[src] if src in _NAMED else Path(src)
             if not path.is_file():
@@ -116,6 +128,10 @@ def _load_source(src: str, dcfg: Any, seed: int, limit: int | None) -> list[dict
         return training_problems(n, seed=int(dcfg.mini_seed) + seed)
     from sphere.data.benchmarks import load_problems_jsonl
 
+    if src == "training" or src.startswith(("numina:", "metamath:")):  # NuminaMath / MetaMathQA pools
+        from sphere.data.training import load_source
+
+        return load_source(src, dcfg, seed, limit)
     if src in _NAMED:
         return load_problems_jsonl(Path(str(dcfg.data_dir)) / _NAMED[src], limit=limit)
     if src.startswith("hf:"):
@@ -296,12 +312,18 @@ class Generator:
                         counts["done"] += 1
                 elif stage == 2:
                     attempt: Trajectory = res.job.meta["attempt"]
-                    corrected = [t for t in res.terminals if t.correct]
+                    plain = not st_cfg.stage2_prompt_with_attempt
+                    drop_refs = plain and bool(cfg.filters.get("stage2_drop_attempt_refs", True))
+
+                    def ok2(t: Trajectory) -> bool:  # a correct solution its pair prompt can stand behind
+                        return t.correct and not (drop_refs and mentions_attempt(self.delim.join(t.steps)))
+
+                    # the correction search's best correct solution: its Sol_max when correct, else the
+                    # correct terminal the step scorer ranks highest
+                    best = pick_solution(res.sol_max, res.terminals, ok2, best=True)
                     pairs = []
-                    if corrected and not attempt.correct:
-                        best = max(corrected, key=lambda t: t.value)
-                        prompt = self._pair_prompt(tok, p, attempt if st_cfg.stage2_prompt_with_attempt
-                                                   else None)
+                    if best is not None and not attempt.correct:
+                        prompt = self._pair_prompt(tok, p, None if plain else attempt)
                         pairs.append(make_pair(stage=2, problem=p, prompt=prompt, chosen=best,
                                                rejected=attempt, delimiter=self.delim,
                                                chosen_model=policy_name, rejected_model=policy_name,
@@ -331,10 +353,16 @@ class Generator:
                     p = res.job.problem
                     r1 = res.job.meta["rec1"]
                     chosen = traj_from_dict(r1["sol_max"])
-                    wrong = [t for t in res.terminals if not t.correct]
+                    need_answer = bool(cfg.filters.get("stage3_rejected_needs_answer", True))
+
+                    def ok3(t: Trajectory) -> bool:  # a plausible wrong solution: wrong, with a final answer
+                        return not t.correct and (not need_answer or has_final_answer(t, self.delim))
+
+                    # the small model's most plausible wrong solution: its Sol_max when wrong, else the wrong
+                    # terminal the step scorer ranks highest
+                    rej = pick_solution(res.sol_max, res.terminals, ok3, best=True)
                     pairs = []
-                    if wrong and chosen is not None and chosen.correct:
-                        rej = max(wrong, key=lambda t: t.value)  # the most plausible wrong solution
+                    if rej is not None and chosen is not None and chosen.correct:
                         pairs.append(make_pair(stage=3, problem=p, prompt=self._pair_prompt(tok, p),
                                                chosen=chosen, rejected=rej, delimiter=self.delim,
                                                chosen_model=policy_name, rejected_model=small_name,
@@ -408,8 +436,18 @@ class Generator:
                     continue
                 seen.add(r["problem_id"])
                 all_pairs.extend(r["pairs"])
-                for t in r["terminals"]:
-                    traj_lines.append({"problem_id": r["problem_id"], "stage": s, **t})
+                # one line per distinct trajectory of the record, with every role it plays (Sol_max and
+                # Sol_min are terminals too, and may be the same trajectory)
+                lines: dict[str, dict] = {}
+                tagged = [("sol_max", r.get("sol_max")), ("sol_min", r.get("sol_min"))]
+                for role, t in [*tagged, *(("terminal", t) for t in r["terminals"])]:
+                    if t is None:
+                        continue
+                    line = lines.setdefault(json.dumps(t, sort_keys=True),
+                                            {"problem_id": r["problem_id"], "stage": s, **t, "roles": []})
+                    if role not in line["roles"]:
+                        line["roles"].append(role)
+                traj_lines.extend(lines.values())
         kept, drops = filter_pairs(all_pairs, PairFilter.from_cfg(cfg.filters))
         atomic_write_text(self.out / "pairs.jsonl",
                           "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in kept))
@@ -492,8 +530,11 @@ def main(cfg: DictConfig) -> float:
     from sphere.verify import check_answers
 
     out = Path(HydraConfig.get().runtime.output_dir)
+    from sphere.rundir import check_generate
     from sphere.scale.ray_runner import main_generate, runner_name
 
+    validate_generate_config(cfg)
+    check_generate(cfg, out)  # signature.json: refuse to resume outputs of other settings (resume=...)
     if runner_name(cfg) == "ray":  # runner=ray: Ray actors (sphere/scale/ray_runner.py)
         return main_generate(cfg, out)
     validate_generate_config(cfg)

@@ -37,6 +37,20 @@ from sphere.engine import EngineConfig, make_forest
 from sphere.rewards.base import combine_outcome, shape_rewards
 
 
+_CONTEXT_END = "context_end"  # finish of the placeholder candidate of a leaf whose prompt fills the window
+
+
+def _value_rank(t: Trajectory) -> tuple[float, float]:
+    return (t.value, t.scores[-1] if t.scores else float("-inf"))
+
+
+def _context_end():
+    from sphere.backends.base import Candidate
+
+    return Candidate(text="", token_ids=[], logprob_sum=0.0, logprob_mean=0.0, finish=_CONTEXT_END,
+                     token_logprobs=[])
+
+
 @dataclass
 class SearchJob:
     """One tree to grow. ``prompt_steps`` are fixed steps that precede the search (none usually)."""
@@ -86,6 +100,7 @@ class SearchStats:
     verify_s: float = 0.0
     collisions: int = 0
     pruned: int = 0
+    context_ends: int = 0  # chains ended because their prompt filled the backend's context window
 
     def as_dict(self, batch_leaves: int) -> dict:
         d = dict(self.__dict__)
@@ -205,15 +220,24 @@ class SearchDriver:
         last = pls[-1] if pls else 0
         fin = self.step_finish[last] if pls else ""
         val = float(self.forest.value(path_nodes[-1:])[0]) if len(path_nodes) else 0.0
+        correct = bool(self.step_correct[last]) if pls else False
+        keep = len(pls)
+        if pls and self.steps[last] == "" and fin == "length":  # a context end: not a step of the solution
+            keep -= 1
         return Trajectory(
-            steps=[self.steps[p] for p in pls],
-            correct=bool(self.step_correct[last]) if pls else False,
+            steps=[self.steps[p] for p in pls[:keep]],
+            correct=correct,
             value=val,
-            rewards=[float(r) for r in rewards],
-            scores=[float(self.step_score[p]) for p in pls],
+            rewards=[float(r) for r in rewards[:keep]],
+            scores=[float(self.step_score[p]) for p in pls[:keep]],
             finish=fin,
             nodes=[int(n) for n in path_nodes],
         )
+
+    def _fits(self, prompt: list[int]) -> bool:
+        """Whether the backend can still generate after ``prompt`` (one token at least)."""
+        max_len = getattr(self.backend, "max_model_len", None)
+        return not max_len or len(prompt) + 1 <= int(max_len)
 
     # ------------------------------------------------------------------ main loop
     def run(
@@ -275,15 +299,21 @@ class SearchDriver:
                 path_payloads.append(pls)
                 prompts.append(self._prompt_for(live[root]["job"], pls))
 
-            # ---- one backend call for every selected leaf
+            # ---- one backend call for every selected leaf whose prompt still fits the context window;
+            # a chain whose prompt no longer fits ends there (finish="length", graded as it is)
             t0 = time.perf_counter()
             sp.seed = self.seed * 1_000_003 + round_idx
+            fits = [self._fits(p) for p in prompts]
+            send = [p for p, ok in zip(prompts, fits) if ok]
             try:
-                cands = self.backend.next_steps(prompts, sp)
+                got = self.backend.next_steps(send, sp) if send else []
             except Exception:
                 if self.mode != "paper":  # failed request: remove the virtual loss, keep the trees intact
                     f.cancel(leaves_arr)
                 raise
+            it = iter(got)
+            cands = [next(it) if ok else [_context_end()] for ok in fits]
+            self.stats.context_ends += fits.count(False)
             self.stats.backend_s += time.perf_counter() - t0
             self.stats.backend_calls += 1
             self.stats.leaves += len(prompts)
@@ -303,7 +333,12 @@ class SearchDriver:
                     owners.append(i)
                     self.stats.candidates += 1
                     self.stats.tokens += len(c.token_ids)
-            scores = self.scorer.score(items) if items else []
+            forced = [c.finish == _CONTEXT_END for cl in cands for c in cl]
+            scored = self.scorer.score([x for x, e in zip(items, forced) if not e]) if items else []
+            it = iter(scored)
+            # a context end adds no step: it keeps its parent's score (zero advantage)
+            scores = [[self.step_score[path_payloads[owners[j]][-1]] if path_payloads[owners[j]] else 0.0]
+                      if e else next(it) for j, e in enumerate(forced)]
             self.stats.scorer_s += time.perf_counter() - t0
 
             t0 = time.perf_counter()
@@ -313,10 +348,10 @@ class SearchDriver:
             to_check = []
             for j, c in enumerate(flat):
                 d = depth_of_leaf[owners[j]] + 1
-                term = c.finish in ("answer", "eos") or d >= int(scfg.max_depth)
+                term = c.finish in ("answer", "eos", _CONTEXT_END) or d >= int(scfg.max_depth)
                 terminal.append(term)
                 if term:
-                    full = self.delim.join([*items[j][1]])
+                    full = self.delim.join([x for x in items[j][1] if x or c.finish != _CONTEXT_END])
                     to_check.append((j, full, live[sel_roots[owners[j]]]["job"].problem["answer"]))
             verdicts = {}
             if to_check:
@@ -346,8 +381,11 @@ class SearchDriver:
                 self.steps.append(c.text)
                 self.step_score.append(last)
                 d = depth_of_leaf[i] + 1
-                self.step_finish.append(c.finish if c.finish in ("answer", "eos") or d < int(scfg.max_depth)
-                                        else "depth")
+                if c.finish == _CONTEXT_END:
+                    self.step_finish.append("length")
+                else:
+                    self.step_finish.append(c.finish if c.finish in ("answer", "eos") or d < int(scfg.max_depth)
+                                            else "depth")
                 self.step_correct.append(bool(verdicts.get(j, False)))
                 payloads.append(pid)
                 rewards.append(r)
@@ -510,8 +548,9 @@ class SearchDriver:
             smax = self._trajectory(pmax) if len(pmax) > 1 else None
             smin = self._trajectory(pmin) if len(pmin) > 1 else None
         else:
-            smax = max(terms, key=lambda t: t.value) if terms else None
-            smin = min(terms, key=lambda t: t.value) if terms else None
+            # by value, ties (outcome-replaced values are 1/0) broken by the step scorer's last score
+            smax = max(terms, key=_value_rank) if terms else None
+            smin = min(terms, key=_value_rank) if terms else None
         snap = self.tree_snapshot(root) if st["job"].meta.get("snapshot") else None
         return SearchResult(
             job=st["job"],
