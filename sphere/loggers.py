@@ -8,8 +8,10 @@ job (named ``<job>-<job number>``, with the job's overrides as run notes) groupe
 Metric names are namespaced by the caller (``search/``, ``gen/``, ``train/``, ``eval/``).
 
 The API key is never logged: wandb reads it from the environment itself, and the resolved config we
-log has every secret-looking key (``api_key``, ``token``, ``secret``, ``password``) and every value equal
-to a secret-looking environment variable replaced by ``***``. ``read_offline_run`` reads an offline run
+log has every secret by key name (``is_secret_key``: ``api_key``, ``token``, ``*_token``, ``secret``,
+``password``, ``WANDB_API_KEY``, ``HF_TOKEN``, ... but not counts such as ``max_step_tokens``), every
+secret-shaped value (``is_secret_value``: a 40-hex W&B key, ``hf_...``, ``sk-...``, ``ghp_...``, ``AKIA...``)
+and every value containing a secret environment variable's value replaced by ``***``. ``read_offline_run`` reads an offline run
 back (the tests use it to check what was recorded).
 """
 
@@ -23,29 +25,77 @@ import sys
 from pathlib import Path
 from typing import Any
 
-_SECRET = re.compile(r"(api[_-]?key|token|secret|password|passwd|credential)", re.I)
 MODES = ("auto", "online", "offline", "disabled")
+
+# Secrets by key name, matched on the key's last segments (split at `.`, `_`, `-`), never by substring:
+# `token`, `hf_token`, `WANDB_API_KEY`, `client_secret`, `db_password` are secrets; `max_step_tokens`,
+# `tokenizer`, `token_budget` and a tokenizer's `eos_token` are not.
+_SECRET_WORDS = {"token", "secret", "password", "passwd", "passphrase", "credential", "credentials",
+                 "apikey", "authorization", "cookie"}
+_SECRET_PAIRS = {("api", "key"), ("access", "key"), ("secret", "key"), ("private", "key"), ("auth", "key"),
+                 ("client", "secret"), ("session", "key"), ("signing", "key")}
+# `<x>_token` keys that name a tokenizer's special token, not a credential
+_SPECIAL_TOKENS = {"pad", "eos", "bos", "unk", "sep", "cls", "mask", "reward", "step", "stop", "start", "end",
+                   "special", "image", "audio", "think", "answer"}
+# Secrets by value shape (whole value, or one word of a longer string for the prefixed kinds)
+_SECRET_VALUE = re.compile(
+    r"(?<![A-Za-z0-9_-])(hf_[A-Za-z0-9]{30,}|sk-[A-Za-z0-9_-]{20,}|gh[pousr]_[A-Za-z0-9]{30,}"
+    r"|github_pat_[A-Za-z0-9_]{30,}|xox[abpr]-[A-Za-z0-9-]{20,}|AKIA[0-9A-Z]{16})(?![A-Za-z0-9_-])")
+_HEX40 = re.compile(r"[0-9a-fA-F]{40}")  # a W&B API key (also a git commit id: see _HASH_KEY)
+_HASH_KEY = re.compile(r"(sha\d*|hash|digest|revision|commit|checksum)$", re.I)
+
+
+def _key_words(key: str) -> list[str]:
+    last = str(key).lstrip("+~").rsplit(".", 1)[-1]
+    return [w for w in re.split(r"[_\-\s]+", last.lower()) if w]
+
+
+def is_secret_key(key: Any) -> bool:
+    """A config key or environment variable name that holds a secret (see ``_SECRET_WORDS``)."""
+    words = _key_words(str(key))
+    if not words:
+        return False
+    if words[-1] in _SECRET_WORDS:
+        if words[-1] == "token" and len(words) >= 2 and words[-2] in _SPECIAL_TOKENS:
+            return False
+        return True
+    return len(words) >= 2 and (words[-2], words[-1]) in _SECRET_PAIRS
+
+
+def is_secret_value(value: Any, key: Any = "") -> bool:
+    """A string shaped like a credential: a 40-hex W&B key (unless its key names a hash or revision), an
+    ``hf_``, ``sk-``, ``ghp_``, ``github_pat_``, Slack or AWS access key anywhere in it."""
+    if not isinstance(value, str):
+        return False
+    v = value.strip()
+    if _HEX40.fullmatch(v) and not _HASH_KEY.search(str(key)):
+        return True
+    return _SECRET_VALUE.search(v) is not None
 
 
 def _secret_env_values() -> set[str]:
-    """Values of environment variables whose names look secret (WANDB_API_KEY, HF_TOKEN, ...)."""
-    return {v for k, v in os.environ.items() if _SECRET.search(k) and len(v) >= 8}
+    """Values of environment variables whose names are secrets (WANDB_API_KEY, HF_TOKEN, ...)."""
+    return {v for k, v in os.environ.items() if is_secret_key(k) and len(v) >= 8}
 
 
-def redact(obj: Any, _secrets: set[str] | None = None) -> Any:
-    """A copy of a config dict with secret-looking keys, and values equal to (or containing) a secret
-    environment variable's value, replaced by '***'."""
+def redact(obj: Any, _secrets: set[str] | None = None, _key: Any = "") -> Any:
+    """A copy of a config dict (or override list) with secrets replaced by '***': values under secret
+    key names (``is_secret_key``), secret-shaped values (``is_secret_value``) and values containing a
+    secret environment variable's value. Other keys and values are kept as they are."""
     secrets = _secret_env_values() if _secrets is None else _secrets
     if isinstance(obj, dict):
-        return {k: ("***" if _SECRET.search(str(k)) else redact(v, secrets)) for k, v in obj.items()}
+        return {k: ("***" if is_secret_key(k) and obj[k] is not None else redact(v, secrets, k))
+                for k, v in obj.items()}
     if isinstance(obj, list | tuple):
-        return [redact(v, secrets) for v in obj]
+        return [redact(v, secrets, _key) for v in obj]
     if isinstance(obj, str):
-        if any(s in obj for s in secrets):
+        key, eq, val = obj.partition("=")  # a command-line override: backend.api_key=...
+        if eq and re.fullmatch(r"[+~]{0,2}[\w.@/-]+", key):
+            if is_secret_key(key) or is_secret_value(val, key) or any(s in val for s in secrets):
+                return f"{key}=***"
+            return obj
+        if any(s in obj for s in secrets) or is_secret_value(obj, _key):
             return "***"
-        key, eq, _ = obj.partition("=")  # a command-line override: backend.api_key=...
-        if eq and _SECRET.search(key):
-            return f"{key}=***"
     return obj
 
 
