@@ -190,9 +190,29 @@ def _task(fn, verbose: bool):
         quiet_third_party(verbose)
         if verbose:
             logging.getLogger().setLevel(logging.INFO)
-        return fn(cfg)
+        from sphere import rundir  # the run-dir lock is a Hydra callback (conf/config.yaml); see rundir.py
+
+        command = sys.argv[0].removeprefix("sphere-").replace("-", " ")
+        with rundir.cli_errors(command):  # full disk, read-only dir, dir in use, settings mismatch: one line
+            rundir.set_default_mode(cfg.get("resume", "auto"))
+            try:
+                return fn(cfg)
+            except USER_ERRORS as e:
+                if verbose or os.environ.get("HYDRA_FULL_ERROR") == "1":
+                    raise
+                # bad input (config, files, a plan that cannot fit): the message names the key or file and
+                # what is allowed; a traceback would only bury it
+                msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+                print(f"sphere {command}: error: {msg}\n(verbose=true or HYDRA_FULL_ERROR=1 shows the traceback)",
+                      file=sys.stderr, flush=True)
+                raise SystemExit(1) from None
 
     return task
+
+
+# Exceptions that report bad input (validation, missing files or optional packages, a memory plan that does
+# not fit): printed as one message without a traceback.
+USER_ERRORS = (ValueError, KeyError, FileNotFoundError, ModuleNotFoundError, NotADirectoryError)
 
 
 INTERRUPTED = "sphere: interrupted; rerun the same command (same hydra.run.dir) to resume"

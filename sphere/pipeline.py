@@ -84,6 +84,9 @@ def plan(cfg: DictConfig) -> dict:
     validate_generate_config(cfg)
     validate_run_config(cfg)
     resolve_train_cfg(cfg.train)  # unknown or bad train.* keys fail here, not after generation
+    from sphere.memplan import check_memory_plan
+
+    mem = check_memory_plan(cfg)  # refuses a plan that cannot fit hardware.gpu_memory_gb
     n = count_problems(cfg.data, int(cfg.seed))
     est = estimate_backend_calls(n, cfg.search)
     return {
@@ -106,6 +109,7 @@ def plan(cfg: DictConfig) -> dict:
                   "loss": OmegaConf.to_container(cfg.train.loss, resolve=True) if "loss" in cfg.train else None},
         "eval": {"benchmarks": expand_benchmarks(cfg.eval.benchmarks), "limit": cfg.eval.limit},
         "estimate_per_round_stage1": est,
+        "memory_plan": mem,
     }
 
 
@@ -127,12 +131,11 @@ def validate_run_config(cfg: DictConfig) -> None:
 
 
 def run(cfg: DictConfig, out: Path) -> dict:
-    from sphere.backends import make_backend
     from sphere.generate.run import Generator, load_problems, log_generate_stats
+    from sphere.lifecycle import Models
     from sphere.loggers import make_logger
     from sphere.models import resolve_model
     from sphere.progress import StageProgress
-    from sphere.rewards import make_scorer
     from sphere.rundir import check_generate
     from sphere.train.dpo import train_dpo
     from sphere.verify import check_answers
@@ -158,32 +161,21 @@ def run(cfg: DictConfig, out: Path) -> dict:
             rdir = out / f"round_{r}"
             rec: dict = {"round": r, "policy": policy, "pairs_per_stage": pending_pairs,
                          "policy_s": carry_s}
-            backend = make_backend(cfg, policy)
             gstats = None
-            try:
-                rec["eval"] = _eval_round(cfg, backend, rdir, policy, logger, r)
+            # one owner opens and closes this round's models (policy, small, PRM); all are closed before DPO
+            with Models(cfg, policy=policy, small=small) as models:
+                rec["eval"] = _eval_round(cfg, models.policy(), rdir, policy, logger, r)
                 rec["eval_s"] = time.perf_counter() - t0
                 print(f"[sphere run] round {r} eval: " + ", ".join(
                     f"{b} {100 * v['accuracy']:.1f}%" for b, v in rec["eval"].items()), flush=True)
                 if r < R:
                     check_generate(cfg, out / f"round_{r + 1}" / "generate", policy, small)  # signature.json
                     gen = Generator(cfg, out / f"round_{r + 1}" / "generate", logger=logger)
-                    scorer = make_scorer(cfg, backend=backend)
-                    holder: dict = {}
-
-                    def small_factory():
-                        holder["b"] = make_backend(cfg, small)
-                        return holder["b"]
-
                     with StageProgress(len(problems), f"round {r + 1} generate") as prog:
-                        gstats = gen.run(problems, backend, scorer, check_answers,
-                                         small_backend_factory=small_factory if small else None,
+                        gstats = gen.run(problems, models.policy(), models.scorer(), check_answers,
+                                         small_backend_factory=models.small if small else None,
                                          progress=prog.update)
-                    if holder.get("b") is not None:
-                        holder["b"].close()
                     log_generate_stats(logger, gstats, out / f"round_{r + 1}" / "generate", step=r + 1)
-            finally:
-                backend.close()
             # a round's wall time: producing its policy (previous generate + train) and evaluating it
             rec["wall_s"] = rec["eval_s"] + carry_s
             gen_s = time.perf_counter() - t0 - rec["eval_s"]
@@ -213,12 +205,11 @@ def run(cfg: DictConfig, out: Path) -> dict:
 def run_transfer(cfg: DictConfig, out: Path, target_name: str) -> dict:
     """Transfer (the paper's Table 4 setting): the policy generates pairs once; ``model.train_target`` is
     evaluated before and after DPO on them. Round 0 and round 1 are the target's numbers."""
-    from sphere.backends import make_backend
     from sphere.generate.run import Generator, load_problems
+    from sphere.lifecycle import Models
     from sphere.loggers import make_logger
     from sphere.models import resolve_model
     from sphere.prompts import load_family
-    from sphere.rewards import make_scorer
     from sphere.rundir import check_generate
     from sphere.train.dpo import train_dpo
     from sphere.verify import check_answers
@@ -232,32 +223,22 @@ def run_transfer(cfg: DictConfig, out: Path, target_name: str) -> dict:
         small = str(resolve_model(str(cfg.model.small), cfg)) if cfg.stages.stage3 else None
         rounds: list[dict] = []
         t0 = time.perf_counter()
-        tb = make_backend(cfg, target)
-        try:
+        with Models(cfg, policy=target) as tm:  # the target's own evaluation before training
             rounds.append({"round": 0, "policy": target,
-                           "eval": _eval_round(cfg, tb, out / "round_0", target, logger, 0, fam)})
-        finally:
-            tb.close()
+                           "eval": _eval_round(cfg, tm.policy(), out / "round_0", target, logger, 0, fam)})
         rounds[0]["wall_s"] = time.perf_counter() - t0
         _write_summary(out, rounds)
         t0 = time.perf_counter()
         gdir = out / "round_1" / "generate"
         check_generate(cfg, gdir, policy, small)  # signature.json (sphere/rundir.py)
-        pb = make_backend(cfg, policy)
-        try:
+        with Models(cfg, policy=policy, small=small) as models:  # policy, small, PRM: closed before DPO
             gen = Generator(cfg, gdir, logger=logger)
-            gstats = gen.run(load_problems(cfg.data, int(cfg.seed)), pb, make_scorer(cfg, backend=pb),
-                             check_answers,
-                             small_backend_factory=(lambda: make_backend(cfg, small)) if small else None)
-        finally:
-            pb.close()
+            gstats = gen.run(load_problems(cfg.data, int(cfg.seed)), models.policy(), models.scorer(),
+                             check_answers, small_backend_factory=models.small if small else None)
         trained = str(train_dpo(cfg.train, target, gdir / "pairs.jsonl", out / "round_1" / "train",
                                 logger=_StepLogger(logger, 1)))
-        tb = make_backend(cfg, trained)
-        try:
-            ev = _eval_round(cfg, tb, out / "round_1", trained, logger, 1, fam)
-        finally:
-            tb.close()
+        with Models(cfg, policy=trained) as tm:
+            ev = _eval_round(cfg, tm.policy(), out / "round_1", trained, logger, 1, fam)
         rounds.append({"round": 1, "policy": trained, "generated_by": policy, "eval": ev,
                        "pairs_per_stage": gstats["pairs_per_stage"], "wall_s": time.perf_counter() - t0})
         _write_summary(out, rounds)
@@ -287,9 +268,15 @@ def main(cfg: DictConfig) -> float:
 
     out = Path(HydraConfig.get().runtime.output_dir)
     if cfg.dry_run:
+        from sphere.memplan import format_plan
+
         p = plan(cfg)
         print(json.dumps(p, indent=2))
+        print(format_plan(p["memory_plan"]))
         return 0.0
+    from sphere.memplan import check_memory_plan
+
+    check_memory_plan(cfg)  # before any model loads (no-op without hardware.gpu_memory_gb)
     summary = run(cfg, out)
     last = summary["rounds"][-1]["eval"]
     print((out / "summary.md").read_text())

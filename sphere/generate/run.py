@@ -526,7 +526,6 @@ def main(cfg: DictConfig) -> float:
 
     from sphere.loggers import make_logger
     from sphere.progress import StageProgress
-    from sphere.rewards import make_scorer
     from sphere.verify import check_answers
 
     out = Path(HydraConfig.get().runtime.output_dir)
@@ -543,28 +542,17 @@ def main(cfg: DictConfig) -> float:
         raise SystemExit(f"sphere generate: data.problems={cfg.data.problems!r} gave no problems")
     logger = make_logger(cfg, out, "generate")
     try:
-        policy = build_components(cfg, "policy")
-        scorer = make_scorer(cfg, backend=policy)
-        gen = Generator(cfg, out, logger=logger)
-        small_holder = {}
+        from sphere.lifecycle import Models
 
-        def small_factory():
-            if str(cfg.model.small) == str(cfg.model.policy):
-                return policy
-            if cfg.stages.close_policy_before_small:
-                policy.close()
-            small_holder["b"] = build_components(cfg, "small")
-            return small_holder["b"]
-
-        with StageProgress(len(problems), "generate") as prog:
-            stats = gen.run(problems, policy, scorer, check_answers, small_backend_factory=small_factory,
-                            progress=prog.update)
+        with Models(cfg) as models:  # policy, small (stage 3), step scorer: one owner, closed on exit
+            gen = Generator(cfg, out, logger=logger)
+            with StageProgress(len(problems), "generate") as prog:
+                stats = gen.run(problems, models.policy(), models.scorer(), check_answers,
+                                small_backend_factory=models.small if cfg.stages.stage3 else None,
+                                progress=prog.update)
         log_generate_stats(logger, stats, out)
         print(json.dumps({k: stats[k] for k in ("pairs_per_stage", "yield", "engine_time_frac",
                                                  "leaves_per_call_frac", "wall_s")}))
-        for b in (small_holder.get("b"), policy):
-            if b is not None:
-                b.close()
         return float(stats["pairs_total"])
     finally:
         logger.finish()
