@@ -17,6 +17,7 @@ round: ``{"rounds": [{"round", "policy", "eval": {bench: {"accuracy", ...}}, "pa
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,39 @@ def _eval_round(cfg: DictConfig, backend: Any, rdir: Path, policy: str, logger: 
         logger.log({f"eval/{k}/accuracy": v["accuracy"] for k, v in res.items() if k != "meta"}, step=r)
         logger.log_artifact(rdir / "eval" / "results.json", f"eval-round{r}", "results")
     return {k: v for k, v in res.items() if k != "meta"}
+
+
+def _round_config(cfg: DictConfig, policy: str, **top: Any) -> DictConfig:
+    """``cfg`` resolved into a plain (non-struct) config with ``model.policy`` = this round's policy and the
+    given top-level keys added (the eval-shaped keys of conf/eval.yaml for the Ray evaluation)."""
+    from sphere.scale.ray_runner import plain_config
+
+    plain = plain_config(cfg)
+    plain["model"] = {**plain["model"], "policy": str(policy)}
+    plain.update(top)
+    return OmegaConf.create(plain)
+
+
+def _eval_round_ray(cfg: DictConfig, rdir: Path, policy: str, logger: Any, r: int) -> dict:
+    """This round's evaluation on Ray actors (sphere.scale.ray_runner.evaluate): the same files and numbers
+    as ``_eval_round``; ``rdir/eval/ray_runner.json`` adds the actors' bookkeeping."""
+    from sphere.scale.ray_runner import evaluate
+
+    ev = OmegaConf.to_container(cfg.eval, resolve=True)
+    samp = {**OmegaConf.to_container(cfg.sampling, resolve=True), "n": int(ev.pop("n", 1))}
+    ecfg = _round_config(cfg, policy, sampling=samp, reference_results=None, **ev)
+    res = evaluate(ecfg, rdir)
+    if logger is not None:
+        logger.log({f"eval/{k}/accuracy": v["accuracy"] for k, v in res.items() if k != "meta"}, step=r)
+        logger.log_artifact(rdir / "eval" / "results.json", f"eval-round{r}", "results")
+    return {k: v for k, v in res.items() if k not in ("meta",)}
+
+
+def _generate_ray(cfg: DictConfig, gdir: Path, policy: str) -> dict:
+    """This round's three stages on Ray actors (sphere.scale.ray_runner.generate) -> the stats dict."""
+    from sphere.scale.ray_runner import generate
+
+    return generate(_round_config(cfg, policy), gdir)
 
 
 def summary_markdown(rounds: list[dict]) -> str:
@@ -131,6 +165,7 @@ def validate_run_config(cfg: DictConfig) -> None:
 
 
 def run(cfg: DictConfig, out: Path) -> dict:
+    from sphere.scale.ray_runner import runner_name
     from sphere.generate.run import Generator, load_problems, log_generate_stats
     from sphere.lifecycle import Models
     from sphere.loggers import make_logger
@@ -141,8 +176,12 @@ def run(cfg: DictConfig, out: Path) -> dict:
     from sphere.verify import check_answers
 
     validate_run_config(cfg)
+    use_ray = runner_name(cfg) == "ray"
     target_name = cfg.model.get("train_target")
     if target_name:
+        if use_ray:
+            raise ValueError("runner=ray with model.train_target (a transfer run) is not supported; use "
+                             "runner=local for transfer runs")
         return run_transfer(cfg, out, str(target_name))
     logger = make_logger(cfg, out, "run")
     summary_path = out / "summary.json"
@@ -162,20 +201,30 @@ def run(cfg: DictConfig, out: Path) -> dict:
             rec: dict = {"round": r, "policy": policy, "pairs_per_stage": pending_pairs,
                          "policy_s": carry_s}
             gstats = None
-            # one owner opens and closes this round's models (policy, small, PRM); all are closed before DPO
-            with Models(cfg, policy=policy, small=small) as models:
-                rec["eval"] = _eval_round(cfg, models.policy(), rdir, policy, logger, r)
+            if use_ray:  # runner=ray: this round's evaluation and generation on Ray actors
+                rec["eval"] = _eval_round_ray(cfg, rdir, policy, logger, r)
                 rec["eval_s"] = time.perf_counter() - t0
-                print(f"[sphere run] round {r} eval: " + ", ".join(
+                print(f"[sphere run] round {r} eval (ray): " + ", ".join(
                     f"{b} {100 * v['accuracy']:.1f}%" for b, v in rec["eval"].items()), flush=True)
                 if r < R:
-                    check_generate(cfg, out / f"round_{r + 1}" / "generate", policy, small)  # signature.json
-                    gen = Generator(cfg, out / f"round_{r + 1}" / "generate", logger=logger)
-                    with StageProgress(len(problems), f"round {r + 1} generate") as prog:
-                        gstats = gen.run(problems, models.policy(), models.scorer(), check_answers,
-                                         small_backend_factory=models.small if small else None,
-                                         progress=prog.update)
-                    log_generate_stats(logger, gstats, out / f"round_{r + 1}" / "generate", step=r + 1)
+                    gdir = out / f"round_{r + 1}" / "generate"
+                    check_generate(cfg, gdir, policy, small)  # signature.json
+                    gstats = _generate_ray(cfg, gdir, policy)
+                    log_generate_stats(logger, gstats, gdir, step=r + 1)
+            else:  # one owner opens and closes this round's models (policy, small, PRM); all closed before DPO
+                with Models(cfg, policy=policy, small=small) as models:
+                    rec["eval"] = _eval_round(cfg, models.policy(), rdir, policy, logger, r)
+                    rec["eval_s"] = time.perf_counter() - t0
+                    print(f"[sphere run] round {r} eval: " + ", ".join(
+                        f"{b} {100 * v['accuracy']:.1f}%" for b, v in rec["eval"].items()), flush=True)
+                    if r < R:
+                        check_generate(cfg, out / f"round_{r + 1}" / "generate", policy, small)  # signature.json
+                        gen = Generator(cfg, out / f"round_{r + 1}" / "generate", logger=logger)
+                        with StageProgress(len(problems), f"round {r + 1} generate") as prog:
+                            gstats = gen.run(problems, models.policy(), models.scorer(), check_answers,
+                                             small_backend_factory=models.small if small else None,
+                                             progress=prog.update)
+                        log_generate_stats(logger, gstats, out / f"round_{r + 1}" / "generate", step=r + 1)
             # a round's wall time: producing its policy (previous generate + train) and evaluating it
             rec["wall_s"] = rec["eval_s"] + carry_s
             gen_s = time.perf_counter() - t0 - rec["eval_s"]
@@ -271,8 +320,8 @@ def main(cfg: DictConfig) -> float:
         from sphere.memplan import format_plan
 
         p = plan(cfg)
-        print(json.dumps(p, indent=2))
-        print(format_plan(p["memory_plan"]))
+        print(json.dumps(p, indent=2))  # stdout stays one JSON document (scripts parse it)
+        print(format_plan(p["memory_plan"]), file=sys.stderr)
         return 0.0
     from sphere.memplan import check_memory_plan
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -69,7 +70,8 @@ def test_dry_run_prints_a_fitting_plan_and_refuses_24gb(tmp_path):
     ok = subprocess.run([*cmd, "hardware.gpu_memory_gb=80", f"hydra.run.dir={tmp_path}/a"], capture_output=True,
                         text=True, env=env, timeout=300)
     assert ok.returncode == 0, ok.stderr[-2000:]
-    assert "GPU memory plan" in ok.stdout and "fits: yes" in ok.stdout
+    assert "GPU memory plan" in ok.stderr and "fits: yes" in ok.stderr
+    assert json.loads(ok.stdout)["memory_plan"]["fits"] is True
     bad = subprocess.run([*cmd, "hardware.gpu_memory_gb=24", f"hydra.run.dir={tmp_path}/b"], capture_output=True,
                          text=True, env=env, timeout=300)
     assert bad.returncode != 0
