@@ -82,7 +82,8 @@ def test_metamath_gold_after_the_last_marker(response, gold):
 
 # ---------------------------------------------------------------------------------------------- whole pools
 def test_all_rows_counts_gold_and_contamination(decon):
-    probs, man = T.sample_training(POOLS, n=None, mix={"numina": 1, "metamath": 1}, seed=0, decontaminator=decon)
+    both = {"numina": 1, "metamath": 1}
+    probs, man = T.sample_training(POOLS, n=None, mix=both, seed=0, decontaminator=decon)
     by_id = {p["id"]: p for p in probs}
     nm, mm = man["pools"]["numina"], man["pools"]["metamath"]
     assert (nm["rows"], nm["examined"], nm["dropped_no_answer"], nm["dropped_contaminated"],
@@ -119,7 +120,8 @@ def test_all_rows_counts_gold_and_contamination(decon):
 
 
 def test_decontamination_off_keeps_the_planted_copies():
-    probs, man = T.sample_training(POOLS, n=None, mix={"numina": 1, "metamath": 1}, seed=0, decontaminate=False)
+    both = {"numina": 1, "metamath": 1}
+    probs, man = T.sample_training(POOLS, n=None, mix=both, seed=0, decontaminate=False)
     ids = {p["id"] for p in probs}
     assert {"numina-6", "numina-7", "numina-8", "metamath-4"} <= ids and len(probs) == 17
     assert man["decontamination"]["enabled"] is False and man["decontamination"]["dropped"] == []
@@ -166,7 +168,8 @@ def test_sampling_is_deterministic_and_follows_the_mix(decon):
 
 
 def test_quota_larger_than_the_pool_is_a_recorded_shortfall(decon):
-    probs, man = T.sample_training(POOLS, seed=0, n=30, mix={"numina": 1, "metamath": 1}, decontaminator=decon)
+    both = {"numina": 1, "metamath": 1}
+    probs, man = T.sample_training(POOLS, seed=0, n=30, mix=both, decontaminator=decon)
     assert man["quotas"] == {"numina": 15, "metamath": 15}
     assert man["pools"]["numina"]["shortfall"] == 15 - 8 and man["pools"]["metamath"]["shortfall"] == 15 - 5
     assert len(probs) == 13
@@ -179,11 +182,12 @@ def test_unknown_pool_and_bad_n():
         T.sample_training(POOLS, n=-1, mix={"numina": 1}, seed=0, decontaminate=False)
 
 
-# ---------------------------------------------------------------------------------------------- decontamination
+# ------------------------------------------------------------------------------------------ decontamination
 def test_decontamination_catches_planted_math500_and_aime24_copies(decon):
     hexagon = next(r for r in _bench("math500") if r["id"] == "test/prealgebra/1622.json")
     aime = next(r for r in _bench("aime24") if r["id"] == "aime2024-I-1")
-    assert hexagon["problem"].startswith("A regular hexagon") and aime["problem"].startswith("Every morning Aya")
+    assert hexagon["problem"].startswith("A regular hexagon")
+    assert aime["problem"].startswith("Every morning Aya")
     # whitespace, case and punctuation changed; the AIME copy also embedded in other text, \frac -> \dfrac
     hex_copy = "  a REGULAR hexagon can be divided into six  equilateral\ntriangles!  if the perimeter of " \
                "one of the triangles is 21 inches -- what is the perimeter (in inches) of the Regular Hexagon"
@@ -218,13 +222,22 @@ def test_decontamination_keeps_unrelated_problems(decon):
     assert sorted(hits) == ["gsm8k-test-581", "gsm8k-test-632"]
     # answer-format boilerplate shared with many AIME problems is not evidence
     boiler = ("A jar holds 7 red and 9 blue marbles. Two are drawn at random without replacement. The "
-              "probability that both are red is $\\tfrac{m}{n}$, where $m$ and $n$ are relatively prime positive "
-              "integers. Find $m+n$.")
+              "probability that both are red is $\\tfrac{m}{n}$, where $m$ and $n$ are relatively prime "
+              "positive integers. Find $m+n$.")
     assert decon.find([boiler]) == [None]
     from sphere.data.benchmarks import PAPER_BENCHMARKS, load_benchmark
 
     plain = T.Decontaminator({b: load_benchmark(b, DATA) for b in PAPER_BENCHMARKS}, max_benchmark_df=0)
     assert plain.find([boiler])[0] is not None  # the plain rule (every benchmark window counts) drops it
+
+
+def test_problems_under_min_window_match_exactly_only():
+    dec = T.Decontaminator({"b": [{"id": "b1", "problem": "Compute $7!$."},
+                                  {"id": "b2", "problem": "Find $x$ if $x + 12 = 30$ and $x > 0$, please."}]})
+    assert len(T.normalize_words("Compute $7!$.")) < T.MIN_WINDOW_TOKENS
+    got = dec.find(["  COMPUTE 7 ! ", "Compute 7 and then 8.", "x 12", "Find x"])
+    assert got[0] == T.Match("b", "b1", "exact")
+    assert got[1:] == [None, None, None]  # too short to be evidence by containment either way
 
 
 def _words_oracle(t: list[str], b: list[str], n: int, min_tokens: int) -> bool:
@@ -276,7 +289,8 @@ def test_decontamination_speed_on_a_synthetic_20k_set(decon):
     dt = time.perf_counter() - t0
     print(f"decontamination: 20,000 problems x {sum(decon.benchmark_sizes.values())} benchmark problems "
           f"in {dt:.2f} s")
-    assert all(res[i * 1000] is not None and res[i * 1000].benchmark_id == r["id"] for i, r in enumerate(planted))
+    found = [res[i * 1000] and res[i * 1000].benchmark_id for i in range(len(planted))]
+    assert found == [r["id"] for r in planted]
     assert dt < 120  # ~3-6 s on one shared core; a per-pair Python scan would take hours
 
 
@@ -287,7 +301,8 @@ def test_missing_files_fail_clearly(tmp_path):
                           decontaminate=False)
     msg = str(e.value)
     assert "NuminaMath-CoT" in msg and "nope.parquet" in msg and "data.training.numina" in msg
-    assert "huggingface-cli download --repo-type dataset AI-MO/NuminaMath-CoT" in msg and "never downloads" in msg
+    assert "huggingface-cli download --repo-type dataset AI-MO/NuminaMath-CoT" in msg
+    assert "never downloads" in msg
     with pytest.raises(FileNotFoundError, match="MetaMathQA.*meta-math/MetaMathQA"):
         T.read_pool(str(tmp_path / "missing.json"), "metamath")
     (tmp_path / "empty").mkdir()
@@ -327,6 +342,9 @@ def test_parquet_directory_equals_jsonl(tmp_path, decon):
 
 
 # ---------------------------------------------------------------------------------------------- config hooks
+_POOL_OVERRIDES = (f"data.training.numina={NUMINA}", f"data.training.metamath={METAMATH}")
+
+
 def _cfg(*overrides: str):
     from hydra import compose, initialize_config_dir
 
@@ -340,12 +358,13 @@ def test_generate_config_training_source(tmp_path):
     from sphere.generate.run import count_problems, load_problems
 
     man = tmp_path / "manifest.json"
-    cfg = _cfg("data.problems=training", f"data.training.numina={NUMINA}", f"data.training.metamath={METAMATH}",
-               "data.training.n=6", "data.training.seed=11", f"data.training.manifest={man}")
+    cfg = _cfg("data.problems=training", *_POOL_OVERRIDES, "data.training.n=6", "data.training.seed=11",
+               f"data.training.manifest={man}")
     probs = load_problems(cfg.data, int(cfg.seed))
     assert len(probs) == 6 == count_problems(cfg.data, int(cfg.seed))
     m = json.loads(man.read_text(encoding="utf-8"))
-    assert m["ids"] == [p["id"] for p in probs] and m["seed"] == 11 and m["quotas"] == {"numina": 3, "metamath": 3}
+    assert m["ids"] == [p["id"] for p in probs] and m["seed"] == 11
+    assert m["quotas"] == {"numina": 3, "metamath": 3}
     assert m["decontamination"]["enabled"] is True
     # data.limit keeps a prefix of the (shuffled, mixed) sample
     cfg.data.limit = 4
@@ -378,17 +397,18 @@ def test_fallback_and_describe(tmp_path):
     assert count_problems(cfg.data, 0) == 7473
     d = T.describe_source(cfg.data)
     assert d["uses"] == ["gsm8k_train"] and d["reason"].startswith("fallback") and "no_numina" in d["reason"]
-    cfg = _cfg("data.problems=training", f"data.training.numina={NUMINA}", f"data.training.metamath={METAMATH}")
+    cfg = _cfg("data.problems=training", *_POOL_OVERRIDES)
     d = T.describe_source(cfg.data)
     assert d["uses"] == "NuminaMath-CoT + MetaMathQA" and d["n"] == 20000 and d["decontaminate"] is True
-    assert T.describe_source(_cfg("data.problems=math_train").data) == {"uses": ["math_train"], "reason": "data.problems"}
+    d = T.describe_source(_cfg("data.problems=math_train").data)
+    assert d == {"uses": ["math_train"], "reason": "data.problems"}
 
 
 def _dry_run(tmp_path: Path, *overrides: str) -> dict:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-m", "sphere.cli", "run", "experiment=paper_qwen2_5_7b", "dry_run=true",
-                        f"hydra.run.dir={tmp_path}", *overrides], cwd=ROOT, env=env, capture_output=True,
-                       text=True, timeout=300)
+    cmd = [sys.executable, "-m", "sphere.cli", "run", "experiment=paper_qwen2_5_7b", "dry_run=true",
+           f"hydra.run.dir={tmp_path}", *overrides]
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     return json.JSONDecoder().raw_decode(r.stdout[r.stdout.index("{"):])[0]  # the plan: the first JSON object
 
@@ -398,10 +418,10 @@ def test_paper_dry_run_says_which_training_data(tmp_path):
     plan = _dry_run(tmp_path / "a", "data.training.numina=/nonexistent/numina")
     assert plan["data"] == "training" and plan["problems"] == 11998 + 7473
     assert plan["data_source"]["uses"] == ["math_train", "gsm8k_train"]
-    assert "fallback" in plan["data_source"]["reason"] and "/nonexistent/numina" in plan["data_source"]["reason"]
+    reason = plan["data_source"]["reason"]
+    assert "fallback" in reason and "/nonexistent/numina" in reason
     # pools present: NuminaMath-CoT + MetaMathQA, sampled and decontaminated
-    plan = _dry_run(tmp_path / "b", f"data.training.numina={NUMINA}", f"data.training.metamath={METAMATH}",
-                    "data.training.n=6")
+    plan = _dry_run(tmp_path / "b", *_POOL_OVERRIDES, "data.training.n=6")
     assert plan["data_source"]["uses"] == "NuminaMath-CoT + MetaMathQA" and plan["problems"] == 6
     assert plan["data_source"]["mix"] == {"numina": 0.5, "metamath": 0.5}
     assert not (tmp_path / "b" / "training_manifest.json").exists()  # a dry run writes nothing

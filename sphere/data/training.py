@@ -55,10 +55,11 @@ log = logging.getLogger(__name__)
 MIN_WINDOW_TOKENS = 3
 DEFAULT_NGRAM = 13
 # Boilerplate: a benchmark window that is common phrasing rather than a problem's own text ("a line (B)
-# circle (C) parabola (D) ellipse (E) hyperbola. Enter the letter", "where m and n are relatively prime positive
-# integers. Find m+n", Asymptote labels) matches nothing. A window is boilerplate when it occurs in more than
-# MAX_BENCHMARK_DF distinct benchmark problems or in at least BACKGROUND_DF distinct problems of the background
-# corpus (BACKGROUND: the shipped MATH train + GSM8K train, i.e. ordinary competition/grade-school phrasing).
+# circle (C) parabola (D) ellipse (E) hyperbola. Enter the letter", "where m and n are relatively prime
+# positive integers. Find m+n", Asymptote labels) matches nothing. A window is boilerplate when it occurs in
+# more than MAX_BENCHMARK_DF distinct benchmark problems or in at least BACKGROUND_DF distinct problems of the
+# background corpus (BACKGROUND: the shipped MATH train + GSM8K train, ordinary competition/grade-school
+# phrasing).
 # Without this, 2.7% of the shipped MATH train (disjoint from MATH-500 by construction) is dropped, mostly for
 # such sentences; with it, 1.3% of half of it (background = the other half), mostly same-template problems
 # that share the numbers too. A real copy still shares its problem-specific windows, and exact copies are
@@ -138,7 +139,8 @@ def count_boxed(text: str) -> int:
 # ---------------------------------------------------------------------------------------------- files
 def _how_to_provide(schema: PoolSchema, key: str) -> str:
     return (f"sphere never downloads data at run time. Provide {schema.title} locally: on a machine with hub "
-            f"access run `huggingface-cli download --repo-type dataset {schema.hub} --local-dir DIR` (or copy "
+            f"access run `huggingface-cli download --repo-type dataset {schema.hub} --local-dir DIR` "
+            f"(or copy "
             f"{schema.example_file}), then point {key} at DIR or the file (parquet, JSONL or a JSON list)")
 
 
@@ -168,7 +170,8 @@ def resolve_pool_path(spec: str, schema: PoolSchema, key: str) -> list[Path]:
             return train or files
         raise FileNotFoundError(f"{schema.title} ({key}={spec}): the directory {path} holds no "
                                 f"{'/'.join(SUPPORTED_SUFFIXES)} files. {_how_to_provide(schema, key)}")
-    raise FileNotFoundError(f"{schema.title} ({key}={spec}): {path} not found. {_how_to_provide(schema, key)}")
+    raise FileNotFoundError(
+        f"{schema.title} ({key}={spec}): {path} not found. {_how_to_provide(schema, key)}")
 
 
 def pool_available(spec: str | None, schema: PoolSchema) -> tuple[bool, str]:
@@ -245,7 +248,7 @@ def read_pool(spec: str, pool: str, key: str | None = None) -> tuple[dict[str, l
     return out, files
 
 
-# ---------------------------------------------------------------------------------------------- decontamination
+# ------------------------------------------------------------------------------------------ decontamination
 _LATEX_NOISE = re.compile(r"\\(?:left|right|bigl|bigr|Bigl|Bigr|biggl|biggr|big|Big|bigg|Bigg|displaystyle)"
                           r"(?![A-Za-z])")
 _FRAC = re.compile(r"\\[dt]frac(?![A-Za-z])")
@@ -427,7 +430,7 @@ class Decontaminator:
                 return
             h, doc, pos = _windows(ids, starts, lens, L, mask & todo)
             qi, ti = tab.lookup(h)
-            for q, first in zip(qi.tolist(), ti.tolist()):
+            for q, first in zip(qi.tolist(), ti.tolist(), strict=True):
                 d = int(doc[q])
                 if out[d] is not None:
                     continue
@@ -452,7 +455,8 @@ def load_decontaminator(data_dir: str | os.PathLike | None, ngram: int = DEFAULT
                         background: Iterable[str] | None = BACKGROUND) -> Decontaminator:
     """A ``Decontaminator`` over the six paper benchmarks (``sphere.data.benchmarks.PAPER_BENCHMARKS``) read
     from ``data_dir`` (the shipped data/benchmarks by default), with the boilerplate background corpus
-    ``background`` (registered names; None or () = none). A missing benchmark or background file is an error."""
+    ``background`` (registered names; None or () = none). A missing benchmark or background file is an
+    error."""
     from sphere.data.benchmarks import PAPER_BENCHMARKS, load_benchmark
 
     def load(name: str, role: str) -> list[dict]:
@@ -486,8 +490,8 @@ def quotas(n: int, mix: dict[str, float]) -> dict[str, int]:
 
 
 def _seed_for(seed: int, pool: str) -> np.random.Generator:
-    return np.random.default_rng([int(seed) & _MASK, int.from_bytes(hashlib.sha256(pool.encode()).digest()[:8],
-                                                                    "little")])
+    salt = int.from_bytes(hashlib.sha256(pool.encode()).digest()[:8], "little")
+    return np.random.default_rng([int(seed) & _MASK, salt])
 
 
 def sample_training(
@@ -503,7 +507,8 @@ def sample_training(
     batch: int = 4096,
     keys: dict[str, str] | None = None,
 ) -> tuple[list[dict], dict]:
-    """Sample ``n`` problems (None = every usable row) from ``pools`` (pool name -> file spec) split by ``mix``.
+    """Sample ``n`` problems (None = every usable row) from ``pools`` (pool name -> file spec), split by
+    ``mix``.
 
     Returns ``(problems, manifest)``. Problems carry ``id`` (``<pool>-<row>``), ``problem``, ``answer``,
     ``solution``, ``source`` (dataset title), ``origin`` (NuminaMath source / MetaMathQA type), ``row``,
@@ -547,10 +552,10 @@ def sample_training(
             golds = [gold_fn(cols["text"][i]) for i in idx]
             probs = [cols["problem"][i] for i in idx]
             ok = [isinstance(p, str) and p.strip() != "" for p in probs]
-            checks = [g is not None and o for g, o in zip(golds, ok)]
-            hits = decon.find([p for p, c in zip(probs, checks) if c]) if decon else []
+            checks = [g is not None and o for g, o in zip(golds, ok, strict=True)]
+            hits = decon.find([p for p, c in zip(probs, checks, strict=True) if c]) if decon else []
             hit_iter = iter(hits)
-            for i, g, p, o, c in zip(idx, golds, probs, ok, checks):
+            for i, g, p, o, c in zip(idx, golds, probs, ok, checks, strict=True):
                 if want is not None and len(got) >= want:
                     break
                 m = next(hit_iter) if (c and decon) else None
@@ -564,8 +569,8 @@ def sample_training(
                 if m is not None:
                     st["dropped_contaminated"] += 1
                     per_bench[m.benchmark] = per_bench.get(m.benchmark, 0) + 1
-                    dropped.append({"id": f"{pool}-{i}", "benchmark": m.benchmark, "benchmark_id": m.benchmark_id,
-                                    "rule": m.rule})
+                    dropped.append({"id": f"{pool}-{i}", "benchmark": m.benchmark,
+                                    "benchmark_id": m.benchmark_id, "rule": m.rule})
                     continue
                 key = " ".join(normalize_words(p))
                 if key in seen:
@@ -573,8 +578,8 @@ def sample_training(
                     continue
                 seen.add(key)
                 text = cols["text"][i]
-                rec = {"id": f"{pool}-{i}", "problem": p, "answer": g, "solution": text, "source": schema.title,
-                       "origin": cols["origin"][i], "row": i}
+                rec = {"id": f"{pool}-{i}", "problem": p, "answer": g, "solution": text,
+                       "source": schema.title, "origin": cols["origin"][i], "row": i}
                 if pool == "numina":
                     rec["n_boxed"] = count_boxed(text)
                 for c in schema.extra:
@@ -584,7 +589,8 @@ def sample_training(
         st["sampled"] = len(got)
         if want is not None and len(got) < want:
             st["shortfall"] = want - len(got)
-            log.warning("%s: only %d usable problems for a quota of %d (%s)", schema.title, len(got), want, st)
+            log.warning("%s: only %d usable problems for a quota of %d (%s)", schema.title, len(got), want,
+                        st)
         per_pool[pool] = st
         out.extend(got)
     order = _seed_for(seed, "__order__").permutation(len(out)).tolist()
@@ -678,8 +684,8 @@ def sample_from_config(src: str, dcfg: Any) -> tuple[list[dict], dict]:
     n = t.get("n")
     keys = None if src == TRAINING_SOURCE else {k: f"data.problems={src}" for k in pools}
     return sample_training(pools, n=None if n is None else int(n), mix=mix, seed=int(t.seed),
-                           decontaminate=bool(t.decontaminate), ngram=int(t.ngram), data_dir=str(dcfg.data_dir),
-                           keys=keys)
+                           decontaminate=bool(t.decontaminate), ngram=int(t.ngram),
+                           data_dir=str(dcfg.data_dir), keys=keys)
 
 
 def _write_manifest(dcfg: Any, manifest: dict) -> Path | None:
@@ -709,7 +715,8 @@ def _summary(manifest: dict) -> str:
                       for k, v in manifest["pools"].items())
     dec = (f"decontaminated ({d['ngram']}-grams): {d['dropped_per_benchmark']}" if d["enabled"]
            else "decontamination off")
-    return f"training sample seed={manifest['seed']} mix={manifest['mix']}: {manifest['n']} problems; {pools}; {dec}"
+    head = f"training sample seed={manifest['seed']} mix={manifest['mix']}: {manifest['n']} problems"
+    return f"{head}; {pools}; {dec}"
 
 
 def load_source(src: str, dcfg: Any, seed: int, limit: int | None) -> list[dict]:
@@ -722,7 +729,7 @@ def load_source(src: str, dcfg: Any, seed: int, limit: int | None) -> list[dict]
             if fb is None:
                 # the clear error of the loader (names the pool and how to provide it)
                 sample_from_config(src, dcfg)
-            from sphere.generate.run import _load_source
+            from sphere.data.problems import load_source as _load_source
 
             log.warning("data.problems=training: %s; using data.training.fallback=%s", why, fb)
             _write_manifest(dcfg, {"kind": "sphere.training_sample", "fallback": fb, "reason": why})
@@ -745,7 +752,7 @@ def count_source(src: str, dcfg: Any, seed: int) -> int:
     if src == TRAINING_SOURCE and not training_available(dcfg)[0] and _fallback(dcfg) is not None:
         from omegaconf import OmegaConf
 
-        from sphere.generate.run import count_problems
+        from sphere.data.problems import count_problems
 
         sub = OmegaConf.merge(dcfg, {"problems": _fallback(dcfg), "limit": None})
         return count_problems(sub, seed)
@@ -754,7 +761,7 @@ def count_source(src: str, dcfg: Any, seed: int) -> int:
 
 def describe_source(dcfg: Any) -> dict:
     """What ``data.problems`` reads, for the dry-run plan: ``{"uses": ..., "reason": ...}``."""
-    from sphere.generate.run import _sources
+    from sphere.data.problems import sources as _sources
 
     srcs = _sources(dcfg)
     if TRAINING_SOURCE not in srcs:
