@@ -22,9 +22,9 @@ from pathlib import Path
 # command words -> (primary config name, "module:function"). Functions take a DictConfig.
 HYDRA_COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("run",): ("run", "sphere.pipeline:main"),
-    ("generate",): ("generate", "sphere.generate.run:main"),
+    ("generate",): ("generate", "sphere.runners:generate_main"),
     ("train",): ("train", "sphere.train.dpo:main"),
-    ("eval",): ("eval", "sphere.evaluation.harness:main"),
+    ("eval",): ("eval", "sphere.runners:eval_main"),
     ("pretrain-mini",): ("pretrain_mini", "sphere.mini.pretrain:main"),
     ("bench", "engine"): ("bench_engine", "sphere.bench.engine:main"),
     ("bench", "verify"): ("bench_verify", "sphere.bench.verify:main"),

@@ -15,8 +15,32 @@ import os
 from pathlib import Path
 
 
-class ModelNotFoundError(FileNotFoundError):
-    pass
+from sphere.resources import ModelNotFoundError  # noqa: E402,F401 - defined low so sphere.mini can raise it
+
+
+class CorruptModelError(ValueError):
+    """A model file exists but cannot be read (truncated or corrupt safetensors)."""
+
+
+def check_weights(path: str | os.PathLike, what: str = "model") -> None:
+    """Read the header of every ``*.safetensors`` file of a model directory (cheap: the header and the file
+    size, no tensor data), so a truncated or corrupt file fails here, named, instead of as a bare
+    ``SafetensorError: incomplete metadata`` deep inside model loading."""
+    files = sorted(Path(path).glob("*.safetensors"))
+    if not files:
+        return
+    from safetensors import safe_open
+
+    for f in files:
+        try:
+            with safe_open(str(f), framework="numpy"):
+                pass
+        except Exception as e:  # noqa: BLE001 - SafetensorError, OSError: re-raised with the file named
+            raise CorruptModelError(
+                f"{what} weights {f} are unreadable ({type(e).__name__}: {e}): the file is truncated or "
+                "corrupt (an interrupted copy, download or save?). Copy or download it again; for a "
+                "checkpoint sphere wrote, delete its directory and rerun the command that made it."
+            ) from None
 
 
 def _looks_like_path(s: str) -> bool:
@@ -31,7 +55,23 @@ def check_model_dir(path: str | os.PathLike, what: str = "model") -> Path:
                                  f"directory with config.json, 'mini', or a hub name org/name)")
     if not p.is_dir() or not (p / "config.json").is_file():
         raise ModelNotFoundError(f"{what} path {str(p)!r} is not a HF model directory (no config.json)")
+    check_weights(p, what)
     return p.resolve()
+
+
+# --- stand-ins of the paper's models (sphere.testing.standin): name -> <repo>/assets/standin/<name>
+STANDIN_NAMES = ("standin-qwen2_5", "standin-qwen2_5-small", "standin-qwen2_5-prm")
+
+
+def standin_path(name: str) -> Path:
+    """Where the shipped stand-in checkpoint ``name`` lives: ``<repo>/assets/standin/<name>`` (next to
+    ``sphere.mini.assets_dir()``), whatever the working directory."""
+    from sphere.mini import assets_dir
+
+    if name not in STANDIN_NAMES:
+        raise ModelNotFoundError(f"stand-in model {name!r}: allowed {list(STANDIN_NAMES)}")
+    return assets_dir().parent / "standin" / name
+# --- end stand-ins
 
 
 def resolve_model(name_or_path: str | os.PathLike, cfg=None) -> Path:
@@ -42,7 +82,13 @@ def resolve_model(name_or_path: str | os.PathLike, cfg=None) -> Path:
     if s in ("mini", "mini-small"):
         from sphere.mini import ensure_mini_model  # lazy: the mini world is optional at import time
 
-        return Path(ensure_mini_model(cfg, which=s))
+        p = Path(ensure_mini_model(cfg, which=s))
+        check_weights(p, s)
+        return p
+    # --- stand-ins of the paper's models (conf/model/standin_qwen2_5.yaml): shipped in <repo>/assets/standin/
+    if s in STANDIN_NAMES:
+        return check_model_dir(standin_path(s), what=f"stand-in model {s!r}")
+    # --- end stand-ins
     p = Path(s).expanduser()
     if p.exists() or _looks_like_path(s):
         return check_model_dir(p)
@@ -51,8 +97,10 @@ def resolve_model(name_or_path: str | os.PathLike, cfg=None) -> Path:
         from huggingface_hub import snapshot_download
 
         try:
-            return Path(snapshot_download(s, local_files_only=offline))
+            snap = Path(snapshot_download(s, local_files_only=offline))
         except Exception as e:  # noqa: BLE001 - re-raised with the name and the mode
             mode = "the local HF cache (HF_HUB_OFFLINE=1)" if offline else "the Hugging Face hub"
             raise ModelNotFoundError(f"model {s!r} not found in {mode}: {type(e).__name__}: {e}") from None
+        check_weights(snap, s)
+        return snap
     raise ModelNotFoundError(f"model {s!r}: not 'mini', not an existing directory, not a hub name org/name")

@@ -165,7 +165,7 @@ def validate_run_config(cfg: DictConfig) -> None:
 
 
 def run(cfg: DictConfig, out: Path) -> dict:
-    from sphere.scale.ray_runner import runner_name
+    from sphere.runners import runner_name
     from sphere.generate.run import Generator, load_problems, log_generate_stats
     from sphere.lifecycle import Models
     from sphere.loggers import make_logger

@@ -25,9 +25,9 @@ REQUIRED = ("system", "instruction", "template", "assistant_prefix", "step_delim
 
 
 def _conf_dir() -> Path:
-    from sphere.cli import conf_dir
+    from sphere.resources import resource_path
 
-    return conf_dir()
+    return resource_path("conf")
 
 
 def load_family(name: str) -> dict:
@@ -80,6 +80,14 @@ def uses_chat(tokenizer, fam: Mapping[str, Any]) -> bool:
     return bool(fam.get("use_chat_template")) and bool(getattr(tokenizer, "chat_template", None))
 
 
+def _with_assistant_prefix(head: str, fam: Mapping[str, Any]) -> str:
+    """``head`` followed by the family's ``assistant_prefix``, unless ``head`` already ends with it: DeepSeek's
+    updated R1-distill chat templates end the generation prompt with ``<think>\n`` themselves, the first
+    release did not, and either revision must give one ``<think>\n``, never two."""
+    prefix = fam.get("assistant_prefix") or ""
+    return head if prefix and head.endswith(prefix) else head + prefix
+
+
 def header_text(tokenizer, problem: str, fam: Mapping[str, Any]) -> str:
     """The prompt before the first step (chat template when the tokenizer has one and the family wants it)."""
     if uses_chat(tokenizer, fam):
@@ -88,9 +96,9 @@ def header_text(tokenizer, problem: str, fam: Mapping[str, Any]) -> str:
             msgs.append({"role": "system", "content": fam["system"]})
         msgs.append({"role": "user", "content": _user_text(fam, problem)})
         head = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-        return head + (fam.get("assistant_prefix") or "")
-    return fam["template"].format(problem=problem, instruction=fam.get("instruction") or "",
-                                  system=fam.get("system") or "") + (fam.get("assistant_prefix") or "")
+        return _with_assistant_prefix(head, fam)
+    return _with_assistant_prefix(fam["template"].format(problem=problem, instruction=fam.get("instruction") or "",
+                                                         system=fam.get("system") or ""), fam)
 
 
 def steps_text(steps: Sequence[str], delimiter: str) -> str:
@@ -124,8 +132,8 @@ def build_reflection_text(tokenizer, problem: str, steps: Sequence[str], fam: Ma
         if fam.get("system"):
             msgs.append({"role": "system", "content": fam["system"]})
         msgs.append({"role": "user", "content": body})
-        head = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-        head += fam.get("assistant_prefix") or ""
+        head = _with_assistant_prefix(tokenizer.apply_chat_template(msgs, tokenize=False,
+                                                                    add_generation_prompt=True), fam)
     else:
         head = body
     return head + steps_text(continue_steps, delim)

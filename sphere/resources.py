@@ -26,6 +26,10 @@ class ResourceNotFoundError(FileNotFoundError):
     pass
 
 
+class ModelNotFoundError(FileNotFoundError):
+    """A model name or path that does not lead to a usable local model (re-exported by ``sphere.models``)."""
+
+
 def resource_path(rel: str, must_exist: bool = True) -> Path:
     """The shipped file or directory ``rel`` (``"assets/mini"``, ``"data/benchmarks"``, ``"conf"``).
 

@@ -132,8 +132,29 @@ def assert_complete(out: Path, want: set[str], stage2: bool = True, stage3: bool
         assert not dup, f"stage {s}: duplicate problem ids {dup}"
     assert set(ids[1]) == want
     r1 = {r["problem_id"]: r for r in read_jsonl_tolerant(out / "stages" / "stage1.jsonl")}
-    assert set(ids[2]) == {p for p, r in r1.items() if r["route"] == "both_wrong"} if stage2 else set()
-    assert set(ids[3]) == {p for p, r in r1.items() if r["route"] == "both_right"} if stage3 else set()
+    # a disabled stage has no records at all (parenthesised: `assert A == B if c else set()` would parse as
+    # `assert (A == B) if c else set()`)
+    assert set(ids[2]) == ({p for p, r in r1.items() if r["route"] == "both_wrong"} if stage2 else set())
+    assert set(ids[3]) == ({p for p, r in r1.items() if r["route"] == "both_right"} if stage3 else set())
+
+
+def test_assert_complete_checks_disabled_stages_too(tmp_path):
+    """The helper itself: with a stage off, any record in that stage's log is an error; with it on, the
+    stage holds exactly the problems routed to it."""
+    st = tmp_path / "stages"
+    st.mkdir()
+    routes = {"a": "pair", "b": "both_wrong", "c": "both_right"}
+    (st / "stage1.jsonl").write_text("".join(json.dumps({"problem_id": k, "route": r}) + "\n"
+                                             for k, r in routes.items()))
+    (st / "stage2.jsonl").write_text(json.dumps({"problem_id": "b"}) + "\n")
+    (st / "stage3.jsonl").write_text("")
+    assert_complete(tmp_path, set(routes), stage2=True, stage3=False)
+    with pytest.raises(AssertionError):
+        assert_complete(tmp_path, set(routes), stage2=False, stage3=False)  # stage 2 off, yet a record
+    with pytest.raises(AssertionError):
+        assert_complete(tmp_path, set(routes), stage2=True, stage3=True)  # c was routed to stage 3: missing
+    (st / "stage2.jsonl").write_text("")
+    assert_complete(tmp_path, set(routes), stage2=False, stage3=False)
 
 
 def noise_tol(a: int, b: int, n: int) -> float:
@@ -161,9 +182,11 @@ def test_runner_config_errors_name_the_key():
         c[key] = value
         with pytest.raises(ValueError, match=f"runner.{key}="):
             ray_runner.validate_runner_config(c)
-    assert ray_runner.runner_name(OmegaConf.create({})) == "local"
+    from sphere.runners import runner_name
+
+    assert runner_name(OmegaConf.create({})) == "local"
     with pytest.raises(ValueError, match=re.escape("runner.name='slurm': allowed local | ray")):
-        ray_runner.runner_name(OmegaConf.create({"runner": {"name": "slurm"}}))
+        runner_name(OmegaConf.create({"runner": {"name": "slurm"}}))
 
 
 def test_finished_rule_follows_the_routes():
@@ -186,7 +209,7 @@ def test_finished_rule_follows_the_routes():
 
 @pytest.fixture(scope="module")
 def single_run(tmp_path_factory, tiny, problems_file):
-    from sphere.generate.run import main
+    from sphere.runners import generate_main as main
 
     out = tmp_path_factory.mktemp("single")
     main(compose("generate", out, gen_overrides(tiny, problems_file)))
@@ -194,7 +217,7 @@ def single_run(tmp_path_factory, tiny, problems_file):
 
 
 def test_ray_generate_matches_single_process(cluster, single_run, tiny, problems_file, tmp_path):
-    from sphere.generate.run import main
+    from sphere.runners import generate_main as main
 
     out = tmp_path / "ray"
     main(compose("generate", out, gen_overrides(tiny, problems_file, *ray_overrides())))
@@ -289,7 +312,8 @@ def test_ray_generate_gives_up_after_max_chunk_retries(cluster, tiny, problems_f
 
 
 def test_ray_eval_matches_single_process(cluster, tiny, problems_file, tmp_path):
-    from sphere.evaluation.harness import evaluate, main
+    from sphere.evaluation.harness import evaluate
+    from sphere.runners import eval_main as main
 
     ov = [
         f"model.policy={tiny}",

@@ -45,7 +45,9 @@ class EvalSettings:
     max_tokens: int = 1024  # generation budget per solution
     seed: int | None = 0
     batch_size: int | None = None  # problems per backend call; None = a whole benchmark in one call
-    resume: bool = True  # reuse finished problems of eval/<benchmark>.jsonl
+    # reuse finished problems of eval/<benchmark>.jsonl: True/"auto" (same settings), False/"fresh" (move
+    # eval/ aside, start over) or "force" (reuse whatever is there); sphere/rundir.py
+    resume: bool | str = True
     verify_timeout_s: float = 5.0  # per-answer checker timeout
 
     def __post_init__(self) -> None:
@@ -196,17 +198,15 @@ def evaluate_benchmark(backend, name: str, records: list[dict], out_dir: Path, s
         records, skipped = backend.select(key, records)
     sig = _sha({**dict(sig_parts or {}), "sampling": asdict(settings.sampling_params())})
     done: dict[str, dict] = {}
-    if settings.resume:
-        ids = {r["id"] for r in records}
-        for k, rec in enumerate(read_jsonl_tolerant(path), 1):
-            if rec.get("sig") != sig:
-                raise RuntimeError(
-                    f"{path}: record {k} was written with different settings (model, backend, prompt, "
-                    f"checker or sampling; sig {rec.get('sig')} != {sig}). "
-                    "Use a new hydra.run.dir or resume=false."
-                )
-            if rec["id"] in ids:
-                done[rec["id"]] = rec
+    from sphere.rundir import default_mode, resume_mode
+
+    mode = resume_mode(settings.resume)
+    mode = default_mode() if mode == "auto" else mode
+    if mode != "fresh":
+        # run_eval has compared the run directory's signature.json (sphere.rundir.check_or_record); a record
+        # of other settings here is from a directory that has none (an older sphere) or was forced
+        records_done = reuse_records(path, records, sig, mode)
+        done.update(records_done)
     elif path.exists():
         path.unlink()
     todo = [r for r in records if r["id"] not in done]
@@ -231,6 +231,37 @@ def evaluate_benchmark(backend, name: str, records: list[dict], out_dir: Path, s
     info = {"generated": len(todo), "reused": len(records) - len(todo), "seconds": time.perf_counter() - t0,
             "file": str(path)}
     return summary, info
+
+
+def reuse_records(path: Path, records: list[dict], sig: str, mode: str = "auto") -> dict[str, dict]:
+    """Finished records of ``path`` for ``records`` (by id). A record written with other settings (its
+    ``sig``) is refused in mode auto, with the shared signature-mismatch message (sphere/rundir.py), and
+    reused in mode force."""
+    from sphere.rundir import SignatureMismatch, mismatch_message
+
+    ids = {r["id"] for r in records}
+    done: dict[str, dict] = {}
+    for k, rec in enumerate(read_jsonl_tolerant(path), 1):
+        if rec.get("sig") != sig and mode != "force":
+            raise SignatureMismatch(mismatch_message(
+                f"{path}: record {k}", "eval",
+                [("sig (model, backend, prompt, checker, sampling)", rec.get("sig"), sig)]))
+        if rec["id"] in ids:
+            done[rec["id"]] = rec
+    return done
+
+
+def eval_signature(sig_parts: Mapping, settings: EvalSettings) -> dict:
+    """signature.json content of an eval directory: what each record's ``sig`` hashes (model name, backend,
+    prompt family, checker versions, sampling) plus the model's weights hash when it is a local directory
+    or the mini model (sphere/rundir.py)."""
+    from sphere.rundir import model_fingerprint
+
+    out = {**dict(sig_parts), "sampling": asdict(settings.sampling_params())}
+    fp = model_fingerprint(sig_parts.get("model", "")) if sig_parts.get("model") else {}
+    if fp.get("sha256"):
+        out["model_sha256"] = fp["sha256"]
+    return out
 
 
 def run_eval(
@@ -263,6 +294,11 @@ def run_eval(
     sig_parts = {"model": model_name, "backend": getattr(backend, "name", type(backend).__name__),
                  "prompt": prompt_info(family_cfg) if not hasattr(backend, "complete_records") else None,
                  "checker": checker_info()}
+    from sphere.rundir import check_or_record, resume_mode
+
+    # refuse (or, with resume=fresh, move aside) eval/ outputs of other settings before generating anything
+    check_or_record(out_dir, "eval", eval_signature(sig_parts, settings), mode=resume_mode(settings.resume),
+                    outputs=["eval"])
     results: dict = {}
     runs: dict = {}
     with _progress(progress) as prog:
@@ -297,6 +333,8 @@ def settings_from_config(cfg) -> EvalSettings:
     """EvalSettings from the composed config (conf/eval.yaml + the ``sampling`` node)."""
     from omegaconf import OmegaConf
 
+    from sphere.rundir import resume_mode
+
     def sel(key, default):
         v = OmegaConf.select(cfg, key, default=default)
         return default if v is None else v
@@ -311,7 +349,7 @@ def settings_from_config(cfg) -> EvalSettings:
     return EvalSettings(n=n, temperature=float(temp), top_p=float(sel("sampling.top_p", 1.0)),
                         max_tokens=int(max_tokens),
                         seed=OmegaConf.select(cfg, "sampling.seed", default=cfg.get("seed")),
-                        batch_size=cfg.get("batch_size"), resume=bool(cfg.get("resume", True)),
+                        batch_size=cfg.get("batch_size"), resume=resume_mode(cfg.get("resume", True)),
                         verify_timeout_s=float(cfg.get("verify_timeout_s", 5.0)))
 
 
@@ -366,18 +404,8 @@ def evaluate(cfg, out_dir: str | Path, backend=None) -> dict:
     return results
 
 
-def main(cfg) -> float:
-    """Hydra entry point of ``sphere eval``; prints the table and returns the mean accuracy (for sweepers)."""
-    from hydra.core.hydra_config import HydraConfig
-
-    out_dir = Path(HydraConfig.get().runtime.output_dir)
-    from sphere.scale.ray_runner import evaluate as evaluate_ray
-    from sphere.scale.ray_runner import runner_name
-
-    if runner_name(cfg) == "ray":  # runner=ray: Ray actors (sphere/scale/ray_runner.py)
-        results = evaluate_ray(cfg, out_dir)
-    else:
-        results = evaluate(cfg, out_dir)
+def report(results: dict, out_dir: Path) -> float:
+    """Print the results table and the one-line JSON summary; the mean accuracy (for sweepers)."""
     print((out_dir / "eval" / "results.md").read_text(encoding="utf-8"))
     accs = [v["accuracy"] for k, v in results.items() if k not in RESERVED_KEYS]
     line = {k: round(v["accuracy"], 4) for k, v in results.items() if k not in RESERVED_KEYS}

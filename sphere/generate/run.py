@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
+from sphere.data.problems import count_problems, load_problems  # noqa: F401 - re-exported (data layer)
 from sphere.generate.pairs import (
     PairFilter,
     filter_pairs,
@@ -73,83 +74,6 @@ def validate_generate_config(cfg: Any) -> None:
         raise ValueError(f"config engine_backend={cfg.engine_backend!r}: allowed cpp | py")
 
 
-# ---------------------------------------------------------------------------------------------- data
-def _sources(dcfg: Any) -> list[str]:
-    src = dcfg.problems
-    if OmegaConf.is_config(src) or isinstance(src, (list, tuple)):
-        return [str(s) for s in src]
-    return [str(src)]
-
-
-_NAMED = {"math_train": "math/train.jsonl", "gsm8k_train": "gsm8k/train.jsonl"}
-
-
-def load_problems(dcfg: Any, seed: int) -> list[dict]:
-    """Problems for generation from ``data.problems``: one source or a list of sources, each ``mini`` (the
-    mini world's training split), a shipped set (``math_train``, ``gsm8k_train``), a local JSONL path, or
-    ``hf:NAME[:SPLIT]`` where a hub is reachable. ``data.limit`` caps the total."""
-    limit = None if dcfg.limit is None else int(dcfg.limit)
-    out: list[dict] = []
-    for src in _sources(dcfg):
-        left = None if limit is None else max(0, limit - len(out))
-        if left == 0:
-            break
-        out.extend(_load_source(src, dcfg, seed, left))
-    return out
-
-
-def count_problems(dcfg: Any, seed: int) -> int:
-    """Number of problems ``load_problems`` would return, reading local files only (for dry runs)."""
-    limit = None if dcfg.limit is None else int(dcfg.limit)
-    n = 0
-    for src in _sources(dcfg):
-        if src == "mini":
-            n += int(dcfg.mini_n)
-        elif src.startswith("hf:"):
-            n += int(dcfg.get("hf_expected_size") or 0)
-        elif src == "training" or src.startswith(("numina:", "metamath:")):  # sphere/data/training.py
-            from sphere.data.training import count_source
-
-            n += count_source(src, dcfg, seed)
-        else:
-            path = Path(str(dcfg.data_dir)) / _NAMED[src] if src in _NAMED else Path(src)
-            if not path.is_file():
-                raise FileNotFoundError(f"config data.problems: {path} not found")
-            with open(path, "rb") as f:
-                n += sum(1 for line in f if line.strip())
-    return n if limit is None else min(n, limit)
-
-
-def _load_source(src: str, dcfg: Any, seed: int, limit: int | None) -> list[dict]:
-    if src == "mini":
-        from sphere.mini.world import training_problems
-
-        n = int(dcfg.mini_n) if limit is None else min(int(dcfg.mini_n), limit)
-        return training_problems(n, seed=int(dcfg.mini_seed) + seed)
-    from sphere.data.benchmarks import load_problems_jsonl
-
-    if src == "training" or src.startswith(("numina:", "metamath:")):  # NuminaMath / MetaMathQA pools
-        from sphere.data.training import load_source
-
-        return load_source(src, dcfg, seed, limit)
-    if src in _NAMED:
-        return load_problems_jsonl(Path(str(dcfg.data_dir)) / _NAMED[src], limit=limit)
-    if src.startswith("hf:"):
-        import datasets
-
-        name, _, split = src[3:].partition(":")
-        ds = datasets.load_dataset(name, split=split or "train")
-        pf, af = str(dcfg.hf_problem_field), str(dcfg.hf_answer_field)
-        out = []
-        for i, r in enumerate(ds):
-            if limit is not None and i >= limit:
-                break
-            out.append({"id": f"{name}-{i}", "problem": str(r[pf]), "answer": str(r[af]), "source": name})
-        return out
-    return load_problems_jsonl(src, limit=limit)
-
-
-# ---------------------------------------------------------------------------------------------- records
 def traj_to_dict(t: Trajectory | None) -> dict | None:
     if t is None:
         return None
@@ -521,29 +445,19 @@ def build_components(cfg: DictConfig, which: str = "policy") -> Any:
     return make_backend(cfg, path)
 
 
-def main(cfg: DictConfig) -> float:
-    from hydra.core.hydra_config import HydraConfig
-
+def run_local(cfg: DictConfig, out: Path) -> float:
+    """`sphere generate` in one process (``runner=local``; sphere/runners.py picks the runner): the three
+    stages into ``out``; returns the number of pairs. The caller validated the config and the run directory."""
+    from sphere.lifecycle import Models
     from sphere.loggers import make_logger
     from sphere.progress import StageProgress
     from sphere.verify import check_answers
 
-    out = Path(HydraConfig.get().runtime.output_dir)
-    from sphere.rundir import check_generate
-    from sphere.scale.ray_runner import main_generate, runner_name
-
-    validate_generate_config(cfg)
-    check_generate(cfg, out)  # signature.json: refuse to resume outputs of other settings (resume=...)
-    if runner_name(cfg) == "ray":  # runner=ray: Ray actors (sphere/scale/ray_runner.py)
-        return main_generate(cfg, out)
-    validate_generate_config(cfg)
     problems = load_problems(cfg.data, int(cfg.seed))
     if not problems:
         raise SystemExit(f"sphere generate: data.problems={cfg.data.problems!r} gave no problems")
     logger = make_logger(cfg, out, "generate")
     try:
-        from sphere.lifecycle import Models
-
         with Models(cfg) as models:  # policy, small (stage 3), step scorer: one owner, closed on exit
             gen = Generator(cfg, out, logger=logger)
             with StageProgress(len(problems), "generate") as prog:

@@ -43,11 +43,11 @@ def load_recipe(which: str) -> dict:
     """The recipe mapping of ``which`` ("policy" | "small") from conf/mini/<which>.yaml."""
     from omegaconf import OmegaConf
 
-    from sphere.cli import conf_dir
+    from sphere.resources import resource_path
 
     if which not in RECIPES:
         raise ValueError(f"ensure_mini_model: which={which!r}; allowed: {sorted(RECIPES)}")
-    path = conf_dir() / "mini" / f"{RECIPES[which][0]}.yaml"
+    path = resource_path("conf") / "mini" / f"{RECIPES[which][0]}.yaml"
     return OmegaConf.to_container(OmegaConf.load(path), resolve=True)
 
 
@@ -119,7 +119,7 @@ def ensure_mini_model(cfg=None, which: str = "policy", progress: bool = True, bu
     if target.is_dir() and not verify_checkpoint(target):
         return target
     if not build:
-        from sphere.models import ModelNotFoundError
+        from sphere.resources import ModelNotFoundError
 
         raise ModelNotFoundError(
             f"the mini {which} model {name!r} is not usable ({'; '.join(problems)}) and not in the cache "

@@ -46,19 +46,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from sphere.io import JsonlAppender, atomic_write_json, read_jsonl_tolerant
 
-RUNNERS = ("local", "ray")
 STAGES = (1, 2, 3)
 
 
 # ---------------------------------------------------------------------------------------------- config
-def runner_name(cfg: Any) -> str:
-    """``cfg.runner.name`` (``local`` when the config has no runner group)."""
-    name = str(OmegaConf.select(cfg, "runner.name", default="local"))
-    if name not in RUNNERS:
-        raise ValueError(f"config runner.name={name!r}: allowed {' | '.join(RUNNERS)} (conf/runner/)")
-    return name
-
-
 def validate_runner_config(rcfg: Any) -> None:
     def pos_int(key: str, minimum: int = 1) -> None:
         v = rcfg.get(key)
@@ -786,9 +777,6 @@ def evaluate(
     data_dir = OmegaConf.select(cfg, "paths.data_dir", default=None)
     limit = cfg.get("limit")
     loaded = [(n, load_benchmark(n, data_dir, limit)) for n in names]
-    if not settings.resume:
-        for n, _ in loaded:
-            (out_dir / "eval" / f"{benchmark_key(n)}.jsonl").unlink(missing_ok=True)
     t0 = time.perf_counter()
     info: dict[str, Any] = {
         "runner": "ray",
@@ -803,22 +791,26 @@ def evaluate(
             import ray
 
             sig = ray.get(pool.actors[0].signature.remote())
+            # the run directory's signature.json, as run_eval checks it (sphere/rundir.py): refuse, or
+            # with resume=fresh move eval/ aside, before any chunk is dispatched
+            from sphere.evaluation.harness import (checker_info, eval_signature, prompt_info,
+                                                   reuse_records)
+            from sphere.rundir import check_or_record, default_mode, resume_mode
+
+            model_name = str(OmegaConf.select(cfg, "model.policy", default=""))
+            parts = {"model": model_name, "backend": sig["backend_name"],
+                     "prompt": prompt_info(family_config(cfg)), "checker": checker_info()}
+            mode = resume_mode(settings.resume)
+            check_or_record(out_dir, "eval", eval_signature(parts, settings), mode=mode, outputs=["eval"])
+            mode = default_mode() if mode == "auto" else mode
             present: dict[str, set] = {}
             chunks: list[Chunk] = []
             for n, recs in loaded:
                 key = benchmark_key(n)
                 path = out_dir / "eval" / f"{key}.jsonl"
-                ids = {r["id"] for r in recs}
-                present[key] = set()
-                for k, rec in enumerate(read_jsonl_tolerant(path), 1):
-                    if rec.get("sig") != sig["sig"]:
-                        raise RuntimeError(
-                            f"{path}: record {k} was written with different settings (model, backend, "
-                            f"prompt, checker or sampling; sig {rec.get('sig')} != {sig['sig']}). Use a new "
-                            "hydra.run.dir or resume=false."
-                        )
-                    if rec["id"] in ids:
-                        present[key].add(rec["id"])
+                if mode == "fresh":
+                    path.unlink(missing_ok=True)
+                present[key] = set(reuse_records(path, recs, sig["sig"], mode))
                 todo = [r for r in recs if r["id"] not in present[key]]
                 for part in chunked(todo, int(rcfg.eval_chunk_size)):
                     chunks.append(Chunk(len(chunks), "eval", {"name": n, "records": part}, len(part)))
@@ -876,7 +868,7 @@ def evaluate(
         out_dir,
         data_dir=data_dir,
         limit=limit,
-        settings=replace(settings, resume=True),
+        settings=replace(settings, resume="force"),  # the records are this run's, checked above
         family_cfg=family_config(cfg),
         model_name=str(OmegaConf.select(cfg, "model.policy", default="")),
         reference_path=cfg.get("reference_results"),

@@ -1,0 +1,89 @@
+"""Problem sets for generation (``data.problems``): the mini world, the shipped MATH/GSM8K train splits, local
+JSONL files, NuminaMath / MetaMathQA pools (sphere/data/training.py) and ``hf:`` datasets where a hub is
+reachable. ``load_problems(data_cfg, seed)`` returns the problem dicts (id, problem, answer, source...);
+``count_problems`` counts them from local files only (dry runs)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+
+def sources(dcfg: Any) -> list[str]:
+    src = dcfg.problems
+    if OmegaConf.is_config(src) or isinstance(src, (list, tuple)):
+        return [str(s) for s in src]
+    return [str(src)]
+
+
+NAMED = {"math_train": "math/train.jsonl", "gsm8k_train": "gsm8k/train.jsonl"}
+
+
+def load_problems(dcfg: Any, seed: int) -> list[dict]:
+    """Problems for generation from ``data.problems``: one source or a list of sources, each ``mini`` (the
+    mini world's training split), a shipped set (``math_train``, ``gsm8k_train``), a local JSONL path, or
+    ``hf:NAME[:SPLIT]`` where a hub is reachable. ``data.limit`` caps the total."""
+    limit = None if dcfg.limit is None else int(dcfg.limit)
+    out: list[dict] = []
+    for src in sources(dcfg):
+        left = None if limit is None else max(0, limit - len(out))
+        if left == 0:
+            break
+        out.extend(load_source(src, dcfg, seed, left))
+    return out
+
+
+def count_problems(dcfg: Any, seed: int) -> int:
+    """Number of problems ``load_problems`` would return, reading local files only (for dry runs)."""
+    limit = None if dcfg.limit is None else int(dcfg.limit)
+    n = 0
+    for src in sources(dcfg):
+        if src == "mini":
+            n += int(dcfg.mini_n)
+        elif src.startswith("hf:"):
+            n += int(dcfg.get("hf_expected_size") or 0)
+        elif src == "training" or src.startswith(("numina:", "metamath:")):  # sphere/data/training.py
+            from sphere.data.training import count_source
+
+            n += count_source(src, dcfg, seed)
+        else:
+            path = Path(str(dcfg.data_dir)) / NAMED[src] if src in NAMED else Path(src)
+            if not path.is_file():
+                raise FileNotFoundError(f"config data.problems: {path} not found")
+            with open(path, "rb") as f:
+                n += sum(1 for line in f if line.strip())
+    return n if limit is None else min(n, limit)
+
+
+def load_source(src: str, dcfg: Any, seed: int, limit: int | None) -> list[dict]:
+    if src == "mini":
+        from sphere.mini.world import training_problems
+
+        n = int(dcfg.mini_n) if limit is None else min(int(dcfg.mini_n), limit)
+        return training_problems(n, seed=int(dcfg.mini_seed) + seed)
+    from sphere.data.benchmarks import load_problems_jsonl
+
+    if src == "training" or src.startswith(("numina:", "metamath:")):  # NuminaMath / MetaMathQA pools
+        from sphere.data.training import load_source
+
+        return load_source(src, dcfg, seed, limit)
+    if src in NAMED:
+        return load_problems_jsonl(Path(str(dcfg.data_dir)) / NAMED[src], limit=limit)
+    if src.startswith("hf:"):
+        import datasets
+
+        name, _, split = src[3:].partition(":")
+        ds = datasets.load_dataset(name, split=split or "train")
+        pf, af = str(dcfg.hf_problem_field), str(dcfg.hf_answer_field)
+        out = []
+        for i, r in enumerate(ds):
+            if limit is not None and i >= limit:
+                break
+            out.append({"id": f"{name}-{i}", "problem": str(r[pf]), "answer": str(r[af]), "source": name})
+        return out
+    return load_problems_jsonl(src, limit=limit)
+
+
+# ---------------------------------------------------------------------------------------------- records
