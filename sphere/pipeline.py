@@ -155,7 +155,11 @@ def validate_run_config(cfg: DictConfig) -> None:
     from sphere.data.benchmarks import benchmark_key, load_benchmark
     from sphere.evaluation.harness import expand_benchmarks
 
-    for name in expand_benchmarks(cfg.eval.benchmarks):  # empty, unknown or missing: fail before any work
+    try:
+        names = expand_benchmarks(cfg.eval.benchmarks)
+    except ValueError as e:
+        raise ValueError(f"config eval.benchmarks is empty: list at least one benchmark ({e})") from None
+    for name in names:  # unknown or missing: fail before any work
         benchmark_key(name)
         load_benchmark(name, cfg.paths.data_dir, cfg.eval.limit)
     if int(cfg.rounds) > 0:  # the generate settings too, before round 0 spends time (issue #11)

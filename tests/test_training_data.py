@@ -394,7 +394,7 @@ def test_fallback_and_describe(tmp_path):
     assert [p["id"] for p in probs] == [f"gsm8k-train-{i}" for i in range(5)]
     assert count_problems(cfg.data, 0) == 5
     cfg.data.limit = None
-    assert count_problems(cfg.data, 0) == 7473
+    assert count_problems(cfg.data, 0) == 7473 - 2  # the fallback is decontaminated too (2 GSM8K-test overlaps)
     d = T.describe_source(cfg.data)
     assert d["uses"] == ["gsm8k_train"] and d["reason"].startswith("fallback") and "no_numina" in d["reason"]
     cfg = _cfg("data.problems=training", *_POOL_OVERRIDES)
@@ -416,7 +416,7 @@ def _dry_run(tmp_path: Path, *overrides: str) -> dict:
 def test_paper_dry_run_says_which_training_data(tmp_path):
     # no local pools (this checkout): the shipped MATH train + GSM8K train, and the plan says so
     plan = _dry_run(tmp_path / "a", "data.training.numina=/nonexistent/numina")
-    assert plan["data"] == "training" and plan["problems"] == 11998 + 7473
+    assert plan["data"] == "training" and plan["problems"] == 11998 + 7473 - 87  # decontaminated fallback
     assert plan["data_source"]["uses"] == ["math_train", "gsm8k_train"]
     reason = plan["data_source"]["reason"]
     assert "fallback" in reason and "/nonexistent/numina" in reason

@@ -729,21 +729,40 @@ def load_source(src: str, dcfg: Any, seed: int, limit: int | None) -> list[dict]
             if fb is None:
                 # the clear error of the loader (names the pool and how to provide it)
                 sample_from_config(src, dcfg)
-            from sphere.data.problems import load_source as _load_source
-
             log.warning("data.problems=training: %s; using data.training.fallback=%s", why, fb)
-            _write_manifest(dcfg, {"kind": "sphere.training_sample", "fallback": fb, "reason": why})
-            out: list[dict] = []
-            for s in fb:
-                left = None if limit is None else max(0, limit - len(out))
-                if left == 0:
-                    break
-                out.extend(_load_source(s, dcfg, seed, left))
-            return out
+            out, dropped = _fallback_problems(dcfg, seed)
+            _write_manifest(dcfg, {"kind": "sphere.training_sample", "fallback": fb, "reason": why,
+                                   "decontamination": dropped})
+            return out if limit is None else out[:limit]
     problems, manifest = sample_from_config(src, dcfg)
     where = _write_manifest(dcfg, manifest)
     log.info("%s%s", _summary(manifest), f" (manifest: {where})" if where else "")
     return problems if limit is None else problems[:limit]
+
+
+def _fallback_problems(dcfg: Any, seed: int) -> tuple[list[dict], dict]:
+    """The fallback sources' problems, decontaminated against the six benchmarks like the pools when
+    ``data.training.decontaminate`` is on (the shipped MATH train holds exact copies of a MATH-500 and two
+    OlympiadBench problems); returns (problems, drop counts per benchmark)."""
+    from sphere.data.problems import load_source as _load_source
+
+    out: list[dict] = []
+    for s in _fallback(dcfg) or []:
+        out.extend(_load_source(s, dcfg, seed, None))
+    t = _tcfg(dcfg)
+    if not bool(t.get("decontaminate", True)):
+        return out, {"enabled": False}
+    dec = load_decontaminator(dcfg.get("data_dir"), int(t.get("ngram", DEFAULT_NGRAM)))
+    hits = dec.find([p["problem"] for p in out])
+    per: dict[str, int] = {}
+    for h in hits:
+        if h is not None:
+            per[h.benchmark] = per.get(h.benchmark, 0) + 1
+    kept = [p for p, h in zip(out, hits) if h is None]
+    if per:
+        log.warning("data.training.fallback: dropped %d problems overlapping the evaluation benchmarks %s",
+                    len(out) - len(kept), per)
+    return kept, {"enabled": True, "ngram": dec.n, "dropped_per_benchmark": per, "kept": len(kept)}
 
 
 def count_source(src: str, dcfg: Any, seed: int) -> int:
@@ -754,6 +773,8 @@ def count_source(src: str, dcfg: Any, seed: int) -> int:
 
         from sphere.data.problems import count_problems
 
+        if bool(_tcfg(dcfg).get("decontaminate", True)):
+            return len(_fallback_problems(dcfg, seed)[0])
         sub = OmegaConf.merge(dcfg, {"problems": _fallback(dcfg), "limit": None})
         return count_problems(sub, seed)
     return len(sample_from_config(src, dcfg)[0])
