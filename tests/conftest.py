@@ -16,18 +16,44 @@ os.environ["TOKENIZERS_PARALLELISM"] = "false"
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
 
-import importlib.util  # noqa: E402
+import functools  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
+
+from skip_gate import SkipGate  # noqa: E402
 
 # Engine settings for the tiny model: short context, small KV blocks (so short prompts share cache blocks).
 TINY_MAX_MODEL_LEN = 512
 TINY_BLOCK_SIZE = 32
 
 
+def pytest_configure(config):
+    # In CI (CI=true) or with SPHERE_FAIL_ON_SKIP=1, a skipped test fails the session unless allow-listed
+    # (tests/skip_gate.py).
+    if not config.pluginmanager.has_plugin("sphere-skip-gate"):
+        config.pluginmanager.register(SkipGate(), "sphere-skip-gate")
+
+
+@functools.cache
+def vllm_import_error() -> str | None:
+    """None when vllm imports; otherwise why not (the skip reason, so CI's skip gate names the cause)."""
+    try:
+        import vllm  # noqa: F401
+    except ImportError as e:
+        return f"vllm is not importable: {e}"
+    return None
+
+
 def has_vllm() -> bool:
-    return importlib.util.find_spec("vllm") is not None
+    return vllm_import_error() is None
+
+
+def require_vllm() -> None:
+    """Skip the calling test when vllm cannot be imported (a failure in CI: tests/skip_gate.py)."""
+    why = vllm_import_error()
+    if why is not None:
+        pytest.skip(why)
 
 
 @pytest.fixture(scope="session")
@@ -59,8 +85,7 @@ def tiny_transformers_backend(tiny_model_dir):
 @pytest.fixture(scope="session")
 def tiny_vllm_backend(tiny_model_dir):
     """The session's one offline vLLM engine on the tiny model (float32, prefix caching on)."""
-    if not has_vllm():
-        pytest.skip("vllm is not installed")
+    require_vllm()
     from sphere.backends.vllm_backend import VLLMBackend
 
     b = VLLMBackend(tiny_model_dir, dtype="float32", max_model_len=TINY_MAX_MODEL_LEN,
@@ -73,8 +98,7 @@ def tiny_vllm_backend(tiny_model_dir):
 @pytest.fixture(scope="session")
 def tiny_vllm_server(tiny_model_dir, tmp_path_factory):
     """A real `vllm serve` (OpenAI API) on 127.0.0.1 with the tiny model; yields its base URL."""
-    if not has_vllm():
-        pytest.skip("vllm is not installed")
+    require_vllm()
     from sphere.backends.vllm_backend import launch_server, stop_server
 
     log = tmp_path_factory.mktemp("vllm_server") / "server.log"

@@ -70,5 +70,8 @@ def test_reflection_prompt(tok, chat_tok):
                                 "Corrected solution:\n"}
     text = build_reflection_text(tok, "P?", ["a = 1.", "b = 3."], fam, continue_steps=["a = 1."])
     assert text == "Problem: P?\n\nAttempt:\na = 1.\n\nb = 3.\n\nThe attempt has a mistake. Corrected solution:\na = 1.\n\n"
-    ids = build_reflection_ids(chat_tok, "P?", ["a = 1."], load_family("qwen2_5_math"))
-    assert "This attempt contains a mistake" in chat_tok.decode(ids)
+    fam = load_family("qwen2_5_math")
+    ids = build_reflection_ids(chat_tok, "P?", ["a = 1."], fam)
+    # the wording comes from conf/prompt/qwen2_5_math.yaml (tests/test_chat_templates.py: exact renders)
+    body = fam["reflection"].format(problem="P?", attempt="a = 1.", instruction=fam["instruction"])
+    assert chat_tok.decode(ids).endswith(f"<|im_start|>user\n{body}<|im_end|>\n<|im_start|>assistant\n")

@@ -80,7 +80,6 @@ def test_benchmark_key_for_paths():
 
 
 def test_mini_benchmark_delegates_to_the_mini_world():
-    pytest.importorskip("sphere.mini.world")
     recs = load_benchmark("mini", limit=7)
     assert len(recs) == 7 and len({r["id"] for r in recs}) == 7
     assert recs == load_benchmark("mini", limit=7)  # deterministic

@@ -84,7 +84,12 @@ def test_eval_cli_transformers_killed_and_rerun(tiny_model, tmp_path):
                             start_new_session=True)
     first = run_dir / "eval" / "mini.jsonl"
     try:
+        # wait for the first finished problem; a run that never writes one is a hang: the deadline (well
+        # under the global pytest timeout) names it instead of blocking the session
+        deadline = time.monotonic() + 600
         while proc.poll() is None and len(read_jsonl_tolerant(first)) < 1:
+            if time.monotonic() > deadline:
+                pytest.fail(f"`sphere eval` wrote no record to {first} within 600 s (hung?)")
             time.sleep(0.05)
     finally:
         if proc.poll() is None:

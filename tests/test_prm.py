@@ -45,6 +45,29 @@ def test_checkpoint_layout_is_checked(tiny_model_dir):
         QwenProcessRewardModel.from_pretrained(tiny_model_dir)  # a causal LM, not a PRM
 
 
+@pytest.mark.parametrize("flag", [None, False, True])
+def test_trust_remote_code_comes_from_config_and_defaults_false(tiny_prm_dir, monkeypatch, flag):
+    """The PRM is a downloaded model: every config/tokenizer load gets scorer.trust_remote_code (False unless
+    a config says so), the PRM body's AutoConfig included (tests/test_security.py checks the same statically)."""
+    import transformers
+
+    seen = []
+    for name in ("AutoConfig", "AutoTokenizer"):
+        cls = getattr(transformers, name)
+        orig = cls.from_pretrained.__func__
+
+        def spy(klass, *a, _orig=orig, _name=name, **kw):
+            seen.append((_name, kw.get("trust_remote_code")))
+            return _orig(klass, *a, **kw)
+
+        monkeypatch.setattr(cls, "from_pretrained", classmethod(spy))
+    over = {} if flag is None else {"trust_remote_code": flag}
+    PRMScorer(None, tiny_prm_dir, engine="transformers", **over)
+    want = bool(flag)
+    assert seen and all(v is want for _, v in seen), seen
+    assert {n for n, _ in seen} == {"AutoConfig", "AutoTokenizer"} and len(seen) >= 3  # tokenizer, scorer, body
+
+
 def test_missing_prm_path_fails_clearly(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         PRMScorer(None, tmp_path / "nope", engine="transformers")
@@ -53,10 +76,9 @@ def test_missing_prm_path_fails_clearly(tmp_path):
 @pytest.mark.vllm
 @pytest.mark.slow
 def test_vllm_pooling_matches_transformers(tiny_prm_dir, hf_prm):
-    from conftest import TINY_BLOCK_SIZE, has_vllm
+    from conftest import TINY_BLOCK_SIZE, require_vllm
 
-    if not has_vllm():
-        pytest.skip("vllm is not installed")
+    require_vllm()
     v = PRMScorer(None, tiny_prm_dir, engine="vllm", max_model_len=512, block_size=TINY_BLOCK_SIZE)
     try:
         items = [(PROBLEM, GOOD), (PROBLEM, BAD), (PROBLEM, GOOD[:2])]

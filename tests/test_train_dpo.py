@@ -339,27 +339,51 @@ def test_sphere_train_cli(tmp_path, tiny_model_dir):
 # ---------------------------------------------------------------------------------------------- vLLM
 @pytest.mark.vllm
 @pytest.mark.slow
-def test_vllm_generates_from_the_merged_checkpoint(tmp_path, tiny_model_dir):
-    """The merged checkpoint is what the next round's vLLM engine loads. Runs in a child process so this
-    session keeps its single in-process engine (tests/conftest.py)."""
-    pytest.importorskip("vllm")
+def test_vllm_greedy_on_the_merged_checkpoint_equals_transformers(tmp_path, tiny_model_dir):
+    """The merged checkpoint is what the next round's vLLM engine loads: vLLM's greedy continuation of a
+    handful of prompts equals transformers' greedy continuation on the same merged weights, token for token
+    (float32 both). vLLM runs in a child process so this session keeps its single in-process engine
+    (tests/conftest.py)."""
+    from conftest import require_vllm
+
+    require_vllm()
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sphere.testing.tiny import PROMPT_TEMPLATE, arithmetic_problem
     from sphere.train.dpo import train_dpo
 
     pairs = write_jsonl(tmp_path / "pairs.jsonl", make_pairs(8))
     merged = train_dpo({**FAST, "max_steps": 2}, tiny_model_dir, pairs, tmp_path / "out")
+    rng = random.Random(123)
+    prompts = [PROMPT_TEMPLATE.format(problem=arithmetic_problem(rng)[0]) for _ in range(6)]
+    prompts.append("Problem: Ann has 3 coins. Ann gets 4, then gets 2. How many coins now?\n\nSolution:\n")
+    max_new = 24
     code = (
         "import json, sys\n"
         "from vllm import LLM, SamplingParams\n"
         f"llm = LLM(model={str(merged)!r}, dtype='float32', max_model_len=512, block_size=32, "
         "enforce_eager=True, seed=0)\n"
-        "o = llm.generate(['Problem: Ann has 3 coins. Ann gets 4, then gets 2. How many coins now?\\n\\n"
-        "Solution:\\n'], SamplingParams(temperature=0, max_tokens=24))\n"
-        "print(json.dumps({'text': o[0].outputs[0].text, 'n': len(o[0].outputs[0].token_ids)}))\n"
+        f"outs = llm.generate({prompts!r}, SamplingParams(temperature=0, max_tokens={max_new}))\n"
+        "print(json.dumps([list(o.outputs[0].token_ids) for o in outs]))\n"
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    out = json.loads(r.stdout.strip().splitlines()[-1])
-    assert out["n"] > 0 and out["text"].strip()
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+
+    tok = AutoTokenizer.from_pretrained(merged)
+    model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
+    eos = tok.eos_token_id
+    want = []
+    with torch.no_grad():
+        for p in prompts:
+            ids = tok(p, return_tensors="pt")["input_ids"]
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                 max_new_tokens=max_new, pad_token_id=eos)[0, ids.shape[1]:].tolist()
+            want.append(out[:out.index(eos) + 1] if eos in out else out)  # vLLM stops at (and keeps) EOS
+    strip = lambda t: t[:-1] if t and t[-1] == eos else t  # noqa: E731
+    assert [strip(g) for g in got] == [strip(w) for w in want]
+    assert all(len(g) > 0 for g in got)
 
 
 # --------------------------------------------------------------------------------------------- config
@@ -382,7 +406,6 @@ def test_train_configs_compose_and_resolve():
 
 def test_train_metrics_reach_an_offline_wandb_run(tmp_path, tiny_model_dir):
     """train/* metrics through the project's W&B logger (offline): one history row per optimizer step."""
-    pytest.importorskip("wandb")
     from omegaconf import OmegaConf
 
     from sphere.loggers import make_logger, read_offline_run

@@ -52,13 +52,14 @@ class QwenProcessRewardModel(_torch_nn().Module):
         return self.score(hidden)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, dtype=None) -> QwenProcessRewardModel:
+    def from_pretrained(cls, path: str | Path, dtype=None,
+                        trust_remote_code: bool = False) -> QwenProcessRewardModel:
         import torch
         from safetensors.torch import load_file
         from transformers import AutoConfig
 
         path = Path(path)
-        config = AutoConfig.from_pretrained(path)
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
         model = cls(config)
         index = path / "model.safetensors.index.json"
         files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else [
@@ -145,7 +146,8 @@ class PRMScorer:
                     self.model_path, dtype=dtype, trust_remote_code=trust).eval()
                 self._token_cls = True
             else:
-                self._model = QwenProcessRewardModel.from_pretrained(self.model_path, dtype=dtype)
+                self._model = QwenProcessRewardModel.from_pretrained(self.model_path, dtype=dtype,
+                                                                     trust_remote_code=trust)
                 self._token_cls = False
             self._model.to(self.device)
         else:
