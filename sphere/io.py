@@ -44,11 +44,13 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
             os.fchmod(f.fileno(), 0o666 & ~current_umask())
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        if isinstance(e, OSError) and not e.filename:  # ENOSPC from write/flush names no file: name it
+            raise OSError(e.errno, e.strerror, str(path)) from e
         raise
 
 
@@ -122,20 +124,23 @@ class JsonlAppender:
         self._fsync = fsync
 
     def write(self, rec: dict) -> None:
-        self._f.write(json.dumps(rec, ensure_ascii=False, default=_default) + "\n")
-        self._f.flush()
-        if self._fsync:
-            os.fsync(self._f.fileno())
+        self.write_many([rec])
 
     def write_many(self, recs: Iterable[dict]) -> None:
-        for r in recs:
-            self._f.write(json.dumps(r, ensure_ascii=False, default=_default) + "\n")
-        self._f.flush()
-        if self._fsync:
-            os.fsync(self._f.fileno())
+        try:
+            for r in recs:
+                self._f.write(json.dumps(r, ensure_ascii=False, default=_default) + "\n")
+            self._f.flush()
+            if self._fsync:
+                os.fsync(self._f.fileno())
+        except OSError as e:  # a full disk (ENOSPC) names no file: name it
+            raise OSError(e.errno, e.strerror, str(self.path)) from e
 
     def close(self) -> None:
-        self._f.close()
+        try:
+            self._f.close()
+        except OSError:  # the flush of a failed write (full disk): the write already raised, naming the file
+            pass
 
     def __enter__(self) -> JsonlAppender:
         return self

@@ -367,11 +367,18 @@ def flatten(sig: Mapping, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+class _Absent:
+    def __repr__(self) -> str:
+        return "<absent>"
+
+
+ABSENT = _Absent()
+
+
 def differences(old: Mapping, new: Mapping) -> list[tuple[str, Any, Any]]:
-    """(key, old, new) for every key whose value differs (a missing key reads as ``<absent>``)."""
-    absent = "<absent>"
-    return [(k, old.get(k, absent), new.get(k, absent)) for k in sorted(set(old) | set(new))
-            if old.get(k, absent) != new.get(k, absent)]
+    """(key, old, new) for every key whose value differs (a missing key reads as ``ABSENT``)."""
+    return [(k, old.get(k, ABSENT), new.get(k, ABSENT)) for k in sorted(set(old) | set(new))
+            if old.get(k, ABSENT) != new.get(k, ABSENT)]
 
 
 def mismatch_message(where: str | os.PathLike, command: str, diffs: list[tuple[str, Any, Any]],
@@ -384,6 +391,8 @@ def mismatch_message(where: str | os.PathLike, command: str, diffs: list[tuple[s
 
 
 def _short(v: Any, n: int = 80) -> str:
+    if v is ABSENT:
+        return "<absent>"
     s = json.dumps(v, sort_keys=True, default=str) if not isinstance(v, str) else repr(v)
     return s if len(s) <= n else s[: n - 3] + "..."
 
@@ -454,6 +463,8 @@ def check_or_record(run_dir: str | os.PathLike, command: str, sig: Mapping, *, m
             status = "forced"
         else:
             raise SignatureMismatch(mismatch_message(d, command, diffs))
+    elif diffs:  # recorded by a run that wrote no output (failed early): re-signed
+        status = "new"
     if status != "match" or old != flat:
         rec = {"signature": flat, "recorded_utc": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         if status == "forced":
@@ -576,7 +587,8 @@ def data_signature(dcfg: Any) -> dict:
     """What ``load_problems`` reads: the ``data`` settings (but its ``data_dir`` path) and the sha256 of
     every local file among the sources (shipped sets and JSONL paths); ``mini`` and ``hf:`` sources are
     named by their settings."""
-    from sphere.generate.run import _NAMED, _sources
+    from sphere.data.problems import NAMED as _NAMED
+    from sphere.data.problems import sources as _sources
 
     conf = {k: v for k, v in (_plain(dcfg) or {}).items() if k != "data_dir"}
     files = {}

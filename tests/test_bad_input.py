@@ -235,6 +235,7 @@ EVAL_CONFIGS = [
     (["benchmarks=[nosuchbench]"], ["nosuchbench", "math500"]),
     (["replay.missing=guess"], ["replay.missing", "skip"]),
     (["backend=nosuch"], ["backend/nosuch", "Available options"]),
+    (["resume=later"], ["resume='later'", "auto | fresh | force"]),
 ]
 
 
@@ -289,6 +290,105 @@ def test_model_dir_without_weights(tmp_path, tiny_model_dir):
     proc = _sphere("generate", f"model={model}", f"model.small={model}", "data.mini_n=2",
                    f"hydra.run.dir={out}")
     _assert_clean_failure(proc, out, [str(model), "model.safetensors"])
+
+
+TRAIN_CONFIGS = [
+    (["train.save_steps=-1"], ["train.save_steps", ">= 0"]),
+    (["train.save_total_limit=0"], ["train.save_total_limit", ">= 1"]),
+    (["train.epochs=0"], ["train.epochs", "> 0"]),
+    (["train.max_steps=0"], ["train.max_steps", ">= 1"]),
+    (["train.warmup_ratio=1.5"], ["train.warmup_ratio", "[0, 1)"]),
+    (["resume=maybe"], ["resume='maybe'", "auto | fresh | force"]),
+]
+
+
+@pytest.mark.parametrize("overrides,needles", TRAIN_CONFIGS, ids=_ids)
+def test_bad_train_config_fails_before_the_model_loads(overrides, needles, tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(json.dumps({"prompt": "p", "chosen": "a", "rejected": "b", "stage": 1}) + "\n")
+    out = tmp_path / "run"
+    proc = _sphere("train", f"pairs={path}", *overrides, f"hydra.run.dir={out}")
+    _assert_clean_failure(proc, out, needles)
+    assert not out.exists()  # a failed command leaves no run directory behind (issue #17)
+
+
+# ----------------------------------------------------------------------- issue #17: errors that name their cause
+def _corrupt_copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    st = dst / "model.safetensors"
+    st.chmod(0o644)
+    with open(st, "r+b") as f:
+        f.truncate(st.stat().st_size // 2)  # an interrupted copy
+    return st
+
+
+def test_corrupt_safetensors_is_named_with_what_to_do(tmp_path, tiny_model_dir):
+    """Before: a bare `SafetensorError: incomplete metadata` from deep inside model loading, no file named."""
+    from test_train_dpo import make_pairs, write_jsonl
+
+    model = tmp_path / "truncated-model"
+    st = _corrupt_copy(tiny_model_dir, model)
+    needles = [str(st), "truncated or corrupt", "Copy or download it again"]
+    out = tmp_path / "run"
+    proc = _sphere("eval", "backend=transformers", f"model={model}", "limit=2", f"hydra.run.dir={out}")
+    _assert_clean_failure(proc, out, needles)
+    proc = _sphere("generate", f"model={model}", f"model.small={model}", "data.mini_n=2", f"hydra.run.dir={out}")
+    _assert_clean_failure(proc, out, needles)
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", make_pairs(4))
+    proc = _sphere("train", f"model={model}", f"pairs={pairs}", f"hydra.run.dir={out}")
+    _assert_clean_failure(proc, out, needles)
+    assert not out.exists()
+
+
+def _unshare_ok() -> bool:
+    try:
+        return subprocess.run(["unshare", "-m", "true"], capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+needs_mount_ns = pytest.mark.skipif(not _unshare_ok(), reason="needs `unshare -m` (root in a mount namespace)")
+
+
+def _sphere_in_mount_ns(mount: str, *args: str) -> subprocess.CompletedProcess:
+    """The CLI in a private mount namespace after ``mount`` (a shell command): a real full or read-only file
+    system, without touching the host's mounts."""
+    cmd = " ".join([sys.executable, "-m", "sphere.cli", *(f"'{a}'" for a in args)])
+    return subprocess.run(["unshare", "-m", "sh", "-c", f"{mount} && exec {cmd}"], capture_output=True,
+                          text=True, env=_env(), timeout=300, cwd=ROOT)
+
+
+@needs_mount_ns
+def test_full_disk_names_the_file_and_what_to_do(tmp_path):
+    """Before: `OSError: [Errno 28] No space left on device` without the path. A 128 KiB tmpfs fills while
+    eval/gsm8k.jsonl is written."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    out = disk / "run"
+    proc = _sphere_in_mount_ns(f"mount -t tmpfs -o size=128k tmpfs {disk}", "eval", "backend=replay",
+                               "replay.references=true", "benchmarks=[gsm8k]", f"hydra.run.dir={out}")
+    assert proc.returncode != 0
+    for needle in (f"no space left writing {out / 'eval' / 'gsm8k.jsonl'}", "errno 28", "Free space",
+                   "rerun the same command"):
+        assert needle in proc.stderr, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+
+
+@needs_mount_ns
+def test_read_only_run_dir_names_the_dir_and_what_to_do(tmp_path):
+    """Before: "Unable to configure handler 'file'" (Hydra's job log) and a traceback. A finished run
+    directory remounted read-only, rerun in place."""
+    out = tmp_path / "run"
+    args = ["eval", "backend=replay", "replay.references=true", "limit=2", f"hydra.run.dir={out}"]
+    assert _sphere(*args).returncode == 0
+    before = sorted((p.relative_to(out), p.stat().st_size) for p in out.rglob("*") if p.is_file())
+    proc = _sphere_in_mount_ns(f"mount --bind -o ro {out} {out}", *args)
+    assert proc.returncode != 0
+    for needle in (f"cannot write {out / '.lock'}", "Read-only file system", "must be writable",
+                   "another hydra.run.dir"):
+        assert needle in proc.stderr, proc.stderr[-3000:]
+    assert "Unable to configure handler" not in proc.stderr and "Traceback" not in proc.stderr
+    assert sorted((p.relative_to(out), p.stat().st_size) for p in out.rglob("*") if p.is_file()) == before
 
 
 def test_model_path_missing(tmp_path):

@@ -317,6 +317,72 @@ def test_run_killed_in_each_phase_completes_every_round(seed, clean_run, tiny_mo
     assert _assert_all_outputs_parse(out) >= 10
 
 
+@pytest.mark.slow
+def test_run_rerun_with_other_settings_is_refused_per_round(clean_run, tiny_model_dir, tmp_path):
+    """A finished `sphere run` directory rerun with another search: round 0's evaluation matches and is
+    reused, round 1's generate directory refuses (naming itself and the key) before generating anything."""
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(clean_run, out)
+    pairs = (out / "round_1" / "generate" / "pairs.jsonl").read_bytes()
+    args = [*_run_args(tiny_model_dir, out), "search.expansions=3"]
+    proc = subprocess.run(_cmd(args, True), capture_output=True, text=True, env=_env(), cwd=ROOT,
+                          timeout=HANG_GUARD_S)
+    assert proc.returncode != 0
+    assert f"{out / 'round_1' / 'generate'}: the generate outputs here were written with different settings" \
+        in proc.stderr and "search.expansions: 5 -> 3" in proc.stderr, proc.stderr[-3000:]
+    assert (out / "round_1" / "generate" / "pairs.jsonl").read_bytes() == pairs
+    for sub in ("round_0", "round_1", "round_1/generate", "round_1/train"):
+        assert (out / sub / "signature.json").is_file(), sub
+
+
+# ---------------------------------------------------------------------------------------------- train
+def _train_args(model: Path, pairs: Path, out: Path) -> list[str]:
+    # enough optimizer steps that a kill lands between checkpoints (every 4 steps, the last 2 kept)
+    return ["train", f"model={model}", f"pairs={pairs}", "train.max_steps=30", "train.batch_size=2",
+            "train.lora.r=4", "train.save_steps=4", "train.save_total_limit=2", "train.warmup_ratio=0.0",
+            f"hydra.run.dir={out}"]
+
+
+def _global_step(out: Path) -> int:
+    return int(json.loads((out / "trainer_state.json").read_text())["global_step"])
+
+
+@pytest.fixture(scope="module")
+def train_pairs(tmp_path_factory) -> Path:
+    from test_train_dpo import make_pairs, write_jsonl
+
+    return write_jsonl(tmp_path_factory.mktemp("train_pairs") / "pairs.jsonl", make_pairs(16))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [1, 2])
+def test_train_killed_after_a_checkpoint_resumes_to_the_same_step_count(seed, train_pairs, tiny_model_dir,
+                                                                        tmp_path):
+    """`sphere train` SIGKILLed mid-way (after at least one TRL checkpoint) resumes from the last complete
+    checkpoint on rerun instead of starting over, and ends after the same number of optimizer steps as an
+    uninterrupted run (trainer_state.json global_step)."""
+    clean = tmp_path / "clean"
+    _run(_train_args(tiny_model_dir, train_pairs, clean), False, tmp_path / "clean.log")
+    want = _global_step(clean)
+    assert want == 30 and not (clean / "trainer").exists()  # checkpoints are removed once merged/ is done
+
+    out = tmp_path / "run"
+    args = _train_args(tiny_model_dir, train_pairs, out)
+    rng = random.Random(seed)
+    ckpts = lambda: sorted((out / "trainer").glob("checkpoint-*/trainer_state.json"))  # noqa: E731
+    killed = _run_and_kill(args, False, tmp_path / "log.txt", lambda: len(ckpts()) >= 1, rng.uniform(0.0, 0.3))
+    assert killed, "the run finished before the kill"
+    assert not (out / "merged" / "DONE").exists() and ckpts()
+    _run(args, False, tmp_path / "log.txt")
+    assert _global_step(out) == want
+    m = json.loads((out / "train_metrics.json").read_text())
+    assert m["steps"] == want and m["resumed_from_step"] is not None and m["resumed_from_step"] >= 4
+    assert "resuming from" in (tmp_path / "log.txt").read_text()
+    assert (out / "merged" / "DONE").is_file() and not (out / "trainer").exists()
+
+
 if __name__ == "__main__":  # `python tests/test_crash.py <sphere command> ...`: the CLI with the fake checker
     import sphere.verify
 

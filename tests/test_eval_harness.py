@@ -155,7 +155,7 @@ def test_interrupted_run_resumes_without_regenerating(tmp_path):
 def test_resume_refuses_records_from_other_settings(tmp_path):
     path, answers = _problems(tmp_path, 3)
     run_eval(FakeBackend(answers), [str(path)], tmp_path / "run", family_cfg=FAMILY, progress=False)
-    with pytest.raises(RuntimeError, match="resume=false"):
+    with pytest.raises(RuntimeError, match="different settings.*resume=fresh"):
         run_eval(FakeBackend(answers), [str(path)], tmp_path / "run", family_cfg=FAMILY,
                  settings=EvalSettings(max_tokens=7), progress=False)
     fb = FakeBackend(answers)

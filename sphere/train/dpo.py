@@ -8,7 +8,12 @@
 
 Outputs in ``out_dir``: ``adapter/`` (LoRA only), ``merged/`` (a full float32 safetensors HF checkpoint with
 its tokenizer, what vLLM and transformers load as the next policy; ``merged/DONE`` exists only when it is
-complete) and ``train_metrics.json``. A finished ``out_dir`` is returned as is (resume = skip).
+complete), ``train_metrics.json`` and ``trainer_state.json`` (TRL's step count and log history). A finished
+``out_dir`` is returned as is when its ``signature.json`` matches (recipe, base model and pairs hashes;
+sphere/rundir.py), and refused when it does not. While training, TRL checkpoints go to
+``out_dir/trainer/checkpoint-<step>`` every ``train.save_steps`` optimizer steps (at most
+``train.save_total_limit`` kept); a rerun after a crash resumes from the last complete one (model,
+optimizer, scheduler and RNG states), so it ends after the same number of optimizer steps.
 
 Reference model: with LoRA it is the adapter-disabled base (one model in memory, TRL's PEFT path); with full
 fine-tuning and ``precompute_ref`` the reference log-probs are computed once before training, so no second
@@ -79,6 +84,7 @@ DEFAULTS: dict[str, Any] = {
     "warmup_ratio": 0.1, "scheduler": "cosine", "weight_decay": 0.0, "max_grad_norm": 1.0,
     "precompute_ref": True, "seed": 0, "threads": None, "progress": "auto", "logging_steps": 1,
     "dtype": "float32", "trust_remote_code": False, "device": "auto", "gradient_checkpointing": False,
+    "save_steps": 50, "save_total_limit": 1,
 }
 
 
@@ -146,10 +152,8 @@ def _use_cpu(device: str) -> bool:
     return not torch.cuda.is_available()
 
 
-def dpo_config(t: dict, out_dir: Path):
-    """The ``trl.DPOConfig`` for a resolved train config ``t`` (see ``resolve_train_cfg``)."""
-    from trl import DPOConfig
-
+def validate_train_cfg(t: dict) -> None:
+    """Range checks of a resolved train config, before any model loads or output is written."""
     if t["batch_size"] < 1 or t["grad_accum"] < 1:
         raise ValueError(
             f"train.batch_size={t['batch_size']}, train.grad_accum={t['grad_accum']}: must be >= 1")
@@ -157,6 +161,35 @@ def dpo_config(t: dict, out_dir: Path):
         raise ValueError(f"train.lr={t['lr']}: must be > 0")
     if t["max_length"] is not None and int(t["max_length"]) < 8:
         raise ValueError(f"train.max_length={t['max_length']}: must be >= 8 tokens or null (no truncation)")
+    max_steps, epochs = int(t["max_steps"]), float(t["epochs"])
+    if max_steps == 0 or max_steps < -1:
+        raise ValueError(f"train.max_steps={max_steps}: allowed -1 (train for train.epochs) or >= 1")
+    if max_steps == -1 and not epochs > 0:
+        raise ValueError(f"train.epochs={t['epochs']}: must be > 0 (or set train.max_steps >= 1); zero "
+                         "epochs would publish the untrained policy as the trained one")
+    if not 0.0 <= float(t["warmup_ratio"]) < 1.0:
+        raise ValueError(f"train.warmup_ratio={t['warmup_ratio']}: must be in [0, 1)")
+    if float(t["weight_decay"]) < 0 or not float(t["max_grad_norm"]) > 0:
+        raise ValueError(f"train.weight_decay={t['weight_decay']}, train.max_grad_norm={t['max_grad_norm']}: "
+                         "must be >= 0 and > 0")
+    if t["max_prompt_length"] is not None and int(t["max_prompt_length"]) < 1:
+        raise ValueError(f"train.max_prompt_length={t['max_prompt_length']}: must be >= 1 or null (no limit)")
+    if int(t["logging_steps"]) < 1:
+        raise ValueError(f"train.logging_steps={t['logging_steps']}: must be >= 1")
+    save_steps, save_limit = int(t["save_steps"]), int(t["save_total_limit"])
+    if save_steps < 0:
+        raise ValueError(f"train.save_steps={save_steps}: must be >= 0 (0 = no checkpoints, no resume)")
+    if save_limit < 1:
+        raise ValueError(f"train.save_total_limit={save_limit}: must be >= 1 (checkpoints kept on disk)")
+    loss_settings(t["loss"])
+
+
+def dpo_config(t: dict, out_dir: Path):
+    """The ``trl.DPOConfig`` for a resolved train config ``t`` (see ``resolve_train_cfg``)."""
+    from trl import DPOConfig
+
+    validate_train_cfg(t)
+    save_steps, save_limit = int(t["save_steps"]), int(t["save_total_limit"])
     use_cpu = _use_cpu(str(t["device"]))
     return DPOConfig(
         output_dir=str(out_dir / "trainer"),
@@ -175,10 +208,13 @@ def dpo_config(t: dict, out_dir: Path):
         seed=int(t["seed"]),
         logging_steps=int(t["logging_steps"]),
         # Speed on small CPU machines: no activation recomputation (unless asked, for big models on GPU), no
-        # eval, no intermediate saves, no worker processes, no mixed precision (CPU float32).
+        # eval, no worker processes, no mixed precision (CPU float32). Checkpoints every save_steps optimizer
+        # steps (the last save_total_limit kept) so a crashed run resumes instead of starting over.
         gradient_checkpointing=bool(t["gradient_checkpointing"]),
         eval_strategy="no",
-        save_strategy="no",
+        save_strategy="steps" if save_steps > 0 else "no",
+        save_steps=max(1, save_steps),
+        save_total_limit=save_limit,
         dataloader_num_workers=0,
         bf16=False,
         fp16=False,
@@ -305,6 +341,25 @@ def _clean_config(merged: Path, dtype: str) -> None:
     atomic_write_text(p, json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
+def last_checkpoint(trainer_dir: Path) -> Path | None:
+    """The newest complete TRL checkpoint (``checkpoint-<step>`` holding ``trainer_state.json``, which the
+    Trainer writes after the weights, optimizer and RNG states). Newer incomplete ones (a kill while
+    saving) are removed, so the resumed run's checkpoint rotation starts clean."""
+    if not trainer_dir.is_dir():
+        return None
+    found = []
+    for p in trainer_dir.iterdir():
+        name, _, step = p.name.rpartition("-")
+        if p.is_dir() and name == "checkpoint" and step.isdigit():
+            found.append((int(step), p))
+    for _, p in sorted(found, reverse=True):
+        if (p / "trainer_state.json").is_file():
+            return p
+        log.warning("train: removing incomplete checkpoint %s (killed while saving)", p)
+        shutil.rmtree(p, ignore_errors=True)
+    return None
+
+
 def _is_done(out_dir: Path) -> bool:
     m = out_dir / "merged"
     return (m / DONE).is_file() and (m / "config.json").is_file()
@@ -330,15 +385,20 @@ def train_dpo(cfg_train: Any, policy_path: str | os.PathLike, pairs_path: str | 
     (``sphere.train.pairs.load_pairs`` rules). Writes ``out_dir/{adapter,merged,train_metrics.json}``;
     returns ``out_dir/merged`` straight away when it is already complete.
     """
+    from sphere.rundir import check_or_record, train_signature
+
     out_dir = Path(out_dir)
-    if _is_done(out_dir):
-        log.info("train: %s is complete, skipping training", out_dir / "merged")
-        return out_dir / "merged"
     t = resolve_train_cfg(cfg_train)
+    validate_train_cfg(t)
     pairs = load_pairs(pairs_path)
     policy_path = Path(policy_path)
     if not (policy_path / "config.json").is_file():
         raise FileNotFoundError(f"{policy_path}: not a Hugging Face model directory (no config.json)")
+    # a finished (or half-trained) out_dir is reused only for the same recipe, base model and pairs
+    check_or_record(out_dir, "train", train_signature(t, policy_path, pairs.path))
+    if _is_done(out_dir):
+        log.info("train: %s is complete, skipping training", out_dir / "merged")
+        return out_dir / "merged"
     out_dir.mkdir(parents=True, exist_ok=True)
 
     import torch
@@ -378,7 +438,10 @@ def train_dpo(cfg_train: Any, policy_path: str | os.PathLike, pairs_path: str | 
     trainer.remove_callback(ProgressCallback)
     prep = dict(trainer.sphere_prep_stats)
     t_setup = time.perf_counter() - t0
-    result = trainer.train()
+    ckpt = last_checkpoint(out_dir / "trainer") if int(t["save_steps"]) > 0 else None
+    if ckpt is not None:
+        log.info("train: resuming from %s", ckpt)
+    result = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt is not None else None)
     t_train = time.perf_counter() - t0 - t_setup
 
     # ---- save: adapter (LoRA), then merged weights; DONE is written last, then the dir is published.
@@ -399,10 +462,15 @@ def train_dpo(cfg_train: Any, policy_path: str | os.PathLike, pairs_path: str | 
     _clean_config(tmp, str(t["dtype"]))
     metrics = _metrics(history, result, pairs, t, prep, policy_path, peft_config is not None,
                        t_setup=t_setup, t_train=t_train, wall=time.perf_counter() - t0)
+    metrics["resumed_from_step"] = int(ckpt.name.rsplit("-", 1)[1]) if ckpt is not None else None
     atomic_write_json(out_dir / "train_metrics.json", metrics)
+    import dataclasses
+
+    atomic_write_text(out_dir / "trainer_state.json",
+                      json.dumps(dataclasses.asdict(trainer.state), indent=2, sort_keys=True) + "\n")
     atomic_write_text(tmp / DONE, json.dumps({"wall_s": metrics["wall_s"], "steps": metrics["steps"]}) + "\n")
     _publish(tmp, out_dir / "merged")
-    shutil.rmtree(out_dir / "trainer", ignore_errors=True)  # empty (save_strategy=no) bookkeeping dir
+    shutil.rmtree(out_dir / "trainer", ignore_errors=True)  # the checkpoints: merged/ is the result now
     if logger is not None:
         logger.log({f"train/final/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))
                     and not isinstance(v, bool)}, step=metrics["steps"])
@@ -539,11 +607,14 @@ def main(cfg) -> float | None:
         logging.getLogger(name).setLevel(logging.WARNING)
     from sphere.loggers import make_logger
 
-    logger = make_logger(cfg, out_dir, "train")
-    try:
-        merged = train_dpo(cfg.train, _resolve_policy(cfg), cfg.pairs, out_dir, logger=logger)
-    finally:
-        logger.finish()
+    from sphere.rundir import locked
+
+    with locked(out_dir, "train"):  # out_dir=... outside the Hydra run dir: one writer there too
+        logger = make_logger(cfg, out_dir, "train")
+        try:
+            merged = train_dpo(cfg.train, _resolve_policy(cfg), cfg.pairs, out_dir, logger=logger)
+        finally:
+            logger.finish()
     mpath = out_dir / "train_metrics.json"
     m = json.loads(mpath.read_text()) if mpath.is_file() else {}
     print(json.dumps({"merged": str(merged), **{k: m.get(k) for k in
