@@ -201,7 +201,7 @@ def _run_chromium(exe: str, page: Path, *args: str, fragment: str = "") -> subpr
 def test_page_in_headless_chromium(tmp_path: Path):
     exe = _chromium()
     if exe is None:
-        pytest.skip("chromium not installed (CI installs Debian's chromium in .ci/run)")
+        pytest.skip("chromium not installed (scripts/test.sh installs Debian's chromium as root)")
     snap = tmp_path / "tree.npz"
     expect, _ = build_snapshot(snap, rounds=20)
     page = tmp_path / "tree.html"
