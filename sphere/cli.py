@@ -29,6 +29,7 @@ HYDRA_COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("bench", "engine"): ("bench_engine", "sphere.bench.engine:main"),
     ("bench", "verify"): ("bench_verify", "sphere.bench.verify:main"),
     ("bench", "generate"): ("bench_generate", "sphere.bench.generate:main"),
+    ("bench", "pipeline"): ("bench_pipeline", "sphere.bench.pipeline:main"),
 }
 
 # command words -> "module:function" taking argv (non-Hydra commands).
@@ -48,6 +49,7 @@ DESCRIPTIONS: dict[tuple[str, ...], str] = {
     ("bench", "engine"): "search-engine throughput, C++ vs the Python reference (and peers)",
     ("bench", "verify"): "answer-checking throughput and the pathological set",
     ("bench", "generate"): "generation throughput of every installed backend",
+    ("bench", "pipeline"): "model work per preference pair: sphere's loop vs per-problem and one-leaf loops",
     ("sweep",): "run the Hydra multiruns a sweep file describes (sweeps/*.yaml)",
     ("viz", "tree"): "render a saved search tree as one HTML page",
     ("report",): "plots and a markdown report from a run or a multirun directory",
@@ -257,6 +259,9 @@ def _dispatch(argv: list[str]) -> None:
 
     import hydra
 
+    from sphere.schema import register
+
+    register()  # typed schemas of search/train/eval/... in Hydra's ConfigStore (checked by RunDirLock)
     sys.argv = ["sphere-" + "-".join(key), *rest]
     hydra.main(version_base="1.3", config_path=str(cdir), config_name=config_name)(_task(fn, verbose))()
 

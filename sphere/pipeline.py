@@ -29,14 +29,14 @@ from sphere.io import atomic_write_json, atomic_write_text
 
 def _eval_round(cfg: DictConfig, backend: Any, rdir: Path, policy: str, logger: Any, r: int,
                 family: dict | None = None) -> dict:
-    from sphere.evaluation.harness import expand_benchmarks, run_eval, settings_from_config
+    from sphere.evaluation.harness import run_eval, settings_from_config
     from sphere.prompts import family_config
 
     # eval.n samples per problem (1 = greedy pass@1), not the search's sampling.n
     ev = OmegaConf.to_container(cfg.eval, resolve=True)
     samp = {**OmegaConf.to_container(cfg.sampling, resolve=True), "n": int(ev.pop("n", 1))}
     ecfg = OmegaConf.create({"sampling": samp, "seed": int(cfg.seed), **ev})
-    res = run_eval(backend, expand_benchmarks(cfg.eval.benchmarks), rdir, data_dir=cfg.paths.data_dir,
+    res = run_eval(backend, round_benchmarks(cfg), rdir, data_dir=cfg.paths.data_dir,
                    limit=cfg.eval.limit, settings=settings_from_config(ecfg),
                    family_cfg=family or family_config(cfg),
                    model_name=policy, progress=cfg.eval.get("progress"))
@@ -44,6 +44,15 @@ def _eval_round(cfg: DictConfig, backend: Any, rdir: Path, policy: str, logger: 
         logger.log({f"eval/{k}/accuracy": v["accuracy"] for k, v in res.items() if k != "meta"}, step=r)
         logger.log_artifact(rdir / "eval" / "results.json", f"eval-round{r}", "results")
     return {k: v for k, v in res.items() if k != "meta"}
+
+
+def round_benchmarks(cfg: DictConfig) -> list[str]:
+    """The benchmarks evaluated after every round: ``eval.benchmarks`` plus the model family's own
+    ``model.extra_eval_benchmarks`` (the stand-ins add their mini test split to the paper's six)."""
+    from sphere.evaluation.harness import expand_benchmarks
+
+    extra = cfg.model.get("extra_eval_benchmarks") or []
+    return expand_benchmarks([*expand_benchmarks(cfg.eval.benchmarks), *extra])
 
 
 def _round_config(cfg: DictConfig, policy: str, **top: Any) -> DictConfig:
@@ -64,6 +73,7 @@ def _eval_round_ray(cfg: DictConfig, rdir: Path, policy: str, logger: Any, r: in
 
     ev = OmegaConf.to_container(cfg.eval, resolve=True)
     samp = {**OmegaConf.to_container(cfg.sampling, resolve=True), "n": int(ev.pop("n", 1))}
+    ev["benchmarks"] = round_benchmarks(cfg)
     ecfg = _round_config(cfg, policy, sampling=samp, reference_results=None, **ev)
     res = evaluate(ecfg, rdir)
     if logger is not None:
@@ -108,10 +118,8 @@ def summary_markdown(rounds: list[dict]) -> str:
 def plan(cfg: DictConfig) -> dict:
     """What a run would do, without loading any model (dry runs)."""
     from sphere.data.training import describe_source
-    from sphere.evaluation.harness import expand_benchmarks
     from sphere.generate.run import count_problems, validate_generate_config
     from sphere.search.driver import estimate_backend_calls, validate_search_config
-
     from sphere.train.dpo import resolve_train_cfg
 
     validate_search_config(cfg.search)
@@ -141,7 +149,7 @@ def plan(cfg: DictConfig) -> dict:
         "scorer": str(cfg.scorer.name),
         "train": {"lora": bool(cfg.train.lora.enabled) if "lora" in cfg.train else None,
                   "loss": OmegaConf.to_container(cfg.train.loss, resolve=True) if "loss" in cfg.train else None},
-        "eval": {"benchmarks": expand_benchmarks(cfg.eval.benchmarks), "limit": cfg.eval.limit},
+        "eval": {"benchmarks": round_benchmarks(cfg), "limit": cfg.eval.limit},
         "estimate_per_round_stage1": est,
         "memory_plan": mem,
     }
@@ -153,10 +161,9 @@ def validate_run_config(cfg: DictConfig) -> None:
     if cfg.model.get("train_target") and int(cfg.rounds) != 1:
         raise ValueError(f"config rounds={cfg.rounds}: a transfer run (model.train_target set) has exactly 1 round")
     from sphere.data.benchmarks import benchmark_key, load_benchmark
-    from sphere.evaluation.harness import expand_benchmarks
 
     try:
-        names = expand_benchmarks(cfg.eval.benchmarks)
+        names = round_benchmarks(cfg)
     except ValueError as e:
         raise ValueError(f"config eval.benchmarks is empty: list at least one benchmark ({e})") from None
     for name in names:  # unknown or missing: fail before any work
@@ -169,13 +176,13 @@ def validate_run_config(cfg: DictConfig) -> None:
 
 
 def run(cfg: DictConfig, out: Path) -> dict:
-    from sphere.runners import runner_name
     from sphere.generate.run import Generator, load_problems, log_generate_stats
     from sphere.lifecycle import Models
     from sphere.loggers import make_logger
     from sphere.models import resolve_model
     from sphere.progress import StageProgress
     from sphere.rundir import check_generate
+    from sphere.runners import runner_name
     from sphere.train.dpo import train_dpo
     from sphere.verify import check_answers
 

@@ -10,7 +10,14 @@ import sys
 import pytest
 from omegaconf import OmegaConf
 
-from sphere.memplan import KNOWN_SHAPES, MemoryPlanError, check_memory_plan, memory_plan, model_shape, param_count
+from sphere.memplan import (
+    KNOWN_SHAPES,
+    MemoryPlanError,
+    check_memory_plan,
+    memory_plan,
+    model_shape,
+    param_count,
+)
 
 
 @pytest.mark.parametrize("name,billions", [

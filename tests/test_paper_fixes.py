@@ -8,8 +8,6 @@ and the real checker.
 
 from __future__ import annotations
 
-import json
-
 import pytest
 from test_generate import FakeStepBackend, _cfg, _problems, _prompt_fn
 

@@ -171,7 +171,7 @@ def read_counters(llm) -> dict[str, float]:
     except Exception:  # noqa: BLE001 - metrics are optional
         return out
     for m in metrics:
-        if hasattr(m, "value") and isinstance(getattr(m, "value"), (int, float)):
+        if hasattr(m, "value") and isinstance(m.value, (int, float)):
             out[m.name] = out.get(m.name, 0.0) + float(m.value)
     return out
 

@@ -19,6 +19,16 @@ Two modes:
   pruning policy; Sol_max / Sol_min are the highest- and lowest-value terminal trajectories.
 
 Text never enters the engine: node payloads index ``self.steps`` (a Python list of step strings).
+
+Duplicate candidates (``search.dedup_candidates``, default on): at T=0.8 the E samples of one expansion are
+often the same text. Identical candidates (same text and finish) are merged into one child, kept at the
+position of their first occurrence, and every distinct (problem, steps) item is scored once per call. The
+merged child keeps the policy's probability mass: its prior is its multiplicity times the softmax weight of
+its mean logprob (= the sum of the priors its copies would have had), the mean backup weights children by
+multiplicity, and ``step_mult[payload]`` records the count. In paper mode the chains pick the same texts
+as without merging (first maximum / first minimum by reward; identical texts score identically), so
+Sol_max/Sol_min and the pairs are unchanged for a deterministic scorer (tests/test_dedup.py). UCT ignores
+priors: there the multiplicity is only recorded.
 """
 
 from __future__ import annotations
@@ -35,7 +45,6 @@ import numpy as np
 from sphere.backends.base import SamplingParams
 from sphere.engine import EngineConfig, make_forest
 from sphere.rewards.base import combine_outcome, shape_rewards
-
 
 _CONTEXT_END = "context_end"  # finish of the placeholder candidate of a leaf whose prompt fills the window
 
@@ -101,6 +110,8 @@ class SearchStats:
     collisions: int = 0
     pruned: int = 0
     context_ends: int = 0  # chains ended because their prompt filled the backend's context window
+    merged: int = 0  # duplicate candidates merged into a sibling (search.dedup_candidates)
+    scored_items: int = 0  # (problem, steps) items sent to the step scorer (distinct per call when deduping)
 
     def as_dict(self, batch_leaves: int) -> dict:
         d = dict(self.__dict__)
@@ -146,6 +157,8 @@ def validate_search_config(scfg: Any) -> None:
     need(scfg.outcome in ("none", "replace", "mix", "add"), "outcome", "none | replace | mix | add",
          scfg.outcome)
     need(scfg.backup in ("mean", "max"), "backup", "mean | max", scfg.backup)
+    dd = scfg.get("dedup_candidates", True)
+    need(isinstance(dd, bool), "dedup_candidates", "true | false", dd)
     p = scfg.pruning
     need(p.policy in ("none", "minmax", "topk", "threshold"), "pruning.policy",
          "none | minmax | topk | threshold", p.policy)
@@ -204,6 +217,8 @@ class SearchDriver:
         self.step_score: list[float] = [0.0]
         self.step_finish: list[str] = [""]
         self.step_correct: list[bool] = [False]
+        self.step_mult: list[int] = [1]  # how many of the E samples were this step (merged duplicates)
+        self.dedup = bool(scfg.get("dedup_candidates", True))
 
     # ------------------------------------------------------------------ helpers
     def _path_steps(self, path_nodes: np.ndarray) -> list[int]:
@@ -233,6 +248,24 @@ class SearchDriver:
             finish=fin,
             nodes=[int(n) for n in path_nodes],
         )
+
+    def _score(self, items: list[tuple[str, list[str]]]) -> list[list[float]]:
+        """The step scorer on ``items``; with dedup on, each distinct (problem, steps) item once."""
+        if not self.dedup:
+            self.stats.scored_items += len(items)
+            return self.scorer.score(items)
+        index: dict[tuple, int] = {}
+        uniq: list[tuple[str, list[str]]] = []
+        where = []
+        for x in items:
+            key = (x[0], tuple(x[1]))
+            if key not in index:
+                index[key] = len(uniq)
+                uniq.append(x)
+            where.append(index[key])
+        self.stats.scored_items += len(uniq)
+        got = self.scorer.score(uniq)
+        return [list(got[k]) for k in where]
 
     def _fits(self, prompt: list[int]) -> bool:
         """Whether the backend can still generate after ``prompt`` (one token at least)."""
@@ -320,6 +353,15 @@ class SearchDriver:
             if queue_nonempty:
                 self.stats.full_calls += 1
                 self.stats.full_call_leaves += len(prompts)
+            for cl in cands:
+                self.stats.candidates += len(cl)
+                self.stats.tokens += sum(len(c.token_ids) for c in cl)
+            # ---- merge identical candidates of one expansion (one child, multiplicity kept)
+            if self.dedup:
+                cands, mults = merge_duplicates(cands)
+                self.stats.merged += sum(m - 1 for ml in mults for m in ml)
+            else:
+                mults = [[1] * len(cl) for cl in cands]
 
             # ---- score every candidate (the PRM role) and check finished answers
             t0 = time.perf_counter()
@@ -331,10 +373,8 @@ class SearchDriver:
                 for c in cl:
                     items.append((job.problem["problem"], prev + [c.text]))
                     owners.append(i)
-                    self.stats.candidates += 1
-                    self.stats.tokens += len(c.token_ids)
             forced = [c.finish == _CONTEXT_END for cl in cands for c in cl]
-            scored = self.scorer.score([x for x, e in zip(items, forced) if not e]) if items else []
+            scored = self._score([x for x, e in zip(items, forced) if not e]) if items else []
             it = iter(scored)
             # a context end adds no step: it keeps its parent's score (zero advantage)
             scores = [[self.step_score[path_payloads[owners[j]][-1]] if path_payloads[owners[j]] else 0.0]
@@ -364,6 +404,7 @@ class SearchDriver:
             payloads, rewards, values, terms = [], [], [], []
             rmode = str(scfg.reward)
             lp = np.array([c.logprob_mean for c in flat], dtype=np.float64)
+            flat_mult = np.array([m for ml in mults for m in ml], dtype=np.float64)
             for j, c in enumerate(flat):
                 i = owners[j]
                 s = scores[j]
@@ -387,16 +428,18 @@ class SearchDriver:
                     self.step_finish.append(c.finish if c.finish in ("answer", "eos") or d < int(scfg.max_depth)
                                             else "depth")
                 self.step_correct.append(bool(verdicts.get(j, False)))
+                self.step_mult.append(int(flat_mult[j]))
                 payloads.append(pid)
                 rewards.append(r)
                 values.append(value)
                 terms.append(1 if terminal[j] else 0)
-            # priors: softmax over the candidates' mean token logprob (a cheap policy prior for PUCT)
+            # priors: softmax over the candidates' mean token logprob (a cheap policy prior for PUCT); a merged
+            # child weighs its multiplicity, i.e. gets the summed prior of its copies
             priors = np.zeros(len(flat), dtype=np.float64)
             off = 0
             for n in counts.tolist():
                 if n:
-                    x = np.exp(lp[off : off + n] - lp[off : off + n].max())
+                    x = flat_mult[off : off + n] * np.exp(lp[off : off + n] - lp[off : off + n].max())
                     priors[off : off + n] = x / x.sum()
                 off += n
 
@@ -418,8 +461,16 @@ class SearchDriver:
             for i, cl in enumerate(cands):
                 n = len(cl)
                 keep = ~pruned[off : off + n]
-                v = vals[off : off + n][keep] if keep.any() else vals[off : off + n]
-                bvals[i] = (v.max() if scfg.backup == "max" else v.mean()) if n else 0.0
+                if not keep.any():
+                    keep = np.ones(n, dtype=bool)
+                v = vals[off : off + n][keep]
+                w = flat_mult[off : off + n][keep]  # mean over the samples: merged children count m times
+                if not n:
+                    bvals[i] = 0.0
+                elif scfg.backup == "max":
+                    bvals[i] = v.max()
+                else:
+                    bvals[i] = v.mean() if (w == 1).all() else (v * w).sum() / w.sum()
                 off += n
             if self.mode != "paper":
                 # paper chains are chosen by reward, not by select(): nothing is in flight to back up
@@ -570,6 +621,28 @@ class SearchDriver:
         snap = dict(self.forest.tree_snapshot(root))
         snap["text"] = [self.steps[int(p)] for p in snap["payload"]]
         return snap
+
+
+def merge_duplicates(cands: list[list[Any]]) -> tuple[list[list[Any]], list[list[int]]]:
+    """Per leaf, identical candidates (same text and finish) merged into their first occurrence.
+
+    Returns the distinct candidates (first-occurrence order) and, parallel to them, their multiplicities."""
+    out, mults = [], []
+    for cl in cands:
+        seen: dict[tuple[str, str], int] = {}
+        row, m = [], []
+        for c in cl:
+            key = (c.text, c.finish)
+            k = seen.get(key)
+            if k is None:
+                seen[key] = len(row)
+                row.append(c)
+                m.append(1)
+            else:
+                m[k] += 1
+        out.append(row)
+        mults.append(m)
+    return out, mults
 
 
 def estimate_backend_calls(n_problems: int, scfg: Any) -> dict:
