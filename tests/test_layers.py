@@ -23,7 +23,7 @@ LAYERS: list[set[str]] = [
     {"prompts", "data", "rundir", "loggers", "progress", "verify"},
     {"models"},
     {"mini"},
-    {"io", "resources", "__init__"},
+    {"io", "resources", "schema", "__init__"},
 ]
 
 

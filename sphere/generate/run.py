@@ -39,10 +39,9 @@ from sphere.generate.pairs import (
     pick_solution,
     solution_text,
 )
+from sphere.generate.records import STAGE_FILES, read_stage_logs  # one stage-log reader, one resume rule
 from sphere.io import JsonlAppender, atomic_write_json, atomic_write_text, read_jsonl_tolerant
 from sphere.search.driver import SearchDriver, SearchJob, SearchResult, Trajectory
-
-STAGE_FILES = {1: "stage1.jsonl", 2: "stage2.jsonl", 3: "stage3.jsonl"}
 
 
 # ---------------------------------------------------------------------------------------------- config
@@ -159,8 +158,7 @@ class Generator:
 
     # ------------------------------------------------------------------ resume
     def _done(self, stage: int) -> dict[str, dict]:
-        recs = read_jsonl_tolerant(self.out / "stages" / STAGE_FILES[stage])
-        return {r["problem_id"]: r for r in recs}
+        return read_stage_logs(self.out)[stage]
 
     # ------------------------------------------------------------------ stages
     def run(self, problems: list[dict], policy_backend: Any, scorer: Any, verifier: Any,
@@ -352,7 +350,7 @@ class Generator:
     def finalize(self, problems: list[dict], stats_acc: dict, wall_s: float) -> dict:
         """Rebuild pairs.jsonl / trajectories.jsonl / generate_stats.json from the stage logs."""
         cfg = self.cfg
-        recs = {s: read_jsonl_tolerant(self.out / "stages" / f) for s, f in STAGE_FILES.items()}
+        recs = {s: list(d.values()) for s, d in read_stage_logs(self.out).items()}
         wanted = {p["id"] for p in problems}
         all_pairs: list[dict] = []
         traj_lines = []
@@ -450,7 +448,7 @@ def build_components(cfg: DictConfig, which: str = "policy") -> Any:
 
 def run_local(cfg: DictConfig, out: Path) -> float:
     """`sphere generate` in one process (``runner=local``; sphere/runners.py picks the runner): the three
-    stages into ``out``; returns the number of pairs. The caller validated the config and the run directory."""
+    stages into ``out``; returns the number of pairs. The caller validated the config and the run dir."""
     from sphere.lifecycle import Models
     from sphere.loggers import make_logger
     from sphere.progress import StageProgress
@@ -499,4 +497,4 @@ def log_generate_stats(logger: Any, stats: dict, out: Path, step: int | None = N
         logger.log_artifact(out / "pairs.jsonl", f"pairs-{stats['config_hash']}", "dataset")
 
 
-__all__ = ["Generator", "load_problems", "route", "main", "solution_text"]
+__all__ = ["Generator", "load_problems", "route", "run_local", "solution_text"]

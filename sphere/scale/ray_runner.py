@@ -410,14 +410,10 @@ class GenerateWorker:
                 progress=progress,
             )
             had = {int(s): {r["problem_id"] for r in recs} for s, recs in prior.items()}
-            records = {
-                s: [
-                    r
-                    for r in read_jsonl_tolerant(work / "stages" / STAGE_FILES[s])
-                    if r["problem_id"] not in had.get(s, set())
-                ]
-                for s in STAGES
-            }
+            from sphere.generate.records import read_stage_logs
+
+            records = {s: [r for r in d.values() if r["problem_id"] not in had.get(s, set())]
+                       for s, d in read_stage_logs(work).items()}
             trees = {p.name: p.read_bytes() for p in sorted((work / "trees").glob("*.npz"))}
         finally:
             shutil.rmtree(work, ignore_errors=True)
@@ -534,29 +530,17 @@ def _remote(cls: type, rcfg: Any, cfg: Any):
 
 # ---------------------------------------------------------------------------------------------- generate
 def stage_state(out: Path) -> dict[int, dict[str, dict]]:
-    """``{stage: {problem_id: first record}}`` of the run directory's stage logs."""
-    from sphere.generate.run import STAGE_FILES
+    """``{stage: {problem_id: first record}}`` of the run directory's stage logs (sphere.generate.records)."""
+    from sphere.generate.records import read_stage_logs
 
-    state: dict[int, dict[str, dict]] = {}
-    for s in STAGES:
-        d: dict[str, dict] = {}
-        for r in read_jsonl_tolerant(out / "stages" / STAGE_FILES[s]):
-            d.setdefault(r["problem_id"], r)
-        state[s] = d
-    return state
+    return read_stage_logs(out)
 
 
 def is_finished(pid: str, state: dict[int, dict[str, dict]], st_cfg: Any) -> bool:
-    """A problem is finished when its stage-1 record exists and the stage it was routed to (if enabled)
-    has its record too (the same rule ``Generator.run`` uses to resume)."""
-    r1 = state[1].get(pid)
-    if r1 is None:
-        return False
-    if r1["route"] == "both_wrong" and st_cfg.stage2:
-        return pid in state[2]
-    if r1["route"] == "both_right" and st_cfg.stage3:
-        return pid in state[3]
-    return True
+    """The resume rule of ``Generator.run`` (sphere.generate.records.is_finished)."""
+    from sphere.generate.records import is_finished as _is_finished
+
+    return _is_finished(pid, state, st_cfg)
 
 
 def _sum_search(acc: dict, add: dict, batch_leaves: int) -> None:
@@ -793,8 +777,7 @@ def evaluate(
             sig = ray.get(pool.actors[0].signature.remote())
             # the run directory's signature.json, as run_eval checks it (sphere/rundir.py): refuse, or
             # with resume=fresh move eval/ aside, before any chunk is dispatched
-            from sphere.evaluation.harness import (checker_info, eval_signature, prompt_info,
-                                                   reuse_records)
+            from sphere.evaluation.harness import checker_info, eval_signature, prompt_info, reuse_records
             from sphere.rundir import check_or_record, default_mode, resume_mode
 
             model_name = str(OmegaConf.select(cfg, "model.policy", default=""))
