@@ -227,6 +227,7 @@ def test_ensure_mini_model_trains_into_cache_when_nothing_is_shipped(tmp_path, m
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2700)  # a from-scratch pretrain: ~10 min on a quiet 2-core VM, far more on a busy one
 def test_pretrain_mini_reproduces_the_shipped_policy(tmp_path):
     """Issue #6, must-show 1: `sphere pretrain-mini` from scratch (same seed) lands within +-3 points of the
     shipped checkpoint's recorded greedy accuracy and pass@16 (several minutes on one core)."""

@@ -78,6 +78,12 @@ def expand_benchmarks(names: Sequence[str] | str) -> list[str]:
     return out
 
 
+def record_signature(sig_parts: Mapping, settings: EvalSettings) -> str:
+    """The signature each eval record carries (model, backend, prompt, checker, sampling): a resumed run reuses
+    only records with the same one. The Ray driver computes it with this function too."""
+    return _sha({**dict(sig_parts), "sampling": asdict(settings.sampling_params())})
+
+
 def _sha(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -196,7 +202,7 @@ def evaluate_benchmark(backend, name: str, records: list[dict], out_dir: Path, s
     skipped = 0
     if hasattr(backend, "select"):  # replay: problems without a stored completion
         records, skipped = backend.select(key, records)
-    sig = _sha({**dict(sig_parts or {}), "sampling": asdict(settings.sampling_params())})
+    sig = record_signature(sig_parts or {}, settings)
     done: dict[str, dict] = {}
     from sphere.rundir import default_mode, resume_mode
 

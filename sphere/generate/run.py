@@ -41,7 +41,7 @@ from sphere.generate.pairs import (
 )
 from sphere.generate.records import STAGE_FILES, read_stage_logs  # one stage-log reader, one resume rule
 from sphere.io import JsonlAppender, atomic_write_json, atomic_write_text, read_jsonl_tolerant
-from sphere.search.driver import SearchDriver, SearchJob, SearchResult, Trajectory
+from sphere.search.driver import SearchDriver, SearchJob, SearchResult, Trajectory, call_fill
 
 
 # ---------------------------------------------------------------------------------------------- config
@@ -414,11 +414,9 @@ class Generator:
             "backend_calls": int(tot["backend_calls"]),
             "tokens": int(tot["tokens"]),
             "candidates": int(tot["candidates"]),
-            "mean_leaves_per_call": tot["leaves"] / max(1, tot["backend_calls"]),
-            # mean prompts per backend call over the configured batch, over calls made while problems
-            # remained queued (policy search, where the queue is longest)
-            "leaves_per_call_frac": (pol.get("full_call_leaves", 0) / max(1, pol.get("full_calls", 0)))
-            / max(1, batch) if pol.get("full_calls") else None,
+            "mean_leaves_per_call": call_fill(tot, batch)["mean_leaves_per_call"],
+            # over the policy search's calls made while problems remained queued (its queue is longest)
+            "leaves_per_call_frac": call_fill(pol, batch)["leaves_per_call_frac"],
             "engine_s": tot["engine_s"],
             "backend_s": tot["backend_s"],
             "scorer_s": tot["scorer_s"],

@@ -513,11 +513,10 @@ class EvalWorker:
 
 def _eval_sig(sig_parts: dict, cfg: Any) -> str:
     """The record signature ``evaluate_benchmark`` writes (sphere.evaluation.harness)."""
-    from dataclasses import asdict
 
-    from sphere.evaluation.harness import _sha, settings_from_config
+    from sphere.evaluation.harness import record_signature, settings_from_config
 
-    return _sha({**sig_parts, "sampling": asdict(settings_from_config(cfg).sampling_params())})
+    return record_signature(sig_parts, settings_from_config(cfg))
 
 
 def _remote(cls: type, rcfg: Any, cfg: Any):
@@ -552,10 +551,9 @@ def _sum_search(acc: dict, add: dict, batch_leaves: int) -> None:
                 continue
             if isinstance(v, int | float) and not isinstance(v, bool):
                 a[k] = a.get(k, 0) + v
-        a["mean_leaves_per_call"] = a.get("leaves", 0) / max(1, a.get("backend_calls", 0))
-        a["leaves_per_call_frac"] = (a.get("full_call_leaves", 0) / max(1, a.get("full_calls", 0))) / max(
-            1, batch_leaves
-        )
+        from sphere.search.driver import call_fill
+
+        a.update(call_fill(a, batch_leaves))
 
 
 def _write_bytes_atomic(path: Path, data: bytes) -> None:

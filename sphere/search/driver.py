@@ -115,9 +115,19 @@ class SearchStats:
 
     def as_dict(self, batch_leaves: int) -> dict:
         d = dict(self.__dict__)
-        d["mean_leaves_per_call"] = self.leaves / max(1, self.backend_calls)
-        d["leaves_per_call_frac"] = (self.full_call_leaves / max(1, self.full_calls)) / max(1, batch_leaves)
+        d.update(call_fill(d, batch_leaves))
         return d
+
+
+def call_fill(stats: dict, batch_leaves: int) -> dict:
+    """How full the backend calls were, from summed counters (the one place this is computed):
+    ``mean_leaves_per_call`` = prompts per call; ``leaves_per_call_frac`` = prompts per call over the configured
+    batch, counting only calls made while problems were still queued (the tail of a run cannot be full);
+    None when no such call was made."""
+    full = stats.get("full_calls", 0)
+    return {"mean_leaves_per_call": stats.get("leaves", 0) / max(1, stats.get("backend_calls", 0)),
+            "leaves_per_call_frac": (stats.get("full_call_leaves", 0) / full) / max(1, batch_leaves)
+            if full else None}
 
 
 def _engine_config(scfg: Any) -> EngineConfig:
