@@ -267,11 +267,14 @@ class RunDirLock(_hydra_callback_base()):
             d = str(config.hydra.run.dir)  # ${now:} is cached on the config: run_job gets the same dir
         except Exception:  # noqa: BLE001 - resolved again (and locked) in on_job_start
             return
+        self._check_types(config)  # a mistyped value or a budget out of range: nothing is written
         note_start(d)
         self._run_dir = str(self._take(d, command))
 
     def on_job_start(self, config: Any, **kwargs: Any) -> None:
         command = _command_of(config)
+        if self._run_dir is None:  # multirun: each job's values (run mode checked them in on_run_start)
+            self._check_types(config)
         set_default_mode(config.get("resume", "auto") if hasattr(config, "get") else "auto",
                          strict=False)
         try:
@@ -288,6 +291,20 @@ class RunDirLock(_hydra_callback_base()):
         if self._run_dir is not None:
             release(self._run_dir)
             self._run_dir = None
+
+    @staticmethod
+    def _check_types(config: Any) -> None:
+        """The typed schemas of sphere/schema.py (issue #17 G): full key, expected type, range."""
+        from sphere.schema import ConfigTypeError, check_config
+
+        try:
+            name = str(config.hydra.job.config_name)
+        except Exception:  # noqa: BLE001
+            name = None
+        try:
+            check_config(config, name)
+        except ConfigTypeError as e:
+            raise SystemExit(f"sphere {_command_of(config)}: {e}") from None
 
     @staticmethod
     def _take(d: str, command: str) -> Path:

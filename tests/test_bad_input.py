@@ -312,6 +312,41 @@ def test_bad_train_config_fails_before_the_model_loads(overrides, needles, tmp_p
     assert not out.exists()  # a failed command leaves no run directory behind (issue #17)
 
 
+# ------------------------------------------------------------------ issue #17 G: typed configs (sphere/schema.py)
+TYPED_CONFIGS = [
+    (["generate", "search.expansions=abc"], ["config search.expansions='abc'", "expected an integer"]),
+    (["generate", "search.max_step_tokens=0"], ["config search.max_step_tokens=0", ">= 1"]),
+    (["generate", "sampling.max_solution_tokens=-4"], ["config sampling.max_solution_tokens=-4", ">= 1"]),
+    (["generate", "search.pruning.policy=topk", "search.pruning.k=1.5"], ["search.pruning.k=1.5", "an integer"]),
+    (["generate", "search.top_p=high"], ["config search.top_p='high'", "expected a number"]),
+    (["generate", "search.outcome_in_reward=maybe"], ["search.outcome_in_reward='maybe'", "true or false"]),
+    (["generate", "search.engine.fpu=zero"], ["search.engine.fpu='zero'", "parent | value | inf"]),
+    (["generate", "data.mini_n=0"], ["config data.mini_n=0", ">= 1"]),
+    (["train", "pairs=p.jsonl", "train.lr=fast"], ["config train.lr='fast'", "expected a number"]),
+    (["train", "pairs=p.jsonl", "train.batch_size=0"], ["config train.batch_size=0", ">= 1"]),
+    (["train", "pairs=p.jsonl", "train.lora.r=0"], ["config train.lora.r=0", ">= 1"]),
+    (["train", "pairs=p.jsonl", "train.loss.beta=0"], ["config train.loss.beta=0", "> 0"]),
+    (["train", "pairs=p.jsonl", "train.max_length=4"], ["config train.max_length=4", ">= 8"]),
+    (["eval", "limit=abc"], ["config limit='abc'", "an integer or null"]),
+    (["eval", "max_tokens=2.5"], ["config max_tokens=2.5", "an integer"]),
+    (["eval", "sampling.n=many"], ["config sampling.n='many'", "expected an integer"]),
+    (["run", "rounds=two"], ["config rounds='two'", "an integer >= 0"]),
+    (["run", "eval.n=0"], ["config eval.n=0", ">= 1"]),
+]
+
+
+@pytest.mark.parametrize("args,needles", TYPED_CONFIGS, ids=lambda x: "+".join(x) if "=" in x[-1] else None)
+def test_typed_config_error_names_the_key_before_anything_is_written(args, needles, tmp_path):
+    """Before: `search.expansions=abc` failed with `invalid literal for int()` and no key, and
+    `search.max_step_tokens=0` only after the model loaded. Now the typed schemas are checked before Hydra
+    creates the run directory: no directory, no log, no model load."""
+    out = tmp_path / "run"
+    proc = _sphere(*args, f"hydra.run.dir={out}", timeout=120)
+    _assert_clean_failure(proc, None, needles)
+    assert "invalid literal" not in proc.stderr and "Traceback" not in proc.stderr
+    assert not out.exists()
+
+
 # ----------------------------------------------------------------------- issue #17: errors that name their cause
 def _corrupt_copy(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)

@@ -57,7 +57,8 @@ def test_redact_keys_and_secret_values(monkeypatch):
     r = redact(cfg)
     assert r["backend"]["api_key"] == "***" and r["backend"]["openai"]["token"] == "***"
     assert r["backend"]["openai"]["base_url"] == "http://h"
-    assert r["notes"] == ["***", "plain"] and r["hf_token_path"] == "***" and r["seed"] == 1
+    # secrets by key name and value shape, not by substring: a path to a token file is not the token (#17)
+    assert r["notes"] == ["key=***", "plain"] and r["hf_token_path"] == "/p" and r["seed"] == 1
     assert FAKE_KEY not in json.dumps(r)
     assert redact(["backend.openai.api_key=sk-abc", "search.pruning.tau=0.5"]) == [
         "backend.openai.api_key=***", "search.pruning.tau=0.5"]
