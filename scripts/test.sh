@@ -19,7 +19,7 @@ fi
 bash scripts/setup.sh
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} TOKENIZERS_PARALLELISM=false
 export WANDB_MODE=disabled
-# An unexpected skip fails the session (tests/conftest.py; the allow-list there is GPU-only tests).
+# An unexpected skip fails the session (allow-list: tests/skip_gate.py, GPU-only tests).
 export SPHERE_FAIL_ON_SKIP=${SPHERE_FAIL_ON_SKIP:-1}
 echo "tests: OMP_NUM_THREADS=$OMP_NUM_THREADS venv=$VENV"
 "$VENV/bin/python" -m pytest -p no:cacheprovider "$@"

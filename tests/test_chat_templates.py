@@ -145,13 +145,6 @@ def _pair_params():
     for p in PARAMS:
         family, template = p.values[0], p.values[1]
         marks = []
-        if family == "deepseek_r1":
-            # Known bug (issue #22 report): the R1 templates render a finished assistant turn without the
-            # "<think>\n" the generation prompt opens, so TRL's common-prefix rule trains the pair on
-            # "...<｜Assistant｜>" + solution while the policy generated it after "...<｜Assistant｜><think>\n".
-            marks = [pytest.mark.xfail(strict=True, reason="R1 pair prompt loses the <think>\\n generation "
-                                                              "context in DPO training (sphere/generate/run.py "
-                                                              "_pair_prompt + TRL common prefix)")]
         out.append(pytest.param(*p.values, id=p.id, marks=marks))
     return out
 
@@ -174,6 +167,20 @@ def test_pair_prompt_trains_in_the_generation_context(tiny_model_dir, family, te
         {"role": "user", "content": user_text(fam, PROBLEM)}]
     assert msgs == want_msgs
     solution = "\n\n".join(STEPS)
-    context, completion = trl_training_view(tok, msgs, solution)
-    assert context == header_text(tok, PROBLEM, fam)
-    assert completion == solution + end
+    # the pair's chosen content as Generator + make_pair write it (R1: the assistant_prefix "<think>\n" first)
+    from sphere.generate.pairs import make_pair
+    from sphere.search.driver import Trajectory
+
+    gen.fam, gen._conv = fam, (lambda t: Generator._conv(gen, t))
+    sol = Trajectory(list(STEPS), True, 1.0, [], [], "answer")
+    pair = make_pair(stage=1, problem={"id": "p", "problem": PROBLEM, "answer": "0"}, prompt=msgs, chosen=sol,
+                     rejected=sol, delimiter="\n\n", chosen_model="m", rejected_model="m", config_hash="h",
+                     conversational=True, response_prefix=Generator._prefix(gen, tok))
+    chosen = pair["chosen"][0]["content"]
+    context, completion = trl_training_view(tok, msgs, chosen)
+    head = header_text(tok, PROBLEM, fam)
+    # the solution is scored right after the exact generation prompt; where a template's generation prompt
+    # lacks the assistant_prefix (R1's first release), TRL's context stops before it and the completion
+    # starts with it: the same tokens in chosen and rejected, so they cancel in the DPO log-ratio difference
+    assert context + completion == head + solution + end
+    assert head.startswith(context) and completion == head[len(context):] + solution + end

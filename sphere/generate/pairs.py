@@ -151,12 +151,17 @@ def make_pair(
     config_hash: str,
     conversational: bool,
     extra: dict | None = None,
+    response_prefix: str = "",
 ) -> dict:
+    """A preference pair record. ``response_prefix``: the text the assistant turn starts with in generation
+    (the family's ``assistant_prefix``, e.g. R1's ``<think>\n``); a conversational chosen/rejected starts
+    with it, so DPO scores the solution in the context it was generated in (TRL trains on the common prefix
+    of the prompt and prompt + completion)."""
     c_text = solution_text(chosen, delimiter)
     r_text = solution_text(rejected, delimiter)
     if conversational:
-        c_out: Any = [{"role": "assistant", "content": c_text}]
-        r_out: Any = [{"role": "assistant", "content": r_text}]
+        c_out: Any = [{"role": "assistant", "content": response_prefix + c_text}]
+        r_out: Any = [{"role": "assistant", "content": response_prefix + r_text}]
     else:
         c_out, r_out = c_text, r_text
     rec = {

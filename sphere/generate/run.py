@@ -224,7 +224,7 @@ class Generator:
                         pairs.append(make_pair(stage=1, problem=p, prompt=self._pair_prompt(tok, p),
                                                chosen=ch, rejected=rj, delimiter=self.delim,
                                                chosen_model=policy_name, rejected_model=policy_name,
-                                               config_hash=self.hash, conversational=self._conv(tok),
+                                               config_hash=self.hash, conversational=self._conv(tok), response_prefix=self._prefix(tok),
                                                extra={"route": rt}))
                     rec = self._record(1, p, res, rt, pairs)
                     w[1].write(rec)
@@ -252,7 +252,8 @@ class Generator:
                         pairs.append(make_pair(stage=2, problem=p, prompt=prompt, chosen=best,
                                                rejected=attempt, delimiter=self.delim,
                                                chosen_model=policy_name, rejected_model=policy_name,
-                                               config_hash=self.hash, conversational=self._conv(tok)))
+                                               config_hash=self.hash, conversational=self._conv(tok),
+                                               response_prefix=self._prefix(tok)))
                     w[2].write(self._record(2, p, res, "corrected" if pairs else "uncorrected", pairs))
                     counts["pairs"][2] += len(pairs)
                     counts["done"] += 1
@@ -291,7 +292,8 @@ class Generator:
                         pairs.append(make_pair(stage=3, problem=p, prompt=self._pair_prompt(tok, p),
                                                chosen=chosen, rejected=rej, delimiter=self.delim,
                                                chosen_model=policy_name, rejected_model=small_name,
-                                               config_hash=self.hash, conversational=self._conv(tok)))
+                                               config_hash=self.hash, conversational=self._conv(tok),
+                                               response_prefix=self._prefix(tok)))
                     w[3].write(self._record(3, p, res, "contrast" if pairs else "no_wrong", pairs))
                     counts["pairs"][3] += len(pairs)
                     counts["done"] += 1
@@ -304,6 +306,10 @@ class Generator:
             for a in w.values():
                 a.close()
         return self.finalize(problems, stats_acc, time.perf_counter() - t_start)
+
+    def _prefix(self, tok: Any) -> str:
+        """What a conversational pair's chosen/rejected start with: the family's assistant_prefix."""
+        return str(self.fam.get("assistant_prefix") or "") if self._conv(tok) else ""
 
     def _conv(self, tok: Any) -> bool:
         from sphere.prompts import uses_chat
