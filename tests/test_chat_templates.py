@@ -140,16 +140,7 @@ def trl_training_view(tok, prompt_msgs: list[dict], completion: str) -> tuple[st
     return full[:n], full[n:]
 
 
-def _pair_params():
-    out = []
-    for p in PARAMS:
-        family, template = p.values[0], p.values[1]
-        marks = []
-        out.append(pytest.param(*p.values, id=p.id, marks=marks))
-    return out
-
-
-@pytest.mark.parametrize("family,template,specials,end", _pair_params())
+@pytest.mark.parametrize("family,template,specials,end", PARAMS)
 def test_pair_prompt_trains_in_the_generation_context(tiny_model_dir, family, template, specials, end):
     """A chat family's pair prompt is a message list (sphere/generate/run.py _pair_prompt): system (if any) +
     user. DPO must score the chosen solution in the very context the policy generated it in: TRL's training
