@@ -322,7 +322,7 @@ def test_wrong_schema_is_named(tmp_path):
 
 
 def test_parquet_directory_equals_jsonl(tmp_path, decon):
-    pa = pytest.importorskip("pyarrow")
+    import pyarrow as pa  # a dependency of `datasets` (declared): never skipped
     import pyarrow.parquet as pq
 
     rows = [json.loads(line) for line in NUMINA.read_text(encoding="utf-8").splitlines()]
