@@ -45,12 +45,9 @@ import numpy as np
 from sphere.backends.base import SamplingParams
 from sphere.engine import EngineConfig, make_forest
 from sphere.rewards.base import combine_outcome, shape_rewards
+from sphere.search.policies import POLICIES, TreeState
 
 _CONTEXT_END = "context_end"  # finish of the placeholder candidate of a leaf whose prompt fills the window
-
-
-def _value_rank(t: Trajectory) -> tuple[float, float]:
-    return (t.value, t.scores[-1] if t.scores else float("-inf"))
 
 
 def _context_end():
@@ -92,6 +89,41 @@ class SearchResult:
     nodes: int
     expansions: int
     snapshot: dict | None = None  # engine tree snapshot (numpy arrays) + step texts, when requested
+
+
+@dataclass
+class Round:
+    """One search round across trees. L = selected leaves, C = candidates (flat over the leaves, grouped by
+    leaf in selection order; leaf i owns ``flat[a:b]`` for ``(a, b) = spans()[i]``)."""
+
+    roots: list[int] = field(default_factory=list)  # [L] root node id of each selected leaf's tree
+    leaves: list[int] = field(default_factory=list)  # [L] selected leaf node ids
+    queue_nonempty: bool = False  # jobs were still queued (the call counts towards the batch-fill figure)
+    leaves_arr: Any = None  # int32[L]
+    paths: list[list[int]] = field(default_factory=list)  # [L] step payload ids root->leaf (root excluded)
+    prompts: list[list[int]] = field(default_factory=list)  # [L] prompt token ids
+    cands: list[list[Any]] = field(default_factory=list)  # [L][n_i] Candidates (duplicates merged)
+    mults: list[list[int]] = field(default_factory=list)  # [L][n_i] multiplicity of each candidate
+    flat: list[Any] = field(default_factory=list)  # [C]
+    owner: list[int] = field(default_factory=list)  # [C] leaf index of each candidate
+    items: list[tuple[str, list[str]]] = field(default_factory=list)  # [C] (problem, steps + candidate)
+    scores: list[list[float]] = field(default_factory=list)  # [C] step-scorer scores (last = the candidate)
+    terminal: list[bool] = field(default_factory=list)  # [C]
+    verdicts: dict[int, bool] = field(default_factory=dict)  # candidate index -> checker verdict (terminals)
+    mult: Any = None  # float64[C]
+    payloads: list[int] = field(default_factory=list)  # [C] step-store ids
+    rewards: list[float] = field(default_factory=list)  # [C]
+    values: list[float] = field(default_factory=list)  # [C]
+    terms: list[int] = field(default_factory=list)  # [C] 1 = terminal
+    priors: Any = None  # float64[C]
+    child_ids: Any = None  # int32[C]
+
+    def spans(self) -> list[tuple[int, int]]:
+        out, a = [], 0
+        for cl in self.cands:
+            out.append((a, a + len(cl)))
+            a += len(cl)
+        return out
 
 
 @dataclass
@@ -220,6 +252,7 @@ class SearchDriver:
         self.batch = int(scfg.batch_leaves)
         self.seed = int(seed)
         self.forest = make_forest(_engine_config(scfg), backend=engine_backend)
+        self.policy = POLICIES[self.mode](self)  # paper chains or MCTS (sphere/search/policies.py)
         self.stats = SearchStats()
         self._queue: deque[SearchJob] = deque()
         # Python-side step store: payload id -> step text / raw score / verdict.
@@ -239,7 +272,7 @@ class SearchDriver:
     def _prompt_for(self, job: SearchJob, payloads: list[int]) -> list[int]:
         return job.prompt_fn([self.steps[p] for p in payloads])
 
-    def _trajectory(self, path_nodes: np.ndarray) -> Trajectory:
+    def trajectory(self, path_nodes: np.ndarray) -> Trajectory:
         pls = self._path_steps(path_nodes)
         rewards = self.forest.reward(path_nodes[1:]).tolist() if len(path_nodes) > 1 else []
         last = pls[-1] if pls else 0
@@ -290,338 +323,216 @@ class SearchDriver:
         *,
         progress: Callable[[dict], None] | None = None,
     ) -> SearchStats:
-        """Search every job; ``on_result`` is called once per finished job, as soon as it finishes."""
-        self._queue: deque[SearchJob] = deque(jobs)
-        queue = self._queue
-        live: dict[int, dict] = {}  # root node id -> state
-        f = self.forest
-        scfg = self.cfg
-        sp = SamplingParams(
-            n=self.E,
-            temperature=float(scfg.temperature),
-            top_p=float(scfg.top_p),
-            max_tokens=int(scfg.max_step_tokens),
-            seed=None,
-            stop=[self.delim],
-        )
+        """Search every job; ``on_result`` is called once per finished job, as soon as it finishes.
+
+        One round: select -> prompts -> backend call (cancel on error) -> score -> check -> shape ->
+        expand/backup -> advance -> retire, each phase a method below over a ``Round``."""
+        self._queue = deque(jobs)
+        live: dict[int, TreeState] = {}  # root node id -> tree
+        sp = SamplingParams(n=self.E, temperature=float(self.cfg.temperature), top_p=float(self.cfg.top_p),
+                            max_tokens=int(self.cfg.max_step_tokens), seed=None, stop=[self.delim])
         round_idx = 0
-        while queue or live:
-            t0 = time.perf_counter()
-            # ---- select: leaves across all live trees; admit new jobs until the batch is full.
-            sel_roots: list[int] = []
-            sel_leaves: list[int] = []
-            pending = self._select_live(live, sel_roots, sel_leaves)
-            while queue and pending < self.batch:
-                job = queue.popleft()
-                root = int(f.add_roots(np.array([0], dtype=np.int64))[0])
-                st = {"job": job, "root": root, "sims": 0, "chains": [root, root], "active": [True, True],
-                      "expansions": 0, "nodes": 1}
-                live[root] = st
-                got = self._select_tree(st, sel_roots, sel_leaves)
-                pending += got
-            if self.mode == "paper" and len(sel_leaves) > self.batch:
-                # chain heads not sent now stay heads: they are picked up next round (oldest trees first)
-                del sel_roots[self.batch :], sel_leaves[self.batch :]
-            queue_nonempty = bool(queue)
-            self.stats.engine_s += time.perf_counter() - t0
-            if not sel_leaves:
-                # Nothing selectable: every live tree is finished or exhausted.
+        while self._queue or live:
+            rd = self._select(live)
+            if not rd.leaves:  # nothing selectable: every live tree is finished or exhausted
                 self._retire(live, on_result, force_all=True)
                 continue
-
-            # ---- paths -> prompts
-            t0 = time.perf_counter()
-            leaves_arr = np.asarray(sel_leaves, dtype=np.int32)
-            offsets, nodes = f.paths(leaves_arr)
-            self.stats.engine_s += time.perf_counter() - t0
-            path_payloads: list[list[int]] = []
-            prompts: list[list[int]] = []
-            for i, root in enumerate(sel_roots):
-                pn = nodes[offsets[i] : offsets[i + 1]]
-                pls = [int(p) for p in f.payload(pn)[1:]]
-                path_payloads.append(pls)
-                prompts.append(self._prompt_for(live[root]["job"], pls))
-
-            # ---- one backend call for every selected leaf whose prompt still fits the context window;
-            # a chain whose prompt no longer fits ends there (finish="length", graded as it is)
-            t0 = time.perf_counter()
+            self._prompts(rd, live)
             sp.seed = self.seed * 1_000_003 + round_idx
-            fits = [self._fits(p) for p in prompts]
-            send = [p for p, ok in zip(prompts, fits) if ok]
-            try:
-                got = self.backend.next_steps(send, sp) if send else []
-            except Exception:
-                if self.mode != "paper":  # failed request: remove the virtual loss, keep the trees intact
-                    f.cancel(leaves_arr)
-                raise
-            it = iter(got)
-            cands = [next(it) if ok else [_context_end()] for ok in fits]
-            self.stats.context_ends += fits.count(False)
-            self.stats.backend_s += time.perf_counter() - t0
-            self.stats.backend_calls += 1
-            self.stats.leaves += len(prompts)
-            if queue_nonempty:
-                self.stats.full_calls += 1
-                self.stats.full_call_leaves += len(prompts)
-            for cl in cands:
-                self.stats.candidates += len(cl)
-                self.stats.tokens += sum(len(c.token_ids) for c in cl)
-            # ---- merge identical candidates of one expansion (one child, multiplicity kept)
-            if self.dedup:
-                cands, mults = merge_duplicates(cands)
-                self.stats.merged += sum(m - 1 for ml in mults for m in ml)
-            else:
-                mults = [[1] * len(cl) for cl in cands]
-
-            # ---- score every candidate (the PRM role) and check finished answers
-            t0 = time.perf_counter()
-            items = []
-            owners = []
-            for i, cl in enumerate(cands):
-                job = live[sel_roots[i]]["job"]
-                prev = [self.steps[p] for p in path_payloads[i]]
-                for c in cl:
-                    items.append((job.problem["problem"], prev + [c.text]))
-                    owners.append(i)
-            forced = [c.finish == _CONTEXT_END for cl in cands for c in cl]
-            scored = self._score([x for x, e in zip(items, forced) if not e]) if items else []
-            it = iter(scored)
-            # a context end adds no step: it keeps its parent's score (zero advantage)
-            scores = [[self.step_score[path_payloads[owners[j]][-1]] if path_payloads[owners[j]] else 0.0]
-                      if e else next(it) for j, e in enumerate(forced)]
-            self.stats.scorer_s += time.perf_counter() - t0
-
-            t0 = time.perf_counter()
-            flat = [c for cl in cands for c in cl]
-            depth_of_leaf = [len(p) for p in path_payloads]
-            terminal = []
-            to_check = []
-            for j, c in enumerate(flat):
-                d = depth_of_leaf[owners[j]] + 1
-                term = c.finish in ("answer", "eos", _CONTEXT_END) or d >= int(scfg.max_depth)
-                terminal.append(term)
-                if term:
-                    full = self.delim.join([x for x in items[j][1] if x or c.finish != _CONTEXT_END])
-                    to_check.append((j, full, live[sel_roots[owners[j]]]["job"].problem["answer"]))
-            verdicts = {}
-            if to_check:
-                res = self.verifier([(t[1], t[2]) for t in to_check])
-                verdicts = {t[0]: bool(v) for t, v in zip(to_check, res)}
-            self.stats.verify_s += time.perf_counter() - t0
-
-            # ---- rewards, values, priors
-            counts = np.array([len(cl) for cl in cands], dtype=np.int32)
-            payloads, rewards, values, terms = [], [], [], []
-            rmode = str(scfg.reward)
-            lp = np.array([c.logprob_mean for c in flat], dtype=np.float64)
-            flat_mult = np.array([m for ml in mults for m in ml], dtype=np.float64)
-            for j, c in enumerate(flat):
-                i = owners[j]
-                s = scores[j]
-                last = float(s[-1]) if len(s) else 0.0
-                # step reward: shaped over the path's raw scores (the paper: advantage)
-                path_scores = [self.step_score[p] for p in path_payloads[i]] + [last]
-                r = shape_rewards(path_scores, rmode)[-1]
-                value = last
-                if terminal[j]:
-                    ok = verdicts.get(j, False)
-                    value = combine_outcome(last, ok, str(scfg.outcome), float(scfg.outcome_weight))
-                    if scfg.outcome_in_reward:  # steer reward-based pruning towards correct answers
-                        r = combine_outcome(r, ok, "add", float(scfg.outcome_weight))
-                pid = len(self.steps)
-                self.steps.append(c.text)
-                self.step_score.append(last)
-                d = depth_of_leaf[i] + 1
-                if c.finish == _CONTEXT_END:
-                    self.step_finish.append("length")
-                else:
-                    self.step_finish.append(c.finish if c.finish in ("answer", "eos") or d < int(scfg.max_depth)
-                                            else "depth")
-                self.step_correct.append(bool(verdicts.get(j, False)))
-                self.step_mult.append(int(flat_mult[j]))
-                payloads.append(pid)
-                rewards.append(r)
-                values.append(value)
-                terms.append(1 if terminal[j] else 0)
-            # priors: softmax over the candidates' mean token logprob (a cheap policy prior for PUCT); a merged
-            # child weighs its multiplicity, i.e. gets the summed prior of its copies
-            priors = np.zeros(len(flat), dtype=np.float64)
-            off = 0
-            for n in counts.tolist():
-                if n:
-                    x = flat_mult[off : off + n] * np.exp(lp[off : off + n] - lp[off : off + n].max())
-                    priors[off : off + n] = x / x.sum()
-                off += n
-
-            t0 = time.perf_counter()
-            child_ids = f.expand(
-                leaves_arr,
-                counts,
-                np.asarray(priors, dtype=np.float32),
-                np.asarray(payloads, dtype=np.int64),
-                np.asarray(rewards, dtype=np.float32),
-                np.asarray(values, dtype=np.float32),
-                np.asarray(terms, dtype=np.uint8),
-            )
-            pruned = f.is_pruned(child_ids)
-            # backup value per leaf: mean or max over the kept children's values
-            bvals = np.zeros(len(cands), dtype=np.float32)
-            off = 0
-            vals = np.asarray(values, dtype=np.float32)
-            for i, cl in enumerate(cands):
-                n = len(cl)
-                keep = ~pruned[off : off + n]
-                if not keep.any():
-                    keep = np.ones(n, dtype=bool)
-                v = vals[off : off + n][keep]
-                w = flat_mult[off : off + n][keep]  # mean over the samples: merged children count m times
-                if not n:
-                    bvals[i] = 0.0
-                elif scfg.backup == "max":
-                    bvals[i] = v.max()
-                else:
-                    bvals[i] = v.mean() if (w == 1).all() else (v * w).sum() / w.sum()
-                off += n
-            if self.mode != "paper":
-                # paper chains are chosen by reward, not by select(): nothing is in flight to back up
-                f.backup(leaves_arr, bvals)
-            self.stats.pruned += int(pruned.sum())
-            # advance the paper chains
-            off = 0
-            for i, cl in enumerate(cands):
-                st = live[sel_roots[i]]
-                n = len(cl)
-                st["sims"] += 1
-                st["expansions"] += 1
-                st["nodes"] += n
-                if self.mode == "paper":
-                    ids = child_ids[off : off + n]
-                    keep = ~pruned[off : off + n]
-                    rw = np.asarray(rewards[off : off + n], dtype=np.float32)
-                    tm = np.asarray(terms[off : off + n], dtype=bool)
-                    leaf = sel_leaves[i]
-                    kid = np.nonzero(keep)[0]
-                    for c in (0, 1):
-                        if not st["active"][c] or st["chains"][c] != leaf:
-                            continue
-                        if len(kid) == 0:  # every candidate pruned: the chain stops here
-                            st["active"][c] = False
-                            continue
-                        pick = kid[np.argmax(rw[kid])] if c == 0 else kid[np.argmin(rw[kid])]
-                        st["chains"][c] = int(ids[pick])
-                        if tm[pick]:
-                            st["active"][c] = False
-                off += n
-            self.stats.engine_s += time.perf_counter() - t0
+            self._call_backend(rd, sp)
+            self._score_candidates(rd, live)
+            self._check_terminals(rd, live)
+            self._shape(rd)
+            self._expand_backup(rd, live)
             self.stats.rounds += 1
             round_idx += 1
             self._retire(live, on_result)
             if progress is not None:
-                progress({"live": len(live), "queued": len(queue), **self.stats.as_dict(self.batch)})
+                progress({"live": len(live), "queued": len(self._queue), **self.stats.as_dict(self.batch)})
         return self.stats
 
     def submit(self, job: SearchJob) -> None:
         """Queue one more job while ``run`` is going (e.g. a stage-2 job from a stage-1 result)."""
         self._queue.append(job)
 
-    # ------------------------------------------------------------------ selection per mode
-    def _select_live(self, live: dict, roots: list[int], leaves: list[int]) -> int:
-        n = 0
-        if self.mode == "paper":
-            for st in live.values():
-                n += self._select_tree(st, roots, leaves)
-            return n
-        budget = int(self.cfg.simulations)
-        # k leaves per tree, but never past a tree's remaining simulation budget: one select() call per
-        # distinct leaf count (at most k calls per round, each batched over its trees)
-        groups: dict[int, list[int]] = {}
-        for r, st in live.items():
-            kk = min(self.k, budget - st["sims"])
-            if kk > 0:
-                groups.setdefault(kk, []).append(r)
-        n = 0
-        for kk, active in sorted(groups.items()):
-            ra = np.asarray(active, dtype=np.int32)
-            tree_idx, lv, coll = self.forest.select(ra, kk)
-            self.stats.collisions += int(np.asarray(coll).sum())
-            for t, leaf in zip(tree_idx.tolist(), lv.tolist()):
-                roots.append(int(ra[t]))
-                leaves.append(int(leaf))
-            n += len(lv)
-        return n
+    # ------------------------------------------------------------------ phases
+    def _select(self, live: dict[int, TreeState]) -> Round:
+        """Leaves across all live trees; new jobs join until the batch is full."""
+        t0 = time.perf_counter()
+        rd = Round()
+        pending = self.policy.select_all(live, rd.roots, rd.leaves)
+        while self._queue and pending < self.batch:
+            root = int(self.forest.add_roots(np.array([0], dtype=np.int64))[0])
+            st = TreeState(job=self._queue.popleft(), root=root, heads=[root, root])
+            live[root] = st
+            pending += self.policy.select_new(st, rd.roots, rd.leaves)
+        if len(rd.leaves) > self.batch:
+            self.policy.cap(rd.roots, rd.leaves)
+        rd.queue_nonempty = bool(self._queue)
+        self.stats.engine_s += time.perf_counter() - t0
+        return rd
 
-    def _select_tree(self, st: dict, roots: list[int], leaves: list[int]) -> int:
+    def _prompts(self, rd: Round, live: dict[int, TreeState]) -> None:
+        """Each leaf's root->leaf step payloads and the token ids of its prompt."""
+        t0 = time.perf_counter()
+        rd.leaves_arr = np.asarray(rd.leaves, dtype=np.int32)
+        offsets, nodes = self.forest.paths(rd.leaves_arr)
+        self.stats.engine_s += time.perf_counter() - t0
+        for i, root in enumerate(rd.roots):
+            pls = [int(p) for p in self.forest.payload(nodes[offsets[i]: offsets[i + 1]])[1:]]
+            rd.paths.append(pls)
+            rd.prompts.append(self._prompt_for(live[root].job, pls))
+
+    def _call_backend(self, rd: Round, sp: SamplingParams) -> None:
+        """One backend call for every leaf whose prompt still fits the context window; a chain whose prompt
+        no longer fits ends there (finish="length", graded as it is). A failed call removes the virtual
+        loss of the selected leaves (MCTS) and re-raises, leaving the trees intact."""
+        t0 = time.perf_counter()
+        fits = [self._fits(p) for p in rd.prompts]
+        send = [p for p, ok in zip(rd.prompts, fits, strict=True) if ok]
+        try:
+            got = iter(self.backend.next_steps(send, sp) if send else [])
+        except Exception:
+            if self.policy.backs_up:
+                self.forest.cancel(rd.leaves_arr)
+            raise
+        cands = [next(got) if ok else [_context_end()] for ok in fits]
+        st = self.stats
+        st.context_ends += fits.count(False)
+        st.backend_s += time.perf_counter() - t0
+        st.backend_calls += 1
+        st.leaves += len(rd.prompts)
+        if rd.queue_nonempty:
+            st.full_calls += 1
+            st.full_call_leaves += len(rd.prompts)
+        for cl in cands:
+            st.candidates += len(cl)
+            st.tokens += sum(len(c.token_ids) for c in cl)
+        if self.dedup:  # identical candidates of one expansion: one child, multiplicity kept
+            cands, mults = merge_duplicates(cands)
+            st.merged += sum(m - 1 for ml in mults for m in ml)
+        else:
+            mults = [[1] * len(cl) for cl in cands]
+        rd.cands, rd.mults = cands, mults
+        rd.flat = [c for cl in cands for c in cl]
+        rd.owner = [i for i, cl in enumerate(cands) for _ in cl]
+
+    def _score_candidates(self, rd: Round, live: dict[int, TreeState]) -> None:
+        """The step scorer (the PRM role) on every candidate step; a context end keeps its parent's score."""
+        t0 = time.perf_counter()
+        for j, c in enumerate(rd.flat):
+            i = rd.owner[j]
+            rd.items.append((live[rd.roots[i]].job.problem["problem"], [self.steps[p] for p in rd.paths[i]]
+                             + [c.text]))
+        forced = [c.finish == _CONTEXT_END for c in rd.flat]
+        scored = iter(self._score([x for x, e in zip(rd.items, forced, strict=True) if not e])
+                      if rd.items else [])
+        rd.scores = [[self.step_score[rd.paths[rd.owner[j]][-1]] if rd.paths[rd.owner[j]] else 0.0]
+                     if e else next(scored) for j, e in enumerate(forced)]
+        self.stats.scorer_s += time.perf_counter() - t0
+
+    def _check_terminals(self, rd: Round, live: dict[int, TreeState]) -> None:
+        """Which candidates end their solution (answer, eos, context end, max depth); the checker grades them."""
+        t0 = time.perf_counter()
+        max_depth = int(self.cfg.max_depth)
+        to_check = []
+        for j, c in enumerate(rd.flat):
+            depth = len(rd.paths[rd.owner[j]]) + 1
+            term = c.finish in ("answer", "eos", _CONTEXT_END) or depth >= max_depth
+            rd.terminal.append(term)
+            if term:
+                full = self.delim.join([x for x in rd.items[j][1] if x or c.finish != _CONTEXT_END])
+                to_check.append((j, full, live[rd.roots[rd.owner[j]]].job.problem["answer"]))
+        if to_check:
+            res = self.verifier([(t[1], t[2]) for t in to_check])
+            rd.verdicts = {t[0]: bool(v) for t, v in zip(to_check, res, strict=True)}
+        self.stats.verify_s += time.perf_counter() - t0
+
+    def _shape(self, rd: Round) -> None:
+        """Step rewards (shaped over the path's raw scores; the paper: advantage), node values (the outcome
+        folded in at terminals), priors (softmax of mean logprob, a merged child weighing its multiplicity);
+        every candidate enters the step store."""
+        scfg, rmode, max_depth = self.cfg, str(self.cfg.reward), int(self.cfg.max_depth)
+        rd.mult = np.array([m for ml in rd.mults for m in ml], dtype=np.float64)
+        for j, c in enumerate(rd.flat):
+            i = rd.owner[j]
+            last = float(rd.scores[j][-1]) if len(rd.scores[j]) else 0.0
+            r = shape_rewards([self.step_score[p] for p in rd.paths[i]] + [last], rmode)[-1]
+            value = last
+            ok = rd.verdicts.get(j, False)
+            if rd.terminal[j]:
+                value = combine_outcome(last, ok, str(scfg.outcome), float(scfg.outcome_weight))
+                if scfg.outcome_in_reward:  # steer reward-based pruning towards correct answers
+                    r = combine_outcome(r, ok, "add", float(scfg.outcome_weight))
+            d = len(rd.paths[i]) + 1
+            finish = ("length" if c.finish == _CONTEXT_END else
+                      c.finish if c.finish in ("answer", "eos") or d < max_depth else "depth")
+            rd.payloads.append(len(self.steps))
+            self.steps.append(c.text)
+            self.step_score.append(last)
+            self.step_finish.append(finish)
+            self.step_correct.append(bool(ok))
+            self.step_mult.append(int(rd.mult[j]))
+            rd.rewards.append(r)
+            rd.values.append(value)
+            rd.terms.append(1 if rd.terminal[j] else 0)
+        lp = np.array([c.logprob_mean for c in rd.flat], dtype=np.float64)
+        rd.priors = np.zeros(len(rd.flat), dtype=np.float64)
+        for a, b in rd.spans():
+            if b > a:
+                x = rd.mult[a:b] * np.exp(lp[a:b] - lp[a:b].max())
+                rd.priors[a:b] = x / x.sum()
+
+    def _expand_backup(self, rd: Round, live: dict[int, TreeState]) -> None:
+        """Children into the forest (pruned at expansion), values backed up (mean over the samples, a merged
+        child counting its multiplicity, or max), trees advanced by the search policy."""
+        t0 = time.perf_counter()
         f = self.forest
-        if self.mode == "paper":
-            got = 0
-            for node in {st["chains"][c] for c in (0, 1) if st["active"][c]}:
-                roots.append(st["root"])
-                leaves.append(node)
-                got += 1
-            return got
-        kk = min(self.k, int(self.cfg.simulations) - st["sims"])
-        if kk <= 0:
-            return 0
-        tree_idx, lv, coll = f.select(np.asarray([st["root"]], dtype=np.int32), kk)
-        self.stats.collisions += int(np.asarray(coll).sum())
-        for leaf in lv.tolist():
-            roots.append(st["root"])
-            leaves.append(int(leaf))
-        return len(lv)
+        rd.child_ids = f.expand(rd.leaves_arr, np.array([len(cl) for cl in rd.cands], dtype=np.int32),
+                                rd.priors.astype(np.float32), np.asarray(rd.payloads, dtype=np.int64),
+                                np.asarray(rd.rewards, dtype=np.float32),
+                                np.asarray(rd.values, dtype=np.float32), np.asarray(rd.terms, dtype=np.uint8))
+        pruned = f.is_pruned(rd.child_ids)
+        vals, rw = np.asarray(rd.values, dtype=np.float32), np.asarray(rd.rewards, dtype=np.float32)
+        tm = np.asarray(rd.terms, dtype=bool)
+        bvals = np.zeros(len(rd.cands), dtype=np.float32)
+        for i, (a, b) in enumerate(rd.spans()):
+            keep = ~pruned[a:b]
+            if b > a:
+                k = keep if keep.any() else np.ones(b - a, dtype=bool)
+                v, w = vals[a:b][k], rd.mult[a:b][k]
+                bvals[i] = v.max() if self.cfg.backup == "max" else (
+                    v.mean() if (w == 1).all() else (v * w).sum() / w.sum())
+            st = live[rd.roots[i]]
+            st.sims += 1
+            st.expansions += 1
+            st.nodes += b - a
+            self.policy.advance(st, rd.leaves[i], rd.child_ids[a:b], keep, rw[a:b], tm[a:b])
+        if self.policy.backs_up:
+            f.backup(rd.leaves_arr, bvals)
+        self.stats.pruned += int(pruned.sum())
+        self.stats.engine_s += time.perf_counter() - t0
 
     # ------------------------------------------------------------------ retirement + extraction
-    def _done(self, st: dict) -> bool:
-        f = self.forest
-        root = np.asarray([st["root"]], dtype=np.int32)
-        if bool(f.is_exhausted(root)[0]):
+    def _done(self, st: TreeState) -> bool:
+        if bool(self.forest.is_exhausted(np.asarray([st.root], dtype=np.int32))[0]):
             return True
-        if self.mode == "paper":
-            return not any(st["active"])
-        if st["sims"] >= int(self.cfg.simulations):
-            return True
-        term_budget = int(self.cfg.max_terminals)
-        if term_budget > 0:
-            off, _, _ = f.terminals(root)
-            if int(off[-1]) >= term_budget:
-                return True
-        return False
+        return self.policy.done(st)
 
-    def _retire(self, live: dict, on_result, force_all: bool = False) -> None:
+    def _retire(self, live: dict[int, TreeState], on_result, force_all: bool = False) -> None:
         t0 = time.perf_counter()
         done = [r for r, st in live.items() if force_all or self._done(st)]
         self.stats.engine_s += time.perf_counter() - t0
         for r in done:
-            st = live.pop(r)
-            on_result(self._extract(st))
+            on_result(self._extract(live.pop(r)))
 
-    def _extract(self, st: dict) -> SearchResult:
-        f = self.forest
-        root = st["root"]
-        ra = np.asarray([root], dtype=np.int32)
-        off, tnodes, tvals = f.terminals(ra)
-        terms = []
-        for node in tnodes.tolist():
-            path = self._path_to(node)
-            terms.append(self._trajectory(path))
-        if self.mode == "paper":
-            pmax = np.asarray(f.best_path(root, by="reward"), dtype=np.int32)
-            pmin = np.asarray(f.worst_path(root), dtype=np.int32)
-            smax = self._trajectory(pmax) if len(pmax) > 1 else None
-            smin = self._trajectory(pmin) if len(pmin) > 1 else None
-        else:
-            # by value, ties (outcome-replaced values are 1/0) broken by the step scorer's last score
-            smax = max(terms, key=_value_rank) if terms else None
-            smin = min(terms, key=_value_rank) if terms else None
-        snap = self.tree_snapshot(root) if st["job"].meta.get("snapshot") else None
-        return SearchResult(
-            job=st["job"],
-            sol_max=smax,
-            sol_min=smin,
-            terminals=terms,
-            nodes=int(st["nodes"]),
-            expansions=int(st["expansions"]),
-            snapshot=snap,
-        )
+    def _extract(self, st: TreeState) -> SearchResult:
+        _, tnodes, _ = self.forest.terminals(np.asarray([st.root], dtype=np.int32))
+        terms = [self.trajectory(self._path_to(node)) for node in tnodes.tolist()]
+        smax, smin = self.policy.extremes(st, terms)
+        snap = self.tree_snapshot(st.root) if st.job.meta.get("snapshot") else None
+        return SearchResult(job=st.job, sol_max=smax, sol_min=smin, terminals=terms, nodes=int(st.nodes),
+                            expansions=int(st.expansions), snapshot=snap)
 
     def _path_to(self, node: int) -> np.ndarray:
         off, nodes = self.forest.paths(np.asarray([node], dtype=np.int32))
