@@ -33,13 +33,16 @@ from sphere.data.problems import count_problems, load_problems  # noqa: F401 - r
 from sphere.generate.pairs import (
     PairFilter,
     filter_pairs,
-    has_final_answer,
-    make_pair,
-    mentions_attempt,
-    pick_solution,
     solution_text,
 )
-from sphere.generate.records import STAGE_FILES, read_stage_logs  # one stage-log reader, one resume rule
+from sphere.generate.records import STAGE_FILES, read_stage_logs
+from sphere.generate.stages import (  # one stage-log reader, one resume rule
+    StageContext,
+    route,
+    stage1_outcome,
+    stage2_outcome,
+    stage3_outcome,
+)
 from sphere.io import JsonlAppender, atomic_write_json, atomic_write_text, read_jsonl_tolerant
 from sphere.search.driver import SearchDriver, SearchJob, SearchResult, Trajectory, call_fill
 
@@ -91,19 +94,6 @@ def traj_from_dict(d: dict | None) -> Trajectory | None:
         return None
     return Trajectory(d["steps"], bool(d["correct"]), float(d["value"]), list(d["rewards"]),
                       list(d["scores"]), str(d["finish"]))
-
-
-def route(sol_max: Trajectory | None, sol_min: Trajectory | None) -> str:
-    """Which stage a stage-1 search result goes to: pair | correct | both_right | both_wrong | inverted."""
-    mx = bool(sol_max and sol_max.correct)
-    mn = bool(sol_min and sol_min.correct)
-    if mx and not mn:
-        return "pair"
-    if mx and mn:
-        return "both_right"
-    if not mx and not mn:
-        return "both_wrong"
-    return "inverted"
 
 
 class Generator:
@@ -177,85 +167,56 @@ class Generator:
         if hasattr(scorer, "set_golds"):  # rollout values need each problem's gold answer
             scorer.set_golds(problems)
         # provenance of the pairs: the models that actually ran (sphere run: round r's trained checkpoint)
-        policy_name = self.policy_name or str(cfg.model.policy)
-        small_name = self.small_name or str(cfg.model.small)
+        ctx = StageContext.from_config(
+            cfg, delim=self.delim, policy_name=self.policy_name or str(cfg.model.policy),
+            small_name=self.small_name or str(cfg.model.small), config_hash=self.hash,
+            conversational=self._conv(tok), response_prefix=self._prefix(tok),
+            pair_prompt=lambda p, attempt: self._pair_prompt(tok, p, attempt))
         snap_every = int(cfg.output.snapshot_every)
-        snap_dir = self.out / "trees"
-
         w = {s: JsonlAppender(self.out / "stages" / f) for s, f in STAGE_FILES.items()}
-        stats_acc = {"search": {}}
+        stats_acc: dict = {"search": {}}
+        counts = {"done": 0, "pairs": {1: 0, 2: 0, 3: 0}}
         try:
             driver = SearchDriver(policy_backend, scorer, verifier, cfg.search, delimiter=self.delim,
                                   engine_backend=str(cfg.engine_backend), seed=int(cfg.seed))
-
-            def stage1_job(i: int, p: dict) -> SearchJob:
-                meta = {"stage": 1, "snapshot": snap_every > 0 and i % snap_every == 0}
-                return SearchJob(f"1:{p['id']}", p, self._prompt_fn(tok, p), meta)
 
             def stage2_job(p: dict, rec1: dict) -> SearchJob:
                 attempt = traj_from_dict(rec1[str(st_cfg.stage2_rejected)] or rec1["sol_max"])
                 return SearchJob(f"2:{p['id']}", p, self._reflection_fn(tok, p, attempt),
                                  {"stage": 2, "attempt": attempt})
 
-            jobs = []
-            stage3_todo: list[tuple[dict, dict]] = []
-            for i, p in enumerate(problems):
+            jobs, stage3_todo = [], []
+            for i, p in enumerate(problems):  # resume: the stage each problem still needs
                 r1 = done1.get(p["id"])
                 if r1 is None:
-                    jobs.append(stage1_job(i, p))
-                    continue
-                if r1["route"] == "both_wrong" and st_cfg.stage2 and p["id"] not in done2:
+                    meta = {"stage": 1, "snapshot": snap_every > 0 and i % snap_every == 0}
+                    jobs.append(SearchJob(f"1:{p['id']}", p, self._prompt_fn(tok, p), meta))
+                elif r1["route"] == "both_wrong" and st_cfg.stage2 and p["id"] not in done2:
                     jobs.append(stage2_job(p, r1))
-                if r1["route"] == "both_right" and st_cfg.stage3 and p["id"] not in done3:
+                elif r1["route"] == "both_right" and st_cfg.stage3 and p["id"] not in done3:
                     stage3_todo.append((p, r1))
 
-            counts = {"done": 0, "pairs": {1: 0, 2: 0, 3: 0}}
+            def finish(stage: int, p: dict, res: SearchResult, route_: str, pairs: list[dict]) -> dict:
+                rec = self._record(stage, p, res, route_, pairs)
+                w[stage].write(rec)
+                counts["pairs"][stage] += len(pairs)
+                return rec
 
-            def on_result(res: SearchResult) -> None:
-                p = res.job.problem
-                stage = int(res.job.meta["stage"])
+            def on_result(res: SearchResult) -> None:  # stages 1 and 2 (the policy's searches)
+                p, stage = res.job.problem, int(res.job.meta["stage"])
                 if res.snapshot is not None:
-                    self._save_snapshot(snap_dir, f"stage{stage}-{p['id']}", res)
+                    self._save_snapshot(self.out / "trees", f"stage{stage}-{p['id']}", res)
                 if stage == 1:
-                    rt = route(res.sol_max, res.sol_min)
-                    pairs = []
-                    if rt == "pair" or (rt == "inverted" and st_cfg.inverted == "swap"):
-                        ch, rj = (res.sol_max, res.sol_min) if rt == "pair" else (res.sol_min, res.sol_max)
-                        pairs.append(make_pair(stage=1, problem=p, prompt=self._pair_prompt(tok, p),
-                                               chosen=ch, rejected=rj, delimiter=self.delim,
-                                               chosen_model=policy_name, rejected_model=policy_name,
-                                               config_hash=self.hash, conversational=self._conv(tok), response_prefix=self._prefix(tok),
-                                               extra={"route": rt}))
-                    rec = self._record(1, p, res, rt, pairs)
-                    w[1].write(rec)
-                    counts["pairs"][1] += len(pairs)
-                    if rt == "both_wrong" and st_cfg.stage2:
+                    rt, pairs, nxt = stage1_outcome(res, p, ctx)
+                    rec = finish(1, p, res, rt, pairs)
+                    if nxt == 2:
                         driver.submit(stage2_job(p, rec))
-                    elif rt == "both_right" and st_cfg.stage3:
+                    elif nxt == 3:
                         stage3_todo.append((p, rec))
                     else:
                         counts["done"] += 1
-                elif stage == 2:
-                    attempt: Trajectory = res.job.meta["attempt"]
-                    plain = not st_cfg.stage2_prompt_with_attempt
-                    drop_refs = plain and bool(cfg.filters.get("stage2_drop_attempt_refs", True))
-
-                    def ok2(t: Trajectory) -> bool:  # a correct solution its pair prompt can stand behind
-                        return t.correct and not (drop_refs and mentions_attempt(self.delim.join(t.steps)))
-
-                    # the correction search's best correct solution: its Sol_max when correct, else the
-                    # correct terminal the step scorer ranks highest
-                    best = pick_solution(res.sol_max, res.terminals, ok2, best=True)
-                    pairs = []
-                    if best is not None and not attempt.correct:
-                        prompt = self._pair_prompt(tok, p, None if plain else attempt)
-                        pairs.append(make_pair(stage=2, problem=p, prompt=prompt, chosen=best,
-                                               rejected=attempt, delimiter=self.delim,
-                                               chosen_model=policy_name, rejected_model=policy_name,
-                                               config_hash=self.hash, conversational=self._conv(tok),
-                                               response_prefix=self._prefix(tok)))
-                    w[2].write(self._record(2, p, res, "corrected" if pairs else "uncorrected", pairs))
-                    counts["pairs"][2] += len(pairs)
+                else:
+                    finish(2, p, res, *stage2_outcome(res, p, res.job.meta["attempt"], ctx))
                     counts["done"] += 1
                 if progress is not None:
                     progress(counts)
@@ -263,49 +224,36 @@ class Generator:
             if jobs:
                 driver.run(jobs, on_result)
                 stats_acc["search"]["policy"] = driver.stats.as_dict(int(cfg.search.batch_leaves))
-
-            # ---- stage 3: the small model looks for plausible wrong solutions
-            if stage3_todo:
+            if stage3_todo:  # the small model looks for plausible wrong solutions
                 small = small_backend_factory() if small_backend_factory is not None else policy_backend
-                scfg3 = OmegaConf.merge(cfg.search, {
-                    "expansions": int(cfg.search.expansions) * int(st_cfg.small_expansions_factor)})
-                driver3 = SearchDriver(small, scorer, verifier, scfg3, delimiter=self.delim,
-                                       engine_backend=str(cfg.engine_backend), seed=int(cfg.seed) + 3)
-                stok = small.tokenizer
-                jobs3 = [SearchJob(f"3:{p['id']}", p, self._prompt_fn(stok, p), {"stage": 3, "rec1": r1})
-                         for p, r1 in stage3_todo]
-
-                def on_result3(res: SearchResult) -> None:
-                    p = res.job.problem
-                    r1 = res.job.meta["rec1"]
-                    chosen = traj_from_dict(r1["sol_max"])
-                    need_answer = bool(cfg.filters.get("stage3_rejected_needs_answer", True))
-
-                    def ok3(t: Trajectory) -> bool:  # a plausible wrong solution: wrong, with a final answer
-                        return not t.correct and (not need_answer or has_final_answer(t, self.delim))
-
-                    # the small model's most plausible wrong solution: its Sol_max when wrong, else the wrong
-                    # terminal the step scorer ranks highest
-                    rej = pick_solution(res.sol_max, res.terminals, ok3, best=True)
-                    pairs = []
-                    if rej is not None and chosen is not None and chosen.correct:
-                        pairs.append(make_pair(stage=3, problem=p, prompt=self._pair_prompt(tok, p),
-                                               chosen=chosen, rejected=rej, delimiter=self.delim,
-                                               chosen_model=policy_name, rejected_model=small_name,
-                                               config_hash=self.hash, conversational=self._conv(tok),
-                                               response_prefix=self._prefix(tok)))
-                    w[3].write(self._record(3, p, res, "contrast" if pairs else "no_wrong", pairs))
-                    counts["pairs"][3] += len(pairs)
-                    counts["done"] += 1
-                    if progress is not None:
-                        progress(counts)
-
-                driver3.run(jobs3, on_result3)
-                stats_acc["search"]["small"] = driver3.stats.as_dict(int(cfg.search.batch_leaves))
+                stats_acc["search"]["small"] = self._stage3(small, scorer, verifier, stage3_todo, ctx,
+                                                            finish, counts, progress)
         finally:
             for a in w.values():
                 a.close()
         return self.finalize(problems, stats_acc, time.perf_counter() - t_start)
+
+    def _stage3(self, small: Any, scorer: Any, verifier: Any, todo: list[tuple[dict, dict]], ctx: StageContext,
+                finish: Any, counts: dict, progress: Any) -> dict:
+        """Stage 3: the small model searches with factor x E candidates; returns its search statistics."""
+        cfg = self.cfg
+        scfg3 = OmegaConf.merge(cfg.search, {
+            "expansions": int(cfg.search.expansions) * int(cfg.stages.small_expansions_factor)})
+        driver3 = SearchDriver(small, scorer, verifier, scfg3, delimiter=self.delim,
+                               engine_backend=str(cfg.engine_backend), seed=int(cfg.seed) + 3)
+        jobs3 = [SearchJob(f"3:{p['id']}", p, self._prompt_fn(small.tokenizer, p), {"stage": 3, "rec1": r1})
+                 for p, r1 in todo]
+
+        def on_result3(res: SearchResult) -> None:
+            p = res.job.problem
+            chosen = traj_from_dict(res.job.meta["rec1"]["sol_max"])
+            finish(3, p, res, *stage3_outcome(res, p, chosen, ctx))
+            counts["done"] += 1
+            if progress is not None:
+                progress(counts)
+
+        driver3.run(jobs3, on_result3)
+        return driver3.stats.as_dict(int(cfg.search.batch_leaves))
 
     def _prefix(self, tok: Any) -> str:
         """What a conversational pair's chosen/rejected start with: the family's assistant_prefix."""
