@@ -212,6 +212,29 @@ def test_paper_extremes_unchanged_by_dedup(temperature):
         assert any(len(set(r[0])) != len(r[0]) or r[0] != r[3] for r in on.values())
 
 
+def test_paper_backend_calls_unchanged_by_dedup():
+    """Sampled settings: the driver makes the same calls (same prompts, same order, same seeds) with and without
+    merging, so a seeded backend samples the same and the search is the same (chain heads go out in chain
+    order, not node-id order: merging renumbers the nodes)."""
+    logs = {}
+    for dedup in (True, False):
+        cfg = _cfg(**{"search.dedup_candidates": dedup, "search.batch_leaves": 16})
+        be = WordyRepeatBackend(None)
+        calls = []
+        inner = be.next_steps
+
+        def record(prompts, params, inner=inner, calls=calls, tok=be.tokenizer):
+            calls.append((params.seed, [tok.decode(p) for p in prompts]))
+            return inner(prompts, params)
+
+        be.next_steps = record
+        d = SearchDriver(be, _scorer(), _verifier, cfg.search)
+        d.run([SearchJob(p["id"], p, _prompt_fn(be.tokenizer, p)) for p in _problems(40)], lambda r: None)
+        logs[dedup] = (calls, d.stats.merged)
+    assert logs[True][1] > 0 and len(logs[True][0]) > 3
+    assert logs[True][0] == logs[False][0]
+
+
 def _pairs_without_hash(path):
     out = []
     for p in read_jsonl_tolerant(path):
@@ -281,7 +304,7 @@ def test_greedy_tiny_model_extremes_unchanged_by_dedup(tiny_transformers_backend
         ]
         d.run(
             jobs,
-            lambda r: out.__setitem__(
+            lambda r, out=out: out.__setitem__(
                 r.job.job_id, (r.sol_max.steps, r.sol_max.correct, r.sol_min.steps, r.sol_min.correct)
             ),
         )

@@ -76,12 +76,17 @@ class PaperChains(SearchPolicy):
         return sum(self.select_new(st, roots, leaves) for st in live.values())
 
     def select_new(self, st, roots, leaves):
-        got = 0
-        for node in {st.heads[c] for c in (0, 1) if st.active[c]}:
+        # the distinct heads in chain order (max first), never in node-id order: the calls (which prompts, in
+        # which order, under which round's seed) must not depend on how nodes are numbered, or merging
+        # duplicate candidates (fewer nodes) would change what a seeded backend samples
+        heads = []
+        for c in (0, 1):
+            if st.active[c] and st.heads[c] not in heads:
+                heads.append(st.heads[c])
+        for node in heads:
             roots.append(st.root)
             leaves.append(node)
-            got += 1
-        return got
+        return len(heads)
 
     def cap(self, roots, leaves):
         # chain heads not sent now stay heads: they are picked up next round (oldest trees first)
