@@ -153,8 +153,11 @@ def worker_main(memory_limit_mb: int, stdin=None, stdout=None) -> None:
 
     _limit_memory(memory_limit_mb)
     signal.signal(signal.SIGALRM, _on_alarm)
-    stdout.write('"ready"\n')
-    stdout.flush()
+    try:
+        stdout.write('"ready"\n')
+        stdout.flush()
+    except (BrokenPipeError, OSError):  # the parent is gone (killed, interrupted): nothing to serve
+        return
     for line in stdin:
         try:
             msg = json.loads(line)
@@ -189,4 +192,7 @@ if __name__ == "__main__":
 
     ap = argparse.ArgumentParser(description="sphere verifier worker (started by sphere.verify.pool)")
     ap.add_argument("--memory-limit-mb", type=int, default=3072)
-    worker_main(ap.parse_args().memory_limit_mb)
+    try:
+        worker_main(ap.parse_args().memory_limit_mb)
+    except BrokenPipeError:  # the parent went away mid-write: exit quietly, no traceback on the user's terminal
+        os._exit(0)
