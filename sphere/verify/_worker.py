@@ -194,5 +194,5 @@ if __name__ == "__main__":
     ap.add_argument("--memory-limit-mb", type=int, default=3072)
     try:
         worker_main(ap.parse_args().memory_limit_mb)
-    except BrokenPipeError:  # the parent went away mid-write: exit quietly, no traceback on the user's terminal
+    except BrokenPipeError:  # the parent went away mid-write: exit quietly, no traceback on the terminal
         os._exit(0)
