@@ -191,6 +191,8 @@ def validate_search_config(scfg: Any) -> None:
          scfg.expansions)
     need(int(scfg.max_depth) >= 1, "max_depth", "an integer >= 1", scfg.max_depth)
     need(int(scfg.batch_leaves) >= 1, "batch_leaves", "an integer >= 1", scfg.batch_leaves)
+    need(int(scfg.max_step_tokens) >= 1, "max_step_tokens", "an integer >= 1 (token budget of one step)",
+         scfg.max_step_tokens)
     need(int(scfg.k) >= 1, "k", "an integer >= 1 (leaves per tree per round)", scfg.k)
     need(int(scfg.simulations) >= 1, "simulations", "an integer >= 1", scfg.simulations)
     need(float(scfg.temperature) >= 0, "temperature", "a number >= 0", scfg.temperature)
