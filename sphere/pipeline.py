@@ -112,7 +112,58 @@ def summary_markdown(rounds: list[dict]) -> str:
         lines.append("| " + " | ".join([str(r["round"]), *acc, *delta, pairs, f"{r['wall_s']:.0f}"]) + " |")
     lines += ["", "Accuracy: greedy pass@1 on the configured benchmarks; Δ in points against round 0. "
               "Pairs are the preference pairs generated with that round's policy's predecessor."]
+    lines += _paired_markdown(rounds)
     return "\n".join(lines) + "\n"
+
+
+def _paired_markdown(rounds: list[dict]) -> list[str]:
+    """The paired-interval table (rounds with ``paired``; see ``paired_changes``), or nothing."""
+    rows = [(r["round"], b, k, c) for r in rounds for b, v in sorted((r.get("paired") or {}).items())
+            for k, c in (("r0", v.get("vs_r0")), ("prev", v.get("vs_prev"))) if c]
+    if not rows:
+        return []
+    out = ["", "Paired accuracy change over the same problems (95% percentile bootstrap over problems; "
+           "McNemar's exact test on the problems that changed):", "",
+           "| round | benchmark | vs | n | Δ points | 95% paired CI | gained/lost | McNemar p |",
+           "|---|---|---|---|---|---|---|---|"]
+    for rnd, b, k, c in rows:
+        vs = "round 0" if k == "r0" else f"round {rnd - 1}"
+        out.append(f"| {rnd} | {b} | {vs} | {c['n']} | {100 * c['delta']:+.1f} | "
+                   f"[{100 * c['ci_low']:+.1f}, {100 * c['ci_high']:+.1f}] | {c['gained']}/{c['lost']} | "
+                   f"{c['mcnemar_p']:.3g} |")
+    return out
+
+
+def _first_verdicts(path: Path) -> dict[str, bool]:
+    from sphere.io import read_jsonl_tolerant
+
+    return {str(rec["id"]): bool(rec["verdicts"][0]) for rec in read_jsonl_tolerant(path)
+            if rec.get("verdicts")}
+
+
+def paired_changes(out: Path, r: int, benches) -> dict:
+    """Per benchmark, the paired accuracy change of round ``r`` against round 0 (``vs_r0``) and against round
+    ``r - 1`` (``vs_prev``, from round 2 on), over the problems both rounds evaluated, from the per-problem
+    records ``round_<r>/eval/<bench>.jsonl`` (sample 0 of each problem: the greedy answer when eval.n = 1).
+    See ``sphere.evaluation.metrics.paired_accuracy_change``."""
+    from sphere.evaluation.metrics import paired_accuracy_change
+
+    res: dict = {}
+    for b in benches:
+        cur = _first_verdicts(out / f"round_{r}" / "eval" / f"{b}.jsonl")
+        if not cur:
+            continue
+        entry = {}
+        for key, q in (("vs_r0", 0), ("vs_prev", r - 1)):
+            if q < 0 or (key == "vs_prev" and q == 0):
+                continue
+            old = _first_verdicts(out / f"round_{q}" / "eval" / f"{b}.jsonl")
+            ids = [i for i in cur if i in old]
+            if ids:
+                entry[key] = paired_accuracy_change([old[i] for i in ids], [cur[i] for i in ids])
+        if entry:
+            res[b] = entry
+    return res
 
 
 def plan(cfg: DictConfig) -> dict:
@@ -320,6 +371,9 @@ class _StepLogger:
 
 
 def _write_summary(out: Path, rounds: list[dict]) -> None:
+    for rec in rounds:  # paired intervals against round 0 / the previous round (same problems)
+        if rec.get("round", 0) > 0 and "paired" not in rec:
+            rec["paired"] = paired_changes(out, int(rec["round"]), sorted(rec.get("eval") or {}))
     atomic_write_json(out / "summary.json", {"rounds": rounds})
     atomic_write_text(out / "summary.md", summary_markdown(rounds))
 

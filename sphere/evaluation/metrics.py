@@ -121,3 +121,58 @@ def summarize(records: Sequence[dict], n_samples: int) -> dict:
         out[f"maj@{n_samples}"] = maj_correct / n
         out[f"maj@{n_samples}_correct"] = maj_correct
     return out
+
+
+def _binom_two_sided_p(k: int, n: int) -> float:
+    """Exact two-sided p-value of ``k`` successes in ``n`` fair coin flips (McNemar's exact test on the
+    discordant pairs): ``min(1, 2 * P(X <= min(k, n - k)))``."""
+    if n == 0:
+        return 1.0
+    m = min(k, n - k)
+    tail = sum(math.comb(n, i) for i in range(m + 1)) / 2.0**n
+    return min(1.0, 2.0 * tail)
+
+
+def paired_accuracy_change(before: Sequence[bool], after: Sequence[bool], *, level: float = 0.95,
+                           n_boot: int = 10000, seed: int = 0) -> dict:
+    """The accuracy change ``after - before`` on the same problems (``before[i]`` and ``after[i]`` are the
+    verdicts of one problem) with a paired interval: a percentile bootstrap over problems (resampling the
+    problems, so both verdicts of a problem travel together; deterministic in ``seed``), and McNemar's
+    exact test on the discordant problems (``gained``: wrong before, right after; ``lost``: the reverse).
+
+    The bootstrap resamples n problems with replacement; only the counts of gained/lost/unchanged problems
+    matter, so it draws them from the multinomial of those shares (the same distribution as index
+    resampling, O(n_boot)). Returns ``{n, before, after, delta, gained, lost, ci_low, ci_high, level,
+    mcnemar_p, excludes_zero}`` (accuracies and delta as fractions)."""
+    import numpy as np
+
+    if len(before) != len(after):
+        raise ValueError(f"paired_accuracy_change: {len(before)} verdicts before, {len(after)} after; "
+                         "a paired interval needs the same problems")
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"paired_accuracy_change: level={level}; allowed (0, 1)")
+    n = len(before)
+    gained = sum(1 for a, b in zip(before, after, strict=True) if not a and b)
+    lost = sum(1 for a, b in zip(before, after, strict=True) if a and not b)
+    if n == 0:
+        return {"n": 0, "before": 0.0, "after": 0.0, "delta": 0.0, "gained": 0, "lost": 0, "ci_low": 0.0,
+                "ci_high": 0.0, "level": level, "mcnemar_p": 1.0, "excludes_zero": False}
+    delta = (gained - lost) / n
+    rng = np.random.default_rng(seed)
+    draws = rng.multinomial(n, [gained / n, lost / n, (n - gained - lost) / n], size=int(n_boot))
+    boot = (draws[:, 0] - draws[:, 1]) / n
+    a = (1.0 - level) / 2.0
+    lo, hi = (float(x) for x in np.quantile(boot, [a, 1.0 - a]))
+    return {
+        "n": n,
+        "before": sum(map(bool, before)) / n,
+        "after": sum(map(bool, after)) / n,
+        "delta": delta,
+        "gained": gained,
+        "lost": lost,
+        "ci_low": lo,
+        "ci_high": hi,
+        "level": level,
+        "mcnemar_p": _binom_two_sided_p(gained, gained + lost),
+        "excludes_zero": bool(lo > 0.0 or hi < 0.0),
+    }

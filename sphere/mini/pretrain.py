@@ -144,6 +144,29 @@ def drill_examples(n: int, per: int, seed: int, world, slip_rate: float = 0.0,
     return out
 
 
+def hard_world(world, overrides):
+    """``world`` with the fields of ``overrides`` (a mapping of WorldSpec fields) replaced."""
+    from sphere.mini.world import WorldSpec
+
+    return WorldSpec.from_mapping({**world.to_dict(), **dict(overrides or {})})
+
+
+def hard_examples(tr: dict, world, seed: int) -> list[dict]:
+    """``train.hard_n`` extra clean training problems from the harder world ``world`` + ``train.hard_world``
+    (e.g. ``{min_steps: 5, max_steps: 6}``), disjoint from that world's held-out test/dev splits (first
+    ``train.hard_holdout`` problems of each). The easy-to-hard recipes (conf/mini/honest*.yaml) show the
+    policy a few harder problems, so that it solves them sometimes when sampling but not reliably greedily.
+    0 (the default) adds nothing."""
+    from sphere.mini.world import training_problems
+
+    n = int(tr.get("hard_n", 0) or 0)
+    if n <= 0:
+        return []
+    hw = hard_world(world, tr.get("hard_world"))
+    probs = training_problems(n, seed + 29, hw, holdout=int(tr.get("hard_holdout", 2000)))
+    return [{**p, "id": p["id"].replace("mini-train", "mini-train-hard")} for p in probs]
+
+
 def _tokenize_examples(tokenizer, probs: list[dict], max_length: int) -> dict:
     """input_ids (prompt + solution + EOS) and labels (-100 on the prompt: completion-only loss),
     batch-tokenised. SFTTrainer's own preparation (per-example tokenise/label/truncate maps) is skipped:
@@ -226,6 +249,7 @@ def train(recipe: dict, out_dir: Path, progress: bool = True, snapshots: tuple[i
         kinds = tuple(tr.get("slip_kinds", ("carry",)))
         probs = training_problems(int(tr["n_problems"]), int(recipe["seed"]), world)
         probs = plant_slips(probs, slip, int(recipe["seed"]) + 13, world.max_value, kinds)
+        probs += hard_examples(tr, world, int(recipe["seed"]))  # optional (train.hard_n); none by default
         probs += drill_examples(
             int(tr.get("n_drills", 0)), int(tr.get("drill_equations", 8)), int(recipe["seed"]) + 1, world,
             slip_rate=slip, slip_kinds=kinds,
@@ -324,6 +348,10 @@ def evaluate(
 
     from sphere.mini.world import format_prompt, load_mini_benchmark
 
+    if ev.get("world"):  # evaluate on another world than the recipe's (easy-to-hard: the harder one)
+        from sphere.mini.world import WorldSpec
+
+        world = hard_world(WorldSpec.from_mapping(world), ev["world"])
     probs = load_mini_benchmark(str(ev["split"]), int(ev["n"]), world)
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     tok.padding_side = "left"
@@ -417,7 +445,7 @@ def write_record(recipe: dict, out_dir: Path, stats: dict, metrics: dict) -> dic
             "trl": trl.__version__,
         },
         "command": "sphere pretrain-mini mini="
-        + {"mini": "policy", "mini-small": "small"}.get(recipe["name"], "?"),
+        + {"mini": "policy", "mini-small": "small", "mini-honest": "honest"}.get(recipe["name"], "?"),
     }
     atomic_write_json(out_dir / "recipe.json", rec)
     return rec
