@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-
 from sphere.resources import ModelNotFoundError  # noqa: E402,F401 - defined low so sphere.mini can raise it
 
 
