@@ -66,6 +66,15 @@ def shape_from_config(c: dict) -> dict:
 def model_shape(name: str) -> dict | None:
     """The shape of a local model directory (its config.json) or of a known hub model; None if unknown."""
     p = Path(str(name)).expanduser()
+    from sphere.models import STANDIN_NAMES
+
+    if str(name) in (*STANDIN_NAMES, "mini", "mini-small"):  # names of shipped local models
+        from sphere.models import resolve_model
+
+        try:
+            p = resolve_model(str(name))
+        except FileNotFoundError:
+            return None
     if (p / "config.json").is_file():
         try:
             return shape_from_config(json.loads((p / "config.json").read_text()))

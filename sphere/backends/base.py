@@ -32,6 +32,10 @@ class SamplingParams:
     max_tokens: int = 256
     seed: int | None = None
     stop: list[str] | None = None  # step mode adds the delimiter
+    # per-token logprobs of the sampled tokens (Candidate.logprob_*: the PUCT prior). Off where nothing reads
+    # them (paper chains, UCT): vLLM then skips building logprob data for every sampled token (~35% of a
+    # mini-world generate call). Candidates then carry logprob 0.
+    logprobs: bool = True
 
     def __post_init__(self) -> None:
         if self.n < 1:

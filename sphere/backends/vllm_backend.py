@@ -258,7 +258,8 @@ class VLLMBackend(BackendBase):
                                            f"generate in the {self.max_model_len}-token context window")
             budgets.append(budget)
             sps.append(VSP(n=n_gen, temperature=params.temperature, top_p=params.top_p, max_tokens=budget,
-                           seed=params.seed, stop=list(params.stop or []) or None, logprobs=0,
+                           seed=params.seed, stop=list(params.stop or []) or None,
+                           logprobs=0 if params.logprobs else None,
                            include_stop_str_in_output=False, skip_special_tokens=True))
         outs = self.llm.generate([self._TokensPrompt(prompt_token_ids=list(p)) for p in prompts], sps,
                                  use_tqdm=False)
@@ -267,7 +268,8 @@ class VLLMBackend(BackendBase):
             row = []
             for c in sorted(o.outputs, key=lambda c: c.index):
                 ids = list(c.token_ids)
-                lps = [float(d[t].logprob) if d and t in d else 0.0 for d, t in zip(c.logprobs or [], ids)]
+                lps = ([float(d[t].logprob) if d and t in d else 0.0 for d, t in zip(c.logprobs or [], ids)]
+                       if params.logprobs else [0.0] * len(ids))
                 hit_stop = c.finish_reason == "stop" and isinstance(c.stop_reason, str)
                 hit_eos = c.finish_reason == "stop" and not hit_stop
                 if ids and ids[-1] in self.eos_ids and hit_eos:

@@ -332,7 +332,8 @@ class SearchDriver:
         self._queue = deque(jobs)
         live: dict[int, TreeState] = {}  # root node id -> tree
         sp = SamplingParams(n=self.E, temperature=float(self.cfg.temperature), top_p=float(self.cfg.top_p),
-                            max_tokens=int(self.cfg.max_step_tokens), seed=None, stop=[self.delim])
+                            max_tokens=int(self.cfg.max_step_tokens), seed=None, stop=[self.delim],
+                            logprobs=bool(self.policy.uses_priors))
         round_idx = 0
         while self._queue or live:
             rd = self._select(live)

@@ -45,6 +45,7 @@ class SearchPolicy:
     """What differs between searches (see the module docstring). ``d`` is the driver that owns the forest."""
 
     backs_up = True  # whether expansions back values up through select()'s in-flight descents
+    uses_priors = True  # whether the candidates' logprob priors steer anything (PUCT); else not requested
 
     def __init__(self, d: SearchDriver):
         self.d = d
@@ -71,6 +72,7 @@ class SearchPolicy:
 
 class PaperChains(SearchPolicy):
     backs_up = False
+    uses_priors = False  # the chains follow rewards
 
     def select_all(self, live, roots, leaves):
         return sum(self.select_new(st, roots, leaves) for st in live.values())
@@ -117,6 +119,10 @@ class PaperChains(SearchPolicy):
 
 
 class MCTS(SearchPolicy):
+    @property
+    def uses_priors(self) -> bool:  # type: ignore[override]
+        return str(self.d.cfg.engine.rule) == "puct"  # UCT ignores priors
+
     def _select(self, roots_arr: np.ndarray, kk: int, roots: list[int], leaves: list[int]) -> int:
         tree_idx, lv, coll = self.d.forest.select(roots_arr, kk)
         self.d.stats.collisions += int(np.asarray(coll).sum())
