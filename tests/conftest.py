@@ -20,7 +20,6 @@ import functools  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
-
 from skip_gate import SkipGate  # noqa: E402
 
 # Engine settings for the tiny model: short context, small KV blocks (so short prompts share cache blocks).
@@ -119,3 +118,19 @@ def tiny_openai_backend(tiny_vllm_server, tiny_model_dir):
                       retries=2, timeout_s=120)
     yield b
     b.close()
+
+
+@pytest.fixture(scope="module")
+def scorer():
+    """The real symbolic step scorer (the mini world's PRM role)."""
+    from sphere.rewards.symbolic import SymbolicStepScorer
+
+    return SymbolicStepScorer()
+
+
+@pytest.fixture(scope="module")
+def verifier():
+    """The real answer checker (math-verify in worker processes)."""
+    from sphere.verify import check_answers
+
+    return check_answers

@@ -122,20 +122,6 @@ def _cfg(**over) -> OmegaConf:
     return OmegaConf.merge(cfg, OmegaConf.from_dotlist([f"{k}={v}" for k, v in over.items()]))
 
 
-@pytest.fixture(scope="module")
-def scorer():
-    from sphere.rewards.symbolic import SymbolicStepScorer
-
-    return SymbolicStepScorer()
-
-
-@pytest.fixture(scope="module")
-def verifier():
-    from sphere.verify import check_answers
-
-    return check_answers
-
-
 def _prompt_fn(tok, problem):
     from sphere.prompts import build_prompt_ids, load_family
 

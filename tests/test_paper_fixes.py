@@ -18,20 +18,6 @@ from sphere.io import read_jsonl_tolerant
 from sphere.search.driver import SearchDriver, SearchJob, Trajectory
 
 
-@pytest.fixture(scope="module")
-def scorer():
-    from sphere.rewards.symbolic import SymbolicStepScorer
-
-    return SymbolicStepScorer()
-
-
-@pytest.fixture(scope="module")
-def verifier():
-    from sphere.verify import check_answers
-
-    return check_answers
-
-
 class WindowedFakeBackend(FakeStepBackend):
     """FakeStepBackend with a context window, enforced as the real backends do (ContextOverflowError)."""
 

@@ -45,7 +45,6 @@ Usage::
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import random
@@ -153,18 +152,11 @@ def chat_template() -> str:
 
 
 # ------------------------------------------------------------------------------------------ utilities
-@contextlib.contextmanager
 def _deterministic():
-    import torch
+    """Single-threaded deterministic torch for the duration (the mini pretraining's own guard)."""
+    from sphere.mini.pretrain import _deterministic as deterministic
 
-    old_threads, old_det = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
-    torch.set_num_threads(1)
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old_threads)
-        torch.use_deterministic_algorithms(old_det)
+    return deterministic(1)
 
 
 def _log(msg: str) -> None:
