@@ -388,16 +388,6 @@ class Generator:
 
 
 # ---------------------------------------------------------------------------------------------- CLI
-def build_components(cfg: DictConfig, which: str = "policy") -> Any:
-    """The backend for ``model.policy`` or ``model.small`` (conf/backend/)."""
-    from sphere.backends import make_backend
-    from sphere.models import resolve_model
-
-    name = str(cfg.model.policy if which == "policy" else cfg.model.small)
-    path = resolve_model(name, cfg)
-    return make_backend(cfg, path)
-
-
 def run_local(cfg: DictConfig, out: Path) -> float:
     """`sphere generate` in one process (``runner=local``; sphere/runners.py picks the runner): the three
     stages into ``out``; returns the number of pairs. The caller validated the config and the run dir."""

@@ -340,31 +340,10 @@ class GenerateWorker:
         if root:
             Path(str(root)).mkdir(parents=True, exist_ok=True)
         self.scratch = Path(tempfile.mkdtemp(prefix=f"sphere-ray-gen{slot}-", dir=root or None))
-        self.policy = None
-        self.small = None
-        self.scorer = None
+        from sphere.lifecycle import Models
+
+        self.models = Models(self.cfg)  # the one owner of policy / small / scorer, as in a local run
         self.done_in_chunk = 0
-
-    def _ensure_policy(self) -> None:
-        if self.policy is None:
-            from sphere.generate.run import build_components
-            from sphere.rewards import make_scorer
-
-            self.policy = build_components(self.cfg, "policy")
-            self.scorer = make_scorer(self.cfg.scorer, backend=self.policy)
-
-    def _small_factory(self):
-        cfg = self.cfg
-        if str(cfg.model.small) == str(cfg.model.policy):
-            return self.policy
-        if self.small is None:
-            if cfg.stages.close_policy_before_small:
-                self.policy.close()
-                self.policy = None  # rebuilt (with its scorer) for the next chunk
-            from sphere.generate.run import build_components
-
-            self.small = build_components(cfg, "small")
-        return self.small
 
     def info(self) -> dict:
         import socket
@@ -386,7 +365,6 @@ class GenerateWorker:
         from sphere.generate.run import STAGE_FILES, Generator
         from sphere.verify import check_answers
 
-        self._ensure_policy()
         work = self.scratch / f"chunk-{chunk_id}"
         shutil.rmtree(work, ignore_errors=True)
         (work / "stages").mkdir(parents=True)
@@ -401,12 +379,13 @@ class GenerateWorker:
 
         t0 = time.perf_counter()
         try:
+            m = self.models
             stats = Generator(self.cfg, work).run(
                 problems,
-                self.policy,
-                self.scorer,
+                m.policy(),
+                m.scorer(),
                 check_answers,
-                small_backend_factory=self._small_factory,
+                small_backend_factory=m.small if self.cfg.stages.stage3 else None,
                 progress=progress,
             )
             had = {int(s): {r["problem_id"] for r in recs} for s, recs in prior.items()}
@@ -417,9 +396,8 @@ class GenerateWorker:
             trees = {p.name: p.read_bytes() for p in sorted((work / "trees").glob("*.npz"))}
         finally:
             shutil.rmtree(work, ignore_errors=True)
-            if self.small is not None and self.cfg.stages.close_policy_before_small:
-                self.small.close()
-                self.small = None
+            if self.cfg.stages.close_policy_before_small:  # the policy reopens for the next chunk
+                self.models.close_small()
         return {
             "records": records,
             "search": stats.get("search", {}),
@@ -429,8 +407,7 @@ class GenerateWorker:
         }
 
     def close(self) -> None:
-        for b in {id(x): x for x in (self.small, self.policy) if x is not None}.values():
-            b.close()
+        self.models.close_all()
         shutil.rmtree(self.scratch, ignore_errors=True)
 
 
