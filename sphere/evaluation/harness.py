@@ -216,6 +216,9 @@ def evaluate_benchmark(backend, name: str, records: list[dict], out_dir: Path, s
     elif path.exists():
         path.unlink()
     todo = [r for r in records if r["id"] not in done]
+    if todo and backend is None:
+        raise RuntimeError(f"{path}: {len(todo)} problems have no finished record to summarise (first: "
+                           f"{todo[0]['id']!r}); rerun the same command to resume")
     params = settings.sampling_params()
     task = progress.add_task(key, total=len(records), completed=len(done)) if progress is not None else None
     t0 = time.perf_counter()
@@ -283,10 +286,16 @@ def run_eval(
     reference_path: str | Path | None = None,
     progress: bool | None = None,
     extra_meta: Mapping | None = None,
+    backend_name: str | None = None,
+    backend_stats: Mapping | None = None,
 ) -> dict:
     """Evaluate ``backend`` (already constructed; reused, not closed) on ``benchmarks``; write
     ``out_dir/eval/{results.json, results.md, <benchmark>.jsonl}``; return the results dict
-    ``{benchmark: {n, correct, accuracy, ci95_low, ci95_high, ...}, "meta": {...}}``."""
+    ``{benchmark: {n, correct, accuracy, ci95_low, ci95_high, ...}, "meta": {...}}``.
+
+    ``backend=None`` summarises records that are all finished already (the Ray driver, whose actors wrote
+    them): ``backend_name``/``backend_stats`` stand for the backend in the signature and the metadata, and
+    a problem without a record is an error."""
     settings = settings or EvalSettings()
     out_dir = Path(out_dir)
     names = expand_benchmarks(benchmarks)
@@ -297,7 +306,8 @@ def run_eval(
     if len(set(keys)) != len(keys):
         raise ValueError(f"benchmarks: two entries map to the same output name: {keys}")
     loaded = [(n, load_benchmark(n, data_dir, limit)) for n in names]  # fail on bad data before generating
-    sig_parts = {"model": model_name, "backend": getattr(backend, "name", type(backend).__name__),
+    sig_parts = {"model": model_name,
+                 "backend": backend_name or getattr(backend, "name", type(backend).__name__),
                  "prompt": prompt_info(family_cfg) if not hasattr(backend, "complete_records") else None,
                  "checker": checker_info()}
     from sphere.rundir import check_or_record, resume_mode
@@ -312,7 +322,8 @@ def run_eval(
             results[key], runs[key] = evaluate_benchmark(backend, name, recs, out_dir, settings,
                                                          family_cfg=family_cfg, sig_parts=sig_parts,
                                                          progress=prog)
-    stats = backend.stats() if hasattr(backend, "stats") else {}
+    stats = dict(backend_stats or {}) if backend is None else (backend.stats() if hasattr(backend, "stats")
+                                                                  else {})
     results["meta"] = {
         "model": model_name,
         "backend": {"name": sig_parts["backend"], "stats": stats},

@@ -695,25 +695,6 @@ def main_generate(cfg: DictConfig, out: Path) -> float:
 
 
 # ---------------------------------------------------------------------------------------------- eval
-class _FinishedRecords:
-    """What ``run_eval`` sees after the actors are done: every problem's record is already in
-    eval/<benchmark>.jsonl, so it only summarises and writes results.json/md. ``name`` and ``stats`` are
-    the actors' backend name (part of the record signature) and their summed statistics."""
-
-    def __init__(self, name: str, stats: dict):
-        self.name = name
-        self._stats = stats
-
-    def complete(self, prompts, params):
-        raise RuntimeError(
-            "ray runner: a problem was left unevaluated by the actors (internal error); "
-            "rerun the same command to resume"
-        )
-
-    def stats(self) -> dict:
-        return self._stats
-
-
 def evaluate(
     cfg: DictConfig, out_dir: str | Path, *, on_dispatch: Callable[[Any, Chunk], None] | None = None
 ) -> dict:
@@ -819,9 +800,8 @@ def evaluate(
             "wall_s": time.perf_counter() - t0,
         }
     )
-    # the harness's own summary and writers, over the records the actors produced
-    results = run_eval(
-        _FinishedRecords(sig["backend_name"], backend_stats),
+    results = run_eval(  # the harness's own summary and writers over the records the actors wrote
+        None,
         expand_benchmarks(cfg.benchmarks),
         out_dir,
         data_dir=data_dir,
@@ -832,6 +812,8 @@ def evaluate(
         reference_path=cfg.get("reference_results"),
         progress=False,
         extra_meta={"runner": info},
+        backend_name=sig["backend_name"],
+        backend_stats=backend_stats,
     )
     atomic_write_json(out_dir / "eval" / "ray_runner.json", info)
     return results
