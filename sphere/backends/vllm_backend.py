@@ -163,16 +163,21 @@ def shutdown(llm) -> None:
     gc.collect()
 
 
-def read_counters(llm) -> dict[str, float]:
-    """Sum of each Prometheus counter of this process's engines (``vllm:*``)."""
+def read_counters(llm, by_label: str | None = None) -> dict[str, float]:
+    """Sum of each Prometheus counter of this process's engines (``vllm:*``). ``by_label``: keep the
+    values of that label apart as ``name{value}`` (``source``: ``vllm:prompt_tokens_by_source{local_compute}``)."""
     out: dict[str, float] = {}
     try:
         metrics = llm.get_metrics()
     except Exception:  # noqa: BLE001 - metrics are optional
         return out
     for m in metrics:
-        if hasattr(m, "value") and isinstance(m.value, (int, float)):
-            out[m.name] = out.get(m.name, 0.0) + float(m.value)
+        v = getattr(m, "value", None)
+        if not isinstance(v, (int, float)):
+            continue
+        lab = (getattr(m, "labels", None) or {}).get(by_label) if by_label else None
+        key = f"{m.name}{{{lab}}}" if lab else m.name
+        out[key] = out.get(key, 0.0) + float(v)
     return out
 
 

@@ -106,22 +106,10 @@ def _model_scorer(scorer: Any) -> bool:
 
 def _vllm_counters(backend: Any) -> dict[str, float]:
     """vLLM's prompt-token counters, by source label (``vllm:prompt_tokens_by_source{local_compute}``)."""
+    from sphere.backends.vllm_backend import read_counters
+
     llm = getattr(backend, "llm", None)
-    if llm is None:
-        return {}
-    out: dict[str, float] = {}
-    try:
-        metrics = llm.get_metrics()
-    except Exception:  # noqa: BLE001 - metrics are optional
-        return out
-    for m in metrics:
-        v = getattr(m, "value", None)
-        if not isinstance(v, (int, float)):
-            continue
-        src = (getattr(m, "labels", None) or {}).get("source")
-        key = f"{m.name}{{{src}}}" if src else m.name
-        out[key] = out.get(key, 0.0) + float(v)
-    return out
+    return {} if llm is None else read_counters(llm, by_label="source")
 
 
 def _cpu_s() -> float | None:
@@ -227,18 +215,18 @@ def _route(correct: list[bool]) -> str:
     return "inverted" if mn else "both_wrong"
 
 
+def _step_params(scfg: Any, delim: str) -> SamplingParams:
+    """The next-step sampling of the search settings (E candidates, up to the step delimiter)."""
+    return SamplingParams(n=int(scfg.expansions), temperature=float(scfg.temperature), top_p=float(scfg.top_p),
+                          max_tokens=int(scfg.max_step_tokens), stop=[delim])
+
+
 def run_per_problem(
     problems, jobs, backend, scorer, verifier, scfg, delim: str, seed: int
 ) -> dict[str, tuple]:
     """One problem at a time; one expansion (E candidates) per backend call; the scorer per candidate.
     Returns problem id -> (route, Sol_max text, Sol_min text)."""
-    sp = SamplingParams(
-        n=int(scfg.expansions),
-        temperature=float(scfg.temperature),
-        top_p=float(scfg.top_p),
-        max_tokens=int(scfg.max_step_tokens),
-        stop=[delim],
-    )
+    sp = _step_params(scfg, delim)
     routes, call = {}, 0
     for p, prompt_fn in zip(problems, jobs):
         t = PaperChains(p, prompt_fn, int(scfg.max_depth), str(scfg.reward))
@@ -262,13 +250,7 @@ def run_per_problem(
 def run_one_leaf(problems, jobs, backend, scorer, verifier, scfg, delim: str, seed: int) -> dict[str, tuple]:
     """All live trees at once (up to ``batch_leaves``), one leaf per tree per backend call, one scorer call
     per backend call, finished problems checked together after each call. Returns as ``run_per_problem``."""
-    sp = SamplingParams(
-        n=int(scfg.expansions),
-        temperature=float(scfg.temperature),
-        top_p=float(scfg.top_p),
-        max_tokens=int(scfg.max_step_tokens),
-        stop=[delim],
-    )
+    sp = _step_params(scfg, delim)
     cap = int(scfg.batch_leaves)
     queue = list(zip(problems, jobs))[::-1]
     live: list[PaperChains] = []
