@@ -134,3 +134,13 @@ def verifier():
     from sphere.verify import check_answers
 
     return check_answers
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_hydra_config():
+    """A test that sets Hydra's global HydraConfig (to resolve ``${hydra:...}``) must not hand it to the next
+    test: CI once failed only in the full suite, because a leaked config with no run directory reached a bench."""
+    yield
+    from hydra.core.hydra_config import HydraConfig
+
+    HydraConfig.instance().cfg = None

@@ -41,3 +41,30 @@ def test_bench_verify_runs_and_reports(capsys):
     wrong = round((1 - res["agreement_with_expected"]) * res["n_checks"])
     assert wrong <= res["mix_timeouts"], res["disagreements"]
     assert res["fast_vs_workers_disagreements"] <= res["mix_timeouts"]
+
+
+def test_emit_prints_without_a_run_dir_and_saves_with_one(tmp_path, capsys):
+    """compose(return_hydra_config=True) sets a HydraConfig whose runtime.output_dir is still missing (a test
+    that ran before may leave it so); emit must print, not crash. With a run directory it saves result.json."""
+    import json
+
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+
+    from sphere.bench import emit
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("bench_verify", return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    try:
+        emit({"x": 1})
+        assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == {"x": 1}
+        from omegaconf import OmegaConf
+
+        OmegaConf.set_readonly(cfg.hydra, False)  # set_config made it read-only
+        cfg.hydra.runtime.output_dir = str(tmp_path)
+        HydraConfig.instance().set_config(cfg)
+        emit({"x": 2})
+        assert json.loads((tmp_path / "result.json").read_text()) == {"x": 2}
+    finally:
+        HydraConfig.instance().cfg = None

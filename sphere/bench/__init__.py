@@ -14,10 +14,14 @@ def emit(res: dict) -> None:
 
     from sphere.io import atomic_write_json
 
-    try:
-        outdir = Path(HydraConfig.get().runtime.output_dir)
-    except ValueError:  # not under Hydra (called from tests)
-        outdir = None
+    from omegaconf import OmegaConf
+
+    # Not under a Hydra run (a test calling main() directly, or compose(), which sets a HydraConfig
+    # whose runtime.output_dir is still missing): print only.
+    outdir = None
+    if HydraConfig.initialized():
+        found = OmegaConf.select(HydraConfig.get(), "runtime.output_dir", default=None, throw_on_missing=False)
+        outdir = Path(found) if found else None
     if outdir is not None:
         atomic_write_json(outdir / "result.json", res)
     print(json.dumps(res), flush=True)
