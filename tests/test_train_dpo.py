@@ -422,3 +422,40 @@ def test_train_metrics_reach_an_offline_wandb_run(tmp_path, tiny_model_dir):
     rows = [h for h in hist if "train/loss" in h]
     assert len(rows) == 3 and all("train/rewards/margins" in h for h in rows)
     assert any(h.get("train/final/steps") == 3 for h in hist)
+
+
+_TEMPLATES = Path(__file__).resolve().parent / "fixtures" / "chat_templates"
+
+
+@pytest.mark.parametrize("template,rewrites", [
+    ("deepseek-ai-DeepSeek-R1-Distill-Qwen.jinja", 1),  # keeps only the text after </think> in assistant turns
+    ("deepseek-ai-DeepSeek-R1-Distill-Qwen-first-release.jinja", 1),
+    ("Qwen-Qwen2.5-Instruct.jinja", 0),
+    ("microsoft-phi-4.jinja", 0),
+])
+def test_chat_pairs_train_on_the_text_generation_produced(template, rewrites):
+    """Conversational pairs reach the trainer as the generation prompt + the whole assistant text + the turn's
+    end. Before, TRL re-rendered prompt + completion with the template, and the R1 distills' template cut every
+    chosen/rejected to what follows </think>: DPO never saw the reasoning the search compared."""
+    from transformers import AutoTokenizer
+
+    from sphere.resources import resource_path
+    from sphere.train.pairs import render_chat_pairs
+
+    tok = AutoTokenizer.from_pretrained(resource_path("assets/standin/standin-qwen2_5"))
+    tok.chat_template = (_TEMPLATES / template).read_text()
+    r1 = template.startswith("deepseek")
+    prefix = "<think>\n" if r1 else ""
+    reasoning = "2 + 2 = 4.\n\nSo the sum is 4.\n</think>\n\n" if r1 else "2 + 2 = 4.\n\n"
+    row = {"prompt": [{"role": "user", "content": "What is 2 + 2?"}],
+           "chosen": [{"role": "assistant", "content": prefix + reasoning + "The answer is \\boxed{4}."}],
+           "rejected": [{"role": "assistant", "content": prefix + "2 + 2 = 5.\n\nThe answer is \\boxed{5}."}]}
+    (out,), stats = render_chat_pairs([row], tok)
+    head = tok.apply_chat_template(row["prompt"], add_generation_prompt=True, tokenize=False)
+    assert out["prompt"] == head
+    assert out["chosen"].startswith(reasoning if head.endswith("<think>\n") else prefix + reasoning)
+    turn_end = "<｜end▁of▁sentence｜>" if r1 else "<|im_end|>"  # the template's end of an assistant turn
+    assert out["chosen"].endswith("The answer is \\boxed{4}." + turn_end)
+    assert "2 + 2 = 5." in out["rejected"]
+    assert (out["prompt"] + out["chosen"]).count("<think>") == (1 if r1 else 0)  # the prompt's or the text's
+    assert stats == {"template_rewrites": rewrites}

@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from sphere.io import atomic_write_json, atomic_write_text
-from sphere.train.pairs import PairSet, load_pairs
+from sphere.train.pairs import PairSet, load_pairs, render_chat_pairs
 
 log = logging.getLogger("sphere.train")
 
@@ -425,18 +425,26 @@ def train_dpo(cfg_train: Any, policy_path: str | os.PathLike, pairs_path: str | 
     from datasets import Dataset
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
+    rows, render = pairs.rows, {}
+    if pairs.conversational:  # as the text the policy generated them in (not TRL's re-rendering)
+        rows, render = render_chat_pairs(pairs.rows, tok, str(pairs.path))
+        if render["template_rewrites"]:
+            log.warning("train: %s's chat template rewrites assistant turns (%d of %d pairs, e.g. it drops the "
+                        "reasoning before </think>); training on the text the policy generated instead",
+                        policy_path, render["template_rewrites"], len(rows))
+
     Trainer = _trainer_class()
     Trainer.sphere_max_prompt_length = t["max_prompt_length"]
     Trainer.sphere_append_eos = bool(t["append_eos"])
     Trainer.sphere_source = str(pairs.path)
     # TRL's reference-log-prob precompute bar only listens to TQDM_DISABLE
     with _env(TQDM_DISABLE=None if show else "1"):
-        trainer = Trainer(model=model, args=args, train_dataset=Dataset.from_list(pairs.rows),
+        trainer = Trainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
                           processing_class=tok, peft_config=peft_config,
                           callbacks=_callbacks(logger, show, history))
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
-    prep = dict(trainer.sphere_prep_stats)
+    prep = {**trainer.sphere_prep_stats, **render}
     t_setup = time.perf_counter() - t0
     ckpt = last_checkpoint(out_dir / "trainer") if int(t["save_steps"]) > 0 else None
     if ckpt is not None:
@@ -565,6 +573,7 @@ def _metrics(history, result, pairs: PairSet, t, prep, policy_path, lora: bool, 
         "pairs": len(pairs), "pairs_by_stage": {str(k): v for k, v in sorted(pairs.stages.items())},
         "pairs_kept": prep.get("kept"), "prompts_truncated": prep.get("prompts_truncated"),
         "max_length": t["max_length"], "completions_with_eos": prep.get("completions_with_eos"),
+        "chat_template_rewrites": prep.get("template_rewrites"),
         "steps": int(result.global_step), "train_loss_mean": float(result.training_loss),
         "lora": lora, "loss": loss_settings(t["loss"]), "lr": float(t["lr"]), "epochs": float(t["epochs"]),
         "policy": str(policy_path), "setup_s": round(t_setup, 3), "train_s": round(t_train, 3),

@@ -119,3 +119,63 @@ def _iter_numbered(path: Path):
             if not raw.strip():
                 continue
             yield lineno, next(it)
+
+
+_PROBE = "<<sphere-completion-probe>>"
+
+
+def _overlap(head: str, text: str) -> int:
+    """Length of the longest suffix of ``head`` that ``text`` starts with (e.g. R1's ``<think>\\n``, which the
+    generation prompt ends with and a conversational completion also starts with)."""
+    for n in range(min(len(head), len(text)), 0, -1):
+        if head.endswith(text[:n]):
+            return n
+    return 0
+
+
+def render_chat_pairs(rows: list[dict], tok, source: str = "pairs") -> tuple[list[dict], dict]:
+    """Conversational pairs as the plain text the policy generated them in, for the trainer.
+
+    TRL renders a conversational pair as ``template(prompt + [assistant])`` and trains on what follows the
+    common prefix with ``template(prompt, add_generation_prompt=True)``. Templates that rewrite earlier
+    assistant turns make that silently wrong: the DeepSeek-R1 distills' template keeps only the text after
+    ``</think>``, so DPO would train on the final sentence and never see the reasoning the search compared
+    (and on a prompt without the ``<think>\\n`` generation started with). Here the prompt is the template's
+    generation prompt (exactly what `sphere generate` and `sphere eval` feed the model), the completion is the
+    assistant text with any part the prompt already ends with removed (the family's ``assistant_prefix``),
+    followed by the template's end of an assistant turn (probed once per prompt; a trailing newline after the
+    EOS token is dropped, the model stops at the EOS). A leading BOS the tokenizer adds by itself is removed
+    from the prompt text so it is not doubled. Returns ``(rows, stats)``; ``stats["template_rewrites"]``
+    counts the pairs TRL's own rendering would have changed.
+    """
+    out, rewrites = [], 0
+    eos = tok.eos_token or ""
+    bos = tok.bos_token
+    auto_bos = bool(bos) and tok("x")["input_ids"][:1] == [tok.bos_token_id]
+    for i, row in enumerate(rows):
+        msgs = list(row["prompt"])
+        head = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+        probe = tok.apply_chat_template(msgs + [{"role": "assistant", "content": _PROBE}], tokenize=False)
+        at = probe.rfind(_PROBE)
+        if at < 0:
+            raise ValueError(f"{source}: pair {i}: the chat template drops the assistant turn; cannot render "
+                             "the completion (use plain-text pairs for this model)")
+        end = probe[at + len(_PROBE):]
+        if eos and end.rstrip().endswith(eos):
+            end = end.rstrip()
+        new = dict(row)
+        for key in ("chosen", "rejected"):
+            ms = row[key]
+            if len(ms) != 1 or ms[0]["role"] != "assistant":
+                raise ValueError(f"{source}: pair {i}: field {key!r} must be one assistant message "
+                                 f"(got roles {[m['role'] for m in ms]})")
+            content = ms[0]["content"]
+            text = content[_overlap(head, content):] + end
+            if key == "chosen":
+                trl = tok.apply_chat_template(msgs + ms, tokenize=False)
+                common = next((j for j, (a, b) in enumerate(zip(head, trl)) if a != b), min(len(head), len(trl)))
+                rewrites += trl[common:].rstrip() != text.rstrip()
+            new[key] = text
+        new["prompt"] = head[len(bos):] if auto_bos and head.startswith(bos) else head
+        out.append(new)
+    return out, {"template_rewrites": rewrites}
