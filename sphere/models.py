@@ -59,7 +59,9 @@ def check_model_dir(path: str | os.PathLike, what: str = "model") -> Path:
 
 
 # --- stand-ins of the paper's models (sphere.testing.standin): name -> <repo>/assets/standin/<name>
-STANDIN_NAMES = ("standin-qwen2_5", "standin-qwen2_5-small", "standin-qwen2_5-prm")
+STANDIN_NAMES = ("standin-qwen2_5", "standin-qwen2_5-small", "standin-qwen2_5-prm",  # sphere.testing.standin
+                 "standin-phi4", "standin-phi4-mini", "standin-r1-distill",  # sphere.testing.standin_families
+                 "standin-r1-distill-small")
 
 
 def standin_path(name: str) -> Path:
@@ -84,7 +86,7 @@ def resolve_model(name_or_path: str | os.PathLike, cfg=None) -> Path:
         p = Path(ensure_mini_model(cfg, which=s))
         check_weights(p, s)
         return p
-    # --- stand-ins of the paper's models (conf/model/standin_qwen2_5.yaml): shipped in <repo>/assets/standin/
+    # --- stand-ins of the paper's models (conf/model/standin_*.yaml): shipped in <repo>/assets/standin/
     if s in STANDIN_NAMES:
         return check_model_dir(standin_path(s), what=f"stand-in model {s!r}")
     # --- end stand-ins

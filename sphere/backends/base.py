@@ -229,3 +229,22 @@ class BackendBase:
         rows = [list(p) + list(c) for p, c in zip(prompts, continuations, strict=True)]
         check_context(rows, 0, self.max_model_len, where)
         return rows
+
+
+def model_eos_ids(model_dir, tokenizer) -> set[int]:
+    """Every token that ends a turn for the model in ``model_dir``: the tokenizer's EOS and the
+    ``eos_token_id`` of ``config.json`` and ``generation_config.json`` (an int or a list). Phi-4-mini, for
+    one, ends turns with ``<|end|>``, which only its generation config names (its tokenizer's EOS is
+    ``<|endoftext|>``); vLLM stops there too, and the token must not reach the step text."""
+    import json
+    from pathlib import Path
+
+    ids = {getattr(tokenizer, "eos_token_id", None)}
+    for name in ("config.json", "generation_config.json"):
+        p = Path(model_dir) / name
+        try:
+            e = json.loads(p.read_text()).get("eos_token_id") if p.is_file() else None
+        except (OSError, ValueError):
+            e = None
+        ids.update(e if isinstance(e, list) else [e])
+    return {int(i) for i in ids if i is not None}

@@ -19,6 +19,7 @@ from sphere.backends.base import (
     check_context,
     check_sampling,
     finalize,
+    model_eos_ids,
 )
 
 _DTYPES = ("float32", "bfloat16", "float16", "auto")
@@ -61,10 +62,7 @@ class TransformersBackend(BackendBase):
         self.model.to(self.device).eval()
         limit = getattr(self.model.config, "max_position_embeddings", None) or 2048
         self.max_model_len = int(min(max_model_len or limit, limit))
-        eos = self.model.generation_config.eos_token_id
-        if eos is None:
-            eos = self.tokenizer.eos_token_id
-        self.eos_ids = set(eos if isinstance(eos, list) else [eos])
+        self.eos_ids = model_eos_ids(path, self.tokenizer)
         self.pad_id = self.tokenizer.pad_token_id
         self.model_path = str(path)
         self._stats = {"calls": 0, "prompts": 0, "sequences": 0, "generated_tokens": 0, "gen_seconds": 0.0}

@@ -33,6 +33,7 @@ from sphere.backends.base import (
     check_context,
     check_sampling,
     finalize,
+    model_eos_ids,
 )
 
 _ENGINES: dict[tuple, list] = {}  # key -> [LLM, refcount]
@@ -201,14 +202,7 @@ class VLLMBackend(BackendBase):
         self.llm, self._key = get_engine(self.model_path, **self.engine_kw)
         self.tokenizer = self.llm.get_tokenizer()
         self.max_model_len = int(self.llm.llm_engine.model_config.max_model_len)
-        eos = getattr(self.tokenizer, "eos_token_id", None)
-        gen_cfg_eos = None
-        try:
-            gen_cfg_eos = self.llm.llm_engine.model_config.hf_config.eos_token_id
-        except AttributeError:
-            pass
-        self.eos_ids = {e for e in ([eos] + (gen_cfg_eos if isinstance(gen_cfg_eos, list) else [gen_cfg_eos]))
-                        if e is not None}
+        self.eos_ids = model_eos_ids(path, self.tokenizer)
         self._base = read_counters(self.llm)  # this backend's share starts here
         self._stats = {"calls": 0, "prompts": 0, "sequences": 0, "generated_tokens": 0, "gen_seconds": 0.0}
 

@@ -186,7 +186,8 @@ def _mini_source(name: str) -> Path:
 
 
 # ------------------------------------------------------------------------------------------ tokenizer
-def build_tokenizer(src: Path):
+def build_tokenizer(src: Path, specials: list[str] | None = None, eos: str = IM_END, pad: str = ENDOFTEXT,
+                    template: str | None = None, words: list[str] | None = None):
     """The mini tokenizer in Qwen2's text pipeline + ChatML specials + step tag + phrase tokens, chat EOS
     ``<|im_end|>``, the Qwen2.5-Instruct chat template.
 
@@ -197,7 +198,11 @@ def build_tokenizer(src: Path):
     " 14" as ``Ġ1 4`` (space and first digit one token), which that pre-tokenizer cannot produce: its
     ``Ġ1``..``Ġ9`` vocabulary entries become the added tokens " 1".." 9" (same ids; added tokens are
     matched before pre-tokenization), so mini-world text gets exactly the ids the mini models were trained
-    on and the converted models start from the mini models' accuracy."""
+    on and the converted models start from the mini models' accuracy.
+
+    The defaults make the Qwen2.5 family's tokenizer; ``sphere.testing.standin_families`` passes other
+    ``specials`` (special tokens appended in order), ``eos``/``pad``, a chat ``template`` (text) and
+    ``words`` (non-special added tokens such as R1's ``<think>``, appended after the phrase tokens)."""
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -222,14 +227,16 @@ def build_tokenizer(src: Path):
     base = len(tok)
     if tok.convert_tokens_to_ids(ENDOFTEXT) != 0:
         raise ValueError(f"{src}: expected <|endoftext|> = id 0")
-    tok.add_special_tokens({"additional_special_tokens": list(NEW_SPECIAL_TOKENS)})
-    tok.add_tokens([AddedToken(p, special=False, normalized=False) for p in PHRASE_TOKENS])
-    ids = tok.convert_tokens_to_ids(NEW_SPECIAL_TOKENS + PHRASE_TOKENS)
-    if ids != list(range(base, base + len(NEW_SPECIAL_TOKENS) + len(PHRASE_TOKENS))):
+    specials = list(NEW_SPECIAL_TOKENS if specials is None else specials)
+    words = list(words or [])
+    tok.add_special_tokens({"additional_special_tokens": specials})
+    tok.add_tokens([AddedToken(p, special=False, normalized=False) for p in PHRASE_TOKENS + words])
+    ids = tok.convert_tokens_to_ids(specials + PHRASE_TOKENS + words)
+    if ids != list(range(base, base + len(specials) + len(PHRASE_TOKENS) + len(words))):
         raise ValueError(f"added tokens got ids {ids}, expected {base}..")
-    tok.eos_token = IM_END
-    tok.pad_token = ENDOFTEXT
-    tok.chat_template = chat_template()
+    tok.eos_token = eos
+    tok.pad_token = pad
+    tok.chat_template = chat_template() if template is None else template
     tok.model_max_length = 2048
     tok.padding_side = "left"
     return tok
@@ -266,51 +273,71 @@ def qwen2_config(src_cfg, tok, intermediate_size: int | None = None, **extra):
     return cfg
 
 
-def convert_llama(src: Path, tok, intermediate_size: int | None = None):
-    """``Qwen2ForCausalLM`` computing what the Llama at ``src`` computes (zero q/k/v biases), with embedding
-    rows for the new tokens (the mean embedding) and, with ``intermediate_size``, the MLP narrowed to the
-    neurons of largest ``|gate| * |up| * |down|`` weight norm product."""
+def llama_state(src: Path, tok, intermediate_size: int | None = None):
+    """``(source config, Llama state dict)`` of the mini model at ``src`` with embedding rows for the tokens
+    ``tok`` adds after the mini vocabulary (a special token: the mean row; an ordinary added token such as
+    a phrase: the mean row of its pieces under the mini tokenizer) and, with ``intermediate_size``, the MLP
+    narrowed to the neurons of largest ``|gate| * |up| * |down|`` weight norm product."""
     import torch
-    from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM, Qwen2ForCausalLM
+    from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
 
     src_cfg = AutoConfig.from_pretrained(str(src))
     llama = LlamaForCausalLM.from_pretrained(str(src), dtype=torch.float32)
     sd = {k: v.detach().clone() for k, v in llama.state_dict().items()}
-    cfg = qwen2_config(src_cfg, tok, intermediate_size)
-    model = Qwen2ForCausalLM(cfg)
     base = AutoTokenizer.from_pretrained(str(src))
-    pieces = {p: base(p, add_special_tokens=False)["input_ids"] for p in PHRASE_TOKENS}
+    n_base = sd["model.embed_tokens.weight"].shape[0]
+    special = set(tok.all_special_tokens)
+    added = [tok.convert_ids_to_tokens(i) for i in range(n_base, len(tok))]
+    if len(base) != n_base or len(tok) <= n_base:
+        raise ValueError(f"tokenizer of {len(tok)} tokens does not extend {src}")
+    pieces = {t: base(t, add_special_tokens=False)["input_ids"] for t in added if t not in special}
 
-    def grow(w):  # specials: the mean row; a phrase: the mean row of its pieces
-        rows = [w.mean(0) for _ in NEW_SPECIAL_TOKENS] + [w[pieces[p]].mean(0) for p in PHRASE_TOKENS]
+    def grow(w):
+        rows = [w[pieces[t]].mean(0) if t in pieces else w.mean(0) for t in added]
         return torch.cat([w, torch.stack(rows)])
 
-    if len(tok) != sd["model.embed_tokens.weight"].shape[0] + len(NEW_SPECIAL_TOKENS) + len(PHRASE_TOKENS):
-        raise ValueError(f"tokenizer of {len(tok)} tokens does not extend {src}")
     sd["model.embed_tokens.weight"] = grow(sd["model.embed_tokens.weight"])
-    if not cfg.tie_word_embeddings:
+    if not src_cfg.tie_word_embeddings:
         sd["lm_head.weight"] = grow(sd["lm_head.weight"])
     else:
         sd.pop("lm_head.weight", None)
-    for i in range(cfg.num_hidden_layers):
-        p = f"model.layers.{i}"
-        for n in ("q_proj", "k_proj", "v_proj"):
-            w = sd[f"{p}.self_attn.{n}.weight"]
-            sd[f"{p}.self_attn.{n}.bias"] = torch.zeros(w.shape[0])
-        if intermediate_size and intermediate_size < src_cfg.intermediate_size:
+    if intermediate_size and intermediate_size < src_cfg.intermediate_size:
+        for i in range(int(src_cfg.num_hidden_layers)):
+            p = f"model.layers.{i}"
             g, u, d = (sd[f"{p}.mlp.{n}.weight"] for n in ("gate_proj", "up_proj", "down_proj"))
             score = g.norm(dim=1) * u.norm(dim=1) * d.norm(dim=0)
             keep = torch.sort(torch.topk(score, intermediate_size).indices).values
             sd[f"{p}.mlp.gate_proj.weight"] = g[keep].clone()
             sd[f"{p}.mlp.up_proj.weight"] = u[keep].clone()
             sd[f"{p}.mlp.down_proj.weight"] = d[:, keep].clone()
+    return src_cfg, sd
+
+
+def load_converted(model, sd: dict, what: str):
     missing, unexpected = model.load_state_dict(sd, strict=False)
-    missing = [k for k in missing if not (cfg.tie_word_embeddings and k == "lm_head.weight")]
+    tied = bool(model.config.tie_word_embeddings)
+    missing = [k for k in missing if not (tied and k == "lm_head.weight")]
     if missing or unexpected:
-        raise RuntimeError(f"Llama -> Qwen2 conversion: missing {missing}, unexpected {unexpected}")
-    if cfg.tie_word_embeddings:
+        raise RuntimeError(f"{what} conversion: missing {missing}, unexpected {unexpected}")
+    if tied:
         model.tie_weights()
     return model
+
+
+def convert_llama(src: Path, tok, intermediate_size: int | None = None, eos: str = IM_END, bos: str = ENDOFTEXT):
+    """``Qwen2ForCausalLM`` computing what the Llama at ``src`` computes (zero q/k/v biases), grown and
+    narrowed as ``llama_state`` says."""
+    import torch
+    from transformers import Qwen2ForCausalLM
+
+    src_cfg, sd = llama_state(src, tok, intermediate_size)
+    cfg = qwen2_config(src_cfg, tok, intermediate_size)
+    cfg.bos_token_id, cfg.eos_token_id = tok.convert_tokens_to_ids(bos), tok.convert_tokens_to_ids(eos)
+    for i in range(cfg.num_hidden_layers):
+        for n in ("q_proj", "k_proj", "v_proj"):
+            w = sd[f"model.layers.{i}.self_attn.{n}.weight"]
+            sd[f"model.layers.{i}.self_attn.{n}.bias"] = torch.zeros(w.shape[0])
+    return load_converted(Qwen2ForCausalLM(cfg), sd, "Llama -> Qwen2")
 
 
 # ------------------------------------------------------------------------------------ chat-form data
