@@ -175,3 +175,54 @@ def test_paper_config_states_the_stage2_pairing_choice():
     assert exp.stages.stage2_prompt_with_attempt is False
     gen = OmegaConf.load(conf / "generate.yaml")
     assert gen.filters.stage2_drop_attempt_refs is True and gen.filters.stage3_rejected_needs_answer is True
+
+
+class ThinkingFakeBackend(FakeStepBackend):
+    """Test double in the R1 format: the additions, then 'The answer is \\boxed{s}.\\n</think>' (a step: it
+    ends at the delimiter), then the answer again after the thinking block (it ends at EOS). With
+    ``eos_inside=True`` the boxed step inside the block ends at EOS instead (the model stopped there)."""
+
+    def __init__(self, eos_inside: bool = False, **kw):
+        super().__init__(p_right=1.0, **kw)
+        self.eos_inside = eos_inside
+
+    def next_steps(self, prompts, params):
+        from sphere.backends.base import Candidate
+
+        out = []
+        for ids in prompts:
+            text = self.tokenizer.decode(ids)
+            body = text.split("Solution:\n", 1)[1]
+            steps = [s for s in body.split("\n\n") if s.strip()]
+            nums = [int(x) for x in text.split("Add: ", 1)[1].split("\n", 1)[0].split(",")]
+            if len(steps) < len(nums) - 1:
+                total = sum(nums[: len(steps) + 1])
+                t, fin, stop = f"{total} + {nums[len(steps) + 1]} = {total + nums[len(steps) + 1]}", "step", True
+            elif not any("</think>" in s for s in steps):
+                t, fin, stop = f"The answer is \\boxed{{{sum(nums)}}}.\n</think>", "answer", not self.eos_inside
+            else:
+                t, fin, stop = f"The answer is \\boxed{{{sum(nums)}}}.", "answer", False
+            out.append([Candidate(t, [ord(c) for c in t], -1.0, -0.1, fin, stop_hit=stop)
+                        for _ in range(params.n)])
+        return out
+
+
+@pytest.mark.parametrize("answer_after,eos_inside,extra", [("</think>", False, 1), ("", False, 0),
+                                                           ("</think>", True, 0)])
+def test_boxed_answer_inside_the_thinking_block_does_not_end_the_solution(scorer, verifier, answer_after,
+                                                                         eos_inside, extra):
+    """R1 distills think first: a boxed answer inside <think> ends nothing (answer_after: "</think>"), the
+    answer after the block does. Before, the chain ended at the first boxed step, so every R1 solution the
+    search produced stopped at '</think>' and DPO taught the policy to end there."""
+    cfg = _cfg()
+    be = ThinkingFakeBackend(eos_inside=eos_inside)
+    d = SearchDriver(be, scorer, verifier, cfg.search, answer_after=answer_after)
+    probs = _problems(6)
+    results = []
+    d.run([SearchJob(p["id"], p, _prompt_fn(be.tokenizer, p)) for p in probs], results.append)
+    assert len(results) == 6
+    for r in results:
+        nums = r.job.problem["problem"].count(",") + 1
+        assert len(r.sol_max.steps) == nums + extra, r.sol_max.steps
+        assert r.sol_max.correct and r.sol_max.finish == "answer"
+        assert r.sol_max.steps[-1].endswith("</think>") == (extra == 0)

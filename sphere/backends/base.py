@@ -60,6 +60,7 @@ class Candidate:
     logprob_mean: float
     finish: str  # "step" (hit the delimiter) | "answer" (\boxed{} seen / solution ended) | "length" | "eos"
     token_logprobs: list[float] = field(default_factory=list, repr=False)  # one per token id
+    stop_hit: bool = False  # the sample ended at the step delimiter (the model meant to go on)
 
 
 @runtime_checkable
@@ -184,6 +185,7 @@ def finalize(
         logprob_mean=s / len(lps) if lps else 0.0,
         finish=finish,
         token_logprobs=lps,
+        stop_hit=bool(hit_stop),
     )
 
 

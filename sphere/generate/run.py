@@ -111,6 +111,7 @@ class Generator:
 
         self.fam = family_config(cfg)
         self.delim = str(self.fam["step_delimiter"])
+        self.answer_after = str(self.fam.get("answer_after") or "")  # R1: boxed answers count after </think>
         (self.out / "stages").mkdir(parents=True, exist_ok=True)
 
     # ------------------------------------------------------------------ prompts
@@ -178,6 +179,7 @@ class Generator:
         counts = {"done": 0, "pairs": {1: 0, 2: 0, 3: 0}}
         try:
             driver = SearchDriver(policy_backend, scorer, verifier, cfg.search, delimiter=self.delim,
+                                  answer_after=self.answer_after,
                                   engine_backend=str(cfg.engine_backend), seed=int(cfg.seed))
 
             def stage2_job(p: dict, rec1: dict) -> SearchJob:
@@ -240,6 +242,7 @@ class Generator:
         scfg3 = OmegaConf.merge(cfg.search, {
             "expansions": int(cfg.search.expansions) * int(cfg.stages.small_expansions_factor)})
         driver3 = SearchDriver(small, scorer, verifier, scfg3, delimiter=self.delim,
+                               answer_after=self.answer_after,
                                engine_backend=str(cfg.engine_backend), seed=int(cfg.seed) + 3)
         jobs3 = [SearchJob(f"3:{p['id']}", p, self._prompt_fn(small.tokenizer, p), {"stage": 3, "rec1": r1})
                  for p, r1 in todo]

@@ -219,6 +219,14 @@ def validate_search_config(scfg: Any) -> None:
     need(float(e.virtual_loss) >= 0, "engine.virtual_loss", "a number >= 0", e.virtual_loss)
 
 
+def answer_closed(text: str, marker: str) -> bool:
+    """A ``\\boxed{}`` answer after ``marker`` (R1: the end of the thinking block) in ``text``."""
+    from sphere.backends.base import has_boxed_answer
+
+    i = text.find(marker)
+    return i >= 0 and has_boxed_answer(text[i + len(marker):])
+
+
 class SearchDriver:
     """Grow one tree per job, many jobs at once, through one backend.
 
@@ -228,6 +236,9 @@ class SearchDriver:
         verifier: ``check(list[(completion, gold)]) -> list[bool]`` (``sphere.verify.check_answers``).
         scfg: the ``search`` config node (conf/search/*.yaml).
         delimiter: the step delimiter (prompt.step_delimiter).
+        answer_after: the prompt family's ``answer_after`` (R1 distills: ``</think>``): a step with a
+            ``\\boxed{}`` ends the solution only when the boxed answer follows this marker; inside the
+            thinking block the chain goes on (a step that ended at EOS or the budget still ends it).
         build_prompt_ids: ``(job, steps) -> list[int]``: token ids of the prompt plus the steps so far.
     """
 
@@ -239,6 +250,7 @@ class SearchDriver:
         scfg: Any,
         *,
         delimiter: str = "\n\n",
+        answer_after: str = "",
         engine_backend: str = "cpp",
         seed: int = 0,
     ):
@@ -248,6 +260,7 @@ class SearchDriver:
         self.verifier = verifier
         self.cfg = scfg
         self.delim = delimiter
+        self.answer_after = str(answer_after or "")
         self.mode = str(scfg.mode)
         self.E = int(scfg.expansions)
         self.k = int(scfg.k)
@@ -441,6 +454,9 @@ class SearchDriver:
         to_check = []
         for j, c in enumerate(rd.flat):
             depth = len(rd.paths[rd.owner[j]]) + 1
+            if c.finish == "answer" and c.stop_hit and self.answer_after and not answer_closed(
+                    self.delim.join(rd.items[j][1]), self.answer_after):
+                c.finish = "step"  # a boxed answer inside the thinking block: the solution goes on
             term = c.finish in ("answer", "eos", _CONTEXT_END) or depth >= max_depth
             rd.terminal.append(term)
             if term:
