@@ -168,7 +168,10 @@ def _verbose(args: list[str]) -> bool:
 
 def quiet_third_party(verbose: bool) -> None:
     """Third-party libraries log at WARNING unless ``verbose=true`` (vLLM's ~100 start-up INFO lines, HF
-    progress chatter); sphere's own progress lines are unaffected. Environment settings the user made win."""
+    progress chatter); sphere's own progress lines are unaffected. Environment settings the user made win.
+    vLLM's log lines (its engine and worker processes inherit the environment) go to stderr, like sphere's:
+    stdout keeps the tables and JSON."""
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
     if verbose:
         return
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")

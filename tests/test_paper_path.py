@@ -36,6 +36,9 @@ def _sphere_run(out: Path, *args: str, timeout: int = 1500) -> dict:
     p = subprocess.run([sys.executable, "-m", "sphere.cli", "run", *args, f"hydra.run.dir={out}"],
                        capture_output=True, text=True, env=env, timeout=timeout, cwd=out.parent)
     assert p.returncode == 0, f"sphere run {' '.join(args)} failed:\n{p.stdout[-3000:]}\n{p.stderr[-4000:]}"
+    # stdout is the summary only: vLLM's engine and worker processes log to stderr like sphere does
+    assert not [ln for ln in p.stdout.splitlines() if " pid=" in ln or ln.startswith(("WARNING ", "INFO "))], \
+        p.stdout[:2000]
     return json.loads((out / "summary.json").read_text())
 
 
