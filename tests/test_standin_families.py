@@ -60,3 +60,14 @@ def test_phi4_mini_stops_at_end_of_turn_that_only_its_generation_config_names():
         assert not any("<|end|>" in c.text or end in c.token_ids for c in cands)
     finally:
         be.close()
+
+
+def test_shipped_templates_are_the_fixture_copies():
+    """sphere/testing/templates/ ships byte-identical copies of the test fixtures (whose sources are recorded)."""
+    from pathlib import Path
+
+    from sphere.testing.standin_families import TOKENIZERS, template_text
+
+    fixtures = Path(__file__).resolve().parent / "fixtures" / "chat_templates"
+    for t in TOKENIZERS.values():
+        assert template_text(t["template"]) == (fixtures / t["template"]).read_text()
