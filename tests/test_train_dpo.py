@@ -459,3 +459,31 @@ def test_chat_pairs_train_on_the_text_generation_produced(template, rewrites):
     assert "2 + 2 = 5." in out["rejected"]
     assert (out["prompt"] + out["chosen"]).count("<think>") == (1 if r1 else 0)  # the prompt's or the text's
     assert stats == {"template_rewrites": rewrites}
+
+
+@pytest.mark.parametrize("model", ["standin-r1-distill", "standin-phi4-mini", "standin-qwen2_5"])
+def test_dpo_prompt_tokens_are_the_generation_prompt_tokens(model):
+    """What the trainer tokenises (prompt text, then prompt + completion, with the tokenizer's own special
+    tokens, as TRL does for text) starts with exactly the ids generation fed the model: one BOS for R1's
+    tokenizer (which adds one itself and whose template renders one too), none for the others."""
+    from transformers import AutoTokenizer
+
+    from sphere.models import resolve_model
+    from sphere.prompts import build_prompt_ids, load_family
+    from sphere.train.pairs import render_chat_pairs
+
+    fam = load_family({"standin-r1-distill": "deepseek_r1", "standin-phi4-mini": "phi4"}.get(model, "qwen2_5"))
+    tok = AutoTokenizer.from_pretrained(resolve_model(model))
+    problem = "Ann has 3 apples and gets 4 more. How many apples does she have?"
+    gen_ids = build_prompt_ids(tok, problem, [], fam)
+    msgs = ([{"role": "system", "content": fam["system"]}] if fam.get("system") else []) + [
+        {"role": "user", "content": problem + "\n" + fam["instruction"]}]
+    prefix = fam.get("assistant_prefix") or ""
+    row = {"prompt": msgs, "chosen": [{"role": "assistant", "content": prefix + "3 + 4 = 7.\n\nThe answer is 7."}],
+           "rejected": [{"role": "assistant", "content": prefix + "3 + 4 = 8.\n\nThe answer is 8."}]}
+    (out,), _ = render_chat_pairs([row], tok)
+    ids = tok(out["prompt"])["input_ids"]
+    full = tok(out["prompt"] + out["chosen"])["input_ids"]
+    assert ids == gen_ids and full[: len(gen_ids)] == gen_ids
+    if model == "standin-r1-distill":
+        assert full.count(tok.bos_token_id) == 1
