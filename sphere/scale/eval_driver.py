@@ -52,7 +52,7 @@ def evaluate(
             import ray
 
             sig = ray.get(pool.actors[0].signature.remote())
-            # the run directory's signature.json, as run_eval checks it (sphere/rundir.py): refuse, or
+            # the run directory's signature.json, as run_eval checks it (sphere/rundir/): refuse, or
             # with resume=fresh move eval/ aside, before any chunk is dispatched
             from sphere.evaluation.harness import checker_info, eval_signature, prompt_info, reuse_records
             from sphere.rundir import check_or_record, default_mode, resume_mode

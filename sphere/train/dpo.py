@@ -10,7 +10,7 @@ Outputs in ``out_dir``: ``adapter/`` (LoRA only), ``merged/`` (a full float32 sa
 its tokenizer, what vLLM and transformers load as the next policy; ``merged/DONE`` exists only when it is
 complete), ``train_metrics.json`` and ``trainer_state.json`` (TRL's step count and log history). A finished
 ``out_dir`` is returned as is when its ``signature.json`` matches (recipe, base model and pairs hashes;
-sphere/rundir.py), and refused when it does not. While training, TRL checkpoints go to
+sphere/rundir/), and refused when it does not. While training, TRL checkpoints go to
 ``out_dir/trainer/checkpoint-<step>`` every ``train.save_steps`` optimizer steps (at most
 ``train.save_total_limit`` kept); a rerun after a crash resumes from the last complete one (model,
 optimizer, scheduler and RNG states), so it ends after the same number of optimizer steps.
