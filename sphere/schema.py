@@ -97,7 +97,7 @@ class TrainSchema:
     lora: LoraSchema = field(default_factory=LoraSchema)
     loss: LossSchema = field(default_factory=LossSchema)
     lr: float = _f(5e-4, gt=0)
-    epochs: float = _f(2.0, ge=0)  # > 0 unless max_steps >= 1: sphere.train.dpo.validate_train_cfg
+    epochs: float = _f(2.0, ge=0)  # > 0 unless max_steps >= 1: sphere.train.config.validate_train_cfg
     max_steps: int = _f(-1, ge=-1)
     batch_size: int = _f(8, ge=1)
     grad_accum: int = _f(1, ge=1)
