@@ -36,7 +36,7 @@ HYDRA_COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
 PLAIN_COMMANDS: dict[tuple[str, ...], str] = {
     ("sweep",): "sphere.sweep:main",
     ("viz", "tree"): "sphere.viz:main",
-    ("report",): "sphere.report:main",
+    ("report",): "sphere.runreport:main",
 }
 
 # One line per command for `sphere --help` (kept here so the help never imports torch).
