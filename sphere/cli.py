@@ -36,7 +36,7 @@ HYDRA_COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
 PLAIN_COMMANDS: dict[tuple[str, ...], str] = {
     ("sweep",): "sphere.sweep:main",
     ("viz", "tree"): "sphere.viz:main",
-    ("report",): "sphere.report:main",
+    ("report",): "sphere.runreport:main",
 }
 
 # One line per command for `sphere --help` (kept here so the help never imports torch).
@@ -196,7 +196,7 @@ def _task(fn, verbose: bool):
         quiet_third_party(verbose)
         if verbose:
             logging.getLogger().setLevel(logging.INFO)
-        from sphere import rundir  # the run-dir lock is a Hydra callback (conf/config.yaml); see rundir.py
+        from sphere import rundir  # the run-dir lock is a Hydra callback (conf/config.yaml); see sphere/rundir/
 
         command = sys.argv[0].removeprefix("sphere-").replace("-", " ")
         with rundir.cli_errors(command):  # full disk, read-only dir, dir in use, settings mismatch: one line

@@ -342,7 +342,7 @@ def run_transfer(cfg: DictConfig, out: Path, target_name: str) -> dict:
         _write_summary(out, rounds)
         t0 = time.perf_counter()
         gdir = out / "round_1" / "generate"
-        check_generate(cfg, gdir, policy, small)  # signature.json (sphere/rundir.py)
+        check_generate(cfg, gdir, policy, small)  # signature.json (sphere/rundir/)
         with Models(cfg, policy=policy, small=small) as models:  # policy, small, PRM: closed before DPO
             gen = Generator(cfg, gdir, logger=logger, policy_name=policy, small_name=small)
             gstats = gen.run(load_problems(cfg.data, int(cfg.seed)), models.policy(), models.scorer(),

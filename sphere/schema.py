@@ -3,7 +3,7 @@ in Hydra's ConfigStore (group ``schema``: ``search``, ``sampling``, ``train``, `
 ``stages``), and ``check_config(cfg)``, which checks every present node against its schema: a value of the
 wrong type names its full key (``config search.expansions='abc': expected an integer``, not ``invalid literal
 for int()``), and every budget has a range (``search.max_step_tokens=0``: ``>= 1``). ``RunDirLock``
-(sphere/rundir.py) runs it in ``on_run_start``, before Hydra creates the run directory, so a mistyped
+(sphere/rundir/) runs it in ``on_run_start``, before Hydra creates the run directory, so a mistyped
 command writes nothing and loads no model.
 
 The schemas type the fields they list and leave the rest alone (the YAML files stay the documentation and
@@ -97,7 +97,7 @@ class TrainSchema:
     lora: LoraSchema = field(default_factory=LoraSchema)
     loss: LossSchema = field(default_factory=LossSchema)
     lr: float = _f(5e-4, gt=0)
-    epochs: float = _f(2.0, ge=0)  # > 0 unless max_steps >= 1: sphere.train.dpo.validate_train_cfg
+    epochs: float = _f(2.0, ge=0)  # > 0 unless max_steps >= 1: sphere.train.config.validate_train_cfg
     max_steps: int = _f(-1, ge=-1)
     batch_size: int = _f(8, ge=1)
     grad_accum: int = _f(1, ge=1)

@@ -13,7 +13,7 @@ PKG = Path(__file__).resolve().parents[1] / "sphere"
 # top (0) to bottom; a module may import from its own layer or any layer below
 LAYERS: list[set[str]] = [
     {"cli"},
-    {"pipeline", "sweep", "report", "bench"},
+    {"pipeline", "sweep", "runreport", "bench"},
     {"runners"},
     {"scale"},
     {"generate", "evaluation", "train", "testing", "memplan"},

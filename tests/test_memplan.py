@@ -139,8 +139,8 @@ def test_pipeline_and_generate_use_the_lifecycle_owner():
 
     import sphere.generate.run as gen
     import sphere.pipeline as pipe
-    import sphere.scale.ray_runner as ray_runner
+    import sphere.scale.workers as ray_workers  # the Ray actor bodies (were in sphere.scale.ray_runner)
 
-    for mod in (gen, pipe, ray_runner):
+    for mod in (gen, pipe, ray_workers):
         src = inspect.getsource(mod)
         assert "small_factory" not in src and "Models(" in src, mod.__name__

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from sphere.report import find_jobs, numeric_axis, series_against, write_report
-from sphere.report import main as report_main
+from sphere.runreport import find_jobs, numeric_axis, series_against, write_report
+from sphere.runreport import main as report_main
 
 
 def _png_ok(path: Path) -> None:
@@ -161,7 +161,7 @@ def test_cli_dispatch(pruning_sweep):
 
 def test_yield_interval_is_wilson(pruning_sweep):
     from sphere.evaluation.metrics import wilson_ci
-    from sphere.report import _yield_ci
+    from sphere.runreport.plots import _yield_ci
 
     j = find_jobs(pruning_sweep)[0]
     y, lo, hi = _yield_ci(j)

@@ -1,4 +1,4 @@
-"""Run directories you can trust (issue #17, sphere/rundir.py): one writer per run directory (an flock on
+"""Run directories you can trust (issue #17, sphere/rundir/): one writer per run directory (an flock on
 ``<run dir>/.lock`` that dies with its process), and a rerun resumes only outputs of the same settings
 (``signature.json``; ``resume=auto|fresh|force``).
 

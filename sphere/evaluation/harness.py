@@ -46,7 +46,7 @@ class EvalSettings:
     seed: int | None = 0
     batch_size: int | None = None  # problems per backend call; None = a whole benchmark in one call
     # reuse finished problems of eval/<benchmark>.jsonl: True/"auto" (same settings), False/"fresh" (move
-    # eval/ aside, start over) or "force" (reuse whatever is there); sphere/rundir.py
+    # eval/ aside, start over) or "force" (reuse whatever is there); sphere/rundir/
     resume: bool | str = True
     verify_timeout_s: float = 5.0  # per-answer checker timeout
 
@@ -244,7 +244,7 @@ def evaluate_benchmark(backend, name: str, records: list[dict], out_dir: Path, s
 
 def reuse_records(path: Path, records: list[dict], sig: str, mode: str = "auto") -> dict[str, dict]:
     """Finished records of ``path`` for ``records`` (by id). A record written with other settings (its
-    ``sig``) is refused in mode auto, with the shared signature-mismatch message (sphere/rundir.py), and
+    ``sig``) is refused in mode auto, with the shared signature-mismatch message (sphere/rundir/), and
     reused in mode force."""
     from sphere.rundir import SignatureMismatch, mismatch_message
 
@@ -263,7 +263,7 @@ def reuse_records(path: Path, records: list[dict], sig: str, mode: str = "auto")
 def eval_signature(sig_parts: Mapping, settings: EvalSettings) -> dict:
     """signature.json content of an eval directory: what each record's ``sig`` hashes (model name, backend,
     prompt family, checker versions, sampling) plus the model's weights hash when it is a local directory
-    or the mini model (sphere/rundir.py)."""
+    or the mini model (sphere/rundir/)."""
     from sphere.rundir import model_fingerprint
 
     out = {**dict(sig_parts), "sampling": asdict(settings.sampling_params())}

@@ -1,0 +1,196 @@
+"""The `sphere generate` driver of ``runner=ray`` (sphere.scale.ray_runner): reads the run directory's
+stage logs, chunks the unfinished problems over ``GenerateWorker`` actors, appends the returned records
+durably (a problem never written twice), then calls ``Generator.finalize`` and writes ray_runner.json."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from sphere.io import JsonlAppender, atomic_write_json
+from sphere.scale.pool import Chunk, RayCluster, _worker_pool, chunked, plain_config, validate_runner_config
+from sphere.scale.workers import GenerateWorker
+
+STAGES = (1, 2, 3)
+
+
+def stage_state(out: Path) -> dict[int, dict[str, dict]]:
+    """``{stage: {problem_id: first record}}`` of the run directory's stage logs (sphere.generate.records)."""
+    from sphere.generate.records import read_stage_logs
+
+    return read_stage_logs(out)
+
+
+def is_finished(pid: str, state: dict[int, dict[str, dict]], st_cfg: Any) -> bool:
+    """The resume rule of ``Generator.run`` (sphere.generate.records.is_finished)."""
+    from sphere.generate.records import is_finished as _is_finished
+
+    return _is_finished(pid, state, st_cfg)
+
+
+def _sum_search(acc: dict, add: dict, batch_leaves: int) -> None:
+    """Sum the per-chunk search statistics (``SearchStats.as_dict``) and recompute the ratios."""
+    for role, d in add.items():
+        a = acc.setdefault(role, {})
+        for k, v in d.items():
+            if k in ("mean_leaves_per_call", "leaves_per_call_frac"):
+                continue
+            if isinstance(v, int | float) and not isinstance(v, bool):
+                a[k] = a.get(k, 0) + v
+        from sphere.search.driver import call_fill
+
+        a.update(call_fill(a, batch_leaves))
+
+
+def _write_bytes_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def generate(
+    cfg: DictConfig, out: str | Path, *, on_dispatch: Callable[[Any, Chunk], None] | None = None
+) -> dict:
+    """`sphere generate` over Ray; writes the same files as ``Generator.run`` in ``out`` and returns the
+    stats dict (generate_stats.json). ``on_dispatch(actor, chunk)``: hook called after each dispatch."""
+    from sphere.generate.run import STAGE_FILES, Generator, load_problems, validate_generate_config
+    from sphere.progress import StageProgress
+
+    out = Path(out)
+    rcfg = cfg.runner
+    validate_runner_config(rcfg)
+    validate_generate_config(cfg)
+    problems = load_problems(cfg.data, int(cfg.seed))
+    if not problems:
+        raise SystemExit(f"sphere generate: data.problems={cfg.data.problems!r} gave no problems")
+    if len({p["id"] for p in problems}) != len(problems):
+        raise ValueError("data.problems: duplicate problem ids; ids must be unique")
+    gen = Generator(cfg, out)
+    state = stage_state(out)
+    todo = [p for p in problems if not is_finished(p["id"], state, cfg.stages)]
+    chunks = [
+        Chunk(
+            i,
+            "generate",
+            {
+                "problems": ps,
+                "prior": {s: [state[s][p["id"]] for p in ps if p["id"] in state[s]] for s in STAGES},
+            },
+            len(ps),
+        )
+        for i, ps in enumerate(chunked(todo, int(rcfg.chunk_size)))
+    ]
+    t0 = time.perf_counter()
+    search: dict = {}
+    counts = {"done": len(problems) - len(todo), "pairs": {1: 0, 2: 0, 3: 0}}
+    info: dict[str, Any] = {
+        "runner": "ray",
+        "workers": int(rcfg.workers),
+        "chunk_size": int(rcfg.chunk_size),
+        "problems": len(problems),
+        "skipped_finished": len(problems) - len(todo),
+        "chunks": len(chunks),
+        "workers_seen": {},
+    }
+    if chunks:
+        plain = plain_config(cfg)
+        writers = {s: JsonlAppender(out / "stages" / STAGE_FILES[s]) for s in STAGES}
+        try:
+            with RayCluster(rcfg), StageProgress(len(problems), "generate[ray]") as prog:
+                pool = _worker_pool(GenerateWorker, rcfg, cfg, plain)
+
+                def on_result(ch: Chunk, res: dict) -> None:
+                    for s in STAGES:
+                        new = [r for r in res["records"][s] if r["problem_id"] not in state[s]]
+                        if new:
+                            writers[s].write_many(new)
+                        for r in new:
+                            state[s][r["problem_id"]] = r
+                            counts["pairs"][s] += len(r.get("pairs", []))
+                    for name, data in res["trees"].items():
+                        if not (out / "trees" / name).exists():
+                            _write_bytes_atomic(out / "trees" / name, data)
+                    _sum_search(search, res["search"], int(cfg.search.batch_leaves))
+                    w = res["worker"]
+                    info["workers_seen"][f"{w['host']}:{w['pid']}"] = (
+                        info["workers_seen"].get(f"{w['host']}:{w['pid']}", 0) + 1
+                    )
+                    counts["done"] = sum(1 for p in problems if is_finished(p["id"], state, cfg.stages))
+                    prog.update(counts)
+
+                def on_poll(running: dict) -> None:
+                    prog.update(
+                        {**counts, "done": min(len(problems), counts["done"] + sum(running.values()))}
+                    )
+
+                try:
+                    pst = pool.run(
+                        chunks,
+                        lambda a, ch: a.run_chunk.remote(ch.id, **ch.payload),
+                        on_result,
+                        on_poll=on_poll,
+                        on_dispatch=on_dispatch,
+                    )
+                finally:
+                    pool.close()
+        finally:
+            for w_ in writers.values():
+                w_.close()
+        info.update(
+            {
+                "retries": pst.retries,
+                "actor_deaths": pst.actor_deaths,
+                "actors_started": pst.actors_started,
+                "retried_chunks": pst.retried_chunks,
+                "per_actor_chunks": pst.per_actor_chunks,
+            }
+        )
+    missing = [p["id"] for p in problems if not is_finished(p["id"], stage_state(out), cfg.stages)]
+    if missing:
+        raise RuntimeError(
+            f"ray runner: {len(missing)} problems unfinished after all chunks returned "
+            f"(first: {missing[:5]}); rerun the same command to resume"
+        )
+    wall = time.perf_counter() - t0
+    stats = gen.finalize(problems, {"search": search}, wall)
+    info["wall_s"] = wall
+    atomic_write_json(out / "ray_runner.json", info)
+    return stats
+
+
+def main_generate(cfg: DictConfig, out: Path) -> float:
+    """The `sphere generate` entry for ``runner=ray`` (called from sphere.generate.run.main)."""
+    from sphere.generate.run import log_generate_stats
+    from sphere.loggers import make_logger
+
+    logger = make_logger(cfg, out, "generate")
+    try:
+        stats = generate(cfg, out)
+        log_generate_stats(logger, stats, out)
+        print(
+            json.dumps(
+                {
+                    k: stats[k]
+                    for k in (
+                        "pairs_per_stage",
+                        "yield",
+                        "engine_time_frac",
+                        "leaves_per_call_frac",
+                        "wall_s",
+                    )
+                }
+            )
+        )
+        return float(stats["pairs_total"])
+    finally:
+        logger.finish()

@@ -1,0 +1,86 @@
+"""Checkpoints and published outputs of `sphere train` (sphere.train.dpo): the newest complete TRL
+checkpoint to resume from (``last_checkpoint``), the ``merged/DONE`` marker, publishing a finished
+directory into place, the policy's tokenizer files copied byte for byte, and the saved config cleaned of
+training leftovers."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+from sphere.io import atomic_write_text
+
+log = logging.getLogger("sphere.train")
+
+DONE = "DONE"
+
+
+def _clean_config(merged: Path, dtype: str) -> None:
+    """Strip training leftovers from the saved config so vLLM/transformers load it as a plain model."""
+    p = merged / "config.json"
+    cfg = json.loads(p.read_text())
+    for k in ("peft_config", "adapter_config", "_name_or_path", "quantization_config"):
+        cfg.pop(k, None)
+    cfg["use_cache"] = True
+    cfg["dtype"] = dtype
+    cfg.pop("torch_dtype", None)
+    atomic_write_text(p, json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+def last_checkpoint(trainer_dir: Path) -> Path | None:
+    """The newest complete TRL checkpoint (``checkpoint-<step>`` holding ``trainer_state.json``, which the
+    Trainer writes after the weights, optimizer and RNG states). Newer incomplete ones (a kill while
+    saving) are removed, so the resumed run's checkpoint rotation starts clean."""
+    if not trainer_dir.is_dir():
+        return None
+    found = []
+    for p in trainer_dir.iterdir():
+        name, _, step = p.name.rpartition("-")
+        if p.is_dir() and name == "checkpoint" and step.isdigit():
+            found.append((int(step), p))
+    for _, p in sorted(found, reverse=True):
+        if (p / "trainer_state.json").is_file():
+            return p
+        log.warning("train: removing incomplete checkpoint %s (killed while saving)", p)
+        shutil.rmtree(p, ignore_errors=True)
+    return None
+
+
+def _is_done(out_dir: Path) -> bool:
+    m = out_dir / "merged"
+    return (m / DONE).is_file() and (m / "config.json").is_file()
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Move a finished directory into place (replacing a stale one)."""
+    for f in tmp.iterdir():  # mkstemp-based writers leave 0600; checkpoints are meant to be shared
+        if f.is_file():
+            f.chmod(0o644)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt", "chat_template.jinja",
+                   "chat_template.json")
+
+
+def _copy_tokenizer(policy_path: Path, dst: Path, t: dict) -> None:
+    """The policy's tokenizer files, byte for byte (a load/save round trip adds keys such as
+    ``local_files_only``, and the trainer's copy may have gained a pad token)."""
+    found = [f for f in TOKENIZER_FILES if (policy_path / f).is_file()]
+    if "tokenizer_config.json" not in found:
+        _load_tokenizer(policy_path, t).save_pretrained(dst)
+        return
+    for f in found:
+        shutil.copyfile(policy_path / f, dst / f)
+
+
+def _load_tokenizer(policy_path: Path, t: dict):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(policy_path, trust_remote_code=bool(t["trust_remote_code"]))

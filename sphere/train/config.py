@@ -1,0 +1,177 @@
+"""The `train` node of `sphere train` (sphere.train.dpo): ``DEFAULTS`` of every ``train.*`` field,
+``resolve_train_cfg`` (merge over the defaults, unknown keys are errors), ``validate_train_cfg`` (range
+checks before any model loads), ``loss_settings`` (``train.loss`` onto TRL 1.x ``loss_type`` /
+``loss_weights``, see the sphere.train.dpo docstring) and ``dpo_config`` (the ``trl.DPOConfig``)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+LOSS_TYPES = ("sigmoid", "ipo")
+
+
+def _plain(cfg: Any) -> dict:
+    """A DictConfig / Mapping as a resolved plain dict."""
+    try:
+        from omegaconf import DictConfig, OmegaConf
+
+        if isinstance(cfg, DictConfig):
+            return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+    except ImportError:  # pragma: no cover
+        pass
+    if isinstance(cfg, Mapping):
+        return {k: _plain(v) if isinstance(v, Mapping) else v for k, v in cfg.items()}
+    raise TypeError(f"train config must be a mapping (got {type(cfg).__name__})")
+
+
+# Defaults of every `train.*` field (conf/train_opts/lora.yaml documents them); missing keys fall back here
+# so the pipeline can pass a partial config.
+DEFAULTS: dict[str, Any] = {
+    "lora": {"enabled": True, "r": 32, "alpha": 64, "dropout": 0.0, "target_modules": "all-linear"},
+    "loss": {"type": "sigmoid", "beta": 0.1, "label_smoothing": 0.0, "rpo_alpha": 0.0},
+    "lr": 5e-4, "epochs": 2, "max_steps": -1, "batch_size": 8, "grad_accum": 1,
+    "max_length": 512, "max_prompt_length": None, "append_eos": True,
+    "warmup_ratio": 0.1, "scheduler": "cosine", "weight_decay": 0.0, "max_grad_norm": 1.0,
+    "precompute_ref": True, "seed": 0, "threads": None, "progress": "auto", "logging_steps": 1,
+    "dtype": "float32", "trust_remote_code": False, "device": "auto", "gradient_checkpointing": False,
+    "save_steps": 50, "save_total_limit": 1,
+}
+
+
+def resolve_train_cfg(cfg_train: Any) -> dict:
+    """Merge ``cfg_train`` over ``DEFAULTS``; unknown keys are an error naming the key."""
+    user = _plain(cfg_train) if cfg_train is not None else {}
+    out: dict[str, Any] = {}
+    for k, v in user.items():
+        if k not in DEFAULTS:
+            raise ValueError(f"train.{k}: unknown training option; allowed: {sorted(DEFAULTS)}")
+    for k, d in DEFAULTS.items():
+        v = user.get(k, d)
+        if isinstance(d, dict):
+            v = dict(v or {})
+            for kk in v:
+                if kk not in d:
+                    raise ValueError(f"train.{k}.{kk}: unknown option; allowed: {sorted(d)}")
+            v = {**d, **v}
+        out[k] = v
+    return out
+
+
+def loss_settings(loss: Mapping) -> dict:
+    """``train.loss`` -> DPOConfig fields ``loss_type``, ``loss_weights``, ``label_smoothing``, ``beta``."""
+    typ = str(loss.get("type", "sigmoid")).lower()
+    beta = float(loss.get("beta", 0.1))
+    eps = float(loss.get("label_smoothing", 0.0) or 0.0)
+    alpha = float(loss.get("rpo_alpha", 0.0) or 0.0)
+    if typ not in LOSS_TYPES:
+        raise ValueError(
+            f"train.loss.type={typ!r}: allowed {list(LOSS_TYPES)} (cDPO = sigmoid + label_smoothing)")
+    if not beta > 0:
+        raise ValueError(f"train.loss.beta={beta}: must be > 0")
+    if not 0.0 <= eps < 0.5:
+        raise ValueError(f"train.loss.label_smoothing={eps}: must be in [0, 0.5)")
+    if eps > 0 and typ != "sigmoid":
+        raise ValueError(f"train.loss.label_smoothing={eps} only applies to type=sigmoid (cDPO), not {typ!r}")
+    if alpha < 0:
+        raise ValueError(f"train.loss.rpo_alpha={alpha}: must be >= 0 (0 disables the SFT term)")
+    if typ == "sigmoid" and eps > 0:
+        types, weights = ["sigmoid", "robust"], [2.0 * (1.0 - eps), -(1.0 - 2.0 * eps)]
+    else:
+        types, weights = [typ], [1.0]
+    if alpha > 0:
+        types, weights = [*types, "sft"], [*weights, alpha]
+    return {
+        "loss_type": types,
+        "loss_weights": None if weights == [1.0] else weights,
+        "label_smoothing": eps,
+        "beta": beta,
+    }
+
+
+def _use_cpu(device: str) -> bool:
+    import torch
+
+    if device == "cpu":
+        return True
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("train.device=cuda but no CUDA device is visible; allowed: auto | cpu | cuda")
+        return False
+    if device != "auto":
+        raise ValueError(f"train.device={device!r}: allowed auto | cpu | cuda")
+    return not torch.cuda.is_available()
+
+
+def validate_train_cfg(t: dict) -> None:
+    """Range checks of a resolved train config, before any model loads or output is written."""
+    if t["batch_size"] < 1 or t["grad_accum"] < 1:
+        raise ValueError(
+            f"train.batch_size={t['batch_size']}, train.grad_accum={t['grad_accum']}: must be >= 1")
+    if not t["lr"] > 0:
+        raise ValueError(f"train.lr={t['lr']}: must be > 0")
+    if t["max_length"] is not None and int(t["max_length"]) < 8:
+        raise ValueError(f"train.max_length={t['max_length']}: must be >= 8 tokens or null (no truncation)")
+    max_steps, epochs = int(t["max_steps"]), float(t["epochs"])
+    if max_steps == 0 or max_steps < -1:
+        raise ValueError(f"train.max_steps={max_steps}: allowed -1 (train for train.epochs) or >= 1")
+    if max_steps == -1 and not epochs > 0:
+        raise ValueError(f"train.epochs={t['epochs']}: must be > 0 (or set train.max_steps >= 1); zero "
+                         "epochs would publish the untrained policy as the trained one")
+    if not 0.0 <= float(t["warmup_ratio"]) < 1.0:
+        raise ValueError(f"train.warmup_ratio={t['warmup_ratio']}: must be in [0, 1)")
+    if float(t["weight_decay"]) < 0 or not float(t["max_grad_norm"]) > 0:
+        raise ValueError(f"train.weight_decay={t['weight_decay']}, train.max_grad_norm={t['max_grad_norm']}: "
+                         "must be >= 0 and > 0")
+    if t["max_prompt_length"] is not None and int(t["max_prompt_length"]) < 1:
+        raise ValueError(f"train.max_prompt_length={t['max_prompt_length']}: must be >= 1 or null (no limit)")
+    if int(t["logging_steps"]) < 1:
+        raise ValueError(f"train.logging_steps={t['logging_steps']}: must be >= 1")
+    save_steps, save_limit = int(t["save_steps"]), int(t["save_total_limit"])
+    if save_steps < 0:
+        raise ValueError(f"train.save_steps={save_steps}: must be >= 0 (0 = no checkpoints, no resume)")
+    if save_limit < 1:
+        raise ValueError(f"train.save_total_limit={save_limit}: must be >= 1 (checkpoints kept on disk)")
+    loss_settings(t["loss"])
+
+
+def dpo_config(t: dict, out_dir: Path):
+    """The ``trl.DPOConfig`` for a resolved train config ``t`` (see ``resolve_train_cfg``)."""
+    from trl import DPOConfig
+
+    validate_train_cfg(t)
+    save_steps, save_limit = int(t["save_steps"]), int(t["save_total_limit"])
+    use_cpu = _use_cpu(str(t["device"]))
+    return DPOConfig(
+        output_dir=str(out_dir / "trainer"),
+        per_device_train_batch_size=int(t["batch_size"]),
+        gradient_accumulation_steps=int(t["grad_accum"]),
+        learning_rate=float(t["lr"]),
+        num_train_epochs=float(t["epochs"]),
+        max_steps=int(t["max_steps"]),
+        lr_scheduler_type=str(t["scheduler"]),
+        warmup_steps=float(t["warmup_ratio"]),  # a float in [0, 1) is a ratio of the total steps
+        weight_decay=float(t["weight_decay"]),
+        max_grad_norm=float(t["max_grad_norm"]),
+        max_length=None if t["max_length"] is None else int(t["max_length"]),
+        precompute_ref_log_probs=bool(t["precompute_ref"]),
+        precompute_ref_batch_size=4 * int(t["batch_size"]),  # no gradients: bigger batches are cheap
+        seed=int(t["seed"]),
+        logging_steps=int(t["logging_steps"]),
+        # Speed on small CPU machines: no activation recomputation (unless asked, for big models on GPU), no
+        # eval, no worker processes, no mixed precision (CPU float32). Checkpoints every save_steps optimizer
+        # steps (the last save_total_limit kept) so a crashed run resumes instead of starting over.
+        gradient_checkpointing=bool(t["gradient_checkpointing"]),
+        eval_strategy="no",
+        save_strategy="steps" if save_steps > 0 else "no",
+        save_steps=max(1, save_steps),
+        save_total_limit=save_limit,
+        dataloader_num_workers=0,
+        bf16=False,
+        fp16=False,
+        use_cpu=use_cpu,
+        report_to="none",  # metrics go through our callback to the configured logger
+        disable_tqdm=True,  # our own progress bar (one line, no per-step dict dumps)
+        **loss_settings(t["loss"]),
+    )
