@@ -204,8 +204,9 @@ def evaluate(model_dir: Path, family: str, n: int) -> dict:
     from sphere.mini.pretrain import is_correct
     from sphere.prompts import encode, header_text, load_family
 
-    tok = AutoTokenizer.from_pretrained(str(model_dir))
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32,
+                                                 trust_remote_code=False).eval()
     fam = load_family(family)
     probs = base.heldout_problems(n)
     ok, ends, t0 = 0, 0, time.time()
