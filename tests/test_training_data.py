@@ -1,4 +1,4 @@
-"""The paper's training pools (sphere/data/training.py): NuminaMath-CoT / MetaMathQA gold extraction, seeded
+"""The paper's training pools (sphere/data/training/): NuminaMath-CoT / MetaMathQA gold extraction, seeded
 sampling with a source mix and a manifest, n-gram decontamination against the six evaluation benchmarks,
 the `data.problems` hooks (training, numina:PATH, metamath:PATH, fallback) and the paper dry run.
 

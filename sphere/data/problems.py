@@ -1,5 +1,5 @@
 """Problem sets for generation (``data.problems``): the mini world, the shipped MATH/GSM8K train splits, local
-JSONL files, NuminaMath / MetaMathQA pools (sphere/data/training.py) and ``hf:`` datasets where a hub is
+JSONL files, NuminaMath / MetaMathQA pools (sphere/data/training/) and ``hf:`` datasets where a hub is
 reachable. ``load_problems(data_cfg, seed)`` returns the problem dicts (id, problem, answer, source...);
 ``count_problems`` counts them from local files only (dry runs)."""
 
@@ -44,7 +44,7 @@ def count_problems(dcfg: Any, seed: int) -> int:
             n += int(dcfg.mini_n)
         elif src.startswith("hf:"):
             n += int(dcfg.get("hf_expected_size") or 0)
-        elif src == "training" or src.startswith(("numina:", "metamath:")):  # sphere/data/training.py
+        elif src == "training" or src.startswith(("numina:", "metamath:")):  # sphere/data/training/
             from sphere.data.training import count_source
 
             n += count_source(src, dcfg, seed)

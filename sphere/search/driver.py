@@ -29,202 +29,46 @@ multiplicity, and ``step_mult[payload]`` records the count. In paper mode the ch
 as without merging (first maximum / first minimum by reward; identical texts score identically), so
 Sol_max/Sol_min and the pairs are unchanged for a deterministic scorer (tests/test_dedup.py). UCT ignores
 priors: there the multiplicity is only recorded.
+
+The code lives in four modules, this one keeps the SearchDriver class and its phases and keeps the other
+names importable: sphere.search.types (jobs, results, trajectories, the per-round state ``Round``,
+``SearchStats``, ``call_fill``), sphere.search.config (``validate_search_config``, the engine config,
+``estimate_backend_calls``) and sphere.search.candidates (merging duplicate candidates, the context-end
+placeholder, ``answer_closed``).
 """
 
 from __future__ import annotations
 
-import math
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from sphere.backends.base import SamplingParams
-from sphere.engine import EngineConfig, make_forest
+from sphere.engine import make_forest
 from sphere.rewards.base import combine_outcome, shape_rewards
+from sphere.search.candidates import (  # moved out of this module (issue #18); the names stay importable here
+    _CONTEXT_END,
+    _context_end,
+    answer_closed,
+    merge_duplicates,
+)
+from sphere.search.config import (  # moved out of this module (issue #18); the names stay importable here
+    _engine_config,
+    estimate_backend_calls,  # noqa: F401
+    validate_search_config,
+)
 from sphere.search.policies import POLICIES, TreeState
-
-_CONTEXT_END = "context_end"  # finish of the placeholder candidate of a leaf whose prompt fills the window
-
-
-def _context_end():
-    from sphere.backends.base import Candidate
-
-    return Candidate(text="", token_ids=[], logprob_sum=0.0, logprob_mean=0.0, finish=_CONTEXT_END,
-                     token_logprobs=[])
-
-
-@dataclass
-class SearchJob:
-    """One tree to grow. ``prompt_steps`` are fixed steps that precede the search (none usually)."""
-
-    job_id: str
-    problem: dict  # {"id", "problem", "answer", ...}
-    # steps so far -> token ids of the whole prompt (problem or reflection header + steps + delimiters).
-    # The whole text is tokenised at once so the model sees exactly the tokenisation it was trained on.
-    prompt_fn: Callable[[list[str]], list[int]]
-    meta: dict = field(default_factory=dict)
-
-
-@dataclass
-class Trajectory:
-    steps: list[str]
-    correct: bool
-    value: float  # engine value of the terminal node
-    rewards: list[float]  # shaped reward per step
-    scores: list[float]  # raw step-scorer score per step
-    finish: str  # how the last step ended: answer | eos | length | depth
-    nodes: list[int] = field(default_factory=list, repr=False)  # forest node ids, root first (this run only)
-
-
-@dataclass
-class SearchResult:
-    job: SearchJob
-    sol_max: Trajectory | None
-    sol_min: Trajectory | None
-    terminals: list[Trajectory]
-    nodes: int
-    expansions: int
-    snapshot: dict | None = None  # engine tree snapshot (numpy arrays) + step texts, when requested
-
-
-@dataclass
-class Round:
-    """One search round across trees. L = selected leaves, C = candidates (flat over the leaves, grouped by
-    leaf in selection order; leaf i owns ``flat[a:b]`` for ``(a, b) = spans()[i]``)."""
-
-    roots: list[int] = field(default_factory=list)  # [L] root node id of each selected leaf's tree
-    leaves: list[int] = field(default_factory=list)  # [L] selected leaf node ids
-    queue_nonempty: bool = False  # jobs were still queued (the call counts towards the batch-fill figure)
-    leaves_arr: Any = None  # int32[L]
-    paths: list[list[int]] = field(default_factory=list)  # [L] step payload ids root->leaf (root excluded)
-    prompts: list[list[int]] = field(default_factory=list)  # [L] prompt token ids
-    cands: list[list[Any]] = field(default_factory=list)  # [L][n_i] Candidates (duplicates merged)
-    mults: list[list[int]] = field(default_factory=list)  # [L][n_i] multiplicity of each candidate
-    flat: list[Any] = field(default_factory=list)  # [C]
-    owner: list[int] = field(default_factory=list)  # [C] leaf index of each candidate
-    items: list[tuple[str, list[str]]] = field(default_factory=list)  # [C] (problem, steps + candidate)
-    scores: list[list[float]] = field(default_factory=list)  # [C] step-scorer scores (last = the candidate)
-    terminal: list[bool] = field(default_factory=list)  # [C]
-    verdicts: dict[int, bool] = field(default_factory=dict)  # candidate index -> checker verdict (terminals)
-    mult: Any = None  # float64[C]
-    payloads: list[int] = field(default_factory=list)  # [C] step-store ids
-    rewards: list[float] = field(default_factory=list)  # [C]
-    values: list[float] = field(default_factory=list)  # [C]
-    terms: list[int] = field(default_factory=list)  # [C] 1 = terminal
-    priors: Any = None  # float64[C]
-    child_ids: Any = None  # int32[C]
-
-    def spans(self) -> list[tuple[int, int]]:
-        out, a = [], 0
-        for cl in self.cands:
-            out.append((a, a + len(cl)))
-            a += len(cl)
-        return out
-
-
-@dataclass
-class SearchStats:
-    rounds: int = 0
-    backend_calls: int = 0
-    leaves: int = 0  # prompts sent (one per selected leaf)
-    full_calls: int = 0  # calls made while the job queue was not empty
-    full_call_leaves: int = 0
-    candidates: int = 0
-    tokens: int = 0
-    engine_s: float = 0.0
-    backend_s: float = 0.0
-    scorer_s: float = 0.0
-    verify_s: float = 0.0
-    collisions: int = 0
-    pruned: int = 0
-    context_ends: int = 0  # chains ended because their prompt filled the backend's context window
-    merged: int = 0  # duplicate candidates merged into a sibling (search.dedup_candidates)
-    scored_items: int = 0  # (problem, steps) items sent to the step scorer (distinct per call when deduping)
-
-    def as_dict(self, batch_leaves: int) -> dict:
-        d = dict(self.__dict__)
-        d.update(call_fill(d, batch_leaves))
-        return d
-
-
-def call_fill(stats: dict, batch_leaves: int) -> dict:
-    """How full the backend calls were, from summed counters (the one place this is computed):
-    ``mean_leaves_per_call`` = prompts per call; ``leaves_per_call_frac`` = prompts per call over the configured
-    batch, counting only calls made while problems were still queued (the tail of a run cannot be full);
-    None when no such call was made."""
-    full = stats.get("full_calls", 0)
-    return {"mean_leaves_per_call": stats.get("leaves", 0) / max(1, stats.get("backend_calls", 0)),
-            "leaves_per_call_frac": (stats.get("full_call_leaves", 0) / full) / max(1, batch_leaves)
-            if full else None}
-
-
-def _engine_config(scfg: Any) -> EngineConfig:
-    e = scfg.engine
-    return EngineConfig(
-        rule=str(e.rule),
-        c=float(e.c),
-        virtual_loss=float(e.virtual_loss),
-        fpu=str(e.fpu),
-        fpu_reduction=float(e.fpu_reduction),
-        q_norm=bool(e.q_norm),
-        max_depth=int(scfg.max_depth),
-        pruning=str(scfg.pruning.policy),
-        prune_k=int(scfg.pruning.k),
-        prune_tau=float(scfg.pruning.tau),
-        prune_relative=bool(scfg.pruning.relative),
-    )
-
-
-def validate_search_config(scfg: Any) -> None:
-    """Raise ValueError naming the key and what is allowed."""
-
-    def need(cond: bool, key: str, allowed: str, val: Any) -> None:
-        if not cond:
-            raise ValueError(f"config search.{key}={val!r} is invalid: allowed {allowed}")
-
-    need(scfg.mode in ("paper", "mcts"), "mode", "'paper' or 'mcts'", scfg.mode)
-    need(int(scfg.expansions) >= 1, "expansions", "an integer >= 1 (E candidates per expansion)",
-         scfg.expansions)
-    need(int(scfg.max_depth) >= 1, "max_depth", "an integer >= 1", scfg.max_depth)
-    need(int(scfg.batch_leaves) >= 1, "batch_leaves", "an integer >= 1", scfg.batch_leaves)
-    need(int(scfg.max_step_tokens) >= 1, "max_step_tokens", "an integer >= 1 (token budget of one step)",
-         scfg.max_step_tokens)
-    need(int(scfg.k) >= 1, "k", "an integer >= 1 (leaves per tree per round)", scfg.k)
-    need(int(scfg.simulations) >= 1, "simulations", "an integer >= 1", scfg.simulations)
-    need(float(scfg.temperature) >= 0, "temperature", "a number >= 0", scfg.temperature)
-    need(0 < float(scfg.top_p) <= 1, "top_p", "a number in (0, 1]", scfg.top_p)
-    need(scfg.reward in ("raw", "advantage", "min"), "reward", "raw | advantage | min", scfg.reward)
-    need(scfg.outcome in ("none", "replace", "mix", "add"), "outcome", "none | replace | mix | add",
-         scfg.outcome)
-    need(scfg.backup in ("mean", "max"), "backup", "mean | max", scfg.backup)
-    dd = scfg.get("dedup_candidates", True)
-    need(isinstance(dd, bool), "dedup_candidates", "true | false", dd)
-    p = scfg.pruning
-    need(p.policy in ("none", "minmax", "topk", "threshold"), "pruning.policy",
-         "none | minmax | topk | threshold", p.policy)
-    if p.policy == "topk":
-        need(1 <= int(p.k) <= int(scfg.expansions), "pruning.k",
-             f"1..search.expansions ({scfg.expansions})", p.k)
-    if p.policy == "threshold":
-        hi = 2.0 if p.relative else 1.0
-        need(0.0 <= float(p.tau) <= hi, "pruning.tau",
-             "[0, 1] (absolute) or [0, 2] (relative to the best sibling)", p.tau)
-    e = scfg.engine
-    need(e.rule in ("uct", "puct"), "engine.rule", "uct | puct", e.rule)
-    need(float(e.c) >= 0, "engine.c", "a number >= 0", e.c)
-    need(float(e.virtual_loss) >= 0, "engine.virtual_loss", "a number >= 0", e.virtual_loss)
-
-
-def answer_closed(text: str, marker: str) -> bool:
-    """A ``\\boxed{}`` answer after ``marker`` (R1: the end of the thinking block) in ``text``."""
-    from sphere.backends.base import has_boxed_answer
-
-    i = text.find(marker)
-    return i >= 0 and has_boxed_answer(text[i + len(marker):])
+from sphere.search.types import (  # moved out of this module (issue #18); the names stay importable here
+    Round,
+    SearchJob,
+    SearchResult,
+    SearchStats,
+    Trajectory,
+    call_fill,  # noqa: F401
+)
 
 
 class SearchDriver:
@@ -561,39 +405,3 @@ class SearchDriver:
         snap = dict(self.forest.tree_snapshot(root))
         snap["text"] = [self.steps[int(p)] for p in snap["payload"]]
         return snap
-
-
-def merge_duplicates(cands: list[list[Any]]) -> tuple[list[list[Any]], list[list[int]]]:
-    """Per leaf, identical candidates (same text and finish) merged into their first occurrence.
-
-    Returns the distinct candidates (first-occurrence order) and, parallel to them, their multiplicities."""
-    out, mults = [], []
-    for cl in cands:
-        seen: dict[tuple[str, str], int] = {}
-        row, m = [], []
-        for c in cl:
-            key = (c.text, c.finish)
-            k = seen.get(key)
-            if k is None:
-                seen[key] = len(row)
-                row.append(c)
-                m.append(1)
-            else:
-                m[k] += 1
-        out.append(row)
-        mults.append(m)
-    return out, mults
-
-
-def estimate_backend_calls(n_problems: int, scfg: Any) -> dict:
-    """Rough plan figures for dry runs: expansions, candidates and backend calls."""
-    if scfg.mode == "paper":
-        exp_per_problem = 2 * int(scfg.max_depth)
-    else:
-        exp_per_problem = int(scfg.simulations)
-    expansions = n_problems * exp_per_problem
-    return {
-        "expansions": expansions,
-        "candidates": expansions * int(scfg.expansions),
-        "backend_calls": math.ceil(expansions / max(1, int(scfg.batch_leaves))),
-    }

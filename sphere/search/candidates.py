@@ -1,0 +1,47 @@
+"""Candidate steps of one expansion (moved out of sphere/search/driver.py, issue #18): ``merge_duplicates``
+(identical candidates of a leaf merged into their first occurrence, with multiplicities), the placeholder
+candidate of a leaf whose prompt fills the context window (``_CONTEXT_END``, ``_context_end``) and
+``answer_closed`` (a boxed answer after the prompt family's ``answer_after`` marker)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+_CONTEXT_END = "context_end"  # finish of the placeholder candidate of a leaf whose prompt fills the window
+
+
+def _context_end():
+    from sphere.backends.base import Candidate
+
+    return Candidate(text="", token_ids=[], logprob_sum=0.0, logprob_mean=0.0, finish=_CONTEXT_END,
+                     token_logprobs=[])
+
+
+def answer_closed(text: str, marker: str) -> bool:
+    """A ``\\boxed{}`` answer after ``marker`` (R1: the end of the thinking block) in ``text``."""
+    from sphere.backends.base import has_boxed_answer
+
+    i = text.find(marker)
+    return i >= 0 and has_boxed_answer(text[i + len(marker):])
+
+
+def merge_duplicates(cands: list[list[Any]]) -> tuple[list[list[Any]], list[list[int]]]:
+    """Per leaf, identical candidates (same text and finish) merged into their first occurrence.
+
+    Returns the distinct candidates (first-occurrence order) and, parallel to them, their multiplicities."""
+    out, mults = [], []
+    for cl in cands:
+        seen: dict[tuple[str, str], int] = {}
+        row, m = [], []
+        for c in cl:
+            key = (c.text, c.finish)
+            k = seen.get(key)
+            if k is None:
+                seen[key] = len(row)
+                row.append(c)
+                m.append(1)
+            else:
+                m[k] += 1
+        out.append(row)
+        mults.append(m)
+    return out, mults
