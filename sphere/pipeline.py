@@ -169,7 +169,7 @@ def paired_changes(out: Path, r: int, benches) -> dict:
 def plan(cfg: DictConfig) -> dict:
     """What a run would do, without loading any model (dry runs)."""
     from sphere.data.training import describe_source
-    from sphere.generate.run import count_problems, validate_generate_config
+    from sphere.generate.generator import count_problems, validate_generate_config
     from sphere.search.driver import estimate_backend_calls, validate_search_config
     from sphere.train.dpo import resolve_train_cfg
 
@@ -221,13 +221,14 @@ def validate_run_config(cfg: DictConfig) -> None:
         benchmark_key(name)
         load_benchmark(name, cfg.paths.data_dir, cfg.eval.limit)
     if int(cfg.rounds) > 0:  # the generate settings too, before round 0 spends time (issue #11)
-        from sphere.generate.run import validate_generate_config
+        from sphere.generate.generator import validate_generate_config
 
         validate_generate_config(cfg)
 
 
 def run(cfg: DictConfig, out: Path) -> dict:
-    from sphere.generate.run import Generator, load_problems, log_generate_stats
+    from sphere.generate.generator import Generator, load_problems
+    from sphere.generate.local import log_generate_stats
     from sphere.lifecycle import Models
     from sphere.loggers import make_logger
     from sphere.models import resolve_model
@@ -317,7 +318,7 @@ def run(cfg: DictConfig, out: Path) -> dict:
 def run_transfer(cfg: DictConfig, out: Path, target_name: str) -> dict:
     """Transfer (the paper's Table 4 setting): the policy generates pairs once; ``model.train_target`` is
     evaluated before and after DPO on them. Round 0 and round 1 are the target's numbers."""
-    from sphere.generate.run import Generator, load_problems
+    from sphere.generate.generator import Generator, load_problems
     from sphere.lifecycle import Models
     from sphere.loggers import make_logger
     from sphere.models import resolve_model

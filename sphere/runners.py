@@ -1,6 +1,6 @@
 """The runner layer: `sphere generate` and `sphere eval` in one process or on Ray actors, chosen by name.
 
-    sphere generate runner=local ...      # sphere.generate.run.run_local
+    sphere generate runner=local ...      # sphere.generate.local.run_local
     sphere generate runner=ray ...        # sphere.scale.ray_runner.main_generate
     sphere eval runner=ray ...            # sphere.scale.ray_runner.evaluate
 
@@ -35,7 +35,8 @@ def _out_dir() -> Path:
 
 def generate_main(cfg: Any) -> float:
     """Hydra entry of `sphere generate`: validate, check the run directory's signature, run; pairs written."""
-    from sphere.generate.run import run_local, validate_generate_config
+    from sphere.generate.generator import validate_generate_config
+    from sphere.generate.local import run_local
     from sphere.rundir import check_generate
 
     out = _out_dir()

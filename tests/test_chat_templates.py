@@ -142,13 +142,13 @@ def trl_training_view(tok, prompt_msgs: list[dict], completion: str) -> tuple[st
 
 @pytest.mark.parametrize("family,template,specials,end", PARAMS)
 def test_pair_prompt_trains_in_the_generation_context(tiny_model_dir, family, template, specials, end):
-    """A chat family's pair prompt is a message list (sphere/generate/run.py _pair_prompt): system (if any) +
+    """A chat family's pair prompt is a message list (sphere/generate/generator.py _pair_prompt): system (if any) +
     user. DPO must score the chosen solution in the very context the policy generated it in: TRL's training
     context equals the generation prompt (header_text) and the completion is the solution plus the end of
     the assistant turn."""
     from types import SimpleNamespace
 
-    from sphere.generate.run import Generator
+    from sphere.generate.generator import Generator
 
     fam = load_family(family)
     tok = make_tokenizer(tiny_model_dir, template, specials)

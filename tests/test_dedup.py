@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 from test_generate import FakeStepBackend, FakeTokenizer, _cfg, _problems, _prompt_fn
 
 from sphere.backends.base import Candidate, SamplingParams
-from sphere.generate.run import Generator
+from sphere.generate.generator import Generator
 from sphere.io import read_jsonl_tolerant
 from sphere.search.driver import SearchDriver, SearchJob, merge_duplicates, validate_search_config
 

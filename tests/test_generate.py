@@ -16,7 +16,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from sphere.backends.base import Candidate, SamplingParams
-from sphere.generate.run import Generator, route
+from sphere.generate.generator import Generator, route
 from sphere.io import read_jsonl_tolerant
 from sphere.search.driver import SearchDriver, SearchJob, Trajectory, validate_search_config
 

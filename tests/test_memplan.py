@@ -137,7 +137,7 @@ def test_pipeline_and_generate_use_the_lifecycle_owner():
     """No module opens a small model on its own any more (the four factories of issue #18)."""
     import inspect
 
-    import sphere.generate.run as gen
+    import sphere.generate.local as gen
     import sphere.pipeline as pipe
     import sphere.scale.workers as ray_workers  # the Ray actor bodies (were in sphere.scale.ray_runner)
 

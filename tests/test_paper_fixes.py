@@ -13,7 +13,7 @@ from test_generate import FakeStepBackend, _cfg, _problems, _prompt_fn
 
 from sphere.backends.base import ContextOverflowError, check_context
 from sphere.generate.pairs import has_final_answer, mentions_attempt, pick_solution, prm_rank
-from sphere.generate.run import Generator
+from sphere.generate.generator import Generator
 from sphere.io import read_jsonl_tolerant
 from sphere.search.driver import SearchDriver, SearchJob, Trajectory
 

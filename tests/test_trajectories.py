@@ -18,7 +18,7 @@ def _traj(steps: list[str], correct: bool, value: float) -> dict:
 def test_one_line_per_distinct_trajectory_with_its_roles(tmp_path):
     from test_generate import _cfg
 
-    from sphere.generate.run import Generator
+    from sphere.generate.generator import Generator
 
     same = _traj(["a", "b"], True, 0.9)
     low = _traj(["a", "c"], False, 0.2)

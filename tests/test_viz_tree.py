@@ -238,7 +238,7 @@ def test_page_in_headless_chromium(tmp_path: Path):
 
 def test_reads_what_generate_writes(tmp_path):
     """`sphere generate` saves trees with Generator._save_snapshot; the viewer must read those files."""
-    from sphere.generate.run import Generator
+    from sphere.generate.generator import Generator
     from sphere.search.driver import SearchJob, SearchResult, Trajectory
 
     src = tmp_path / "src.npz"
@@ -266,7 +266,7 @@ def test_trees_from_a_generate_run_render_with_full_sol_paths(tmp_path):
     every file loads, and Sol_max / Sol_min are found in the tree step by step (root + one node per step)."""
     from test_generate import FakeStepBackend, _cfg, _problems
 
-    from sphere.generate.run import Generator
+    from sphere.generate.generator import Generator
     from sphere.rewards.symbolic import SymbolicStepScorer
     from sphere.verify import check_answers
 

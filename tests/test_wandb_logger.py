@@ -152,8 +152,8 @@ def test_disabled_mode_logs_nothing(tmp_path, wandb_env, monkeypatch):
 
 
 def test_generate_logging_sample_table_per_stage_and_pairs_artifact(tmp_path, wandb_env):
-    """The generate command's own logging path (sphere.generate.run.log_generate_stats) on its outputs."""
-    from sphere.generate.run import log_generate_stats
+    """The generate command's own logging path (sphere.generate.generator.log_generate_stats) on its outputs."""
+    from sphere.generate.local import log_generate_stats
 
     out = tmp_path / "gen"
     out.mkdir()

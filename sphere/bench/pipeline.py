@@ -68,7 +68,7 @@ def bench(cfg) -> dict:
     from omegaconf import OmegaConf
 
     from sphere.backends import make_backend
-    from sphere.generate.run import load_problems
+    from sphere.generate.generator import load_problems
     from sphere.models import resolve_model
     from sphere.prompts import family_config
     from sphere.rewards import make_scorer

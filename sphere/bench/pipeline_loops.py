@@ -172,7 +172,7 @@ def run_one_leaf(problems, jobs, backend, scorer, verifier, scfg, delim: str, se
 def run_sphere(problems, jobs, backend, scorer, verifier, scfg, delim: str, seed: int, engine_backend: str):
     """The batched forest loop as ``sphere generate`` runs stage 1. Returns as ``run_per_problem``, and the
     driver's stats."""
-    from sphere.generate.run import route
+    from sphere.generate.generator import route
     from sphere.search.driver import SearchDriver, SearchJob
 
     driver = SearchDriver(

@@ -1,6 +1,6 @@
 """The three SPHERE stages as pure functions: a finished search -> (route, pairs, follow-up).
 
-``Generator.run`` (sphere/generate/run.py) runs the searches, writes the records and queues the follow-up
+``Generator.run`` (sphere/generate/generator.py) runs the searches, writes the records and queues the follow-up
 jobs; what each stage makes of a search result is decided here, from the result, the problem and a
 ``StageContext``, with no I/O:
 

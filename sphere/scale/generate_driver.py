@@ -63,7 +63,7 @@ def generate(
 ) -> dict:
     """`sphere generate` over Ray; writes the same files as ``Generator.run`` in ``out`` and returns the
     stats dict (generate_stats.json). ``on_dispatch(actor, chunk)``: hook called after each dispatch."""
-    from sphere.generate.run import STAGE_FILES, Generator, load_problems, validate_generate_config
+    from sphere.generate.generator import STAGE_FILES, Generator, load_problems, validate_generate_config
     from sphere.progress import StageProgress
 
     out = Path(out)
@@ -169,8 +169,8 @@ def generate(
 
 
 def main_generate(cfg: DictConfig, out: Path) -> float:
-    """The `sphere generate` entry for ``runner=ray`` (called from sphere.generate.run.main)."""
-    from sphere.generate.run import log_generate_stats
+    """The `sphere generate` entry for ``runner=ray`` (called from sphere.generate.generator.main)."""
+    from sphere.generate.local import log_generate_stats
     from sphere.loggers import make_logger
 
     logger = make_logger(cfg, out, "generate")

@@ -59,7 +59,7 @@ class GenerateWorker:
         """Run the three stages on ``problems``; ``prior[stage]`` holds the run directory's records of
         these problems (a partly finished problem resumes at its next stage). Returns the new records per
         stage, the search statistics and the tree snapshots (file name -> npz bytes)."""
-        from sphere.generate.run import STAGE_FILES, Generator
+        from sphere.generate.generator import STAGE_FILES, Generator
         from sphere.verify import check_answers
 
         work = self.scratch / f"chunk-{chunk_id}"

@@ -120,7 +120,7 @@ def _summary(manifest: dict) -> str:
 
 
 def load_source(src: str, dcfg: Any, seed: int, limit: int | None) -> list[dict]:
-    """Problems of a training source for ``sphere.generate.run.load_problems`` (writes the manifest).
+    """Problems of a training source for ``sphere.generate.generator.load_problems`` (writes the manifest).
     ``training`` with a pool missing uses ``data.training.fallback`` (logged and recorded), else fails."""
     if src == TRAINING_SOURCE:
         ok, why = training_available(dcfg)

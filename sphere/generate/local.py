@@ -1,0 +1,65 @@
+"""`sphere generate` in one process (``runner=local``): open the models, run ``Generator`` over the problems,
+log the outcome. ``sphere.runners`` picks this or the Ray driver (sphere/scale/generate_driver.py); the
+stages themselves live in ``sphere.generate.generator``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from sphere.generate.generator import Generator, load_problems
+from sphere.io import read_jsonl_tolerant
+
+
+def run_local(cfg: DictConfig, out: Path) -> float:
+    """`sphere generate` in one process (``runner=local``; sphere/runners.py picks the runner): the three
+    stages into ``out``; returns the number of pairs. The caller validated the config and the run dir."""
+    from sphere.lifecycle import Models
+    from sphere.loggers import make_logger
+    from sphere.progress import StageProgress
+    from sphere.verify import check_answers
+
+    problems = load_problems(cfg.data, int(cfg.seed))
+    if not problems:
+        raise SystemExit(f"sphere generate: data.problems={cfg.data.problems!r} gave no problems")
+    logger = make_logger(cfg, out, "generate")
+    try:
+        with Models(cfg) as models:  # policy, small (stage 3), step scorer: one owner, closed on exit
+            gen = Generator(cfg, out, logger=logger)
+            with StageProgress(len(problems), "generate") as prog:
+                stats = gen.run(problems, models.policy(), models.scorer(), check_answers,
+                                small_backend_factory=models.small if cfg.stages.stage3 else None,
+                                progress=prog.update)
+        log_generate_stats(logger, stats, out)
+        print(json.dumps({k: stats[k] for k in ("pairs_per_stage", "yield", "engine_time_frac",
+                                                 "leaves_per_call_frac", "wall_s")}))
+        return float(stats["pairs_total"])
+    finally:
+        logger.finish()
+
+
+def log_generate_stats(logger: Any, stats: dict, out: Path, step: int | None = None) -> None:
+    """gen/ and search/ metrics, a sample table of pairs per stage, pairs.jsonl as an artifact."""
+    if logger is None:
+        return
+    flat = {f"gen/pairs_stage{k}": v for k, v in stats["pairs_per_stage"].items()}
+    flat.update({"gen/yield": stats["yield"], "gen/pairs_total": stats["pairs_total"],
+                 "gen/wall_s": stats["wall_s"], "search/engine_time_frac": stats["engine_time_frac"],
+                 "search/backend_calls": stats["backend_calls"], "search/tokens": stats["tokens"],
+                 "search/mean_leaves_per_call": stats["mean_leaves_per_call"],
+                 "search/pruned": stats["pruned"], "search/collisions": stats["collisions"]})
+    logger.log(flat, step=step)
+    pairs = read_jsonl_tolerant(out / "pairs.jsonl")
+    rows = []
+    per_stage = int(getattr(logger, "table_rows", 32))
+    for s in (1, 2, 3):
+        for p in [q for q in pairs if int(q["stage"]) == s][:per_stage]:
+            rows.append([s, p["problem_id"], json.dumps(p["prompt"])[:500], json.dumps(p["chosen"])[:1000],
+                         json.dumps(p["rejected"])[:1000], p["margin"]])
+    logger.log_table("gen/pairs_sample", ["stage", "problem_id", "prompt", "chosen", "rejected", "margin"],
+                     rows)
+    if (out / "pairs.jsonl").exists():
+        logger.log_artifact(out / "pairs.jsonl", f"pairs-{stats['config_hash']}", "dataset")
