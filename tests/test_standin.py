@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from sphere.testing import standin as S
+from sphere.testing import standin_prm as P
 
 ROLES = ("policy", "small", "prm")
 TEMPLATE_SHA256 = "cd8e9439f0570856fd70470bf8889ebd8b5d1107207f67a5efb46e342330527f"
@@ -106,7 +107,7 @@ def test_tokenizer_pipeline_matches_the_build(tok):
     fam = S._family()
     for p in S.heldout_problems(30):
         for text in (header_text(tok, p["problem"], fam) + p["solution"] + "<|im_end|>",
-                     S.prm_text(tok, p["problem"], p["solution"].split("\n\n"))):
+                     P.prm_text(tok, p["problem"], p["solution"].split("\n\n"))):
             ids = tok(text, add_special_tokens=False)["input_ids"]
             assert ids == built(text, add_special_tokens=False)["input_ids"]
             assert tok.decode(ids) == text
@@ -155,7 +156,7 @@ def test_corrupt_steps_labels():
     rng = random.Random(0)
     for p in S.heldout_problems(50, "dev"):
         steps = p["solution"].split("\n\n")
-        bad, ok = S.corrupt_steps(steps, rng, force=True)
+        bad, ok = P.corrupt_steps(steps, rng, force=True)
         assert len(bad) == len(ok) == len(steps) and False in ok
         j = ok.index(False)
         assert all(ok[:j]) and not any(ok[j:])  # correct iff no error at or before it
@@ -175,7 +176,7 @@ def test_prm_ranks_correct_steps_above_corrupted():
     from sphere.rewards.prm import PRMScorer
 
     scorer = PRMScorer(None, model_path=_dir("prm"), engine="transformers")
-    res = S.evaluate_prm(scorer, n=100)
+    res = P.evaluate_prm(scorer, n=100)
     assert res["pairwise_accuracy"] >= 0.6, res
     assert res["mean_correct"] > res["mean_corrupted"]
 
@@ -188,7 +189,7 @@ def test_prm_vllm_matches_transformers():
     from sphere.rewards.prm import PRMScorer
 
     require_vllm()
-    pairs = S.prm_pairs(None, 20)
+    pairs = P.prm_pairs(None, 20)
     items = [(q, g) for q, g, _ in pairs] + [(q, b) for q, _, b in pairs]
     want = PRMScorer(None, model_path=_dir("prm"), engine="transformers").score(items)
     v = PRMScorer(None, model_path=_dir("prm"), engine="vllm", max_model_len=512, block_size=TINY_BLOCK_SIZE)

@@ -48,32 +48,31 @@ from __future__ import annotations
 import json
 import os
 import random
-import re
 import sys
 import time
 from pathlib import Path
 
 RECIPE_VERSION = 1
-TEMPLATES_DIR = Path(__file__).resolve().parent / "templates"
-QWEN2_5_TEMPLATE = TEMPLATES_DIR / "qwen2_5_instruct.jinja"
-STEP_TAG = "<extra_0>"
-ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
-NEW_SPECIAL_TOKENS = [IM_START, IM_END, STEP_TAG]  # appended after the mini vocabulary, in this order
-PRM_SYSTEM = "Please reason step by step, and put your final answer within \\boxed{}."
-QWEN_DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
-# transformers' Qwen2Tokenizer pre-tokenizer (= Qwen2.5's tokenizer.json): digits one per piece, spaces apart.
-QWEN2_PRETOKENIZE_REGEX = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"""
-                           r"""| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
-# Fixed prompt sentences added as ordinary (non-special) whole-phrase tokens. The mini BPE vocabulary was
-# trained on mini-world text only and spells each in ~55 tokens; as one token each the chat prompt of a
-# mini problem is ~57 tokens instead of ~170, so the problem stays near the solution as in the mini
-# models' training prompt (and every sequence is cheaper). They only change how these exact strings tokenize.
-PHRASE_TOKENS = [
+from sphere.testing.standin_convert import (  # noqa: F401 - re-exported: the build's public pieces
+    TEMPLATES_DIR,
+    QWEN2_5_TEMPLATE,
+    STEP_TAG,
+    ENDOFTEXT,
+    IM_START,
+    IM_END,
+    NEW_SPECIAL_TOKENS,
+    PRM_SYSTEM,
     QWEN_DEFAULT_SYSTEM,
-    PRM_SYSTEM,  # = the qwen2_5 family's instruction and the PRM's system message
-    "Here is an attempted solution:",  # the stage-2 reflection prompt (conf/prompt/qwen2_5.yaml)
-    "This attempt contains a mistake. Find the first incorrect step and write a corrected solution.",
-]
+    QWEN2_PRETOKENIZE_REGEX,
+    PHRASE_TOKENS,
+    chat_template,
+    build_tokenizer,
+    save_tokenizer,
+    qwen2_config,
+    llama_state,
+    load_converted,
+    convert_llama,
+)
 
 # model name -> (role, directory name under assets/standin)
 NAMES = {
@@ -147,10 +146,6 @@ def standin_path(name: str) -> Path:
     return _p(DIR_OF.get(name, name))
 
 
-def chat_template() -> str:
-    return QWEN2_5_TEMPLATE.read_text()
-
-
 # ------------------------------------------------------------------------------------------ utilities
 def _deterministic():
     """Single-threaded deterministic torch for the duration (the mini pretraining's own guard)."""
@@ -185,165 +180,12 @@ def _mini_source(name: str) -> Path:
     return d
 
 
-# ------------------------------------------------------------------------------------------ tokenizer
-def build_tokenizer(src: Path, specials: list[str] | None = None, eos: str = IM_END, pad: str = ENDOFTEXT,
-                    template: str | None = None, words: list[str] | None = None):
-    """The mini tokenizer in Qwen2's text pipeline + ChatML specials + step tag + phrase tokens, chat EOS
-    ``<|im_end|>``, the Qwen2.5-Instruct chat template.
-
-    transformers 5 loads every ``model_type=qwen2`` tokenizer as ``Qwen2Tokenizer``, which installs Qwen2's
-    normaliser (NFC), pre-tokenizer (digits one per piece, the space before a number a piece of its own)
-    and byte-level decoder whatever tokenizer.json says; the saved tokenizer uses exactly that pipeline, so
-    every loader (transformers, vLLM, the build) tokenises the same way. The mini tokenizer spells a number
-    " 14" as ``Ġ1 4`` (space and first digit one token), which that pre-tokenizer cannot produce: its
-    ``Ġ1``..``Ġ9`` vocabulary entries become the added tokens " 1".." 9" (same ids; added tokens are
-    matched before pre-tokenization), so mini-world text gets exactly the ids the mini models were trained
-    on and the converted models start from the mini models' accuracy.
-
-    The defaults make the Qwen2.5 family's tokenizer; ``sphere.testing.standin_families`` passes other
-    ``specials`` (special tokens appended in order), ``eos``/``pad``, a chat ``template`` (text) and
-    ``words`` (non-special added tokens such as R1's ``<think>``, appended after the phrase tokens)."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    data = json.loads((src / "tokenizer.json").read_text())
-    vocab = data["model"]["vocab"]
-    digits = [d for d in "0123456789" if "\u0120" + d in vocab]
-    for d in digits:
-        vocab[" " + d] = vocab.pop("\u0120" + d)
-    gone = [["\u0120", d] for d in digits]  # the merges that made them
-    data["model"]["merges"] = [m for m in data["model"]["merges"]
-                               if (m.split(" ") if isinstance(m, str) else list(m)) not in gone]
-    bt = Tokenizer.from_str(json.dumps(data))
-    bt.normalizer = normalizers.NFC()
-    bt.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(QWEN2_PRETOKENIZE_REGEX), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
-    bt.decoder = decoders.ByteLevel()
-    bt.add_tokens([AddedToken(" " + d, special=False, normalized=False) for d in digits])
-    tok = PreTrainedTokenizerFast(tokenizer_object=bt, eos_token=ENDOFTEXT, pad_token=ENDOFTEXT,
-                                  bos_token=None)
-    base = len(tok)
-    if tok.convert_tokens_to_ids(ENDOFTEXT) != 0:
-        raise ValueError(f"{src}: expected <|endoftext|> = id 0")
-    specials = list(NEW_SPECIAL_TOKENS if specials is None else specials)
-    words = list(words or [])
-    tok.add_special_tokens({"additional_special_tokens": specials})
-    tok.add_tokens([AddedToken(p, special=False, normalized=False) for p in PHRASE_TOKENS + words])
-    ids = tok.convert_tokens_to_ids(specials + PHRASE_TOKENS + words)
-    if ids != list(range(base, base + len(specials) + len(PHRASE_TOKENS) + len(words))):
-        raise ValueError(f"added tokens got ids {ids}, expected {base}..")
-    tok.eos_token = eos
-    tok.pad_token = pad
-    tok.chat_template = chat_template() if template is None else template
-    tok.model_max_length = 2048
-    tok.padding_side = "left"
-    return tok
-
-
-def save_tokenizer(tok, out: Path) -> None:
-    tok.save_pretrained(str(out))
-    p = out / "tokenizer_config.json"
-    cfg = json.loads(p.read_text())
-    for k in ("is_local", "local_files_only"):
-        cfg.pop(k, None)
-    if cfg.get("tokenizer_class") == "TokenizersBackend":  # loadable by transformers 4.x / vLLM too
-        cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
-    p.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
-
-
-# ------------------------------------------------------------------------------------ Llama -> Qwen2
-def qwen2_config(src_cfg, tok, intermediate_size: int | None = None, **extra):
-    from transformers import Qwen2Config
-
-    heads = int(src_cfg.num_attention_heads)
-    cfg = Qwen2Config(
-        vocab_size=len(tok), hidden_size=int(src_cfg.hidden_size),
-        intermediate_size=int(intermediate_size or src_cfg.intermediate_size),
-        num_hidden_layers=int(src_cfg.num_hidden_layers), num_attention_heads=heads,
-        num_key_value_heads=int(src_cfg.num_key_value_heads), head_dim=int(src_cfg.hidden_size) // heads,
-        hidden_act=src_cfg.hidden_act, max_position_embeddings=2048, rms_norm_eps=float(src_cfg.rms_norm_eps),
-        rope_theta=float((getattr(src_cfg, "rope_parameters", None) or {}).get("rope_theta", 10000.0)),
-        tie_word_embeddings=bool(src_cfg.tie_word_embeddings), use_sliding_window=False,
-        bos_token_id=tok.convert_tokens_to_ids(ENDOFTEXT), eos_token_id=tok.convert_tokens_to_ids(IM_END),
-        pad_token_id=tok.convert_tokens_to_ids(ENDOFTEXT), attention_dropout=0.0, use_cache=True,
-        torch_dtype="float32", **extra,
-    )
-    return cfg
-
-
-def llama_state(src: Path, tok, intermediate_size: int | None = None):
-    """``(source config, Llama state dict)`` of the mini model at ``src`` with embedding rows for the tokens
-    ``tok`` adds after the mini vocabulary (a special token: the mean row; an ordinary added token such as
-    a phrase: the mean row of its pieces under the mini tokenizer) and, with ``intermediate_size``, the MLP
-    narrowed to the neurons of largest ``|gate| * |up| * |down|`` weight norm product."""
-    import torch
-    from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
-
-    src_cfg = AutoConfig.from_pretrained(str(src))
-    llama = LlamaForCausalLM.from_pretrained(str(src), dtype=torch.float32)
-    sd = {k: v.detach().clone() for k, v in llama.state_dict().items()}
-    base = AutoTokenizer.from_pretrained(str(src))
-    n_base = sd["model.embed_tokens.weight"].shape[0]
-    special = set(tok.all_special_tokens)
-    added = [tok.convert_ids_to_tokens(i) for i in range(n_base, len(tok))]
-    if len(base) != n_base or len(tok) <= n_base:
-        raise ValueError(f"tokenizer of {len(tok)} tokens does not extend {src}")
-    pieces = {t: base(t, add_special_tokens=False)["input_ids"] for t in added if t not in special}
-
-    def grow(w):
-        rows = [w[pieces[t]].mean(0) if t in pieces else w.mean(0) for t in added]
-        return torch.cat([w, torch.stack(rows)])
-
-    sd["model.embed_tokens.weight"] = grow(sd["model.embed_tokens.weight"])
-    if not src_cfg.tie_word_embeddings:
-        sd["lm_head.weight"] = grow(sd["lm_head.weight"])
-    else:
-        sd.pop("lm_head.weight", None)
-    if intermediate_size and intermediate_size < src_cfg.intermediate_size:
-        for i in range(int(src_cfg.num_hidden_layers)):
-            p = f"model.layers.{i}"
-            g, u, d = (sd[f"{p}.mlp.{n}.weight"] for n in ("gate_proj", "up_proj", "down_proj"))
-            score = g.norm(dim=1) * u.norm(dim=1) * d.norm(dim=0)
-            keep = torch.sort(torch.topk(score, intermediate_size).indices).values
-            sd[f"{p}.mlp.gate_proj.weight"] = g[keep].clone()
-            sd[f"{p}.mlp.up_proj.weight"] = u[keep].clone()
-            sd[f"{p}.mlp.down_proj.weight"] = d[:, keep].clone()
-    return src_cfg, sd
-
-
-def load_converted(model, sd: dict, what: str):
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    tied = bool(model.config.tie_word_embeddings)
-    missing = [k for k in missing if not (tied and k == "lm_head.weight")]
-    if missing or unexpected:
-        raise RuntimeError(f"{what} conversion: missing {missing}, unexpected {unexpected}")
-    if tied:
-        model.tie_weights()
-    return model
-
-
-def convert_llama(src: Path, tok, intermediate_size: int | None = None, eos: str = IM_END, bos: str = ENDOFTEXT):
-    """``Qwen2ForCausalLM`` computing what the Llama at ``src`` computes (zero q/k/v biases), grown and
-    narrowed as ``llama_state`` says."""
-    import torch
-    from transformers import Qwen2ForCausalLM
-
-    src_cfg, sd = llama_state(src, tok, intermediate_size)
-    cfg = qwen2_config(src_cfg, tok, intermediate_size)
-    cfg.bos_token_id, cfg.eos_token_id = tok.convert_tokens_to_ids(bos), tok.convert_tokens_to_ids(eos)
-    for i in range(cfg.num_hidden_layers):
-        for n in ("q_proj", "k_proj", "v_proj"):
-            w = sd[f"model.layers.{i}.self_attn.{n}.weight"]
-            sd[f"model.layers.{i}.self_attn.{n}.bias"] = torch.zeros(w.shape[0])
-    return load_converted(Qwen2ForCausalLM(cfg), sd, "Llama -> Qwen2")
-
-
 # ------------------------------------------------------------------------------------ chat-form data
 def _corrupt_attempt(solution: str, rng: random.Random) -> str:
     """A flawed copy of a solution for reflection prompts: one equation gets a wrong result, later steps
     continue from it, the boxed answer follows."""
+    from sphere.testing.standin_prm import corrupt_steps
+
     steps = corrupt_steps(solution.split("\n\n"), rng, force=True)[0]
     return "\n\n".join(steps)
 
@@ -437,195 +279,6 @@ def save_causal_lm(model, tok, out: Path) -> None:
     save_tokenizer(tok, out)
 
 
-# --------------------------------------------------------------------------------------- PRM data
-_EQ_STEP = re.compile(r"^(?P<head>.*?)(?P<a>\d+) (?P<op>[-+*/]) (?P<b>\d+) = (?P<c>\d+)(?P<tail>\.?)$")
-
-
-def _exact(op: str, a: int, b: int) -> int | None:
-    if op == "+":
-        return a + b
-    if op == "-":
-        return a - b
-    if op == "*":
-        return a * b
-    return a // b if b and a % b == 0 else None
-
-
-def corrupt_steps(steps: list[str], rng: random.Random, force: bool = False) -> tuple[list[str], list[bool]]:
-    """A copy of the (correct) ``steps`` with at most one planted error and per-step labels: a step is
-    correct iff it and all earlier steps are. Errors: a wrong result (small offset, a forgotten carry of
-    10, the divide-as-multiply misconception), a wrong running total copied into the next equation, a
-    boxed answer that is not the last result. Later equations continue from the written values."""
-    eq_idx = [i for i, s in enumerate(steps) if _EQ_STEP.match(s)]
-    if not force and rng.random() >= 0.5 or not eq_idx:
-        return list(steps), [True] * len(steps)
-    kind = rng.choice(["offset", "offset", "carry", "misconception", "copy", "answer"])
-    where = rng.choice(eq_idx)
-    if kind == "copy" and where == eq_idx[0]:
-        kind = "offset"
-    out, ok, total, bad = [], [], None, False
-    for i, s in enumerate(steps):
-        m = _EQ_STEP.match(s)
-        if m is None:
-            if "\\boxed{" in s and total is not None:
-                val = total
-                if kind == "answer" and not bad:
-                    val = total + rng.choice([-10, -2, -1, 1, 2, 10])
-                    val = val if val > 0 else total + 1
-                    bad = True
-                s = re.sub(r"\\boxed\{[^{}]*\}", "\\\\boxed{" + str(val) + "}", s)
-            out.append(s)
-            ok.append(not bad)
-            continue
-        a, op, b = int(m["a"]), m["op"], int(m["b"])
-        if total is not None:  # continue from the written running total
-            a = total
-        if i == where and kind == "copy":
-            a = a + rng.choice([-10, -3, -2, -1, 1, 2, 3, 10])
-            a = max(a, 1)
-            bad = True
-        c = _exact(op, a, b)
-        if c is None:  # an inexact division after an earlier error: write the integer quotient
-            c = a // b
-        if i == where and kind in ("offset", "carry", "misconception"):
-            if kind == "misconception" and op == "/":
-                c = a * b
-            elif kind == "carry":
-                c = c + rng.choice([-10, 10])
-            else:
-                c = c + rng.choice([-3, -2, -1, 1, 2, 3])
-            if c == _exact(op, a, b):
-                c += 1
-            c = c if c >= 0 else _exact(op, a, b) + 1
-            bad = True
-        total = c
-        out.append(f"{m['head']}{a} {op} {b} = {c}{m['tail']}")
-        ok.append(not bad)
-    return out, ok
-
-
-def prm_text(tok, problem: str, steps: list[str]) -> str:
-    msgs = [{"role": "system", "content": PRM_SYSTEM}, {"role": "user", "content": problem},
-            {"role": "assistant", "content": STEP_TAG.join(steps) + STEP_TAG}]
-    return tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=False)
-
-
-def build_prm(policy_dir: Path, tok, problems: list[dict], r: dict, seed: int):
-    """A ``QwenProcessRewardModel`` with the policy's body, trained on step correctness."""
-    import torch
-    from transformers import AutoConfig
-
-    from sphere.rewards.prm import QwenProcessRewardModel
-
-    pcfg = AutoConfig.from_pretrained(str(policy_dir))
-    extra = int(r.get("extra_layers", 0))
-    pcfg.num_hidden_layers = int(pcfg.num_hidden_layers) + extra
-    cfg = qwen2_config(pcfg, tok, num_labels=2)
-    cfg.architectures = ["Qwen2ForProcessRewardModel"]
-    cfg.tie_word_embeddings = False
-    torch.manual_seed(seed)
-    model = QwenProcessRewardModel(cfg)
-    from safetensors.torch import load_file
-
-    body = {k[len("model."):]: v for k, v in load_file(str(policy_dir / "model.safetensors")).items()
-            if k.startswith("model.")}
-    missing, unexpected = model.model.load_state_dict(body, strict=False)
-    n_old = cfg.num_hidden_layers - extra
-    added = tuple(f"layers.{i}." for i in range(n_old, cfg.num_hidden_layers))
-    missing = [k for k in missing if not k.startswith(added)]
-    if missing or unexpected:
-        raise RuntimeError(f"PRM body from {policy_dir}: missing {missing}, unexpected {unexpected}")
-    with torch.no_grad():  # added layers start as the identity (zero output projections)
-        for i in range(n_old, cfg.num_hidden_layers):
-            model.model.layers[i].self_attn.o_proj.weight.zero_()
-            model.model.layers[i].mlp.down_proj.weight.zero_()
-    rng = random.Random(seed + 1)
-    data = prm_pair_examples(tok, problems, rng)
-    pad = tok.convert_tokens_to_ids(ENDOFTEXT)
-    new = [p for i in range(n_old, cfg.num_hidden_layers) for p in model.model.layers[i].parameters()]
-    new_ids = {id(p) for p in new}
-    old = [p for p in model.model.parameters() if id(p) not in new_ids]
-    groups = [(old, float(r["lr"])), (new, float(r.get("new_lr", r["lr"]))),
-              (list(model.score.parameters()), float(r["head_lr"]))]
-    groups = [(ps, lr) for ps, lr in groups if ps]
-    opt = torch.optim.AdamW([{"params": ps, "lr": lr} for ps, lr in groups], weight_decay=0.0)
-    base_lrs = [lr for _, lr in groups]
-    order = list(range(len(data)))
-    rng.shuffle(order)
-    pos, losses, bs = 0, [], int(r["batch_size"])
-    steps = int(r["steps"])
-    model.train()
-    for step in range(steps):
-        if pos + bs > len(order):
-            rng.shuffle(order)
-            pos = 0
-        rows = [row for i in order[pos: pos + bs] for row in data[i]]  # good, bad, good, bad, ...
-        pos += bs
-        width = max(len(ids) for ids, _ in rows)
-        x = torch.full((len(rows), width), pad, dtype=torch.long)
-        m = torch.zeros((len(rows), width), dtype=torch.long)
-        y = torch.full((len(rows), width), -100, dtype=torch.long)
-        last = torch.zeros(len(rows), dtype=torch.long)
-        for i, (ids, tp) in enumerate(rows):
-            x[i, : len(ids)] = torch.tensor(ids)
-            m[i, : len(ids)] = 1
-            y[i, tp] = 1
-            if i % 2:
-                y[i, tp[-1]] = 0
-            last[i] = tp[-1]
-        for g, base in zip(opt.param_groups, base_lrs, strict=True):
-            g["lr"] = _lr_at(step, steps, int(r["warmup"]), base)
-        logits = model(x, m)
-        # pointwise: every step tag (the prefix steps are correct, the last one is right or wrong) ...
-        point = torch.nn.functional.cross_entropy(logits.reshape(-1, 2), y.reshape(-1), ignore_index=-100)
-        # ... and pairwise (Bradley-Terry): the right last step above its corrupted twin (same prefix)
-        z = logits[torch.arange(len(rows)), last]
-        margin = (z[:, 1] - z[:, 0]).view(-1, 2)
-        pair = torch.nn.functional.softplus(margin[:, 1] - margin[:, 0]).mean()
-        loss = point + float(r.get("pair_weight", 1.0)) * pair
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(float(pair.item()))
-        if step % 50 == 0 or step == steps - 1:
-            _log(f"prm step {step}/{steps} loss {float(loss.item()):.3f} pair {losses[-1]:.3f}")
-    model.eval()
-    return model, cfg, losses
-
-
-def prm_pair_examples(tok, problems: list[dict], rng: random.Random):
-    """Per problem a pair of PRM inputs ((ids, tag positions) right, (ids, tag positions) wrong): the
-    solution's steps up to a random step j, and the same with step j corrupted (``corrupt_steps``)."""
-    tag = tok.convert_tokens_to_ids(STEP_TAG)
-    texts, n_steps = [], []
-    for p in problems:
-        steps = p["solution"].split("\n\n")
-        bad, ok = corrupt_steps(steps, rng, force=True)
-        if all(ok):
-            continue
-        j = ok.index(False)
-        texts += [prm_text(tok, p["problem"], steps[: j + 1]), prm_text(tok, p["problem"], bad[: j + 1])]
-        n_steps.append(j + 1)
-    rows = []
-    for ids in tok(texts, add_special_tokens=False)["input_ids"]:
-        rows.append((ids, [i for i, t in enumerate(ids) if t == tag]))
-    for k, n in enumerate(n_steps):
-        if len(rows[2 * k][1]) != n or len(rows[2 * k + 1][1]) != n:
-            raise ValueError(f"PRM example {k}: step tags do not match its {n} steps")
-    return [(rows[2 * k], rows[2 * k + 1]) for k in range(len(n_steps))]
-
-
-def save_prm(model, cfg, tok, out: Path) -> None:
-    from safetensors.torch import save_file
-
-    out.mkdir(parents=True, exist_ok=True)
-    cfg.save_pretrained(str(out))
-    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()},
-              str(out / "model.safetensors"), metadata={"format": "pt"})
-    save_tokenizer(tok, out)
-
-
 # ------------------------------------------------------------------------------------------ evaluation
 def heldout_problems(n: int, split: str = "test") -> list[dict]:
     from sphere.mini.world import load_mini_benchmark
@@ -687,39 +340,6 @@ def evaluate_policy(model_dir: Path, n: int | None = None, pass_k: int | None = 
     res["eval_seconds"] = round(time.time() - t0, 1)
     res["example"] = greedy[0]
     return res
-
-
-def prm_pairs(tok, n: int, seed: int = 0) -> list[tuple[str, list[str], list[str]]]:
-    """Held-out pairs (problem, prefix + correct step, prefix + corrupted step): same problem, same correct
-    prefix, the step at a random equation position correct vs with a planted error."""
-    rng = random.Random(seed)
-    out = []
-    for p in heldout_problems(n, "dev"):
-        steps = p["solution"].split("\n\n")
-        while True:
-            bad, ok = corrupt_steps(steps, rng, force=True)
-            if False in ok:
-                break
-        j = ok.index(False)
-        out.append((p["problem"], steps[: j + 1], bad[: j + 1]))
-    return out
-
-
-def evaluate_prm(scorer, n: int | None = None) -> dict:
-    """Pairwise accuracy (correct step scored above its corrupted twin, same prefix) and AUROC of the last
-    step's score over all those steps. ``scorer``: anything with ``score(items)`` (PRMScorer)."""
-    n = int(n or RECIPE["eval"]["prm_n"])
-    pairs = prm_pairs(None, n)
-    items = [(q, good) for q, good, _ in pairs] + [(q, bad) for q, _, bad in pairs]
-    t0 = time.time()
-    scores = scorer.score(items)
-    last = [s[-1] for s in scores]
-    good, bad = last[:n], last[n:]
-    pair_acc = sum((g > b) + 0.5 * (g == b) for g, b in zip(good, bad, strict=True)) / n
-    auc = sum((g > b) + 0.5 * (g == b) for g in good for b in bad) / (n * n)
-    return {"n_pairs": n, "pairwise_accuracy": round(pair_acc, 4), "auroc": round(auc, 4),
-            "mean_correct": round(sum(good) / n, 4), "mean_corrupted": round(sum(bad) / n, 4),
-            "seconds": round(time.time() - t0, 1)}
 
 
 # --------------------------------------------------------------------------------------------- build
@@ -788,6 +408,8 @@ def build(out_dir: str | os.PathLike, seed: int | None = None, evaluate: bool = 
         for role in ("policy", "small"):
             _log(f"building {role}")
             stats[role] = _train_causal(role, tok, fam, seed, out / DIR_OF[role])
+        from sphere.testing.standin_prm import build_prm, save_prm
+
         _log("building prm")
         t0 = time.time()
         r = RECIPE["prm"]
@@ -805,6 +427,7 @@ def build(out_dir: str | os.PathLike, seed: int | None = None, evaluate: bool = 
             _log(f"evaluating {role}")
             if role == "prm":
                 from sphere.rewards.prm import PRMScorer
+                from sphere.testing.standin_prm import evaluate_prm
 
                 metrics = evaluate_prm(PRMScorer(None, model_path=d, engine="transformers"))
             else:
