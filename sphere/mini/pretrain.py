@@ -20,38 +20,20 @@ import contextlib
 import hashlib
 import json
 import os
-import re
 import time
 from pathlib import Path
 
 from sphere.io import atomic_write_json
 
-_BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
-_EQ = re.compile(r"(\d+) ([-+*/]) (\d+) = (\d+)")
-
-
-def boxed_answer(text: str) -> str | None:
-    """Content of the last ``\\boxed{...}`` in ``text`` (stripped), or None."""
-    m = _BOXED.findall(text)
-    return m[-1].strip() if m else None
-
-
-def is_correct(completion: str, gold: str) -> bool:
-    """Exact match of the last boxed answer with the integer gold answer."""
-    a = boxed_answer(completion)
-    return a is not None and a == str(gold).strip()
-
-
-def equation_slips(text: str) -> tuple[int, int]:
-    """(equations, wrong equations) among ``a op b = c`` in ``text`` (exact integer arithmetic)."""
-    n = bad = 0
-    for a, op, b, c in _EQ.findall(text):
-        a, b, c = int(a), int(b), int(c)
-        ok = {"+": a + b, "-": a - b, "*": a * b, "/": a / b if b else None}[op] == c
-        n += 1
-        bad += not ok
-    return n, bad
-
+from sphere.mini.examples import (  # noqa: F401 - re-exported: grading and training-data helpers
+    DRILL_PROBLEM,
+    boxed_answer,
+    drill_examples,
+    equation_slips,
+    hard_examples,
+    hard_world,
+    is_correct,
+)
 
 # Context advertised in the saved config.json. The model uses RoPE (no position parameters), so this only
 # sizes caches; backends default to max_model_len=2048 (conf/backend/vllm.yaml) and vLLM refuses a
@@ -110,61 +92,6 @@ def _progress(total: int, desc: str):
         TimeRemainingColumn(),
         transient=False,
     )
-
-
-DRILL_PROBLEM = "Compute."
-
-
-def drill_examples(n: int, per: int, seed: int, world, slip_rate: float = 0.0,
-                   slip_kinds: tuple[str, ...] = ("carry",)) -> list[dict]:
-    """``n`` arithmetic drills: the prompt's problem is "Compute.", the solution ``per`` equations
-    ``a op b = c.`` (delimiter-separated) taken from freshly generated problems of the same world. A word
-    problem has ~8 answer digits in ~120 tokens; a drill has ~25: the tiny model learns the arithmetic
-    several times faster per CPU second. The model never sees this prompt at evaluation. ``slip_rate``:
-    the source solutions carry the recipe's planted slips (sphere.mini.world.plant_slips), so drills and
-    word problems teach the same arithmetic."""
-    import re
-
-    from sphere.mini.world import STEP_DELIMITER, generate_problems, plant_slips
-
-    if n <= 0:
-        return []
-    eq = re.compile(r"(\d+ [-+*/] \d+ = \d+)")
-    pool: list[str] = []
-    src = generate_problems(
-        n * per // 2 + 8, seed, id_prefix="mini-drill-src", **{**world.to_dict(), "ops": world.ops}
-    )
-    src = plant_slips(src, slip_rate, seed + 17, world.max_value, slip_kinds)
-    for p in src:
-        pool += eq.findall(p["solution"])
-    out = []
-    for i in range(n):
-        eqs = [pool[(i * per + j) % len(pool)] + "." for j in range(per)]
-        out.append({"id": f"mini-drill-{i}", "problem": DRILL_PROBLEM, "solution": STEP_DELIMITER.join(eqs)})
-    return out
-
-
-def hard_world(world, overrides):
-    """``world`` with the fields of ``overrides`` (a mapping of WorldSpec fields) replaced."""
-    from sphere.mini.world import WorldSpec
-
-    return WorldSpec.from_mapping({**world.to_dict(), **dict(overrides or {})})
-
-
-def hard_examples(tr: dict, world, seed: int) -> list[dict]:
-    """``train.hard_n`` extra clean training problems from the harder world ``world`` + ``train.hard_world``
-    (e.g. ``{min_steps: 5, max_steps: 6}``), disjoint from that world's held-out test/dev splits (first
-    ``train.hard_holdout`` problems of each). The easy-to-hard recipes (conf/mini/honest*.yaml) show the
-    policy a few harder problems, so that it solves them sometimes when sampling but not reliably greedily.
-    0 (the default) adds nothing."""
-    from sphere.mini.world import training_problems
-
-    n = int(tr.get("hard_n", 0) or 0)
-    if n <= 0:
-        return []
-    hw = hard_world(world, tr.get("hard_world"))
-    probs = training_problems(n, seed + 29, hw, holdout=int(tr.get("hard_holdout", 2000)))
-    return [{**p, "id": p["id"].replace("mini-train", "mini-train-hard")} for p in probs]
 
 
 def _tokenize_examples(tokenizer, probs: list[dict], max_length: int) -> dict:
