@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from sphere.testing import standin as S
+from sphere.testing import standin_eval as E
 from sphere.testing import standin_prm as P
 
 ROLES = ("policy", "small", "prm")
@@ -105,7 +106,7 @@ def test_tokenizer_pipeline_matches_the_build(tok):
 
     built = S.build_tokenizer(S._mini_source("mini"))
     fam = S._family()
-    for p in S.heldout_problems(30):
+    for p in E.heldout_problems(30):
         for text in (header_text(tok, p["problem"], fam) + p["solution"] + "<|im_end|>",
                      P.prm_text(tok, p["problem"], p["solution"].split("\n\n"))):
             ids = tok(text, add_special_tokens=False)["input_ids"]
@@ -154,7 +155,7 @@ def test_names_resolve_from_any_directory(tmp_path, monkeypatch):
 
 def test_corrupt_steps_labels():
     rng = random.Random(0)
-    for p in S.heldout_problems(50, "dev"):
+    for p in E.heldout_problems(50, "dev"):
         steps = p["solution"].split("\n\n")
         bad, ok = P.corrupt_steps(steps, rng, force=True)
         assert len(bad) == len(ok) == len(steps) and False in ok
@@ -166,7 +167,7 @@ def test_corrupt_steps_labels():
 @pytest.mark.slow
 def test_policy_greedy_accuracy_floor():
     rec = json.loads((_dir("policy") / "recipe.json").read_text())
-    res = S.evaluate_policy(_dir("policy"), n=50, pass_k=0)
+    res = E.evaluate_policy(_dir("policy"), n=50, pass_k=0)
     assert res["greedy_ends_im_end"] >= 0.9
     assert res["greedy_accuracy"] >= 0.12, (res, rec["metrics"])
 

@@ -22,10 +22,10 @@ from sphere.testing.standin import (
     STEP_TAG,
     _log,
     _lr_at,
-    heldout_problems,
     qwen2_config,
     save_tokenizer,
 )
+from sphere.testing.standin_eval import heldout_problems
 
 _EQ_STEP = re.compile(r"^(?P<head>.*?)(?P<a>\d+) (?P<op>[-+*/]) (?P<b>\d+) = (?P<c>\d+)(?P<tail>\.?)$")
 
