@@ -31,13 +31,12 @@ _EQ_STEP = re.compile(r"^(?P<head>.*?)(?P<a>\d+) (?P<op>[-+*/]) (?P<b>\d+) = (?P
 
 
 def _exact(op: str, a: int, b: int) -> int | None:
-    if op == "+":
-        return a + b
-    if op == "-":
-        return a - b
-    if op == "*":
-        return a * b
-    return a // b if b and a % b == 0 else None
+    """The mini world's arithmetic (``sphere.mini.world._apply``); None for a division that is not exact."""
+    from sphere.mini.world import _apply
+
+    if op == "/" and not (b and a % b == 0):
+        return None
+    return _apply(op, a, b)
 
 
 def corrupt_steps(steps: list[str], rng: random.Random, force: bool = False) -> tuple[list[str], list[bool]]:
