@@ -203,6 +203,7 @@ def test_prm_vllm_matches_transformers():
 
 
 @pytest.mark.slow
+@pytest.mark.nightly  # every CI run checks a bit-exact prefix instead (tests/test_build_prefix.py)
 @pytest.mark.timeout(3600)  # 5 min of CPU; far longer on a busy shared VM
 def test_rebuild_reproduces_shipped_weights(tmp_path):
     """The recipe is deterministic: rebuilding gives the shipped bytes (same torch/transformers build)."""

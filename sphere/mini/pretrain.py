@@ -140,11 +140,14 @@ def _plain_loss_sft_trainer():
     return PlainLossSFTTrainer
 
 
-def train(recipe: dict, out_dir: Path, progress: bool = True, snapshots: tuple[int, ...] = ()) -> dict:
+def train(recipe: dict, out_dir: Path, progress: bool = True, snapshots: tuple[int, ...] = (),
+          stop_after: int | None = None) -> dict:
     """Train the mini model of ``recipe`` into ``out_dir`` (HF checkpoint). Returns training stats.
 
     ``snapshots``: also save the model after these steps to ``out_dir/step-<k>`` (with a constant LR
-    schedule, step-k of a long run equals a run with ``max_steps=k``: how max_steps was chosen)."""
+    schedule, step-k of a long run equals a run with ``max_steps=k``: how max_steps was chosen).
+    ``stop_after``: stop after this many optimizer steps, schedule unchanged, and save: the weights are
+    exactly the full run's at that step (the reproducibility check CI runs instead of a full rebuild)."""
     import datasets
     import torch
     from transformers import TrainerCallback
@@ -224,6 +227,8 @@ def train(recipe: dict, out_dir: Path, progress: bool = True, snapshots: tuple[i
                     self.task = self.bar.add_task("", total=args.max_steps, info="")
 
             def on_step_end(self, args, state, control, model=None, **kw):
+                if stop_after is not None and state.global_step >= stop_after:
+                    control.should_training_stop = True
                 if state.global_step in snapshots and model is not None:
                     model.save_pretrained(out_dir / f"step-{state.global_step}", safe_serialization=True)
                     tokenizer.save_pretrained(out_dir / f"step-{state.global_step}")

@@ -223,9 +223,10 @@ def _lr_at(step: int, total: int, warmup: int, lr: float) -> float:
 
 
 def sft(model, pools: list[list[tuple[list[int], int]]], steps: int, batch_size: int, lr: float, warmup: int,
-        seed: int, pad_id: int, what: str = "sft") -> list[float]:
+        seed: int, pad_id: int, what: str = "sft", stop_after: int | None = None) -> list[float]:
     """Completion-only causal-LM fine-tuning (AdamW, warmup + cosine), plain torch, one thread. Each batch
-    comes from one pool (examples of similar length: little padding), pools drawn in proportion to size."""
+    comes from one pool (examples of similar length: little padding), pools drawn in proportion to size.
+    ``stop_after``: stop after that many steps with the schedule of ``steps`` (a prefix of the full run)."""
     import torch
 
     torch.manual_seed(seed)
@@ -237,7 +238,7 @@ def sft(model, pools: list[list[tuple[list[int], int]]], steps: int, batch_size:
     sizes = [len(p) for p in pools]
     losses = []
     model.train()
-    for step in range(steps):
+    for step in range(steps if stop_after is None else min(steps, stop_after)):
         k = rng.choices(range(len(pools)), weights=sizes)[0]
         if pos[k] + batch_size > len(orders[k]):
             rng.shuffle(orders[k])
@@ -280,7 +281,7 @@ def save_causal_lm(model, tok, out: Path) -> None:
 
 
 # --------------------------------------------------------------------------------------------- build
-def _train_causal(role: str, tok, fam: dict, seed: int, out: Path) -> dict:
+def _train_causal(role: str, tok, fam: dict, seed: int, out: Path, stop_after: int | None = None) -> dict:
     from sphere.mini.world import plant_slips, training_problems
 
     r = RECIPE[role]
@@ -299,7 +300,7 @@ def _train_causal(role: str, tok, fam: dict, seed: int, out: Path) -> dict:
                                 slip_kinds=tuple(r["slip_kinds"]))
         pools.append(chat_examples(tok, drills, fam, 0.0, random.Random(seed + 6)))
     losses = sft(model, pools, int(r["steps"]), int(r["batch_size"]), float(r["lr"]), int(r["warmup"]), seed,
-                 tok.pad_token_id, what=role)
+                 tok.pad_token_id, what=role, stop_after=stop_after)
     save_causal_lm(model, tok, out)
     return {"train_seconds": round(time.time() - t0, 1), "final_loss": round(sum(losses[-20:]) / 20, 4),
             "n_params": sum(p.numel() for p in model.parameters()), "source": str(r["source"])}
@@ -326,8 +327,10 @@ def write_record(out: Path, role: str, stats: dict, metrics: dict, seed: int) ->
 
 
 def build(out_dir: str | os.PathLike, seed: int | None = None, evaluate: bool = True,
-          steps_scale: float = 1.0) -> dict:
-    """Build policy, small and PRM into ``out_dir/<name>``; ``steps_scale`` < 1 = a quick smoke build."""
+          steps_scale: float = 1.0, stop_after: int | None = None) -> dict:
+    """Build policy, small and PRM into ``out_dir/<name>``; ``steps_scale`` < 1 = a quick smoke build.
+    ``stop_after``: every training loop stops after that many steps, schedules unchanged: a prefix of the
+    full build, bit for bit (what CI checks against tests/data/build_prefix_digests.json)."""
     from sphere.mini.world import training_problems
 
     seed = int(RECIPE["seed"] if seed is None else seed)
@@ -344,14 +347,14 @@ def build(out_dir: str | os.PathLike, seed: int | None = None, evaluate: bool = 
         stats = {}
         for role in ("policy", "small"):
             _log(f"building {role}")
-            stats[role] = _train_causal(role, tok, fam, seed, out / DIR_OF[role])
+            stats[role] = _train_causal(role, tok, fam, seed, out / DIR_OF[role], stop_after=stop_after)
         from sphere.testing.standin_prm import build_prm, save_prm
 
         _log("building prm")
         t0 = time.time()
         r = RECIPE["prm"]
         probs = training_problems(int(r["n_problems"]), seed + 31, _world())
-        model, cfg, losses = build_prm(out / DIR_OF["policy"], tok, probs, r, seed)
+        model, cfg, losses = build_prm(out / DIR_OF["policy"], tok, probs, r, seed, stop_after=stop_after)
         save_prm(model, cfg, tok, out / DIR_OF["prm"])
         stats["prm"] = {"train_seconds": round(time.time() - t0, 1),
                         "final_loss": round(sum(losses[-20:]) / 20, 4),

@@ -98,8 +98,9 @@ def prm_text(tok, problem: str, steps: list[str]) -> str:
     return tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=False)
 
 
-def build_prm(policy_dir: Path, tok, problems: list[dict], r: dict, seed: int):
-    """A ``QwenProcessRewardModel`` with the policy's body, trained on step correctness."""
+def build_prm(policy_dir: Path, tok, problems: list[dict], r: dict, seed: int, stop_after: int | None = None):
+    """A ``QwenProcessRewardModel`` with the policy's body, trained on step correctness. ``stop_after``:
+    stop after that many steps with the full schedule (a bit-exact prefix of the full build)."""
     import torch
     from transformers import AutoConfig
 
@@ -143,7 +144,7 @@ def build_prm(policy_dir: Path, tok, problems: list[dict], r: dict, seed: int):
     pos, losses, bs = 0, [], int(r["batch_size"])
     steps = int(r["steps"])
     model.train()
-    for step in range(steps):
+    for step in range(steps if stop_after is None else min(steps, stop_after)):
         if pos + bs > len(order):
             rng.shuffle(order)
             pos = 0

@@ -1,0 +1,78 @@
+"""CI's reproducibility check of the shipped checkpoints: bit-exact prefixes of their builds (issue #16).
+
+The full from-scratch rebuilds (tests marked `nightly`, scripts/nightly.sh) take ~20 minutes; every CI run
+instead replays the first optimizer steps of the same builds, schedules unchanged, and compares the weights'
+sha256 with assets/build_prefix_digests.json (sphere/testing/build_prefix.py).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+
+from sphere.testing import build_prefix as B
+
+
+def _need_same_libraries():
+    rec = B.recorded()
+    if rec["versions"] != B._versions():
+        pytest.fail(f"digests recorded with {rec['versions']}, running {B._versions()}: re-record them after "
+                    "a nightly run (python -m sphere.testing.build_prefix --write)")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("which", sorted(B.BUILDS))
+def test_build_prefix_reproduces_the_recorded_digests(tmp_path, which):
+    _need_same_libraries()
+    got = B.compute(which, tmp_path)
+    assert B.compare(which, got) == []
+
+
+def test_a_changed_weight_or_step_count_is_reported():
+    rec = B.recorded()["builds"]["standin"]
+    got = copy.deepcopy(rec)
+    name = sorted(got["sha256"])[0]
+    got["sha256"][name] = "0" * 64
+    problems = B.compare("standin", got)
+    assert len(problems) == 1 and name in problems[0] and "0" * 64 in problems[0]
+    assert B.compare("standin", {**rec, "steps": rec["steps"] + 1})[0].startswith("standin: prefix of")
+
+
+def test_stop_after_gives_the_full_runs_weights_at_that_step(tmp_path):
+    """The prefix is a prefix: stopping after k steps (cosine schedule of the full run kept) saves exactly
+    the weights the full run has after step k, and not the full run's final weights."""
+    from sphere.mini.pretrain import sha256_file, train
+    from test_mini_model import TINY
+
+    recipe = json.loads(json.dumps(TINY))
+    recipe["train"].update(max_steps=6, lr_scheduler="cosine", warmup_steps=2)
+    train(recipe, tmp_path / "full", progress=False, snapshots=(3,))
+    train(recipe, tmp_path / "prefix", progress=False, stop_after=3)
+    prefix = sha256_file(tmp_path / "prefix" / "model.safetensors")
+    assert prefix == sha256_file(tmp_path / "full" / "step-3" / "model.safetensors")
+    assert prefix != sha256_file(tmp_path / "full" / "model.safetensors")
+
+
+def test_standin_sft_stop_after_keeps_the_schedule(monkeypatch):
+    """sft(..., stop_after=k) runs k steps with the learning rates of the full schedule."""
+    import torch
+
+    from sphere.testing import standin as S
+
+    seen = []
+    real = S._lr_at
+    monkeypatch.setattr(S, "_lr_at", lambda step, total, warmup, lr: seen.append((step, total)) or
+                        real(step, total, warmup, lr))
+    model = torch.nn.Module()
+    model.w = torch.nn.Parameter(torch.zeros(3))
+
+    class Out:
+        def __init__(self, loss):
+            self.loss = loss
+
+    model.forward = lambda input_ids, attention_mask, labels: Out((model.w.sum() - 1.0) ** 2)
+    pools = [[([1, 2, 3], 1)] * 4]
+    losses = S.sft(model, pools, steps=10, batch_size=2, lr=0.1, warmup=2, seed=0, pad_id=0, stop_after=4)
+    assert len(losses) == 4 and seen == [(s, 10) for s in range(4)]
