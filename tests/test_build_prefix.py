@@ -15,17 +15,11 @@ import pytest
 from sphere.testing import build_prefix as B
 
 
-def _need_same_libraries():
-    rec = B.recorded()
-    if rec["versions"] != B._versions():
-        pytest.fail(f"digests recorded with {rec['versions']}, running {B._versions()}: re-record them after "
-                    "a nightly run (python -m sphere.testing.build_prefix --write)")
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("which", sorted(B.BUILDS))
 def test_build_prefix_reproduces_the_recorded_digests(tmp_path, which):
-    _need_same_libraries()
+    """Run whatever the library versions: a newer torch/transformers/trl that changes the numbers fails here
+    with the recorded and running versions named (compare), one that does not passes."""
     got = B.compute(which, tmp_path)
     assert B.compare(which, got) == []
 
