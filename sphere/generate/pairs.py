@@ -24,6 +24,7 @@ class PairFilter:
     min_margin: float = 0.0  # value(chosen) - value(rejected) must be >= this
     min_edit_distance: float = 0.0  # 1 - difflib ratio between chosen and rejected texts, in [0, 1]
     max_length_ratio: float = 0.0  # max(len)/min(len) of the two texts; 0 disables
+    chosen_min_step_score: float = 0.0  # every step of the chosen solution must score >= this (0 = off)
 
     @classmethod
     def from_cfg(cls, c: Any) -> PairFilter:
@@ -32,7 +33,11 @@ class PairFilter:
             min_margin=float(c.min_margin),
             min_edit_distance=float(c.min_edit_distance),
             max_length_ratio=float(c.max_length_ratio),
+            chosen_min_step_score=float(c.get("chosen_min_step_score", 0.0) or 0.0),
         )
+        if not 0.0 <= f.chosen_min_step_score <= 1.0:
+            raise ValueError(f"config filters.chosen_min_step_score={f.chosen_min_step_score}: allowed [0, 1] "
+                             "(a raw step score; 0 = off)")
         if not 0.0 <= f.min_edit_distance <= 1.0:
             raise ValueError(f"config filters.min_edit_distance={f.min_edit_distance}: allowed [0, 1]")
         if f.max_length_ratio != 0.0 and f.max_length_ratio < 1.0:
@@ -177,6 +182,8 @@ def make_pair(
         "rejected_value": float(rejected.value),
         "chosen_rewards": [float(x) for x in chosen.rewards],
         "rejected_rewards": [float(x) for x in rejected.rewards],
+        "chosen_scores": [float(x) for x in chosen.scores],  # raw step-scorer scores (PRM / checker)
+        "rejected_scores": [float(x) for x in rejected.scores],
         "margin": float(chosen.value) - float(rejected.value),
         "edit_distance": edit_distance(c_text, r_text),
         "chosen_model": chosen_model,
@@ -196,7 +203,8 @@ def _text(x: Any) -> str:
 
 def filter_pairs(pairs: list[dict], f: PairFilter) -> tuple[list[dict], dict]:
     """Apply the filters in order; returns kept pairs and a count of drops per reason."""
-    drops = {"dedup": 0, "min_margin": 0, "min_edit_distance": 0, "length_ratio": 0, "not_contrastive": 0}
+    drops = {"dedup": 0, "min_margin": 0, "min_edit_distance": 0, "length_ratio": 0, "not_contrastive": 0,
+             "chosen_step_score": 0}
     seen: set[str] = set()
     kept = []
     for p in pairs:
@@ -222,5 +230,10 @@ def filter_pairs(pairs: list[dict], f: PairFilter) -> tuple[list[dict], dict]:
             if max(a, b) > f.max_length_ratio * max(1, min(a, b)):
                 drops["length_ratio"] += 1
                 continue
+        # a correct final answer reached through a step the scorer judges wrong (a slip that cancels out, a
+        # copied operand) teaches the slip: with a threshold, such a chosen solution is not used
+        if f.chosen_min_step_score and min(p.get("chosen_scores") or [1.0]) < f.chosen_min_step_score:
+            drops["chosen_step_score"] += 1
+            continue
         kept.append(p)
     return kept, drops
