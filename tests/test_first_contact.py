@@ -70,9 +70,12 @@ def test_output_files_respect_the_umask(tmp_path, umask, mode):
 @pytest.mark.slow
 def test_ctrl_c_prints_one_line_and_exits_130(tmp_path):
     out = tmp_path / "gen"
+    # Ctrl-C in a terminal: SIGINT with its default disposition. A test run started in the background from
+    # a script (`cmd &`) inherits SIGINT *ignored*, and Python keeps an inherited ignore (as every POSIX
+    # program should): restore the default in the child, or the signal below is ignored and the test hangs.
     proc = subprocess.Popen([sys.executable, "-m", "sphere.cli", "generate", "data.mini_n=2000",
                              f"hydra.run.dir={out}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=ENV)
+                            text=True, env=ENV, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 300
     log = out / "stages" / "stage1.jsonl"
     while not log.exists() or log.stat().st_size == 0:
