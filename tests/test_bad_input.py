@@ -207,6 +207,7 @@ GENERATE_CONFIGS = [
     (["search.temperature=-1"], ["search.temperature", ">= 0"]),
     (["filters.min_edit_distance=1.5"], ["filters.min_edit_distance", "[0, 1]"]),
     (["filters.max_length_ratio=0.5"], ["filters.max_length_ratio", ">= 1"]),
+    (["filters.chosen_min_step_score=2"], ["filters.chosen_min_step_score", "[0, 1]"]),
     (["stages.inverted=keep"], ["stages.inverted", "swap | drop"]),
     (["stages.small_expansions_factor=0"], ["stages.small_expansions_factor", ">= 1"]),
     (["data.limit=-5"], ["data.limit", ">= 0"]),
