@@ -37,8 +37,9 @@ def test_a_changed_weight_or_step_count_is_reported():
 def test_stop_after_gives_the_full_runs_weights_at_that_step(tmp_path):
     """The prefix is a prefix: stopping after k steps (cosine schedule of the full run kept) saves exactly
     the weights the full run has after step k, and not the full run's final weights."""
-    from sphere.mini.pretrain import sha256_file, train
     from test_mini_model import TINY
+
+    from sphere.mini.pretrain import sha256_file, train
 
     recipe = json.loads(json.dumps(TINY))
     recipe["train"].update(max_steps=6, lr_scheduler="cosine", warmup_steps=2)
@@ -70,3 +71,25 @@ def test_standin_sft_stop_after_keeps_the_schedule(monkeypatch):
     pools = [[([1, 2, 3], 1)] * 4]
     losses = S.sft(model, pools, steps=10, batch_size=2, lr=0.1, warmup=2, seed=0, pad_id=0, stop_after=4)
     assert len(losses) == 4 and seen == [(s, 10) for s in range(4)]
+
+
+def test_nightly_tests_are_deselected_unless_asked_for():
+    """The full rebuilds leave every run (deselected, not skipped: the skip gate sees nothing) unless
+    --nightly or SPHERE_NIGHTLY=1 asks for them."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    node = "tests/test_standin.py::test_rebuild_reproduces_shipped_weights"
+    env = {k: v for k, v in os.environ.items() if k != "SPHERE_NIGHTLY"}
+
+    def collect(*extra, **env_extra):
+        cmd = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--collect-only", "-q", node, *extra]
+        p = subprocess.run(cmd, capture_output=True, text=True, cwd=root, env={**env, **env_extra})
+        return p.stdout
+
+    assert "1 deselected" in collect() and node not in collect()
+    assert node in collect("--nightly")
+    assert node in collect(SPHERE_NIGHTLY="1")

@@ -10,13 +10,14 @@ from sphere.generate.pairs import PairFilter, filter_pairs, make_pair
 from sphere.rewards.symbolic import SymbolicStepScorer
 from sphere.search.driver import Trajectory
 
-PROBLEM = {"id": "p1", "problem": "Tom has 3 boxes of 4 apples and eats 2. How many are left?", "answer": "10"}
+PROBLEM = {"id": "p1", "problem": "Tom has 3 boxes of 4 apples and eats 2. How many are left?",
+           "answer": "10"}
 
 
 def _traj(steps, correct, scorer):
     scores = [float(x) for x in scorer.score([(PROBLEM["problem"], steps)])[0]]
-    return Trajectory(steps=steps, correct=correct, value=1.0 if correct else 0.0, rewards=scores, scores=scores,
-                      finish="answer")
+    return Trajectory(steps=steps, correct=correct, value=1.0 if correct else 0.0, rewards=scores,
+                      scores=scores, finish="answer")
 
 
 def _pair(chosen, rejected):

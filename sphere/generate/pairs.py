@@ -36,8 +36,8 @@ class PairFilter:
             chosen_min_step_score=float(c.get("chosen_min_step_score", 0.0) or 0.0),
         )
         if not 0.0 <= f.chosen_min_step_score <= 1.0:
-            raise ValueError(f"config filters.chosen_min_step_score={f.chosen_min_step_score}: allowed [0, 1] "
-                             "(a raw step score; 0 = off)")
+            raise ValueError(f"config filters.chosen_min_step_score={f.chosen_min_step_score}: "
+                             "allowed [0, 1] (a raw step score; 0 = off)")
         if not 0.0 <= f.min_edit_distance <= 1.0:
             raise ValueError(f"config filters.min_edit_distance={f.min_edit_distance}: allowed [0, 1]")
         if f.max_length_ratio != 0.0 and f.max_length_ratio < 1.0:

@@ -12,7 +12,8 @@ tokenizer, initialisation, the Llama -> Qwen2 conversion, the data order, the op
 so a change to any of them fails CI in about a minute.
 
 The digests are written by ``python -m sphere.testing.build_prefix --write`` from the same commit as a
-nightly run that reproduced the shipped checkpoints; ``--check`` (what the CI test does) compares.
+nightly run that reproduced the shipped checkpoints; without ``--write`` it compares (what the CI test does)
+and exits 1 on a difference.
 """
 
 from __future__ import annotations
@@ -59,7 +60,8 @@ def standin_prefix(out: Path, steps: int = STEPS["standin"]) -> dict[str, str]:
     from sphere.testing import standin as S
 
     S.build(out, evaluate=False, stop_after=steps)
-    return {S.DIR_OF[r]: sha256_file(out / S.DIR_OF[r] / "model.safetensors") for r in ("policy", "small", "prm")}
+    names = [S.DIR_OF[r] for r in ("policy", "small", "prm")]
+    return {n: sha256_file(out / n / "model.safetensors") for n in names}
 
 
 BUILDS = {"mini": mini_prefix, "standin": standin_prefix}
@@ -72,7 +74,8 @@ def compute(which: str, out: Path) -> dict:
 def recorded() -> dict:
     p = digests_path()
     if not p.is_file():
-        raise FileNotFoundError(f"{p}: missing; write it with `python -m sphere.testing.build_prefix --write`")
+        raise FileNotFoundError(f"{p}: missing; write it with "
+                                "`python -m sphere.testing.build_prefix --write`")
     return json.loads(p.read_text())
 
 
