@@ -24,6 +24,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from sphere.controls import enabled_controls, finish_controls, prepare_controls, validate_controls_config
 from sphere.io import atomic_write_json, atomic_write_text
 
 
@@ -113,6 +114,7 @@ def summary_markdown(rounds: list[dict]) -> str:
     lines += ["", "Accuracy: greedy pass@1 on the configured benchmarks; Δ in points against round 0. "
               "Pairs are the preference pairs generated with that round's policy's predecessor."]
     lines += _paired_markdown(rounds)
+    lines += _controls_markdown(rounds)
     return "\n".join(lines) + "\n"
 
 
@@ -131,6 +133,34 @@ def _paired_markdown(rounds: list[dict]) -> list[str]:
         out.append(f"| {rnd} | {b} | {vs} | {c['n']} | {100 * c['delta']:+.1f} | "
                    f"[{100 * c['ci_low']:+.1f}, {100 * c['ci_high']:+.1f}] | {c['gained']}/{c['lost']} | "
                    f"{c['mcnemar_p']:.3g} |")
+    return out
+
+
+_CONTROL_TITLES = {"rft": "SFT on SPHERE's chosen solutions (RFT)", "random_pairs": "DPO on random right/wrong samples"}
+
+
+def _controls_markdown(rounds: list[dict]) -> list[str]:
+    """The per-round controls table (rounds with ``controls``; sphere/controls.py), or nothing."""
+    rows = []
+    for r in rounds:
+        for name, c in (r.get("controls") or {}).items():
+            for b, v in sorted((c.get("eval") or {}).items()):
+                p = (c.get("paired") or {}).get(b, {})
+                rows.append((r["round"], name, c.get("pairs", 0), b, v["accuracy"], p.get("vs_start"),
+                             p.get("sphere_vs_control")))
+    if not rows:
+        return []
+
+    def iv(x):
+        return "—" if not x else (f"{100 * x['delta']:+.1f} [{100 * x['ci_low']:+.1f}, {100 * x['ci_high']:+.1f}]")
+
+    out = ["", "Per-round controls: trained from the same start policy, on the same problems, with the same "
+           "recipe, evaluated on the same problems (sphere/controls.py); Δ in points with the paired 95% CI:", "",
+           "| round | control | pairs | benchmark | acc | Δ vs start policy | SPHERE − control |",
+           "|---|---|---|---|---|---|---|"]
+    for rnd, name, n, b, acc, vs, sv in rows:
+        out.append(f"| {rnd} | {_CONTROL_TITLES.get(name, name)} | {n} | {b} | {100 * acc:.1f}% | {iv(vs)} | "
+                   f"{iv(sv)} |")
     return out
 
 
@@ -161,6 +191,30 @@ def paired_changes(out: Path, r: int, benches) -> dict:
             ids = [i for i in cur if i in old]
             if ids:
                 entry[key] = paired_accuracy_change([old[i] for i in ids], [cur[i] for i in ids])
+        if entry:
+            res[b] = entry
+    return res
+
+
+def control_paired_changes(out: Path, r: int, name: str, benches) -> dict:
+    """Per benchmark, control ``name`` of round ``r`` (trained from round ``r - 1``'s policy) against its start
+    policy (``vs_start``: round ``r - 1``'s evaluation) and SPHERE's round ``r`` against the control
+    (``sphere_vs_control``: positive = SPHERE better), over the same problems."""
+    from sphere.evaluation.metrics import paired_accuracy_change
+
+    res: dict = {}
+    for b in benches:
+        ctrl = _first_verdicts(out / f"round_{r}" / "controls" / name / "eval" / f"{b}.jsonl")
+        entry = {}
+        for key, q in (("vs_start", r - 1), ("sphere_vs_control", r)):
+            other = _first_verdicts(out / f"round_{q}" / "eval" / f"{b}.jsonl")
+            ids = [i for i in ctrl if i in other]
+            if not ids:
+                continue
+            if key == "vs_start":
+                entry[key] = paired_accuracy_change([other[i] for i in ids], [ctrl[i] for i in ids])
+            else:
+                entry[key] = paired_accuracy_change([ctrl[i] for i in ids], [other[i] for i in ids])
         if entry:
             res[b] = entry
     return res
@@ -201,6 +255,7 @@ def plan(cfg: DictConfig) -> dict:
         "train": {"lora": bool(cfg.train.lora.enabled) if "lora" in cfg.train else None,
                   "loss": OmegaConf.to_container(cfg.train.loss, resolve=True) if "loss" in cfg.train else None},
         "eval": {"benchmarks": round_benchmarks(cfg), "limit": cfg.eval.limit},
+        "controls": enabled_controls(cfg),
         "estimate_per_round_stage1": est,
         "memory_plan": mem,
     }
@@ -220,6 +275,14 @@ def validate_run_config(cfg: DictConfig) -> None:
     for name in names:  # unknown or missing: fail before any work
         benchmark_key(name)
         load_benchmark(name, cfg.paths.data_dir, cfg.eval.limit)
+    validate_controls_config(cfg)
+    if enabled_controls(cfg):
+        from sphere.runners import runner_name
+
+        if runner_name(cfg) == "ray" or cfg.model.get("train_target"):
+            raise ValueError("config controls: the per-round controls run with runner=local in a self-evolution "
+                             "run; turn them off (controls.rft=false controls.random_pairs=false) for runner=ray "
+                             "or a transfer run (model.train_target)")
     if int(cfg.rounds) > 0:  # the generate settings too, before round 0 spends time (issue #11)
         from sphere.generate.generator import validate_generate_config
 
@@ -239,6 +302,7 @@ def run(cfg: DictConfig, out: Path) -> dict:
     from sphere.verify import check_answers
 
     validate_run_config(cfg)
+    ctrl_names = enabled_controls(cfg)
     use_ray = runner_name(cfg) == "ray"
     target_name = cfg.model.get("train_target")
     if target_name:
@@ -257,13 +321,19 @@ def run(cfg: DictConfig, out: Path) -> dict:
         problems = load_problems(cfg.data, int(cfg.seed))
         R = int(cfg.rounds)
         pending_pairs = None  # pairs that trained this round's policy (generated by the previous one)
+        pending_controls = None  # controls trained from the previous round's policy (sphere/controls.py)
         carry_s = prep_s  # time that produced this round's policy: generate + train (round 0: model prep)
         for r in range(R + 1):
             t0 = time.perf_counter()
             rdir = out / f"round_{r}"
             rec: dict = {"round": r, "policy": policy, "pairs_per_stage": pending_pairs,
                          "policy_s": carry_s}
+            if pending_controls is not None:  # {"controls": {name: ...}, "controls_s": seconds}
+                rec.update(pending_controls)
+                pending_controls = None
             gstats = None
+            ctrl_pairs: dict = {}
+            ctrl_s = 0.0
             if use_ray:  # runner=ray: this round's evaluation and generation on Ray actors
                 rec["eval"] = _eval_round_ray(cfg, rdir, policy, logger, r)
                 rec["eval_s"] = time.perf_counter() - t0
@@ -289,9 +359,18 @@ def run(cfg: DictConfig, out: Path) -> dict:
                                              small_backend_factory=models.small if small else None,
                                              progress=prog.update)
                         log_generate_stats(logger, gstats, out / f"round_{r + 1}" / "generate", step=r + 1)
+                        if ctrl_names and gstats["pairs_total"] > 0:  # control pairs need the start policy
+                            fn, conv, prefix = gen.pair_prompt_fn(models.policy().tokenizer)
+                            t_c = time.perf_counter()
+                            ctrl_pairs = prepare_controls(
+                                cfg, r, backend=models.policy(), problems=problems, policy=policy,
+                                sphere_pairs=out / f"round_{r + 1}" / "generate" / "pairs.jsonl",
+                                n_sphere_pairs=int(gstats["pairs_total"]), pair_prompt=fn, conversational=conv,
+                                response_prefix=prefix, out=out / f"round_{r + 1}" / "controls")
+                            ctrl_s = time.perf_counter() - t_c
             # a round's wall time: producing its policy (previous generate + train) and evaluating it
             rec["wall_s"] = rec["eval_s"] + carry_s
-            gen_s = time.perf_counter() - t0 - rec["eval_s"]
+            gen_s = time.perf_counter() - t0 - rec["eval_s"] - ctrl_s  # controls are not SPHERE's time
             carry_s = 0.0
             if gstats is not None:
                 pairs_path = out / f"round_{r + 1}" / "generate" / "pairs.jsonl"
@@ -301,10 +380,17 @@ def run(cfg: DictConfig, out: Path) -> dict:
                         "nothing to train on. Try more problems (data.mini_n / data.limit) or another search."
                     )
                 t1 = time.perf_counter()
+                start = policy
                 policy = str(train_dpo(cfg.train, policy, pairs_path, out / f"round_{r + 1}" / "train",
                                        logger=_StepLogger(logger, r + 1)))
                 carry_s = gen_s + (time.perf_counter() - t1)
                 pending_pairs = gstats["pairs_per_stage"]
+                if ctrl_pairs:  # the per-round controls: same start policy, problems, recipe and benchmarks
+                    t_c = time.perf_counter()
+                    ctrls = finish_controls(
+                        cfg, r, start_policy=start, pairs=ctrl_pairs, out=out / f"round_{r + 1}" / "controls",
+                        evaluate=lambda b, d, m, rr=r + 1: _eval_round(cfg, b, d, m, None, rr), logger=logger)
+                    pending_controls = {"controls": ctrls, "controls_s": ctrl_s + time.perf_counter() - t_c}
             rounds.append(rec)
             _write_summary(out, rounds)
         _write_summary(out, rounds)
@@ -375,6 +461,9 @@ def _write_summary(out: Path, rounds: list[dict]) -> None:
     for rec in rounds:  # paired intervals against round 0 / the previous round (same problems)
         if rec.get("round", 0) > 0 and "paired" not in rec:
             rec["paired"] = paired_changes(out, int(rec["round"]), sorted(rec.get("eval") or {}))
+        for name, c in (rec.get("controls") or {}).items():
+            if "paired" not in c:
+                c["paired"] = control_paired_changes(out, int(rec["round"]), name, sorted(c.get("eval") or {}))
     atomic_write_json(out / "summary.json", {"rounds": rounds})
     atomic_write_text(out / "summary.md", summary_markdown(rounds))
 

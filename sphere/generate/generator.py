@@ -147,6 +147,11 @@ class Generator:
             return build_prompt_text(tokenizer, problem["problem"], [], fam)
         return build_reflection_text(tokenizer, problem["problem"], attempt.steps, fam)
 
+    def pair_prompt_fn(self, tokenizer: Any) -> tuple[Any, bool, str]:
+        """How this generator writes a problem's pair: (problem -> prompt, conversational?, the prefix a
+        conversational chosen/rejected starts with). sphere.controls builds its pairs with the same three."""
+        return (lambda p: self._pair_prompt(tokenizer, p)), self._conv(tokenizer), self._prefix(tokenizer)
+
     # ------------------------------------------------------------------ resume
     def _done(self, stage: int) -> dict[str, dict]:
         return read_stage_logs(self.out)[stage]
