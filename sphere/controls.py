@@ -1,8 +1,8 @@
 """Per-round controls of `sphere run` (issue #20): what SPHERE's search and pairs add over simpler recipes.
 
 Each control starts from the same policy as the SPHERE round, uses the same training problems and the same
-training recipe (``train``), and is evaluated on the same benchmarks, so its accuracy is compared with SPHERE's
-over the same problems (paired intervals in ``summary.json`` / ``summary.md``):
+training recipe (``train``), and is evaluated on the same benchmarks, so its accuracy is compared with
+SPHERE's over the same problems (paired intervals in ``summary.json`` / ``summary.md``):
 
 - ``rft``: rejection-sampling fine-tuning on SPHERE's chosen solutions only. The round's own pairs, trained
   with the DPO term switched off (``train.loss.beta`` set to ``controls.rft_beta``, tiny: the sigmoid DPO
@@ -45,7 +45,8 @@ def enabled_controls(cfg: DictConfig) -> list[str]:
 
 
 def validate_controls_config(cfg: DictConfig) -> None:
-    """Refuse unknown ``controls`` keys and bad values before any work, naming the field and what is allowed."""
+    """Refuse unknown ``controls`` keys and bad values before any work, naming the field and what is
+    allowed."""
     node = cfg.get("controls")
     if node is None:
         return
@@ -59,8 +60,8 @@ def validate_controls_config(cfg: DictConfig) -> None:
             raise ValueError(f"config controls.{name}={v!r}: allowed true or false")
     samples = node.get("samples", 4)
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 2:
-        raise ValueError(f"config controls.samples={samples!r}: allowed an integer >= 2 (solutions sampled per "
-                         "problem; a random pair needs a right and a wrong one)")
+        raise ValueError(f"config controls.samples={samples!r}: allowed an integer >= 2 (solutions sampled "
+                         "per problem; a random pair needs a right and a wrong one)")
     seed = node.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise ValueError(f"config controls.seed={seed!r}: allowed an integer or null (null = the run's seed)")
@@ -87,7 +88,8 @@ def random_pairs(records: Sequence[dict], problems: dict[str, dict], *, max_pair
     """Pairs from sampled solutions: per problem with at least one right and one wrong sample, one uniformly
     random right (chosen) and one uniformly random wrong (rejected); then at most ``max_pairs`` of them, a
     uniformly random subset (``None``: all). ``records``: the evaluation harness's per-problem records
-    (``id``, ``completions``, ``verdicts``). Deterministic in ``seed``; problems are taken in ``records`` order."""
+    (``id``, ``completions``, ``verdicts``). Deterministic in ``seed``; problems are taken in ``records``
+    order."""
     rng = random.Random(seed)
     out: list[dict] = []
     for rec in records:

@@ -136,7 +136,8 @@ def _paired_markdown(rounds: list[dict]) -> list[str]:
     return out
 
 
-_CONTROL_TITLES = {"rft": "SFT on SPHERE's chosen solutions (RFT)", "random_pairs": "DPO on random right/wrong samples"}
+_CONTROL_TITLES = {"rft": "SFT on SPHERE's chosen solutions (RFT)",
+                   "random_pairs": "DPO on random right/wrong samples"}
 
 
 def _controls_markdown(rounds: list[dict]) -> list[str]:
@@ -152,10 +153,13 @@ def _controls_markdown(rounds: list[dict]) -> list[str]:
         return []
 
     def iv(x):
-        return "—" if not x else (f"{100 * x['delta']:+.1f} [{100 * x['ci_low']:+.1f}, {100 * x['ci_high']:+.1f}]")
+        if not x:
+            return "—"
+        return f"{100 * x['delta']:+.1f} [{100 * x['ci_low']:+.1f}, {100 * x['ci_high']:+.1f}]"
 
     out = ["", "Per-round controls: trained from the same start policy, on the same problems, with the same "
-           "recipe, evaluated on the same problems (sphere/controls.py); Δ in points with the paired 95% CI:", "",
+           "recipe, evaluated on the same problems (sphere/controls.py); Δ in points with the paired 95% CI:",
+           "",
            "| round | control | pairs | benchmark | acc | Δ vs start policy | SPHERE − control |",
            "|---|---|---|---|---|---|---|"]
     for rnd, name, n, b, acc, vs, sv in rows:
@@ -197,8 +201,8 @@ def paired_changes(out: Path, r: int, benches) -> dict:
 
 
 def control_paired_changes(out: Path, r: int, name: str, benches) -> dict:
-    """Per benchmark, control ``name`` of round ``r`` (trained from round ``r - 1``'s policy) against its start
-    policy (``vs_start``: round ``r - 1``'s evaluation) and SPHERE's round ``r`` against the control
+    """Per benchmark, control ``name`` of round ``r`` (trained from round ``r - 1``'s policy) against its
+    start policy (``vs_start``: round ``r - 1``'s evaluation) and SPHERE's round ``r`` against the control
     (``sphere_vs_control``: positive = SPHERE better), over the same problems."""
     from sphere.evaluation.metrics import paired_accuracy_change
 
@@ -280,9 +284,10 @@ def validate_run_config(cfg: DictConfig) -> None:
         from sphere.runners import runner_name
 
         if runner_name(cfg) == "ray" or cfg.model.get("train_target"):
-            raise ValueError("config controls: the per-round controls run with runner=local in a self-evolution "
-                             "run; turn them off (controls.rft=false controls.random_pairs=false) for runner=ray "
-                             "or a transfer run (model.train_target)")
+            raise ValueError("config controls: the per-round controls run with runner=local in a "
+                             "self-evolution run; turn them off (controls.rft=false "
+                             "controls.random_pairs=false) for runner=ray or a transfer run "
+                             "(model.train_target)")
     if int(cfg.rounds) > 0:  # the generate settings too, before round 0 spends time (issue #11)
         from sphere.generate.generator import validate_generate_config
 
@@ -365,8 +370,9 @@ def run(cfg: DictConfig, out: Path) -> dict:
                             ctrl_pairs = prepare_controls(
                                 cfg, r, backend=models.policy(), problems=problems, policy=policy,
                                 sphere_pairs=out / f"round_{r + 1}" / "generate" / "pairs.jsonl",
-                                n_sphere_pairs=int(gstats["pairs_total"]), pair_prompt=fn, conversational=conv,
-                                response_prefix=prefix, out=out / f"round_{r + 1}" / "controls")
+                                n_sphere_pairs=int(gstats["pairs_total"]), pair_prompt=fn,
+                                conversational=conv, response_prefix=prefix,
+                                out=out / f"round_{r + 1}" / "controls")
                             ctrl_s = time.perf_counter() - t_c
             # a round's wall time: producing its policy (previous generate + train) and evaluating it
             rec["wall_s"] = rec["eval_s"] + carry_s
@@ -463,7 +469,8 @@ def _write_summary(out: Path, rounds: list[dict]) -> None:
             rec["paired"] = paired_changes(out, int(rec["round"]), sorted(rec.get("eval") or {}))
         for name, c in (rec.get("controls") or {}).items():
             if "paired" not in c:
-                c["paired"] = control_paired_changes(out, int(rec["round"]), name, sorted(c.get("eval") or {}))
+                c["paired"] = control_paired_changes(out, int(rec["round"]), name,
+                                                     sorted(c.get("eval") or {}))
     atomic_write_json(out / "summary.json", {"rounds": rounds})
     atomic_write_text(out / "summary.md", summary_markdown(rounds))
 

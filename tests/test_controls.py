@@ -14,7 +14,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from sphere.controls import (enabled_controls, random_pairs, rft_train_config, validate_controls_config)
+from sphere.controls import enabled_controls, random_pairs, rft_train_config, validate_controls_config
 from sphere.pipeline import _write_summary, validate_run_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,7 +29,8 @@ def _rec(pid: str, texts: list[str], verdicts: list[bool]) -> dict:
     return {"id": pid, "completions": texts, "verdicts": verdicts}
 
 
-PROBLEMS = {f"p{i}": {"id": f"p{i}", "problem": f"problem {i}", "answer": "1", "source": "mini"} for i in range(40)}
+PROBLEMS = {f"p{i}": {"id": f"p{i}", "problem": f"problem {i}", "answer": "1", "source": "mini"}
+            for i in range(40)}
 
 
 def test_random_pairs_take_one_right_and_one_wrong_per_problem():
@@ -43,7 +44,8 @@ def test_random_pairs_take_one_right_and_one_wrong_per_problem():
     assert pairs[0]["chosen"] in ("r1", "r2") and pairs[0]["rejected"] in ("w1", "w2")
     assert pairs[1] == {**pairs[1], "chosen": "b", "prompt": "Q: problem 3"}
     assert pairs[1]["rejected"] in ("a", "c")
-    assert all(p["chosen_correct"] and not p["rejected_correct"] and p["route"] == "random_pair" for p in pairs)
+    assert all(p["chosen_correct"] and not p["rejected_correct"] and p["route"] == "random_pair"
+               for p in pairs)
 
 
 def test_random_pairs_are_random_deterministic_and_capped():
@@ -81,7 +83,8 @@ def test_rft_recipe_switches_the_dpo_term_off_and_keeps_the_nll_term():
 
 def test_controls_are_off_by_default_and_named_when_on():
     assert enabled_controls(_cfg()) == []
-    assert enabled_controls(_cfg("controls.random_pairs=true", "controls.rft=true")) == ["rft", "random_pairs"]
+    on = _cfg("controls.random_pairs=true", "controls.rft=true")
+    assert enabled_controls(on) == ["rft", "random_pairs"]
 
 
 @pytest.mark.parametrize("override, words", [
@@ -150,7 +153,7 @@ def test_sphere_run_with_controls_end_to_end_and_resumes(tmp_path):
     samples = [json.loads(x) for x in (tmp_path / "round_1" / "controls" / "random_pairs" / "samples" / "eval"
                                        / "problems.jsonl").read_text().splitlines()]
     assert len(samples) == 48 and all(len(s["completions"]) == 4 for s in samples)
-    right = {s["id"]: {c for c, v in zip(s["completions"], s["verdicts"]) if v} for s in samples}
+    right = {s["id"]: {c for c, v in zip(s["completions"], s["verdicts"], strict=True) if v} for s in samples}
     for p in map(json.loads, (tmp_path / "round_1" / "controls" / "random_pairs" / "pairs.jsonl").open()):
         assert p["chosen"] in right[p["problem_id"]] and p["rejected"] not in right[p["problem_id"]]
     def base(d: Path) -> str:

@@ -16,7 +16,7 @@ LAYERS: list[set[str]] = [
     {"pipeline", "sweep", "runreport", "bench"},
     {"runners"},
     {"scale"},
-    {"generate", "evaluation", "train", "testing", "memplan"},
+    {"generate", "evaluation", "train", "testing", "memplan", "controls"},
     {"lifecycle"},
     {"search", "rewards"},
     {"backends", "engine", "viz"},

@@ -139,8 +139,10 @@ def test_mini_experiments_dry_run(exp, tmp_path):
     if exp == "mini_easy_to_hard":
         assert plan["models"]["policy"].endswith("assets/mini_honest/mini-honest")
         assert plan["eval"]["limit"] == 2000 and plan["eval"]["benchmarks"][0].endswith("test_hard.jsonl")
+        assert plan["controls"] == ["rft", "random_pairs"]  # the honest harness reports its controls
     else:
         assert plan["models"]["policy"] == "mini" and plan["eval"]["benchmarks"] == ["mini"]
+        assert plan["controls"] == []
     assert not (tmp_path / "summary.json").exists()
 
 
