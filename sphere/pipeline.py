@@ -344,6 +344,8 @@ def run(cfg: DictConfig, out: Path) -> dict:
                 rec["eval_s"] = time.perf_counter() - t0
                 print(f"[sphere run] round {r} eval (ray): " + ", ".join(
                     f"{b} {100 * v['accuracy']:.1f}%" for b, v in rec["eval"].items()), flush=True)
+                # the summary shows this evaluation now, not only after the next round's pairs are trained
+                _write_summary(out, [*rounds, {**rec, "wall_s": rec["eval_s"] + carry_s}])
                 if r < R:
                     gdir = out / f"round_{r + 1}" / "generate"
                     check_generate(cfg, gdir, policy, small)  # signature.json
@@ -355,6 +357,8 @@ def run(cfg: DictConfig, out: Path) -> dict:
                     rec["eval_s"] = time.perf_counter() - t0
                     print(f"[sphere run] round {r} eval: " + ", ".join(
                         f"{b} {100 * v['accuracy']:.1f}%" for b, v in rec["eval"].items()), flush=True)
+                    # the summary shows this evaluation now, not only after the next round's pairs are trained
+                    _write_summary(out, [*rounds, {**rec, "wall_s": rec["eval_s"] + carry_s}])
                     if r < R:
                         check_generate(cfg, out / f"round_{r + 1}" / "generate", policy, small)  # signature.json
                         gen = Generator(cfg, out / f"round_{r + 1}" / "generate", logger=logger,

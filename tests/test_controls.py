@@ -172,3 +172,22 @@ def test_sphere_run_with_controls_end_to_end_and_resumes(tmp_path):
     assert r2.stderr.count("is complete, skipping training") == 3  # SPHERE's and both controls'
     again = json.loads((tmp_path / "summary.json").read_text())["rounds"][1]["controls"]
     assert {k: v["eval"] for k, v in again.items()} == {k: v["eval"] for k, v in ctrls.items()}
+
+
+def test_summary_shows_a_rounds_evaluation_before_the_next_rounds_pairs_exist(tmp_path, monkeypatch):
+    """summary.json/md carry round r's accuracy as soon as it is evaluated, not only once round r+1's pairs
+    are generated and trained (hours on the paper's setting): a generation that dies still leaves round 0."""
+    from sphere import pipeline
+    from sphere.generate import generator
+
+    def boom(*a, **k):
+        raise RuntimeError("generation died (test double)")
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(generator.Generator, "run", boom)
+    cfg = _cfg("rounds=1", "data.mini_n=8", "eval.limit=20")
+    with pytest.raises(RuntimeError, match="generation died"):
+        pipeline.run(cfg, tmp_path)
+    rounds = json.loads((tmp_path / "summary.json").read_text())["rounds"]
+    assert [r["round"] for r in rounds] == [0] and rounds[0]["eval"]["mini"]["n"] == 20
+    assert "| 0 |" in (tmp_path / "summary.md").read_text()
