@@ -127,16 +127,18 @@ def test_mini_planted_experiment_pins_the_planted_setting():
     assert recipe["train"]["slip_rate"] == 0.9 and recipe["train"]["slip_kinds"] == ["divide"]
 
 
-@pytest.mark.parametrize("exp", ["mini_planted", "mini_easy_to_hard"])
+@pytest.mark.parametrize("exp", ["mini_planted", "mini_easy_to_hard", "mini_honest"])
 def test_mini_experiments_dry_run(exp, tmp_path):
-    if exp == "mini_easy_to_hard" and not (HONEST / "mini-honest" / "config.json").is_file():
+    if exp != "mini_planted" and not (HONEST / "mini-honest" / "config.json").is_file():
         pytest.skip("assets/mini_honest/mini-honest not built")
     r = _sphere("run", f"experiment={exp}", "dry_run=true", f"hydra.run.dir={tmp_path}")
     assert r.returncode == 0, r.stderr[-3000:]
     plan = json.loads(r.stdout[r.stdout.index("{"):])
-    assert plan["problems"] == (384 if exp == "mini_easy_to_hard" else 768)
+    assert plan["problems"] == {"mini_easy_to_hard": 384, "mini_honest": 6144, "mini_planted": 768}[exp]
     assert plan["stages"] == {"1": True, "2": True, "3": False}
-    if exp == "mini_easy_to_hard":
+    assert plan["search"]["E"] == (2 if exp == "mini_honest" else 5)
+    assert plan["train"]["loss"]["beta"] == (0.01 if exp == "mini_honest" else 0.1)
+    if exp != "mini_planted":
         assert plan["models"]["policy"].endswith("assets/mini_honest/mini-honest")
         assert plan["eval"]["limit"] == 2000 and plan["eval"]["benchmarks"][0].endswith("test_hard.jsonl")
         assert plan["controls"] == ["rft", "random_pairs"]  # the honest harness reports its controls
@@ -160,7 +162,7 @@ def test_honest_problem_files_regenerate_and_are_disjoint():
     test, dev, train = (_jsonl(HONEST / f"{s}_hard.jsonl") for s in ("test", "dev", "train"))
     assert test == [{k: p[k] for k in keep} for p in load_mini_benchmark("test", 2000, hw)]
     assert dev == [{k: p[k] for k in keep} for p in load_mini_benchmark("dev", 1000, hw)]
-    want = training_problems(1536, 1007, hw, holdout=2000)
+    want = training_problems(6144, 1007, hw, holdout=2000)  # the first 1,536: mini_easy_to_hard's 384/round
     assert train == [{**{k: p[k] for k in keep}, "id": p["id"].replace("mini-train", "mini-hard-train")}
                      for p in want]
     texts = [{p["problem"] for p in s} for s in (test, dev, train)]
