@@ -113,12 +113,12 @@ def summary_markdown(rounds: list[dict]) -> str:
         lines.append("| " + " | ".join([str(r["round"]), *acc, *delta, pairs, f"{r['wall_s']:.0f}"]) + " |")
     lines += ["", "Accuracy: greedy pass@1 on the configured benchmarks; Δ in points against round 0. "
               "Pairs are the preference pairs generated with that round's policy's predecessor."]
-    lines += _paired_markdown(rounds)
-    lines += _controls_markdown(rounds)
+    lines += paired_markdown(rounds)
+    lines += controls_markdown(rounds)
     return "\n".join(lines) + "\n"
 
 
-def _paired_markdown(rounds: list[dict]) -> list[str]:
+def paired_markdown(rounds: list[dict]) -> list[str]:
     """The paired-interval table (rounds with ``paired``; see ``paired_changes``), or nothing."""
     rows = [(r["round"], b, k, c) for r in rounds for b, v in sorted((r.get("paired") or {}).items())
             for k, c in (("r0", v.get("vs_r0")), ("prev", v.get("vs_prev"))) if c]
@@ -140,7 +140,7 @@ _CONTROL_TITLES = {"rft": "SFT on SPHERE's chosen solutions (RFT)",
                    "random_pairs": "DPO on random right/wrong samples"}
 
 
-def _controls_markdown(rounds: list[dict]) -> list[str]:
+def controls_markdown(rounds: list[dict]) -> list[str]:
     """The per-round controls table (rounds with ``controls``; sphere/controls.py), or nothing."""
     rows = []
     for r in rounds:

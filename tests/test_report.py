@@ -208,3 +208,19 @@ def test_report_on_a_real_generate_multirun(tmp_path, tiny_model_dir):
         stats = json.loads((j.path / "generate_stats.json").read_text())
         assert f"| {j.rel} | tau={j.swept['tau']} | " + " | ".join(
             str(stats["pairs_per_stage"][s]) for s in ("1", "2", "3")) in md
+
+
+def test_run_report_carries_the_paired_intervals_and_the_controls(tmp_path):
+    d = tmp_path / "run"
+    _run_summary(d, [0.30, 0.38])
+    s = json.loads((d / "summary.json").read_text())
+    ci = {"n": 200, "delta": 0.08, "ci_low": 0.03, "ci_high": 0.13, "gained": 20, "lost": 4,
+          "mcnemar_p": 0.001}
+    s["rounds"][1]["paired"] = {"mini": {"vs_r0": ci}}
+    s["rounds"][1]["controls"] = {"rft": {"pairs": 13, "eval": {"mini": _acc(0.33)}, "paired": {"mini": {
+        "vs_start": {**ci, "delta": 0.03}, "sphere_vs_control": {**ci, "delta": 0.05}}}}}
+    (d / "summary.json").write_text(json.dumps(s))
+    md = write_report(d)[0].read_text()
+    assert "| 1 | mini | round 0 | 200 | +8.0 | [+3.0, +13.0] | 20/4 | 0.001 |" in md
+    row = "| 1 | SFT on SPHERE's chosen solutions (RFT) | 13 | mini | 33.0% | +3.0 [+3.0, +13.0] | +5.0 ["
+    assert row in md
