@@ -35,17 +35,27 @@ class StageProgress:
         return self
 
     def update(self, counts: dict[str, Any]) -> None:
+        """``counts``: ``done`` (problems with nothing left to search), ``pairs`` per stage, and optionally
+        ``searched`` per stage with ``queued`` searches of stages 2 and 3 (a problem is routed there only
+        after its stage-1 search), ``tokens``."""
         done = int(counts.get("done", 0))
         pairs = counts.get("pairs", {})
         info = " ".join(f"s{k}:{v}" for k, v in pairs.items())
+        if pairs:
+            info = "pairs " + info
+        searched, queued = counts.get("searched"), counts.get("queued") or {}
+        if searched:
+            parts = [f"stage 1 {searched.get(1, 0)}/{self.total}"]
+            parts += [f"stage {s} {searched.get(s, 0)}/{queued[s]}" for s in (2, 3) if queued.get(s)]
+            info = "searched " + ", ".join(parts) + (f"; {info}" if info else "")
         el = time.perf_counter() - self._t0
         if "tokens" in counts and el > 0:
             info += f" tok/s:{counts['tokens'] / el:.0f}"
         if self._progress is not None:
-            self._progress.update(self._task, completed=done, info=("pairs " + info) if pairs else info)
+            self._progress.update(self._task, completed=done, info=info)
         elif time.perf_counter() - self._last >= self.every_s or done == self.total:
             self._last = time.perf_counter()
-            print(f"[{self.label}] {done}/{self.total} {info} ({el:.0f}s)", file=sys.stderr, flush=True)
+            print(f"[{self.label}] {done}/{self.total} done; {info} ({el:.0f}s)", file=sys.stderr, flush=True)
 
     def __exit__(self, *exc) -> None:
         if self._progress is not None:

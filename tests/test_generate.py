@@ -283,3 +283,43 @@ def test_bad_generate_config(tmp_path):
         Generator(_cfg(**{"stages.inverted": "keep"}), tmp_path)
     with pytest.raises(ValueError, match=r"filters\.min_edit_distance"):
         _generate(tmp_path, _cfg(**{"filters.min_edit_distance": 2.0}), FakeStepBackend())
+
+
+def test_progress_counts_searches_per_stage_and_resumes_at_the_right_count(tmp_path, capsys):
+    """Stage 2 and 3 searches are queued only as stage 1 routes problems there; the progress counts say how
+    many of each are done and queued, and a resumed run starts at the count it stopped at."""
+    from sphere.progress import StageProgress
+    from sphere.rewards.symbolic import SymbolicStepScorer
+    from sphere.verify import check_answers
+
+    seen: list[dict] = []
+
+    def prog(c):
+        seen.append(json.loads(json.dumps(c)))
+
+    def run(out, be, progress):
+        return Generator(_cfg(), out).run(_problems(24), be, SymbolicStepScorer(), check_answers,
+                                          small_backend_factory=lambda: FakeStepBackend(0.3),
+                                          progress=progress)
+
+    run(tmp_path / "a", FakeStepBackend(None), prog)
+    last = seen[-1]
+    routes = [r["route"] for r in read_jsonl_tolerant(tmp_path / "a" / "stages" / "stage1.jsonl")]
+    assert last["done"] == 24 and last["searched"]["1"] == 24
+    assert last["queued"]["2"] == last["searched"]["2"] == routes.count("both_wrong") > 0
+    assert last["queued"]["3"] == last["searched"]["3"] == routes.count("both_right") > 0
+    assert [c["done"] for c in seen] == sorted(c["done"] for c in seen)  # never goes back
+    # a crash part-way, then a resume: the first report already counts what was finished
+    with pytest.raises(RuntimeError, match="simulated"):
+        run(tmp_path / "b", FakeStepBackend(None, fail_after=6), None)
+    finished1 = len(read_jsonl_tolerant(tmp_path / "b" / "stages" / "stage1.jsonl"))
+    seen.clear()
+    run(tmp_path / "b", FakeStepBackend(None), prog)
+    assert seen[0]["searched"]["1"] == finished1 > 0 and seen[-1]["done"] == 24
+    assert seen[-1]["searched"]["1"] == 24
+    # the plain (non-terminal) progress line names both numbers
+    with StageProgress(24, "gen", every_s=0.0) as p:
+        p.update({"done": 5, "pairs": {1: 3, 2: 1, 3: 0}, "searched": {1: 20, 2: 4, 3: 0},
+                  "queued": {2: 9, 3: 0}})
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("[gen] 5/24 done; searched stage 1 20/24, stage 2 4/9; pairs s1:3 s2:1 s3:0")

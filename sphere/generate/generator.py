@@ -181,7 +181,10 @@ class Generator:
         snap_every = int(cfg.output.snapshot_every)
         w = {s: JsonlAppender(self.out / "stages" / f) for s, f in STAGE_FILES.items()}
         stats_acc: dict = {"search": {}}
-        counts = {"done": 0, "pairs": {1: 0, 2: 0, 3: 0}}
+        # progress: problems finished, searches done per stage, and searches queued for stages 2 and 3 (known
+        # only once stage 1 routes a problem there), so a long stage 2 does not look like a stall
+        counts = {"done": 0, "pairs": {1: 0, 2: 0, 3: 0}, "searched": {1: 0, 2: 0, 3: 0},
+                  "queued": {2: 0, 3: 0}}
         try:
             driver = SearchDriver(policy_backend, scorer, verifier, cfg.search, delimiter=self.delim,
                                   answer_after=self.answer_after,
@@ -198,10 +201,23 @@ class Generator:
                 if r1 is None:
                     meta = {"stage": 1, "snapshot": snap_every > 0 and i % snap_every == 0}
                     jobs.append(SearchJob(f"1:{p['id']}", p, self._prompt_fn(tok, p), meta))
-                elif r1["route"] == "both_wrong" and st_cfg.stage2 and p["id"] not in done2:
-                    jobs.append(stage2_job(p, r1))
-                elif r1["route"] == "both_right" and st_cfg.stage3 and p["id"] not in done3:
-                    stage3_todo.append((p, r1))
+                    continue
+                counts["searched"][1] += 1
+                nxt = {"both_wrong": 2, "both_right": 3}.get(r1["route"])
+                if nxt == 2 and st_cfg.stage2 or nxt == 3 and st_cfg.stage3:
+                    counts["queued"][nxt] += 1
+                    if p["id"] in (done2 if nxt == 2 else done3):
+                        counts["searched"][nxt] += 1
+                        counts["done"] += 1
+                    elif nxt == 2:
+                        jobs.append(stage2_job(p, r1))
+                    else:
+                        stage3_todo.append((p, r1))
+                else:
+                    counts["done"] += 1
+
+            if progress is not None:  # a resumed run starts where it stopped
+                progress(counts)
 
             def finish(stage: int, p: dict, res: SearchResult, route_: str, pairs: list[dict]) -> dict:
                 rec = self._record(stage, p, res, route_, pairs)
@@ -213,9 +229,12 @@ class Generator:
                 p, stage = res.job.problem, int(res.job.meta["stage"])
                 if res.snapshot is not None:
                     self._save_snapshot(self.out / "trees", f"stage{stage}-{p['id']}", res)
+                counts["searched"][stage] += 1
                 if stage == 1:
                     rt, pairs, nxt = stage1_outcome(res, p, ctx)
                     rec = finish(1, p, res, rt, pairs)
+                    if nxt in (2, 3):
+                        counts["queued"][nxt] += 1
                     if nxt == 2:
                         driver.submit(stage2_job(p, rec))
                     elif nxt == 3:
@@ -256,6 +275,7 @@ class Generator:
             p = res.job.problem
             chosen = traj_from_dict(res.job.meta["rec1"]["sol_max"])
             finish(3, p, res, *stage3_outcome(res, p, chosen, ctx))
+            counts["searched"][3] += 1
             counts["done"] += 1
             if progress is not None:
                 progress(counts)
