@@ -294,20 +294,54 @@ def validate_run_config(cfg: DictConfig) -> None:
         validate_generate_config(cfg)
 
 
+def _show_eval(out: Path, rounds: list[dict], rec: dict, carry_s: float, what: str) -> None:
+    """Print round ``rec``'s accuracy and write the summary with it now, not only after the next round's
+    pairs are generated and trained (hours on the paper's setting)."""
+    print(f"[sphere run] round {rec['round']} {what}: " + ", ".join(
+        f"{b} {100 * v['accuracy']:.1f}%" for b, v in rec["eval"].items()), flush=True)
+    _write_summary(out, [*rounds, {**rec, "wall_s": rec["eval_s"] + carry_s}])
+
+
+def _generate_local(cfg: DictConfig, r: int, out: Path, models: Any, policy: str, small: str | None,
+                    problems: list[dict], logger: Any) -> tuple[dict, dict, float]:
+    """Round ``r + 1``'s pairs from round ``r``'s open models, then the controls' pairs (they need the start
+    policy's backend): ``(generate stats, {control: pairs.jsonl}, seconds spent on the controls)``."""
+    from sphere.generate.generator import Generator
+    from sphere.generate.local import log_generate_stats
+    from sphere.progress import StageProgress
+    from sphere.rundir import check_generate
+    from sphere.verify import check_answers
+
+    gdir = out / f"round_{r + 1}" / "generate"
+    check_generate(cfg, gdir, policy, small)  # signature.json
+    gen = Generator(cfg, gdir, logger=logger, policy_name=policy, small_name=small)
+    with StageProgress(len(problems), f"round {r + 1} generate") as prog:
+        gstats = gen.run(problems, models.policy(), models.scorer(), check_answers,
+                         small_backend_factory=models.small if small else None, progress=prog.update)
+    log_generate_stats(logger, gstats, gdir, step=r + 1)
+    if not enabled_controls(cfg) or gstats["pairs_total"] == 0:
+        return gstats, {}, 0.0
+    t0 = time.perf_counter()
+    fn, conv, prefix = gen.pair_prompt_fn(models.policy().tokenizer)
+    ctrl_pairs = prepare_controls(cfg, r, backend=models.policy(), problems=problems, policy=policy,
+                                  sphere_pairs=gdir / "pairs.jsonl",
+                                  n_sphere_pairs=int(gstats["pairs_total"]), pair_prompt=fn,
+                                  conversational=conv, response_prefix=prefix,
+                                  out=out / f"round_{r + 1}" / "controls")
+    return gstats, ctrl_pairs, time.perf_counter() - t0
+
+
 def run(cfg: DictConfig, out: Path) -> dict:
-    from sphere.generate.generator import Generator, load_problems
+    from sphere.generate.generator import load_problems
     from sphere.generate.local import log_generate_stats
     from sphere.lifecycle import Models
     from sphere.loggers import make_logger
     from sphere.models import resolve_model
-    from sphere.progress import StageProgress
     from sphere.rundir import check_generate
     from sphere.runners import runner_name
     from sphere.train.dpo import train_dpo
-    from sphere.verify import check_answers
 
     validate_run_config(cfg)
-    ctrl_names = enabled_controls(cfg)
     use_ray = runner_name(cfg) == "ray"
     target_name = cfg.model.get("train_target")
     if target_name:
@@ -342,10 +376,7 @@ def run(cfg: DictConfig, out: Path) -> dict:
             if use_ray:  # runner=ray: this round's evaluation and generation on Ray actors
                 rec["eval"] = _eval_round_ray(cfg, rdir, policy, logger, r)
                 rec["eval_s"] = time.perf_counter() - t0
-                print(f"[sphere run] round {r} eval (ray): " + ", ".join(
-                    f"{b} {100 * v['accuracy']:.1f}%" for b, v in rec["eval"].items()), flush=True)
-                # the summary shows this evaluation now, not only after the next round's pairs are trained
-                _write_summary(out, [*rounds, {**rec, "wall_s": rec["eval_s"] + carry_s}])
+                _show_eval(out, rounds, rec, carry_s, "eval (ray)")
                 if r < R:
                     gdir = out / f"round_{r + 1}" / "generate"
                     check_generate(cfg, gdir, policy, small)  # signature.json
@@ -355,29 +386,10 @@ def run(cfg: DictConfig, out: Path) -> dict:
                 with Models(cfg, policy=policy, small=small) as models:
                     rec["eval"] = _eval_round(cfg, models.policy(), rdir, policy, logger, r)
                     rec["eval_s"] = time.perf_counter() - t0
-                    print(f"[sphere run] round {r} eval: " + ", ".join(
-                        f"{b} {100 * v['accuracy']:.1f}%" for b, v in rec["eval"].items()), flush=True)
-                    # the summary shows this evaluation now, not only after the next round's pairs are trained
-                    _write_summary(out, [*rounds, {**rec, "wall_s": rec["eval_s"] + carry_s}])
+                    _show_eval(out, rounds, rec, carry_s, "eval")
                     if r < R:
-                        check_generate(cfg, out / f"round_{r + 1}" / "generate", policy, small)  # signature.json
-                        gen = Generator(cfg, out / f"round_{r + 1}" / "generate", logger=logger,
-                                        policy_name=policy, small_name=small)
-                        with StageProgress(len(problems), f"round {r + 1} generate") as prog:
-                            gstats = gen.run(problems, models.policy(), models.scorer(), check_answers,
-                                             small_backend_factory=models.small if small else None,
-                                             progress=prog.update)
-                        log_generate_stats(logger, gstats, out / f"round_{r + 1}" / "generate", step=r + 1)
-                        if ctrl_names and gstats["pairs_total"] > 0:  # control pairs need the start policy
-                            fn, conv, prefix = gen.pair_prompt_fn(models.policy().tokenizer)
-                            t_c = time.perf_counter()
-                            ctrl_pairs = prepare_controls(
-                                cfg, r, backend=models.policy(), problems=problems, policy=policy,
-                                sphere_pairs=out / f"round_{r + 1}" / "generate" / "pairs.jsonl",
-                                n_sphere_pairs=int(gstats["pairs_total"]), pair_prompt=fn,
-                                conversational=conv, response_prefix=prefix,
-                                out=out / f"round_{r + 1}" / "controls")
-                            ctrl_s = time.perf_counter() - t_c
+                        gstats, ctrl_pairs, ctrl_s = _generate_local(cfg, r, out, models, policy, small,
+                                                                     problems, logger)
             # a round's wall time: producing its policy (previous generate + train) and evaluating it
             rec["wall_s"] = rec["eval_s"] + carry_s
             gen_s = time.perf_counter() - t0 - rec["eval_s"] - ctrl_s  # controls are not SPHERE's time
