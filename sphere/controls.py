@@ -39,7 +39,7 @@ CONTROLS = ("rft", "random_pairs")
 def enabled_controls(cfg: DictConfig) -> list[str]:
     """The controls switched on in ``cfg.controls`` (none when the node is absent), in a fixed order."""
     node = cfg.get("controls")
-    if node is None:
+    if node is None or not OmegaConf.is_dict(node):
         return []
     return [name for name in CONTROLS if bool(node.get(name, False))]
 
@@ -51,6 +51,9 @@ def validate_controls_config(cfg: DictConfig) -> None:
     if node is None:
         return
     allowed = {*CONTROLS, "samples", "rft_beta", "seed"}
+    if not OmegaConf.is_dict(node):
+        raise ValueError(f"config controls={node!r}: allowed a mapping of {sorted(allowed)} (e.g. "
+                         "controls.rft=true controls.random_pairs=true)")
     unknown = sorted(set(node.keys()) - allowed)
     if unknown:
         raise ValueError(f"config controls: unknown key(s) {unknown}; allowed: {sorted(allowed)}")
@@ -162,6 +165,15 @@ def prepare_controls(cfg: DictConfig, r: int, *, backend: Any, problems: Sequenc
         if name == "rft":
             paths[name] = Path(sphere_pairs)
             continue
+        from sphere.rundir import check_or_record
+
+        # the pairing settings, checked before anything is sampled or written (a changed seed is refused here,
+        # naming it, instead of rewriting pairs.jsonl under a model trained on the old pairs)
+        seed = cfg.controls.get("seed")
+        check_or_record(cdir, "control_pairs", {"controls.seed": int(cfg.seed) if seed is None else int(seed),
+                                                "controls.samples": int(cfg.controls.get("samples", 4)),
+                                                "max_pairs (SPHERE's pairs this round)": n_sphere_pairs},
+                        outputs=["pairs.jsonl"])
         recs = sample_solutions(cfg, backend, problems, cdir, policy, family_config(cfg))
         pairs = random_pairs(recs, {str(p["id"]): p for p in problems}, max_pairs=n_sphere_pairs,
                              seed=control_seed(cfg, r), pair_prompt=pair_prompt,

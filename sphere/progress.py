@@ -42,7 +42,7 @@ class StageProgress:
         pairs = counts.get("pairs", {})
         info = " ".join(f"s{k}:{v}" for k, v in pairs.items())
         if pairs:
-            info = "pairs " + info
+            info = "pairs before filters " + info
         searched, queued = counts.get("searched"), counts.get("queued") or {}
         if searched:
             parts = [f"stage 1 {searched.get(1, 0)}/{self.total}"]

@@ -172,6 +172,13 @@ def test_sphere_run_with_controls_end_to_end_and_resumes(tmp_path):
     assert r2.stderr.count("is complete, skipping training") == 3  # SPHERE's and both controls'
     again = json.loads((tmp_path / "summary.json").read_text())["rounds"][1]["controls"]
     assert {k: v["eval"] for k, v in again.items()} == {k: v["eval"] for k, v in ctrls.items()}
+    # another pairing seed on the finished directory: refused, naming it, before pairs.jsonl is rewritten
+    rp = tmp_path / "round_1" / "controls" / "random_pairs" / "pairs.jsonl"
+    before = rp.read_bytes()
+    r3 = subprocess.run([*args, "controls.seed=5"], cwd=ROOT, env=env, capture_output=True, text=True,
+                        timeout=900)
+    assert r3.returncode != 0 and "controls.seed: 0 -> 5" in r3.stderr, r3.stderr[-2000:]
+    assert rp.read_bytes() == before
 
 
 def test_summary_shows_a_rounds_evaluation_before_the_next_rounds_pairs_exist(tmp_path, monkeypatch):
@@ -191,3 +198,12 @@ def test_summary_shows_a_rounds_evaluation_before_the_next_rounds_pairs_exist(tm
     rounds = json.loads((tmp_path / "summary.json").read_text())["rounds"]
     assert [r["round"] for r in rounds] == [0] and rounds[0]["eval"]["mini"]["n"] == 20
     assert "| 0 |" in (tmp_path / "summary.md").read_text()
+
+
+def test_controls_not_a_mapping_is_refused():
+    cfg = _cfg()
+    OmegaConf.set_struct(cfg, False)
+    cfg.controls = "foo"
+    assert enabled_controls(cfg) == []
+    with pytest.raises(ValueError, match=r"config controls='foo': allowed a mapping of"):
+        validate_controls_config(cfg)

@@ -322,4 +322,5 @@ def test_progress_counts_searches_per_stage_and_resumes_at_the_right_count(tmp_p
         p.update({"done": 5, "pairs": {1: 3, 2: 1, 3: 0}, "searched": {1: 20, 2: 4, 3: 0},
                   "queued": {2: 9, 3: 0}})
     line = capsys.readouterr().err.strip().splitlines()[-1]
-    assert line.startswith("[gen] 5/24 done; searched stage 1 20/24, stage 2 4/9; pairs s1:3 s2:1 s3:0")
+    want = "[gen] 5/24 done; searched stage 1 20/24, stage 2 4/9; pairs before filters s1:3 s2:1 s3:0"
+    assert line.startswith(want)
