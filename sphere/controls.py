@@ -147,9 +147,14 @@ def sample_solutions(cfg: DictConfig, backend: Any, problems: Sequence[dict], ou
     return list(read_jsonl_tolerant(out / "samples" / "eval" / "problems.jsonl"))
 
 
-def control_seed(cfg: DictConfig, round_: int) -> int:
+def _base_seed(cfg: DictConfig) -> int:
     seed = cfg.controls.get("seed")
-    return (int(cfg.seed) if seed is None else int(seed)) * 1000 + int(round_)
+    return int(cfg.seed) if seed is None else int(seed)
+
+
+def control_seed(cfg: DictConfig, round_: int) -> int:
+    """The pairing seed of round ``round_`` + 1's random-pairs control (``controls.seed``, else the run's)."""
+    return _base_seed(cfg) * 1000 + int(round_)
 
 
 def prepare_controls(cfg: DictConfig, r: int, *, backend: Any, problems: Sequence[dict], policy: str,
@@ -158,6 +163,7 @@ def prepare_controls(cfg: DictConfig, r: int, *, backend: Any, problems: Sequenc
     """Round ``r + 1``'s control pairs, written while the start policy's backend is open:
     ``{name: pairs.jsonl}`` (``rft`` trains on SPHERE's own ``sphere_pairs``)."""
     from sphere.prompts import family_config
+    from sphere.rundir import check_or_record
 
     paths: dict[str, Path] = {}
     for name in enabled_controls(cfg):
@@ -165,12 +171,9 @@ def prepare_controls(cfg: DictConfig, r: int, *, backend: Any, problems: Sequenc
         if name == "rft":
             paths[name] = Path(sphere_pairs)
             continue
-        from sphere.rundir import check_or_record
-
         # the pairing settings, checked before anything is sampled or written (a changed seed is refused here,
         # naming it, instead of rewriting pairs.jsonl under a model trained on the old pairs)
-        seed = cfg.controls.get("seed")
-        check_or_record(cdir, "control_pairs", {"controls.seed": int(cfg.seed) if seed is None else int(seed),
+        check_or_record(cdir, "control_pairs", {"controls.seed": _base_seed(cfg),
                                                 "controls.samples": int(cfg.controls.get("samples", 4)),
                                                 "max_pairs (SPHERE's pairs this round)": n_sphere_pairs},
                         outputs=["pairs.jsonl"])
