@@ -180,8 +180,6 @@ def paired_changes(out: Path, r: int, benches) -> dict:
     ``r - 1`` (``vs_prev``, from round 2 on), over the problems both rounds evaluated, from the per-problem
     records ``round_<r>/eval/<bench>.jsonl`` (sample 0 of each problem: the greedy answer when eval.n = 1).
     See ``sphere.evaluation.metrics.paired_accuracy_change``."""
-    from sphere.evaluation.metrics import paired_accuracy_change
-
     res: dict = {}
     for b in benches:
         cur = _first_verdicts(out / f"round_{r}" / "eval" / f"{b}.jsonl")
@@ -191,10 +189,9 @@ def paired_changes(out: Path, r: int, benches) -> dict:
         for key, q in (("vs_r0", 0), ("vs_prev", r - 1)):
             if q < 0 or (key == "vs_prev" and q == 0):
                 continue
-            old = _first_verdicts(out / f"round_{q}" / "eval" / f"{b}.jsonl")
-            ids = [i for i in cur if i in old]
-            if ids:
-                entry[key] = paired_accuracy_change([old[i] for i in ids], [cur[i] for i in ids])
+            c = _paired_over(cur, _first_verdicts(out / f"round_{q}" / "eval" / f"{b}.jsonl"), cur)
+            if c:
+                entry[key] = c
         if entry:
             res[b] = entry
     return res
@@ -204,24 +201,24 @@ def control_paired_changes(out: Path, r: int, name: str, benches) -> dict:
     """Per benchmark, control ``name`` of round ``r`` (trained from round ``r - 1``'s policy) against its
     start policy (``vs_start``: round ``r - 1``'s evaluation) and SPHERE's round ``r`` against the control
     (``sphere_vs_control``: positive = SPHERE better), over the same problems."""
-    from sphere.evaluation.metrics import paired_accuracy_change
-
     res: dict = {}
     for b in benches:
         ctrl = _first_verdicts(out / f"round_{r}" / "controls" / name / "eval" / f"{b}.jsonl")
-        entry = {}
-        for key, q in (("vs_start", r - 1), ("sphere_vs_control", r)):
-            other = _first_verdicts(out / f"round_{q}" / "eval" / f"{b}.jsonl")
-            ids = [i for i in ctrl if i in other]
-            if not ids:
-                continue
-            if key == "vs_start":
-                entry[key] = paired_accuracy_change([other[i] for i in ids], [ctrl[i] for i in ids])
-            else:
-                entry[key] = paired_accuracy_change([ctrl[i] for i in ids], [other[i] for i in ids])
+        start, sphere = (_first_verdicts(out / f"round_{q}" / "eval" / f"{b}.jsonl") for q in (r - 1, r))
+        entry = {k: c for k, c in (("vs_start", _paired_over(ctrl, start, ctrl)),
+                                   ("sphere_vs_control", _paired_over(ctrl, ctrl, sphere))) if c}
         if entry:
             res[b] = entry
     return res
+
+
+def _paired_over(order: dict, before: dict, after: dict) -> dict | None:
+    """``paired_accuracy_change`` of ``before`` -> ``after`` over the problems both have, taken in ``order``'s
+    order (the bootstrap is seeded, so the order is part of the result); None when they share none."""
+    from sphere.evaluation.metrics import paired_accuracy_change
+
+    ids = [i for i in order if i in before and i in after]
+    return paired_accuracy_change([before[i] for i in ids], [after[i] for i in ids]) if ids else None
 
 
 def plan(cfg: DictConfig) -> dict:
