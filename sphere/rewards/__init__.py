@@ -2,6 +2,8 @@
 
 - ``StepScorer`` protocol, ``shape_rewards``, ``combine_outcome``: ``sphere.rewards.base``;
 - ``SymbolicStepScorer`` (exact arithmetic checker, the mini world's default): ``sphere.rewards.symbolic``;
+- ``MiniWorldStepScorer`` (the mini world's exact step verifier: sees copied operands; an oracle PRM):
+  ``sphere.rewards.mini_world``;
 - ``PRMScorer`` (process reward model): ``sphere.rewards.prm``; ``RolloutScorer`` (Monte-Carlo rollout
   values): ``sphere.rewards.rollout``.
 
@@ -15,7 +17,7 @@ from typing import Any
 
 from sphere.rewards.base import OUTCOME_MODES, SHAPE_MODES, StepScorer, combine_outcome, shape_rewards
 
-SCORERS = ("symbolic", "prm", "rollout")
+SCORERS = ("symbolic", "prm", "rollout", "mini_world")
 
 __all__ = [
     "StepScorer",
@@ -46,7 +48,7 @@ def _full_config(cfg: Any) -> Any:
 
 
 def make_scorer(cfg: Any, backend: Any = None, **kw: Any) -> StepScorer:
-    """The step scorer named by ``cfg.name`` (or ``cfg.scorer.name``): ``symbolic`` | ``prm`` | ``rollout``.
+    """The step scorer named by ``cfg.name`` (or ``cfg.scorer.name``): ``symbolic`` | ``mini_world`` | ``prm`` | ``rollout``.
 
     ``backend``: the policy backend, needed by ``rollout`` (it samples completions)."""
     node = cfg.get("scorer", cfg) if cfg is not None and "name" not in cfg else cfg
@@ -55,6 +57,10 @@ def make_scorer(cfg: Any, backend: Any = None, **kw: Any) -> StepScorer:
         from sphere.rewards.symbolic import SymbolicStepScorer
 
         return SymbolicStepScorer(node, **kw)
+    if name == "mini_world":
+        from sphere.rewards.mini_world import MiniWorldStepScorer
+
+        return MiniWorldStepScorer(node)
     if name == "prm":
         from sphere.rewards.prm import PRMScorer
 

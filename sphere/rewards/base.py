@@ -31,7 +31,8 @@ OUTCOME_MODES = ("none", "replace", "mix", "add")
 @runtime_checkable
 class StepScorer(Protocol):
     """Scores steps of partial solutions. Implementations: ``sphere.rewards.symbolic.SymbolicStepScorer``,
-    ``sphere.rewards.prm.PRMScorer``, ``sphere.rewards.rollout.RolloutScorer``."""
+    ``sphere.rewards.mini_world.MiniWorldStepScorer``, ``sphere.rewards.prm.PRMScorer``,
+    ``sphere.rewards.rollout.RolloutScorer``."""
 
     def score(self, items: list[tuple[str, list[str]]]) -> list[list[float]]:
         """items: ``(problem, steps)``; returns, per item, one score in [0, 1] per step (same length)."""
