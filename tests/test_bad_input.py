@@ -259,7 +259,8 @@ RUN_CONFIGS = [
 def test_bad_run_config_fails_before_any_work(overrides, needles, tmp_path, tiny_model_dir):
     """Caught up front: no round-0 evaluation is spent before the generate settings are found wrong."""
     out = tmp_path / "run"
-    proc = _sphere("run", f"model={tiny_model_dir}", f"model.small={tiny_model_dir}", "rounds=1",
+    proc = _sphere("run", "experiment=mini_planted", f"model={tiny_model_dir}", f"model.small={tiny_model_dir}",
+                   "rounds=1",
                    "eval.limit=2",
                    *overrides, f"hydra.run.dir={out}")
     _assert_clean_failure(proc, out, needles)

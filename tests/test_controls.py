@@ -81,9 +81,10 @@ def test_rft_recipe_switches_the_dpo_term_off_and_keeps_the_nll_term():
     assert t.loss.rpo_alpha == 1.0  # a recipe without the NLL term gets it: SFT needs it
 
 
-def test_controls_are_off_by_default_and_named_when_on():
-    assert enabled_controls(_cfg()) == []
-    on = _cfg("controls.random_pairs=true", "controls.rft=true")
+def test_controls_are_on_in_the_default_off_in_the_planted_check_and_named_when_on():
+    assert enabled_controls(_cfg()) == ["rft", "random_pairs"]  # the default, experiment=mini_honest
+    assert enabled_controls(_cfg("experiment=mini_planted")) == []
+    on = _cfg("experiment=mini_planted", "controls.random_pairs=true", "controls.rft=true")
     assert enabled_controls(on) == ["rft", "random_pairs"]
 
 
@@ -103,7 +104,7 @@ def test_bad_controls_config_is_refused_naming_the_field(override, words):
 def test_controls_refused_with_ray():
     with pytest.raises(ValueError, match="runner=local"):
         validate_run_config(_cfg("controls.rft=true", "runner=ray"))
-    validate_run_config(_cfg("runner=ray"))  # off: fine
+    validate_run_config(_cfg("experiment=mini_planted", "runner=ray"))  # off: fine
 
 
 def _write_eval(d: Path, bench: str, verdicts: dict[str, bool]) -> None:
@@ -139,7 +140,8 @@ def test_sphere_run_with_controls_end_to_end_and_resumes(tmp_path):
     """A real one-round run on the mini world (transformers backend, TRL): both controls train from round 0's
     policy, are evaluated on the same problems, and a rerun into the same directory reuses all of it."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
-    args = [sys.executable, "-m", "sphere.cli", "run", "rounds=1", "data.mini_n=48", "eval.limit=60",
+    args = [sys.executable, "-m", "sphere.cli", "run", "experiment=mini_planted", "rounds=1",
+            "data.mini_n=48", "eval.limit=60",
             "controls.rft=true", "controls.random_pairs=true", f"hydra.run.dir={tmp_path}"]
     r = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -192,7 +194,7 @@ def test_summary_shows_a_rounds_evaluation_before_the_next_rounds_pairs_exist(tm
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(generator.Generator, "run", boom)
-    cfg = _cfg("rounds=1", "data.mini_n=8", "eval.limit=20")
+    cfg = _cfg("experiment=mini_planted", "rounds=1", "data.mini_n=8", "eval.limit=20")
     with pytest.raises(RuntimeError, match="generation died"):
         pipeline.run(cfg, tmp_path)
     rounds = json.loads((tmp_path / "summary.json").read_text())["rounds"]

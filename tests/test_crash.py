@@ -263,7 +263,8 @@ def test_eval_killed_at_random_points_equals_clean_run(seed, clean_eval, tiny_mo
 
 # ---------------------------------------------------------------------------------------------- run
 def _run_args(model: Path, out: Path) -> list[str]:
-    return ["run", f"model={model}", f"model.small={model}", "backend=transformers", "rounds=1",
+    return ["run", "experiment=mini_planted", f"model={model}", f"model.small={model}", "backend=transformers",
+            "rounds=1",
             "data.mini_n=8", "search.max_depth=3", "search.max_step_tokens=24", "eval.limit=3",
             "eval.max_tokens=24", "eval.batch_size=1", "train.max_steps=2", "train.batch_size=2",
             "stages.stage3=true",  # the mini default turns stage 3 off; the kills must hit all three stages

@@ -28,7 +28,8 @@ def test_reference_solutions_score_one_on_every_step():
 
 
 def test_copied_operand_is_wrong_here_and_right_for_the_symbolic_checker():
-    p = next(q for q in PROBLEMS if len(q["solution"].split(STEP_DELIMITER)) >= 4 and " each." not in q["problem"])
+    p = next(q for q in PROBLEMS
+             if len(q["solution"].split(STEP_DELIMITER)) >= 4 and " each." not in q["problem"])
     steps = p["solution"].split(STEP_DELIMITER)
     a, op, b, c = reference_chain(p["problem"])[1]
     wrong_b = b + 1 if op != "/" else b  # keep the division exact: change the left operand instead
@@ -79,5 +80,6 @@ def test_make_scorer_builds_it_from_the_shipped_config():
 
 
 def test_harder_world_parses():
-    for p in generate_problems(100, seed=5, **{**WorldSpec(min_steps=5, max_steps=6).to_dict(), "ops": ("+", "-", "*", "/")}):
+    world = {**WorldSpec(min_steps=5, max_steps=6).to_dict(), "ops": ("+", "-", "*", "/")}
+    for p in generate_problems(100, seed=5, **world):
         assert MiniWorldStepScorer().score_steps(p["problem"], p["solution"].split(STEP_DELIMITER))[-1] == 1.0

@@ -12,7 +12,8 @@ import pytest
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
-COMMON = ["data.mini_n=16", "eval.limit=30", "rounds=1", "search.temperature=0", "stages.stage3=true"]
+COMMON = ["experiment=mini_planted",
+          "data.mini_n=16", "eval.limit=30", "rounds=1", "search.temperature=0", "stages.stage3=true"]
 
 
 def _run(out, *extra):
