@@ -87,7 +87,9 @@ def _usage() -> str:
 
 
 def _defaults_groups(cdir: Path, config_name: str, seen: set | None = None) -> dict[str, str]:
-    """group -> default option of a primary config, following its parent configs (``- config``)."""
+    """group -> default option of a primary config, following its parent configs (``- config``). A group
+    under another package keeps it in the key (``train_opts@train``: what an override must spell). The
+    default experiment's own ``override /group: option`` entries are the effective defaults, so they win."""
     from omegaconf import OmegaConf
 
     seen = set() if seen is None else seen
@@ -101,8 +103,17 @@ def _defaults_groups(cdir: Path, config_name: str, seen: set | None = None) -> d
                 out.update(_defaults_groups(cdir, item, seen))
             continue
         for k, v in item.items():
-            group = k.replace("override ", "").strip().split("@")[0]
+            group = k.replace("override ", "").strip().lstrip("/")
             out[group] = "null" if v is None else str(v)
+    exp = out.get("experiment")
+    if exp and exp != "null" and (cdir / "experiment" / f"{exp}.yaml").is_file():
+        exp_cfg = OmegaConf.to_container(OmegaConf.load(cdir / "experiment" / f"{exp}.yaml"))
+        for item in exp_cfg.get("defaults", []):
+            if isinstance(item, dict):
+                for k, v in item.items():
+                    group = k.replace("override ", "").strip().lstrip("/")
+                    if k.startswith("override ") and group in out:
+                        out[group] = "null" if v is None else str(v)
     return out
 
 
@@ -122,12 +133,13 @@ def command_help(key: tuple[str, ...], cdir: Path) -> str:
     lines = [f"sphere {name}: {DESCRIPTIONS.get(key, '')}", ""]
     if doc:
         lines += [doc.strip(), ""]
-    groups = {g: d for g, d in _defaults_groups(cdir, config_name).items() if g in USER_GROUPS}
+    groups = {g: d for g, d in _defaults_groups(cdir, config_name).items() if g.split("@")[0] in USER_GROUPS}
     if groups:
         lines.append("config groups (choose with group=option; default in brackets):")
         for g, d in groups.items():
-            opts = sorted(p.stem for p in (cdir / g).glob("*.yaml")) if (cdir / g).is_dir() else []
-            lines.append(f"  {g:<12} [{d}]  {' | '.join(opts)}")
+            gdir = cdir / g.split("@")[0]
+            opts = sorted(p.stem for p in gdir.glob("*.yaml")) if gdir.is_dir() else []
+            lines.append(f"  {g:<16} [{d}]  {' | '.join(opts)}")
         lines.append("")
     lines += [f"fields: `sphere {name} --cfg job` prints the composed config; each field is documented in "
               f"conf/{config_name}.yaml and the files it composes ({cdir}).",

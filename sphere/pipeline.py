@@ -1,6 +1,7 @@
 """`sphere run`: the SPHERE self-evolution loop.
 
-    sphere run                                   # mini world on CPU (the embedded default)
+    sphere run                                   # the honest mini world, CPU (experiment=mini_honest)
+    sphere run experiment=mini_planted           # the planted world: the loop's unit-level check
     sphere run rounds=3 search=mcts              # any generate/train/eval override composes
     sphere run experiment=paper_qwen2_5_7b dry_run=true   # print the plan of the paper's setting
 
@@ -257,9 +258,22 @@ def plan(cfg: DictConfig) -> dict:
                   "loss": OmegaConf.to_container(cfg.train.loss, resolve=True) if "loss" in cfg.train else None},
         "eval": {"benchmarks": round_benchmarks(cfg), "limit": cfg.eval.limit},
         "controls": enabled_controls(cfg),
+        "estimate_per_round_controls": _controls_estimate(cfg, n),
         "estimate_per_round_stage1": est,
         "memory_plan": mem,
     }
+
+
+def _controls_estimate(cfg: DictConfig, n: int) -> dict:
+    """What the per-round controls add to a round: each trains once and is evaluated once on the round's
+    benchmarks; random_pairs first samples ``controls.samples`` full solutions per searched problem."""
+    out = {}
+    for name in enabled_controls(cfg):
+        est = {"trainings": 1, "evaluations": len(round_benchmarks(cfg))}
+        if name == "random_pairs":
+            est["sampled_solutions"] = n * int(cfg.controls.get("samples", 4))
+        out[name] = est
+    return out
 
 
 def validate_run_config(cfg: DictConfig) -> None:

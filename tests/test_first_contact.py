@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import stat
 import subprocess
@@ -39,6 +40,10 @@ def test_command_help_describes_the_command_not_hydra():
     assert "self-evolution loop" in p.stdout and "powered by Hydra" not in p.stdout
     assert "experiment" in p.stdout and "paper_qwen2_5_7b" in p.stdout  # groups a user chooses
     assert "hydra/" not in p.stdout and "accelerate" not in p.stdout  # groups a user cannot choose
+    # what an override must spell, and the effective defaults (the default experiment's overrides win)
+    assert re.search(r"^  train_opts@train +\[full\]", p.stdout, re.M)
+    assert re.search(r"^  model +\[mini_honest\]", p.stdout, re.M)
+    assert re.search(r"^  experiment +\[mini_honest\]", p.stdout, re.M)
 
 
 def test_a_single_benchmark_name_without_brackets(tmp_path):

@@ -162,6 +162,13 @@ def test_mini_experiments_dry_run(exp, tmp_path):
     assert plan["stages"] == {"1": True, "2": True, "3": False}
     assert plan["search"]["E"] == (2 if exp == "mini_honest" else 5)
     assert plan["train"]["loss"]["beta"] == (0.01 if exp == "mini_honest" else 0.1)
+    if exp == "mini_planted":
+        assert plan["estimate_per_round_controls"] == {}
+    else:  # both controls on: what each adds to a round is in the plan
+        n = plan["problems"]
+        assert plan["estimate_per_round_controls"] == {
+            "rft": {"trainings": 1, "evaluations": 1},
+            "random_pairs": {"trainings": 1, "evaluations": 1, "sampled_solutions": 4 * n}}
     if exp != "mini_planted":
         assert plan["models"]["policy"].endswith("assets/mini_honest/mini-honest")
         assert plan["eval"]["limit"] == 2000 and plan["eval"]["benchmarks"][0].endswith("test_hard.jsonl")
