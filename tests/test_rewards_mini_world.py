@@ -83,3 +83,15 @@ def test_harder_world_parses():
     world = {**WorldSpec(min_steps=5, max_steps=6).to_dict(), "ops": ("+", "-", "*", "/")}
     for p in generate_problems(100, seed=5, **world):
         assert MiniWorldStepScorer().score_steps(p["problem"], p["solution"].split(STEP_DELIMITER))[-1] == 1.0
+
+
+def test_a_bad_flip_rate_fails_the_dry_run_before_any_work(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([sys.executable, "-m", "sphere.cli", "run", "scorer=mini_world", "scorer.flip_rate=0.9",
+                        "dry_run=true", f"hydra.run.dir={tmp_path}"], capture_output=True, text=True, env=env,
+                       timeout=300)
+    assert p.returncode != 0 and "scorer.flip_rate=0.9" in p.stderr and "Traceback" not in p.stderr

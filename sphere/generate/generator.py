@@ -67,6 +67,10 @@ def validate_generate_config(cfg: Any) -> None:
         raise ValueError(f"config stages.small_expansions_factor={st.small_expansions_factor}: allowed >= 1")
     if cfg.data.limit is not None and int(cfg.data.limit) < 0:
         raise ValueError(f"config data.limit={cfg.data.limit}: allowed null or an integer >= 0")
+    if "scorer" in cfg and str(cfg.scorer.get("name", "")) == "mini_world":  # no model: its knobs check here
+        from sphere.rewards.mini_world import MiniWorldStepScorer
+
+        MiniWorldStepScorer(cfg.scorer)
     # the search and filter settings too, before any model loads or output file is created (issue #11)
     from sphere.search.driver import validate_search_config
 
