@@ -363,6 +363,7 @@ def run(cfg: DictConfig, out: Path) -> dict:
     logger = make_logger(cfg, out, "run")
     summary_path = out / "summary.json"
     rounds: list[dict] = []
+    earlier = _earlier_rounds(summary_path)  # a rerun into the same directory keeps what the work took
     try:
         t_prep = time.perf_counter()
         policy = str(resolve_model(str(cfg.model.policy), cfg))
@@ -424,6 +425,7 @@ def run(cfg: DictConfig, out: Path) -> dict:
                         cfg, r, start_policy=start, pairs=ctrl_pairs, out=out / f"round_{r + 1}" / "controls",
                         evaluate=lambda b, d, m, rr=r + 1: _eval_round(cfg, b, d, m, None, rr), logger=logger)
                     pending_controls = {"controls": ctrls, "controls_s": ctrl_s + time.perf_counter() - t_c}
+            _keep_earlier_timings(rec, earlier.get(r))
             rounds.append(rec)
             _write_summary(out, rounds)
         _write_summary(out, rounds)
@@ -488,6 +490,27 @@ class _StepLogger:
     def log(self, metrics: dict, step: int | None = None) -> None:
         if self.logger is not None:
             self.logger.log({**metrics, "train/round": self.r})
+
+
+_TIMINGS = ("wall_s", "eval_s", "policy_s", "controls_s")
+
+
+def _earlier_rounds(summary_path: Path) -> dict[int, dict]:
+    """Round records of an earlier attempt in this run directory (its summary.json), by round."""
+    try:
+        return {int(r["round"]): r for r in json.loads(summary_path.read_text())["rounds"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
+def _keep_earlier_timings(rec: dict, before: dict | None) -> None:
+    """A rerun that reuses a finished round measures only the reuse (seconds); the round's recorded times stay
+    those of the attempt that did the work (the longer of the two, for the same policy)."""
+    if not before or before.get("policy") != rec.get("policy"):
+        return
+    for k in _TIMINGS:
+        if isinstance(before.get(k), (int, float)) and before[k] > rec.get(k, 0.0):
+            rec[k] = before[k]
 
 
 def _write_summary(out: Path, rounds: list[dict]) -> None:

@@ -172,8 +172,11 @@ def test_sphere_run_with_controls_end_to_end_and_resumes(tmp_path):
     r2 = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert r2.returncode == 0, r2.stderr[-3000:]
     assert r2.stderr.count("is complete, skipping training") == 3  # SPHERE's and both controls'
-    again = json.loads((tmp_path / "summary.json").read_text())["rounds"][1]["controls"]
+    again_rec = json.loads((tmp_path / "summary.json").read_text())["rounds"][1]
+    again = again_rec["controls"]
     assert {k: v["eval"] for k, v in again.items()} == {k: v["eval"] for k, v in ctrls.items()}
+    # the rerun reused everything: the round's recorded times stay those of the run that did the work
+    assert {k: again_rec[k] for k in ("wall_s", "controls_s")} == {k: rec[k] for k in ("wall_s", "controls_s")}
     # another pairing seed on the finished directory: refused, naming it, before pairs.jsonl is rewritten
     rp = tmp_path / "round_1" / "controls" / "random_pairs" / "pairs.jsonl"
     before = rp.read_bytes()
