@@ -27,6 +27,7 @@ import re
 from typing import Any
 
 from sphere.mini.world import _PHRASES
+from sphere.mini.world import _apply as _world_apply
 
 _START = re.compile(r"^\w+ has (?P<total>\d+) [a-z]+\.$")
 _START_PRODUCT = re.compile(r"^\w+ has (?P<a>\d+) [a-z]+ with (?P<b>\d+) [a-z]+ each\.$")
@@ -51,13 +52,10 @@ _OPS = _op_patterns()
 
 
 def _apply(op: str, a: int, b: int) -> int | None:
-    if op == "+":
-        return a + b
-    if op == "-":
-        return a - b
-    if op == "*":
-        return a * b
-    return a // b if b and a % b == 0 else None
+    """The world's arithmetic (``sphere.mini.world._apply``); None for a division that is not exact."""
+    if op == "/" and not (b and a % b == 0):
+        return None
+    return _world_apply(op, a, b)
 
 
 def reference_chain(problem: str) -> list[tuple[int, str, int, int]] | None:
