@@ -80,6 +80,28 @@ def validate_generate_config(cfg: Any) -> None:
         raise ValueError(f"config engine_backend={cfg.engine_backend!r}: allowed cpp | py")
 
 
+FINISHES = ("answer", "eos", "depth", "length", "window")
+CUT_FINISHES = ("depth", "length", "window")  # chains cut before a stated answer: graded wrong, never chosen
+
+
+def chain_ends(recs: dict[int, list[dict]]) -> dict:
+    """Terminal trajectories of the stage records by finish, in all and per stage, with the share cut at the
+    depth limit, the policy's window and the scorer's window (generate_stats.json ``chain_ends``)."""
+
+    def count(rs: list[dict]) -> dict:
+        c = {f: 0 for f in FINISHES}
+        for r in rs:
+            for t in r.get("terminals") or []:
+                f = str(t.get("finish", ""))
+                c[f] = c.get(f, 0) + 1
+        n = sum(c.values())
+        return {"terminals": n, **c, "share": {f: c[f] / n if n else 0.0 for f in CUT_FINISHES}}
+
+    out = count([r for rs in recs.values() for r in rs])
+    out["by_stage"] = {str(s): count(rs) for s, rs in sorted(recs.items())}
+    return out
+
+
 def traj_to_dict(t: Trajectory | None) -> dict | None:
     if t is None:
         return None
@@ -195,7 +217,8 @@ class Generator:
                                   engine_backend=str(cfg.engine_backend), seed=int(cfg.seed))
 
             def stage2_job(p: dict, rec1: dict) -> SearchJob:
-                attempt = traj_from_dict(rec1[str(st_cfg.stage2_rejected)] or rec1["sol_max"])
+                # both_wrong implies a chain (route: no terminal at all is no_chain, never stage 2)
+                attempt = traj_from_dict(rec1[str(st_cfg.stage2_rejected)] or rec1["sol_max"] or rec1["sol_min"])
                 return SearchJob(f"2:{p['id']}", p, self._reflection_fn(tok, p, attempt),
                                  {"stage": 2, "attempt": attempt})
 
@@ -379,7 +402,7 @@ class Generator:
                 prev = {}
         tot = {k: 0.0 for k in ("backend_calls", "tokens", "candidates", "leaves", "engine_s", "backend_s",
                                 "scorer_s", "verify_s", "full_calls", "full_call_leaves", "collisions",
-                                "pruned")}
+                                "pruned", "context_ends", "window_ends")}
         for sd in search.values():
             for k in tot:
                 tot[k] += float(sd.get(k, 0))
@@ -410,6 +433,11 @@ class Generator:
             "engine_time_frac": tot["engine_s"] / max(1e-9, wall_s),
             "collisions": int(tot["collisions"]),
             "pruned": int(tot["pruned"]),
+            "context_ends": int(tot["context_ends"]),  # leaves whose prompt no longer fit the policy's window
+            "window_ends": int(tot["window_ends"]),  # candidate steps over the step scorer's window
+            # how the chains ended: every terminal trajectory of the searches, by finish; the share cut at
+            # search.max_depth (depth), the policy's window (length) and the step scorer's window (window)
+            "chain_ends": chain_ends({s: [r for r in recs[s] if r["problem_id"] in wanted] for s in recs}),
             "wall_s": wall_s,
             "search": search,
             "previous_attempts_wall_s": (prev.get("previous_attempts_wall_s", 0.0) + prev.get("wall_s", 0.0))

@@ -5,7 +5,8 @@ jobs; what each stage makes of a search result is decided here, from the result,
 ``StageContext``, with no I/O:
 
   stage 1  Sol_max correct, Sol_min wrong -> (Sol_max, Sol_min); both wrong -> stage 2; both right ->
-           stage 3; Sol_max wrong but Sol_min right -> swapped pair (``stages.inverted: swap``) or nothing
+           stage 3; Sol_max wrong but Sol_min right -> swapped pair (``stages.inverted: swap``) or nothing;
+           no terminal at all -> nothing (route no_chain)
   stage 2  the correction search's best correct solution (its Sol_max when correct, else the correct
            terminal the step scorer ranks highest) over the wrong attempt
   stage 3  the policy's correct Sol_max over the small model's most plausible wrong solution (its Sol_max
@@ -62,7 +63,11 @@ class StageContext:
 
 
 def route(sol_max: Trajectory | None, sol_min: Trajectory | None) -> str:
-    """Which stage a stage-1 search result goes to: pair | both_right | both_wrong | inverted."""
+    """Which stage a stage-1 search result goes to: pair | both_right | both_wrong | inverted, or no_chain
+    when the search reached no terminal at all (an MCTS budget too small to finish one chain): nothing to
+    pair and no attempt to reflect on, so it goes nowhere (counted in generate_stats' routes)."""
+    if sol_max is None and sol_min is None:
+        return "no_chain"
     mx = bool(sol_max and sol_max.correct)
     mn = bool(sol_min and sol_min.correct)
     if mx and not mn:

@@ -39,6 +39,16 @@ class StepScorer(Protocol):
         ...
 
 
+# A scorer with a window (a PRM: ``max_position_embeddings``, or ``scorer.max_length``) may also have
+# ``fits(items) -> list[bool]``: whether each ``(problem, steps)`` item fits it. The search asks before scoring;
+# a candidate step whose item does not fit ends its chain there (finish "window", graded wrong, counted in
+# generate_stats like a policy context overflow), instead of one long chain aborting the whole generation.
+def scorer_fits(scorer: object, items: list[tuple[str, list[str]]]) -> list[bool]:
+    """``scorer.fits(items)`` when the scorer has a window, else every item fits."""
+    fits = getattr(scorer, "fits", None)
+    return [True] * len(items) if fits is None else [bool(x) for x in fits(items)]
+
+
 def shape_rewards(scores: list[float], mode: str = "advantage") -> list[float]:
     """Per-step rewards of one path from its per-step scores (see the module docstring for the modes)."""
     if mode not in SHAPE_MODES:

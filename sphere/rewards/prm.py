@@ -18,6 +18,12 @@ softmax probability of class 1 ("correct") at the reward token that follows it.
 ``PRMScorer(cfg)`` reads ``cfg.scorer`` (conf/scorer/prm.yaml). ``score(items)`` -> one score in [0, 1] per
 step. Steps that contain the reward token have it removed (it would shift the step boundaries).
 
+The PRM's window (``scorer.max_length``, default its ``max_position_embeddings``: 4,096 for Qwen2.5-Math-PRM-7B)
+is shorter than the chains the paper's budgets allow (16 x 512 tokens). ``fits(items)`` says which items fit
+(the token ids it builds are kept for the next ``score`` call, so nothing is tokenised twice); the search
+asks it first and ends a chain whose next step does not fit (sphere/search/driver.py). ``score`` on an item
+over the window still raises: that is a caller's bug, never silently truncated.
+
 Work per call (issue #19): identical (problem, steps) items are scored once (``dedup_items``); the
 transformers engine sorts the rows by length before batching (``sort_by_length``; stable, so siblings, which
 share their parent's prefix and have similar lengths, stay together) so a batch pads to its own longest row
@@ -147,6 +153,7 @@ class PRMScorer:
         arch = (getattr(hf, "architectures", None) or [""])[0]
         self._llm = None
         self._key = None
+        self._ids_cache: dict[tuple, list[int]] = {}  # fits() -> the next _score(): token ids built once
         if self.engine == "transformers":
             import torch
 
@@ -195,6 +202,21 @@ class PRMScorer:
         text = f"{self.system}\n\n{problem}\n\n{msgs[-1]['content']}"
         return list(self.tokenizer(text)["input_ids"])
 
+    def _ids(self, problem: str, steps: list[str]) -> list[int]:
+        key = (problem, tuple(steps))
+        ids = self._ids_cache.get(key)
+        return ids if ids is not None else self.build_ids(problem, list(steps))
+
+    def fits(self, items: list[tuple[str, list[str]]]) -> list[bool]:
+        """Whether each (problem, steps) item fits the PRM's window (``max_length`` tokens)."""
+        self._ids_cache.clear()
+        out = []
+        for problem, steps in items:
+            ids = self.build_ids(problem, list(steps)) if steps else []
+            self._ids_cache[(problem, tuple(steps))] = ids
+            out.append(len(ids) <= self.max_length)
+        return out
+
     def score(self, items: list[tuple[str, list[str]]]) -> list[list[float]]:
         """One score in [0, 1] per step of each (problem, steps); each distinct item is computed once."""
         import time
@@ -227,11 +249,12 @@ class PRMScorer:
     def _score(self, items: list[tuple[str, list[str]]]) -> list[list[float]]:
         rows = []
         for i, (problem, steps) in enumerate(items):
-            ids = self.build_ids(problem, list(steps)) if steps else []
+            ids = self._ids(problem, list(steps)) if steps else []
             if len(ids) > self.max_length:
                 raise ValueError(f"PRM {self.model_path}: item {i} has {len(ids)} tokens > max_length "
-                                 f"{self.max_length} (config key scorer.max_length)")
+                                 f"{self.max_length} (config key scorer.max_length); ask fits() first")
             rows.append(ids)
+        self._ids_cache.clear()
         out: list[list[float] | None] = [None] * len(rows)
         todo = [i for i, r in enumerate(rows) if r]
         for i, r in enumerate(rows):

@@ -1,6 +1,7 @@
 """Candidate steps of one expansion (moved out of sphere/search/driver.py, issue #18): ``merge_duplicates``
 (identical candidates of a leaf merged into their first occurrence, with multiplicities), the placeholder
-candidate of a leaf whose prompt fills the context window (``_CONTEXT_END``, ``_context_end``) and
+candidate of a leaf whose prompt fills the context window (``_CONTEXT_END``, ``_context_end``) or whose
+step the scorer's window cannot take (``_WINDOW_END``, ``_window_end``) and
 ``answer_closed`` (a boxed answer after the prompt family's ``answer_after`` marker)."""
 
 from __future__ import annotations
@@ -8,13 +9,19 @@ from __future__ import annotations
 from typing import Any
 
 _CONTEXT_END = "context_end"  # finish of the placeholder candidate of a leaf whose prompt fills the window
+_WINDOW_END = "window_end"  # finish of the placeholder of a candidate step the step scorer's window cannot take
+CUT_ENDS = (_CONTEXT_END, _WINDOW_END)  # placeholders: the chain is cut there, the empty step is not part of it
 
 
-def _context_end():
+def _context_end(finish: str = _CONTEXT_END):
     from sphere.backends.base import Candidate
 
-    return Candidate(text="", token_ids=[], logprob_sum=0.0, logprob_mean=0.0, finish=_CONTEXT_END,
+    return Candidate(text="", token_ids=[], logprob_sum=0.0, logprob_mean=0.0, finish=finish,
                      token_logprobs=[])
+
+
+def _window_end():
+    return _context_end(_WINDOW_END)
 
 
 def answer_closed(text: str, marker: str) -> bool:

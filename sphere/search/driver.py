@@ -48,10 +48,13 @@ import numpy as np
 
 from sphere.backends.base import SamplingParams
 from sphere.engine import make_forest
-from sphere.rewards.base import combine_outcome, shape_rewards
+from sphere.rewards.base import combine_outcome, scorer_fits, shape_rewards
 from sphere.search.candidates import (  # moved out of this module (issue #18); the names stay importable here
     _CONTEXT_END,
+    _WINDOW_END,
+    CUT_ENDS,
     _context_end,
+    _window_end,
     answer_closed,
     merge_duplicates,
 )
@@ -139,7 +142,7 @@ class SearchDriver:
         val = float(self.forest.value(path_nodes[-1:])[0]) if len(path_nodes) else 0.0
         correct = bool(self.step_correct[last]) if pls else False
         keep = len(pls)
-        if pls and self.steps[last] == "" and fin == "length":  # a context end: not a step of the solution
+        if pls and self.steps[last] == "" and fin in ("length", "window"):  # a cut placeholder: not a step
             keep -= 1
         return Trajectory(
             steps=[self.steps[p] for p in pls[:keep]],
@@ -199,7 +202,7 @@ class SearchDriver:
                 continue
             self._prompts(rd, live)
             sp.seed = self.seed * 1_000_003 + round_idx
-            self._call_backend(rd, sp)
+            self._call_backend(rd, sp, live)
             self._score_candidates(rd, live)
             self._check_terminals(rd, live)
             self._shape(rd)
@@ -243,10 +246,11 @@ class SearchDriver:
             rd.paths.append(pls)
             rd.prompts.append(self._prompt_for(live[root].job, pls))
 
-    def _call_backend(self, rd: Round, sp: SamplingParams) -> None:
+    def _call_backend(self, rd: Round, sp: SamplingParams, live: dict[int, TreeState]) -> None:
         """One backend call for every leaf whose prompt still fits the context window; a chain whose prompt
-        no longer fits ends there (finish="length", graded as it is). A failed call removes the virtual
-        loss of the selected leaves (MCTS) and re-raises, leaving the trees intact."""
+        no longer fits ends there (finish="length"), and so does a candidate step the scorer's window cannot
+        take (finish="window"): cut chains are graded wrong. A failed call removes the virtual loss of the
+        selected leaves (MCTS) and re-raises, leaving the trees intact."""
         t0 = time.perf_counter()
         fits = [self._fits(p) for p in rd.prompts]
         send = [p for p, ok in zip(rd.prompts, fits, strict=True) if ok]
@@ -259,6 +263,7 @@ class SearchDriver:
         cands = [next(got) if ok else [_context_end()] for ok in fits]
         st = self.stats
         st.context_ends += fits.count(False)
+        st.window_ends += self._cut_at_scorer_window(rd, cands, live)
         st.backend_s += time.perf_counter() - t0
         st.backend_calls += 1
         st.leaves += len(rd.prompts)
@@ -277,6 +282,24 @@ class SearchDriver:
         rd.flat = [c for cl in cands for c in cl]
         rd.owner = [i for i, cl in enumerate(cands) for _ in cl]
 
+    def _cut_at_scorer_window(self, rd: Round, cands: list[list[Any]], live: dict[int, TreeState]) -> int:
+        """Candidates whose (problem, steps) item does not fit the step scorer's window (a PRM's 4,096
+        positions against chains of 16 x 512 tokens) become window-end placeholders, before duplicates
+        merge: that chain ends there. Returns how many were cut."""
+        if getattr(self.scorer, "fits", None) is None:
+            return 0
+        idx = [(i, j) for i, cl in enumerate(cands) for j, c in enumerate(cl) if c.finish not in CUT_ENDS]
+        if not idx:
+            return 0
+        items = [(live[rd.roots[i]].job.problem["problem"], [self.steps[p] for p in rd.paths[i]]
+                  + [cands[i][j].text]) for i, j in idx]
+        cut = 0
+        for (i, j), ok in zip(idx, scorer_fits(self.scorer, items), strict=True):
+            if not ok:
+                cands[i][j] = _window_end()
+                cut += 1
+        return cut
+
     def _score_candidates(self, rd: Round, live: dict[int, TreeState]) -> None:
         """The step scorer (the PRM role) on every candidate step; a context end keeps its parent's score."""
         t0 = time.perf_counter()
@@ -284,7 +307,7 @@ class SearchDriver:
             i = rd.owner[j]
             rd.items.append((live[rd.roots[i]].job.problem["problem"], [self.steps[p] for p in rd.paths[i]]
                              + [c.text]))
-        forced = [c.finish == _CONTEXT_END for c in rd.flat]
+        forced = [c.finish in CUT_ENDS for c in rd.flat]
         scored = iter(self._score([x for x, e in zip(rd.items, forced, strict=True) if not e])
                       if rd.items else [])
         rd.scores = [[self.step_score[rd.paths[rd.owner[j]][-1]] if rd.paths[rd.owner[j]] else 0.0]
@@ -292,7 +315,10 @@ class SearchDriver:
         self.stats.scorer_s += time.perf_counter() - t0
 
     def _check_terminals(self, rd: Round, live: dict[int, TreeState]) -> None:
-        """Which candidates end their solution (answer, eos, context end, max depth); the checker grades them."""
+        """Which candidates end their solution; the checker grades those that ended on their own (a stated
+        answer, or the model's end of turn). A chain cut at max depth, the policy's window or the scorer's
+        window is wrong without grading: its last number is not an answer (an R1 chain cut inside <think>
+        must never become a chosen solution)."""
         t0 = time.perf_counter()
         max_depth = int(self.cfg.max_depth)
         to_check = []
@@ -301,10 +327,11 @@ class SearchDriver:
             if c.finish == "answer" and c.stop_hit and self.answer_after and not answer_closed(
                     self.delim.join(rd.items[j][1]), self.answer_after):
                 c.finish = "step"  # a boxed answer inside the thinking block: the solution goes on
-            term = c.finish in ("answer", "eos", _CONTEXT_END) or depth >= max_depth
+            ended = c.finish in ("answer", "eos")
+            term = ended or c.finish in CUT_ENDS or depth >= max_depth
             rd.terminal.append(term)
-            if term:
-                full = self.delim.join([x for x in rd.items[j][1] if x or c.finish != _CONTEXT_END])
+            if ended:
+                full = self.delim.join(rd.items[j][1])
                 to_check.append((j, full, live[rd.roots[rd.owner[j]]].job.problem["answer"]))
         if to_check:
             res = self.verifier([(t[1], t[2]) for t in to_check])
@@ -328,7 +355,7 @@ class SearchDriver:
                 if scfg.outcome_in_reward:  # steer reward-based pruning towards correct answers
                     r = combine_outcome(r, ok, "add", float(scfg.outcome_weight))
             d = len(rd.paths[i]) + 1
-            finish = ("length" if c.finish == _CONTEXT_END else
+            finish = ("length" if c.finish == _CONTEXT_END else "window" if c.finish == _WINDOW_END else
                       c.finish if c.finish in ("answer", "eos") or d < max_depth else "depth")
             rd.payloads.append(len(self.steps))
             self.steps.append(c.text)

@@ -30,7 +30,10 @@ class Trajectory:
     value: float  # engine value of the terminal node
     rewards: list[float]  # shaped reward per step
     scores: list[float]  # raw step-scorer score per step
-    finish: str  # how the last step ended: answer | eos | length | depth
+    # how the last step ended: answer (a stated \\boxed{} answer) | eos (the model ended its turn) | depth (cut
+    # at search.max_depth) | length (cut: the next prompt did not fit the policy's window) | window (cut: the next
+    # step did not fit the step scorer's window). Cut chains (depth, length, window) are graded wrong.
+    finish: str
     nodes: list[int] = field(default_factory=list, repr=False)  # forest node ids, root first (this run only)
 
 
@@ -96,6 +99,7 @@ class SearchStats:
     collisions: int = 0
     pruned: int = 0
     context_ends: int = 0  # chains ended because their prompt filled the backend's context window
+    window_ends: int = 0  # candidate steps that did not fit the step scorer's window (their chain ends there)
     merged: int = 0  # duplicate candidates merged into a sibling (search.dedup_candidates)
     scored_items: int = 0  # (problem, steps) items sent to the step scorer (distinct per call when deduping)
 
