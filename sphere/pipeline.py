@@ -233,9 +233,11 @@ def plan(cfg: DictConfig) -> dict:
     validate_generate_config(cfg)
     validate_run_config(cfg)
     resolve_train_cfg(cfg.train)  # unknown or bad train.* keys fail here, not after generation
+    from sphere.budgets import check_length_budgets
     from sphere.memplan import check_memory_plan
 
-    mem = check_memory_plan(cfg)  # refuses a plan that cannot fit hardware.gpu_memory_gb
+    budgets = check_length_budgets(cfg)  # every length budget vs its window; refuses where not one step fits
+    mem = check_memory_plan(cfg, budgets)  # refuses a plan that cannot fit hardware.gpu_memory_gb
     n = count_problems(cfg.data, int(cfg.seed))
     est = estimate_backend_calls(n, cfg.search)
     return {
@@ -260,6 +262,7 @@ def plan(cfg: DictConfig) -> dict:
         "controls": enabled_controls(cfg),
         "estimate_per_round_controls": _controls_estimate(cfg, n),
         "estimate_per_round_stage1": est,
+        "length_budgets": budgets,
         "memory_plan": mem,
     }
 
@@ -465,8 +468,15 @@ def run_transfer(cfg: DictConfig, out: Path, target_name: str) -> dict:
         t0 = time.perf_counter()
         gdir = out / "round_1" / "generate"
         check_generate(cfg, gdir, policy, small)  # signature.json (sphere/rundir/)
+        # the pairs are written in the target's prompt (its family, its tokenizer's template): the prompt it is
+        # trained on is the prompt it is evaluated with, not the generating policy's
+        from sphere.prompts import family_config
+        from sphere.train.checkpoints import _load_tokenizer
+
+        target_tok = _load_tokenizer(Path(target), {"trust_remote_code": bool(cfg.model.get("trust_remote_code"))})
         with Models(cfg, policy=policy, small=small) as models:  # policy, small, PRM: closed before DPO
-            gen = Generator(cfg, gdir, logger=logger, policy_name=policy, small_name=small)
+            gen = Generator(cfg, gdir, logger=logger, policy_name=policy, small_name=small,
+                            pair_family=fam or family_config(cfg), pair_tokenizer=target_tok)
             gstats = gen.run(load_problems(cfg.data, int(cfg.seed)), models.policy(), models.scorer(),
                              check_answers, small_backend_factory=models.small if small else None)
         trained = str(train_dpo(cfg.train, target, gdir / "pairs.jsonl", out / "round_1" / "train",
@@ -530,10 +540,12 @@ def main(cfg: DictConfig) -> float:
 
     out = Path(HydraConfig.get().runtime.output_dir)
     if cfg.dry_run:
+        from sphere.budgets import format_budgets
         from sphere.memplan import format_plan
 
         p = plan(cfg)
         print(json.dumps(p, indent=2))  # stdout stays one JSON document (scripts parse it)
+        print(format_budgets(p["length_budgets"]), file=sys.stderr)
         print(format_plan(p["memory_plan"]), file=sys.stderr)
         return 0.0
     from sphere.memplan import check_memory_plan

@@ -126,8 +126,12 @@ class Generator:
     """Runs the three stages; used by `sphere generate` and by `sphere run` (one backend per model)."""
 
     def __init__(self, cfg: DictConfig, out_dir: Path, *, logger: Any = None, policy_name: str | None = None,
-                 small_name: str | None = None):
+                 small_name: str | None = None, pair_family: dict | None = None, pair_tokenizer: Any = None):
+        """``pair_family`` / ``pair_tokenizer``: write the pairs' prompts in another model's prompt (a transfer
+        run trains and evaluates ``model.train_target`` with its own family: its pairs must be in the prompt
+        it is evaluated with, not the generating policy's); default: the policy's family and tokenizer."""
         self.policy_name, self.small_name = policy_name, small_name
+        self.pair_fam, self.pair_tok = pair_family, pair_tokenizer
         validate_generate_config(cfg)
         self.cfg = cfg
         self.out = Path(out_dir)
@@ -157,7 +161,7 @@ class Generator:
         """The pair's prompt: text for plain models, a user message list for chat models (TRL format)."""
         from sphere.prompts import build_prompt_text, build_reflection_text, uses_chat
 
-        fam = self.fam
+        fam = self.pair_fam or self.fam
         if uses_chat(tokenizer, fam):
             from sphere.prompts import _user_text
 
@@ -176,6 +180,7 @@ class Generator:
     def pair_prompt_fn(self, tokenizer: Any) -> tuple[Any, bool, str]:
         """How this generator writes a problem's pair: (problem -> prompt, conversational?, the prefix a
         conversational chosen/rejected starts with). sphere.controls builds its pairs with the same three."""
+        tokenizer = self.pair_tok or tokenizer
         return (lambda p: self._pair_prompt(tokenizer, p)), self._conv(tokenizer), self._prefix(tokenizer)
 
     # ------------------------------------------------------------------ resume
@@ -199,11 +204,12 @@ class Generator:
         if hasattr(scorer, "set_golds"):  # rollout values need each problem's gold answer
             scorer.set_golds(problems)
         # provenance of the pairs: the models that actually ran (sphere run: round r's trained checkpoint)
+        ptok = self.pair_tok or tok  # the pairs' prompt: the trained model's (a transfer target's) own
         ctx = StageContext.from_config(
             cfg, delim=self.delim, policy_name=self.policy_name or str(cfg.model.policy),
             small_name=self.small_name or str(cfg.model.small), config_hash=self.hash,
-            conversational=self._conv(tok), response_prefix=self._prefix(tok),
-            pair_prompt=lambda p, attempt: self._pair_prompt(tok, p, attempt))
+            conversational=self._conv(ptok), response_prefix=self._prefix(ptok),
+            pair_prompt=lambda p, attempt: self._pair_prompt(ptok, p, attempt))
         snap_every = int(cfg.output.snapshot_every)
         w = {s: JsonlAppender(self.out / "stages" / f) for s, f in STAGE_FILES.items()}
         stats_acc: dict = {"search": {}}
@@ -311,13 +317,14 @@ class Generator:
         return driver3.stats.as_dict(int(cfg.search.batch_leaves))
 
     def _prefix(self, tok: Any) -> str:
-        """What a conversational pair's chosen/rejected start with: the family's assistant_prefix."""
-        return str(self.fam.get("assistant_prefix") or "") if self._conv(tok) else ""
+        """What a conversational pair's chosen/rejected start with: the pairs' family's assistant_prefix."""
+        return str((self.pair_fam or self.fam).get("assistant_prefix") or "") if self._conv(tok) else ""
 
     def _conv(self, tok: Any) -> bool:
+        """Whether the pairs are conversational (the pairs' family and tokenizer use a chat template)."""
         from sphere.prompts import uses_chat
 
-        return uses_chat(tok, self.fam)
+        return uses_chat(tok, self.pair_fam or self.fam)
 
     def _record(self, stage: int, p: dict, res: SearchResult, route_: str, pairs: list[dict]) -> dict:
         return {
