@@ -169,6 +169,82 @@ def rewrite_model_override(args: list[str], cdir: Path) -> list[str]:
     return out
 
 
+def _value(args: list[str], key: str) -> str | None:
+    """The value of the last ``key=VALUE`` override in ``args`` (None if absent)."""
+    vals = [a.split("=", 1)[1] for a in args if a.split("=", 1)[0].lstrip("+") == key and "=" in a]
+    return vals[-1] if vals else None
+
+
+def family_overrides(args: list[str], cdir: Path, note=None) -> list[str]:
+    """The prompt family follows the model (``sphere.prompts.detect_family``).
+
+    - ``model=X`` with X a local directory or hub name (not an option of conf/model/): X's chat template
+      decides (Qwen2.5-Instruct -> qwen2_5, R1 distill -> deepseek_r1, phi-4 -> phi4, ...) and
+      ``model.family=F prompt=F`` are added; a model without a chat template keeps the configured family
+      (its plain ``template``); one whose family cannot be told is refused unless ``prompt=`` is given.
+    - ``prompt=F`` given explicitly wins: ``model.family=F`` is added (``sphere.prompts.family_config``
+      otherwise prefers ``model.family``), unless ``model.family=`` is given too.
+    ``note(msg)`` receives one line saying what was decided (the CLI prints it to stderr)."""
+    from sphere.prompts import UnknownPromptFamily, detect_family
+
+    prompt = _value(args, "prompt")
+    if prompt is not None and "," in prompt:
+        return []
+    if _value(args, "model.family") is not None:
+        return []
+    if prompt is not None:
+        return [f"model.family={prompt}"]
+    model = _value(args, "model")
+    if model is None or not model or "," in model or (cdir / "model" / f"{model}.yaml").is_file():
+        return []
+    try:
+        fam, why = detect_family(model)
+    except UnknownPromptFamily as e:
+        raise SystemExit(f"sphere: {e}") from None
+    if fam is None:
+        if note is not None:
+            note(f"sphere: model={model}: {why}; the configured prompt family is kept")
+        return []
+    if note is not None:
+        note(f"sphere: model={model}: prompt family {fam} ({why}); prompt=FAMILY overrides it")
+    return [f"model.family={fam}", f"prompt={fam}"]
+
+
+def experiment_overrides(args: list[str], key: tuple[str, ...], cdir: Path) -> list[str]:
+    """``experiment=X`` for a command whose config has no experiment slot (generate, train, eval): appended
+    as ``+experiment=X``, so the experiment applies last, over everything, as in `sphere run` (conf/run.yaml).
+    Each of these configs has null slots for the groups an experiment overrides (train_opts@train, search,
+    ...), so ``experiment=paper_qwen2_5_7b`` composes and gives each phase the settings `sphere run` uses."""
+    if key not in PHASE_COMMANDS or "experiment" in _defaults_groups(cdir, HYDRA_COMMANDS[key][0]):
+        return args
+    out = []
+    for a in args:
+        if a.startswith("experiment="):
+            if a.split("=", 1)[1] in ("null", "none", ""):
+                continue
+            a = "+" + a
+        out.append(a)
+    return out
+
+
+def hydra_overrides(key: tuple[str, ...], args: list[str], cdir: Path, note=None) -> list[str]:
+    """The overrides Hydra gets for `sphere <key> <args>`: ``experiment=`` placed last for the phase commands,
+    ``model=PATH`` as ``model.policy=PATH`` with the model's prompt family (``family_overrides``). Tests
+    compose with these, so they check what the command line composes."""
+    extra = family_overrides(args, cdir, note) if key in FAMILY_COMMANDS else []
+    out = rewrite_model_override(experiment_overrides(args, key, cdir), cdir)
+    if extra:  # beside the override they follow from: Hydra's flags (--cfg job, -m) may come after them
+        at = max(i for i, a in enumerate(args) if a.split("=", 1)[0] in ("model", "prompt"))
+        out[at + 1:at + 1] = extra
+    return out
+
+
+# Commands whose model takes its prompt family from ``model=PATH``, and the phase commands, which take
+# ``experiment=X`` (the phases of `sphere run experiment=X`).
+FAMILY_COMMANDS = (("run",), ("generate",), ("train",), ("eval",))
+PHASE_COMMANDS = (("generate",), ("train",), ("eval",))
+
+
 def _load(target: str):
     mod, fn = target.split(":")
     return getattr(importlib.import_module(mod), fn)
@@ -267,7 +343,7 @@ def _dispatch(argv: list[str]) -> None:
     if any(a in ("-h", "--help") for a in rest):
         print(command_help(key, cdir))
         return
-    rest = rewrite_model_override(rest, cdir)
+    rest = hydra_overrides(key, rest, cdir, note=lambda m: print(m, file=sys.stderr, flush=True))
     verbose = _verbose(rest)
     quiet_third_party(verbose)
     fn = _load(target)

@@ -75,6 +75,47 @@ def standin_path(name: str) -> Path:
 # --- end stand-ins
 
 
+def model_files(name: str, filenames: tuple[str, ...]) -> tuple[dict[str, Path] | None, str]:
+    """The files ``filenames`` of a model that are at hand, without loading or downloading weights:
+    ``({filename: path}, where)`` (files the model does not have are left out) or ``(None, why not)`` when its
+    files cannot be reached (a hub name offline and not in the local cache, a path that does not exist).
+    A local directory or stand-in is read; a hub name ``org/name`` is looked up in the local Hugging Face
+    cache, and fetched (those small files only) when the hub is reachable (``HF_HUB_OFFLINE`` unset)."""
+    s = str(name).strip()
+    if s in STANDIN_NAMES:
+        s = str(standin_path(s))
+    p = Path(s).expanduser()
+    if p.is_dir():
+        return {f: p / f for f in filenames if (p / f).is_file()}, f"directory {p}"
+    if p.exists() or _looks_like_path(s) or s.count("/") != 1:
+        return None, f"{s!r} is not a local model directory"
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+    try:
+        from huggingface_hub import hf_hub_download, try_to_load_from_cache
+    except ImportError:  # pragma: no cover - a dependency of transformers
+        return None, "huggingface_hub is not installed"
+    out: dict[str, Path] = {}
+    cached = False
+    for f in filenames:
+        hit = try_to_load_from_cache(s, f)
+        if isinstance(hit, str):
+            out[f], cached = Path(hit), True
+        elif hit is not None:  # the cache records that the repository has no such file
+            cached = True
+    if cached:
+        return out, f"hub model {s} in the local cache"
+    if offline:
+        return None, f"hub model {s} is not in the local cache (HF_HUB_OFFLINE=1)"
+    got = False
+    for f in filenames:
+        try:
+            out[f] = Path(hf_hub_download(s, f))
+            got = True
+        except Exception:  # noqa: BLE001 - a missing file (404), no network, a gated repo: not at hand
+            continue
+    return (out, f"hub model {s}") if got else (None, f"hub model {s}: its files could not be fetched")
+
+
 def resolve_model(name_or_path: str | os.PathLike, cfg=None) -> Path:
     """Return a local model directory for ``name_or_path`` (see module docstring)."""
     s = str(name_or_path).strip()

@@ -71,6 +71,94 @@ def family_config(cfg) -> dict:
     return validate_family(data, "cfg.prompt")
 
 
+# --- which prompt family a model wants (`model=PATH_OR_HUB_NAME` on the command line, sphere/cli.py)
+# Markers of the chat templates the families are written for (tests/fixtures/chat_templates/, the real models'
+# templates byte for byte): checked in this order, the first that matches decides.
+QWEN_DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+QWEN_MATH_SYSTEM = "Please reason step by step, and put your final answer within"  # then \\boxed{} (escaped)
+TEMPLATE_RULES: tuple[tuple[str, tuple[str, ...], str], ...] = (
+    ("deepseek_r1", ("<｜Assistant｜>",), "DeepSeek-R1 distill chat template (<｜User｜>/<｜Assistant｜> turns)"),
+    ("phi4", ("<|im_sep|>",), "phi-4 chat template (<|im_start|>role<|im_sep|>)"),
+    ("phi4", ("<|assistant|>", "<|end|>"), "Phi-4-mini / Phi-3 chat template (<|role|> ... <|end|>)"),
+    ("qwen2_5_math", ("<|im_start|>", QWEN_MATH_SYSTEM),
+     "Qwen2.5-Math chat template (ChatML, default system message 'Please reason step by step ...')"),
+    ("qwen2_5", ("<|im_start|>", QWEN_DEFAULT_SYSTEM),
+     "Qwen2.5-Instruct chat template (ChatML, default system message 'You are Qwen ...')"),
+)
+# Hub names whose files are not at hand (offline, not in the local cache): the families the configs name
+# (conf/model/*.yaml). Matched on the lower-cased name; first match wins.
+NAME_RULES: tuple[tuple[str, str], ...] = (
+    ("deepseek-r1-distill", "deepseek_r1"),
+    ("qwen2.5-math", "qwen2_5_math"),
+    ("qwen2.5-", "qwen2_5"),
+    ("phi-4", "phi4"),
+)
+
+
+class UnknownPromptFamily(ValueError):
+    """A model's prompt family cannot be told from its files or name (the message says what to pass)."""
+
+
+def family_from_template(template: str | None) -> tuple[str | None, str]:
+    """``(family, why)`` for a chat template text; ``(None, why)`` when it matches no family's markers."""
+    if not template:
+        return None, "no chat template"
+    for fam, markers, what in TEMPLATE_RULES:
+        if all(m in template for m in markers):
+            return fam, what
+    return None, "a chat template that matches none of the prompt families (conf/prompt/)"
+
+
+def _template_of(files: Mapping[str, Any]) -> str | None:
+    """The chat template among a model's files: ``chat_template.jinja`` (transformers >= 4.47 writes it there)
+    or ``tokenizer_config.json``'s ``chat_template`` (a string, or a list of named templates: ``default``)."""
+    import json
+
+    jinja = files.get("chat_template.jinja")
+    if jinja is not None and Path(jinja).is_file():
+        return Path(jinja).read_text(encoding="utf-8")
+    tc = files.get("tokenizer_config.json")
+    if tc is None or not Path(tc).is_file():
+        return None
+    try:
+        ct = json.loads(Path(tc).read_text(encoding="utf-8")).get("chat_template")
+    except (ValueError, OSError):
+        return None
+    if isinstance(ct, list):
+        named = {d.get("name"): d.get("template") for d in ct if isinstance(d, dict)}
+        ct = named.get("default") or next(iter(named.values()), None)
+    return ct if isinstance(ct, str) else None
+
+
+def detect_family(model: str) -> tuple[str | None, str]:
+    """The prompt family a model wants, from its chat template: ``(family, why)``.
+
+    ``model`` is a local HF directory, a stand-in name or a hub name ``org/name``. A local directory (or a hub
+    model in the local cache, or one fetched when the hub is reachable: two small JSON/Jinja files) is read:
+    its chat template decides (``TEMPLATE_RULES``). A model without a chat template returns ``(None, "no chat
+    template")``: the caller keeps the configured family (the plain ``template``). A hub name whose files are
+    not at hand is matched by name (``NAME_RULES``). Raises ``UnknownPromptFamily`` when nothing decides (a
+    chat template of another family, an unknown name), never falling back to the mini prompt. A local path
+    that does not exist returns ``(None, why)``: loading the model fails later with the path named."""
+    from sphere.models import _looks_like_path, model_files
+
+    found, where = model_files(str(model), ("chat_template.jinja", "tokenizer_config.json"))
+    if found is None and (_looks_like_path(str(model)) or Path(str(model)).expanduser().exists()):
+        return None, f"{where}: loading it will fail, naming the path"
+    if found is not None:
+        fam, why = family_from_template(_template_of(found))
+        if fam is not None or why == "no chat template":
+            return fam, f"{why} ({where})"
+        raise UnknownPromptFamily(f"model={model}: {why} ({where}); pass prompt=FAMILY "
+                                  f"({' | '.join(FAMILIES)})")
+    low = str(model).lower()
+    for needle, fam in NAME_RULES:
+        if needle in low:
+            return fam, f"by its name ({where})"
+    raise UnknownPromptFamily(f"model={model}: cannot tell its prompt family ({where}; not a known model "
+                              f"name); pass prompt=FAMILY ({' | '.join(FAMILIES)})")
+
+
 def _user_text(fam: Mapping[str, Any], problem: str) -> str:
     instr = fam.get("instruction") or ""
     return f"{problem}\n{instr}".strip() if instr else problem

@@ -383,12 +383,15 @@ def test_fallback_and_describe(tmp_path):
     missing = tmp_path / "no_numina"
     base = ["data.problems=training", f"data.training.numina={missing}", f"data.training.metamath={METAMATH}"]
     cfg = _cfg(*base)
-    with pytest.raises(FileNotFoundError, match="NuminaMath-CoT.*no_numina"):
-        load_problems(cfg.data, 0)
-    with pytest.raises(FileNotFoundError, match="NuminaMath-CoT.*no_numina"):
-        count_problems(cfg.data, 0)
+    # no fallback: refused in one line naming the missing pool's key and path and the override that allows it
+    for fn in (load_problems, count_problems, lambda d, _s: T.require_training(d)):
+        with pytest.raises(T.MissingPoolsError, match="NuminaMath-CoT.*no_numina") as e:
+            fn(cfg.data, 0)
+        msg = str(e.value)
+        assert "\n" not in msg and "data.training.numina=" in msg and T.FALLBACK_OVERRIDE in msg
+        assert "MetaMathQA" not in msg  # the pool that is present is not named
     d = T.describe_source(cfg.data)
-    assert d["uses"] is None and "no_numina" in d["reason"]
+    assert d["uses"] is None and "no_numina" in d["reason"] and T.FALLBACK_OVERRIDE in d["reason"]
     cfg = _cfg(*base, "data.training.fallback=[gsm8k_train]", "data.limit=5")
     probs = load_problems(cfg.data, 0)
     assert [p["id"] for p in probs] == [f"gsm8k-train-{i}" for i in range(5)]
@@ -404,18 +407,30 @@ def test_fallback_and_describe(tmp_path):
     assert d == {"uses": ["math_train"], "reason": "data.problems"}
 
 
-def _dry_run(tmp_path: Path, *overrides: str) -> dict:
+def _dry_run_process(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "sphere.cli", "run", "experiment=paper_qwen2_5_7b", "dry_run=true",
            f"hydra.run.dir={tmp_path}", *overrides]
-    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def _dry_run(tmp_path: Path, *overrides: str) -> dict:
+    r = _dry_run_process(tmp_path, *overrides)
     assert r.returncode == 0, r.stderr[-3000:]
     return json.JSONDecoder().raw_decode(r.stdout[r.stdout.index("{"):])[0]  # the plan: the first JSON object
 
 
 def test_paper_dry_run_says_which_training_data(tmp_path):
-    # no local pools (this checkout): the shipped MATH train + GSM8K train, and the plan says so
-    plan = _dry_run(tmp_path / "a", "data.training.numina=/nonexistent/numina")
+    # no local pools (this checkout) and no fallback (the paper config's): refused, one line naming the
+    # missing files and the override that allows the shipped sets; never a silent substitute
+    r = _dry_run_process(tmp_path / "r", "data.training.numina=/nonexistent/numina")
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    line = next(x for x in r.stderr.splitlines() if "error:" in x)
+    assert "data.training.numina=/nonexistent/numina" in line and "MetaMathQA" in line
+    assert "data.training.fallback=[math_train,gsm8k_train]" in line
+    # the override named there: the shipped MATH train + GSM8K train, and the plan says so
+    plan = _dry_run(tmp_path / "a", "data.training.numina=/nonexistent/numina",
+                    "data.training.fallback=[math_train,gsm8k_train]")
     assert plan["data"] == "training" and plan["problems"] == 11998 + 7473 - 87  # decontaminated fallback
     assert plan["data_source"]["uses"] == ["math_train", "gsm8k_train"]
     reason = plan["data_source"]["reason"]

@@ -22,6 +22,7 @@ def run_local(cfg: DictConfig, out: Path) -> float:
     from sphere.progress import StageProgress
     from sphere.verify import check_answers
 
+    check_generate_memory(cfg)  # before any model loads, as `sphere run` (no-op without hardware.gpu_memory_gb)
     problems = load_problems(cfg.data, int(cfg.seed))
     if not problems:
         raise SystemExit(f"sphere generate: data.problems={cfg.data.problems!r} gave no problems")
@@ -39,6 +40,40 @@ def run_local(cfg: DictConfig, out: Path) -> float:
         return float(stats["pairs_total"])
     finally:
         logger.finish()
+
+
+def generate_memory_plan(cfg: DictConfig) -> dict:
+    """``sphere.memplan.memory_plan`` for `sphere generate`: the phases it runs (``generate``: the policy engine
+    and the PRM; ``stage3``: the small model's engine beside them), checked as `sphere run` checks them, without
+    the DPO phase `sphere generate` never runs (its config has no ``train`` recipe unless an experiment set one)."""
+    from omegaconf import OmegaConf
+
+    from sphere.memplan import memory_plan
+
+    view = OmegaConf.to_container(cfg, resolve=True)
+    view["rounds"] = 1  # memplan counts stage 3 only for a run that generates
+    view.setdefault("train", None)
+    view["train"] = view["train"] or {}  # a placeholder: the train phase is dropped below
+    plan = memory_plan(OmegaConf.create(view))
+    plan["phases"].pop("train", None)
+    plan["problems"] = [p for p in plan["problems"] if not p.startswith("phase train:")]
+    if plan["fits"] is not None:
+        plan["fits"] = not plan["problems"]
+    return plan
+
+
+def check_generate_memory(cfg: DictConfig) -> dict:
+    """The plan; raises ``sphere.memplan.MemoryPlanError`` naming what does not fit when
+    ``hardware.gpu_memory_gb`` is set (the same check and message as `sphere run`)."""
+    from sphere.memplan import MemoryPlanError
+
+    plan = generate_memory_plan(cfg)
+    if plan["fits"] is False:
+        raise MemoryPlanError(
+            f"the generation does not fit hardware.gpu_memory_gb={plan['gpu_memory_gb']:g}:\n  - "
+            + "\n  - ".join(plan["problems"])
+            + "\n(`sphere run ... dry_run=true` prints the whole plan; hardware.gpu_memory_gb=null skips the check)")
+    return plan
 
 
 def log_generate_stats(logger: Any, stats: dict, out: Path, step: int | None = None) -> None:

@@ -33,7 +33,8 @@ every hit is confirmed on the words themselves, so a hash collision cannot drop 
 The code lives in four modules, this package keeps every name importable as ``sphere.data.training.<name>``:
 ``pools`` (schemas, gold answers, files), ``decontamination`` (``Decontaminator``), ``sampling``
 (``quotas``, ``sample_training``) and ``sources`` (the ``data.training`` config glue: ``load_source``,
-``count_source``, ``describe_source``).
+``count_source``, ``describe_source``, ``require_training``: a paper run refuses, in one line, to start
+without its pools unless ``data.training.fallback`` is set).
 """
 
 from __future__ import annotations
@@ -65,11 +66,15 @@ from sphere.data.training.pools import (
 )
 from sphere.data.training.sampling import quotas, sample_training
 from sphere.data.training.sources import (
+    FALLBACK_OVERRIDE,
     TRAINING_SOURCE,
+    MissingPoolsError,
     count_source,
     describe_source,
     is_training_source,
     load_source,
+    missing_pools_error,
+    require_training,
     sample_from_config,
     training_available,
 )
@@ -79,12 +84,14 @@ __all__ = [
     "BACKGROUND",
     "BACKGROUND_DF",
     "DEFAULT_NGRAM",
+    "FALLBACK_OVERRIDE",
     "Decontaminator",
     "GOLD",
     "MAX_BENCHMARK_DF",
     "MAX_GOLD_CHARS",
     "MIN_WINDOW_TOKENS",
     "Match",
+    "MissingPoolsError",
     "POOLS",
     "PoolSchema",
     "SUPPORTED_SUFFIXES",
@@ -96,11 +103,13 @@ __all__ = [
     "load_decontaminator",
     "load_source",
     "metamath_gold",
+    "missing_pools_error",
     "normalize_words",
     "numina_gold",
     "pool_available",
     "quotas",
     "read_pool",
+    "require_training",
     "resolve_pool_path",
     "sample_from_config",
     "sample_training",

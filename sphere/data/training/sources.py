@@ -119,16 +119,45 @@ def _summary(manifest: dict) -> str:
     return f"{head}; {pools}; {dec}"
 
 
+# The override that allows the shipped sets instead of missing pools (named by the refusal below).
+FALLBACK_OVERRIDE = "data.training.fallback=[math_train,gsm8k_train]"
+
+
+class MissingPoolsError(FileNotFoundError):
+    """``data.problems=training`` with a pool of the mix absent and no ``data.training.fallback``."""
+
+
+def missing_pools_error(why: str) -> MissingPoolsError:
+    """One line: the pools that are missing (key, path) and the override that allows the fallback."""
+    return MissingPoolsError(
+        f"data.problems=training: refusing to run without the paper's training pools: {why}. Put the files "
+        f"there (docs/scaling.md, 'The training problems'), or allow the shipped MATH train + GSM8K train "
+        f"instead with {FALLBACK_OVERRIDE}")
+
+
+def require_training(dcfg: Any) -> None:
+    """Refuse (``MissingPoolsError``, one line) when ``data.problems`` includes ``training``, a pool of the
+    mix has no local files and no ``data.training.fallback`` is set. Loading, counting (dry runs) and the
+    plan's ``data_source`` all refuse the same way: a paper run never silently trains on other problems."""
+    from sphere.data.problems import sources as _sources
+
+    if TRAINING_SOURCE not in _sources(dcfg):
+        return
+    ok, why = training_available(dcfg)
+    if not ok and _fallback(dcfg) is None:
+        raise missing_pools_error(why)
+
+
 def load_source(src: str, dcfg: Any, seed: int, limit: int | None) -> list[dict]:
     """Problems of a training source for ``sphere.generate.generator.load_problems`` (writes the manifest).
-    ``training`` with a pool missing uses ``data.training.fallback`` (logged and recorded), else fails."""
+    ``training`` with a pool missing uses ``data.training.fallback`` when set (logged and recorded), else
+    refuses in one line naming the missing files and the override (``require_training``)."""
     if src == TRAINING_SOURCE:
         ok, why = training_available(dcfg)
         if not ok:
             fb = _fallback(dcfg)
             if fb is None:
-                # the clear error of the loader (names the pool and how to provide it)
-                sample_from_config(src, dcfg)
+                raise missing_pools_error(why)
             log.warning("data.problems=training: %s; using data.training.fallback=%s", why, fb)
             out, dropped = _fallback_problems(dcfg, seed)
             _write_manifest(dcfg, {"kind": "sphere.training_sample", "fallback": fb, "reason": why,
@@ -167,7 +196,12 @@ def _fallback_problems(dcfg: Any, seed: int) -> tuple[list[dict], dict]:
 
 def count_source(src: str, dcfg: Any, seed: int) -> int:
     """Number of problems ``load_source`` gives (before data.limit), reading local files only (dry runs).
-    With the pools present this runs the sampling and decontamination (seconds for the full datasets)."""
+    With the pools present this runs the sampling and decontamination (seconds for the full datasets).
+    Pools missing without a fallback: the same one-line refusal as ``load_source``."""
+    if src == TRAINING_SOURCE:
+        ok, why = training_available(dcfg)
+        if not ok and _fallback(dcfg) is None:
+            raise missing_pools_error(why)
     if src == TRAINING_SOURCE and not training_available(dcfg)[0] and _fallback(dcfg) is not None:
         from omegaconf import OmegaConf
 
@@ -197,5 +231,6 @@ def describe_source(dcfg: Any) -> dict:
                 "decontaminate": bool(t.decontaminate), "ngram": int(t.ngram)}
     fb = _fallback(dcfg)
     if fb is None:
-        return {"uses": None, "reason": f"{why}; no data.training.fallback: loading fails"}
+        return {"uses": None, "reason": f"{why}; no data.training.fallback: the run refuses ({FALLBACK_OVERRIDE} "
+                                        "allows the shipped sets)"}
     return {"uses": fb, "reason": f"fallback: {why}"}
