@@ -36,7 +36,7 @@ DEFAULTS: dict[str, Any] = {
     "warmup_ratio": 0.1, "scheduler": "cosine", "weight_decay": 0.0, "max_grad_norm": 1.0,
     "precompute_ref": True, "seed": 0, "threads": None, "progress": "auto", "logging_steps": 1,
     "dtype": "float32", "trust_remote_code": False, "device": "auto", "gradient_checkpointing": False,
-    "save_steps": 50, "save_total_limit": 1,
+    "save_steps": 50, "save_total_limit": 1, "processes": 1,
 }
 
 
@@ -133,6 +133,10 @@ def validate_train_cfg(t: dict) -> None:
         raise ValueError(f"train.save_steps={save_steps}: must be >= 0 (0 = no checkpoints, no resume)")
     if save_limit < 1:
         raise ValueError(f"train.save_total_limit={save_limit}: must be >= 1 (checkpoints kept on disk)")
+    processes = t["processes"]
+    if isinstance(processes, bool) or not isinstance(processes, int) or processes < 1:
+        raise ValueError(f"train.processes={processes!r}: must be an integer >= 1 (1 = this process, one device; "
+                         "N = N data-parallel processes, one device each)")
     loss_settings(t["loss"])
 
 
@@ -143,9 +147,15 @@ def dpo_config(t: dict, out_dir: Path):
     validate_train_cfg(t)
     save_steps, save_limit = int(t["save_steps"]), int(t["save_total_limit"])
     use_cpu = _use_cpu(str(t["device"]))
+    dist = {}
+    if int(t["processes"]) > 1:  # one process per device (sphere.train.distributed launches them)
+        # every LoRA / full-FT parameter gets a gradient each step: DDP need not search for unused ones (and
+        # that search breaks with gradient checkpointing)
+        dist = {"ddp_backend": "gloo" if use_cpu else "nccl", "ddp_find_unused_parameters": False}
     return DPOConfig(
         output_dir=str(out_dir / "trainer"),
         per_device_train_batch_size=int(t["batch_size"]),
+        per_device_eval_batch_size=int(t["batch_size"]),  # the after-training margin (sphere.train.dpo)
         gradient_accumulation_steps=int(t["grad_accum"]),
         learning_rate=float(t["lr"]),
         num_train_epochs=float(t["epochs"]),
@@ -173,5 +183,6 @@ def dpo_config(t: dict, out_dir: Path):
         use_cpu=use_cpu,
         report_to="none",  # metrics go through our callback to the configured logger
         disable_tqdm=True,  # our own progress bar (one line, no per-step dict dumps)
+        **dist,
         **loss_settings(t["loss"]),
     )

@@ -79,6 +79,9 @@ def _summary(history: list[dict], key: str) -> tuple[float | None, float | None]
 
 
 # --------------------------------------------------------------------------------------------- train
+MARGIN_SAMPLE = 64  # training pairs the after-training DPO margin is measured on
+
+
 def train_dpo(cfg_train: Any, policy_path: str | os.PathLike, pairs_path: str | os.PathLike,
               out_dir: str | os.PathLike, *, logger: MetricsLogger | None = None) -> Path:
     """Train the policy on the pairs with DPO and return the merged HF checkpoint directory.
@@ -86,7 +89,9 @@ def train_dpo(cfg_train: Any, policy_path: str | os.PathLike, pairs_path: str | 
     ``cfg_train``: the ``train`` node (conf/train_opts/lora.yaml lists every field; missing fields take the
     defaults in ``DEFAULTS``). ``policy_path``: a local HF model directory. ``pairs_path``: pairs.jsonl
     (``sphere.train.pairs.load_pairs`` rules). Writes ``out_dir/{adapter,merged,train_metrics.json}``;
-    returns ``out_dir/merged`` straight away when it is already complete.
+    returns ``out_dir/merged`` straight away when it is already complete. ``train.processes=1`` trains in
+    this process on one device (even with several GPUs visible); ``N > 1`` launches N data-parallel
+    processes (sphere.train.distributed) and returns when rank 0 has published ``merged/``.
     """
     from sphere.rundir import check_or_record, train_signature
 
@@ -103,18 +108,75 @@ def train_dpo(cfg_train: Any, policy_path: str | os.PathLike, pairs_path: str | 
         log.info("train: %s is complete, skipping training", out_dir / "merged")
         return out_dir / "merged"
     out_dir.mkdir(parents=True, exist_ok=True)
-
-    import torch
-
-    if t["threads"]:
-        torch.set_num_threads(int(t["threads"]))
     show = {"auto": sys.stderr.isatty(), True: True, False: False, "true": True, "false": False}.get(
         t["progress"], None)
     if show is None:
         raise ValueError(f"train.progress={t['progress']!r}: allowed auto | true | false")
-    _quiet(show)
+    # resume from the newest complete TRL checkpoint (decided here, once, before any rank starts)
+    ckpt = last_checkpoint(out_dir / "trainer") if int(t["save_steps"]) > 0 else None
+    if int(t["processes"]) > 1:
+        from sphere.train.distributed import launch
 
+        launch(t, policy_path, pairs, out_dir, logger=logger, show=show, ckpt=ckpt)
+        if not _is_done(out_dir):
+            raise RuntimeError(f"train: the {t['processes']} processes exited cleanly but {out_dir / 'merged'} "
+                               "is not complete (no DONE)")
+        return out_dir / "merged"
+    return _train(t, policy_path, pairs, out_dir, logger=logger, show=show, ckpt=ckpt)
+
+
+def _tokenizer(policy_path: Path, pairs: PairSet, t: dict):
+    tok = _load_tokenizer(policy_path, t)
+    if pairs.conversational and not getattr(tok, "chat_template", None):
+        raise ValueError(
+            f"{pairs.path}: the pairs are conversational (lists of messages) but the tokenizer of "
+            f"{policy_path} has no chat template; write plain-text prompts for this model family"
+        )
+    if tok.eos_token is None:
+        raise ValueError(f"{policy_path}: tokenizer has no eos_token; DPO needs one to end completions")
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def _rows(pairs: PairSet, tok, policy_path: Path) -> tuple[list[dict], dict]:
+    """The trainer's rows: conversational pairs as the text the policy generated them in (not TRL's
+    re-rendering)."""
+    if not pairs.conversational:
+        return pairs.rows, {}
+    rows, render = render_chat_pairs(pairs.rows, tok, str(pairs.path))
+    if render["template_rewrites"]:
+        log.warning("train: %s's chat template rewrites assistant turns (%d of %d pairs, e.g. it drops the "
+                    "reasoning before </think>); training on the text the policy generated instead",
+                    policy_path, render["template_rewrites"], len(rows))
+    return rows, render
+
+
+def _one_device(args) -> None:
+    """One process trains on one device. With several GPUs visible and no launcher, the HF Trainer wraps the
+    model in ``nn.DataParallel`` (TRL 1.16 refuses it; older TRL ran it); pin this process to
+    ``args.device`` instead. ``train.processes=N`` is the way to use N GPUs."""
+    if args.world_size == 1 and args.n_gpu > 1:
+        log.info("train: %d GPUs visible, training on %s only (train.processes=%d uses that many, one process "
+                 "each)", args.n_gpu, args.device, args.n_gpu)
+        args._n_gpu = 1
+
+
+def _train(t: dict, policy_path: Path, pairs: PairSet, out_dir: Path, *, logger: MetricsLogger | None,
+           show: bool, ckpt: Path | None, data: tuple[Path, dict] | None = None,
+           extra_callbacks: tuple = ()) -> Path:
+    """The training itself, in this process: one process (``train.processes=1``) or one rank of N
+    (``data``: the rows saved by the launcher, and their render stats). Every rank trains and measures the
+    margin; rank 0 alone writes ``adapter/``, ``merged/``, train_metrics.json and DONE."""
+    import torch
+    from transformers import set_seed
+
+    t = dict(t)
+    if t["threads"]:
+        torch.set_num_threads(int(t["threads"]))
+    _quiet(show)
     t0 = time.perf_counter()
+    set_seed(int(t["seed"]))  # LoRA initialisation: the same in every process and for any process count
     model, tok = _load(policy_path, pairs, t)
     mpe = getattr(model.config, "max_position_embeddings", None)
     if mpe and (t["max_length"] is None or int(t["max_length"]) > int(mpe)):
@@ -122,19 +184,18 @@ def train_dpo(cfg_train: Any, policy_path: str | os.PathLike, pairs_path: str | 
         log.info("train: max_length %s -> %s (the model's max_position_embeddings)", t["max_length"], mpe)
         t["max_length"] = int(mpe)
     args = dpo_config(t, out_dir)
+    _one_device(args)
     peft_config = _peft_config(t["lora"]) if t["lora"]["enabled"] else None
     history: list[dict] = []
 
-    from datasets import Dataset
+    from datasets import Dataset, load_from_disk
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-    rows, render = pairs.rows, {}
-    if pairs.conversational:  # as the text the policy generated them in (not TRL's re-rendering)
-        rows, render = render_chat_pairs(pairs.rows, tok, str(pairs.path))
-        if render["template_rewrites"]:
-            log.warning("train: %s's chat template rewrites assistant turns (%d of %d pairs, e.g. it drops the "
-                        "reasoning before </think>); training on the text the policy generated instead",
-                        policy_path, render["template_rewrites"], len(rows))
+    if data is None:
+        rows, render = _rows(pairs, tok, policy_path)
+        dataset = Dataset.from_list(rows)
+    else:  # saved to disk by the launcher: the ranks share its map caches (and the reference log-probs)
+        dataset, render = load_from_disk(str(data[0])), data[1]
 
     Trainer = _trainer_class()
     Trainer.sphere_max_prompt_length = t["max_prompt_length"]
@@ -142,27 +203,34 @@ def train_dpo(cfg_train: Any, policy_path: str | os.PathLike, pairs_path: str | 
     Trainer.sphere_source = str(pairs.path)
     # TRL's reference-log-prob precompute bar only listens to TQDM_DISABLE
     with _env(TQDM_DISABLE=None if show else "1"):
-        trainer = Trainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
-                          processing_class=tok, peft_config=peft_config,
-                          callbacks=_callbacks(logger, show, history))
+        trainer = Trainer(model=model, args=args, train_dataset=dataset, processing_class=tok,
+                          peft_config=peft_config,
+                          callbacks=[*_callbacks(logger, show, history), *extra_callbacks])
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
     prep = {**trainer.sphere_prep_stats, **render}
     t_setup = time.perf_counter() - t0
-    ckpt = last_checkpoint(out_dir / "trainer") if int(t["save_steps"]) > 0 else None
-    if ckpt is not None:
+    rank0 = trainer.is_world_process_zero()
+    if ckpt is not None and rank0:
         log.info("train: resuming from %s", ckpt)
     result = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt is not None else None)
     t_train = time.perf_counter() - t0 - t_setup
+    after = _margin_after(trainer)  # every rank: the evaluation is data-parallel too
+    if not rank0:
+        return out_dir / "merged"
 
-    # ---- save: adapter (LoRA), then merged weights; DONE is written last, then the dir is published.
+    # ---- save (rank 0): adapter (LoRA) and merged weights into temporary dirs; they are published only when
+    # the weights changed; DONE is written last, then the dirs are moved into place.
     trained = trainer.model
+    lora_names = None
+    tmp_adapter = out_dir / ".adapter.tmp"
     if peft_config is not None:
-        tmp = out_dir / ".adapter.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        trained.save_pretrained(tmp, safe_serialization=True)
-        _copy_tokenizer(policy_path, tmp, t)
-        _publish(tmp, out_dir / "adapter")
+        from sphere.train.weights import lora_weight_names
+
+        shutil.rmtree(tmp_adapter, ignore_errors=True)
+        trained.save_pretrained(tmp_adapter, safe_serialization=True)
+        _copy_tokenizer(policy_path, tmp_adapter, t)
+        lora_names = lora_weight_names(trained)
         trained = trained.merge_and_unload()
     trained = trained.to(torch.float32) if t["dtype"] == "float32" else trained
     trained.config.use_cache = True
@@ -174,18 +242,65 @@ def train_dpo(cfg_train: Any, policy_path: str | os.PathLike, pairs_path: str | 
     metrics = _metrics(history, result, pairs, t, prep, policy_path, peft_config is not None,
                        t_setup=t_setup, t_train=t_train, wall=time.perf_counter() - t0)
     metrics["resumed_from_step"] = int(ckpt.name.rsplit("-", 1)[1]) if ckpt is not None else None
+    metrics["processes"] = int(args.world_size)
+    metrics["global_batch"] = int(t["batch_size"]) * int(t["grad_accum"]) * int(args.world_size)
+    metrics.update(after)
+    from sphere.train.weights import weight_change
+
+    metrics.update(weight_change(policy_path, tmp, lora_names))
+    _check_trained(metrics, t, out_dir, tmp, tmp_adapter)
     atomic_write_json(out_dir / "train_metrics.json", metrics)
     import dataclasses
 
     atomic_write_text(out_dir / "trainer_state.json",
                       json.dumps(dataclasses.asdict(trainer.state), indent=2, sort_keys=True) + "\n")
-    atomic_write_text(tmp / DONE, json.dumps({"wall_s": metrics["wall_s"], "steps": metrics["steps"]}) + "\n")
+    if peft_config is not None:
+        _publish(tmp_adapter, out_dir / "adapter")
+    atomic_write_text(tmp / DONE, json.dumps({"wall_s": metrics["wall_s"], "steps": metrics["steps"],
+                                              "rank": int(args.process_index),
+                                              "processes": int(args.world_size)}) + "\n")
     _publish(tmp, out_dir / "merged")
+    log.info("train: published %s (%d steps, weight change %.3g, margin %.3g on %d training pairs)",
+             out_dir / "merged", metrics["steps"], metrics["weight_change_rel"],
+             metrics["margin_after"] if metrics["margin_after"] is not None else float("nan"),
+             metrics["margin_pairs"])
     shutil.rmtree(out_dir / "trainer", ignore_errors=True)  # the checkpoints: merged/ is the result now
     if logger is not None:
         logger.log({f"train/final/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))
                     and not isinstance(v, bool)}, step=metrics["steps"])
     return out_dir / "merged"
+
+
+def _margin_after(trainer) -> dict:
+    """The DPO implicit-reward margin beta * (log-ratio of chosen - log-ratio of rejected) and the reward
+    accuracy on (up to ``MARGIN_SAMPLE`` of) the training pairs, after training. Before training the policy is
+    the reference, so the margin is 0 by construction; TRL's own evaluation computes it (same definitions as
+    the train/rewards/* curves, reference log-probs as in training)."""
+    ds = trainer.train_dataset
+    k = min(len(ds), MARGIN_SAMPLE)
+    trainer.eval_dataset = ds.select(range(k))
+    m = trainer.evaluate()
+    trainer.eval_dataset = None
+    return {"margin_after": m.get("eval_rewards/margins"), "reward_accuracy_after": m.get("eval_rewards/accuracies"),
+            "margin_pairs": k}
+
+
+def _check_trained(metrics: dict, t: dict, out_dir: Path, *tmps: Path) -> None:
+    """Refuse to publish a training that left the weights as they were (the untrained policy would go on as
+    the trained one, rc 0); warn when the margin on the training pairs did not rise."""
+    if metrics["weight_change_max_abs"] == 0:
+        for d in tmps:
+            shutil.rmtree(d, ignore_errors=True)
+        shutil.rmtree(out_dir / "trainer", ignore_errors=True)
+        raise RuntimeError(
+            f"train: not publishing {out_dir / 'merged'}: its weights equal the base model's after "
+            f"{metrics['steps']} optimizer step(s) at train.lr={t['lr']} (train.dtype={t['dtype']}); the update "
+            "was lost (e.g. a bfloat16 merge rounds away a small LoRA update). Train more steps, raise "
+            "train.lr, or use train.dtype=float32")
+    if metrics["margin_after"] is not None and not metrics["margin_after"] > 0:
+        log.warning("train: the DPO margin on %d training pairs is %.4g after training (0 before): the training "
+                    "did not move the policy towards the chosen solutions", metrics["margin_pairs"],
+                    metrics["margin_after"])
 
 
 def _quiet(show: bool) -> None:
@@ -223,18 +338,9 @@ def _load(policy_path: Path, pairs: PairSet, t: dict):
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if t["dtype"] not in dtypes:
         raise ValueError(f"train.dtype={t['dtype']!r}: allowed {list(dtypes)}")
-    trc = bool(t["trust_remote_code"])
-    tok = _load_tokenizer(policy_path, t)
-    if pairs.conversational and not getattr(tok, "chat_template", None):
-        raise ValueError(
-            f"{pairs.path}: the pairs are conversational (lists of messages) but the tokenizer of "
-            f"{policy_path} has no chat template; write plain-text prompts for this model family"
-        )
-    if tok.eos_token is None:
-        raise ValueError(f"{policy_path}: tokenizer has no eos_token; DPO needs one to end completions")
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    model = AutoModelForCausalLM.from_pretrained(policy_path, dtype=dtypes[t["dtype"]], trust_remote_code=trc)
+    tok = _tokenizer(policy_path, pairs, t)
+    model = AutoModelForCausalLM.from_pretrained(policy_path, dtype=dtypes[t["dtype"]],
+                                                 trust_remote_code=bool(t["trust_remote_code"]))
     return model, tok
 
 
@@ -252,7 +358,10 @@ def _peft_config(lora: dict):
 def _metrics(history, result, pairs: PairSet, t, prep, policy_path, lora: bool, *, t_setup, t_train, wall):
     out: dict[str, Any] = {
         "pairs": len(pairs), "pairs_by_stage": {str(k): v for k, v in sorted(pairs.stages.items())},
-        "pairs_kept": prep.get("kept"), "prompts_truncated": prep.get("prompts_truncated"),
+        "pairs_kept": prep.get("kept"), "pairs_dropped_too_long": prep.get("dropped_too_long"),
+        "pairs_dropped_empty": prep.get("dropped_empty"), "longest_pair_tokens": prep.get("longest_pair_tokens"),
+        "longest_kept_pair_tokens": prep.get("longest_kept_pair_tokens"),
+        "prompts_truncated": prep.get("prompts_truncated"),
         "max_length": t["max_length"], "completions_with_eos": prep.get("completions_with_eos"),
         "chat_template_rewrites": prep.get("template_rewrites"),
         "steps": int(result.global_step), "train_loss_mean": float(result.training_loss),

@@ -4,8 +4,11 @@ log the trainer's metrics and draw the progress bar, and ``SphereDPOTrainer`` (`
 
 from __future__ import annotations
 
+import logging
 import sys
 from typing import Protocol
+
+log = logging.getLogger("sphere.train")
 
 
 class MetricsLogger(Protocol):
@@ -74,10 +77,17 @@ def _trainer_class():
         sphere_source: str = "pairs"  # the pairs file, for error messages
 
         def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
-            ds = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
-            mpl, keep_eos = self.sphere_max_prompt_length, self.sphere_append_eos
+            mpl, keep_eos, max_len = self.sphere_max_prompt_length, self.sphere_append_eos, args.max_length
+            n_in = len(dataset)
+            # TRL's own length handling is off while tokenising (it would drop a prompt that max_prompt_length
+            # shortens below); the length rule below replaces it. The collator keeps its copy of max_length,
+            # but after the filter no sequence reaches it, so it never cuts anything.
+            args.max_length = None
+            try:
+                ds = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+            finally:
+                args.max_length = max_len
             eos_id = self._tokenizer.eos_token_id
-            n_before = len(ds)
             cut = sum(1 for n in ds["prompt_ids"] if mpl is not None and len(n) > mpl)
 
             def fix(ex):
@@ -93,16 +103,71 @@ def _trainer_class():
             if mpl is not None or not keep_eos:
                 ds = ds.map(fix, desc=f"sphere: prompt truncation / EOS policy ({dataset_name})")
             ds = ds.filter(lambda ex: len(ex["chosen_ids"]) > 0 and len(ex["rejected_ids"]) > 0)
+            n_nonempty = len(ds)
+            # A pair longer than max_length is dropped, never cut: TRL keeps the start of a long sequence, so
+            # the answer and the end-of-turn token would be lost and DPO would teach the policy to stop
+            # mid-solution (issue #28 item 5).
+            lengths = [len(p) + max(len(c), len(r))
+                       for p, c, r in zip(ds["prompt_ids"], ds["chosen_ids"], ds["rejected_ids"])]
+            longest, shortest = max(lengths, default=0), min(lengths, default=0)
+            too_long = sum(1 for n in lengths if max_len is not None and n > max_len)
+            if too_long:
+                ds = ds.filter(lambda ex: len(ex["prompt_ids"]) + max(len(ex["chosen_ids"]), len(ex["rejected_ids"]))
+                               <= max_len)
             with_eos = sum(1 for k in ("chosen_ids", "rejected_ids") for ids in ds[k]
                            if ids and ids[-1] == eos_id)
-            self.sphere_prep_stats = {"prompts_truncated": cut, "dropped": n_before - len(ds),
-                                      "kept": len(ds), "completions_with_eos": with_eos}
+            kept_longest = max((len(p) + max(len(c), len(r)) for p, c, r in
+                                zip(ds["prompt_ids"], ds["chosen_ids"], ds["rejected_ids"])), default=0)
+            self.sphere_prep_stats = {"prompts_truncated": cut, "dropped": n_in - len(ds),
+                                      "dropped_too_long": too_long, "dropped_empty": n_in - n_nonempty,
+                                      "kept": len(ds), "completions_with_eos": with_eos,
+                                      "longest_pair_tokens": longest, "longest_kept_pair_tokens": kept_longest}
             if len(ds) == 0:
                 raise ValueError(
-                    f"{self.sphere_source}: every pair was dropped: the prompts alone fill "
-                    f"train.max_length={args.max_length} tokens; raise train.max_length or set "
+                    f"{self.sphere_source}: every pair was dropped: none of the {n_in} fits train.max_length="
+                    f"{max_len} tokens (longest pair {longest} tokens prompt + completion, shortest {shortest}); "
+                    "raise train.max_length (up to the model's max_position_embeddings) or set "
                     "train.max_prompt_length"
                 )
+            if too_long and args.process_index == 0:  # once, not once per rank
+                log.warning("train: dropped %d of %d pairs longer than train.max_length=%d tokens (longest %d): "
+                            "a pair is never cut (that loses the answer and the end-of-turn token); raise "
+                            "train.max_length to keep them", too_long, n_in, max_len, longest)
             return ds
 
+        def create_scheduler(self, num_training_steps, optimizer=None):
+            """HF's scheduler, with every warmup step moved one step earlier: HF's linear warmup gives the first
+            optimizer step lr 0, so a run of <= warmup steps published the base weights (issue #28 item 8)."""
+            made = self.lr_scheduler is None
+            sched = super().create_scheduler(num_training_steps, optimizer)
+            if made:
+                shift_warmup(sched, self.args.get_warmup_steps(num_training_steps))
+            return sched
+
     return SphereDPOTrainer
+
+
+def shift_warmup(sched, warmup_steps: int) -> None:
+    """Make the warmup of a ``LambdaLR`` schedule start above zero: step ``s < warmup_steps`` gets the factor
+    HF's schedule gives step ``s + 1`` (1/W, 2/W, ..., 1), later steps are unchanged. Refuses a schedule
+    whose first step would still run at lr 0."""
+    from torch.optim.lr_scheduler import LambdaLR
+
+    w = int(warmup_steps)
+    if w > 0:
+        if not isinstance(sched, LambdaLR):
+            raise ValueError(f"train.scheduler: {type(sched).__name__} with warmup is not supported (its first "
+                             "step may run at lr 0); use cosine, linear or constant_with_warmup")
+
+        def shifted(f):
+            return lambda step: f(step + 1) if step < w else f(step)
+
+        sched.lr_lambdas = [shifted(f) for f in sched.lr_lambdas]
+        lrs = [base * f(sched.last_epoch) for base, f in zip(sched.base_lrs, sched.lr_lambdas)]
+        for group, lr in zip(sched.optimizer.param_groups, lrs):
+            group["lr"] = lr
+        sched._last_lr = lrs
+    first = [g["lr"] for g in sched.optimizer.param_groups]
+    if sched.last_epoch == 0 and not all(lr > 0 for lr in first):
+        raise ValueError(f"train: the first optimizer step would run at lr {first} (train.scheduler with "
+                         f"{w} warmup steps); it would not train")
