@@ -222,7 +222,8 @@ def _train(t: dict, policy_path: Path, pairs: PairSet, out_dir: Path, *, logger:
     # ---- save (rank 0): adapter (LoRA) and merged weights into temporary dirs; they are published only when
     # the weights changed; DONE is written last, then the dirs are moved into place.
     trained = trainer.model
-    lora_names = None
+    # the weights this recipe trains, by their names in the merged checkpoint (the weight change is over these)
+    trained_names = [n for n, p in trained.named_parameters() if p.requires_grad]
     tmp_adapter = out_dir / ".adapter.tmp"
     if peft_config is not None:
         from sphere.train.weights import lora_weight_names
@@ -230,7 +231,7 @@ def _train(t: dict, policy_path: Path, pairs: PairSet, out_dir: Path, *, logger:
         shutil.rmtree(tmp_adapter, ignore_errors=True)
         trained.save_pretrained(tmp_adapter, safe_serialization=True)
         _copy_tokenizer(policy_path, tmp_adapter, t)
-        lora_names = lora_weight_names(trained)
+        trained_names = lora_weight_names(trained)
         trained = trained.merge_and_unload()
     trained = trained.to(torch.float32) if t["dtype"] == "float32" else trained
     trained.config.use_cache = True
@@ -247,7 +248,7 @@ def _train(t: dict, policy_path: Path, pairs: PairSet, out_dir: Path, *, logger:
     metrics.update(after)
     from sphere.train.weights import weight_change
 
-    metrics.update(weight_change(policy_path, tmp, lora_names))
+    metrics.update(weight_change(policy_path, tmp, trained_names))
     _check_trained(metrics, t, out_dir, tmp, tmp_adapter)
     atomic_write_json(out_dir / "train_metrics.json", metrics)
     import dataclasses

@@ -148,9 +148,10 @@ def _trainer_class():
 
 
 def shift_warmup(sched, warmup_steps: int) -> None:
-    """Make the warmup of a ``LambdaLR`` schedule start above zero: step ``s < warmup_steps`` gets the factor
-    HF's schedule gives step ``s + 1`` (1/W, 2/W, ..., 1), later steps are unchanged. Refuses a schedule
-    whose first step would still run at lr 0."""
+    """Make the (linear) warmup of a ``LambdaLR`` schedule start above zero: step ``s < warmup_steps`` gets
+    the factor ``(s + 1) / W`` (1/W, 2/W, ..., 1: HF's warmup one step earlier) instead of HF's ``s / W``, so
+    its first step trains; later steps keep HF's factor. Refuses a schedule whose first step would still run at
+    lr 0."""
     from torch.optim.lr_scheduler import LambdaLR
 
     w = int(warmup_steps)
@@ -160,7 +161,7 @@ def shift_warmup(sched, warmup_steps: int) -> None:
                              "step may run at lr 0); use cosine, linear or constant_with_warmup")
 
         def shifted(f):
-            return lambda step: f(step + 1) if step < w else f(step)
+            return lambda step: (step + 1) / w if step < w else f(step)
 
         sched.lr_lambdas = [shifted(f) for f in sched.lr_lambdas]
         lrs = [base * f(sched.last_epoch) for base, f in zip(sched.base_lrs, sched.lr_lambdas)]
