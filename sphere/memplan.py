@@ -5,8 +5,10 @@ refused (dry run and real run alike) with what does not fit and the settings tha
 
 Per model the weights come from its config (``config.json`` of a local directory, else the dimensions of the
 known hub models below) times the dtype's bytes. A vLLM engine takes ``gpu_memory_utilization`` x the GPU
-(weights, activations and its KV cache live inside that share); a transformers model takes its weights plus
-an activation estimate. Phases (sphere/lifecycle.py decides what is open when):
+(weights, activations and its KV cache live inside that share; it must hold one sequence of the model's window,
+min(backend.max_model_len, the model's own: ``KNOWN_WINDOWS`` / config.json)); a transformers model takes its
+weights plus an activation estimate (a PRM's inputs: min(what the longest chain can reach, the PRM's window),
+from the length budgets of sphere/budgets.py). Phases (sphere/lifecycle.py decides what is open when):
 
 - ``generate``: evaluation and stages 1-2: the policy engine and the PRM;
 - ``stage3``: the small model's engine and the PRM, plus the policy engine unless
@@ -63,24 +65,83 @@ def shape_from_config(c: dict) -> dict:
                 head_dim=c.get("head_dim"))
 
 
-def model_shape(name: str) -> dict | None:
-    """The shape of a local model directory (its config.json) or of a known hub model; None if unknown."""
-    p = Path(str(name)).expanduser()
+# Context windows (``max_position_embeddings`` of each config.json on the hub) of the same models, for the
+# length budgets of a dry run (sphere/budgets.py) and the memory plan; used only when the model is not local.
+KNOWN_WINDOWS: dict[str, int] = {
+    "Qwen/Qwen2.5-7B-Instruct": 32768,
+    "Qwen/Qwen2.5-3B-Instruct": 32768,
+    "Qwen/Qwen2.5-1.5B-Instruct": 32768,
+    "Qwen/Qwen2.5-Math-7B-Instruct": 4096,
+    "Qwen/Qwen2.5-Math-1.5B-Instruct": 4096,
+    "Qwen/Qwen2.5-Math-PRM-7B": 4096,
+    "microsoft/phi-4": 16384,
+    "microsoft/Phi-4-mini-instruct": 131072,
+    "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B": 131072,
+    "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B": 131072,
+}
+
+
+def local_model_dir(name: str) -> Path | None:
+    """The local directory of ``name``: a directory, a shipped name (stand-ins, the mini models), or a hub id
+    whose snapshot is already in the local Hugging Face cache (never downloads); None otherwise."""
     from sphere.models import STANDIN_NAMES
 
-    if str(name) in (*STANDIN_NAMES, "mini", "mini-small"):  # names of shipped local models
+    s = str(name)
+    if s in (*STANDIN_NAMES, "mini", "mini-small"):  # names of shipped local models
         from sphere.models import resolve_model
 
         try:
-            p = resolve_model(str(name))
-        except FileNotFoundError:
+            return Path(resolve_model(s))
+        except (FileNotFoundError, ValueError):
             return None
+    p = Path(s).expanduser()
     if (p / "config.json").is_file():
+        return p
+    if s.count("/") == 1 and not p.exists() and not s.startswith((".", "/", "~")):
         try:
-            return shape_from_config(json.loads((p / "config.json").read_text()))
+            from huggingface_hub import try_to_load_from_cache
+
+            hit = try_to_load_from_cache(s, "config.json")
+        except Exception:  # noqa: BLE001 - no cache, a bad id: not local
+            return None
+        if isinstance(hit, str) and Path(hit).is_file():
+            return Path(hit).parent
+    return None
+
+
+def model_config(name: str) -> dict | None:
+    """``config.json`` of ``name`` when it is local (see ``local_model_dir``); None otherwise."""
+    d = local_model_dir(name)
+    if d is None or not (d / "config.json").is_file():
+        return None
+    try:
+        return json.loads((d / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def model_shape(name: str) -> dict | None:
+    """The shape of a local model directory (its config.json) or of a known hub model; None if unknown."""
+    c = model_config(name)
+    if c is not None:
+        try:
+            return shape_from_config(c)
         except (KeyError, ValueError, TypeError):
             return None
     return dict(KNOWN_SHAPES[name]) if name in KNOWN_SHAPES else None
+
+
+def model_window(name: str) -> tuple[int | None, str]:
+    """(``max_position_embeddings``, where it came from) of a local model or a known hub model; (None,
+    "unknown") otherwise."""
+    c = model_config(name)
+    if c is not None:
+        v = c.get("text_config", c).get("max_position_embeddings")
+        if isinstance(v, int) and v > 0:
+            return v, "config.json"
+    if name in KNOWN_WINDOWS:
+        return KNOWN_WINDOWS[name], "hub config.json, known"
+    return None, "unknown"
 
 
 def param_count(s: dict) -> int:
@@ -180,8 +241,18 @@ def _train_item(cfg: Any, name: str) -> dict:
     return item
 
 
-def memory_plan(cfg: Any) -> dict:
-    """The plan dict (see the module docstring); ``fits`` is None without ``hardware.gpu_memory_gb``."""
+def memory_plan(cfg: Any, budgets: dict | None = None) -> dict:
+    """The plan dict (see the module docstring); ``fits`` is None without ``hardware.gpu_memory_gb``.
+
+    Sequence lengths come from the length budgets (sphere/budgets.py; ``budgets`` = its dict, else computed
+    without measuring prompts): an engine's KV cache holds one sequence of its window (min(backend.max_model_len,
+    the model's own), as the backends clamp it) and a PRM input is at most min(what the longest chain can
+    reach, the PRM's window)."""
+    if budgets is None:
+        from sphere.budgets import length_budgets
+
+        budgets = length_budgets(cfg, measure=False)
+    windows = budgets.get("windows") or {}
     hw = cfg.get("hardware") or {}
     gpu_gb = hw.get("gpu_memory_gb")
     gpu_gb = float(gpu_gb) if gpu_gb else None
@@ -193,28 +264,50 @@ def memory_plan(cfg: Any) -> dict:
     max_len = cfg.backend.get("max_model_len")
     frac = float(cfg.backend.get("gpu_memory_utilization", 0.85))
 
-    def gen_engine(what: str, name: str) -> dict:
+    def window_of(role: str, name: str) -> int | None:
+        w = (windows.get(role) or {}).get("tokens")
+        if w is None:
+            from sphere.budgets import generation_window
+
+            w = generation_window(cfg, name).tokens
+        return w or max_len
+
+    def gen_engine(what: str, name: str, role: str) -> dict:
+        n = window_of(role, name)
         if vllm:
-            it = _engine_item(what, name, dtype, frac, per_gpu * tp if per_gpu else None, max_len, problems)
+            it = _engine_item(what, name, dtype, frac, per_gpu * tp if per_gpu else None, n, problems)
             if it.get("gb") is not None:
                 it["gb"] = round(it["gb"] / tp, 2)
-            return it
-        return _hf_item(what, name, dtype, int(cfg.search.get("batch_leaves", 64)), max_len)
+        else:
+            it = _hf_item(what, name, dtype, int(cfg.search.get("batch_leaves", 64)), n)
+        it["max_len"] = n
+        return it
 
-    phases: dict[str, list[dict]] = {"generate": [gen_engine("policy", str(cfg.model.policy))]}
+    phases: dict[str, list[dict]] = {"generate": [gen_engine("policy", str(cfg.model.policy), "policy")]}
     sc = cfg.scorer
     if str(sc.name) == "prm":
         prm_name = str(sc.model)
+        prm_w = (windows.get("prm") or {}).get("tokens")
+        if prm_w is None:
+            from sphere.budgets import prm_window
+
+            pw = prm_window(cfg)
+            prm_w = pw.tokens if pw is not None else None
         if str(sc.engine) == "vllm":
+            # the PRM engine's own window (scorer.max_model_len or the PRM's max_position_embeddings), never
+            # the policy backend's max_model_len
+            prm_len = prm_w or sc.get("max_model_len") or 4096
             prm = _engine_item("PRM", prm_name, str(sc.get("dtype", dtype)), float(sc.gpu_memory_utilization),
-                               per_gpu, sc.get("max_model_len") or max_len, problems)
+                               per_gpu, prm_len, problems)
         else:
-            # a PRM input is the problem plus a solution: the solution budget + ~1k tokens of problem
-            prm_len = sc.get("max_length") or int(cfg.sampling.get("max_solution_tokens", 2048)) + 1024
+            # a PRM input: min(what the longest chain can reach, the PRM's window); a longer chain ends there
+            reach = budgets.get("prm_input_max")
+            prm_len = min(x for x in (reach, prm_w) if x) if (reach or prm_w) else 4096
             prm = _hf_item("PRM", prm_name, str(sc.get("dtype", dtype)), int(sc.get("batch_size", 16)), prm_len)
+        prm["max_len"] = int(prm_len)
         phases["generate"].append(prm)
     if bool(cfg.stages.stage3) and int(cfg.get("rounds", 1)) > 0:
-        s3 = [gen_engine("small", str(cfg.model.small))]
+        s3 = [gen_engine("small", str(cfg.model.small), "small")]
         if str(sc.name) == "prm":
             s3.append(dict(phases["generate"][1]))
         if not bool(cfg.stages.close_policy_before_small):
@@ -257,9 +350,9 @@ class MemoryPlanError(ValueError):
     pass
 
 
-def check_memory_plan(cfg: Any) -> dict:
+def check_memory_plan(cfg: Any, budgets: dict | None = None) -> dict:
     """The plan; raises ``MemoryPlanError`` listing what does not fit when ``hardware.gpu_memory_gb`` is set."""
-    plan = memory_plan(cfg)
+    plan = memory_plan(cfg, budgets)
     if plan["fits"] is False:
         raise MemoryPlanError(
             f"the run does not fit hardware.gpu_memory_gb={plan['gpu_memory_gb']:g}:\n  - "
@@ -278,7 +371,8 @@ def format_plan(plan: dict) -> str:
             gb = f"{it['gb']:.1f} GB" if it.get("gb") is not None else "?"
             extra = f" (vLLM share {it['gpu_memory_utilization']})" if "gpu_memory_utilization" in it else ""
             w = f", weights {it['weights_gb']:.1f} GB" if it.get("weights_gb") is not None else ""
-            lines.append(f"    - {it['what']}: {it.get('model', '')} {gb}{extra}{w}")
+            n = f", sequences up to {it['max_len']:,} tokens" if it.get("max_len") else ""
+            lines.append(f"    - {it['what']}: {it.get('model', '')} {gb}{extra}{w}{n}")
     if plan["fits"] is not None:
         lines.append("  fits: yes" if plan["fits"] else "  fits: NO\n    " + "\n    ".join(plan["problems"]))
     return "\n".join(lines)
