@@ -72,7 +72,8 @@ def test_no_hardware_no_verdict():
 
 
 def test_dry_run_prints_a_fitting_plan_and_refuses_24gb(tmp_path):
-    cmd = [sys.executable, "-m", "sphere.cli", "run", "experiment=paper_qwen2_5_7b", "dry_run=true"]
+    cmd = [sys.executable, "-m", "sphere.cli", "run", "experiment=paper_qwen2_5_7b", "dry_run=true",
+           "data.problems=mini"]  # the plan does not depend on the problems (the paper pools are not shipped)
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     ok = subprocess.run([*cmd, "hardware.gpu_memory_gb=80", f"hydra.run.dir={tmp_path}/a"], capture_output=True,
                         text=True, env=env, timeout=300)
@@ -83,6 +84,47 @@ def test_dry_run_prints_a_fitting_plan_and_refuses_24gb(tmp_path):
                          text=True, env=env, timeout=300)
     assert bad.returncode != 0
     assert "does not fit hardware.gpu_memory_gb=24" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def _prm_item(plan: dict) -> dict:
+    return next(it for it in plan["phases"]["generate"]["items"] if it["what"] == "PRM")
+
+
+def test_the_prm_input_is_what_the_chain_reaches_capped_at_the_prm_window():
+    """Issue #28 item 1: the plan assumed PRM inputs of max_solution_tokens + 1024 (3,072 here), which the
+    PRM does not bound: 16 x 512-token chains pass Qwen2.5-Math-PRM-7B's 4,096 positions, where the search
+    ends them; a short chain budget needs less, a smaller scorer.max_length caps it."""
+    from sphere.budgets import length_budgets
+
+    cfg = _paper_cfg()
+    assert _prm_item(memory_plan(cfg))["max_len"] == 4096  # the chain could reach 9k tokens: the window stops it
+    short = _paper_cfg(**{"search.max_depth": 2, "search.max_step_tokens": 64})
+    b = length_budgets(short, measure=False)
+    # allowance prompt 1,024 + 2 steps x (64 + 1 reward token)
+    assert b["prm_input_max"] == 1024 + 2 * 65 < 4096
+    assert _prm_item(memory_plan(short, b))["max_len"] == 1024 + 130
+    capped = _paper_cfg(**{"scorer.max_length": 3000})
+    assert _prm_item(memory_plan(capped))["max_len"] == 3000
+
+
+def test_engines_hold_one_sequence_of_their_own_window():
+    """The vLLM KV cache is sized for the model's window as the backend clamps it (a stand-in's 2,048, not
+    backend.max_model_len's 32,768); the PRM's vLLM engine gets the PRM's window, not the policy's."""
+    cfg = _paper_cfg(**{"model": "standin_qwen2_5"})
+    items = memory_plan(cfg)["phases"]["generate"]["items"]
+    assert items[0]["max_len"] == 2048
+    real = _paper_cfg(**{"scorer.engine": "vllm"})
+    assert _prm_item(memory_plan(real))["max_len"] == 4096
+
+
+def test_every_known_hub_model_has_a_known_window():
+    from sphere.memplan import KNOWN_WINDOWS, model_window
+
+    assert set(KNOWN_WINDOWS) == set(KNOWN_SHAPES)
+    assert model_window("Qwen/Qwen2.5-Math-PRM-7B") == (4096, "hub config.json, known")
+    assert model_window("microsoft/phi-4")[0] == 16384
+    assert model_window("standin-qwen2_5-prm") == (2048, "config.json")
+    assert model_window("nobody/unknown-model") == (None, "unknown")
 
 
 # ------------------------------------------------------------------------------------------ Models
