@@ -114,6 +114,12 @@ def test_one_step_after_a_typical_measured_prompt_is_refused():
                                                 r"window 2,048"):
         check_length_budgets(_cfg("paper_qwen2_5_7b", "model=standin_qwen2_5", "data.problems=mini",
                                   "search.max_step_tokens=2000"))
+    # 1,900 fits after the plain prompt but not after stage 2's reflection prompt (~200 tokens before any
+    # attempt): no stage-2 search could take a step
+    with pytest.raises(LengthBudgetError, match=r"search.max_step_tokens=1900: one stage-2 step after a typical "
+                                                r"reflection prompt of \d+ tokens without its attempt"):
+        check_length_budgets(_cfg("paper_qwen2_5_7b", "model=standin_qwen2_5", "data.problems=mini",
+                                  "search.max_step_tokens=1900"))
     b = check_length_budgets(_cfg("paper_qwen2_5_7b", "model=standin_qwen2_5", "data.problems=mini",
                                   "search.max_step_tokens=1800"))
     assert _check(b, "stage 1 (policy)")["status"] == "over"
