@@ -9,7 +9,10 @@ Examples::
 
 Each sub-command maps to a primary config in ``conf/`` and a ``main(cfg)`` function. ``model=VALUE``
 where VALUE is not an option of the ``conf/model`` group (a path or a hub name) is rewritten to
-``model.policy=VALUE``, so ``model=/ckpt/dir`` and ``model=mini`` both work.
+``model.policy=VALUE``, so ``model=/ckpt/dir`` and ``model=mini`` both work; such a model also brings its
+prompt family (its chat template decides, ``sphere.prompts.detect_family``; ``prompt=FAMILY`` wins).
+``experiment=X`` works for ``generate``, ``train`` and ``eval`` too: appended last (``+experiment=X``), it
+gives each phase the settings ``sphere run experiment=X`` uses for it (``hydra_overrides``).
 """
 
 from __future__ import annotations
@@ -157,14 +160,22 @@ def _match(argv: list[str], table: dict) -> tuple[tuple[str, ...], list[str]] | 
     return None
 
 
+def _model_values(val: str, cdir: Path) -> list[str] | None:
+    """The models of ``model=VAL`` that are paths or hub names (a multirun sweep ``a,b`` gives several);
+    None when VAL names options of conf/model/ (or mixes them with paths: Hydra reports that)."""
+    vals = [v.strip() for v in val.split(",")] if val else []
+    if not vals or any(not v or (cdir / "model" / f"{v}.yaml").is_file() for v in vals):
+        return None
+    return vals
+
+
 def rewrite_model_override(args: list[str], cdir: Path) -> list[str]:
-    """``model=X`` with X not in conf/model/ becomes ``model.policy=X`` (a path or a hub name)."""
+    """``model=X`` with X not in conf/model/ becomes ``model.policy=X`` (a path or a hub name); a sweep
+    ``model=X,Y`` of such values becomes ``model.policy=X,Y``."""
     out = []
     for a in args:
-        if a.startswith("model=") and "," not in a:
-            val = a.split("=", 1)[1]
-            if val and not (cdir / "model" / f"{val}.yaml").is_file():
-                a = f"model.policy={val}"
+        if a.startswith("model=") and _model_values(a.split("=", 1)[1], cdir) is not None:
+            a = f"model.policy={a.split('=', 1)[1]}"
         out.append(a)
     return out
 
@@ -195,12 +206,21 @@ def family_overrides(args: list[str], cdir: Path, note=None) -> list[str]:
     if prompt is not None:
         return [f"model.family={prompt}"]
     model = _value(args, "model")
-    if model is None or not model or "," in model or (cdir / "model" / f"{model}.yaml").is_file():
+    models = _model_values(model, cdir) if model is not None else None
+    if not models:
         return []
-    try:
-        fam, why = detect_family(model)
-    except UnknownPromptFamily as e:
-        raise SystemExit(f"sphere: {e}") from None
+    found = {}
+    for m in models:
+        try:
+            found[m] = detect_family(m)
+        except UnknownPromptFamily as e:
+            raise SystemExit(f"sphere: {e}") from None
+    fams = {fam for fam, _ in found.values()}
+    if len(fams) > 1:  # a sweep over models of different families: one prompt cannot serve them all
+        raise SystemExit(f"sphere: model={model}: the models want different prompt families ("
+                         + ", ".join(f"{m}: {f or 'configured'}" for m, (f, _) in found.items())
+                         + "); sweep them in separate commands or pass prompt=FAMILY")
+    fam, why = next(iter(found.values()))
     if fam is None:
         if note is not None:
             note(f"sphere: model={model}: {why}; the configured prompt family is kept")

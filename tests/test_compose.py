@@ -349,3 +349,22 @@ def test_generate_checks_the_memory_plan_before_any_model(monkeypatch, tmp_path)
     assert {k: v for k, v in run_plan["phases"].items() if k != "train"} == plan["phases"]
     # no hardware: no verdict, and no train node needed (plain `sphere generate`)
     assert local.generate_memory_plan(compose("generate"))["fits"] is None
+
+
+def test_model_sweep_on_the_command_line(tmp_path):
+    """`sphere eval -m model=A,B` (a multirun over checkpoints, docs/scaling.md's SLURM example): paths become
+    `model.policy=A,B` with their shared family; checkpoints of different families are refused."""
+    from sphere.cli import conf_dir, hydra_overrides
+
+    a = _fake_model(tmp_path / "a", TEMPLATE_OF["qwen2_5"])
+    b = _fake_model(tmp_path / "b", TEMPLATE_OF["qwen2_5"])
+    c = _fake_model(tmp_path / "c", TEMPLATE_OF["phi4"])
+    ov = hydra_overrides(("eval",), ["-m", f"model={a},{b}", "benchmarks=[all]"], conf_dir())
+    assert ov == ["-m", f"model.policy={a},{b}", "model.family=qwen2_5", "prompt=qwen2_5", "benchmarks=[all]"]
+    with pytest.raises(SystemExit, match="different prompt families"):
+        hydra_overrides(("eval",), ["-m", f"model={a},{c}"], conf_dir())
+    assert hydra_overrides(("eval",), ["-m", f"model={a},{c}", "prompt=phi4"], conf_dir())[1] == \
+        f"model.policy={a},{c}"
+    # options of conf/model/ stay a group sweep
+    assert hydra_overrides(("run",), ["-m", "model=standin_qwen2_5,standin_phi4"], conf_dir()) == \
+        ["-m", "model=standin_qwen2_5,standin_phi4"]
