@@ -502,13 +502,22 @@ def _prompts(cfg: Any, names: dict[str, str], step: dict, measure: bool) -> dict
     return out
 
 
-def length_budgets(cfg: Any, measure: bool = True) -> dict:
+def length_budgets(cfg: Any, measure: bool = True, phases: tuple[str, ...] = ("generate", "train", "eval")) -> dict:
     """Every length budget against its window (see the module docstring). ``measure=False``: windows and
-    allowances only (no tokenizer, no problem files), for the memory plan of a real run. The dict:
-    ``windows``, ``prompts``, ``step``, ``checks`` (each: check, status ok | over | unknown | refused, line,
-    and need / limit), ``longest_chain`` and ``prm_input_max`` (tokens; None where unknown)."""
+    allowances only (no tokenizer, no problem files), for the memory plan of a real run. ``phases``: which
+    budgets (`sphere generate` checks ``("generate",)``; `sphere run` all three). The dict: ``windows``,
+    ``prompts``, ``step``, ``checks`` (each: check, status ok | over | unknown | refused, line, and need /
+    limit), ``longest_chain`` and ``prm_input_max`` (tokens; None where unknown)."""
+    from omegaconf import OmegaConf
+
+    if "train" not in phases or "eval" not in phases:  # a view without the phases not checked
+        view = OmegaConf.to_container(cfg, resolve=True)
+        for ph in ("train", "eval"):
+            if ph not in phases:
+                view.pop(ph, None)
+        cfg = OmegaConf.create(view)
     rounds = cfg.get("rounds")
-    generates = rounds is None or int(rounds) > 0  # `sphere generate` has no rounds; `sphere run` rounds=0 evals
+    generates = "generate" in phases and (rounds is None or int(rounds) > 0)  # `sphere run rounds=0`: eval only
     sr = cfg.search
     step = {"max_step_tokens": int(sr.max_step_tokens), "max_depth": int(sr.max_depth), "delimiter_tokens": 1}
     m = cfg.model
@@ -552,10 +561,12 @@ def length_budgets(cfg: Any, measure: bool = True) -> dict:
             "longest_chain": extra.get("longest_chain"), "prm_input_max": extra.get("prm_input_max")}
 
 
-def check_length_budgets(cfg: Any, measure: bool = True) -> dict:
+def check_length_budgets(cfg: Any, measure: bool = True,
+                         phases: tuple[str, ...] = ("generate", "train", "eval")) -> dict:
     """``length_budgets``; raises ``LengthBudgetError`` (one line, both numbers and the keys) where not even
-    one step fits a window."""
-    b = length_budgets(cfg, measure=measure)
+    one step fits a window. `sphere generate` (sphere/runners.py) calls it with ``phases=("generate",)``
+    before any model loads, and prints ``format_budgets`` of the result on stderr."""
+    b = length_budgets(cfg, measure=measure, phases=phases)
     bad = [c for c in b["checks"] if c["status"] == "refused"]
     if bad:
         raise LengthBudgetError(f"length budget: {bad[0]['line']}")

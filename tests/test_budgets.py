@@ -206,3 +206,21 @@ def test_a_step_larger_than_the_small_models_window_is_refused(tmp_path):
     b = check_length_budgets(_cfg("paper_qwen2_5_7b", "data.problems=mini", f"model.small={tmp_path}",
                                   "stages.stage3=false"))
     assert "stage 3 (small)" not in [c["check"] for c in b["checks"]]
+
+
+def test_sphere_generate_checks_the_generation_budgets_only():
+    """`sphere generate experiment=paper_*` composes the run's settings; its budgets are the search's and the
+    PRM's (no DPO, no evaluation), with the same refusal."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("generate", overrides=["+experiment=paper_qwen2_5_7b", "model=standin_qwen2_5",
+                                             "data.problems=mini"])
+        bad = compose("generate", overrides=["+experiment=paper_qwen2_5_7b", "model=standin_qwen2_5",
+                                             "data.problems=mini", "search.max_step_tokens=4096"])
+    b = check_length_budgets(cfg, phases=("generate",))
+    assert [c["check"] for c in b["checks"]] == ["stage 1 (policy)", "step scorer (PRM)", "stage 2 (policy)",
+                                                 "stage 3 (small)"]
+    assert "eval" not in b["windows"]
+    with pytest.raises(LengthBudgetError, match="search.max_step_tokens=4096"):
+        check_length_budgets(bad, phases=("generate",))
