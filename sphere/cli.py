@@ -137,12 +137,17 @@ def command_help(key: tuple[str, ...], cdir: Path) -> str:
     if doc:
         lines += [doc.strip(), ""]
     groups = {g: d for g, d in _defaults_groups(cdir, config_name).items() if g.split("@")[0] in USER_GROUPS}
+    if key in PHASE_COMMANDS:  # null slots exist only for an experiment's overrides; experiment=X is appended
+        groups = {g: d for g, d in groups.items() if d != "null"}
+        groups.setdefault("experiment", "none")
     if groups:
         lines.append("config groups (choose with group=option; default in brackets):")
         for g, d in groups.items():
             gdir = cdir / g.split("@")[0]
             opts = sorted(p.stem for p in gdir.glob("*.yaml")) if gdir.is_dir() else []
             lines.append(f"  {g:<16} [{d}]  {' | '.join(opts)}")
+        if key in PHASE_COMMANDS:
+            lines.append("  (experiment=X: this phase's settings of `sphere run experiment=X`)")
         lines.append("")
     lines += [f"fields: `sphere {name} --cfg job` prints the composed config; each field is documented in "
               f"conf/{config_name}.yaml and the files it composes ({cdir}).",

