@@ -548,8 +548,10 @@ def main(cfg: DictConfig) -> float:
         print(format_budgets(p["length_budgets"]), file=sys.stderr)
         print(format_plan(p["memory_plan"]), file=sys.stderr)
         return 0.0
+    from sphere.budgets import check_length_budgets
     from sphere.memplan import check_memory_plan
 
+    check_length_budgets(cfg)  # a step budget no window can take is refused before any model loads
     check_memory_plan(cfg)  # before any model loads (no-op without hardware.gpu_memory_gb)
     summary = run(cfg, out)
     last = summary["rounds"][-1]["eval"]
