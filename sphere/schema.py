@@ -118,7 +118,7 @@ class TrainSchema:
     gradient_checkpointing: bool = False
     save_steps: int = _f(50, ge=0)
     save_total_limit: int = _f(1, ge=1)
-    processes: int = _f(1, ge=1)  # 1 = this process, one device; N = N data-parallel processes (sphere.train.distributed)
+    processes: int = _f(1, ge=1)  # 1 = one process on one device; N = N DDP processes (torchrun)
 
 
 @dataclass

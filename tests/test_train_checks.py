@@ -103,7 +103,8 @@ def test_one_optimizer_step_with_warmup_changes_the_weights(tmp_path, tiny_model
     if mode == "full":
         norm = math.sqrt(sum(float((base[k].double() ** 2).sum()) for k in base))
         assert m["weight_change_rel"] == pytest.approx(diff / norm, rel=1e-3)
-    assert m["margin_after"] > 0 and m["margin_pairs"] == 8 and 0 <= m["reward_accuracy_after"] <= 1
+    assert m["margin_after"] > 0 and m["margin_rose"] is True and m["margin_pairs"] == 8
+    assert 0 <= m["reward_accuracy_after"] <= 1
 
 
 @pytest.mark.parametrize("name", ["cosine", "linear", "constant_with_warmup"])
@@ -147,9 +148,38 @@ def test_a_training_that_leaves_the_weights_unchanged_is_not_published(tmp_path,
 
     pairs = write_jsonl(tmp_path / "pairs.jsonl", make_pairs(4, seed=5))
     out = tmp_path / "out"
-    with pytest.raises(RuntimeError, match=r"not publishing .*merged: its weights equal the base model's after "
-                                           r"1 optimizer step"):
-        train_dpo({"max_steps": 1, "batch_size": 4, "progress": False, "lr": 1e-30, "lora": {"enabled": False}},
-                  tiny_model_dir, pairs, out)
+    with pytest.raises(RuntimeError,
+                       match=r"not publishing .*merged: its weights equal the base model's after 1 "
+                             r"optimizer step"):
+        train_dpo({"max_steps": 1, "batch_size": 4, "progress": False, "lr": 1e-30,
+                   "lora": {"enabled": False}}, tiny_model_dir, pairs, out)
     assert not (out / "merged").exists() and not (out / ".merged.tmp").exists()
     assert not (out / "train_metrics.json").exists() and not (out / "trainer").exists()
+
+
+def test_weight_change_counts_training_not_the_dtype_cast(tmp_path):
+    """weight_change compares the published tensors with the base cast to their dtype: a float32 base
+    published in bfloat16 without training is unchanged (the cast is no training); a real update is measured
+    over the named tensors only."""
+    import torch
+    from safetensors.torch import save_file
+
+    from sphere.train.weights import weight_change
+
+    g = torch.Generator().manual_seed(0)
+    base = {"a.weight": torch.randn(64, 64, generator=g), "b.weight": torch.randn(8, generator=g)}
+    (tmp_path / "base").mkdir()
+    save_file(base, tmp_path / "base" / "model.safetensors")
+    (tmp_path / "cast").mkdir()
+    save_file({k: v.to(torch.bfloat16) for k, v in base.items()}, tmp_path / "cast" / "model.safetensors")
+    m = weight_change(tmp_path / "base", tmp_path / "cast")
+    assert m["weight_change_max_abs"] == 0 and m["weight_change_rel"] == 0 and m["weight_change_tensors"] == 0
+
+    (tmp_path / "new").mkdir()
+    new = {"a.weight": base["a.weight"] + 1e-3, "b.weight": base["b.weight"] + 5.0}
+    save_file(new, tmp_path / "new" / "model.safetensors")
+    m = weight_change(tmp_path / "base", tmp_path / "new", ["a.weight"])
+    assert m["weight_change_scope"] == "trained" and m["weight_change_tensors_compared"] == 1
+    assert m["weight_change_rel"] == pytest.approx(1e-3 * 64 / float(base["a.weight"].norm()), rel=1e-3)
+    assert m["weight_change_max_abs"] == pytest.approx(1e-3, rel=1e-2)
+    assert weight_change(tmp_path / "base", tmp_path / "new")["weight_change_max_abs"] == pytest.approx(5.0)

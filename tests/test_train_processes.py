@@ -1,7 +1,7 @@
-"""`train.processes` (issue #28 item 2): one process trains on one device even with several GPUs visible; N > 1
-runs N data-parallel processes (torchrun, gloo on CPU here) whose loss curve is the one-process curve on the same
-global batch, with rank 0 alone publishing ``merged/``, resume from a TRL checkpoint, and one clear error (no
-hang) when a rank fails.
+"""`train.processes` (issue #28 item 2): one process trains on one device even with several GPUs visible;
+N > 1 runs N data-parallel processes (torchrun, gloo on CPU here) whose loss curve is the one-process curve on
+the same global batch, with rank 0 alone publishing ``merged/``, resume from a TRL checkpoint, and one clear
+error (no hang) when a rank fails.
 
 Tolerance of the curve comparison: 1e-4 on the per-step DPO loss (values 0.3-0.8). The two runs do the same
 arithmetic on the same samples in the same order (the global batch of step k is the same 4 pairs: the seeded
@@ -42,7 +42,8 @@ def runs(tmp_path_factory, tiny_model_dir):
     for n, b in [(1, 4), (2, 2)]:
         log = FakeLogger()
         t0 = time.perf_counter()
-        train_dpo({**BASE, "batch_size": b, "processes": n}, tiny_model_dir, pairs, root / f"p{n}", logger=log)
+        train_dpo({**BASE, "batch_size": b, "processes": n}, tiny_model_dir, pairs, root / f"p{n}",
+                  logger=log)
         out[n] = {"dir": root / f"p{n}", "log": log, "wall_s": time.perf_counter() - t0, "opts": {**BASE,
                   "batch_size": b, "processes": n}}
     return out
@@ -71,8 +72,9 @@ def test_two_processes_match_one_process_on_the_same_global_batch(runs, tiny_mod
     # one merged model, written by rank 0 alone; the work files are gone
     done = json.loads((d / "merged" / "DONE").read_text())
     assert done == {**done, "rank": 0, "processes": 2, "steps": 8}
-    assert sorted(p.name for p in d.iterdir()) == ["adapter", "merged", "signature.json", "train_metrics.json",
-                                                   "train_processes.log", "trainer_state.json"]
+    assert sorted(p.name for p in d.iterdir()) == ["adapter", "merged", "signature.json",
+                                                   "train_metrics.json", "train_processes.log",
+                                                   "trainer_state.json"]
     text = (d / "train_processes.log").read_text()
     assert len(re.findall(r"\[rank 0\] train: published", text)) == 1
     assert "[rank 1] train: published" not in text
@@ -198,7 +200,8 @@ def test_more_processes_than_gpus_is_refused(tmp_path, tiny_model_dir, monkeypat
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     pairs = write_jsonl(tmp_path / "pairs.jsonl", make_pairs(4))
     with pytest.raises(ValueError, match=r"train.processes=4: only 2 GPU\(s\) visible"):
-        train_dpo({"processes": 4, "device": "cuda", "progress": False}, tiny_model_dir, pairs, tmp_path / "o")
+        train_dpo({"processes": 4, "device": "cuda", "progress": False}, tiny_model_dir, pairs,
+                  tmp_path / "o")
 
 
 def test_processes_is_a_documented_train_option():

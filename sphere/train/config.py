@@ -135,8 +135,8 @@ def validate_train_cfg(t: dict) -> None:
         raise ValueError(f"train.save_total_limit={save_limit}: must be >= 1 (checkpoints kept on disk)")
     processes = t["processes"]
     if isinstance(processes, bool) or not isinstance(processes, int) or processes < 1:
-        raise ValueError(f"train.processes={processes!r}: must be an integer >= 1 (1 = this process, one device; "
-                         "N = N data-parallel processes, one device each)")
+        raise ValueError(f"train.processes={processes!r}: must be an integer >= 1 (1 = this process, one "
+                         "device; N = N data-parallel processes, one device each)")
     loss_settings(t["loss"])
 
 

@@ -43,8 +43,9 @@ log = logging.getLogger("sphere.train")
 
 WORK = ".processes"  # under out_dir: the spec, the shared dataset, metrics.jsonl, error files
 LOG = "train_processes.log"
-_DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "ROLE_WORLD_SIZE",
-             "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT",
+_DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
+             "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID",
+             "TORCHELASTIC_RESTART_COUNT",
              "TORCHELASTIC_MAX_RESTARTS", "TORCHELASTIC_ERROR_FILE", "ACCELERATE_USE_CPU")
 
 
@@ -68,7 +69,8 @@ class _Forwarder:
                 self.logger.log(rec["metrics"], step=rec.get("step"))
 
 
-def launch(t: dict, policy_path: Path, pairs, out_dir: Path, *, logger, show: bool, ckpt: Path | None) -> None:
+def launch(t: dict, policy_path: Path, pairs, out_dir: Path, *, logger, show: bool,
+           ckpt: Path | None) -> None:
     """Run the training as ``t["processes"]`` processes; returns when they all exited cleanly."""
     from datasets import Dataset
 
@@ -82,8 +84,8 @@ def launch(t: dict, policy_path: Path, pairs, out_dir: Path, *, logger, show: bo
 
         k = torch.cuda.device_count()
         if n > k:
-            raise ValueError(f"train.processes={n}: only {k} GPU(s) visible (CUDA_VISIBLE_DEVICES); one process "
-                             "per GPU")
+            raise ValueError(f"train.processes={n}: only {k} GPU(s) visible (CUDA_VISIBLE_DEVICES); one "
+                             "process per GPU")
     work = out_dir / WORK
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
@@ -97,7 +99,8 @@ def launch(t: dict, policy_path: Path, pairs, out_dir: Path, *, logger, show: bo
            "--max_restarts=0", "-m", "sphere.train.distributed", str(work / "spec.json")]
     env = {k: v for k, v in os.environ.items() if k not in _DIST_ENV}
     logfile = out_dir / LOG
-    log.info("train: %d processes (%s), output in %s", n, "gloo on CPU" if cpu else "NCCL, one GPU each", logfile)
+    log.info("train: %d processes (%s), output in %s", n, "gloo on CPU" if cpu else "NCCL, one GPU each",
+             logfile)
     tail: collections.deque[str] = collections.deque(maxlen=40)
     forward = _Forwarder(work / "metrics.jsonl", logger)
     with open(logfile, "a", encoding="utf-8") as lf:
@@ -144,8 +147,9 @@ def _failure(work: Path, n: int, rc: int, tail: list[str], logfile: Path) -> Exc
             pass
     if not errs:
         last = next((line for line in reversed(tail) if line.strip()), "")
-        return RuntimeError(f"train: the {n} training processes failed (torchrun exit {rc}) without a Python error "
-                            f"(killed, e.g. out of memory?); last output: {last!r}; all output: {logfile}")
+        return RuntimeError(f"train: the {n} training processes failed (torchrun exit {rc}) without a "
+                            f"Python error (killed, e.g. out of memory?); last output: {last!r}; all output: "
+                            f"{logfile}")
     e = min(errs, key=lambda r: r["time"])
     others = sorted({r["rank"] for r in errs} - {e["rank"]})
     also = f"; rank(s) {others} failed after it" if others else ""

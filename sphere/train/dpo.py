@@ -15,6 +15,14 @@ sphere/rundir/), and refused when it does not. While training, TRL checkpoints g
 ``train.save_total_limit`` kept); a rerun after a crash resumes from the last complete one (model,
 optimizer, scheduler and RNG states), so it ends after the same number of optimizer steps.
 
+Checks (issue #28): a pair whose prompt + completion exceeds ``train.max_length`` is dropped, never cut
+(``pairs_dropped_too_long``; all dropped = an error naming the longest pair); the warmup's first step
+already trains (``sphere.train.trainer.shift_warmup``); train_metrics.json records the change of the trained
+weights (``weight_change_rel`` = ||trained - base|| / ||base||, ``weight_change_max_abs``) and the DPO margin
+on up to 64 training pairs after training (``margin_after``, ``margin_rose``; 0 before, by construction); a
+training that left the weights unchanged is refused, nothing published. ``train.processes=N`` trains as N
+data-parallel processes (sphere.train.distributed); 1 trains here on one device even with several GPUs.
+
 Reference model: with LoRA it is the adapter-disabled base (one model in memory, TRL's PEFT path); with full
 fine-tuning and ``precompute_ref`` the reference log-probs are computed once before training, so no second
 copy of the model is kept either.
@@ -119,8 +127,8 @@ def train_dpo(cfg_train: Any, policy_path: str | os.PathLike, pairs_path: str | 
 
         launch(t, policy_path, pairs, out_dir, logger=logger, show=show, ckpt=ckpt)
         if not _is_done(out_dir):
-            raise RuntimeError(f"train: the {t['processes']} processes exited cleanly but {out_dir / 'merged'} "
-                               "is not complete (no DONE)")
+            raise RuntimeError(f"train: the {t['processes']} processes exited cleanly but "
+                               f"{out_dir / 'merged'} is not complete (no DONE)")
         return out_dir / "merged"
     return _train(t, policy_path, pairs, out_dir, logger=logger, show=show, ckpt=ckpt)
 
@@ -157,8 +165,8 @@ def _one_device(args) -> None:
     model in ``nn.DataParallel`` (TRL 1.16 refuses it; older TRL ran it); pin this process to
     ``args.device`` instead. ``train.processes=N`` is the way to use N GPUs."""
     if args.world_size == 1 and args.n_gpu > 1:
-        log.info("train: %d GPUs visible, training on %s only (train.processes=%d uses that many, one process "
-                 "each)", args.n_gpu, args.device, args.n_gpu)
+        log.info("train: %d GPUs visible, training on %s only (train.processes=%d uses that many, one "
+                 "process each)", args.n_gpu, args.device, args.n_gpu)
         args._n_gpu = 1
 
 
@@ -222,7 +230,7 @@ def _train(t: dict, policy_path: Path, pairs: PairSet, out_dir: Path, *, logger:
     # ---- save (rank 0): adapter (LoRA) and merged weights into temporary dirs; they are published only when
     # the weights changed; DONE is written last, then the dirs are moved into place.
     trained = trainer.model
-    # the weights this recipe trains, by their names in the merged checkpoint (the weight change is over these)
+    # the weights this recipe trains, by their names in the merged checkpoint (the weight change is over them)
     trained_names = [n for n, p in trained.named_parameters() if p.requires_grad]
     tmp_adapter = out_dir / ".adapter.tmp"
     if peft_config is not None:
@@ -249,6 +257,7 @@ def _train(t: dict, policy_path: Path, pairs: PairSet, out_dir: Path, *, logger:
     from sphere.train.weights import weight_change
 
     metrics.update(weight_change(policy_path, tmp, trained_names))
+    metrics["margin_rose"] = metrics["margin_after"] is not None and metrics["margin_after"] > 0
     _check_trained(metrics, t, out_dir, tmp, tmp_adapter)
     atomic_write_json(out_dir / "train_metrics.json", metrics)
     import dataclasses
@@ -282,8 +291,8 @@ def _margin_after(trainer) -> dict:
     trainer.eval_dataset = ds.select(range(k))
     m = trainer.evaluate()
     trainer.eval_dataset = None
-    return {"margin_after": m.get("eval_rewards/margins"), "reward_accuracy_after": m.get("eval_rewards/accuracies"),
-            "margin_pairs": k}
+    return {"margin_after": m.get("eval_rewards/margins"),
+            "reward_accuracy_after": m.get("eval_rewards/accuracies"), "margin_pairs": k}
 
 
 def _check_trained(metrics: dict, t: dict, out_dir: Path, *tmps: Path) -> None:
@@ -295,13 +304,16 @@ def _check_trained(metrics: dict, t: dict, out_dir: Path, *tmps: Path) -> None:
         shutil.rmtree(out_dir / "trainer", ignore_errors=True)
         raise RuntimeError(
             f"train: not publishing {out_dir / 'merged'}: its weights equal the base model's after "
-            f"{metrics['steps']} optimizer step(s) at train.lr={t['lr']} (train.dtype={t['dtype']}); the update "
-            "was lost (e.g. a bfloat16 merge rounds away a small LoRA update). Train more steps, raise "
-            "train.lr, or use train.dtype=float32")
-    if metrics["margin_after"] is not None and not metrics["margin_after"] > 0:
-        log.warning("train: the DPO margin on %d training pairs is %.4g after training (0 before): the training "
-                    "did not move the policy towards the chosen solutions", metrics["margin_pairs"],
-                    metrics["margin_after"])
+            f"{metrics['steps']} optimizer step(s) at train.lr={t['lr']} (train.dtype={t['dtype']}): the "
+            "updates were too small for the weights' precision (a bfloat16 merge rounds away LoRA updates "
+            "below ~0.4% of a weight). Train more steps (more pairs, a smaller batch), raise train.lr, or "
+            "use train.dtype=float32")
+    if not metrics["margin_rose"]:
+        log.warning("train: WARNING: the DPO margin on %d training pairs is %.4g after training (0 before): "
+                    "the training did not move the policy towards the chosen solutions (weight change %.3g; "
+                    "train_metrics.json margin_rose=false)", metrics["margin_pairs"],
+                    float("nan") if metrics["margin_after"] is None else metrics["margin_after"],
+                    metrics["weight_change_rel"])
 
 
 def _quiet(show: bool) -> None:
@@ -360,7 +372,8 @@ def _metrics(history, result, pairs: PairSet, t, prep, policy_path, lora: bool, 
     out: dict[str, Any] = {
         "pairs": len(pairs), "pairs_by_stage": {str(k): v for k, v in sorted(pairs.stages.items())},
         "pairs_kept": prep.get("kept"), "pairs_dropped_too_long": prep.get("dropped_too_long"),
-        "pairs_dropped_empty": prep.get("dropped_empty"), "longest_pair_tokens": prep.get("longest_pair_tokens"),
+        "pairs_dropped_empty": prep.get("dropped_empty"),
+        "longest_pair_tokens": prep.get("longest_pair_tokens"),
         "longest_kept_pair_tokens": prep.get("longest_kept_pair_tokens"),
         "prompts_truncated": prep.get("prompts_truncated"),
         "max_length": t["max_length"], "completions_with_eos": prep.get("completions_with_eos"),

@@ -107,37 +107,41 @@ def _trainer_class():
             # A pair longer than max_length is dropped, never cut: TRL keeps the start of a long sequence, so
             # the answer and the end-of-turn token would be lost and DPO would teach the policy to stop
             # mid-solution (issue #28 item 5).
-            lengths = [len(p) + max(len(c), len(r))
-                       for p, c, r in zip(ds["prompt_ids"], ds["chosen_ids"], ds["rejected_ids"])]
+            triples = zip(ds["prompt_ids"], ds["chosen_ids"], ds["rejected_ids"], strict=True)
+            lengths = [len(p) + max(len(c), len(r)) for p, c, r in triples]
             longest, shortest = max(lengths, default=0), min(lengths, default=0)
             too_long = sum(1 for n in lengths if max_len is not None and n > max_len)
             if too_long:
-                ds = ds.filter(lambda ex: len(ex["prompt_ids"]) + max(len(ex["chosen_ids"]), len(ex["rejected_ids"]))
-                               <= max_len)
+                ds = ds.filter(lambda ex: len(ex["prompt_ids"])
+                               + max(len(ex["chosen_ids"]), len(ex["rejected_ids"])) <= max_len)
             with_eos = sum(1 for k in ("chosen_ids", "rejected_ids") for ids in ds[k]
                            if ids and ids[-1] == eos_id)
             kept_longest = max((len(p) + max(len(c), len(r)) for p, c, r in
-                                zip(ds["prompt_ids"], ds["chosen_ids"], ds["rejected_ids"])), default=0)
+                                zip(ds["prompt_ids"], ds["chosen_ids"], ds["rejected_ids"], strict=True)),
+                               default=0)
             self.sphere_prep_stats = {"prompts_truncated": cut, "dropped": n_in - len(ds),
                                       "dropped_too_long": too_long, "dropped_empty": n_in - n_nonempty,
                                       "kept": len(ds), "completions_with_eos": with_eos,
-                                      "longest_pair_tokens": longest, "longest_kept_pair_tokens": kept_longest}
+                                      "longest_pair_tokens": longest,
+                                      "longest_kept_pair_tokens": kept_longest}
             if len(ds) == 0:
                 raise ValueError(
                     f"{self.sphere_source}: every pair was dropped: none of the {n_in} fits train.max_length="
-                    f"{max_len} tokens (longest pair {longest} tokens prompt + completion, shortest {shortest}); "
+                    f"{max_len} tokens (longest pair {longest} tokens prompt + completion, shortest "
+                    f"{shortest}); "
                     "raise train.max_length (up to the model's max_position_embeddings) or set "
                     "train.max_prompt_length"
                 )
             if too_long and args.process_index == 0:  # once, not once per rank
-                log.warning("train: dropped %d of %d pairs longer than train.max_length=%d tokens (longest %d): "
-                            "a pair is never cut (that loses the answer and the end-of-turn token); raise "
-                            "train.max_length to keep them", too_long, n_in, max_len, longest)
+                log.warning("train: dropped %d of %d pairs longer than train.max_length=%d tokens (longest "
+                            "%d): a pair is never cut (that loses the answer and the end-of-turn token); "
+                            "raise train.max_length to keep them", too_long, n_in, max_len, longest)
             return ds
 
         def create_scheduler(self, num_training_steps, optimizer=None):
-            """HF's scheduler, with every warmup step moved one step earlier: HF's linear warmup gives the first
-            optimizer step lr 0, so a run of <= warmup steps published the base weights (issue #28 item 8)."""
+            """HF's scheduler, with every warmup step moved one step earlier: HF's linear warmup gives the
+            first optimizer step lr 0, so a run of <= warmup steps published the base weights (issue #28
+            item 8)."""
             made = self.lr_scheduler is None
             sched = super().create_scheduler(num_training_steps, optimizer)
             if made:
@@ -150,22 +154,22 @@ def _trainer_class():
 def shift_warmup(sched, warmup_steps: int) -> None:
     """Make the (linear) warmup of a ``LambdaLR`` schedule start above zero: step ``s < warmup_steps`` gets
     the factor ``(s + 1) / W`` (1/W, 2/W, ..., 1: HF's warmup one step earlier) instead of HF's ``s / W``, so
-    its first step trains; later steps keep HF's factor. Refuses a schedule whose first step would still run at
-    lr 0."""
+    its first step trains; later steps keep HF's factor. Refuses a schedule whose first step would still run
+    at lr 0."""
     from torch.optim.lr_scheduler import LambdaLR
 
     w = int(warmup_steps)
     if w > 0:
         if not isinstance(sched, LambdaLR):
-            raise ValueError(f"train.scheduler: {type(sched).__name__} with warmup is not supported (its first "
-                             "step may run at lr 0); use cosine, linear or constant_with_warmup")
+            raise ValueError(f"train.scheduler: {type(sched).__name__} with warmup is not supported (its "
+                             "first step may run at lr 0); use cosine, linear or constant_with_warmup")
 
         def shifted(f):
             return lambda step: (step + 1) / w if step < w else f(step)
 
         sched.lr_lambdas = [shifted(f) for f in sched.lr_lambdas]
-        lrs = [base * f(sched.last_epoch) for base, f in zip(sched.base_lrs, sched.lr_lambdas)]
-        for group, lr in zip(sched.optimizer.param_groups, lrs):
+        lrs = [base * f(sched.last_epoch) for base, f in zip(sched.base_lrs, sched.lr_lambdas, strict=True)]
+        for group, lr in zip(sched.optimizer.param_groups, lrs, strict=True):
             group["lr"] = lr
         sched._last_lr = lrs
     first = [g["lr"] for g in sched.optimizer.param_groups]

@@ -51,7 +51,8 @@ def _chunks(a, b) -> Iterator[tuple]:
 
 def weight_change(base: Path, new: Path, names: Iterable[str] | None = None) -> dict:
     """Relative L2 change ``||new - base|| / ||base||`` and the largest absolute change over the tensors in
-    ``names`` (the trained ones; None or no match = every tensor the two checkpoints share)."""
+    ``names`` (the trained ones; None or no match = every tensor the two checkpoints share), the base cast to
+    the published dtype first."""
     with ExitStack() as stack:
         b, n = _Tensors(Path(base), stack), _Tensors(Path(new), stack)
         common = [k for k in n.where if k in b.where]
@@ -63,6 +64,9 @@ def weight_change(base: Path, new: Path, names: Iterable[str] | None = None) -> 
             tb, tn = b[k], n[k]
             if tuple(tb.shape) != tuple(tn.shape):
                 continue
+            # the base as training saw it (loaded in train.dtype): a float32 base published in bfloat16
+            # differs by the cast alone, which is no training
+            tb = tb.to(tn.dtype)
             diff_here = False
             for cb, cn in _chunks(tb, tn):
                 d = cn - cb
