@@ -54,13 +54,47 @@ def _pairs(gdir: Path) -> list[dict]:
 PAPER_SIX = {"math500", "gsm8k", "aime24", "aime25", "amc23", "olympiadbench"}
 
 
+# The stand-ins write short solutions (100-160 PRM tokens), far inside the stand-in PRM's 2,048 positions; at
+# the paper's lengths (16 x 512-token chains) chains pass Qwen2.5-Math-PRM-7B's 4,096. A 128-token PRM window
+# (and 48-token steps, so that one step still fits it) puts the stand-in run where the paper's runs are: about
+# a third of the chains reach the scorer's window and must end there, recorded and counted, not abort the run.
+AT_THE_PRMS_WINDOW = ["scorer.max_length=128", "search.max_step_tokens=48"]
+
+
 @pytest.fixture(scope="module")
 def qwen_run(tmp_path_factory):
     _need("standin_qwen2_5")
     out = tmp_path_factory.mktemp("paper") / "qwen"
     summary = _sphere_run(out, "experiment=paper_qwen2_5_7b", "model=standin_qwen2_5", *TOY, "data.limit=48",
-                          "eval.limit=20", "rounds=2")
+                          "eval.limit=20", "rounds=2", *AT_THE_PRMS_WINDOW)
     return out, summary
+
+
+def test_paper_qwen_chains_past_the_prm_window_end_there_and_the_run_finishes(qwen_run):
+    out, summary = qwen_run
+    for r in (1, 2):
+        stats = json.loads((out / f"round_{r}" / "generate" / "generate_stats.json").read_text())
+        ends = stats["chain_ends"]
+        assert stats["window_ends"] > 0 and ends["window"] > 0 and ends["share"]["window"] > 0, ends
+        recs = [json.loads(x) for s in (1, 2, 3)
+                for x in (out / f"round_{r}" / "generate" / "stages" / f"stage{s}.jsonl").read_text().splitlines()
+                if x.strip()]
+        cut = [t for rec in recs for t in rec["terminals"] if t["finish"] in ("window", "depth", "length")]
+        assert cut and not any(t["correct"] for t in cut)
+        for p in _pairs(out / f"round_{r}" / "generate"):  # no chosen solution is a cut chain
+            assert "\\boxed{" in p["chosen"][0]["content"], p["chosen"]
+
+
+def test_paper_qwen_training_moved_the_policy(qwen_run):
+    """The paper recipe takes 32 pairs an optimizer step and a stand-in round makes ~20: one step, which HF's
+    warmup ran at lr 0, so round 1 was the start policy bit for bit. Each round's training must change the
+    weights and raise the DPO margin on its training pairs."""
+    out, _ = qwen_run
+    for r in (1, 2):
+        m = json.loads((out / f"round_{r}" / "train" / "train_metrics.json").read_text())
+        assert m["steps"] >= 1 and m["weight_change_rel"] > 0 and m["weight_change_max_abs"] > 0, m
+        assert m["margin_after"] is not None and m["margin_after"] > 0, m
+        assert m["pairs_dropped_too_long"] == 0 or m["pairs_kept"] > 0
 
 
 def test_paper_qwen_two_rounds_every_stage_produces_pairs(qwen_run):
@@ -105,15 +139,19 @@ def test_paper_qwen_with_the_prm_on_vllm(tmp_path):
     assert sum(int(v) for v in summary["rounds"][1]["pairs_per_stage"].values()) > 0
 
 
-@pytest.mark.parametrize("experiment,model", [("paper_phi4", "standin_phi4"),
-                                              ("paper_deepseek_r1_distill_qwen_7b", "standin_deepseek_r1")])
-def test_sibling_paper_experiments_one_round(tmp_path, experiment, model):
-    """The sibling experiments' own settings (phi-4: a 16k window; the R1 distill: 1024-token steps, depth
-    24, 16k-token solutions, 8k-token DPO pairs at batch 1) at toy scale, with stand-ins of their shape."""
+@pytest.mark.parametrize("experiment,model,extra", [
+    ("paper_phi4", "standin_phi4", []),
+    # the stand-in R1 writes 4-7 paragraphs: depth 5 cuts its longer chains inside <think>, as depth 24 cut
+    # real R1 solutions (the experiment's depth is now 96); cut chains must be wrong, never chosen
+    ("paper_deepseek_r1_distill_qwen_7b", "standin_deepseek_r1", ["search.max_depth=5"]),
+])
+def test_sibling_paper_experiments_one_round(tmp_path, experiment, model, extra):
+    """The sibling experiments' own settings (phi-4: a 16k window; the R1 distill: 512-token paragraph steps,
+    16k-token solutions, 8k-token DPO pairs at batch 1) at toy scale, with stand-ins of their shape."""
     _need(model)
     out = tmp_path / experiment
     summary = _sphere_run(out, f"experiment={experiment}", f"model={model}", *TOY, "data.limit=32",
-                          "eval.limit=5", "rounds=1")
+                          "eval.limit=5", "rounds=1", *extra)
     rounds = summary["rounds"]
     assert [r["round"] for r in rounds] == [0, 1]
     per_stage = rounds[1]["pairs_per_stage"]
@@ -131,6 +169,12 @@ def test_sibling_paper_experiments_one_round(tmp_path, experiment, model):
         closed = sum("</think>" in x for x in texts)
         assert closed > 0
         assert metrics["chat_template_rewrites"] > 0
+        # chains reached the depth limit; none of them is a chosen solution (each chosen answers after </think>)
+        stats = json.loads((out / "round_1" / "generate" / "generate_stats.json").read_text())
+        assert stats["chain_ends"]["depth"] > 0, stats["chain_ends"]
+        for p in pairs:
+            tail = p["chosen"][0]["content"].split("</think>", 1)
+            assert len(tail) == 2 and "\\boxed{" in tail[1], p["chosen"][0]["content"]
     else:
         assert metrics["chat_template_rewrites"] == 0
         p3 = [p for p in pairs if p["stage"] == 3]  # Phi-4-mini's engine, tokenizer and template
@@ -152,3 +196,12 @@ def test_transfer_experiments(tmp_path, experiment, target, family):
     assert [r["round"] for r in rounds] == [0, 1]
     assert Path(rounds[1]["policy"]).resolve() == (out / "round_1" / "train" / "merged").resolve()
     assert rounds[1]["generated_by"] != rounds[1]["policy"]
+    # the pairs are in the prompt the target is evaluated with (its family), not the generating policy's
+    from sphere.prompts import load_family
+
+    fam = load_family(family)
+    for p in _pairs(out / "round_1" / "generate"):
+        msgs = p["prompt"]
+        assert [m["role"] for m in msgs] == (["system", "user"] if fam["system"] else ["user"]), msgs
+        assert not fam["system"] or msgs[0]["content"] == fam["system"]
+        assert msgs[-1]["content"].endswith(fam["instruction"] or msgs[-1]["content"])
