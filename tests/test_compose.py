@@ -381,3 +381,23 @@ def test_phase_help_lists_the_experiments(command):
     text = command_help((command,), conf_dir())
     assert re.search(r"^  experiment +\[none\] .*paper_qwen2_5_7b", text, re.M)
     assert "[null]" not in text  # the slots experiments need are not choices of this command
+
+
+def test_sphere_eval_of_a_merged_standin_end_to_end(tmp_path):
+    """The issue's example, run: `sphere eval model=<merged dir>` of a stand-in (a copy of its checkpoint, as
+    `sphere train` writes one) evaluates in the stand-in's chat prompt; results.json records the family."""
+    import os
+    import subprocess
+    import sys
+
+    merged = tmp_path / "round_1" / "train" / "merged"
+    shutil.copytree(STANDIN / "standin-qwen2_5", merged)
+    out = tmp_path / "eval"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([sys.executable, "-m", "sphere.cli", "eval", f"model={merged}", "backend=transformers",
+                        "benchmarks=[mini]", "limit=2", f"hydra.run.dir={out}"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "prompt family qwen2_5" in p.stderr
+    meta = json.loads((out / "eval" / "results.json").read_text())["meta"]
+    assert meta["prompt"]["family"] == "qwen2_5" and meta["model"] == str(merged)
