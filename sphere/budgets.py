@@ -326,6 +326,13 @@ def _generation_checks(cfg: Any, P: dict[str, Prompt], W: dict[str, Window | Non
                 _check(checks, "step scorer (PRM)", "ok",
                        f"step scorer (PRM): prompt {_n(q.longest)} + {D} steps x ({_n(S)} + 1 reward token) = "
                        f"{_n(need)} <= window {_n(prm.tokens)}: ok", need=need, limit=prm.tokens)
+            elif str((cfg.get("scorer") or {}).get("long_chains", "end")) == "recent":
+                prm_cap = None  # the PRM reads the newest steps that fit: it cuts no chain
+                _check(checks, "step scorer (PRM)", "over",
+                       f"step scorer (PRM): prompt {_n(q.longest)} + {D} steps x ({_n(S)} + 1 reward token) = "
+                       f"{_n(need)} > window {_n(prm.tokens)}: past it the PRM reads the problem and the newest "
+                       f"steps that fit (scorer.long_chains: recent; counted as items_truncated), so no chain "
+                       f"ends here; after the longest prompt {_steps(k)} fit whole", need=need, limit=prm.tokens)
             else:
                 _check(checks, "step scorer (PRM)", "over",
                        f"step scorer (PRM): prompt {_n(q.longest)} + {D} steps x ({_n(S)} + 1 reward token) = "

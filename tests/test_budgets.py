@@ -60,7 +60,10 @@ def test_paper_budgets_against_the_real_models_windows(exp):
     assert prm["status"] == "over" and prm["limit"] == 4096
     S, D = int(cfg.search.max_step_tokens), int(cfg.search.max_depth)
     assert prm["need"] == b["prompts"]["prm"]["longest"] + D * (S + 1)
-    assert 'finish "window"' in prm["line"] and "generate_stats.json" in prm["line"]
+    if str(cfg.scorer.get("long_chains", "end")) == "recent":  # R1: the PRM reads the newest steps that fit
+        assert "long_chains: recent" in prm["line"] and "no chain ends here" in prm["line"]
+    else:
+        assert 'finish "window"' in prm["line"] and "generate_stats.json" in prm["line"]
     c1 = _check(b, "stage 1 (policy)")
     assert c1["need"] == b["prompts"]["policy"]["longest"] + D * (S + b["step"]["delimiter_tokens"])
     assert c1["limit"] == REAL[exp]["policy"]
@@ -75,10 +78,13 @@ def test_paper_budgets_against_the_real_models_windows(exp):
 
 @pytest.mark.parametrize("exp", list(STANDIN))
 def test_paper_budgets_against_the_standins_2048_windows(exp):
-    b = length_budgets(_cfg(exp, f"model={STANDIN[exp]}", "data.problems=mini"))
+    cfg = _cfg(exp, f"model={STANDIN[exp]}", "data.problems=mini")
+    b = length_budgets(cfg)
     assert {k: v["tokens"] for k, v in b["windows"].items()} == {k: 2048 for k in ("policy", "small", "prm", "eval")}
     assert b["prompts"]["policy"]["how"].startswith("measured with standin-")  # the shipped tokenizers
-    for name, how in (("stage 1 (policy)", 'finish "length"'), ("step scorer (PRM)", 'finish "window"'),
+    recent = str(cfg.scorer.get("long_chains", "end")) == "recent"
+    for name, how in (("stage 1 (policy)", 'finish "length"'),
+                      ("step scorer (PRM)", "long_chains: recent" if recent else 'finish "window"'),
                       ("stage 3 (small)", 'finish "length"')):
         c = _check(b, name)
         assert c["status"] == "over" and c["limit"] == 2048 and c["need"] > 2048 and how in c["line"], name

@@ -174,3 +174,30 @@ def test_prm_fits_on_the_standin_prm(tmp_path):
     s.fits([short])
     fresh = PRMScorer(cfg, prm_dir)
     assert s.score([short]) == fresh.score([short])
+
+
+def test_prm_long_chains_recent_scores_the_newest_steps_that_fit():
+    from omegaconf import OmegaConf
+
+    from sphere.rewards.prm import PRMScorer
+
+    prm_dir = ROOT / "assets" / "standin" / "standin-qwen2_5-prm"
+    base = {"engine": "transformers", "dtype": "float32", "device": "cpu", "max_length": 96}
+    end = PRMScorer(OmegaConf.create({"scorer": base}), prm_dir)
+    recent = PRMScorer(OmegaConf.create({"scorer": {**base, "long_chains": "recent"}}), prm_dir)
+    problem = "What is 1 + 2 + 3 + 4?"
+    steps = [f"{i} + {i + 1} = {2 * i + 1} and so on" for i in range(1, 9)] + ["The answer is \\boxed{10}."]
+    item = (problem, steps)
+    assert end.fits([item]) == [False]
+    assert recent.fits([item]) == [True]
+    got = recent.score([item])[0]
+    assert len(got) == len(steps)
+    # the newest step's score is the PRM's on the problem and the newest steps that fit the window
+    k = next(k for k in range(len(steps)) if len(recent.build_ids(problem, steps[k:])) <= 96)
+    assert 0 < k < len(steps) - 1
+    assert got[-1] == pytest.approx(end.score([(problem, steps[k:])])[0][-1], abs=1e-6)
+    assert recent.stats()["items_truncated"] == 1
+    # an item whose newest step alone cannot fit is not scorable even so
+    assert recent.fits([(problem, ["x " * 400])]) == [False]
+    with pytest.raises(ValueError, match="long_chains"):
+        PRMScorer(OmegaConf.create({"scorer": {**base, "long_chains": "cut"}}), prm_dir)

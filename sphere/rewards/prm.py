@@ -21,8 +21,17 @@ step. Steps that contain the reward token have it removed (it would shift the st
 The PRM's window (``scorer.max_length``, default its ``max_position_embeddings``: 4,096 for Qwen2.5-Math-PRM-7B)
 is shorter than the chains the paper's budgets allow (16 x 512 tokens). ``fits(items)`` says which items fit
 (the token ids it builds are kept for the next ``score`` call, so nothing is tokenised twice); the search
-asks it first and ends a chain whose next step does not fit (sphere/search/driver.py). ``score`` on an item
-over the window still raises: that is a caller's bug, never silently truncated.
+asks it first (sphere/search/driver.py). ``scorer.long_chains`` says what a chain past the window gets:
+
+- ``end`` (default): the chain ends where its next step would not fit (finish "window", graded wrong).
+- ``recent``: the PRM reads the system prompt, the problem and the most recent steps that fit; the earliest
+  steps are left out of its input (``items_truncated`` counts them). The new step's score is then judged on
+  a partial solution: weaker than the full prefix, but a long chain goes on instead of being cut, which
+  matters for R1-style solutions that pass 4K tokens. Scores of the left-out steps are not recomputed: their
+  slots repeat the first computed score (the search reads only the last step's score). A chain ends only
+  when the problem and its newest step alone do not fit.
+
+``score`` on an item that does not fit raises: that is a caller's bug, never silently cut.
 
 Work per call (issue #19): identical (problem, steps) items are scored once (``dedup_items``); the
 transformers engine sorts the rows by length before batching (``sort_by_length``; stable, so siblings, which
@@ -153,7 +162,11 @@ class PRMScorer:
         arch = (getattr(hf, "architectures", None) or [""])[0]
         self._llm = None
         self._key = None
-        self._ids_cache: dict[tuple, list[int]] = {}  # fits() -> the next _score(): token ids built once
+        self._ids_cache: dict[tuple, tuple[list[int], int]] = {}  # fits() -> _score(): (ids, steps left out)
+        self.long_chains = str(s.get("long_chains", "end"))
+        if self.long_chains not in ("end", "recent"):
+            raise ValueError(f"scorer.long_chains={self.long_chains!r}: allowed end | recent")
+        self._stats["items_truncated"] = 0
         if self.engine == "transformers":
             import torch
 
@@ -202,19 +215,45 @@ class PRMScorer:
         text = f"{self.system}\n\n{problem}\n\n{msgs[-1]['content']}"
         return list(self.tokenizer(text)["input_ids"])
 
-    def _ids(self, problem: str, steps: list[str]) -> list[int]:
-        key = (problem, tuple(steps))
-        ids = self._ids_cache.get(key)
-        return ids if ids is not None else self.build_ids(problem, list(steps))
+    def _fit(self, problem: str, steps: list[str]) -> tuple[list[int], int] | None:
+        """(token ids, how many leading steps are left out) of the item within the window, or None when it
+        cannot fit (``long_chains: end``: the whole item must fit; ``recent``: at least the newest step)."""
+        ids = self.build_ids(problem, steps) if steps else []
+        if len(ids) <= self.max_length:
+            return ids, 0
+        if self.long_chains != "recent" or not steps:
+            return None
+        lo, hi = 1, len(steps) - 1  # the fewest leading steps to leave out: binary search
+        best = None
+        while lo <= hi:
+            k = (lo + hi) // 2
+            got = self.build_ids(problem, steps[k:])
+            if len(got) <= self.max_length:
+                best, hi = (got, k), k - 1
+            else:
+                lo = k + 1
+        return best
+
+    def _ids(self, problem: str, steps: list[str]) -> tuple[list[int], int]:
+        got = self._ids_cache.get((problem, tuple(steps)))
+        if got is None:
+            got = self._fit(problem, list(steps))
+        if got is None:
+            n = len(self.build_ids(problem, list(steps)))
+            raise ValueError(f"PRM {self.model_path}: an item of {n} tokens > max_length {self.max_length} "
+                             "(config key scorer.max_length; scorer.long_chains); ask fits() first")
+        return got
 
     def fits(self, items: list[tuple[str, list[str]]]) -> list[bool]:
-        """Whether each (problem, steps) item fits the PRM's window (``max_length`` tokens)."""
+        """Whether each (problem, steps) item can be scored within the PRM's window (``max_length`` tokens;
+        with ``long_chains: recent``, with its earliest steps left out)."""
         self._ids_cache.clear()
         out = []
         for problem, steps in items:
-            ids = self.build_ids(problem, list(steps)) if steps else []
-            self._ids_cache[(problem, tuple(steps))] = ids
-            out.append(len(ids) <= self.max_length)
+            got = self._fit(problem, list(steps))
+            if got is not None:
+                self._ids_cache[(problem, tuple(steps))] = got
+            out.append(got is not None)
         return out
 
     def score(self, items: list[tuple[str, list[str]]]) -> list[list[float]]:
@@ -247,14 +286,13 @@ class PRMScorer:
         return dict(self._stats)
 
     def _score(self, items: list[tuple[str, list[str]]]) -> list[list[float]]:
-        rows = []
-        for i, (problem, steps) in enumerate(items):
-            ids = self._ids(problem, list(steps)) if steps else []
-            if len(ids) > self.max_length:
-                raise ValueError(f"PRM {self.model_path}: item {i} has {len(ids)} tokens > max_length "
-                                 f"{self.max_length} (config key scorer.max_length); ask fits() first")
+        rows, left_out = [], []
+        for problem, steps in items:
+            ids, k = self._ids(problem, list(steps)) if steps else ([], 0)
             rows.append(ids)
+            left_out.append(k)
         self._ids_cache.clear()
+        self._stats["items_truncated"] += sum(1 for k in left_out if k)
         out: list[list[float] | None] = [None] * len(rows)
         todo = [i for i, r in enumerate(rows) if r]
         for i, r in enumerate(rows):
@@ -265,10 +303,11 @@ class PRMScorer:
         probs = self._probs_vllm([rows[i] for i in todo]) if self.engine == "vllm" else \
             self._probs_hf([rows[i] for i in todo])
         for i, p in zip(todo, probs):
-            n_steps = len(items[i][1])
+            n_steps = len(items[i][1]) - left_out[i]
             if len(p) != n_steps:
                 raise RuntimeError(f"PRM {self.model_path}: item {i}: {len(p)} reward tokens for {n_steps} steps")
-            out[i] = [min(1.0, max(0.0, float(x))) for x in p]
+            got = [min(1.0, max(0.0, float(x))) for x in p]
+            out[i] = [got[0]] * left_out[i] + got  # steps left out of the input: not recomputed (docstring)
         return out  # type: ignore[return-value]
 
     def _probs_hf(self, rows: list[list[int]]) -> list[list[float]]:
