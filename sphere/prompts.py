@@ -138,13 +138,18 @@ def detect_family(model: str) -> tuple[str | None, str]:
     its chat template decides (``TEMPLATE_RULES``). A model without a chat template returns ``(None, "no chat
     template")``: the caller keeps the configured family (the plain ``template``). A hub name whose files are
     not at hand is matched by name (``NAME_RULES``). Raises ``UnknownPromptFamily`` when nothing decides (a
-    chat template of another family, an unknown name), never falling back to the mini prompt. A local path
-    that does not exist returns ``(None, why)``: loading the model fails later with the path named."""
+    chat template of another family, an unknown hub name), never falling back to the mini prompt. A local
+    path that does not exist (or a word that is neither a path nor a hub name) returns ``(None, why)``:
+    loading the model fails later with it named; ``mini`` / ``mini-small`` have no chat template."""
     from sphere.models import _looks_like_path, model_files
 
-    found, where = model_files(str(model), ("chat_template.jinja", "tokenizer_config.json"))
-    if found is None and (_looks_like_path(str(model)) or Path(str(model)).expanduser().exists()):
-        return None, f"{where}: loading it will fail, naming the path"
+    s = str(model).strip()
+    if s in ("mini", "mini-small"):  # sphere's own mini models: no chat template
+        return None, f"{s}: the mini world's model, no chat template"
+    found, where = model_files(s, ("chat_template.jinja", "tokenizer_config.json"))
+    hub_name = not _looks_like_path(s) and s.count("/") == 1 and not Path(s).expanduser().exists()
+    if found is None and not hub_name:  # a missing path or an unknown word: loading the model fails, naming it
+        return None, f"{where}: loading it will fail, naming it"
     if found is not None:
         fam, why = family_from_template(_template_of(found))
         if fam is not None or why == "no chat template":

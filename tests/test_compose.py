@@ -261,8 +261,9 @@ def test_detect_family_without_a_template_and_of_unknown_models(tmp_path, monkey
     assert detect_family("microsoft/phi-4")[0] == "phi4"
     with pytest.raises(UnknownPromptFamily, match="meta-llama/Llama-3.1-8B-Instruct.*prompt=FAMILY"):
         detect_family("meta-llama/Llama-3.1-8B-Instruct")
-    # a path that does not exist: left to the model loader, which names it
+    # a path that does not exist, or a word that is no model: left to the model loader, which names it
     assert detect_family(str(tmp_path / "missing"))[0] is None
+    assert detect_family("PATH")[0] is None and detect_family("mini-small")[0] is None
 
 
 def test_eval_of_a_merged_standin_uses_its_chat_template(tmp_path):

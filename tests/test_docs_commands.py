@@ -21,7 +21,8 @@ from test_compose import GENERATE_NODES, eval_settings, plain, run_eval_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "docs" / "scaling.md", ROOT / "docs" / "ARCHITECTURE.md",
-        *sorted((ROOT / "docs" / "examples").rglob("*.md"))]
+        *sorted((ROOT / "docs" / "examples").rglob("*.md")),
+        ROOT / "README.md"]  # the README's commands compose too
 STANDIN = ROOT / "assets" / "standin"
 
 PAPER_SECTIONS = ("## The paper experiment on one GPU", "## Eight GPUs on one node")
@@ -198,9 +199,19 @@ def check_command(cmd: dict, tmp: Path) -> list:
     out = []
     for words in _argv(cmd, variables, tmp):
         where = f"{cmd['file']}:{cmd['line']}: sphere {' '.join(words)}"
+        if words[:1] in (["--help"], ["-h"]):  # `sphere --help`
+            from sphere.cli import _usage
+
+            assert "usage: sphere <command>" in _usage()
+            continue
         m = _match(words, {**HYDRA_COMMANDS, **PLAIN_COMMANDS})
         assert m is not None, f"{where}: not a sphere command"
         key, rest = m
+        if any(a in ("-h", "--help") for a in rest):
+            from sphere.cli import command_help, conf_dir
+
+            assert key in PLAIN_COMMANDS or command_help(key, conf_dir())
+            continue
         if key == ("sweep",) and rest:  # the jobs its blocks run
             from sphere.sweep import build_commands
 
@@ -212,11 +223,6 @@ def check_command(cmd: dict, tmp: Path) -> list:
                     out.append((jk, args, _compose(jk, args)))
             continue
         if key in PLAIN_COMMANDS:  # `sphere report DIR`, `sphere viz tree FILE`: need outputs to exist
-            continue
-        if any(a in ("-h", "--help") for a in rest):
-            from sphere.cli import command_help, conf_dir
-
-            assert command_help(key, conf_dir())
             continue
         for args in expand(rest):
             try:
