@@ -104,8 +104,10 @@ def test_train_composes_to_runs_recipe(args):
     tr = compose("train", *args, "pairs=p.jsonl")
     assert_same_nodes(run, tr, TRAIN_NODES, f"sphere train {' '.join(args)}")
     t = tr.train  # the paper's recipe, not lora.yaml's defaults (lr 5e-4, 2 epochs, 512 tokens, fp32)
-    assert t.lora.enabled is True and t.lr == 5e-6 and t.epochs == 1 and t.dtype == "bfloat16"
-    assert t.max_length >= 2048 and t.batch_size * t.grad_accum == 32 and t.loss.rpo_alpha == 0.0
+    assert t.lora.enabled is True and t.lr == 5e-6 and t.epochs == 1 and t.loss.rpo_alpha == 0.0
+    assert t.max_length >= 2048 and t.batch_size * t.grad_accum == 32
+    if not any(a.startswith("model=") for a in args):  # the real 7B models (the CPU stand-ins may use fp32)
+        assert t.dtype == "bfloat16"
 
 
 @pytest.mark.parametrize("args", [[f"experiment={e}"] for e in PAPER]
