@@ -59,15 +59,46 @@ PAPER_SIX = {"math500", "gsm8k", "aime24", "aime25", "amc23", "olympiadbench"}
 # (and 48-token steps, so that one step still fits it) puts the stand-in run where the paper's runs are: about
 # a third of the chains reach the scorer's window and must end there, recorded and counted, not abort the run.
 AT_THE_PRMS_WINDOW = ["scorer.max_length=128", "search.max_step_tokens=48"]
+QWEN = ["experiment=paper_qwen2_5_7b", "model=standin_qwen2_5", *TOY, "data.limit=48", "eval.limit=20",
+        *AT_THE_PRMS_WINDOW]
 
 
 @pytest.fixture(scope="module")
 def qwen_run(tmp_path_factory):
     _need("standin_qwen2_5")
     out = tmp_path_factory.mktemp("paper") / "qwen"
-    summary = _sphere_run(out, "experiment=paper_qwen2_5_7b", "model=standin_qwen2_5", *TOY, "data.limit=48",
-                          "eval.limit=20", "rounds=2", *AT_THE_PRMS_WINDOW)
+    summary = _sphere_run(out, *QWEN, "rounds=2")
     return out, summary
+
+
+def test_paper_qwen_dpo_as_two_processes_matches_one(qwen_run, tmp_path):
+    """`train.processes=2` on a multi-GPU node: two DDP processes (gloo here), rank 0 alone publishes. Round 0's
+    evaluation and round 1's pairs are the Qwen run's (copied: the run resumes them), so this run trains round
+    1 as two processes on the same pairs with the same global batch (2 x 2 x 8 = 1 x 2 x 16 = 32) and evaluates
+    it. The result must be the one-process result: the same loss and margin, the same published weights."""
+    import shutil
+
+    from safetensors.numpy import load_file
+
+    src, _ = qwen_run
+    out = tmp_path / "qwen_2proc"
+    shutil.copytree(src / "round_0", out / "round_0")
+    shutil.copytree(src / "round_1" / "generate", out / "round_1" / "generate")
+    summary = _sphere_run(out, *QWEN, "rounds=1", "train.processes=2", "train.grad_accum=8")
+    assert [r["round"] for r in summary["rounds"]] == [0, 1]
+    tdir, one = out / "round_1" / "train", src / "round_1" / "train"
+    done = json.loads((tdir / "merged" / "DONE").read_text())
+    assert done["processes"] == 2 and done.get("rank", 0) == 0
+    assert not list(tdir.glob(".merged*")) and [p.name for p in tdir.iterdir() if p.name.startswith("merged")] \
+        == ["merged"]  # one merged model, written once
+    m2, m1 = (json.loads((d / "train_metrics.json").read_text()) for d in (tdir, one))
+    assert m2["processes"] == 2 and m1["processes"] == 1 and m2["global_batch"] == m1["global_batch"] == 32
+    assert m2["steps"] == m1["steps"] and m2["pairs_kept"] == m1["pairs_kept"]
+    for k in ("loss_first", "loss_final", "margin_after", "weight_change_rel"):  # stated tolerance: 1e-4 rel
+        assert m2[k] == pytest.approx(m1[k], rel=1e-4, abs=1e-7), (k, m1[k], m2[k])
+    w1, w2 = (load_file(str(d / "merged" / "model.safetensors")) for d in (one, tdir))
+    assert w1.keys() == w2.keys()
+    assert max(float(abs(w1[k].astype("float64") - w2[k].astype("float64")).max()) for k in w1) < 1e-6
 
 
 def test_paper_qwen_chains_past_the_prm_window_end_there_and_the_run_finishes(qwen_run):
