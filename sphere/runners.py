@@ -39,11 +39,17 @@ def generate_main(cfg: Any) -> float:
     from sphere.generate.local import run_local
     from sphere.rundir import check_generate
 
+    from sphere.budgets import check_length_budgets
+    from sphere.generate.local import check_generate_memory
+
     out = _out_dir()
     validate_generate_config(cfg)
     name = runner_name(cfg)
+    # before any model loads, on every runner: a step budget no window can take is refused in one line
+    check_length_budgets(cfg, phases=("generate",))
     check_generate(cfg, out)  # signature.json: refuse to resume outputs of other settings (resume=...)
     if name == "ray":
+        check_generate_memory(cfg)  # (runner=local checks it in run_local, before its models load)
         from sphere.scale.ray_runner import main_generate
 
         return main_generate(cfg, out)

@@ -202,6 +202,17 @@ def test_the_dry_run_prints_the_budgets_and_refuses_in_one_line(tmp_path):
     assert "4,097" in err[0] and "2,048" in err[0]
 
 
+@pytest.mark.parametrize("command,extra", [("run", []), ("generate", []), ("generate", ["runner=ray"])])
+def test_a_real_run_refuses_the_budget_before_any_model_loads(tmp_path, command, extra):
+    """Not only the dry run: `sphere run` and `sphere generate` (either runner) refuse a step no window can take
+    before a model, a Ray cluster or an output file is opened."""
+    bad = _sphere(command, "experiment=paper_qwen2_5_7b", "model=standin_qwen2_5", "data.problems=mini",
+                  "search.max_step_tokens=4096", *extra, f"hydra.run.dir={tmp_path}/o")
+    assert bad.returncode != 0 and "Traceback" not in bad.stderr
+    assert f"sphere {command}: error: length budget: search.max_step_tokens=4096" in bad.stderr, bad.stderr[-2000:]
+    assert not (tmp_path / "o" / "stages").exists() and not (tmp_path / "o" / "round_0").exists()
+
+
 def test_a_step_larger_than_the_small_models_window_is_refused(tmp_path):
     """Stage 3's small model has its own window: a local model directory whose config.json says 512."""
     (tmp_path / "config.json").write_text('{"max_position_embeddings": 512}')

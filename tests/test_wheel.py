@@ -86,7 +86,8 @@ def test_wheel_math500_replay_outside_the_repository(wheel_env):
 def test_wheel_engine_bench_and_paper_dry_run(wheel_env):
     p = _run(wheel_env, "bench", "engine", "trees=64", "hydra.run.dir=out_bench")
     assert "parity_cpp_py" in p.stdout
-    p = _run(wheel_env, "run", "experiment=paper_qwen2_5_7b", "dry_run=true", "hydra.run.dir=out_dry")
+    p = _run(wheel_env, "run", "experiment=paper_qwen2_5_7b", "dry_run=true",
+             "data.training.fallback=[math_train,gsm8k_train]", "hydra.run.dir=out_dry")
     assert '"problems":' in p.stdout and "qwen2_5" in p.stdout
 
 

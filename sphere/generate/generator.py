@@ -161,7 +161,7 @@ class Generator:
         """The pair's prompt: text for plain models, a user message list for chat models (TRL format)."""
         from sphere.prompts import build_prompt_text, build_reflection_text, uses_chat
 
-        fam = self.pair_fam or self.fam
+        fam = getattr(self, "pair_fam", None) or self.fam
         if uses_chat(tokenizer, fam):
             from sphere.prompts import _user_text
 
@@ -318,13 +318,14 @@ class Generator:
 
     def _prefix(self, tok: Any) -> str:
         """What a conversational pair's chosen/rejected start with: the pairs' family's assistant_prefix."""
-        return str((self.pair_fam or self.fam).get("assistant_prefix") or "") if self._conv(tok) else ""
+        fam = getattr(self, "pair_fam", None) or self.fam
+        return str(fam.get("assistant_prefix") or "") if self._conv(tok) else ""
 
     def _conv(self, tok: Any) -> bool:
         """Whether the pairs are conversational (the pairs' family and tokenizer use a chat template)."""
         from sphere.prompts import uses_chat
 
-        return uses_chat(tok, self.pair_fam or self.fam)
+        return uses_chat(tok, getattr(self, "pair_fam", None) or self.fam)
 
     def _record(self, stage: int, p: dict, res: SearchResult, route_: str, pairs: list[dict]) -> dict:
         return {

@@ -396,7 +396,8 @@ def _metrics(history, result, pairs: PairSet, t, prep, policy_path, lora: bool, 
 
 # ----------------------------------------------------------------------------------------------- CLI
 def _resolve_policy(cfg) -> Path:
-    name = str(cfg.model.policy)
+    # a transfer experiment trains its target (as `sphere run` does), not the policy that generated the pairs
+    name = str(cfg.model.get("train_target") or cfg.model.policy)
     try:
         from sphere.models import resolve_model
     except ImportError:
