@@ -452,6 +452,14 @@ class Generator:
             if prev.get("config_hash") == self.hash else 0.0,
         }
         atomic_write_json(stats_path, stats)
+        ce = stats["chain_ends"]
+        if any(ce[f] for f in CUT_FINISHES):  # say it where the user looks, not only in the stats file
+            import sys
+
+            print(f"[generate] {sum(ce[f] for f in CUT_FINISHES)} of {ce['terminals']} chains were cut before an "
+                  f"answer: {ce['depth']} at search.max_depth, {ce['length']} at the policy's window, "
+                  f"{ce['window']} at the step scorer's window (graded wrong, never chosen; generate_stats.json "
+                  "chain_ends)", file=sys.stderr, flush=True)
         return stats
 
 

@@ -88,6 +88,8 @@ def log_generate_stats(logger: Any, stats: dict, out: Path, step: int | None = N
                  "search/backend_calls": stats["backend_calls"], "search/tokens": stats["tokens"],
                  "search/mean_leaves_per_call": stats["mean_leaves_per_call"],
                  "search/pruned": stats["pruned"], "search/collisions": stats["collisions"]})
+    ends = stats.get("chain_ends") or {}  # how chains ended: the shares cut at the depth and the two windows
+    flat.update({f"search/chains_cut_{k}": v for k, v in (ends.get("share") or {}).items()})
     logger.log(flat, step=step)
     pairs = read_jsonl_tolerant(out / "pairs.jsonl")
     rows = []
