@@ -354,6 +354,12 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _dispatch(argv: list[str]) -> None:
+    from sphere.loggers import redact_console
+
+    # Hydra prints a failed job's overrides in clear ("Error executing job with overrides: [...]"), keys
+    # included; tracebacks and log lines may repeat a value: the console streams hide every secret value of
+    # the command line and the environment (SECURITY.md, claim 4)
+    redact_console(argv)
     m = _match(argv, PLAIN_COMMANDS)
     if m is not None:
         key, rest = m

@@ -341,19 +341,83 @@ class RedactHydraFiles(_hydra_callback_base()):
     """Hydra callback (conf/config.yaml ``hydra.callbacks``): Hydra saves the composed config and the
     command-line overrides to ``<run dir>/.hydra/*.yaml`` before the job starts; a secret passed as an
     override (``+logger.api_key=...``) would sit there in clear. ``on_job_start`` runs right after the
-    save and rewrites those files through ``redact`` (tests/test_security.py)."""
+    save and rewrites those files through ``redact`` (tests/test_security.py), and in a multirun the
+    sweep directory's ``multirun.yaml``, which the sweeper saved before the first job."""
 
     def on_job_start(self, config: Any, **kwargs: Any) -> None:
         from omegaconf import OmegaConf
 
         from sphere.io import atomic_write_text
 
+        paths = []
         hydra_dir = config.hydra.get("output_subdir")
-        if not hydra_dir:
-            return
-        d = Path(config.hydra.runtime.output_dir) / str(hydra_dir)
-        for name in ("config.yaml", "hydra.yaml", "overrides.yaml"):
-            p = d / name
+        if hydra_dir:
+            d = Path(config.hydra.runtime.output_dir) / str(hydra_dir)
+            paths += [d / name for name in ("config.yaml", "hydra.yaml", "overrides.yaml")]
+        if str(config.hydra.get("mode", "")).endswith("MULTIRUN"):  # the sweeper saved it before any job
+            paths.append(Path(str(config.hydra.sweep.dir)) / "multirun.yaml")
+        for p in paths:
             if p.is_file():
                 data = OmegaConf.to_container(OmegaConf.load(p), resolve=False)
                 atomic_write_text(p, OmegaConf.to_yaml(OmegaConf.create(redact(data))))
+
+
+def override_secret_values(args: list[str]) -> set[str]:
+    """The secret values a command line carries: the value of every ``key=value`` override whose key names
+    a secret (``is_secret_key``) or whose value is shaped like one (``is_secret_value``), as typed and
+    unquoted, plus the secret environment variables' values. ``RedactingStream`` hides them."""
+    found = set(_secret_env_values())
+    for a in args:
+        key, eq, val = str(a).partition("=")
+        if not eq or not re.fullmatch(r"[+~]{0,2}[\w.@/-]+", key):
+            continue
+        if is_secret_key(key) or is_secret_value(val, key):
+            plain = val.strip().strip("'\"")
+            for v in (val, plain, *plain.split(",")):  # a sweep a,b: each job gets one
+                # a multirun prints each job's overrides with Hydra's escapes (`\:`), inside a list's repr
+                esc = re.sub(r"([\\()\[\]{}:=, ])", r"\\\1", v)
+                for w in (v, esc, esc.replace("\\", "\\\\")):
+                    if len(w) >= 4 and w.lower() not in ("null", "none", "true", "false", "***"):
+                        found.add(w)
+        found.update(m.group(0) for m in _SECRET_VALUE.finditer(val))
+    return found
+
+
+class RedactingStream:
+    """A text stream (sys.stdout / sys.stderr) that writes every known secret value as ``***``. Hydra prints
+    a failed job's overrides in clear ("Error executing job with overrides: [...]"), tracebacks and log
+    lines may repeat a value: with the console streams wrapped, nothing the process prints carries one."""
+
+    def __init__(self, stream: Any, secrets: set[str]):
+        self._stream = stream
+        self._secrets = sorted(secrets, key=len, reverse=True)  # longest first: a value inside another
+
+    def _clean(self, s: str) -> str:
+        for v in self._secrets:
+            if v in s:
+                s = s.replace(v, "***")
+        return s
+
+    def write(self, s: str) -> int:
+        self._stream.write(self._clean(s) if isinstance(s, str) else s)
+        return len(s)
+
+    def writelines(self, lines: Any) -> None:
+        for line in lines:
+            self.write(line)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+def redact_console(args: list[str]) -> None:
+    """Wrap sys.stdout and sys.stderr in ``RedactingStream`` for the secrets of ``args`` (a no-op when the
+    command line and the environment carry none). Call before Hydra configures logging: its handlers then
+    write through the wrapped streams."""
+    secrets = override_secret_values(args)
+    if not secrets:
+        return
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        if not isinstance(stream, RedactingStream):
+            setattr(sys, name, RedactingStream(stream, secrets))

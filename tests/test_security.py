@@ -313,3 +313,31 @@ def test_hydra_files_keep_budgets_and_hide_secrets(tmp_path):
         assert token not in text, name
         assert "'***'" not in text.replace("secret_token: '***'", "").replace("+secret_token=***", ""), name
     assert token not in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("multirun", [False, True])
+def test_failed_job_prints_no_secret_override(multirun, tmp_path):
+    """Issue #29: a job that fails outside the handled errors (here: an OpenAI-compatible server nobody
+    answers) made Hydra print "Error executing job with overrides: [...]" with every override in clear,
+    keys included (a multirun escapes them: `KEY\\:X`). Recognisable fake keys in the secret-bearing fields
+    (`backend.api_key`, `+logger.api_key`, an `sk-...`-shaped value under a plain key) appear in neither
+    output stream nor in any file under the run (or sweep) directory; the failure itself is still reported."""
+    keys = ["sk-S29FAKEKEYaaaaaaaaaaaaaaaaaaaaaa", "S29-LOGGER:KEY=bbbbbbbb", "sk-S29SHAPEDdddddddddddddddddddddd"]
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
+    env.pop("HYDRA_FULL_ERROR", None)
+    args = ["eval", "backend=openai", "backend.base_url=http://127.0.0.1:9", "backend.retries=0",
+            "benchmarks=[mini]", "limit=2", f"backend.api_key={keys[0]}", f"+logger.api_key='{keys[1]}'",
+            f"+note={keys[2]}"]
+    args += [f"hydra.sweep.dir={out}", "-m"] if multirun else [f"hydra.run.dir={out}"]
+    proc = subprocess.run([sys.executable, "-m", "sphere.cli", *args], capture_output=True, text=True,
+                          env=env, timeout=300, cwd=ROOT)
+    assert proc.returncode != 0
+    assert "127.0.0.1" in proc.stderr and "Connection refused" in proc.stderr  # the failure is reported
+    files = [p for p in out.rglob("*") if p.is_file()] if out.exists() else []
+    for key in keys:
+        assert key not in proc.stdout and key not in proc.stderr, proc.stderr[-2000:]
+        leaks = [str(p) for p in files if key.encode() in p.read_bytes()]
+        assert not leaks, leaks
+    if not multirun:
+        assert "backend.api_key=***" in proc.stderr  # redacted, not dropped
