@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -335,6 +336,25 @@ USER_ERRORS = (ValueError, KeyError, FileNotFoundError, ModuleNotFoundError, Not
 
 
 INTERRUPTED = "sphere: interrupted; rerun the same command (same hydra.run.dir) to resume"
+TERMINATED = "sphere: terminated by {sig}; rerun the same command (same hydra.run.dir) to resume"
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what SLURM, Kubernetes and `kill` send) raised in the main thread: a KeyboardInterrupt, so
+    every cleanup that runs on Ctrl-C runs for it too; ``main`` reports it in one line and exits 143."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated(signal.Signals(signum).name)
+
+
+def _catch_sigterm() -> None:
+    """Treat SIGTERM like SIGINT (a disposition the process inherited as ignored, as under nohup, is kept)."""
+    try:
+        if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # not the main thread (main() called from a thread): leave signals alone
+        pass
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -344,13 +364,18 @@ def main(argv: list[str] | None = None) -> None:
         return
     # Keep tokenizers/torch from oversubscribing small machines unless the user chose otherwise.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _catch_sigterm()
     try:
         _dispatch(argv)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         # one line, no 100-line torch traceback; the outputs written so far are durable (resume works)
-        print(f"\n{INTERRUPTED}", file=sys.stderr, flush=True)
+        term = isinstance(e, Terminated)
+        if term:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM during this exit ends it at once
+        print("\n" + (TERMINATED.format(sig=e.args[0] if e.args else "SIGTERM") if term else INTERRUPTED),
+              file=sys.stderr, flush=True)
         sys.stdout.flush()
-        os._exit(130)  # skip atexit handlers of half-stopped engines, which print their own tracebacks
+        os._exit(143 if term else 130)  # skip atexit handlers of half-stopped engines (their own tracebacks)
 
 
 def _dispatch(argv: list[str]) -> None:
