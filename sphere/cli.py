@@ -316,6 +316,9 @@ def _task(fn, verbose: bool):
         with rundir.cli_errors(command):  # full disk, read-only dir, dir in use, settings mismatch: one line
             rundir.set_default_mode(cfg.get("resume", "auto"))
             try:
+                from sphere.overrides import check_added_keys
+
+                check_added_keys(cfg, sys.argv[1:])  # `+search.expansion=3`: a typo, refused (sphere/overrides.py)
                 return fn(cfg)
             except USER_ERRORS as e:
                 if verbose or os.environ.get("HYDRA_FULL_ERROR") == "1":

@@ -433,3 +433,30 @@ def test_model_path_missing(tmp_path):
     proc = _sphere("eval", "backend=transformers", f"model={tmp_path / 'nope'}", "limit=2",
                    f"hydra.run.dir={out}")
     _assert_clean_failure(proc, out, [str(tmp_path / "nope"), "does not exist"])
+
+
+# ------------------------------------------------------------------- keys added with `+` (issue #29)
+ADDED_KEYS = [
+    (["run", "dry_run=true", "+search.expansion=3"], ["+search.expansion", "did you mean search.expansions?"]),
+    (["generate", "+stages.stage_2=false"], ["+stages.stage_2", "did you mean stages.stage2?"]),
+    (["eval", "+sampling.temprature=0.5"], ["+sampling.temprature", "did you mean sampling.temperature?"]),
+]
+
+
+@pytest.mark.parametrize("args,needles", ADDED_KEYS, ids=lambda x: x[-1] if isinstance(x[-1], str) else None)
+def test_typo_added_with_plus_is_refused_naming_the_nearest_key(args, needles, tmp_path):
+    """Before: `sphere run dry_run=true +search.expansion=3` ran with E=5, rc 0 (Hydra's own hint for an
+    unknown key says to add `+`). A `+` key under a sphere group (sphere/overrides.py: CLOSED) is refused
+    in one line naming the nearest known key; nothing is produced."""
+    out = tmp_path / "run"
+    proc = _sphere(*args, f"hydra.run.dir={out}", timeout=120)
+    _assert_clean_failure(proc, out, needles)
+    assert "Traceback" not in proc.stderr
+    assert len([ln for ln in proc.stderr.splitlines() if ln.startswith("sphere ")]) == 1, proc.stderr
+
+
+def test_plus_keys_of_open_groups_still_accepted(tmp_path):
+    """The groups open on purpose (sphere/overrides.py: OPEN) and the top level keep taking `+` keys."""
+    proc = _sphere("run", "dry_run=true", "+logger.api_key=abcdefgh", "+backend.extra_flag=1", "+note=x",
+                   f"hydra.run.dir={tmp_path / 'run'}", timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
