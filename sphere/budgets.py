@@ -150,7 +150,7 @@ def local_tokenizer(name: str) -> Any | None:
             if (d / "tokenizer.json").is_file():  # the fast tokenizer alone: no torch import in a dry run
                 from transformers import PreTrainedTokenizerFast
 
-                tok = PreTrainedTokenizerFast.from_pretrained(str(d))
+                tok = PreTrainedTokenizerFast.from_pretrained(str(d), trust_remote_code=False)
             else:
                 from transformers import AutoTokenizer
 
