@@ -71,14 +71,16 @@ def qwen_run(tmp_path_factory):
     return out, summary
 
 
-def test_paper_qwen_dpo_as_two_processes_matches_one(qwen_run, tmp_path):
+def test_paper_qwen_dpo_as_two_processes_in_sphere_run(qwen_run, tmp_path):
     """`train.processes=2` on a multi-GPU node: two DDP processes (gloo here), rank 0 alone publishes. Round 0's
     evaluation and round 1's pairs are the Qwen run's (copied: the run resumes them), so this run trains round
     1 as two processes on the same pairs with the same global batch (2 x 2 x 8 = 1 x 2 x 16 = 32) and evaluates
-    it. The result must be the one-process result: the same loss and margin, the same published weights."""
+    it. Exactness against one process is tests/test_train_processes.py's (a pair count that divides evenly: the
+    loss curves agree to 3e-7). Here the round makes 17 pairs: DDP repeats one pair so both ranks get 9
+    (accelerate's even_batches), and a first Adam step is about lr x sign(gradient), so the weights are not
+    compared element-wise; the same step, the same loss, a rising margin and a weight change of the same size
+    (within 5%) are."""
     import shutil
-
-    from safetensors.numpy import load_file
 
     src, _ = qwen_run
     out = tmp_path / "qwen_2proc"
@@ -89,16 +91,15 @@ def test_paper_qwen_dpo_as_two_processes_matches_one(qwen_run, tmp_path):
     tdir, one = out / "round_1" / "train", src / "round_1" / "train"
     done = json.loads((tdir / "merged" / "DONE").read_text())
     assert done["processes"] == 2 and done.get("rank", 0) == 0
-    assert not list(tdir.glob(".merged*")) and [p.name for p in tdir.iterdir() if p.name.startswith("merged")] \
-        == ["merged"]  # one merged model, written once
+    assert sorted(p.name for p in tdir.iterdir() if "merged" in p.name) == ["merged"]  # written once, by rank 0
+    assert sorted(p.name for p in (tdir / "merged").iterdir() if p.suffix == ".safetensors") == ["model.safetensors"]
     m2, m1 = (json.loads((d / "train_metrics.json").read_text()) for d in (tdir, one))
     assert m2["processes"] == 2 and m1["processes"] == 1 and m2["global_batch"] == m1["global_batch"] == 32
     assert m2["steps"] == m1["steps"] and m2["pairs_kept"] == m1["pairs_kept"]
-    for k in ("loss_first", "loss_final", "margin_after", "weight_change_rel"):  # stated tolerance: 1e-4 rel
-        assert m2[k] == pytest.approx(m1[k], rel=1e-4, abs=1e-7), (k, m1[k], m2[k])
-    w1, w2 = (load_file(str(d / "merged" / "model.safetensors")) for d in (one, tdir))
-    assert w1.keys() == w2.keys()
-    assert max(float(abs(w1[k].astype("float64") - w2[k].astype("float64")).max()) for k in w1) < 1e-6
+    assert m2["loss_first"] == pytest.approx(m1["loss_first"], abs=1e-6)
+    assert m2["margin_after"] > 0 and m1["margin_after"] > 0
+    assert m2["weight_change_rel"] == pytest.approx(m1["weight_change_rel"], rel=0.05)
+    assert Path(summary["rounds"][1]["policy"]).resolve() == (tdir / "merged").resolve()
 
 
 def test_paper_qwen_chains_past_the_prm_window_end_there_and_the_run_finishes(qwen_run):
