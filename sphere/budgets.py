@@ -322,24 +322,20 @@ def _generation_checks(cfg: Any, P: dict[str, Prompt], W: dict[str, Window | Non
             room = prm.tokens - q.longest
             k = max(0, room) // (S + 1)
             prm_cap = max(0, room - min(D, math.ceil(max(0, room) / (S + 1))))  # tokens of steps, tags off
+            head = f"step scorer (PRM): prompt {_n(q.longest)} + {D} steps x ({_n(S)} + 1 reward token) = {_n(need)}"
             if need <= prm.tokens:
-                _check(checks, "step scorer (PRM)", "ok",
-                       f"step scorer (PRM): prompt {_n(q.longest)} + {D} steps x ({_n(S)} + 1 reward token) = "
-                       f"{_n(need)} <= window {_n(prm.tokens)}: ok", need=need, limit=prm.tokens)
+                tail, status = f" <= window {_n(prm.tokens)}: ok", "ok"
             elif str((cfg.get("scorer") or {}).get("long_chains", "end")) == "recent":
                 prm_cap = None  # the PRM reads the newest steps that fit: it cuts no chain
-                _check(checks, "step scorer (PRM)", "over",
-                       f"step scorer (PRM): prompt {_n(q.longest)} + {D} steps x ({_n(S)} + 1 reward token) = "
-                       f"{_n(need)} > window {_n(prm.tokens)}: past it the PRM reads the problem and the newest "
-                       f"steps that fit (scorer.long_chains: recent; counted as items_truncated), so no chain "
-                       f"ends here; after the longest prompt {_steps(k)} fit whole", need=need, limit=prm.tokens)
+                tail, status = (f" > window {_n(prm.tokens)}: past it the PRM reads the problem and the newest "
+                                f"steps that fit (scorer.long_chains: recent; counted as items_truncated), so no "
+                                f"chain ends here; after the longest prompt {_steps(k)} fit whole"), "over"
             else:
-                _check(checks, "step scorer (PRM)", "over",
-                       f"step scorer (PRM): prompt {_n(q.longest)} + {D} steps x ({_n(S)} + 1 reward token) = "
-                       f"{_n(need)} > window {_n(prm.tokens)}: a chain ends where its PRM input "
-                       f"would pass the window (finish \"window\", recorded; counted in generate_stats.json "
-                       f"chain_ends/window_ends; graded wrong, never chosen); after the longest prompt "
-                       f"{_steps(k)} fit", need=need, limit=prm.tokens)
+                tail, status = (f" > window {_n(prm.tokens)}: a chain ends where its PRM input would pass the "
+                                f"window (finish \"window\", recorded; counted in generate_stats.json "
+                                f"chain_ends/window_ends; graded wrong, never chosen); after the longest prompt "
+                                f"{_steps(k)} fit"), "over"
+            _check(checks, "step scorer (PRM)", status, head + tail, need=need, limit=prm.tokens)
         prm_input = q.longest + min(full_prm, reach + D)
         if prm.tokens is not None:
             prm_input = min(prm_input, prm.tokens)
