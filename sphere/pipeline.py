@@ -551,6 +551,7 @@ def main(cfg: DictConfig) -> float:
     from sphere.budgets import check_length_budgets
     from sphere.memplan import check_memory_plan
 
+    validate_run_config(cfg)  # the config's own errors first, named by their keys
     check_length_budgets(cfg)  # a step budget no window can take is refused before any model loads
     check_memory_plan(cfg)  # before any model loads (no-op without hardware.gpu_memory_gb)
     summary = run(cfg, out)
