@@ -112,6 +112,7 @@ PYBIND11_MODULE(_core, mod) {
   mod.doc() = "sphere C++ tree engine: one arena of many MCTS trees (see csrc/forest.hpp)";
   mod.attr("BYTES_PER_NODE") = sphere::kBytesPerNode;
   mod.attr("HOT_BYTES_PER_NODE") = sphere::kHotBytes;
+  mod.attr("SIMD") = sphere::simd_path();
 
   py::class_<Forest>(mod, "Forest")
       .def(py::init(&make_forest), py::arg("rule"), py::arg("c"), py::arg("virtual_loss"),

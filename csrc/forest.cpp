@@ -26,6 +26,8 @@
 
 namespace sphere {
 
+const char* simd_path() { return SPHERE_SSE2 ? "sse2" : "scalar"; }
+
 namespace {
 
 std::string at(const char* arg, int64_t i) { return std::string(arg) + "[" + std::to_string(i) + "]"; }

@@ -157,6 +157,10 @@ struct Hot {
   uint8_t flags;
   uint8_t pad;
 };
+// Which child-scoring path this build compiled: "sse2" (x86-64) or "scalar" (other targets, or -DSPHERE_NO_SIMD).
+// Exposed as sphere._core.SIMD, so a test can tell which path it checked.
+const char* simd_path();
+
 constexpr int kHotBytes = static_cast<int>(sizeof(Hot));
 static_assert(sizeof(Hot) == 32, "hot node record must stay 32 bytes (two per 64-byte cache line)");
 constexpr int kBytesPerNode =

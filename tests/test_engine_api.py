@@ -301,3 +301,17 @@ def test_validate_detects_corruption():
     with pytest.raises(RuntimeError, match="negative in-flight"):
         f.validate()
     assert math.isnan(f.snapshot()["init_value"][0])
+
+
+@NO_CORE
+def test_simd_path_is_the_one_built():
+    """sphere._core.SIMD names the child-scoring path compiled in: "sse2" on x86-64, "scalar" elsewhere or with
+    -DSPHERE_NO_SIMD. scripts/scalar_engine_tests.sh sets SPHERE_EXPECT_SIMD=scalar, so the parity tests it runs
+    provably checked the scalar fallback (a build that kept SSE2 fails here instead of passing unnoticed)."""
+    import platform
+
+    from sphere import _core
+
+    expected = os.environ.get("SPHERE_EXPECT_SIMD") or (
+        "sse2" if platform.machine().lower() in ("x86_64", "amd64") else "scalar")
+    assert _core.SIMD == expected
