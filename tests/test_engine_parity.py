@@ -285,32 +285,72 @@ def test_child_scores_match(cfg, data):
     run_sequence(cfg, data, same_child_scores, grid=FINE_GRID, max_ops=60)
 
 
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(cfg=score_configs, tie=st.sampled_from([0.0, 0.5, 1.0]), data=st.data())
+def test_tied_operation_sequences_match(cfg, tie, data):
+    """Ties everywhere: every prior, reward, value and backed-up value is the same number, so every pick
+    (selection, pruning, best/worst path) is decided by the tie rule alone (lowest index), which random
+    values reach only by chance. Tree-level parity plus child_scores bit for bit after every step."""
+    run_sequence(cfg, data, same_child_scores, grid=[tie], max_ops=40)
+
+
+@pytest.mark.parametrize("ties", [False, True], ids=["random", "ties"])
 @pytest.mark.parametrize("q_norm", [False, True])
 @pytest.mark.parametrize("fpu", ["parent", "value", "inf", "const"])
 @pytest.mark.parametrize("rule,vl", [("puct", 1.0), ("puct", 0.0), ("uct", 3.0)])
-def test_child_scores_match_workloads(rule, vl, fpu, q_norm):
+def test_child_scores_match_workloads(rule, vl, fpu, q_norm, ties):
     """Deeper trees than the random sequences reach (hundreds of visits, arbitrary float32 priors and values,
-    descents left in flight): child_scores of every expanded node bit for bit after each select and backup."""
+    descents left in flight): child_scores of every expanded node bit for bit after each select and backup.
+    With ties=True every prior, reward, value and backed-up value is the same (all-equal), so siblings score
+    exactly alike and selection, pruning and extraction are decided by the tie rule; random draws never tie."""
+    # Each FPU mode also runs one pruning rule at expansion, so the ties reach the pruning tie rules too.
+    pruning = {"parent": "none", "value": "minmax", "inf": "topk", "const": "threshold"}[fpu]
     cfg = EngineConfig(rule=rule, c=1.25, virtual_loss=vl, virtual_loss_value=-0.5, fpu=fpu, fpu_value=0.3,
-                       fpu_reduction=0.1, q_norm=q_norm, max_depth=6)
+                       fpu_reduction=0.1, q_norm=q_norm, max_depth=6, pruning=pruning, prune_k=2, prune_tau=0.25,
+                       prune_relative=True)
     fc, fp = Forest(cfg), PyForest(cfg)
     rng = np.random.default_rng(7)
     roots, _ = both(fc, fp, "add_roots", np.arange(3, dtype=np.int64))
     compared = 0
+
+    def draw(n: int) -> np.ndarray:
+        return np.full(n, 0.5, np.float32) if ties else rng.random(n, dtype=np.float32)
+
     for _ in range(12):
         (_, leaves, _), _ = both(fc, fp, "select", roots, 4)
         compared += same_child_scores(fc, fp)
         counts = rng.integers(0, 4, len(leaves)).astype(np.int32)
         c = int(counts.sum())
-        priors, rewards = rng.random(c, dtype=np.float32), rng.random(c, dtype=np.float32)
-        values = np.where(rng.random(c) < 0.3, np.nan, rng.random(c)).astype(np.float32)
+        priors, rewards = draw(c), draw(c)
+        values = np.where(rng.random(c) < 0.3, np.nan, draw(c)).astype(np.float32)
         both(fc, fp, "expand", leaves, counts, priors, np.arange(c), rewards, values, rng.random(c) < 0.05)
         done = leaves[rng.random(len(leaves)) < 0.8]  # the rest stay in flight (virtual loss) for a round
-        both(fc, fp, "backup", done, rng.random(len(done), dtype=np.float32))
+        both(fc, fp, "backup", done, draw(len(done)))
         compared += same_child_scores(fc, fp)
         both(fc, fp, "cancel", np.setdiff1d(leaves, done).astype(np.int32))
+        for r in roots.tolist():  # extraction: on ties, the lowest-index child at every step
+            for by in ("visits", "value", "reward"):
+                both(fc, fp, "best_path", r, by=by)
+            both(fc, fp, "worst_path", r)
     same_forest(fc, fp)
     assert compared > 100
+
+
+def test_property_tests_are_derandomized_in_ci():
+    """In CI (CI set, no SPHERE_HYPOTHESIS_PROFILE override) the property tests run under tests/conftest.py's
+    fixed "sphere-ci" profile: derandomized (the examples depend only on the test, so a failure reproduces
+    on any machine) and with no example database (nothing carried between runs)."""
+    from hypothesis import settings as hsettings
+
+    ci = os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+    if not ci or os.environ.get("SPHERE_HYPOTHESIS_PROFILE"):
+        return  # locally: the default profile keeps exploring new examples
+    for s in (hsettings.default,
+              getattr(test_random_operation_sequences_match, "_hypothesis_internal_use_settings", None),
+              getattr(test_tied_operation_sequences_match, "_hypothesis_internal_use_settings", None)):
+        assert s is not None
+        assert s.derandomize is True, s
+        assert s.database is None, s
 
 
 @pytest.mark.parametrize("backend", [Forest, PyForest])
