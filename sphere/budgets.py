@@ -87,7 +87,7 @@ def _steps(k: int) -> str:
 # ------------------------------------------------------------------------------------------ windows
 def generation_window(cfg: Any, name: str) -> Window:
     """The window a generation backend gives model ``name``: min(backend.max_model_len, the model's own)."""
-    from sphere.memplan import model_window
+    from sphere.modelinfo import model_window
 
     mw, src = model_window(name)
     be = cfg.get("backend") or {}
@@ -109,7 +109,7 @@ def generation_window(cfg: Any, name: str) -> Window:
 def prm_window(cfg: Any) -> Window | None:
     """The PRM's window: ``scorer.max_length`` or its max_position_embeddings (sphere/rewards/prm.py); the
     vLLM engine's ``scorer.max_model_len`` caps it. None when the step scorer is not a PRM."""
-    from sphere.memplan import model_window
+    from sphere.modelinfo import model_window
 
     sc = cfg.get("scorer") or {}
     if str(sc.get("name")) != "prm":
@@ -141,7 +141,7 @@ def local_tokenizer(name: str) -> Any | None:
     Hugging Face cache); None otherwise. Never downloads; no remote code."""
     if name in _TOKENIZERS:
         return _TOKENIZERS[name]
-    from sphere.memplan import local_model_dir
+    from sphere.modelinfo import local_model_dir
 
     tok = None
     d = local_model_dir(name)
@@ -196,7 +196,7 @@ def benchmark_texts(cfg: Any) -> list[str] | None:
     if cfg.get("eval") is None:
         return None
     from sphere.data.benchmarks import load_benchmark
-    from sphere.pipeline import round_benchmarks
+    from sphere.evaluation.settings import round_benchmarks
 
     out: list[str] = []
     for b in round_benchmarks(cfg):

@@ -26,6 +26,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from sphere.controls import enabled_controls, finish_controls, prepare_controls, validate_controls_config
+from sphere.evaluation.settings import round_benchmarks  # noqa: F401 - also importable from here
 from sphere.io import atomic_write_json, atomic_write_text
 
 
@@ -46,15 +47,6 @@ def _eval_round(cfg: DictConfig, backend: Any, rdir: Path, policy: str, logger: 
         logger.log({f"eval/{k}/accuracy": v["accuracy"] for k, v in res.items() if k != "meta"}, step=r)
         logger.log_artifact(rdir / "eval" / "results.json", f"eval-round{r}", "results")
     return {k: v for k, v in res.items() if k != "meta"}
-
-
-def round_benchmarks(cfg: DictConfig) -> list[str]:
-    """The benchmarks evaluated after every round: ``eval.benchmarks`` plus the model family's own
-    ``model.extra_eval_benchmarks`` (the stand-ins add their mini test split to the paper's six)."""
-    from sphere.evaluation.harness import expand_benchmarks
-
-    extra = cfg.model.get("extra_eval_benchmarks") or []
-    return expand_benchmarks([*expand_benchmarks(cfg.eval.benchmarks), *extra])
 
 
 def _round_config(cfg: DictConfig, policy: str, **top: Any) -> DictConfig:

@@ -16,14 +16,14 @@ LAYERS: list[set[str]] = [
     {"pipeline", "sweep", "runreport", "bench"},
     {"runners"},
     {"scale"},
-    {"generate", "evaluation", "train", "testing", "memplan", "controls"},
+    {"generate", "evaluation", "train", "testing", "memplan", "budgets", "controls"},
     {"lifecycle"},
     {"search", "rewards"},
     {"backends", "engine", "viz"},
-    {"prompts", "data", "rundir", "loggers", "progress", "verify"},
+    {"prompts", "data", "rundir", "loggers", "progress", "verify", "modelinfo"},
     {"models"},
     {"mini"},
-    {"io", "resources", "schema", "__init__"},
+    {"io", "resources", "schema", "overrides", "__init__"},
 ]
 
 

@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -75,3 +77,11 @@ def settings_from_config(cfg) -> EvalSettings:
                         seed=OmegaConf.select(cfg, "sampling.seed", default=cfg.get("seed")),
                         batch_size=cfg.get("batch_size"), resume=resume_mode(cfg.get("resume", True)),
                         verify_timeout_s=float(cfg.get("verify_timeout_s", 5.0)))
+
+
+def round_benchmarks(cfg: Any) -> list[str]:
+    """The benchmarks `sphere run` evaluates after every round: ``eval.benchmarks`` plus the model family's own
+    ``model.extra_eval_benchmarks`` (the stand-ins add their mini test split to the paper's six)."""
+    extra = cfg.model.get("extra_eval_benchmarks") or []
+    return expand_benchmarks([*expand_benchmarks(cfg.eval.benchmarks), *extra])
+
