@@ -514,10 +514,10 @@ def length_budgets(cfg: Any, measure: bool = True, phases: tuple[str, ...] = ("g
     from omegaconf import OmegaConf
 
     if "train" not in phases or "eval" not in phases:  # a view without the phases not checked
-        view = OmegaConf.to_container(cfg, resolve=True)
-        for ph in ("train", "eval"):
-            if ph not in phases:
-                view.pop(ph, None)
+        # every node but the phases not checked and Hydra's own (its ${hydra:...} fields resolve only inside a
+        # running job), each resolved against the whole config
+        view = {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k]
+                for k in cfg if k != "hydra" and k not in ("train", "eval") or k in phases}
         cfg = OmegaConf.create(view)
     rounds = cfg.get("rounds")
     generates = "generate" in phases and (rounds is None or int(rounds) > 0)  # `sphere run rounds=0`: eval only

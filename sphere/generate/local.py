@@ -51,7 +51,9 @@ def generate_memory_plan(cfg: DictConfig) -> dict:
 
     from sphere.memplan import memory_plan
 
-    view = OmegaConf.to_container(cfg, resolve=True)
+    # every node but Hydra's own (its ${hydra:...} fields resolve only inside a running job)
+    view = {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k]
+            for k in cfg if k != "hydra"}
     view["rounds"] = 1  # memplan counts stage 3 only for a run that generates
     view.setdefault("train", None)
     view["train"] = view["train"] or {}  # a placeholder: the train phase is dropped below
