@@ -62,7 +62,7 @@ DESCRIPTIONS: dict[tuple[str, ...], str] = {
 # Config groups a user chooses on the command line (`group=option`); others (hydra/*, accelerate/*, the
 # mini recipes) are internal and stay out of `--help`.
 USER_GROUPS = ("model", "backend", "prompt", "search", "scorer", "runner", "logger", "train_opts",
-               "experiment", "mini")
+               "experiment", "mini", "construction")
 
 
 def conf_dir() -> Path:
@@ -403,6 +403,10 @@ def _dispatch(argv: list[str]) -> None:
         print(command_help(key, cdir))
         return
     rest = hydra_overrides(key, rest, cdir, note=lambda m: print(m, file=sys.stderr, flush=True))
+    if any(a.startswith("construction=") for a in rest):  # one line naming the allowed ones
+        from sphere.generate.constructions import check_construction_override
+
+        check_construction_override(rest, cdir)
     verbose = _verbose(rest)
     quiet_third_party(verbose)
     fn = _load(target)

@@ -76,6 +76,13 @@ def validate_generate_config(cfg: Any) -> None:
 
     validate_search_config(cfg.search)
     PairFilter.from_cfg(cfg.filters)
+    from sphere.generate.constructions import Construction
+
+    con = Construction.from_cfg(cfg.get("construction"))
+    runner = cfg.get("runner")
+    if con.name != "sphere" and runner is not None and str(runner.get("name", "local")) != "local":
+        raise ValueError(f"config construction={con.name}: runs with runner=local only (runner=ray writes the "
+                         "paper's pairs: construction=sphere)")
     if str(cfg.get("engine_backend", "cpp")) not in ("cpp", "py"):
         raise ValueError(f"config engine_backend={cfg.engine_backend!r}: allowed cpp | py")
 
@@ -137,6 +144,10 @@ class Generator:
         self.out = Path(out_dir)
         self.logger = logger
         self.hash = config_hash(cfg)
+        from sphere.generate.constructions import Construction
+
+        self.construction = Construction.from_cfg(cfg.get("construction"))  # conf/construction/
+        self.pair_ctx = None  # set by run(): how the non-paper constructions write a pair
         from sphere.prompts import family_config
 
         self.fam = family_config(cfg)
@@ -195,6 +206,9 @@ class Generator:
         t_start = time.perf_counter()
         cfg = self.cfg
         st_cfg = cfg.stages
+        from sphere.generate.constructions import PairContext, sample_and_score, seed_from
+
+        seed_from(self.construction, self.out, self.hash)  # construction.search_from: another run's search
         done1, done2, done3 = self._done(1), self._done(2), self._done(3)
         by_id = {p["id"]: p for p in problems}
         if len(by_id) != len(problems):
@@ -210,6 +224,9 @@ class Generator:
             small_name=self.small_name or str(cfg.model.small), config_hash=self.hash,
             conversational=self._conv(ptok), response_prefix=self._prefix(ptok),
             pair_prompt=lambda p, attempt: self._pair_prompt(ptok, p, attempt))
+        self.pair_ctx = PairContext(delim=ctx.delim, pair_prompt=ctx.pair_prompt, conversational=ctx.conversational,
+                                    response_prefix=ctx.response_prefix, policy_name=ctx.policy_name,
+                                    config_hash=ctx.config_hash)
         snap_every = int(cfg.output.snapshot_every)
         w = {s: JsonlAppender(self.out / "stages" / f) for s, f in STAGE_FILES.items()}
         stats_acc: dict = {"search": {}}
@@ -283,6 +300,9 @@ class Generator:
             if jobs:
                 driver.run(jobs, on_result)
                 stats_acc["search"]["policy"] = driver.stats.as_dict(int(cfg.search.batch_leaves))
+            if self.construction.name == "best_worst_of_n":  # sampled while the policy is loaded (resumes)
+                sample_and_score(cfg, self.construction, policy_backend, scorer, problems, self.out,
+                                 self.policy_name or str(cfg.model.policy), self.fam, self.delim)
             if stage3_todo:  # the small model looks for plausible wrong solutions
                 small = small_backend_factory() if small_backend_factory is not None else policy_backend
                 stats_acc["search"]["small"] = self._stage3(small, scorer, verifier, stage3_todo, ctx,
@@ -369,15 +389,15 @@ class Generator:
         cfg = self.cfg
         recs = {s: list(d.values()) for s, d in read_stage_logs(self.out).items()}
         wanted = {p["id"] for p in problems}
-        all_pairs: list[dict] = []
         traj_lines = []
+        used: dict[int, list[dict]] = {1: [], 2: [], 3: []}
         for s in (1, 2, 3):
             seen = set()
             for r in recs[s]:
                 if r["problem_id"] not in wanted or r["problem_id"] in seen:
                     continue
                 seen.add(r["problem_id"])
-                all_pairs.extend(r["pairs"])
+                used[s].append(r)
                 # one line per distinct trajectory of the record, with every role it plays (Sol_max and
                 # Sol_min are terminals too, and may be the same trajectory)
                 lines: dict[str, dict] = {}
@@ -390,6 +410,10 @@ class Generator:
                     if role not in line["roles"]:
                         line["roles"].append(role)
                 traj_lines.extend(lines.values())
+        from sphere.generate.constructions import build_pairs  # conf/construction/: which pairs the search makes
+
+        all_pairs = build_pairs(self.construction, used, {str(p["id"]): p for p in problems}, self.pair_ctx,
+                                self.out)
         kept, drops = filter_pairs(all_pairs, PairFilter.from_cfg(cfg.filters))
         atomic_write_text(self.out / "pairs.jsonl",
                           "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in kept))
@@ -418,6 +442,7 @@ class Generator:
         pol = search.get("policy", {})
         stats = {
             "config_hash": self.hash,
+            "construction": self.construction.name,
             "problems": len(problems),
             "problems_done_stage1": len(s1),
             "routes": routes,
