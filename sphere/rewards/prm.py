@@ -44,6 +44,13 @@ the tokens an engine step computes). Forced on (``enable_prefix_caching=True``, 
 the tiny PRM) the engine logs that the model "does not officially support prefix caching" and its token
 pooling requests skip the cache: 0 prefix-cache queries, 0 hits, the same scores. It stays off; the savings
 here come from scoring each distinct item once and padding less.
+
+Shared prefixes (issue 34, ``scorer.shared_prefix``, transformers engine): the E candidates of an expansion
+repeat the whole chat before their last step. ``kv`` (default) runs each group's longest common TOKEN prefix
+once with a KV cache and the candidates' continuations as one batch over it; ``packed`` runs one sequence per
+group with a tree-attention 4-D mask; ``off`` scores every row whole, as before. The scores are those of
+separate scoring to float rounding (sphere/rewards/shared_prefix.py; docs/prm_scoring.md has the measurements
+and when the vLLM engine is the better choice).
 """
 
 from __future__ import annotations
@@ -74,8 +81,11 @@ class QwenProcessRewardModel(_torch_nn().Module):
         h, k = config.hidden_size, int(getattr(config, "num_labels", 2) or 2)
         self.score = nn.Sequential(nn.Linear(h, h), nn.ReLU(), nn.Linear(h, k))
 
-    def forward(self, input_ids, attention_mask=None):
-        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False):
+        """Logits ``[B, T, labels]``; ``past_key_values`` (a transformers ``Cache``) is filled or read in place
+        (the shared-prefix scoring of sphere/rewards/shared_prefix.py)."""
+        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                            past_key_values=past_key_values, use_cache=use_cache).last_hidden_state
         return self.score(hidden)
 
     @classmethod
@@ -147,8 +157,14 @@ class PRMScorer:
         self.batch_size = int(s.get("batch_size", 16))
         self.dedup_items = bool(s.get("dedup_items", True))
         self.sort_by_length = bool(s.get("sort_by_length", True))
+        self.shared_prefix = str(s.get("shared_prefix", "kv"))
+        if self.shared_prefix not in ("off", "kv", "packed"):
+            raise ValueError(f"scorer.shared_prefix={self.shared_prefix!r}: allowed off | kv | packed")
+        self.shared_prefix_min = int(s.get("shared_prefix_min", 16))
+        if self.shared_prefix_min < 1:
+            raise ValueError(f"scorer.shared_prefix_min={self.shared_prefix_min}: allowed an integer >= 1")
         self._stats = {"calls": 0, "items": 0, "items_scored": 0, "tokens": 0, "tokens_computed": 0,
-                       "forward_passes": 0, "seconds": 0.0}
+                       "tokens_shared": 0, "groups": 0, "forward_passes": 0, "seconds": 0.0}
         trust = bool(s.get("trust_remote_code", False))
         from transformers import AutoConfig, AutoTokenizer
 
@@ -282,7 +298,8 @@ class PRMScorer:
 
     def stats(self) -> dict:
         """calls, items (asked for), items_scored (computed), tokens (of the scored rows), tokens_computed
-        (padding included), forward_passes, seconds."""
+        (padding included), tokens_shared (prefix tokens computed once for several rows), groups (shared-prefix
+        groups), forward_passes, seconds."""
         return dict(self._stats)
 
     def _score(self, items: list[tuple[str, list[str]]]) -> list[list[float]]:
@@ -313,10 +330,16 @@ class PRMScorer:
     def _probs_hf(self, rows: list[list[int]]) -> list[list[float]]:
         import torch
 
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        if self.shared_prefix != "off":  # each shared token prefix computed once (issue 34, module docstring)
+            from sphere.rewards.shared_prefix import probs_shared
+
+            return probs_shared(self._model, rows, self.tag_id, device=self.device, pad_id=pad,
+                                batch_size=self.batch_size, mode=self.shared_prefix,
+                                min_shared=self.shared_prefix_min, stats=self._stats)
         res: list[list[float]] = [[] for _ in rows]
         order = sorted(range(len(rows)), key=lambda i: -len(rows[i])) if self.sort_by_length else \
             list(range(len(rows)))
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         for s in range(0, len(rows), self.batch_size):
             idx = order[s: s + self.batch_size]
             chunk = [rows[i] for i in idx]
