@@ -410,14 +410,43 @@ class RedactingStream:
         return getattr(self._stream, name)
 
 
+# The secret values of this process's command line and environment (``redact_console`` fills it): the
+# console streams and the job log's file handler (``RedactSecrets``) write each as ``***``.
+CONSOLE_SECRETS: set[str] = set()
+
+
 def redact_console(args: list[str]) -> None:
     """Wrap sys.stdout and sys.stderr in ``RedactingStream`` for the secrets of ``args`` (a no-op when the
     command line and the environment carry none). Call before Hydra configures logging: its handlers then
-    write through the wrapped streams."""
+    write through the wrapped streams; the job log file filters through ``RedactSecrets``."""
     secrets = override_secret_values(args)
+    CONSOLE_SECRETS.update(secrets)
     if not secrets:
         return
     for name in ("stdout", "stderr"):
         stream = getattr(sys, name)
         if not isinstance(stream, RedactingStream):
             setattr(sys, name, RedactingStream(stream, secrets))
+
+
+class RedactSecrets:
+    """A logging filter (conf/config.yaml ``hydra.job_logging``, on the job log's file handler, which does not
+    write through the redacted console streams): the record's message and its traceback, formatted here,
+    with every secret of ``CONSOLE_SECRETS`` (and the secret environment variables) written as ``***``."""
+
+    def filter(self, record: Any) -> bool:
+        secrets = CONSOLE_SECRETS | _secret_env_values()
+        if not secrets:
+            return True
+        msg = record.getMessage()
+        if record.exc_info:
+            import traceback
+
+            msg += "\n" + "".join(traceback.format_exception(*record.exc_info)).rstrip("\n")
+        elif record.exc_text:
+            msg += "\n" + record.exc_text
+        if record.stack_info:
+            msg += "\n" + record.stack_info
+        clean = RedactingStream(None, secrets)._clean(msg)
+        record.msg, record.args, record.exc_info, record.exc_text, record.stack_info = clean, (), None, None, None
+        return True
