@@ -71,7 +71,8 @@ def test_checker_on_hostile_completions_and_golds(tmp_path):
     # only the text whose final boxed answer is 42 is graded right; the "grade this as correct" request and
     # the power towers are not
     assert got["injection"] is True
-    assert not any(v for k, v in got.items() if k != "injection")
+    assert got["unicode"] is True  # \boxed{４２}: full-width digits are 42 (issue #29; was a false negative)
+    assert not any(v for k, v in got.items() if k not in ("injection", "unicode"))
     assert not Path("/tmp/pwned").exists()
     assert check_answers([("\\boxed{4}", "4"), ("\\boxed{5}", "4")]) == [True, False]  # pool still works
 

@@ -21,6 +21,15 @@ from sphere.verify import extract_answer, fast_verdict, normalize_answer, parse_
         ("\\boxed{{1}+{2}}", "{1}+{2}"),
         ("\\boxed{\\{1,2\\}}", "\\{1,2\\}"),  # escaped braces do not nest
         ("good \\boxed{3} then truncated \\boxed{4", "3"),  # unbalanced last box: take the previous one
+        ("cut while stating it \\boxed{3", None),  # truncated: not the answer 3 (issue #29)
+        ("The answer is 7, so \\boxed{7", None),  # the last thing said was cut: no answer
+        ("\\boxed{½}", "\\frac{1}{2}"),  # Unicode math written as the checker reads it
+        ("\\boxed{1½}", "\\frac{3}{2}"),
+        ("\\boxed{√2}", "\\sqrt{2}"),
+        ("\\boxed{2∛x}", "2\\sqrt[3]{x}"),
+        ("\\boxed{４２}", "42"),
+        ("so x = −５", "-5"),
+        ("\\boxed{x²−1}", "x^{2}-1"),
         ("He makes 9 * 2 = $<<9*2=18>>18.\n#### 18", "18"),
         ("#### 1,000", "1,000"),
         ("The answer is 42.", "42"),
@@ -105,6 +114,13 @@ def test_parse_number():
         (None, "3", False),
         ("2^{2000}", "\\sqrt{2}", None),  # a huge exact value vs an irrational one: no float overflow
         ("2^{2000}", "2^{1999}", False),
+        ("½", "0.5", True),  # Unicode math (issue #29): were false negatives
+        ("½", "\\frac{1}{2}", True),
+        ("√2", "\\sqrt{2}", True),
+        ("２√３", "2\\sqrt{3}", True),
+        ("４２", "42", True),
+        ("−3", "-3", True),
+        ("¾", "\\frac{1}{2}", False),
     ],
 )
 def test_fast_verdict(pred, gold, verdict):
@@ -139,3 +155,12 @@ def test_extract_and_normalize_never_raise_and_stay_fast(text):
 def test_pathological_text_is_cheap_in_parent(text):
     extract_answer(text)
     normalize_answer(text)
+
+
+def test_truncated_box_is_not_graded_as_its_digits():
+    """Issue #29: `\\boxed{3` (a completion cut while stating its answer) was graded as the answer 3 through the
+    last-number fallback. It is no answer, so it is wrong even against gold 3; a complete box is still right."""
+    from sphere.verify import check_answers
+
+    assert check_answers([("so \\boxed{3", "3"), ("so \\boxed{3}", "3"), ("\\boxed{½}", "\\frac12"),
+                          ("\\boxed{√2}", "\\sqrt 2"), ("\\boxed{４２}", "42")]) == [False, True, True, True, True]

@@ -18,7 +18,7 @@ from sphere.verify.pool import Verifier, check_answer, check_answers, get_verifi
 
 # Bumped whenever a verdict can change (extraction, normalisation, fast path, worker rules); recorded with
 # evaluation results (sphere.evaluation.harness.checker_info) so scores from different checkers are not mixed.
-CHECKER_VERSION = "sphere-verify-1"
+CHECKER_VERSION = "sphere-verify-2"  # 2: a truncated \\boxed{ is no answer; Unicode math normalised
 
 __all__ = [
     "CHECKER_VERSION",

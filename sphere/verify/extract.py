@@ -60,6 +60,18 @@ def _balanced_from(text: str, start: int) -> tuple[str, int] | None:
     return None
 
 
+def has_open_box(text: str) -> bool:
+    """True when the text's last ``\\boxed{`` / ``\\fbox{`` is never closed: the completion was cut while
+    stating its answer (``... \\boxed{3``), so the digits after it are not an answer."""
+    pos, cmd = max((text.rfind(c), c) for c in _BOX_CMDS)
+    if pos < 0:
+        return False
+    j = pos + len(cmd)
+    while j < len(text) and text[j] in " \t":
+        j += 1
+    return j >= len(text) or (text[j] == "{" and _balanced_from(text, j) is None)
+
+
 def last_boxed(text: str) -> str | None:
     """Content of the last complete ``\\boxed{...}`` / ``\\fbox{...}`` (or ``\\boxed X``), else None."""
     end = len(text)
@@ -81,6 +93,54 @@ def last_boxed(text: str) -> str | None:
                 return m.group(0)
         end = pos
     return None
+
+
+# ------------------------------------------------------------------ Unicode math (no eval, pure mapping)
+_FULLWIDTH = {c: c - 0xFEE0 for c in range(0xFF01, 0xFF5F)}  # ０-９ Ａ-Ｚ ＋ － ／ ( ) ...: their ASCII forms
+_FULLWIDTH[0x3000] = 0x20  # ideographic space
+_SYMBOLS = {"\u2212": "-", "\u2013": "-", "\u00d7": "\\times ", "\u22c5": "\\cdot ", "\u00b7": "\\cdot ",
+            "\u00f7": "\\div ", "\u03c0": "\\pi ", "\u221e": "\\infty ", "\u2264": "\\le ", "\u2265": "\\ge ",
+            "\u2260": "\\ne ", "\u2044": "/", "\u2215": "/", "\u00a0": " "}
+_SUPERSCRIPTS = {"\u2070": "0", "\u00b9": "1", "\u00b2": "2", "\u00b3": "3", **{chr(0x2070 + d): str(d) for d in range(4, 10)},
+                 "\u207b": "-"}
+_SUPER_RUN = re.compile("[" + "".join(_SUPERSCRIPTS) + "]+")
+_VULGAR = re.compile(r"(\d*)([\u00bc-\u00be\u2150-\u215e\u2189])")
+_ROOT = re.compile(r"([\u221a\u221b\u221c])\s*(\d+(?:\.\d+)?|[A-Za-z]|\{[^{}]{0,200}\}|\([^()]{0,200}\))")
+_ROOT_INDEX = {"\u221a": "", "\u221b": "[3]", "\u221c": "[4]"}
+_NON_ASCII = re.compile(r"[^\x00-\x7f]")
+
+
+def _vulgar(m: re.Match) -> str:
+    import unicodedata
+
+    num, _, den = unicodedata.normalize("NFKC", m.group(2)).partition("\u2044")
+    whole = m.group(1)
+    if whole:  # a mixed number 1½ = 3/2 (not 1 times 1/2)
+        return f"\\frac{{{int(whole) * int(den) + int(num)}}}{{{den}}}"
+    return f"\\frac{{{num}}}{{{den}}}"
+
+
+def _root(m: re.Match) -> str:
+    arg = m.group(2)
+    if arg[0] in "{(":
+        arg = arg[1:-1]
+    return f"\\sqrt{_ROOT_INDEX[m.group(1)]}{{{arg}}}"
+
+
+def unicode_math(s: str) -> str:
+    """Unicode math written as the ASCII/LaTeX the checker reads: full-width forms (``４２`` -> ``42``),
+    vulgar fractions (``½`` -> ``\\frac{1}{2}``, ``1½`` -> ``\\frac{3}{2}``), roots (``√2`` -> ``\\sqrt{2}``,
+    ``∛x``), superscripts (``x²`` -> ``x^{2}``), ``−`` ``×`` ``÷`` ``π`` ``∞`` ``≤`` ... A pure character
+    mapping: nothing is evaluated. ASCII text is returned unchanged."""
+    if not isinstance(s, str) or not _NON_ASCII.search(s):
+        return s
+    s = s.translate(_FULLWIDTH)
+    s = _VULGAR.sub(_vulgar, s)
+    for k, v in _SYMBOLS.items():
+        s = s.replace(k, v)
+    s = _SUPER_RUN.sub(lambda m: "^{" + "".join(_SUPERSCRIPTS[c] for c in m.group(0)) + "}", s)
+    s = _ROOT.sub(_root, s)
+    return s.strip()
 
 
 def _strip_math_delims(s: str) -> str:
@@ -122,19 +182,25 @@ def extract_answer(text: str) -> str | None:
     if not isinstance(text, str) or not text:
         return None
     ans = last_boxed(text)
+    if ans is None and has_open_box(text):
+        return None  # "\\boxed{3" (cut while stating it): truncated, not the answer 3
     if ans is None:
         m = _last(_GSM_HASH.finditer(text))
         if m is not None and m.group(1).strip():
             ans = m.group(1).strip()
     if ans is None:
         ans = _answer_is(text)
+        if ans is None:  # the last number: "x = −５" is -5 (the Unicode minus and digit read as ASCII first)
+            last = _last(_NUMBER.finditer(_GSM_ANNOT.sub("", unicode_math(text[-4 * MAX_ANSWER_CHARS:]))))
+            if last is not None:
+                ans = last.group(0).rstrip(",")
     if ans is None:
         last = _last(_NUMBER.finditer(_GSM_ANNOT.sub("", text)))
         if last is not None:
             ans = last.group(0).rstrip(",")
     if ans is None:
         return None
-    ans = _strip_math_delims(ans)
+    ans = _strip_math_delims(unicode_math(ans))
     if len(ans) > 4 and ans.startswith("**") and ans.endswith("**"):  # markdown bold "**73**"
         ans = ans[2:-2].strip()
     if not ans or len(ans) > MAX_ANSWER_CHARS:
@@ -162,7 +228,7 @@ def normalize_answer(s: str) -> str:
     """Canonical comparison string of an answer (see module docstring). Never raises."""
     if not isinstance(s, str):
         return ""
-    s = s[: 4 * MAX_ANSWER_CHARS].replace("**", "")  # markdown bold: "**73**" (Math-Verify#76)
+    s = unicode_math(s[: 4 * MAX_ANSWER_CHARS]).replace("**", "")  # markdown bold: "**73**" (Math-Verify#76)
     s = _strip_math_delims(s)
     s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
     s = s.replace("\\$", "").replace("$", "")
