@@ -230,6 +230,9 @@ def plan(cfg: DictConfig) -> dict:
 
     budgets = check_length_budgets(cfg)  # every length budget vs its window; refuses where not one step fits
     mem = check_memory_plan(cfg, budgets)  # refuses a plan that cannot fit hardware.gpu_memory_gb
+    from sphere.scale.placement import check_placement
+
+    placement = check_placement(cfg, mem)  # runner=ray: which GPU of the described cluster holds what
     n = count_problems(cfg.data, int(cfg.seed))
     est = estimate_backend_calls(n, cfg.search)
     return {
@@ -256,6 +259,7 @@ def plan(cfg: DictConfig) -> dict:
         "estimate_per_round_stage1": est,
         "length_budgets": budgets,
         "memory_plan": mem,
+        "placement": placement,
     }
 
 
@@ -539,13 +543,19 @@ def main(cfg: DictConfig) -> float:
         print(json.dumps(p, indent=2))  # stdout stays one JSON document (scripts parse it)
         print(format_budgets(p["length_budgets"]), file=sys.stderr)
         print(format_plan(p["memory_plan"]), file=sys.stderr)
+        if str(cfg.runner.get("name", "local")) == "ray":
+            from sphere.scale.placement import format_placement
+
+            print(format_placement(p["placement"]), file=sys.stderr)
         return 0.0
     from sphere.budgets import check_length_budgets
     from sphere.memplan import check_memory_plan
 
     validate_run_config(cfg)  # the config's own errors first, named by their keys
     check_length_budgets(cfg)  # a step budget no window can take is refused before any model loads
-    check_memory_plan(cfg)  # before any model loads (no-op without hardware.gpu_memory_gb)
+    from sphere.scale.placement import check_placement
+
+    check_placement(cfg, check_memory_plan(cfg))  # before any model loads (no-op without hardware.gpu_memory_gb)
     summary = run(cfg, out)
     last = summary["rounds"][-1]["eval"]
     print((out / "summary.md").read_text())

@@ -104,7 +104,8 @@ def evaluate(
             finally:
                 for w in writers.values():
                     w.close()
-            for st in ray.get([a.stats.remote() for a in pool.actors]):
+            live = [a for i, a in enumerate(pool.actors) if i not in pool.dead]
+            for st in ray.get([a.stats.remote() for a in live], timeout=float(rcfg.unavailable_s)):
                 for k, v in (st or {}).items():
                     if isinstance(v, int | float) and not isinstance(v, bool):
                         backend_stats[k] = backend_stats.get(k, 0) + v
@@ -116,6 +117,9 @@ def evaluate(
             "retries": pst.retries,
             "actor_deaths": pst.actor_deaths,
             "actors_started": pst.actors_started,
+            "unavailable": pst.unavailable,
+            "taken_back": pst.taken_back,
+            "events": pst.events,
             "retried_chunks": pst.retried_chunks,
             "per_actor_chunks": pst.per_actor_chunks,
             "wall_s": time.perf_counter() - t0,

@@ -48,6 +48,19 @@ def _sum_search(acc: dict, add: dict, batch_leaves: int) -> None:
         a.update(call_fill(a, batch_leaves))
 
 
+def chunk_size(cfg: DictConfig, todo: int) -> int:
+    """``runner.chunk_size``, or ``auto``: enough problems to fill one backend call of
+    ``search.batch_leaves`` prompts (paper mode: 2 chains, so 2 leaves per problem; mcts: 1), but no more
+    than an even share of the unfinished problems per worker (so every worker has work)."""
+    v = cfg.runner.chunk_size
+    if v != "auto":
+        return int(v)
+    per = 2 if str(cfg.search.get("mode", "paper")) == "paper" else 1
+    fill = -(-int(cfg.search.batch_leaves) // per)
+    share = -(-max(1, todo) // int(cfg.runner.workers))
+    return max(1, min(fill, share))
+
+
 def _write_bytes_atomic(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -78,31 +91,25 @@ def generate(
     gen = Generator(cfg, out)
     state = stage_state(out)
     todo = [p for p in problems if not is_finished(p["id"], state, cfg.stages)]
-    chunks = [
-        Chunk(
-            i,
-            "generate",
-            {
-                "problems": ps,
-                "prior": {s: [state[s][p["id"]] for p in ps if p["id"] in state[s]] for s in STAGES},
-            },
-            len(ps),
-        )
-        for i, ps in enumerate(chunked(todo, int(rcfg.chunk_size)))
-    ]
+    size = chunk_size(cfg, len(todo))
+    # stage 3 runs in a phase of its own after every stage-1/2 chunk: each worker keeps its policy for the
+    # whole policy phase and its small model for the whole stage-3 phase (1 load each per round)
+    defer3 = bool(cfg.stages.stage3)
     t0 = time.perf_counter()
     search: dict = {}
     counts = {"done": len(problems) - len(todo), "pairs": {1: 0, 2: 0, 3: 0}}
     info: dict[str, Any] = {
         "runner": "ray",
         "workers": int(rcfg.workers),
-        "chunk_size": int(rcfg.chunk_size),
+        "chunk_size": size,
         "problems": len(problems),
         "skipped_finished": len(problems) - len(todo),
-        "chunks": len(chunks),
+        "chunks": 0,
+        "phases": {},
         "workers_seen": {},
+        "model_loads": {},
     }
-    if chunks:
+    if todo:
         plain = plain_config(cfg)
         writers = {s: JsonlAppender(out / "stages" / STAGE_FILES[s]) for s in STAGES}
         try:
@@ -122,9 +129,9 @@ def generate(
                             _write_bytes_atomic(out / "trees" / name, data)
                     _sum_search(search, res["search"], int(cfg.search.batch_leaves))
                     w = res["worker"]
-                    info["workers_seen"][f"{w['host']}:{w['pid']}"] = (
-                        info["workers_seen"].get(f"{w['host']}:{w['pid']}", 0) + 1
-                    )
+                    key = f"{w['host']}:{w['pid']}"
+                    info["workers_seen"][key] = info["workers_seen"].get(key, 0) + 1
+                    info["model_loads"][key] = {**res["loads"], "node": w["node"], "slot": w["slot"]}
                     counts["done"] = sum(1 for p in problems if is_finished(p["id"], state, cfg.stages))
                     prog.update(counts)
 
@@ -133,28 +140,58 @@ def generate(
                         {**counts, "done": min(len(problems), counts["done"] + sum(running.values()))}
                     )
 
-                try:
-                    pst = pool.run(
+                def run_phase(phase: str, ps: list[dict], first_id: int) -> list[Chunk]:
+                    chunks = [
+                        Chunk(
+                            first_id + i,
+                            "generate",
+                            {
+                                "problems": part,
+                                "prior": {
+                                    s: [state[s][p["id"]] for p in part if p["id"] in state[s]] for s in STAGES
+                                },
+                                "phase": phase,
+                            },
+                            len(part),
+                        )
+                        for i, part in enumerate(chunked(ps, size))
+                    ]
+                    t = time.perf_counter()
+                    pool.run(
                         chunks,
                         lambda a, ch: a.run_chunk.remote(ch.id, **ch.payload),
                         on_result,
                         on_poll=on_poll,
                         on_dispatch=on_dispatch,
                     )
+                    info["phases"][phase] = {"chunks": len(chunks), "problems": len(ps),
+                                             "wall_s": time.perf_counter() - t}
+                    return chunks
+
+                try:
+                    n1 = len(run_phase("policy" if defer3 else "all", todo, 0))
+                    if defer3:
+                        st3 = [p for p in todo if not is_finished(p["id"], state, cfg.stages)]
+                        n1 += len(run_phase("small", st3, n1)) if st3 else 0
+                    info["chunks"] = n1
                 finally:
                     pool.close()
+                    pst = pool.stats
+                    info.update(
+                        {
+                            "retries": pst.retries,
+                            "actor_deaths": pst.actor_deaths,
+                            "unavailable": pst.unavailable,
+                            "taken_back": pst.taken_back,
+                            "retried_chunks": pst.retried_chunks,
+                            "per_actor_chunks": pst.per_actor_chunks,
+                            "events": pst.events,
+                        }
+                    )
+                    atomic_write_json(out / "ray_runner.json", info)
         finally:
             for w_ in writers.values():
                 w_.close()
-        info.update(
-            {
-                "retries": pst.retries,
-                "actor_deaths": pst.actor_deaths,
-                "actors_started": pst.actors_started,
-                "retried_chunks": pst.retried_chunks,
-                "per_actor_chunks": pst.per_actor_chunks,
-            }
-        )
     missing = [p["id"] for p in problems if not is_finished(p["id"], stage_state(out), cfg.stages)]
     if missing:
         raise RuntimeError(

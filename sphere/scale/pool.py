@@ -24,13 +24,22 @@ def validate_runner_config(rcfg: Any) -> None:
         if not isinstance(v, int) or isinstance(v, bool) or v < minimum:
             raise ValueError(f"config runner.{key}={v!r}: allowed an integer >= {minimum}")
 
-    for k in ("workers", "chunk_size", "eval_chunk_size", "cpus_per_worker"):
+    for k in ("workers", "eval_chunk_size", "cpus_per_worker"):
         pos_int(k)
-    for k in ("max_chunk_retries", "max_actor_restarts"):
+    if rcfg.get("chunk_size") != "auto":
+        pos_int("chunk_size")
+    for k in ("max_chunk_retries", "max_restarts", "max_task_retries"):
         pos_int(k, 0)
+    for k in ("unavailable_s", "stall_timeout_s"):
+        v = rcfg.get(k)
+        if not isinstance(v, int | float) or isinstance(v, bool) or v <= 0:
+            raise ValueError(f"config runner.{k}={v!r}: allowed a number of seconds > 0")
     g = rcfg.get("gpus_per_worker")
     if not (g == "auto" or (isinstance(g, int | float) and not isinstance(g, bool) and g >= 0)):
         raise ValueError(f"config runner.gpus_per_worker={g!r}: allowed auto or a number >= 0")
+    pos_int("nodes")
+    if rcfg.get("gpus_per_node") is not None:
+        pos_int("gpus_per_node")
     if rcfg.get("num_cpus") is not None:
         pos_int("num_cpus")
     if not isinstance(rcfg.get("object_store_mb"), int) or rcfg.get("object_store_mb") < 64:
@@ -121,17 +130,19 @@ def actor_resources(rcfg: Any, cfg: Any) -> dict:
     return {"num_cpus": int(rcfg.cpus_per_worker), "num_gpus": float(g)}
 
 
-def _actor_death_errors() -> tuple[type[BaseException], ...]:
+def _error_kinds() -> tuple[tuple[type[BaseException], ...], tuple[type[BaseException], ...]]:
+    """(transient, permanent) actor errors. ``ActorUnavailableError`` is transient (Ray: the actor may be
+    restarting or briefly unreachable; it is NOT dead, so it is not killed and its engine not reloaded);
+    ``ActorDiedError`` / ``RayActorError`` are raised only once Ray has spent ``max_restarts``."""
     import ray.exceptions as rex
 
-    names = (
-        "RayActorError",
-        "ActorDiedError",
-        "ActorUnavailableError",
-        "WorkerCrashedError",
-        "NodeDiedError",
+    transient = tuple(getattr(rex, n) for n in ("ActorUnavailableError",) if hasattr(rex, n))
+    permanent = tuple(
+        getattr(rex, n)
+        for n in ("ActorDiedError", "RayActorError", "WorkerCrashedError", "NodeDiedError")
+        if hasattr(rex, n)
     )
-    return tuple(getattr(rex, n) for n in names if hasattr(rex, n))
+    return transient, permanent
 
 
 # ---------------------------------------------------------------------------------------------- pool
@@ -141,26 +152,46 @@ class Chunk:
     kind: str  # "generate" | "eval"
     payload: dict  # method arguments (problems, prior records / benchmark name and records)
     size: int  # problems in the chunk (progress)
-    attempts: int = 0
+    attempts: int = 0  # times dispatched (a retry inside Ray on a restarted actor is not counted here)
 
 
 @dataclass
 class PoolStats:
     chunks: int = 0
-    retries: int = 0
-    actor_deaths: int = 0
+    retries: int = 0  # chunks the driver dispatched again (their actor died for good or stopped answering)
+    actor_deaths: int = 0  # actors that died for good (Ray's max_restarts spent, or killed with no restart)
     actors_started: int = 0
+    unavailable: int = 0  # ActorUnavailableError answers (transient: the actor was kept)
+    taken_back: int = 0  # chunks given to other actors because theirs stopped answering polls
     per_actor_chunks: dict = field(default_factory=dict)
     retried_chunks: list = field(default_factory=list)
+    events: list = field(default_factory=list)  # one line per death / take-back / revival (ray_runner.json)
+
+
+class StallError(RuntimeError):
+    """No chunk finished and no actor reported progress for ``runner.stall_timeout_s`` seconds."""
 
 
 class ActorPool:
-    """Hands chunks to ``n`` actors, one chunk per actor at a time; replaces dead actors and requeues their
-    chunks at the front, so the next free actor (possibly the replacement) retries them.
+    """Hands chunks to ``n`` actors, one chunk per actor at a time.
+
+    What Ray does (``ray.remote(max_restarts=..., max_task_retries=...)``): restart an actor that died (its
+    process, or its node) and rerun the method call that was in flight on the restarted actor; raise
+    ``ActorDiedError`` once the restarts are spent. The pool does NOT kill or replace actors.
+
+    What the pool adds, because Ray cannot: (1) an actor whose restart cannot be placed (its node is gone and
+    no other node has the resources) keeps its call pending forever in Ray; the pool sees that the actor has
+    not answered ``poll()`` for ``unavailable_s`` and gives its chunk to the actors that remain (the late
+    result, if it ever comes, is merged without duplicates by the driver, which keys records by problem id);
+    (2) an actor dead for good leaves the pool and the run goes on with fewer workers, saying so; (3) a
+    chunk dispatched more than ``max_chunk_retries`` extra times stops the run (it kills every actor it
+    touches); (4) no wait is unbounded: no progress for ``stall_s`` raises ``StallError`` naming what the
+    run waits for. A revived actor (restarted on a node added meanwhile) answers its polls again and is
+    given chunks.
 
     ``make_actor(slot) -> handle``; ``submit(handle, chunk) -> ObjectRef``; ``on_result(chunk, result)`` runs
-    in the driver for each finished chunk (in completion order); ``on_poll(inflight_counts)`` gets
-    ``{chunk_id: problems done so far}`` from the actors' ``poll()`` every ``poll_s`` seconds;
+    in the driver for each finished chunk (in completion order; a chunk given to two actors may come back
+    twice); ``on_poll(inflight_counts)`` gets ``{chunk_id: problems done so far}`` every ``poll_s`` seconds;
     ``on_dispatch(handle, chunk)`` is a hook for tests and logs."""
 
     def __init__(
@@ -169,33 +200,24 @@ class ActorPool:
         n: int,
         *,
         max_chunk_retries: int,
-        max_actor_restarts: int,
         poll_s: float = 2.0,
+        unavailable_s: float = 60.0,
+        stall_s: float = 1800.0,
+        log: Callable[[str], None] | None = None,
     ):
         self.make_actor = make_actor
         self.actors = [make_actor(i) for i in range(n)]
-        self.gen = [0] * n  # generation of each slot (bumped when its actor is replaced)
         self.max_chunk_retries = max_chunk_retries
-        self.max_actor_restarts = max_actor_restarts
         self.poll_s = poll_s
+        self.unavailable_s = unavailable_s
+        self.stall_s = stall_s
         self.stats = PoolStats(actors_started=n)
+        self.dead: set[int] = set()
+        self._log = log or (lambda m: print(f"[ray runner] {m}", file=sys.stderr, flush=True))
 
-    def _replace(self, slot: int, err: BaseException) -> None:
-        import ray
-
-        try:
-            ray.kill(self.actors[slot], no_restart=True)
-        except Exception:  # noqa: BLE001 - already gone
-            pass
-        if self.stats.actor_deaths > self.max_actor_restarts:
-            raise RuntimeError(
-                f"ray runner: {self.stats.actor_deaths} actors died, more than "
-                f"runner.max_actor_restarts={self.max_actor_restarts}; giving up. Last error: "
-                f"{type(err).__name__}: {err}"
-            ) from err
-        self.actors[slot] = self.make_actor(slot)
-        self.gen[slot] += 1
-        self.stats.actors_started += 1
+    def log(self, msg: str) -> None:
+        self.stats.events.append(msg)
+        self._log(msg)
 
     def run(
         self,
@@ -208,68 +230,168 @@ class ActorPool:
     ) -> PoolStats:
         import ray
 
-        deaths = _actor_death_errors()
+        transient, permanent = _error_kinds()
+        n = len(self.actors)
         queue: deque[Chunk] = deque(chunks)
-        idle: deque[int] = deque(range(len(self.actors)))
-        inflight: dict[Any, tuple[int, Chunk]] = {}
-        last_poll = time.monotonic()
-        while queue or inflight:
-            while queue and idle:
-                slot, ch = idle.popleft(), queue.popleft()
+        finished: set[int] = set()
+        alive = set(range(n)) - self.dead  # not dead for good (kept across runs: the phases of a round)
+        answering = set(range(n))  # answered a poll within unavailable_s (or not yet started)
+        self._ever: set[int] = set()  # answered once: a first start still loading is not "unavailable"
+        busy: dict[int, tuple[Any, Chunk]] = {}  # slot -> (ref, chunk)
+        now = time.monotonic()
+        last_answer = {s: now for s in range(n)}
+        poll_refs: dict[int, tuple[Any, float]] = {}  # slot -> (outstanding poll ref, sent at)
+        last_counts: dict[int, int] = {}
+        last_progress = now
+        last_poll = 0.0
+
+        def dispatchable() -> list[int]:
+            return [s for s in range(n) if s in alive and s in answering and s not in busy]
+
+        def pending() -> bool:  # chunks not finished anywhere
+            return any(c.id not in finished for c in queue) or any(
+                c.id not in finished for _, c in busy.values()
+            )
+
+        def requeue(ch: Chunk, why: str) -> None:
+            if ch.id in finished or any(c.id == ch.id for c in queue):
+                return
+            if ch.attempts > self.max_chunk_retries:
+                raise RuntimeError(
+                    f"ray runner: chunk {ch.id} ({ch.size} problems) was dispatched {ch.attempts} times, "
+                    f"more than 1 + runner.max_chunk_retries={self.max_chunk_retries}; last: {why}"
+                )
+            self.stats.retries += 1
+            self.stats.retried_chunks.append(ch.id)
+            queue.appendleft(ch)
+
+        while pending():
+            while queue and queue[0].id in finished:
+                queue.popleft()
+            for slot in dispatchable():
+                if not queue:
+                    break
+                ch = queue.popleft()
                 ch.attempts += 1
-                ref = submit(self.actors[slot], ch)
-                inflight[ref] = (slot, ch)
+                busy[slot] = (submit(self.actors[slot], ch), ch)
                 if on_dispatch is not None:
                     on_dispatch(self.actors[slot], ch)
-            ready, _ = ray.wait(list(inflight), num_returns=1, timeout=self.poll_s)
+            if not alive:
+                raise RuntimeError(
+                    f"ray runner: all {n} actors died for good (Ray's restarts, runner.max_restarts, are "
+                    f"spent or could not be placed); {sum(1 for c in queue if c.id not in finished)} chunks "
+                    "unfinished; rerun the same command to resume"
+                )
+            refs = {ref: slot for slot, (ref, _) in busy.items()}
+            ready, _ = ray.wait(list(refs), num_returns=1, timeout=self.poll_s) if refs else ([], [])
+            if not refs:
+                time.sleep(self.poll_s)
             for ref in ready:
-                slot, ch = inflight.pop(ref)
+                slot = refs[ref]
+                _, ch = busy.pop(slot)
                 try:
                     res = ray.get(ref)
-                except deaths as e:
-                    self.stats.actor_deaths += 1
-                    if ch.attempts > self.max_chunk_retries:
-                        raise RuntimeError(
-                            f"ray runner: chunk {ch.id} ({ch.size} problems) lost its actor {ch.attempts} "
-                            f"times, more than runner.max_chunk_retries={self.max_chunk_retries}: "
-                            f"{type(e).__name__}: {e}"
-                        ) from e
-                    print(
-                        f"[ray runner] actor {slot} died ({type(e).__name__}); chunk {ch.id} goes back to "
-                        f"the queue (attempt {ch.attempts + 1})",
-                        file=sys.stderr,
-                        flush=True,
-                    )
-                    self.stats.retries += 1
-                    self.stats.retried_chunks.append(ch.id)
-                    self._replace(slot, e)
-                    queue.appendleft(ch)
-                    idle.append(slot)
+                except transient as e:  # Ray: the actor may come back; keep it, give the chunk to anyone
+                    self.stats.unavailable += 1
+                    answering.discard(slot)
+                    self.log(f"actor {slot} unavailable ({type(e).__name__}, transient: kept, not killed); "
+                             f"chunk {ch.id} goes back to the queue")
+                    requeue(ch, f"{type(e).__name__}: {e}")
                     continue
+                except permanent as e:  # Ray spent max_restarts (or the actor was killed for good)
+                    self.stats.actor_deaths += 1
+                    alive.discard(slot)
+                    self.dead.add(slot)
+                    self.log(
+                        f"actor {slot} died for good ({type(e).__name__}); chunk {ch.id} goes to the "
+                        f"remaining actors; going on with {len(alive)} of {n} workers"
+                    )
+                    requeue(ch, f"{type(e).__name__}: {e}")
+                    continue
+                last_progress = time.monotonic()
+                last_answer[slot] = last_progress
+                if slot not in answering:
+                    answering.add(slot)
+                    self.log(f"actor {slot} answers again; it takes chunks again")
+                if ch.id in finished:  # a late copy of a chunk another actor finished: merged as no-ops
+                    on_result(ch, res)
+                    continue
+                finished.add(ch.id)
                 self.stats.chunks += 1
-                key = f"{slot}.{self.gen[slot]}"
+                key = str(slot)
                 self.stats.per_actor_chunks[key] = self.stats.per_actor_chunks.get(key, 0) + 1
                 on_result(ch, res)
-                idle.append(slot)
-            if on_poll is not None and inflight and time.monotonic() - last_poll >= self.poll_s:
-                last_poll = time.monotonic()
-                on_poll(self._poll(inflight))
+            now = time.monotonic()
+            if now - last_poll >= self.poll_s:
+                last_poll = now
+                counts = self._poll(alive, poll_refs, last_answer)
+                now = time.monotonic()
+                for slot, c in counts.items():
+                    if slot in busy and c != last_counts.get(slot):
+                        last_progress = now
+                    last_counts[slot] = c
+                    if slot not in answering and slot in alive:
+                        answering.add(slot)
+                        self.log(f"actor {slot} answers again (restarted by Ray); it takes chunks again")
+                for slot in list(answering):
+                    if slot in alive and slot in self._ever and now - last_answer[slot] > self.unavailable_s:
+                        answering.discard(slot)
+                        msg = f"actor {slot} has not answered for {now - last_answer[slot]:.0f} s " \
+                              f"(runner.unavailable_s={self.unavailable_s:g}: restarting, or its node is gone)"
+                        if slot in busy:
+                            ch = busy[slot][1]
+                            self.stats.taken_back += 1
+                            msg += f"; its chunk {ch.id} also goes to the actors that answer"
+                            requeue(ch, msg)
+                        self.log(f"{msg}; {len([s for s in alive if s in answering])} of {n} workers answering")
+                if on_poll is not None and busy:
+                    on_poll({busy[s][1].id: c for s, c in counts.items() if s in busy})
+                if now - last_progress > self.stall_s:
+                    raise StallError(self._stall_message(now - last_progress, queue, busy, finished,
+                                                         alive, answering, n))
         return self.stats
 
-    def _poll(self, inflight: dict) -> dict:
+    def _stall_message(self, waited, queue, busy, finished, alive, answering, n) -> str:
         import ray
 
-        refs = {self.actors[slot].poll.remote(): ch.id for slot, ch in inflight.values()}
+        try:
+            free = {k: v for k, v in ray.available_resources().items() if not k.startswith(("node:", "memory",
+                                                                                             "object_store"))}
+        except Exception:  # noqa: BLE001
+            free = {}
+        waits = [f"chunk {c.id} on actor {s} ({'answering' if s in answering else 'not answering'})"
+                 for s, (_, c) in busy.items() if c.id not in finished]
+        queued = [c.id for c in queue if c.id not in finished]
+        return (
+            f"ray runner: no progress for {waited:.0f} s (runner.stall_timeout_s={self.stall_s:g}); waiting "
+            f"for {', '.join(waits) or 'no running chunk'}; queued chunks {queued}; "
+            f"{len(alive)} of {n} actors alive, {len([s for s in alive if s in answering])} answering; "
+            f"free cluster resources {free}. Finished chunks are saved: rerun the same command to resume"
+        )
+
+    def _poll(self, alive: set, poll_refs: dict, last_answer: dict) -> dict:
+        """``{slot: problems done in its current chunk}`` of the actors that answered; at most one poll
+        outstanding per actor (a restarting actor's poll waits in Ray until it is back)."""
+        import ray
+
+        for slot in alive:
+            if slot not in poll_refs:
+                poll_refs[slot] = self.actors[slot].poll.remote()
+        by_ref = {ref: slot for slot, ref in poll_refs.items()}
         out: dict = {}
         try:
-            ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=min(1.0, self.poll_s))
-            for r in ready:
-                try:
-                    out[refs[r]] = int(ray.get(r))
-                except Exception:  # noqa: BLE001 - a dying actor: the chunk's own ref reports it
-                    pass
+            ready, _ = ray.wait(list(by_ref), num_returns=len(by_ref), timeout=min(1.0, self.poll_s))
         except Exception:  # noqa: BLE001
-            pass
+            return out
+        for r in ready:
+            slot = by_ref[r]
+            poll_refs.pop(slot, None)
+            try:
+                out[slot] = int(ray.get(r))
+                last_answer[slot] = time.monotonic()
+                self._ever.add(slot)
+            except Exception:  # noqa: BLE001 - a dead actor: its chunk's own ref reports it
+                pass
         return out
 
     def close(self) -> None:
@@ -287,21 +409,30 @@ def chunked(items: Sequence, size: int) -> list[list]:
 
 
 def _remote(cls: type, rcfg: Any, cfg: Any):
+    """The actor class with Ray's own fault tolerance: ``max_restarts`` (Ray restarts a dead actor, on any
+    node that has its resources) and ``max_task_retries`` (Ray reruns the in-flight chunk on the restarted
+    actor; chunks are safe to rerun: the driver keys records by problem id)."""
     import ray
 
     res = actor_resources(rcfg, cfg)
-    # max_concurrency=2: poll() answers while run_chunk works (run_chunk is never sent twice at once)
-    return ray.remote(max_restarts=0, max_concurrency=2, **res)(cls)
+    # max_concurrency=2: poll() answers while run_chunk works (the pool never sends run_chunk twice at once)
+    return ray.remote(
+        max_restarts=int(rcfg.max_restarts),
+        max_task_retries=int(rcfg.max_task_retries),
+        max_concurrency=2,
+        **res,
+    )(cls)
 
 
 def _worker_pool(worker_cls: Any, rcfg: Any, cfg: Any, plain: dict) -> ActorPool:
     """``runner.workers`` actors of ``worker_cls`` (each built from the plain config), with the runner's
-    retry, restart and polling settings."""
+    restart, retry, polling and stall settings."""
     cls = _remote(worker_cls, rcfg, cfg)
     return ActorPool(
         lambda slot: cls.remote(plain, slot),
         int(rcfg.workers),
         max_chunk_retries=int(rcfg.max_chunk_retries),
-        max_actor_restarts=int(rcfg.max_actor_restarts),
         poll_s=float(rcfg.progress_poll_s),
+        unavailable_s=float(rcfg.unavailable_s),
+        stall_s=float(rcfg.stall_timeout_s),
     )

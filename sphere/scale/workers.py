@@ -39,26 +39,44 @@ class GenerateWorker:
         self.scratch = Path(tempfile.mkdtemp(prefix=f"sphere-ray-gen{slot}-", dir=root or None))
         from sphere.lifecycle import Models
 
-        self.models = Models(self.cfg)  # the one owner of policy / small / scorer, as in a local run
+        # the one owner of policy / small / scorer, as in a local run; kept for the actor's life: the driver
+        # sends every stage-1/2 chunk of a round first (policy only), then the stage-3 chunks (small model),
+        # so with stages.close_policy_before_small a worker loads the policy once and the small model once
+        self.models = Models(self.cfg)
+        self.tokenizer: Any = None  # the policy's tokenizer (stage-3 chunks build pair prompts with it)
         self.done_in_chunk = 0
 
     def info(self) -> dict:
         import socket
 
+        import ray
+
         return {
             "slot": self.slot,
             "pid": os.getpid(),
             "host": socket.gethostname(),
+            "node": ray.get_runtime_context().get_node_id(),
             "scratch": str(self.scratch),
         }
+
+    def loads(self) -> dict:
+        """Models opened by this actor so far, by role (``Models.opened`` counts every open and reopen)."""
+        out: dict = {}
+        for name in self.models.opened:
+            if not name.startswith("-"):
+                out[name] = out.get(name, 0) + 1
+        return out
 
     def poll(self) -> int:
         return self.done_in_chunk
 
-    def run_chunk(self, chunk_id: int, problems: list[dict], prior: dict) -> dict:
-        """Run the three stages on ``problems``; ``prior[stage]`` holds the run directory's records of
-        these problems (a partly finished problem resumes at its next stage). Returns the new records per
-        stage, the search statistics and the tree snapshots (file name -> npz bytes)."""
+    def run_chunk(self, chunk_id: int, problems: list[dict], prior: dict, phase: str = "all") -> dict:
+        """Run the stages on ``problems``; ``prior[stage]`` holds the run directory's records of these
+        problems (a partly finished problem resumes at its next stage). ``phase``: ``policy`` = stages 1
+        and 2 only (a both-right problem waits for the stage-3 phase), ``small`` = stage 3 of problems whose
+        stage-1 record is in ``prior`` (the policy is not opened: its tokenizer is kept from the policy
+        phase), ``all`` = every stage. Returns the new records per stage, the search statistics, the tree
+        snapshots (file name -> npz bytes) and the models this actor has loaded."""
         from sphere.generate.generator import STAGE_FILES, Generator
         from sphere.verify import check_answers
 
@@ -77,9 +95,19 @@ class GenerateWorker:
         t0 = time.perf_counter()
         try:
             m = self.models
-            stats = Generator(self.cfg, work).run(
+            gen = Generator(self.cfg, work)  # its config hash (the records' signature) is the run's
+            if phase == "policy":
+                gen.cfg = OmegaConf.merge(self.cfg, {"stages": {"stage3": False}})
+            if phase == "small":
+                if self.tokenizer is None:  # a restarted actor: open the policy once for its tokenizer
+                    self.tokenizer = m.policy().tokenizer
+                policy: Any = _PolicyView(m, self.tokenizer)
+            else:
+                policy = m.policy()
+                self.tokenizer = policy.tokenizer
+            stats = gen.run(
                 problems,
-                m.policy(),
+                policy,
                 m.scorer(),
                 check_answers,
                 small_backend_factory=m.small if self.cfg.stages.stage3 else None,
@@ -93,19 +121,30 @@ class GenerateWorker:
             trees = {p.name: p.read_bytes() for p in sorted((work / "trees").glob("*.npz"))}
         finally:
             shutil.rmtree(work, ignore_errors=True)
-            if self.cfg.stages.close_policy_before_small:  # the policy reopens for the next chunk
-                self.models.close_small()
         return {
             "records": records,
             "search": stats.get("search", {}),
             "trees": trees,
             "wall_s": time.perf_counter() - t0,
             "worker": self.info(),
+            "loads": self.loads(),
         }
 
     def close(self) -> None:
         self.models.close_all()
         shutil.rmtree(self.scratch, ignore_errors=True)
+
+
+class _PolicyView:
+    """The policy as a stage-3 chunk sees it: its tokenizer (kept from the policy phase); anything else
+    opens the policy (``Models.policy``), so nothing is faked, only not loaded when unused."""
+
+    def __init__(self, models: Any, tokenizer: Any):
+        self._models = models
+        self.tokenizer = tokenizer
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._models.policy(), name)
 
 
 class EvalWorker:
