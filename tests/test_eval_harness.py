@@ -276,7 +276,7 @@ def test_cli_replay_writes_results(tmp_path):
     assert '"eval/accuracy": {"toy": 1.0}' in proc.stdout
 
 
-def test_prompts_longer_than_the_context_window_are_graded_wrong_not_fatal(tmp_path):
+def test_prompts_longer_than_the_context_window_are_graded_wrong_not_fatal(tmp_path, capsys):
     path, answers = _problems(tmp_path, 3)
     long_prob = "What is " + "9" * 50 + "?"
     with open(path, "a") as f:
@@ -289,6 +289,11 @@ def test_prompts_longer_than_the_context_window_are_graded_wrong_not_fatal(tmp_p
     assert (e["n"], e["correct"], e["overflow"]) == (4, 2, 1)
     rec = read_jsonl_tolerant(tmp_path / "run" / "eval" / "toy.jsonl")[-1]
     assert rec["id"] == "long" and rec["finish"] == ["overflow"] and rec["verdict"] is False
+    # said, not silent (issue #29): one console line and a note in results.md
+    err = capsys.readouterr().err
+    assert "toy: 1 of 4 prompt(s) longer than the context window (40 tokens)" in err and "counted wrong" in err
+    md = (tmp_path / "run" / "eval" / "results.md").read_text()
+    assert "Counted wrong, not generated (the prompt alone is longer than the model's context window): toy: 1 of 4" in md
 
 
 def test_progress_bar_forced_on_does_not_change_results(tmp_path, capsys):

@@ -136,6 +136,13 @@ def evaluate_benchmark(backend, name: str, records: list[dict], out_dir: Path, s
     summary = summarize(final, settings.n)
     summary["title"] = BENCHMARKS[key].title if key in BENCHMARKS else key
     summary["skipped"] = skipped
+    if summary.get("overflow"):  # graded wrong without a word, these read as the model's mistakes
+        import sys
+
+        limit = getattr(backend, "max_model_len", None)
+        print(f"sphere eval {key}: {summary['overflow']} of {summary['n']} prompt(s) longer than the context "
+              f"window{f' ({limit} tokens)' if limit else ''}: not generated, counted wrong (finish "
+              "'overflow'; results.md notes them)", file=sys.stderr, flush=True)
     info = {"generated": len(todo), "reused": len(records) - len(todo), "seconds": time.perf_counter() - t0,
             "file": str(path)}
     return summary, info

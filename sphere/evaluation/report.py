@@ -75,6 +75,10 @@ def markdown_table(results: dict, references: list[dict] | None = None) -> str:
     if skipped:
         lines += ["", "Skipped (no completion to replay): "
                   + ", ".join(f"{k}: {n}" for k, n in skipped.items())]
+    overflow = {k: v["overflow"] for k, v in benches.items() if v.get("overflow")}
+    if overflow:
+        lines += ["", "Counted wrong, not generated (the prompt alone is longer than the model's context window): "
+                  + ", ".join(f"{k}: {n} of {benches[k]['n']}" for k, n in overflow.items())]
     refs = [r for r in (references or [])
             if r["benchmark"] in benches or any(b in benches for b in r.get("related", []))]
     if refs:
