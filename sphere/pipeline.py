@@ -407,11 +407,14 @@ def run(cfg: DictConfig, out: Path) -> dict:
             carry_s = 0.0
             if gstats is not None:
                 pairs_path = out / f"round_{r + 1}" / "generate" / "pairs.jsonl"
-                if gstats["pairs_total"] == 0:
-                    raise RuntimeError(
-                        f"round {r + 1}: generation produced no preference pairs ({pairs_path}); "
-                        "nothing to train on. Try more problems (data.mini_n / data.limit) or another search."
-                    )
+                if gstats["pairs_total"] == 0:  # a clean stop, said in one line and in summary.json (issue #29)
+                    rec["stopped"] = (f"round {r + 1}: generation produced no preference pairs ({pairs_path}); "
+                                      f"nothing to train on, so the run stops after round {r}'s evaluation. "
+                                      "Try more problems (data.mini_n / data.limit) or another search.")
+                    print(f"sphere run: {rec['stopped']}", file=sys.stderr, flush=True)
+                    _keep_earlier_timings(rec, earlier.get(r))
+                    rounds.append(rec)
+                    break
                 t1 = time.perf_counter()
                 start = policy
                 policy = str(train_dpo(cfg.train, policy, pairs_path, out / f"round_{r + 1}" / "train",
