@@ -460,3 +460,19 @@ def test_plus_keys_of_open_groups_still_accepted(tmp_path):
     proc = _sphere("run", "dry_run=true", "+logger.api_key=abcdefgh", "+backend.extra_flag=1", "+note=x",
                    f"hydra.run.dir={tmp_path / 'run'}", timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+# ----------------------------------------------------------------------- issue #29: a round with no pairs
+def test_round_with_zero_pairs_stops_cleanly(tmp_path):
+    """Before: `sphere run experiment=mini_planted data.mini_n=1` (one problem, no pair survives) aborted with a
+    RuntimeError traceback after the round-0 evaluation. Now: one line saying why, the round-0 evaluation kept
+    in summary.json with the reason, exit 0 (a clean stop, not a crash)."""
+    out = tmp_path / "run"
+    proc = _sphere("run", "experiment=mini_planted", "data.mini_n=1", f"hydra.run.dir={out}", timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("sphere run: round 1")]
+    assert len(lines) == 1 and "no preference pairs" in lines[0] and "data.mini_n" in lines[0], proc.stderr[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert [r["round"] for r in summary["rounds"]] == [0]
+    assert "no preference pairs" in summary["rounds"][0]["stopped"] and summary["rounds"][0]["eval"]
