@@ -332,8 +332,9 @@ def test_prm_scores_each_distinct_item_once_and_sorting_cuts_padding(tiny_prm_di
 
     items = _prm_items()
     lean = PRMScorer(None, tiny_prm_dir, engine="transformers", batch_size=2)
-    plain = PRMScorer(
-        None, tiny_prm_dir, engine="transformers", batch_size=2, dedup_items=False, sort_by_length=False
+    plain = PRMScorer(  # separate scoring (shared_prefix off): the sorting below is that path's
+        None, tiny_prm_dir, engine="transformers", batch_size=2, dedup_items=False, sort_by_length=False,
+        shared_prefix="off",
     )
     a, b = lean.score(items), plain.score(items)
     assert [len(x) for x in a] == [len(s) for _, s in items]
@@ -344,7 +345,8 @@ def test_prm_scores_each_distinct_item_once_and_sorting_cuts_padding(tiny_prm_di
     assert sa["items_scored"] == 4 and sb["items_scored"] == len(items)  # 4 distinct (problem, steps)
     assert sa["tokens_computed"] < sb["tokens_computed"]
     # sorted rows: no batch pads more than the difference to its own longest row
-    only_sort = PRMScorer(None, tiny_prm_dir, engine="transformers", batch_size=2, dedup_items=False)
+    only_sort = PRMScorer(None, tiny_prm_dir, engine="transformers", batch_size=2, dedup_items=False,
+                          shared_prefix="off")
     only_sort.score(items)
     assert only_sort.stats()["tokens_computed"] < sb["tokens_computed"]
     assert only_sort.stats()["tokens"] == sb["tokens"]

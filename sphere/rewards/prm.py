@@ -157,7 +157,8 @@ class PRMScorer:
         self.batch_size = int(s.get("batch_size", 16))
         self.dedup_items = bool(s.get("dedup_items", True))
         self.sort_by_length = bool(s.get("sort_by_length", True))
-        self.shared_prefix = str(s.get("shared_prefix", "kv"))
+        sp = s.get("shared_prefix", "kv")
+        self.shared_prefix = "off" if sp is False else str(sp)  # YAML reads a bare off as false
         if self.shared_prefix not in ("off", "kv", "packed"):
             raise ValueError(f"scorer.shared_prefix={self.shared_prefix!r}: allowed off | kv | packed")
         self.shared_prefix_min = int(s.get("shared_prefix_min", 16))
