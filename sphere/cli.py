@@ -34,6 +34,7 @@ HYDRA_COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("bench", "verify"): ("bench_verify", "sphere.bench.verify:main"),
     ("bench", "generate"): ("bench_generate", "sphere.bench.generate:main"),
     ("bench", "pipeline"): ("bench_pipeline", "sphere.bench.pipeline:main"),
+    ("bench", "prm"): ("bench_prm", "sphere.bench.prm:main"),
 }
 
 # command words -> "module:function" taking argv (non-Hydra commands).
@@ -54,6 +55,7 @@ DESCRIPTIONS: dict[tuple[str, ...], str] = {
     ("bench", "verify"): "answer-checking throughput and the pathological set",
     ("bench", "generate"): "generation throughput of every installed backend",
     ("bench", "pipeline"): "model work per preference pair: sphere's loop vs per-problem and one-leaf loops",
+    ("bench", "prm"): "PRM tokens and wall per expansion: separate scoring vs the shared prefix (kv, packed)",
     ("sweep",): "run the Hydra multiruns a sweep file describes (sweeps/*.yaml)",
     ("viz", "tree"): "render a saved search tree as one HTML page",
     ("report",): "plots and a markdown report from a run or a multirun directory",
