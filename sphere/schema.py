@@ -86,10 +86,14 @@ class LoraSchema:
 
 @dataclass
 class LossSchema:
-    type: str = "sigmoid"
+    type: Any = "sigmoid"  # a TRL loss type or a list of them (sphere.train.config.loss_settings checks it)
+    weights: Any = None  # one weight per type, or null
     beta: float = _f(0.1, gt=0)
     label_smoothing: float = _f(0.0, ge=0, lt=0.5)
     rpo_alpha: float = _f(0.0, ge=0)
+    ld_alpha: Optional[float] = _f(None, ge=0, le=1)
+    use_weighting: bool = False
+    discopop_tau: float = _f(0.05, gt=0)
 
 
 @dataclass

@@ -9,7 +9,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-LOSS_TYPES = ("sigmoid", "ipo")
+# TRL 1.x DPOTrainer's loss types (trl.DPOConfig.loss_type); a list of them is a mixture (loss_weights)
+LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+              "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
+SMOOTHED = ("robust", "exo_pair", "aot", "aot_unpaired")  # the types TRL reads label_smoothing in
 
 
 def _plain(cfg: Any) -> dict:
@@ -30,7 +33,8 @@ def _plain(cfg: Any) -> dict:
 # so the pipeline can pass a partial config.
 DEFAULTS: dict[str, Any] = {
     "lora": {"enabled": True, "r": 32, "alpha": 64, "dropout": 0.0, "target_modules": "all-linear"},
-    "loss": {"type": "sigmoid", "beta": 0.1, "label_smoothing": 0.0, "rpo_alpha": 0.0},
+    "loss": {"type": "sigmoid", "weights": None, "beta": 0.1, "label_smoothing": 0.0, "rpo_alpha": 0.0,
+             "ld_alpha": None, "use_weighting": False, "discopop_tau": 0.05},
     "lr": 5e-4, "epochs": 2, "max_steps": -1, "batch_size": 8, "grad_accum": 1,
     "max_length": 512, "max_prompt_length": None, "append_eos": True,
     "warmup_ratio": 0.1, "scheduler": "cosine", "weight_decay": 0.0, "max_grad_norm": 1.0,
@@ -59,34 +63,84 @@ def resolve_train_cfg(cfg_train: Any) -> dict:
     return out
 
 
+def _num(key: str, v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float, str)):
+        raise ValueError(f"train.loss.{key}={v!r}: expected a number")
+    try:
+        return float(v)
+    except ValueError:
+        raise ValueError(f"train.loss.{key}={v!r}: expected a number") from None
+
+
 def loss_settings(loss: Mapping) -> dict:
-    """``train.loss`` -> DPOConfig fields ``loss_type``, ``loss_weights``, ``label_smoothing``, ``beta``."""
-    typ = str(loss.get("type", "sigmoid")).lower()
-    beta = float(loss.get("beta", 0.1))
-    eps = float(loss.get("label_smoothing", 0.0) or 0.0)
-    alpha = float(loss.get("rpo_alpha", 0.0) or 0.0)
-    if typ not in LOSS_TYPES:
-        raise ValueError(
-            f"train.loss.type={typ!r}: allowed {list(LOSS_TYPES)} (cDPO = sigmoid + label_smoothing)")
+    """``train.loss`` -> the DPOConfig loss fields (``loss_type``, ``loss_weights``, ``label_smoothing``,
+    ``beta``, ``ld_alpha``, ``use_weighting``, ``discopop_tau``). ``type``: one of TRL's loss types or a list
+    (a mixture, ``weights`` one per type, null = 1 each); ``type=sigmoid`` with ``label_smoothing`` > 0 is cDPO
+    (``sigmoid`` + ``robust`` weighted, exact; sphere.train.dpo docstring); ``rpo_alpha`` adds that weight of
+    TRL's ``sft`` term. Every error names the key and what is allowed."""
+    raw = loss.get("type", "sigmoid")
+    if isinstance(raw, str):
+        types = [raw.lower()]
+    elif isinstance(raw, (list, tuple)) and raw and all(isinstance(x, str) for x in raw):
+        types = [str(x).lower() for x in raw]
+    else:
+        raise ValueError(f"train.loss.type={raw!r}: allowed one of {list(LOSS_TYPES)} or a non-empty list of "
+                         "them (a mixture)")
+    for t in types:
+        if t not in LOSS_TYPES:
+            raise ValueError(f"train.loss.type={t!r}: allowed {' | '.join(LOSS_TYPES)} (TRL's DPO losses) or a "
+                             "list of them (cDPO = sigmoid + label_smoothing)")
+    if len(set(types)) != len(types):
+        raise ValueError(f"train.loss.type={types}: a loss type appears twice; give it one weight instead")
+    wraw = loss.get("weights")
+    if wraw is None:
+        weights = [1.0] * len(types)
+    else:
+        if not isinstance(wraw, (list, tuple)) or len(wraw) != len(types):
+            raise ValueError(f"train.loss.weights={wraw!r}: allowed null or a list of {len(types)} number(s), one "
+                             f"per train.loss.type {types}")
+        weights = [_num("weights", w) for w in wraw]
+    beta = _num("beta", loss.get("beta", 0.1))
+    eps = _num("label_smoothing", loss.get("label_smoothing", 0.0) or 0.0)
+    alpha = _num("rpo_alpha", loss.get("rpo_alpha", 0.0) or 0.0)
     if not beta > 0:
         raise ValueError(f"train.loss.beta={beta}: must be > 0")
     if not 0.0 <= eps < 0.5:
         raise ValueError(f"train.loss.label_smoothing={eps}: must be in [0, 0.5)")
-    if eps > 0 and typ != "sigmoid":
-        raise ValueError(f"train.loss.label_smoothing={eps} only applies to type=sigmoid (cDPO), not {typ!r}")
+    cdpo = eps > 0 and types == ["sigmoid"]
+    if eps > 0 and not cdpo and not set(types) & set(SMOOTHED):
+        raise ValueError(f"train.loss.label_smoothing={eps} applies to type=sigmoid alone (cDPO) or to "
+                         f"{' | '.join(SMOOTHED)}, not {raw!r}")
+    if "exo_pair" in types and eps == 0:
+        raise ValueError("train.loss.type=exo_pair needs train.loss.label_smoothing > 0 (the EXO paper: 1e-3)")
     if alpha < 0:
         raise ValueError(f"train.loss.rpo_alpha={alpha}: must be >= 0 (0 disables the SFT term)")
-    if typ == "sigmoid" and eps > 0:
+    ld = loss.get("ld_alpha")
+    if ld is not None:
+        ld = _num("ld_alpha", ld)
+        if not 0.0 <= ld <= 1.0:
+            raise ValueError(f"train.loss.ld_alpha={ld}: allowed null (off) or [0, 1] (LD-DPO: 1 = plain DPO)")
+    tau = _num("discopop_tau", loss.get("discopop_tau", 0.05))
+    if not tau > 0:
+        raise ValueError(f"train.loss.discopop_tau={tau}: must be > 0")
+    uw = loss.get("use_weighting", False)
+    if not isinstance(uw, bool):
+        raise ValueError(f"train.loss.use_weighting={uw!r}: allowed true or false")
+    if cdpo:
         types, weights = ["sigmoid", "robust"], [2.0 * (1.0 - eps), -(1.0 - 2.0 * eps)]
-    else:
-        types, weights = [typ], [1.0]
     if alpha > 0:
-        types, weights = [*types, "sft"], [*weights, alpha]
+        if "sft" in types:  # the rft control sets rpo_alpha on any recipe: it adds to a mixture's own sft term
+            weights[types.index("sft")] += alpha
+        else:
+            types, weights = [*types, "sft"], [*weights, alpha]
     return {
         "loss_type": types,
         "loss_weights": None if weights == [1.0] else weights,
         "label_smoothing": eps,
         "beta": beta,
+        "ld_alpha": ld,
+        "use_weighting": uw,
+        "discopop_tau": tau,
     }
 
 

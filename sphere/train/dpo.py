@@ -36,6 +36,9 @@ Loss mapping onto TRL 1.x (which dropped ``rpo_alpha`` and label smoothing in th
 - ``ipo``: ``loss_type=["ipo"]`` (TRL normalises IPO by completion length).
 - ``rpo_alpha=a > 0``: an extra ``"sft"`` term (mean NLL of the chosen tokens) with weight ``a``
   (RPO, Pang et al. 2024).
+- every other TRL loss type by name (``apo_zero``, ``sigmoid_norm``, ``hinge``, ``robust``, ...), and a list of
+  them as a mixture with ``train.loss.weights`` (TRL's ``loss_weights``); ``ld_alpha`` (LD-DPO),
+  ``use_weighting`` (WPO), ``discopop_tau`` pass through (formulas: docs/experiments/objectives.md).
 """
 
 from __future__ import annotations
