@@ -112,14 +112,30 @@ def _defaults_groups(cdir: Path, config_name: str, seen: set | None = None) -> d
             group = k.replace("override ", "").strip().lstrip("/")
             out[group] = "null" if v is None else str(v)
     exp = out.get("experiment")
-    if exp and exp != "null" and (cdir / "experiment" / f"{exp}.yaml").is_file():
-        exp_cfg = OmegaConf.to_container(OmegaConf.load(cdir / "experiment" / f"{exp}.yaml"))
-        for item in exp_cfg.get("defaults", []):
-            if isinstance(item, dict):
-                for k, v in item.items():
-                    group = k.replace("override ", "").strip().lstrip("/")
-                    if k.startswith("override ") and group in out:
-                        out[group] = "null" if v is None else str(v)
+    if exp and exp != "null":
+        out.update({g: v for g, v in _experiment_overrides(cdir, exp).items() if g in out})
+    return out
+
+
+def _experiment_overrides(cdir: Path, exp: str, seen: set | None = None) -> dict[str, str]:
+    """group -> option an experiment's ``override /group: option`` entries set, after those of the
+    experiments it includes (``- mini_planted`` in conf/experiment/loop_check.yaml), which it overrides."""
+    from omegaconf import OmegaConf
+
+    seen = set() if seen is None else seen
+    path = cdir / "experiment" / f"{exp}.yaml"
+    if exp in seen or not path.is_file():
+        return {}
+    seen.add(exp)
+    out: dict[str, str] = {}
+    for item in OmegaConf.to_container(OmegaConf.load(path)).get("defaults", []):
+        if isinstance(item, str):
+            if item != "_self_":
+                out.update(_experiment_overrides(cdir, item, seen))
+            continue
+        for k, v in item.items():
+            if k.startswith("override "):
+                out[k.replace("override ", "").strip().lstrip("/")] = "null" if v is None else str(v)
     return out
 
 

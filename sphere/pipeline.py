@@ -1,7 +1,7 @@
 """`sphere run`: the SPHERE self-evolution loop.
 
-    sphere run                                   # the honest mini world, CPU (experiment=mini_honest)
-    sphere run experiment=mini_planted           # the planted world: the loop's unit-level check
+    sphere run                                   # the loop's check, CPU, ~10 min (experiment=loop_check)
+    sphere run experiment=mini_honest            # the honest mini world with controls, ~42 min
     sphere run rounds=3 search=mcts              # any generate/train/eval override composes
     sphere run experiment=paper_qwen2_5_7b dry_run=true   # print the plan of the paper's setting
 
@@ -83,14 +83,16 @@ def _generate_ray(cfg: DictConfig, gdir: Path, policy: str) -> dict:
     return generate(_round_config(cfg, policy), gdir)
 
 
-def summary_markdown(rounds: list[dict]) -> str:
-    """The per-round table; accuracy change against round 0 in points."""
+def summary_markdown(rounds: list[dict], about: str | None = None) -> str:
+    """The per-round table; accuracy change against round 0 in points. ``about`` (the experiment's ``about``
+    field: what its world can and cannot show) and the verdicts read off the paired intervals come first."""
     if not rounds:
         return "# sphere run\n\n(no rounds finished)\n"
     benches = sorted({b for r in rounds for b in r.get("eval", {})})
     head = ["round", *[f"{b} acc" for b in benches], *[f"{b} Δ vs r0" for b in benches],
             "pairs s1/s2/s3", "wall s"]
-    lines = ["# sphere run: summary", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = ["# sphere run: summary", *verdict_markdown(rounds, about), "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     base = rounds[0].get("eval", {})
     for r in rounds:
         ev = r.get("eval", {})
@@ -109,6 +111,46 @@ def summary_markdown(rounds: list[dict]) -> str:
     lines += paired_markdown(rounds)
     lines += controls_markdown(rounds)
     return "\n".join(lines) + "\n"
+
+
+def _reading(c: dict, better: str = "better", worse: str = "worse") -> str:
+    """How a paired interval reads: above zero, below zero, or not distinguishable from no change."""
+    if c["ci_low"] > 0:
+        return f"{better} (interval above zero)"
+    if c["ci_high"] < 0:
+        return f"{worse} (interval below zero)"
+    return "no difference this run can detect (interval spans zero)"
+
+
+def verdict_markdown(rounds: list[dict], about: str | None = None) -> list[str]:
+    """"What this run shows": the experiment's ``about`` text, then one line per round and benchmark read off
+    the paired intervals (the round against the policy it started from, SPHERE against each control); nothing
+    when there is neither."""
+    out: list[str] = []
+    for r in rounds:
+        rnd = r["round"]
+        for b, v in sorted((r.get("paired") or {}).items()):
+            c = v.get("vs_prev") or v.get("vs_r0")
+            if c:
+                out.append(f"- Round {rnd} against the policy it started from, {b} ({c['n']} problems): "
+                           f"{100 * c['delta']:+.1f} points [{100 * c['ci_low']:+.1f}, {100 * c['ci_high']:+.1f}]: "
+                           f"{_reading(c)}.")
+        for name, ctl in (r.get("controls") or {}).items():
+            for b, p in sorted((ctl.get("paired") or {}).items()):
+                c = p.get("sphere_vs_control")
+                if c:
+                    out.append(f"- Round {rnd}, SPHERE against the control {_CONTROL_TITLES.get(name, name)}, {b}: "
+                               f"{100 * c['delta']:+.1f} points [{100 * c['ci_low']:+.1f}, "
+                               f"{100 * c['ci_high']:+.1f}]: "
+                               f"{_reading(c, 'SPHERE better', 'the control better')}.")
+    if not out and not about:
+        return []
+    head = ["", "## What this run shows", ""]
+    if about:
+        head += [" ".join(str(about).split()), ""]
+    if out:
+        head += ["Read off the paired 95% intervals below (same problems before and after):", "", *out]
+    return head
 
 
 def paired_markdown(rounds: list[dict]) -> list[str]:
@@ -304,12 +346,13 @@ def validate_run_config(cfg: DictConfig) -> None:
         validate_generate_config(cfg)
 
 
-def _show_eval(out: Path, rounds: list[dict], rec: dict, carry_s: float, what: str) -> None:
+def _show_eval(out: Path, rounds: list[dict], rec: dict, carry_s: float, what: str,
+               about: str | None = None) -> None:
     """Print round ``rec``'s accuracy and write the summary with it now, not only after the next round's
     pairs are generated and trained (hours on the paper's setting)."""
     print(f"[sphere run] round {rec['round']} {what}: " + ", ".join(
         f"{b} {100 * v['accuracy']:.1f}%" for b, v in rec["eval"].items()), flush=True)
-    _write_summary(out, [*rounds, {**rec, "wall_s": rec["eval_s"] + carry_s}])
+    _write_summary(out, [*rounds, {**rec, "wall_s": rec["eval_s"] + carry_s}], about)
 
 
 def _generate_local(cfg: DictConfig, r: int, out: Path, models: Any, policy: str, small: str | None,
@@ -352,6 +395,7 @@ def run(cfg: DictConfig, out: Path) -> dict:
     from sphere.train.dpo import train_dpo
 
     validate_run_config(cfg)
+    about = cfg.get("about")  # the experiment's own words on what it can show (summary.md's first section)
     use_ray = runner_name(cfg) == "ray"
     target_name = cfg.model.get("train_target")
     if target_name:
@@ -387,7 +431,7 @@ def run(cfg: DictConfig, out: Path) -> dict:
             if use_ray:  # runner=ray: this round's evaluation and generation on Ray actors
                 rec["eval"] = _eval_round_ray(cfg, rdir, policy, logger, r)
                 rec["eval_s"] = time.perf_counter() - t0
-                _show_eval(out, rounds, rec, carry_s, "eval (ray)")
+                _show_eval(out, rounds, rec, carry_s, "eval (ray)", about)
                 if r < R:
                     gdir = out / f"round_{r + 1}" / "generate"
                     check_generate(cfg, gdir, policy, small)  # signature.json
@@ -397,7 +441,7 @@ def run(cfg: DictConfig, out: Path) -> dict:
                 with Models(cfg, policy=policy, small=small) as models:
                     rec["eval"] = _eval_round(cfg, models.policy(), rdir, policy, logger, r)
                     rec["eval_s"] = time.perf_counter() - t0
-                    _show_eval(out, rounds, rec, carry_s, "eval")
+                    _show_eval(out, rounds, rec, carry_s, "eval", about)
                     if r < R:
                         gstats, ctrl_pairs, ctrl_s = _generate_local(cfg, r, out, models, policy, small,
                                                                      problems, logger)
@@ -429,8 +473,8 @@ def run(cfg: DictConfig, out: Path) -> dict:
                     pending_controls = {"controls": ctrls, "controls_s": ctrl_s + time.perf_counter() - t_c}
             _keep_earlier_timings(rec, earlier.get(r))
             rounds.append(rec)
-            _write_summary(out, rounds)
-        _write_summary(out, rounds)
+            _write_summary(out, rounds, about)
+        _write_summary(out, rounds, about)
         if logger is not None:
             logger.log_artifact(summary_path, "summary", "results")
         return json.loads(summary_path.read_text())
@@ -451,6 +495,7 @@ def run_transfer(cfg: DictConfig, out: Path, target_name: str) -> dict:
     from sphere.verify import check_answers
 
     logger = make_logger(cfg, out, "run")
+    about = cfg.get("about")
     try:
         fam_name = cfg.model.get("train_target_family")
         fam = load_family(str(fam_name)) if fam_name else None
@@ -463,7 +508,7 @@ def run_transfer(cfg: DictConfig, out: Path, target_name: str) -> dict:
             rounds.append({"round": 0, "policy": target,
                            "eval": _eval_round(cfg, tm.policy(), out / "round_0", target, logger, 0, fam)})
         rounds[0]["wall_s"] = time.perf_counter() - t0
-        _write_summary(out, rounds)
+        _write_summary(out, rounds, about)
         t0 = time.perf_counter()
         gdir = out / "round_1" / "generate"
         check_generate(cfg, gdir, policy, small)  # signature.json (sphere/rundir/)
@@ -484,7 +529,7 @@ def run_transfer(cfg: DictConfig, out: Path, target_name: str) -> dict:
             ev = _eval_round(cfg, tm.policy(), out / "round_1", trained, logger, 1, fam)
         rounds.append({"round": 1, "policy": trained, "generated_by": policy, "eval": ev,
                        "pairs_per_stage": gstats["pairs_per_stage"], "wall_s": time.perf_counter() - t0})
-        _write_summary(out, rounds)
+        _write_summary(out, rounds, about)
         return json.loads((out / "summary.json").read_text())
     finally:
         logger.finish()
@@ -522,7 +567,7 @@ def _keep_earlier_timings(rec: dict, before: dict | None) -> None:
             rec[k] = before[k]
 
 
-def _write_summary(out: Path, rounds: list[dict]) -> None:
+def _write_summary(out: Path, rounds: list[dict], about: str | None = None) -> None:
     for rec in rounds:  # paired intervals against round 0 / the previous round (same problems)
         if rec.get("round", 0) > 0 and "paired" not in rec:
             rec["paired"] = paired_changes(out, int(rec["round"]), sorted(rec.get("eval") or {}))
@@ -530,8 +575,8 @@ def _write_summary(out: Path, rounds: list[dict]) -> None:
             if "paired" not in c:
                 c["paired"] = control_paired_changes(out, int(rec["round"]), name,
                                                      sorted(c.get("eval") or {}))
-    atomic_write_json(out / "summary.json", {"rounds": rounds})
-    atomic_write_text(out / "summary.md", summary_markdown(rounds))
+    atomic_write_json(out / "summary.json", {"rounds": rounds, **({"about": about} if about else {})})
+    atomic_write_text(out / "summary.md", summary_markdown(rounds, about))
 
 
 def main(cfg: DictConfig) -> float:

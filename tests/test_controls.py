@@ -82,7 +82,8 @@ def test_rft_recipe_switches_the_dpo_term_off_and_keeps_the_nll_term():
 
 
 def test_controls_are_on_in_the_default_off_in_the_planted_check_and_named_when_on():
-    assert enabled_controls(_cfg()) == ["rft", "random_pairs"]  # the default, experiment=mini_honest
+    assert enabled_controls(_cfg()) == ["rft", "random_pairs"]  # the default, experiment=loop_check
+    assert enabled_controls(_cfg("experiment=mini_honest")) == ["rft", "random_pairs"]
     assert enabled_controls(_cfg("experiment=mini_planted")) == []
     on = _cfg("experiment=mini_planted", "controls.random_pairs=true", "controls.rft=true")
     assert enabled_controls(on) == ["rft", "random_pairs"]

@@ -42,8 +42,8 @@ def test_command_help_describes_the_command_not_hydra():
     assert "hydra/" not in p.stdout and "accelerate" not in p.stdout  # groups a user cannot choose
     # what an override must spell, and the effective defaults (the default experiment's overrides win)
     assert re.search(r"^  train_opts@train +\[full\]", p.stdout, re.M)
-    assert re.search(r"^  model +\[mini_honest\]", p.stdout, re.M)
-    assert re.search(r"^  experiment +\[mini_honest\]", p.stdout, re.M)
+    assert re.search(r"^  model +\[mini\]", p.stdout, re.M)
+    assert re.search(r"^  experiment +\[loop_check\]", p.stdout, re.M)
 
 
 def test_a_single_benchmark_name_without_brackets(tmp_path):

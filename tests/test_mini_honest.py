@@ -127,28 +127,37 @@ def test_mini_planted_experiment_pins_the_planted_setting():
     assert recipe["train"]["slip_rate"] == 0.9 and recipe["train"]["slip_kinds"] == ["divide"]
 
 
-def test_the_run_default_is_the_honest_world_and_other_choices_still_win():
-    """Issue #20's fallback: `sphere run` with no overrides is experiment=mini_honest (the best honest
-    configuration found, chosen on dev); model=X, another experiment, or any key on the command line wins."""
+def test_the_run_default_is_the_loop_check_and_the_honest_study_one_override_away():
+    """Issue "a main command that fits in 15 minutes": `sphere run` with no overrides is experiment=loop_check
+    (the planted world, every setting of mini_planted, with both controls on and its own `about`);
+    experiment=mini_honest is the honest study; model=X, another experiment, or any key still wins."""
     from hydra import compose, initialize_config_dir
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
         cfg = compose(config_name="run")
-        assert cfg.model.policy.endswith("assets/mini_honest/mini-honest")
-        assert cfg.data.problems.endswith("train_hard.jsonl") and cfg.data.limit == 6144
-        assert cfg.search.expansions == 2 and cfg.train.loss.beta == 0.01
-        assert cfg.controls.rft and cfg.controls.random_pairs and not cfg.stages.stage3
-        assert [b.rsplit("/", 1)[-1] for b in cfg.eval.benchmarks] == ["test_hard.jsonl"]
-        assert cfg.eval.limit == 2000
+        planted = compose(config_name="run", overrides=["experiment=mini_planted"])
+        for key in ("model", "data", "search", "scorer", "train", "stages", "eval", "rounds"):
+            assert cfg[key] == planted[key], key  # loop_check changes nothing of the planted world ...
+        assert cfg.controls.rft and cfg.controls.random_pairs  # ... but turns both controls on
+        assert not planted.controls.rft and not planted.controls.random_pairs
+        assert "loop_check" in cfg.about and "mini_honest" in cfg.about and cfg.about != planted.about
+        honest = compose(config_name="run", overrides=["experiment=mini_honest"])
+        assert honest.model.policy.endswith("assets/mini_honest/mini-honest")
+        assert honest.data.problems.endswith("train_hard.jsonl") and honest.data.limit == 6144
+        assert honest.search.expansions == 2 and honest.train.loss.beta == 0.01
+        assert honest.controls.rft and honest.controls.random_pairs and not honest.stages.stage3
+        assert [b.rsplit("/", 1)[-1] for b in honest.eval.benchmarks] == ["test_hard.jsonl"]
+        assert honest.eval.limit == 2000
         other = compose(config_name="run", overrides=["model=standin_qwen2_5", "data.limit=10"])
         assert other.model.policy == "standin-qwen2_5" and other.model.prm == "standin-qwen2_5-prm"
         assert other.data.limit == 10
         paper = compose(config_name="run", overrides=["experiment=paper_qwen2_5_7b"])
         assert paper.search.expansions == 5 and not paper.controls.rft
-        assert paper.data.problems != cfg.data.problems
+        assert paper.data.problems != honest.data.problems
         abl = compose(config_name="run", overrides=["experiment=ablation", "variant=no_stage2"])
-        assert abl.model.policy == cfg.model.policy and abl.data.limit == 6144  # ablates the default
+        assert abl.model.policy == honest.model.policy and abl.data.limit == 6144  # ablates the honest world
         assert not abl.stages.stage2 and abl.stages.stage3 and not abl.controls.rft
+        assert "no_stage2" in abl.about
 
 
 @pytest.mark.parametrize("exp", ["mini_planted", "mini_easy_to_hard", "mini_honest"])

@@ -70,3 +70,46 @@ def test_summary_markdown_shows_change_against_round0():
     md = summary_markdown(rounds)
     assert "| 1 | 55.0% | +15.0 | 5/2/1 | 100 |" in md
     assert "| 0 | 40.0% | +0.0 | — | 10 |" in md
+
+
+def _ci(delta, lo, hi, n=100):
+    return {"n": n, "delta": delta, "ci_low": lo, "ci_high": hi, "gained": 0, "lost": 0, "mcnemar_p": 1.0}
+
+
+def test_summary_says_what_the_run_shows_read_off_the_intervals():
+    """summary.md opens with the experiment's `about` text and one plain line per interval: above zero is
+    "better", below zero "worse" / "the control better", spanning zero "no difference this run can detect"."""
+    from sphere.pipeline import verdict_markdown
+
+    rounds = [
+        {"round": 0, "eval": {"mini": {"accuracy": 0.4}}, "wall_s": 1.0},
+        {"round": 1, "eval": {"mini": {"accuracy": 0.5}}, "wall_s": 1.0,
+         "paired": {"mini": {"vs_r0": _ci(0.10, 0.07, 0.14)}},
+         "controls": {"rft": {"paired": {"mini": {"sphere_vs_control": _ci(-0.036, -0.062, -0.010)}}},
+                      "random_pairs": {"paired": {"mini": {"sphere_vs_control": _ci(0.02, -0.012, 0.054)}}}}},
+        {"round": 2, "eval": {"mini": {"accuracy": 0.48}}, "wall_s": 1.0,
+         "paired": {"mini": {"vs_r0": _ci(0.08, 0.05, 0.11), "vs_prev": _ci(-0.02, -0.03, -0.005)}}},
+    ]
+    md = summary_markdown(rounds, about="The   loop's\n check.")
+    assert md.index("## What this run shows") < md.index("| round |")  # first, before the tables
+    assert "The loop's check." in md  # the experiment's words, whitespace folded
+    lines = [ln for ln in verdict_markdown(rounds) if ln.startswith("- ")]
+    assert lines[0].startswith("- Round 1 against the policy it started from, mini (100 problems): +10.0 points "
+                               "[+7.0, +14.0]: better (interval above zero)")
+    assert "control SFT on SPHERE's chosen solutions (RFT)" in lines[1] and "the control better" in lines[1]
+    assert "random right/wrong" in lines[2] and "no difference this run can detect" in lines[2]
+    # round 2 is read against round 1 (the policy it started from), not against round 0
+    assert lines[3].startswith("- Round 2 against the policy it started from") and "-2.0 points" in lines[3]
+    assert "worse (interval below zero)" in lines[3]
+    assert len(lines) == 4
+    assert verdict_markdown(rounds[:1]) == []  # round 0 alone: nothing to read
+
+
+def test_summary_json_keeps_the_about_text(tmp_path):
+    import json
+
+    from sphere.pipeline import _write_summary
+
+    _write_summary(tmp_path, [{"round": 0, "eval": {}, "wall_s": 0.0}], "what it shows")
+    assert json.loads((tmp_path / "summary.json").read_text())["about"] == "what it shows"
+    assert "what it shows" in (tmp_path / "summary.md").read_text()
