@@ -176,7 +176,7 @@ def clean_generate_greedy(tiny_model_dir, tmp_path_factory) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("seed", [1, 2])
+@pytest.mark.parametrize("seed", [1, pytest.param(2, marks=pytest.mark.nightly)])  # seed 2: nightly (CI time)
 def test_generate_greedy_killed_twice_equals_clean_run(seed, clean_generate_greedy, tiny_model_dir, tmp_path):
     out = tmp_path / "run"
     args = _gen_args(tiny_model_dir, out, 0.0)
@@ -235,7 +235,7 @@ def clean_eval(tiny_model_dir, tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("seed", [1, 2, 3])
+@pytest.mark.parametrize("seed", [1, *(pytest.param(k, marks=pytest.mark.nightly) for k in (2, 3))])
 def test_eval_killed_at_random_points_equals_clean_run(seed, clean_eval, tiny_model_dir, tmp_path):
     out = tmp_path / "run"
     args = _eval_args(tiny_model_dir, out)
@@ -291,7 +291,7 @@ def _phase_ready(out: Path, phase: str, rng: random.Random) -> Callable[[], bool
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("seed", [1, 2])
+@pytest.mark.parametrize("seed", [1, pytest.param(2, marks=pytest.mark.nightly)])
 def test_run_killed_in_each_phase_completes_every_round(seed, clean_run, tiny_model_dir, tmp_path):
     out = tmp_path / "run"
     args = _run_args(tiny_model_dir, out)
@@ -358,7 +358,7 @@ def train_pairs(tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("seed", [1, 2])
+@pytest.mark.parametrize("seed", [1, pytest.param(2, marks=pytest.mark.nightly)])
 def test_train_killed_after_a_checkpoint_resumes_to_the_same_step_count(seed, train_pairs, tiny_model_dir,
                                                                         tmp_path):
     """`sphere train` SIGKILLed mid-way (after at least one TRL checkpoint) resumes from the last complete

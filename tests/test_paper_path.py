@@ -162,6 +162,7 @@ def test_paper_qwen_round2_runs_the_merged_lora_checkpoint_on_vllm(qwen_run):
     assert "im_start" in (tok_cfg.get("chat_template") or (tmpl.read_text() if tmpl.is_file() else ""))
 
 
+@pytest.mark.nightly  # CI time: the vLLM PRM engine equals transformers' in tests/test_standin.py (every CI run)
 def test_paper_qwen_with_the_prm_on_vllm(tmp_path):
     _need("standin_qwen2_5")
     out = tmp_path / "prm_vllm"
@@ -172,7 +173,8 @@ def test_paper_qwen_with_the_prm_on_vllm(tmp_path):
 
 
 @pytest.mark.parametrize("experiment,model,extra", [
-    ("paper_phi4", "standin_phi4", []),
+    pytest.param("paper_phi4", "standin_phi4", [], marks=pytest.mark.nightly),  # CI time; phi-4's engine and
+    # template run in every CI run through transfer_phi4 (the target) and tests/test_standin.py
     # the stand-in R1 writes 4-7 paragraphs: depth 5 cuts its longer chains inside <think>, as depth 24 cut
     # real R1 solutions (the experiment's depth is now 96); cut chains must be wrong, never chosen
     ("paper_deepseek_r1_distill_qwen_7b", "standin_deepseek_r1", ["search.max_depth=5"]),
@@ -214,8 +216,9 @@ def test_sibling_paper_experiments_one_round(tmp_path, experiment, model, extra)
 
 
 @pytest.mark.parametrize("experiment,target,family", [
-    ("transfer_qwen2_5_1_5b", "standin-qwen2_5-small", "qwen2_5"),
-    ("transfer_qwen2_5_math_7b", "standin-qwen2_5", "qwen2_5_math"),
+    # two of the three transfers run nightly (CI time); transfer_phi4, the cross-family one, in every CI run
+    pytest.param("transfer_qwen2_5_1_5b", "standin-qwen2_5-small", "qwen2_5", marks=pytest.mark.nightly),
+    pytest.param("transfer_qwen2_5_math_7b", "standin-qwen2_5", "qwen2_5_math", marks=pytest.mark.nightly),
     ("transfer_phi4", "standin-phi4", "phi4"),  # Qwen pairs train a Phi3ForCausalLM with phi-4's template
 ])
 def test_transfer_experiments(tmp_path, experiment, target, family):
