@@ -222,6 +222,28 @@ def test_search_from_another_configuration_is_refused(tmp_path):
                                           "seed": 5}), FakeStepBackend(0.6))
 
 
+def test_search_from_another_policy_is_refused(tmp_path):
+    """A `sphere run` round records its generate signature (the policy's weights included): a later round's
+    policy, or another model, never reuses that search; the same policy does."""
+    from test_generate import FakeStepBackend, _cfg, _generate
+
+    from sphere.generate.generator import Generator
+    from sphere.rewards.symbolic import SymbolicStepScorer
+    from sphere.rundir import check_generate
+    from sphere.verify import check_answers
+
+    src = tmp_path / "src"
+    _generate(src, _cfg(), FakeStepBackend(0.6))
+    check_generate(_cfg(), src, "round0-policy", "fake-small")
+    cfg = _cfg(**{"construction.name": "siblings", "construction.search_from": str(src)})
+    with pytest.raises(ValueError, match="search_from=.*other settings.*round0-policy"):
+        Generator(cfg, tmp_path / "b", policy_name="round1-policy", small_name="fake-small").run(
+            [], FakeStepBackend(0.6), SymbolicStepScorer(), check_answers)
+    Generator(cfg, tmp_path / "c", policy_name="round0-policy", small_name="fake-small").run(
+        [], FakeStepBackend(0.6), SymbolicStepScorer(), check_answers)
+    assert (tmp_path / "c" / "stages" / "stage1.jsonl").read_text() == (src / "stages" / "stage1.jsonl").read_text()
+
+
 @pytest.mark.parametrize("bad,msg", [
     ({"name": "step_dpo"}, r"construction.name='step_dpo': allowed sphere \| first_wrong_step"),
     ({"name": "siblings", "cut": "half"}, "construction.cut='half': allowed step | remainder"),

@@ -334,10 +334,13 @@ def sample_and_score(cfg: Any, c: Construction, backend: Any, scorer: Any, probl
     return path
 
 
-def seed_from(c: Construction, out_dir: Path, config_hash: str) -> int:
+def seed_from(c: Construction, out_dir: Path, config_hash: str, signature: Callable[[], Mapping] | None = None
+              ) -> int:
     """``construction.search_from=DIR``: copy DIR's stage logs (and tree snapshots) into ``out_dir`` when it has
     none yet, so the run builds its pairs from that search instead of searching again. The search must have
-    run with this configuration (the records' config_hash); returns the number of stage records copied."""
+    run with this configuration: the records' config_hash, and, where DIR recorded one (`sphere run` does),
+    its generate signature against ``signature()`` (the models' weight hashes included, so a later round's
+    policy never reuses an earlier one's search). Returns the number of stage records copied."""
     if not c.search_from:
         return 0
     src = Path(str(c.search_from))
@@ -358,6 +361,19 @@ def seed_from(c: Construction, out_dir: Path, config_hash: str) -> int:
                          f"configuration (config_hash {sorted(hashes)}, this run {config_hash}); pair "
                          "constructions share a search only under the same model, data, search, scorer, "
                          "stages, prompt and seed")
+    sig_file = src / "signature.json"
+    if signature is not None and sig_file.is_file():
+        from sphere.rundir.resume import differences, flatten
+
+        try:
+            old = (json.loads(sig_file.read_text()).get("generate") or {}).get("signature")
+        except ValueError:
+            old = None
+        diffs = differences(old, flatten(signature())) if old is not None else []
+        if diffs:
+            shown = "; ".join(f"{k}: {a!r} there, {b!r} here" for k, a, b in diffs[:3])
+            raise ValueError(f"config construction.search_from={c.search_from}: that search ran under other "
+                             f"settings ({shown}{'; ...' if len(diffs) > 3 else ''})")
     dst.mkdir(parents=True, exist_ok=True)
     n = 0
     for f in sorted((src / "stages").glob("*.jsonl")):

@@ -208,7 +208,11 @@ class Generator:
         st_cfg = cfg.stages
         from sphere.generate.constructions import PairContext, sample_and_score, seed_from
 
-        seed_from(self.construction, self.out, self.hash)  # construction.search_from: another run's search
+        from sphere.rundir import generate_signature
+
+        seed_from(self.construction, self.out, self.hash,  # construction.search_from: another run's search
+                  lambda: generate_signature(cfg, self.policy_name or cfg.model.policy,
+                                             self.small_name or cfg.model.get("small")))
         done1, done2, done3 = self._done(1), self._done(2), self._done(3)
         by_id = {p["id"]: p for p in problems}
         if len(by_id) != len(problems):
