@@ -25,6 +25,46 @@ def _md_escape(s: str) -> str:
     return str(s).replace("|", "\\|").replace("\n", " ")
 
 
+def _iv(c: dict | None) -> str:
+    if not c:
+        return "-"
+    return f"{100 * c['delta']:+.1f} [{100 * c['ci_low']:+.1f}, {100 * c['ci_high']:+.1f}]"
+
+
+def sweep_markdown(jobs: list[Job]) -> list[str]:
+    """A sweep of `sphere run` jobs (sweeps/objectives.yaml, Hydra's Optuna sweeper): one row per job and
+    benchmark with its final round's paired change against round 0 (95% paired bootstrap interval over the
+    same problems) and, where the round ran controls, SPHERE's paired change against each; sorted by the
+    change, best first. Nothing for fewer than two run jobs."""
+    runs = [j for j in jobs if j.kind == "run" and len(j.data.get("rounds") or []) > 1]
+    if len(runs) < 2:
+        return []
+    rows = []
+    for j in runs:
+        last = j.data["rounds"][-1]
+        for b, v in sorted((last.get("paired") or {}).items()):
+            c = v.get("vs_r0")
+            if not c:
+                continue
+            ctl = {name: ((x.get("paired") or {}).get(b) or {}).get("sphere_vs_control")
+                   for name, x in sorted((last.get("controls") or {}).items())}
+            pairs = sum(int(x) for x in (j.data["rounds"][-1].get("pairs_per_stage") or {}).values())
+            rows.append((c["delta"], j, b, c, pairs, ctl))
+    if not rows:
+        return []
+    names = sorted({n for *_, ctl in rows for n in ctl})
+    out = ["## Sweep: paired change per job", "",
+           "Each job's final round against round 0 over the same problems (Δ in points, 95% paired bootstrap "
+           "interval); an interval above zero is a gain this sweep can detect. Best first.", "",
+           "| job | setting | pairs | benchmark | Δ vs round 0 [95% CI] | "
+           + "".join(f"vs {n} [95% CI] | " for n in names),
+           "|---|---|---|---|---|" + "---|" * len(names)]
+    for _, j, b, c, pairs, ctl in sorted(rows, key=lambda r: -r[0]):
+        out.append("| " + " | ".join(_md_escape(x) for x in [j.rel, j.label, str(pairs), b, _iv(c),
+                                                              *(_iv(ctl.get(n)) for n in names)]) + " |")
+    return [*out, ""]
+
+
 def report_markdown(root: Path, jobs: list[Job], figures: list[tuple[str, Path]], out: Path) -> str:
     lines = [f"# sphere report: `{root.name or root}`", "",
              f"Source: `{root}` ({len(jobs)} job{'s' if len(jobs) != 1 else ''}: "
@@ -73,6 +113,7 @@ def report_markdown(root: Path, jobs: list[Job], figures: list[tuple[str, Path]]
                 cells.append(c)
             lines.append("| " + " | ".join(_md_escape(x) for x in [j.rel, j.label, str(nr), *cells]) + " |")
         lines.append("")
+    lines += sweep_markdown(jobs)
     for j in [j for j in jobs if j.kind == "run"]:
         rounds = j.data.get("rounds") or []
         benches = sorted({b for r in rounds for b in (r.get("eval") or {})})
