@@ -4,7 +4,8 @@
 #   bash scripts/mutation.sh                           # every configured module
 #   bash scripts/mutation.sh 'sphere.generate.stages*' 'sphere.evaluation.metrics*'   # some modules
 #   bash scripts/mutation.sh --summary                 # only print/write the score of what has been run
-# Env: MUTATION_CHILDREN (default 1 worker), MUTATION_NICE (default 15), SPHERE_VENV (default .venv).
+# Env: MUTATION_CHILDREN (default 1 worker), MUTATION_NICE (default 15), SPHERE_VENV (default .venv),
+# MUTATION_MIN_SCORE (e.g. 0.90: exit 1 when the measured score is lower; unset: report only).
 # Prints killed / total per module (equivalent mutants, listed with their reason in docs/mutation.md, are
 # left out of the total) and writes docs/mutation.json. Work dir: mutants/ (git-ignored); delete it to start
 # over (results of unchanged functions are kept between runs).
@@ -44,7 +45,9 @@ fi
 "$VPY" - <<'EOF'
 """killed / total per module from mutants/**/*.py.meta, equivalents (docs/mutation.md) left out."""
 import json
+import os
 import re
+import sys
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -86,4 +89,8 @@ Path("docs/mutation.json").write_text(json.dumps(
 print(f"mutation: {tot['killed']}/{total} killed"
       + (f" ({score:.1%})" if score is not None else "") + f", {tot['equivalent']} equivalent excluded; "
       f"{len(survivors)} not killed (docs/mutation.json)")
+floor = os.environ.get("MUTATION_MIN_SCORE")
+if floor and (score is None or score < float(floor)):
+    print(f"mutation: score {score} under MUTATION_MIN_SCORE={floor}")
+    sys.exit(1)
 EOF
