@@ -37,7 +37,7 @@ def test_pass_at_k_refuses_naming_the_values_and_is_1_when_every_draw_must_hit()
 @pytest.mark.parametrize("raw,key", [
     ("\\left(1, 2\\right)", "(1,2)"), ("3\\!000", "3000"), ("$5$", "5"), ("\\dfrac{1}{2}", "\\frac{1}{2}"),
     ("\\tfrac{1}{2}", "\\frac{1}{2}"), ("7.", "7"), ("7..", "7"), (".5", ".5"), ("  ", None), (None, None),
-    ("x.y", "x.y"), ("12 ", "12"),
+    ("x.y", "x.y"), ("12 ", "12"), ("2X", "2X"), ("X.", "X"),
 ])
 def test_normalize_answer(raw, key):
     assert normalize_answer(raw) == key
@@ -155,3 +155,29 @@ def test_paired_change_all_gained_is_excluded_from_zero():
     assert r["excludes_zero"] is True and r["ci_low"] == r["ci_high"] == 1.0
     assert r["mcnemar_p"] == pytest.approx(2 / 2**30)
     assert math.isclose(r["after"], 1.0) and r["before"] == 0.0
+
+
+def test_mcnemar_p_with_more_than_1023_discordant_problems():
+    """A large benchmark (MATH: 5000 problems) can have over 1023 discordant problems: 2.0**n overflowed
+    there (OverflowError from the run summary); the tail is computed over integers."""
+    assert _binom_two_sided_p(600, 1200) == pytest.approx(1.0)
+    assert 0.0 < _binom_two_sided_p(500, 1200) < 1e-7
+    n = 3000
+    before = [False] * 700 + [True] * 500 + [False] * (n - 1200)
+    after = [True] * 700 + [False] * 500 + [False] * (n - 1200)
+    r = paired_accuracy_change(before, after)
+    assert r["gained"] == 700 and r["lost"] == 500 and r["mcnemar_p"] < 1e-7 and r["excludes_zero"]
+
+
+def test_paired_change_default_draws_on_a_large_benchmark():
+    """On a fine-grained bootstrap distribution (3000 problems) the percentiles depend on every draw: the
+    default is exactly 10000 draws of seed 0."""
+    import numpy as np
+
+    n = 3000
+    before = [False] * 700 + [True] * 500 + [False] * (n - 1200)
+    after = [True] * 700 + [False] * 500 + [False] * (n - 1200)
+    r = paired_accuracy_change(before, after)
+    draws = np.random.default_rng(0).multinomial(n, [700 / n, 500 / n, 1800 / n], size=10000)
+    want = tuple(float(x) for x in np.quantile((draws[:, 0] - draws[:, 1]) / n, [0.025, 0.975]))
+    assert (r["ci_low"], r["ci_high"]) == want

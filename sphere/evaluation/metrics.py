@@ -129,7 +129,7 @@ def _binom_two_sided_p(k: int, n: int) -> float:
     if n == 0:
         return 1.0
     m = min(k, n - k)
-    tail = sum(math.comb(n, i) for i in range(m + 1)) / 2.0**n
+    tail = sum(math.comb(n, i) for i in range(m + 1)) / 2**n  # integers: 2.0**n overflows past n = 1023
     return min(1.0, 2.0 * tail)
 
 
