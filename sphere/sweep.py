@@ -23,8 +23,17 @@ from pathlib import Path
 
 
 def build_commands(spec: dict, extra: list[str], out_dir: str) -> list[list[str]]:
-    if "command" not in spec or "blocks" not in spec:
-        raise ValueError("sweep file: needs the keys `command` and `blocks`")
+    if not isinstance(spec, dict):
+        raise ValueError(f"sweep file: expected a mapping with the keys `command` and `blocks`, got a "
+                         f"{type(spec).__name__}")
+    missing = [k for k in ("command", "blocks") if k not in spec]
+    if missing:
+        raise ValueError(f"sweep file: needs the keys `command` and `blocks` (missing: "
+                         f"{', '.join(missing)}); e.g. blocks: {{policies: {{search.pruning.policy: none,minmax}}}}")
+    if not isinstance(spec["blocks"], dict) or not spec["blocks"]:
+        raise ValueError("sweep file: `blocks` must map block names to {override key: values}")
+    if not isinstance(spec.get("overrides") or [], list):
+        raise ValueError("sweep file: `overrides` must be a list of key=value strings")
     cmd = str(spec["command"]).split()
     base = [str(o) for o in spec.get("overrides") or []]
     out = []
@@ -46,11 +55,28 @@ def main(argv: list[str]) -> int:
     if not path.is_file():
         print(f"sphere sweep: {path}: no such sweep file", file=sys.stderr)
         return 2
-    spec = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    import yaml
+
+    try:
+        spec = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    except yaml.YAMLError as e:  # one line: the file, the line and column, what the parser expected
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        what = getattr(e, "problem", None) or str(e).splitlines()[0]
+        print(f"sphere sweep: {path}:{where}: not valid YAML ({what})", file=sys.stderr)
+        return 2
+    except (UnicodeDecodeError, ValueError) as e:
+        print(f"sphere sweep: {path}: not a readable sweep file ({e})", file=sys.stderr)
+        return 2
     extra = [a for a in argv[1:] if not a.startswith("dir=")]
     dirs = [a.split("=", 1)[1] for a in argv[1:] if a.startswith("dir=")]
     out_dir = dirs[0] if dirs else f"multirun/sweep-{path.stem}/{time.strftime('%Y-%m-%d_%H-%M-%S')}"
-    for args in build_commands(spec, extra, out_dir):
+    try:
+        commands = build_commands(spec, extra, out_dir)
+    except ValueError as e:
+        print(f"sphere sweep: {path}: {e}", file=sys.stderr)
+        return 2
+    for args in commands:
         print("[sphere sweep] sphere " + " ".join(args), flush=True)
         rc = subprocess.call([sys.executable, "-m", "sphere.cli", *args])
         if rc != 0:

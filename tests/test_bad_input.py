@@ -211,6 +211,9 @@ GENERATE_CONFIGS = [
     (["stages.inverted=keep"], ["stages.inverted", "swap | drop"]),
     (["stages.small_expansions_factor=0"], ["stages.small_expansions_factor", ">= 1"]),
     (["data.limit=-5"], ["data.limit", ">= 0"]),
+    (["data.limit=0"], ["config data.limit=0", "positive integer"]),  # blamed data.problems (issue #29)
+    (["data.problems=hf:nosuch-org/nosuch-set"], ["data.problems=hf:nosuch-org/nosuch-set", "HF_HUB_OFFLINE=1",
+                                                  "local Hugging Face cache", ".jsonl"]),  # was 30-54 lines
     (["engine_backend=rust"], ["engine_backend", "cpp | py"]),
     (["backend=tensorrt"], ["backend/tensorrt", "Available options", "transformers"]),
     (["scorer=oracle"], ["scorer/oracle", "symbolic"]),
@@ -476,3 +479,103 @@ def test_round_with_zero_pairs_stops_cleanly(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert [r["round"] for r in summary["rounds"]] == [0]
     assert "no preference pairs" in summary["rounds"][0]["stopped"] and summary["rounds"][0]["eval"]
+
+
+# ------------------------------------------- issue #29: sphere report / viz tree / sweep, one line each
+def _one_line_failure(proc: subprocess.CompletedProcess, needles: list[str]) -> None:
+    assert proc.returncode != 0, proc.stdout[-2000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, proc.stderr[-3000:]
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+
+
+def _report_run(tmp_path: Path) -> Path:
+    from test_report import _run_summary
+
+    run = tmp_path / "a-run"
+    _run_summary(run, [0.3, 0.4])
+    return run
+
+
+SWEEP_FILES = {
+    "malformed.yaml": ("command: generate\nblocks: [1, 2\n", ["malformed.yaml", "line 3", "not valid YAML"]),
+    "no_blocks.yaml": ("command: generate\noverrides: [data.mini_n=2]\n", ["no_blocks.yaml", "blocks", "missing"]),
+    "a_list.yaml": ("- command\n- blocks\n", ["a_list.yaml", "mapping", "got a list"]),
+    "blocks_list.yaml": ("command: generate\nblocks: [a, b]\n", ["blocks_list.yaml", "`blocks` must map"]),
+}
+
+
+@pytest.mark.parametrize("name", list(SWEEP_FILES))
+def test_bad_sweep_file(name, tmp_path):
+    """Before: a malformed sweep YAML or one without `blocks` ended `sphere sweep` in a traceback."""
+    text, needles = SWEEP_FILES[name]
+    f = tmp_path / name
+    f.write_text(text)
+    proc = _sphere("sweep", str(f), f"dir={tmp_path / 'out'}", timeout=120)
+    _one_line_failure(proc, needles)
+    assert not (tmp_path / "out").exists()
+
+
+def test_truncated_tree_snapshot(tmp_path):
+    """Before: zipfile.BadZipFile traceback from `sphere viz tree` on a cut copy of a snapshot."""
+    from test_viz_tree import build_snapshot
+
+    snap = tmp_path / "stage1.npz"
+    build_snapshot(snap)
+    data = snap.read_bytes()
+    snap.write_bytes(data[: len(data) // 2])
+    out = tmp_path / "tree.html"
+    proc = _sphere("viz", "tree", str(snap), f"out={out}", timeout=120)
+    _one_line_failure(proc, [str(snap), "truncated or corrupt"])
+    assert not out.exists()
+
+
+def test_report_without_matplotlib_names_the_extra(tmp_path):
+    """A plain wheel install has no matplotlib: `sphere report` says which extra brings it (not a traceback)."""
+    run = _report_run(tmp_path)
+    code = ("import sys; sys.modules['matplotlib'] = None; from sphere.cli import main; "
+            f"main(['report', {str(run)!r}])")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(), timeout=120,
+                          cwd=ROOT)
+    _one_line_failure(proc, ["sphere report", "'matplotlib'", "pip install 'sphere[report]'"])
+
+
+@pytest.mark.parametrize("command", ["report", "viz"])
+def test_report_and_viz_into_an_unwritable_out(command, tmp_path):
+    """`out=` under a regular file (root ignores permission bits): one line naming the path, no traceback."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    if command == "report":
+        proc = _sphere("report", str(_report_run(tmp_path)), f"out={blocker / 'rep'}", timeout=120)
+    else:
+        from test_viz_tree import build_snapshot
+
+        snap = tmp_path / "t.npz"
+        build_snapshot(snap)
+        proc = _sphere("viz", "tree", str(snap), f"out={blocker / 'x' / 'tree.html'}", timeout=120)
+    _one_line_failure(proc, [str(blocker), "choose a writable out="])
+
+
+@needs_mount_ns
+def test_report_on_a_full_disk_leaves_no_empty_png(tmp_path):
+    """Before: a traceback and a 0-byte accuracy_per_round.png. A 64 KiB tmpfs, mostly filled, runs out while
+    the figures are written: one line naming the file and what to do, and no PNG is left half-written."""
+    run = _report_run(tmp_path)
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    rep = disk / "rep"
+    script = (f"mount -t tmpfs -o size=64k tmpfs {disk} && dd if=/dev/zero of={disk}/fill bs=1k count=44 "
+              f"2>/dev/null; {sys.executable} -m sphere.cli report {run} out={rep}; echo RC=$? >&2; "
+              f"for f in {rep}/*.png; do [ -e \"$f\" ] && echo PNG $(tail -c 8 \"$f\" | head -c 4) $f >&2; done; true")
+    proc = subprocess.run(["unshare", "-m", "sh", "-c", script], capture_output=True, text=True, env=_env(),
+                          timeout=300, cwd=ROOT)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert "RC=1" in lines, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    errs = [ln for ln in lines if ln.startswith("sphere report")]
+    assert len(errs) == 1 and "no space left writing" in errs[0] and f"{rep}/" in errs[0], proc.stderr[-3000:]
+    assert "choose another out=" in errs[0]
+    pngs = [ln for ln in lines if ln.startswith("PNG")]
+    assert all(ln.startswith("PNG IEND ") for ln in pngs), pngs  # whole figures only (IEND), never a cut one

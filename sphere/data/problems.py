@@ -26,6 +26,9 @@ def load_problems(dcfg: Any, seed: int) -> list[dict]:
     mini world's training split), a shipped set (``math_train``, ``gsm8k_train``), a local JSONL path, or
     ``hf:NAME[:SPLIT]`` where a hub is reachable. ``data.limit`` caps the total."""
     limit = None if dcfg.limit is None else int(dcfg.limit)
+    if limit is not None and limit < 1:  # the key to blame, not data.problems (issue #29)
+        raise ValueError(f"config data.limit={limit}: no problem would be used; allowed a positive integer "
+                         "(the most problems) or null (all of data.problems)")
     out: list[dict] = []
     for src in sources(dcfg):
         left = None if limit is None else max(0, limit - len(out))
@@ -75,7 +78,16 @@ def load_source(src: str, dcfg: Any, seed: int, limit: int | None) -> list[dict]
         import datasets
 
         name, _, split = src[3:].partition(":")
-        ds = datasets.load_dataset(name, split=split or "train")
+        try:
+            ds = datasets.load_dataset(name, split=split or "train")
+        except (ConnectionError, OSError) as e:  # offline (HF_HUB_OFFLINE=1) or no network, not in the cache
+            import os
+
+            off = " (HF_HUB_OFFLINE=1)" if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0") else ""
+            raise FileNotFoundError(
+                f"config data.problems={src}: the dataset {name!r} is neither reachable{off} nor in the local "
+                f"Hugging Face cache ({type(e).__name__}). Download it once where the hub is reachable, or "
+                "export it to a .jsonl (id, problem, answer) and pass its path") from None
         pf, af = str(dcfg.hf_problem_field), str(dcfg.hf_answer_field)
         out = []
         for i, r in enumerate(ds):

@@ -53,6 +53,7 @@ from sphere.rundir.lock import (
     RunDirLock,
     acquire,
     cli_errors,
+    command_errors,
     describe_os_error,
     holder,
     is_held,
@@ -82,5 +83,5 @@ from sphere.rundir.resume import (
 __all__ = [
     "RunDirInUse", "SignatureMismatch", "RunDirLock", "acquire", "release", "locked", "holder", "is_held",
     "check_or_record", "check_generate", "generate_signature", "train_signature", "model_fingerprint",
-    "file_sha256", "resume_mode", "set_default_mode", "cli_errors", "describe_os_error",
+    "file_sha256", "resume_mode", "set_default_mode", "cli_errors", "command_errors", "describe_os_error",
 ]

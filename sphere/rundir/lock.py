@@ -149,6 +149,38 @@ def cli_errors(command: str, run_dir: str | os.PathLike | None = None) -> Iterat
         raise
 
 
+# Optional packages and the extra of pyproject.toml that installs each (named when one is missing).
+EXTRAS = {"matplotlib": "report", "ray": "scale", "vllm": "gpu (or cpu)", "llm_reasoners": "bench", "mctx": "bench",
+          "submitit": "scale", "hydra_plugins": "scale"}
+
+
+@contextlib.contextmanager
+def command_errors(command: str, out_key: str = "out=") -> Iterator[None]:
+    """At the boundary of a plain (non-Hydra) command (`sphere report`, `sphere viz tree`, `sphere sweep`): a
+    full disk, a read-only or unwritable output path or a missing optional package become one ``SystemExit``
+    line naming the path or the package's extra; the command reports its own bad input (a truncated file)."""
+    try:
+        yield
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except OSError as e:
+        if e.errno not in _WRITE_ERRNOS:
+            raise  # a missing input file and the like: the command's own message names it
+        path = e.filename or "?"
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            msg = (f"no space left writing {path} ({e.strerror}, errno {e.errno}). Free space on that file "
+                   f"system or choose another {out_key}")
+        else:
+            msg = f"cannot write {path} ({e.strerror}, errno {e.errno}): choose a writable {out_key}"
+        raise SystemExit(f"sphere {command}: error: {msg}") from None
+    except ModuleNotFoundError as e:
+        top = (e.name or "").split(".")[0]
+        extra = EXTRAS.get(top)
+        how = f"pip install 'sphere[{extra}]'" if extra else f"pip install {top}"
+        raise SystemExit(f"sphere {command}: error: needs the Python package {top!r}, which is not installed: "
+                         f"{how}") from None
+
+
 _start_state: dict[str, dict] = {}  # realpath -> {"existed": bool, "hydra": {file name: bytes}}
 
 

@@ -103,8 +103,11 @@ def main(argv: list[str]) -> int:
     if root is None:
         print("sphere report: missing DIR (a run or multirun directory)", file=sys.stderr)
         return 2
+    from sphere.rundir import command_errors
+
     try:
-        report, figs = write_report(root, out)
+        with command_errors("report"):  # a full disk, a read-only out=, no matplotlib: one line
+            report, figs = write_report(root, out)
     except (FileNotFoundError, ValueError) as e:
         print(f"sphere report: {e}", file=sys.stderr)
         return 2

@@ -25,11 +25,29 @@ def _plt():
 
 
 def _save(fig, path: Path) -> Path:
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    """Write the figure atomically: a full disk or a read-only directory leaves no partial (0-byte) PNG."""
+    import os
+    import tempfile
+
     import matplotlib.pyplot as plt
 
-    plt.close(fig)
+    try:
+        fig.tight_layout()
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                fig.savefig(f, dpi=110, format="png")
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)  # mkstemp made it 0600
+            os.replace(tmp, path)
+        except BaseException as e:
+            Path(tmp).unlink(missing_ok=True)
+            if isinstance(e, OSError) and not e.filename:  # savefig wrote to a file object: name the file
+                raise OSError(e.errno, e.strerror or str(e), str(path)) from None
+            raise
+    finally:
+        plt.close(fig)
     return path
 
 

@@ -45,8 +45,11 @@ def main(argv: list[str]) -> int:
               file=sys.stderr)
         return 2
     out = opts.get("out") or str(Path(snap).with_suffix(".html"))
+    from sphere.rundir import command_errors
+
     try:
-        path = write_tree_html(snap, out, opts.get("title"))
+        with command_errors("viz tree"):  # a full disk, a read-only out=: one line naming the path
+            path = write_tree_html(snap, out, opts.get("title"))
     except (FileNotFoundError, ValueError) as e:
         print(f"sphere viz tree: {e}", file=sys.stderr)
         return 2

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import json
 import os
+import zipfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -69,8 +71,9 @@ def load_tree_snapshot(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], 
             data = {k: np.array(z[k]) for k in z.files}
     except ValueError as e:  # object arrays need pickle, which we refuse
         raise ValueError(f"{path}: not a valid tree snapshot ({e})") from None
-    except (OSError, EOFError) as e:
-        raise ValueError(f"{path}: not a readable .npz file ({e})") from None
+    except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:  # truncated / corrupt (a cut copy)
+        raise ValueError(f"{path}: not a readable .npz file, truncated or corrupt ({e}); save or copy the "
+                         "snapshot again") from None
     if META_KEY not in data:
         raise ValueError(f"{path}: missing array {META_KEY!r} (uint8 UTF-8 JSON with problem/answer/text)")
     raw = data.pop(META_KEY)
