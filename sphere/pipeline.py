@@ -336,10 +336,13 @@ def validate_run_config(cfg: DictConfig) -> None:
         from sphere.runners import runner_name
 
         if runner_name(cfg) == "ray" or cfg.model.get("train_target"):
-            raise ValueError("config controls: the per-round controls run with runner=local in a "
-                             "self-evolution run; turn them off (controls.rft=false "
-                             "controls.random_pairs=false) for runner=ray or a transfer run "
-                             "(model.train_target)")
+            why = ("runner=ray keeps the round's start policy inside its Ray actors, and the controls "
+                   "sample from it (controls.random_pairs) and build their pairs with its tokenizer in the "
+                   "driver process (sphere/controls.py prepare_controls)" if runner_name(cfg) == "ray" else
+                   "they are part of the self-evolution loop, not of a transfer run (model.train_target)")
+            raise ValueError(f"config controls: the per-round controls run with runner=local only: {why}; "
+                             "turn them off (controls.rft=false controls.random_pairs=false) or use "
+                             "runner=local")
     if int(cfg.rounds) > 0:  # the generate settings too, before round 0 spends time (issue #11)
         from sphere.generate.generator import validate_generate_config
 
@@ -400,8 +403,9 @@ def run(cfg: DictConfig, out: Path) -> dict:
     target_name = cfg.model.get("train_target")
     if target_name:
         if use_ray:
-            raise ValueError("runner=ray with model.train_target (a transfer run) is not supported; use "
-                             "runner=local for transfer runs")
+            raise ValueError("runner=ray with model.train_target (a transfer run) is not supported: its pairs "
+                             "are written with the target model's prompt and tokenizer (Generator pair_tok), "
+                             "which the Ray workers do not build; use runner=local for transfer runs")
         return run_transfer(cfg, out, str(target_name))
     logger = make_logger(cfg, out, "run")
     summary_path = out / "summary.json"

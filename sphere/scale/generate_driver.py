@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -202,6 +203,12 @@ def generate(
     stats = gen.finalize(problems, {"search": search}, wall)
     info["wall_s"] = wall
     atomic_write_json(out / "ray_runner.json", info)
+    if info["model_loads"]:  # the run's stats say what each worker loaded this round (policy, small, scorer)
+        stats["model_loads_per_worker"] = info["model_loads"]
+        atomic_write_json(out / "generate_stats.json", stats)
+        print("[ray runner] model loads per worker: " + "; ".join(
+            f"{w} (node {d['node'][:8]}): " + ", ".join(f"{k} {v}" for k, v in d.items() if k not in ("node", "slot"))
+            for w, d in info["model_loads"].items()), file=sys.stderr, flush=True)
     return stats
 
 

@@ -213,6 +213,12 @@ class ActorPool:
         self.stall_s = stall_s
         self.stats = PoolStats(actors_started=n)
         self.dead: set[int] = set()
+        self.answering: set[int] = set(range(n))  # answered a poll within unavailable_s (or not yet started)
+        self._ever: set[int] = set()  # answered once: a first start still loading is not "unavailable"
+        self.busy: dict[int, tuple[Any, Chunk]] = {}  # slot -> (ref, chunk) in flight
+        now = time.monotonic()
+        self.last_answer: dict[int, float] = {s: now for s in range(n)}
+        self.poll_refs: dict[int, Any] = {}  # slot -> its outstanding poll ref
         self._log = log or (lambda m: print(f"[ray runner] {m}", file=sys.stderr, flush=True))
 
     def log(self, msg: str) -> None:
@@ -234,27 +240,26 @@ class ActorPool:
         n = len(self.actors)
         queue: deque[Chunk] = deque(chunks)
         finished: set[int] = set()
-        alive = set(range(n)) - self.dead  # not dead for good (kept across runs: the phases of a round)
-        answering = set(range(n))  # answered a poll within unavailable_s (or not yet started)
-        self._ever: set[int] = set()  # answered once: a first start still loading is not "unavailable"
-        busy: dict[int, tuple[Any, Chunk]] = {}  # slot -> (ref, chunk)
-        now = time.monotonic()
-        last_answer = {s: now for s in range(n)}
-        poll_refs: dict[int, tuple[Any, float]] = {}  # slot -> (outstanding poll ref, sent at)
+        # the actors' state is kept across runs (the phases of a round): an actor still busy with a chunk
+        # of the previous phase (its node lost, its restart pending) stays busy and unanswering
+        alive = set(range(n)) - self.dead  # not dead for good
+        answering, busy, last_answer, poll_refs = self.answering, self.busy, self.last_answer, self.poll_refs
+        mine = {c.id for c in chunks}
         last_counts: dict[int, int] = {}
+        now = time.monotonic()
         last_progress = now
         last_poll = 0.0
 
         def dispatchable() -> list[int]:
             return [s for s in range(n) if s in alive and s in answering and s not in busy]
 
-        def pending() -> bool:  # chunks not finished anywhere
+        def pending() -> bool:  # chunks of this run not finished anywhere
             return any(c.id not in finished for c in queue) or any(
-                c.id not in finished for _, c in busy.values()
+                c.id in mine and c.id not in finished for _, c in busy.values()
             )
 
         def requeue(ch: Chunk, why: str) -> None:
-            if ch.id in finished or any(c.id == ch.id for c in queue):
+            if ch.id not in mine or ch.id in finished or any(c.id == ch.id for c in queue):
                 return
             if ch.attempts > self.max_chunk_retries:
                 raise RuntimeError(
@@ -313,7 +318,8 @@ class ActorPool:
                 if slot not in answering:
                     answering.add(slot)
                     self.log(f"actor {slot} answers again; it takes chunks again")
-                if ch.id in finished:  # a late copy of a chunk another actor finished: merged as no-ops
+                if ch.id in finished or ch.id not in mine:  # a late copy (another actor finished it; or a
+                    # chunk of an earlier phase): its records are merged as no-ops by the driver
                     on_result(ch, res)
                     continue
                 finished.add(ch.id)
