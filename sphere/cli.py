@@ -139,14 +139,60 @@ def _experiment_overrides(cdir: Path, exp: str, seen: set | None = None) -> dict
     return out
 
 
+# `sphere <command> --help` text for commands whose module docstring is written for developers (the runner
+# layer serves generate and eval): how a user chooses what the command works on.
+USAGE: dict[tuple[str, ...], str] = {
+    ("generate",): """usage: sphere generate [model=M] [data.problems=P] [key=value ...]
+
+Searches each problem (SPHERE's three stages) and writes preference pairs to <hydra.run.dir>/pairs.jsonl.
+
+what to generate from:
+  data.problems=P    mini (the CPU mini world, default) | math_train | gsm8k_train (shipped train splits)
+                     | PATH.jsonl (records: id, problem, answer) | training (NuminaMath + MetaMathQA pools,
+                     data.training) | numina:PATH | metamath:PATH | hf:NAME[:SPLIT] (a cached hub dataset)
+                     | [a,b] (several)
+  data.limit=N       at most N problems (null = all); data.mini_n=N problems of the mini world
+which models:
+  model=M            the policy: an option below (mini, qwen2_5_7b, ...), a local model directory or a cached
+                     hub name; its chat template picks the prompt family (prompt=FAMILY overrides)
+  model.small=M      stage 3's small model;  scorer=prm|symbolic|mini_world|rollout: the step scorer
+  backend=B          transformers (CPU/GPU) | vllm | openai (a served model: backend.base_url)
+how to search:
+  search=paper|mcts  search.expansions=E  search.max_depth=D  stages.stage2/stage3=true|false
+  experiment=X       the settings of `sphere run experiment=X` (e.g. paper_qwen2_5_7b)
+examples:
+  sphere generate data.mini_n=16
+  sphere generate model=/ckpt/qwen data.problems=math_train data.limit=500 backend=vllm scorer=prm""",
+    ("eval",): """usage: sphere eval [model=M] [benchmarks=[B,...]] [limit=N] [key=value ...]
+
+Scores a model (or stored completions) and writes <hydra.run.dir>/eval/results.{json,md}; prints the table.
+
+which benchmarks:
+  benchmarks=[B,...] math500 | gsm8k | aime24 | aime25 | amc23 | olympiadbench | mini | gsm8k_train
+                     | math_train | all (the six paper benchmarks) | PATH.jsonl (id, problem, answer)
+  limit=N            the first N problems of each (null = all)
+which model:
+  model=M            an option below (mini, qwen2_5_7b, ...), a local model directory or a cached hub name;
+                     its chat template picks the prompt family (prompt=FAMILY overrides)
+  backend=B          vllm (default) | transformers | openai (a served model: backend.base_url) | replay
+                     (grade stored completions: replay.path=FILE, or replay.references=true)
+how to sample:
+  sampling.n=K       K samples per problem (K > 1 adds pass@k and maj@K); temperature=T; max_tokens=N
+  experiment=X       the per-round evaluation of `sphere run experiment=X`
+examples:
+  sphere eval model=mini benchmarks=[mini] limit=200
+  sphere eval model=/ckpt/qwen backend=vllm benchmarks=[math500,gsm8k]""",
+}
+
+
 def command_help(key: tuple[str, ...], cdir: Path) -> str:
     """`sphere <command> --help`: what the command does, its usage, the groups and options it takes."""
     config_name, target = HYDRA_COMMANDS[key]
     mod = target.split(":")[0]
     import importlib.util
 
-    doc = ""
-    spec = importlib.util.find_spec(mod)
+    doc = USAGE.get(key, "")
+    spec = importlib.util.find_spec(mod) if not doc else None
     if spec is not None and spec.origin:
         import ast
 
@@ -332,8 +378,8 @@ def _task(fn, verbose: bool):
 
         command = sys.argv[0].removeprefix("sphere-").replace("-", " ")
         with rundir.cli_errors(command):  # full disk, read-only dir, dir in use, settings mismatch: one line
-            rundir.set_default_mode(cfg.get("resume", "auto"))
             try:
+                rundir.set_default_mode(cfg.get("resume", "auto"))  # resume=bogus: one line (a ValueError)
                 from sphere.overrides import check_added_keys
 
                 check_added_keys(cfg, sys.argv[1:])  # `+search.expansion=3`: a typo, refused (sphere/overrides.py)
@@ -411,6 +457,14 @@ def _dispatch(argv: list[str]) -> None:
         key, rest = m
         sys.exit(_load(PLAIN_COMMANDS[key])(rest) or 0)
     m = _match(argv, HYDRA_COMMANDS)
+    subs = [k for k in [*HYDRA_COMMANDS, *PLAIN_COMMANDS] if len(k) > 1 and k[0] == argv[0]]
+    if m is None and subs and (len(argv) == 1 or argv[1] in ("-h", "--help", "help")):
+        # a group word alone or with --help (`sphere viz --help`, `sphere bench`): its sub-commands
+        print(f"usage: sphere {argv[0]} <command> [key=value ...]\n\ncommands:")
+        for k in subs:
+            print(f"  {' '.join(k):<16} {DESCRIPTIONS.get(k, '')}")
+        print(f"\n`sphere {argv[0]} <command> --help` describes one.")
+        sys.exit(0 if len(argv) > 1 else 2)
     if m is None:
         print(f"sphere: unknown command {' '.join(argv[:2])!r}\n" + _usage(), file=sys.stderr)
         sys.exit(2)
