@@ -579,3 +579,12 @@ def test_report_on_a_full_disk_leaves_no_empty_png(tmp_path):
     assert "choose another out=" in errs[0]
     pngs = [ln for ln in lines if ln.startswith("PNG")]
     assert all(ln.startswith("PNG IEND ") for ln in pngs), pngs  # whole figures only (IEND), never a cut one
+
+
+def test_resume_bogus_in_a_dry_run_is_one_line(tmp_path):
+    """Before: `sphere run dry_run=true resume=bogus` printed the ValueError with a traceback (the resume mode
+    was read outside the one-line error handling)."""
+    out = tmp_path / "run"
+    proc = _sphere("run", "dry_run=true", "resume=bogus", f"hydra.run.dir={out}", timeout=120)
+    _assert_clean_failure(proc, out, ["config resume='bogus'", "auto | fresh | force"])
+    assert "Traceback" not in proc.stderr
