@@ -286,3 +286,39 @@ def test_failed_command_leaves_no_new_run_dir(tmp_path):
     r = _sphere("generate", f"data.problems={tmp_path / 'missing.jsonl'}", f"hydra.run.dir={out}")
     assert r.returncode != 0 and "missing.jsonl" in r.stderr
     assert not out.exists(), sorted(str(p) for p in out.rglob("*"))
+
+
+def test_each_command_keeps_its_record_and_fresh_moves_it_with_the_outputs(tmp_path):
+    """Issue #29: a second, different command into a run directory overwrote the first one's `.hydra` record,
+    and `resume=fresh` moved the outputs to previous/ without the `signature.json` entry and `.hydra` record
+    that describe them. Now each command's record is kept in `.hydra/<command>/`, and previous/<command>-*/
+    holds the moved outputs with their signature entry and the `.hydra` they were written under."""
+    import yaml
+
+    from sphere import rundir
+
+    rundir.forget_checks()
+    out = tmp_path / "run"
+    gen = _sphere("generate", "data.mini_n=2", "search.max_depth=2", f"hydra.run.dir={out}")
+    assert gen.returncode == 0, gen.stderr[-3000:]
+    ev = ["eval", "backend=replay", "replay.references=true", "limit=2", f"hydra.run.dir={out}"]
+    r = _sphere(*ev)
+    assert r.returncode == 0, r.stderr[-3000:]
+    h = out / ".hydra"
+    assert "data.mini_n=2" in yaml.safe_load((h / "generate" / "overrides.yaml").read_text())  # generate's kept
+    assert yaml.safe_load((h / "generate" / "config.yaml").read_text())["data"]["mini_n"] == 2
+    assert "limit=2" in yaml.safe_load((h / "eval" / "overrides.yaml").read_text())
+    assert (h / "overrides.yaml").read_bytes() == (h / "eval" / "overrides.yaml").read_bytes()  # the latest on top
+
+    r = _sphere(*ev, "max_tokens=7", "resume=fresh")
+    assert r.returncode == 0, r.stderr[-3000:]
+    (prev,) = list((out / "previous").glob("eval-*"))
+    assert (prev / "eval" / "mini.jsonl").is_file()
+    moved_sig = json.loads((prev / "signature.json").read_text())
+    assert set(moved_sig) == {"eval"} and moved_sig["eval"]["signature"]["sampling.max_tokens"] == 1024
+    moved_ovr = yaml.safe_load((prev / ".hydra" / "overrides.yaml").read_text())
+    assert "limit=2" in moved_ovr and "max_tokens=7" not in moved_ovr  # the record of the moved outputs
+    now = json.loads((out / "signature.json").read_text())
+    assert now["eval"]["signature"]["sampling.max_tokens"] == 7 and "generate" in now
+    assert "max_tokens=7" in yaml.safe_load((h / "eval" / "overrides.yaml").read_text())
+    assert (out / "pairs.jsonl").is_file() and (h / "generate" / "config.yaml").is_file()  # generate untouched

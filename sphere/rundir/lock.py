@@ -19,7 +19,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from sphere.rundir.resume import LOCK_NAME, SignatureMismatch, _key, _outputs_present, set_default_mode
+from sphere.rundir.resume import (
+    LOCK_NAME,
+    SignatureMismatch,
+    _key,
+    _outputs_present,
+    remember_prior_hydra,
+    set_default_mode,
+)
 
 
 class RunDirInUse(RuntimeError):
@@ -194,6 +201,7 @@ def note_start(run_dir: str | os.PathLike) -> None:
                 with contextlib.suppress(OSError):
                     hydra[f.name] = f.read_bytes()
     _start_state[_key(d)] = {"existed": d.exists(), "hydra": hydra}
+    remember_prior_hydra(d, hydra)  # resume=fresh moves it aside with the outputs it describes
 
 
 def undo_failed_start(run_dir: str | os.PathLike | None, exc: BaseException | None = None) -> str | None:

@@ -186,7 +186,7 @@ def check_or_record(run_dir: str | os.PathLike, command: str, sig: Mapping, *, m
     status = "new" if old is None else "match"
     diffs = differences(old, flat) if old is not None else []
     if m == "fresh" and present:
-        _move_aside(d, command, present)
+        _move_aside(d, command, present, entry)
         status = "fresh"
     elif diffs and present:
         if m == "force":
@@ -195,6 +195,7 @@ def check_or_record(run_dir: str | os.PathLike, command: str, sig: Mapping, *, m
             raise SignatureMismatch(mismatch_message(d, command, diffs))
     elif diffs:  # recorded by a run that wrote no output (failed early): re-signed
         status = "new"
+    keep_command_record(d, command)
     if status != "match" or old != flat:
         rec = {"signature": flat, "recorded_utc": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         if status == "forced":
@@ -207,12 +208,70 @@ def check_or_record(run_dir: str | os.PathLike, command: str, sig: Mapping, *, m
     return status
 
 
-def _move_aside(d: Path, command: str, entries: list[Path]) -> Path:
+# run dir (realpath) -> its ``.hydra/`` files as they were before this command's Hydra rewrote them
+# (``sphere.rundir.lock.note_start`` fills it): the record of the outputs ``resume=fresh`` moves aside.
+_prior_hydra: dict[str, dict[str, bytes]] = {}
+
+
+def remember_prior_hydra(run_dir: str | os.PathLike, files: dict[str, bytes]) -> None:
+    _prior_hydra[_key(run_dir)] = dict(files)
+
+
+def _record_command(hydra_yaml: bytes | None) -> str:
+    """The command (run, generate, eval, train, ...) whose ``.hydra/hydra.yaml`` this is (its primary config)."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(hydra_yaml or b"") or {}
+        name = str(((data.get("hydra") or {}).get("job") or {}).get("config_name") or "")
+    except (yaml.YAMLError, AttributeError):
+        return ""
+    return {"pretrain_mini": "pretrain-mini"}.get(name, name.replace("_", " "))
+
+
+def keep_command_record(d: Path, command: str) -> None:
+    """Each command's record stays with its outputs. Hydra rewrites ``<run dir>/.hydra/*.yaml`` for every
+    command, so a second, different command into a run directory (``sphere eval`` after ``sphere generate``)
+    erased the first one's: once a command's settings are accepted here, its (redacted) record is also kept
+    in ``.hydra/<command>/``, and the record of another command found at the top before this one started
+    is kept in ``.hydra/<that command>/`` (unless already there)."""
+    h = d / ".hydra"
+    if not h.is_dir():
+        return
+    prior = _prior_hydra.get(_key(d)) or {}
+    old = _record_command(prior.get("hydra.yaml"))
+    if old and old != command and not (h / old.replace(" ", "-")).exists():
+        (h / old.replace(" ", "-")).mkdir()
+        for name, data in prior.items():
+            (h / old.replace(" ", "-") / name).write_bytes(data)
+    now = {f.name: f.read_bytes() for f in h.iterdir() if f.is_file()}
+    if _record_command(now.get("hydra.yaml")) != command:
+        return  # the top record is another command's (a phase called inside `sphere run`)
+    mine = h / command.replace(" ", "-")
+    mine.mkdir(exist_ok=True)
+    for name, data in now.items():
+        (mine / name).write_bytes(data)
+
+
+def _move_aside(d: Path, command: str, entries: list[Path], entry: Mapping | None = None) -> Path:
+    """Move ``entries`` to ``previous/<command>-<UTC stamp>/`` with their record: the command's
+    ``signature.json`` entry and the ``.hydra/`` that described them (as it was before this command)."""
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
     dest = d / PREVIOUS_DIR / f"{command.replace(' ', '-')}-{stamp}"
     dest.mkdir(parents=True, exist_ok=False)
     for p in entries:
         os.replace(p, dest / p.name)
+    from sphere.io import atomic_write_json
+
+    if entry is not None:
+        atomic_write_json(dest / SIGNATURE_NAME, {command: entry})
+    hydra = _prior_hydra.get(_key(d))
+    if hydra is None and (d / ".hydra").is_dir():  # not started through the CLI: the record as it is now
+        hydra = {f.name: f.read_bytes() for f in (d / ".hydra").iterdir() if f.is_file()}
+    if hydra:
+        (dest / ".hydra").mkdir()
+        for name, data in hydra.items():
+            (dest / ".hydra" / name).write_bytes(data)
     print(f"sphere {command}: resume=fresh: moved the previous outputs of {d} to {dest}", file=sys.stderr)
     return dest
 
