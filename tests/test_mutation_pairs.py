@@ -252,3 +252,50 @@ def test_filter_pairs_off_switches_and_dedup():
     # several of one reason are counted
     kept, drops = filter_pairs([_rec(margin=-2.0), _rec(margin=-3.0, chosen="x")], dd)
     assert kept == [] and drops["min_margin"] == 2
+
+
+def test_make_pair_records_correctness_as_given_and_no_prefix_by_default():
+    """The stages write pairs before the filters: a record must carry rejected_correct=True when it is."""
+    c = _t(["\\boxed{3}"], True)
+    r = _t(["\\boxed{4}"], False)
+    swapped = make_pair(stage=1, problem={"id": "a"}, prompt="p", chosen=r, rejected=c, delimiter=D,
+                        chosen_model="m", rejected_model="m", config_hash="h", conversational=False)
+    assert swapped["chosen_correct"] is False and swapped["rejected_correct"] is True
+    conv = make_pair(stage=1, problem={"id": "a"}, prompt="p", chosen=c, rejected=r, delimiter=D,
+                     chosen_model="m", rejected_model="m", config_hash="h", conversational=True)
+    assert conv["chosen"] == [{"role": "assistant", "content": "\\boxed{3}"}]
+
+
+def test_edit_distance_at_the_budget_is_exact(monkeypatch):
+    """len(a) * len(b) == the budget still takes the exact (whole-text) difflib path."""
+    seen = []
+    real = difflib.SequenceMatcher
+
+    class Spy(real):
+        def __init__(self, isjunk=None, a="", b="", autojunk=True):
+            seen.append((a, b))
+            super().__init__(isjunk, a, b, autojunk)
+
+    a, b = "abXcd", "abYcd"
+    monkeypatch.setattr(P, "EXACT_EDIT_BUDGET", len(a) * len(b))
+    monkeypatch.setattr(difflib, "SequenceMatcher", Spy)
+    edit_distance(a, b)
+    assert seen == [(a, b)]
+    seen.clear()
+    monkeypatch.setattr(P, "EXACT_EDIT_BUDGET", len(a) * len(b) - 1)
+    edit_distance(a, b)
+    assert seen == [("X", "Y")]
+
+
+def test_dedup_and_length_of_message_lists_ignore_key_order_and_keep_unicode():
+    dd = PairFilter(dedup=True, min_margin=-1.0)
+    m1 = _rec(chosen=[{"role": "assistant", "content": "x"}])
+    m2 = _rec(chosen=[{"content": "x", "role": "assistant"}])  # the same message, keys in another order
+    kept, drops = filter_pairs([m1, m2], dd)
+    assert kept == [m1] and drops["dedup"] == 1
+    # lengths are compared on the text as written (a non-ASCII character is one character, not \\uXXXX)
+    ratio = PairFilter(dedup=False, min_margin=-1.0, max_length_ratio=1.5)
+    u = _rec(chosen=[{"role": "assistant", "content": "é" * 40}], rejected=[{"role": "assistant",
+                                                                              "content": "e" * 40}])
+    kept, drops = filter_pairs([u], ratio)
+    assert kept == [u] and drops["length_ratio"] == 0
