@@ -15,7 +15,10 @@ REF_FIELDS = ("model", "benchmark", "metric", "value", "setting", "source", "url
 
 
 def default_reference_path() -> Path:
-    return Path(__file__).resolve().parents[2] / "data" / "reference_results.json"
+    """The shipped ``data/reference_results.json``: the checkout's, or the copy inside an installed wheel."""
+    from sphere.resources import resource_path
+
+    return resource_path("data/reference_results.json", must_exist=False)
 
 
 def load_reference_results(path: str | os.PathLike | None = None) -> list[dict]:
