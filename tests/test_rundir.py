@@ -322,3 +322,28 @@ def test_each_command_keeps_its_record_and_fresh_moves_it_with_the_outputs(tmp_p
     assert now["eval"]["signature"]["sampling.max_tokens"] == 7 and "generate" in now
     assert "max_tokens=7" in yaml.safe_load((h / "eval" / "overrides.yaml").read_text())
     assert (out / "pairs.jsonl").is_file() and (h / "generate" / "config.yaml").is_file()  # generate untouched
+
+
+def test_a_copied_run_dir_resumes_its_eval_by_model_content(tmp_path, tiny_model_dir):
+    """Issue #29: a run directory moved or copied elsewhere (its checkpoint inside it) could not be resumed:
+    the eval records and signature named the model by its absolute path. Now a local model directory counts
+    by its content: the copy reuses every finished record; another model at the copy's path is refused."""
+    import shutil
+
+    rundir_a, rundir_b = tmp_path / "a", tmp_path / "b"
+    shutil.copytree(tiny_model_dir, rundir_a / "ckpt")
+    args = ["eval", "backend=transformers", "benchmarks=[mini]", "limit=2", "max_tokens=8"]
+    first = _sphere(*args, f"model={rundir_a / 'ckpt'}", f"hydra.run.dir={rundir_a}")
+    assert first.returncode == 0, first.stderr[-3000:]
+    shutil.copytree(rundir_a, rundir_b)
+    again = _sphere(*args, f"model={rundir_b / 'ckpt'}", f"hydra.run.dir={rundir_b}")
+    assert again.returncode == 0, again.stderr[-3000:]
+    runs = json.loads((rundir_b / "eval" / "results.json").read_text())["meta"]["runs"]
+    assert runs["mini"]["generated"] == 0 and runs["mini"]["reused"] == 2, runs
+    # other weights at the same path: not the same model, refused
+    st = rundir_b / "ckpt" / "model.safetensors"
+    data = bytearray(st.read_bytes())
+    data[-1] ^= 1
+    st.write_bytes(bytes(data))
+    other = _sphere(*args, f"model={rundir_b / 'ckpt'}", f"hydra.run.dir={rundir_b}")
+    assert other.returncode != 0 and "different settings" in other.stderr, other.stderr[-2000:]

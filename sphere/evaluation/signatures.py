@@ -16,10 +16,26 @@ from sphere.evaluation.settings import EvalSettings
 from sphere.io import read_jsonl_tolerant
 
 
+def _by_content(sig_parts: Mapping) -> dict:
+    """``sig_parts`` with a model that is a local directory named by its content (``dir sha256:...``), not by
+    its path: a run directory moved or copied elsewhere (its round checkpoints with it) still resumes, and
+    another model at the same path does not (issue #29)."""
+    out = dict(sig_parts)
+    model = out.get("model")
+    if model:
+        from sphere.rundir import model_fingerprint
+
+        fp = model_fingerprint(model)
+        if fp.get("sha256") and "name" not in fp:
+            out["model"] = f"dir sha256:{fp['sha256']}"
+    return out
+
+
 def record_signature(sig_parts: Mapping, settings: EvalSettings) -> str:
     """The signature each eval record carries (model, backend, prompt, checker, sampling): a resumed run reuses
-    only records with the same one. The Ray driver computes it with this function too."""
-    return _sha({**dict(sig_parts), "sampling": asdict(settings.sampling_params())})
+    only records with the same one. The Ray driver computes it with this function too. A local model
+    directory counts by its content, not its path (``_by_content``)."""
+    return _sha({**_by_content(sig_parts), "sampling": asdict(settings.sampling_params())})
 
 
 def _sha(obj) -> str:
@@ -81,7 +97,7 @@ def eval_signature(sig_parts: Mapping, settings: EvalSettings) -> dict:
     or the mini model (sphere/rundir/)."""
     from sphere.rundir import model_fingerprint
 
-    out = {**dict(sig_parts), "sampling": asdict(settings.sampling_params())}
+    out = {**_by_content(sig_parts), "sampling": asdict(settings.sampling_params())}
     fp = model_fingerprint(sig_parts.get("model", "")) if sig_parts.get("model") else {}
     if fp.get("sha256"):
         out["model_sha256"] = fp["sha256"]
