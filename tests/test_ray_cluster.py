@@ -184,12 +184,12 @@ def test_one_policy_and_one_small_load_per_worker(cluster, single, tmp_path):
     out = tmp_path / "loads"
     ray_runner.generate(compose("generate", out, GEN + ray_ov()), out)
     info = json.loads((out / "ray_runner.json").read_text())
-    assert info["phases"]["policy"]["chunks"] == N // 4
-    assert info["phases"]["small"]["chunks"] >= 2, info["phases"]
     loads = info["model_loads"]
     assert len(loads) == 2, loads
     for w, d in loads.items():
-        assert d.get("policy") == 1 and d.get("small") == 1, (w, d)
+        assert d.get("policy") == 1 and d.get("small") == 1, (w, loads, info["per_actor_chunks"])
+    assert info["phases"]["policy"]["chunks"] == N // 4
+    assert info["phases"]["small"]["chunks"] >= 2, info["phases"]
     assert records(out) == records(single)
 
 
@@ -220,3 +220,21 @@ def test_cli_generate_joins_the_cluster_by_address(cluster, single, tmp_path):
 
 def c_address(cluster) -> str:
     return cluster[0].address
+
+
+def test_a_worker_no_node_can_hold_is_reported_not_waited_for(cluster, tmp_path):
+    """runner.gpus_per_worker=2 on nodes of 1 GPU: Ray can never place the actor. The run does not wait
+    forever: after runner.stall_timeout_s it stops, naming the chunk, the actor and the free resources."""
+    from sphere.scale.pool import StallError
+
+    out = tmp_path / "stall"
+    cfg = compose("generate", out, [*GEN, "data.limit=4", *ray_ov(workers=1, gpus_per_worker=2,
+                                                                    stall_timeout_s=6)])
+    t = time.monotonic()
+    with pytest.raises(StallError) as e:
+        ray_runner.generate(cfg, out)
+    msg = str(e.value)
+    assert "no progress for" in msg and "runner.stall_timeout_s=6" in msg
+    assert "chunk 0 on actor 0 (never answered: not placed yet" in msg
+    assert "free cluster resources" in msg and "GPU" in msg
+    assert time.monotonic() - t < 120

@@ -365,8 +365,12 @@ class ActorPool:
                                                                                              "object_store"))}
         except Exception:  # noqa: BLE001
             free = {}
-        waits = [f"chunk {c.id} on actor {s} ({'answering' if s in answering else 'not answering'})"
-                 for s, (_, c) in busy.items() if c.id not in finished]
+        def state(s: int) -> str:
+            if s not in self._ever:
+                return "never answered: not placed yet (no node has its resources) or still loading"
+            return "answering" if s in answering else "not answering"
+
+        waits = [f"chunk {c.id} on actor {s} ({state(s)})" for s, (_, c) in busy.items() if c.id not in finished]
         queued = [c.id for c in queue if c.id not in finished]
         return (
             f"ray runner: no progress for {waited:.0f} s (runner.stall_timeout_s={self.stall_s:g}); waiting "
