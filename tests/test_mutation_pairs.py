@@ -299,3 +299,18 @@ def test_dedup_and_length_of_message_lists_ignore_key_order_and_keep_unicode():
                                                                               "content": "e" * 40}])
     kept, drops = filter_pairs([u], ratio)
     assert kept == [u] and drops["length_ratio"] == 0
+
+
+def test_edit_distance_middle_without_autojunk(monkeypatch):
+    """The middle of two long texts is matched without difflib's autojunk (which drops characters seen in over
+    1% of a 200+ character text: every character of a long solution)."""
+    ma, mb = "X" + "ab" * 150 + "Y", "Z" + "ab" * 150 + "W"
+    a, b = "P" + ma + "S", "P" + mb + "S"
+    monkeypatch.setattr(P, "EXACT_EDIT_BUDGET", len(ma) * len(mb))
+    assert edit_distance(a, b) == pytest.approx(1 - 2 * (1 + 1 + 300) / (len(a) + len(b)))
+
+
+def test_not_contrastive_drops_are_counted():
+    kept, drops = filter_pairs([_rec(chosen_correct=False), _rec(rejected_correct=True, chosen="c")],
+                               PairFilter())
+    assert kept == [] and drops["not_contrastive"] == 2
