@@ -55,7 +55,24 @@ def check_model_dir(path: str | os.PathLike, what: str = "model") -> Path:
     if not p.is_dir() or not (p / "config.json").is_file():
         raise ModelNotFoundError(f"{what} path {str(p)!r} is not a HF model directory (no config.json)")
     check_weights(p, what)
+    check_tokenizer(p, what)
     return p.resolve()
+
+
+# Files one of which a model directory needs for its tokenizer: a fast tokenizer, a SentencePiece model, a
+# BPE vocabulary (with merges.txt), a WordPiece vocabulary or a tiktoken file.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt")
+
+
+def check_tokenizer(p: Path, what: str = "model") -> None:
+    """A model directory without tokenizer files failed deep in transformers ("install sentencepiece or
+    tiktoken"): name the directory and the files it lacks (issue #29)."""
+    if any((p / f).is_file() for f in TOKENIZER_FILES) or any(p.glob("*.tiktoken")):
+        return
+    raise ModelNotFoundError(
+        f"{what} path {str(p)!r} has no tokenizer: none of {', '.join(TOKENIZER_FILES)} (or *.tiktoken) is "
+        "there. Copy the tokenizer files (tokenizer.json and tokenizer_config.json) from the model this "
+        "checkpoint was made from into that directory")
 
 
 # --- stand-ins of the paper's models (sphere.testing.standin): name -> <repo>/assets/standin/<name>

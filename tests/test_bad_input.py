@@ -297,6 +297,19 @@ def test_model_dir_without_weights(tmp_path, tiny_model_dir):
     _assert_clean_failure(proc, out, [str(model), "model.safetensors"])
 
 
+def test_model_dir_without_tokenizer(tmp_path, tiny_model_dir):
+    """Before: "You need to have sentencepiece or tiktoken installed" from deep in transformers, no directory
+    named (issue #29). Weights and config are there, the tokenizer files are not."""
+    model = tmp_path / "no-tokenizer"
+    model.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(tiny_model_dir / name, model)
+    out = tmp_path / "run"
+    proc = _sphere("eval", "backend=transformers", f"model={model}", "limit=2", f"hydra.run.dir={out}")
+    _assert_clean_failure(proc, out, [str(model), "has no tokenizer", "tokenizer.json"])
+    assert "sentencepiece" not in proc.stderr and "Traceback" not in proc.stderr
+
+
 TRAIN_CONFIGS = [
     (["train.save_steps=-1"], ["train.save_steps", ">= 0"]),
     (["train.save_total_limit=0"], ["train.save_total_limit", ">= 1"]),
