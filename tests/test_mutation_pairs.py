@@ -314,3 +314,25 @@ def test_not_contrastive_drops_are_counted():
     kept, drops = filter_pairs([_rec(chosen_correct=False), _rec(rejected_correct=True, chosen="c")],
                                PairFilter())
     assert kept == [] and drops["not_contrastive"] == 2
+
+
+def test_every_drop_is_counted_and_the_pairs_after_a_drop_still_filtered():
+    f = PairFilter(dedup=True, min_margin=0.5, min_edit_distance=0.5, max_length_ratio=2.0,
+                   chosen_min_step_score=0.9)
+    good = [_rec(prompt=f"good{i}") for i in range(7)]
+    stream = [
+        _rec(prompt="d"), _rec(prompt="d"), _rec(prompt="d"), good[0],  # 2 duplicates
+        _rec(prompt="e1", edit_distance=0.1), _rec(prompt="e2", edit_distance=0.2), good[1],
+        _rec(prompt="l1", chosen="r" * 50), _rec(prompt="l2", rejected="w" * 50), good[2],
+        _rec(prompt="s1", chosen_scores=[0.1]), _rec(prompt="s2", chosen_scores=[0.5]), good[3],
+        _rec(prompt="m1", margin=0.1), _rec(prompt="m2", margin=0.2), good[4],
+    ]
+    kept, drops = filter_pairs(stream, f)
+    assert kept == [stream[0]] + good[:5]
+    assert drops == {"dedup": 2, "min_margin": 2, "min_edit_distance": 2, "length_ratio": 2,
+                     "not_contrastive": 0, "chosen_step_score": 2}
+
+
+def test_filter_from_config_dedup_on():
+    assert PairFilter.from_cfg(_cfg(dedup=True)).dedup is True
+    assert PairFilter.from_cfg(_cfg(dedup=False)).dedup is False
