@@ -181,3 +181,8 @@ def test_paired_change_default_draws_on_a_large_benchmark():
     draws = np.random.default_rng(0).multinomial(n, [700 / n, 500 / n, 1800 / n], size=10000)
     want = tuple(float(x) for x in np.quantile((draws[:, 0] - draws[:, 1]) / n, [0.025, 0.975]))
     assert (r["ci_low"], r["ci_high"]) == want
+
+
+def test_wilson_one_success_has_a_positive_lower_end():
+    lo, hi = wilson_ci(1, 10)
+    assert lo == pytest.approx(0.01787, abs=1e-5) and hi == pytest.approx(0.40415, abs=1e-5)
