@@ -42,7 +42,8 @@ def test_filter_from_config_reads_every_field():
                            chosen_min_step_score=0.75)
     assert PairFilter.from_cfg(_cfg()).chosen_min_step_score == 0.0
     assert PairFilter.from_cfg(_cfg(chosen_min_step_score=None)).chosen_min_step_score == 0.0
-    assert PairFilter.from_cfg(_cfg(chosen_min_step_score=1.0, min_edit_distance=1.0)).min_edit_distance == 1.0
+    top = PairFilter.from_cfg(_cfg(chosen_min_step_score=1.0, min_edit_distance=1.0))
+    assert top.min_edit_distance == 1.0
     assert PairFilter.from_cfg(_cfg(max_length_ratio=1.0)).max_length_ratio == 1.0
 
 
@@ -75,7 +76,8 @@ def test_has_final_answer_reads_the_joined_steps():
 
 @pytest.mark.parametrize("text", [
     "The previous attempt is wrong.", "this attempted solution forgot a sign", "my solution above is fine",
-    "the solution to review", "The given solution adds wrongly", "the original solution", "first incorrect step",
+    "the solution to review", "The given solution adds wrongly", "the original solution",
+    "first incorrect step",
     "The mistake is in step 2", "the error occurs here", "Corrected solution:", "Reviewing the solution",
     "review this solution", "THE ATTEMPT", "the earlier attempt",
 ])
@@ -166,7 +168,8 @@ def test_line_matches_counts_matched_line_characters(monkeypatch):
 
 def _pair(chosen, rejected, conversational=False, extra=None, prefix=""):
     return make_pair(stage=2, problem={"id": 7, "problem": "q", "source": "gsm8k"}, prompt="P:",
-                     chosen=chosen, rejected=rejected, delimiter=D, chosen_model="pol", rejected_model="small",
+                     chosen=chosen, rejected=rejected, delimiter=D, chosen_model="pol",
+                     rejected_model="small",
                      config_hash="h1", conversational=conversational, extra=extra, response_prefix=prefix)
 
 
@@ -175,7 +178,8 @@ def test_make_pair_record_field_by_field():
     r = _t(["1 + 2 = 4", "\\boxed{4}"], False, value=0.125, rewards=[-0.25, -0.5], scores=[0.1, 0.2])
     rec = _pair(c, r, extra={"route": "pair"})
     assert rec == {
-        "prompt": "P:", "chosen": "1 + 2 = 3\n\n\\boxed{3}", "rejected": "1 + 2 = 4\n\n\\boxed{4}", "stage": 2,
+        "prompt": "P:", "chosen": "1 + 2 = 3\n\n\\boxed{3}", "rejected": "1 + 2 = 4\n\n\\boxed{4}",
+        "stage": 2,
         "problem_id": "7", "source": "gsm8k", "chosen_correct": True, "rejected_correct": False,
         "chosen_value": 0.75, "rejected_value": 0.125, "chosen_rewards": [0.25, 0.5],
         "rejected_rewards": [-0.25, -0.5], "chosen_scores": [0.9, 0.8], "rejected_scores": [0.1, 0.2],

@@ -52,9 +52,11 @@ def test_context_from_config_reads_every_setting():
     c = StageContext.from_config(_cfg(), **kw)
     assert c == StageContext(delim="\n", inverted="drop", stage2=False, stage3=True, plain_stage2_prompt=True,
                              drop_attempt_refs=False, rejected_needs_answer=False, policy_name="P",
-                             small_name="S", config_hash="c", conversational=True, response_prefix="<think>\n",
+                             small_name="S", config_hash="c", conversational=True,
+                             response_prefix="<think>\n",
                              pair_prompt=pp)
-    c = StageContext.from_config(_cfg(inverted="swap", stage2=True, stage3=False, stage2_drop_attempt_refs=True,
+    c = StageContext.from_config(_cfg(inverted="swap", stage2=True, stage3=False,
+                                      stage2_drop_attempt_refs=True,
                                       stage3_rejected_needs_answer=True), **kw)
     assert (c.inverted, c.stage2, c.stage3, c.drop_attempt_refs, c.rejected_needs_answer) == \
         ("swap", True, False, True, True)
@@ -130,7 +132,8 @@ def test_stage2_drops_a_chosen_that_refers_to_the_attempt_only_when_asked():
     clean = _t("1 + 2 = 3\n\n\\boxed{3}", True, last=0.2)
     rt, pairs = stage2_outcome(_res(refers, terminals=[refers, clean]), P, WRONG, _ctx())
     assert rt == "corrected" and pairs[0]["chosen"] == D.join(clean.steps)
-    _, pairs = stage2_outcome(_res(refers, terminals=[refers, clean]), P, WRONG, _ctx(drop_attempt_refs=False))
+    _, pairs = stage2_outcome(_res(refers, terminals=[refers, clean]), P, WRONG,
+                              _ctx(drop_attempt_refs=False))
     assert pairs[0]["chosen"] == D.join(refers.steps)
     # the highest-ranked qualifying terminal when Sol_max does not qualify
     better = _t("3 = 1 + 2\n\n\\boxed{3}", True, last=0.8)
