@@ -21,5 +21,11 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 OMP_NUM_THREADS=${OMP_NUM_THREADS
 export WANDB_MODE=disabled
 # An unexpected skip fails the session (allow-list: tests/skip_gate.py, GPU-only tests).
 export SPHERE_FAIL_ON_SKIP=${SPHERE_FAIL_ON_SKIP:-1}
-echo "tests: OMP_NUM_THREADS=$OMP_NUM_THREADS venv=$VENV"
-"$VENV/bin/python" -m pytest -p no:cacheprovider "$@"
+# Two worker processes (pytest-xdist), each one test file at a time (--dist loadfile: a file's module
+# fixtures, e.g. the paper path's two-round run, stay in one process); each test single-threaded, so the
+# 2-core CI VM runs two at once. SPHERE_TEST_WORKERS=0 runs them in this process, one after another.
+WORKERS=${SPHERE_TEST_WORKERS:-2}
+PAR=()
+if [ "$WORKERS" != 0 ]; then PAR=(-n "$WORKERS" --dist loadfile); fi
+echo "tests: OMP_NUM_THREADS=$OMP_NUM_THREADS workers=$WORKERS venv=$VENV"
+"$VENV/bin/python" -m pytest -p no:cacheprovider "${PAR[@]}" "$@"

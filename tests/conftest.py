@@ -67,6 +67,28 @@ def pytest_collection_modifyitems(config, items):
         items[:] = keep
 
 
+# Test files that must not run at the same time as each other under pytest-xdist (scripts/test.sh runs two
+# workers, one file at a time each): the files that start Ray clusters share one scope, so one worker runs
+# them one after another (two Ray clusters on one 2-core machine compete for its ports, CPUs and /tmp/ray).
+SERIAL_SCOPES = {f"tests/{name}": "ray clusters" for name in (
+    "test_ray_cluster.py", "test_ray_runner.py", "test_run_ray.py", "test_ray_placement.py")}
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """`--dist loadfile`, with the files of ``SERIAL_SCOPES`` scheduled as one unit."""
+    if config.getoption("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class _Scheduling(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            scope = super()._split_scope(nodeid)
+            return SERIAL_SCOPES.get(scope, scope)
+
+    return _Scheduling(config, log)
+
+
 def pytest_configure(config):
     # In CI (CI=true) or with SPHERE_FAIL_ON_SKIP=1, a skipped test fails the session unless allow-listed
     # (tests/skip_gate.py).
