@@ -347,3 +347,31 @@ def test_a_copied_run_dir_resumes_its_eval_by_model_content(tmp_path, tiny_model
     st.write_bytes(bytes(data))
     other = _sphere(*args, f"model={rundir_b / 'ckpt'}", f"hydra.run.dir={rundir_b}")
     assert other.returncode != 0 and "different settings" in other.stderr, other.stderr[-2000:]
+
+
+def test_a_record_from_before_a_key_existed_matches_only_the_old_behaviour(tmp_path):
+    """Upgrading sphere adds signature keys (train.loss.weights, scorer.shared_prefix, ...): a record written
+    without one matches the value that does what the older code did, and any other value is refused naming
+    the key (sphere.rundir.resume.ADDED_KEYS)."""
+    import json as _json
+
+    from sphere.rundir.resume import SignatureMismatch, check_or_record
+
+    (tmp_path / "pairs.jsonl").write_text("{}\n")  # an output, so a mismatch is refused
+    old = {"train": {"lr": 1e-4, "loss": {"beta": 0.1}}, "scorer": {"name": "prm"}}
+    check_or_record(tmp_path, "train", old)
+    same = {"train": {"lr": 1e-4, "loss": {"beta": 0.1, "weights": None, "ld_alpha": None,
+                                           "use_weighting": False, "discopop_tau": 0.05}},
+            "scorer": {"name": "prm", "shared_prefix": "off", "shared_prefix_min": 16}}
+    from sphere.rundir.resume import forget_checks
+
+    forget_checks()
+    assert check_or_record(tmp_path, "train", same) == "match"
+    rec = _json.loads((tmp_path / "signature.json").read_text())["train"]["signature"]
+    assert rec["scorer.shared_prefix"] == "off"  # re-recorded with the new keys
+    (tmp_path / "signature.json").write_text(_json.dumps({"train": {"signature": {
+        "train.lr": 1e-4, "train.loss.beta": 0.1, "scorer.name": "prm"}}}))
+    forget_checks()
+    changed = {**same, "scorer": {**same["scorer"], "shared_prefix": "kv"}}
+    with pytest.raises(SignatureMismatch, match=r"\(scorer\.shared_prefix: <absent> -> 'kv'\)"):
+        check_or_record(tmp_path, "train", changed)

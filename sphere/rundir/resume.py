@@ -105,10 +105,27 @@ class _Absent:
 ABSENT = _Absent()
 
 
+# Signature keys added after run directories were written without them, each with the value that does what
+# the code did before the key existed: a record without the key matches that value, so upgrading sphere does
+# not refuse a resume that gives the same outputs (any other value is a difference, named as usual).
+ADDED_KEYS: dict[str, Any] = {
+    "train.loss.weights": None,          # loss mixtures (one loss before)
+    "train.loss.ld_alpha": None,         # LD-DPO (off before)
+    "train.loss.use_weighting": False,   # WPO (off before)
+    "train.loss.discopop_tau": 0.05,     # read by the discopop loss only, which did not exist before
+    "scorer.shared_prefix": "off",       # each PRM row scored whole, as before
+    "scorer.shared_prefix_min": 16,      # read only when shared_prefix is on
+}
+
+
 def differences(old: Mapping, new: Mapping) -> list[tuple[str, Any, Any]]:
-    """(key, old, new) for every key whose value differs (a missing key reads as ``ABSENT``)."""
+    """(key, old, new) for every key whose value differs (a missing key reads as ``ABSENT``; a key of
+    ``ADDED_KEYS`` missing from ``old`` reads as its value from before it existed)."""
+    def before(k: str) -> Any:
+        return old.get(k, ADDED_KEYS.get(k, ABSENT))
+
     return [(k, old.get(k, ABSENT), new.get(k, ABSENT)) for k in sorted(set(old) | set(new))
-            if old.get(k, ABSENT) != new.get(k, ABSENT)]
+            if before(k) != new.get(k, ABSENT)]
 
 
 def mismatch_message(where: str | os.PathLike, command: str, diffs: list[tuple[str, Any, Any]],
