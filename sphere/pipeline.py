@@ -203,28 +203,42 @@ def controls_markdown(rounds: list[dict]) -> list[str]:
     return out
 
 
-def _first_verdicts(path: Path) -> dict[str, bool]:
+def _first_verdicts(path: Path, keep: list[str] | None = None) -> dict[str, bool]:
+    """Sample 0's verdict per problem id of the records at ``path``; ``keep``: only these ids (the problems
+    this evaluation covers: an earlier attempt with a larger ``eval.limit`` left more records there)."""
     from sphere.io import read_jsonl_tolerant
 
-    return {str(rec["id"]): bool(rec["verdicts"][0]) for rec in read_jsonl_tolerant(path)
-            if rec.get("verdicts")}
+    got = {str(rec["id"]): bool(rec["verdicts"][0]) for rec in read_jsonl_tolerant(path) if rec.get("verdicts")}
+    if keep is None:
+        return got
+    return {i: got[i] for i in keep if i in got}
 
 
-def paired_changes(out: Path, r: int, benches) -> dict:
+def evaluated_ids(cfg: DictConfig) -> dict[str, list[str]]:
+    """benchmark key -> the ids of the problems each round evaluates (``eval.benchmarks`` within
+    ``eval.limit``): every figure of the summary is computed over these problems only."""
+    from sphere.data.benchmarks import benchmark_key, load_benchmark
+
+    return {benchmark_key(b): [str(p["id"]) for p in load_benchmark(b, cfg.paths.data_dir, cfg.eval.limit)]
+            for b in round_benchmarks(cfg)}
+
+
+def paired_changes(out: Path, r: int, benches, ids: dict | None = None) -> dict:
     """Per benchmark, the paired accuracy change of round ``r`` against round 0 (``vs_r0``) and against round
     ``r - 1`` (``vs_prev``, from round 2 on), over the problems both rounds evaluated, from the per-problem
     records ``round_<r>/eval/<bench>.jsonl`` (sample 0 of each problem: the greedy answer when eval.n = 1).
     See ``sphere.evaluation.metrics.paired_accuracy_change``."""
     res: dict = {}
     for b in benches:
-        cur = _first_verdicts(out / f"round_{r}" / "eval" / f"{b}.jsonl")
+        keep = (ids or {}).get(b)
+        cur = _first_verdicts(out / f"round_{r}" / "eval" / f"{b}.jsonl", keep)
         if not cur:
             continue
         entry = {}
         for key, q in (("vs_r0", 0), ("vs_prev", r - 1)):
             if q < 0 or (key == "vs_prev" and q == 0):
                 continue
-            c = _paired_over(cur, _first_verdicts(out / f"round_{q}" / "eval" / f"{b}.jsonl"), cur)
+            c = _paired_over(cur, _first_verdicts(out / f"round_{q}" / "eval" / f"{b}.jsonl", keep), cur)
             if c:
                 entry[key] = c
         if entry:
@@ -232,14 +246,15 @@ def paired_changes(out: Path, r: int, benches) -> dict:
     return res
 
 
-def control_paired_changes(out: Path, r: int, name: str, benches) -> dict:
+def control_paired_changes(out: Path, r: int, name: str, benches, ids: dict | None = None) -> dict:
     """Per benchmark, control ``name`` of round ``r`` (trained from round ``r - 1``'s policy) against its
     start policy (``vs_start``: round ``r - 1``'s evaluation) and SPHERE's round ``r`` against the control
     (``sphere_vs_control``: positive = SPHERE better), over the same problems."""
     res: dict = {}
     for b in benches:
-        ctrl = _first_verdicts(out / f"round_{r}" / "controls" / name / "eval" / f"{b}.jsonl")
-        start, sphere = (_first_verdicts(out / f"round_{q}" / "eval" / f"{b}.jsonl") for q in (r - 1, r))
+        keep = (ids or {}).get(b)
+        ctrl = _first_verdicts(out / f"round_{r}" / "controls" / name / "eval" / f"{b}.jsonl", keep)
+        start, sphere = (_first_verdicts(out / f"round_{q}" / "eval" / f"{b}.jsonl", keep) for q in (r - 1, r))
         entry = {k: c for k, c in (("vs_start", _paired_over(ctrl, start, ctrl)),
                                    ("sphere_vs_control", _paired_over(ctrl, ctrl, sphere))) if c}
         if entry:
@@ -350,12 +365,12 @@ def validate_run_config(cfg: DictConfig) -> None:
 
 
 def _show_eval(out: Path, rounds: list[dict], rec: dict, carry_s: float, what: str,
-               about: str | None = None) -> None:
+               about: str | None = None, ids: dict | None = None) -> None:
     """Print round ``rec``'s accuracy and write the summary with it now, not only after the next round's
     pairs are generated and trained (hours on the paper's setting)."""
     print(f"[sphere run] round {rec['round']} {what}: " + ", ".join(
         f"{b} {100 * v['accuracy']:.1f}%" for b, v in rec["eval"].items()), flush=True)
-    _write_summary(out, [*rounds, {**rec, "wall_s": rec["eval_s"] + carry_s}], about)
+    _write_summary(out, [*rounds, {**rec, "wall_s": rec["eval_s"] + carry_s}], about, ids)
 
 
 def _generate_local(cfg: DictConfig, r: int, out: Path, models: Any, policy: str, small: str | None,
@@ -399,6 +414,7 @@ def run(cfg: DictConfig, out: Path) -> dict:
 
     validate_run_config(cfg)
     about = cfg.get("about")  # the experiment's own words on what it can show (summary.md's first section)
+    ids = evaluated_ids(cfg)  # every figure of the summary over these problems (not a larger earlier attempt's)
     use_ray = runner_name(cfg) == "ray"
     target_name = cfg.model.get("train_target")
     if target_name:
@@ -435,7 +451,7 @@ def run(cfg: DictConfig, out: Path) -> dict:
             if use_ray:  # runner=ray: this round's evaluation and generation on Ray actors
                 rec["eval"] = _eval_round_ray(cfg, rdir, policy, logger, r)
                 rec["eval_s"] = time.perf_counter() - t0
-                _show_eval(out, rounds, rec, carry_s, "eval (ray)", about)
+                _show_eval(out, rounds, rec, carry_s, "eval (ray)", about, ids)
                 if r < R:
                     gdir = out / f"round_{r + 1}" / "generate"
                     check_generate(cfg, gdir, policy, small)  # signature.json
@@ -445,7 +461,7 @@ def run(cfg: DictConfig, out: Path) -> dict:
                 with Models(cfg, policy=policy, small=small) as models:
                     rec["eval"] = _eval_round(cfg, models.policy(), rdir, policy, logger, r)
                     rec["eval_s"] = time.perf_counter() - t0
-                    _show_eval(out, rounds, rec, carry_s, "eval", about)
+                    _show_eval(out, rounds, rec, carry_s, "eval", about, ids)
                     if r < R:
                         gstats, ctrl_pairs, ctrl_s = _generate_local(cfg, r, out, models, policy, small,
                                                                      problems, logger)
@@ -477,8 +493,8 @@ def run(cfg: DictConfig, out: Path) -> dict:
                     pending_controls = {"controls": ctrls, "controls_s": ctrl_s + time.perf_counter() - t_c}
             _keep_earlier_timings(rec, earlier.get(r))
             rounds.append(rec)
-            _write_summary(out, rounds, about)
-        _write_summary(out, rounds, about)
+            _write_summary(out, rounds, about, ids)
+        _write_summary(out, rounds, about, ids)
         if logger is not None:
             logger.log_artifact(summary_path, "summary", "results")
         return json.loads(summary_path.read_text())
@@ -499,7 +515,7 @@ def run_transfer(cfg: DictConfig, out: Path, target_name: str) -> dict:
     from sphere.verify import check_answers
 
     logger = make_logger(cfg, out, "run")
-    about = cfg.get("about")
+    about, ids = cfg.get("about"), evaluated_ids(cfg)
     try:
         fam_name = cfg.model.get("train_target_family")
         fam = load_family(str(fam_name)) if fam_name else None
@@ -512,7 +528,7 @@ def run_transfer(cfg: DictConfig, out: Path, target_name: str) -> dict:
             rounds.append({"round": 0, "policy": target,
                            "eval": _eval_round(cfg, tm.policy(), out / "round_0", target, logger, 0, fam)})
         rounds[0]["wall_s"] = time.perf_counter() - t0
-        _write_summary(out, rounds, about)
+        _write_summary(out, rounds, about, ids)
         t0 = time.perf_counter()
         gdir = out / "round_1" / "generate"
         check_generate(cfg, gdir, policy, small)  # signature.json (sphere/rundir/)
@@ -533,7 +549,7 @@ def run_transfer(cfg: DictConfig, out: Path, target_name: str) -> dict:
             ev = _eval_round(cfg, tm.policy(), out / "round_1", trained, logger, 1, fam)
         rounds.append({"round": 1, "policy": trained, "generated_by": policy, "eval": ev,
                        "pairs_per_stage": gstats["pairs_per_stage"], "wall_s": time.perf_counter() - t0})
-        _write_summary(out, rounds, about)
+        _write_summary(out, rounds, about, ids)
         return json.loads((out / "summary.json").read_text())
     finally:
         logger.finish()
@@ -571,14 +587,14 @@ def _keep_earlier_timings(rec: dict, before: dict | None) -> None:
             rec[k] = before[k]
 
 
-def _write_summary(out: Path, rounds: list[dict], about: str | None = None) -> None:
+def _write_summary(out: Path, rounds: list[dict], about: str | None = None, ids: dict | None = None) -> None:
     for rec in rounds:  # paired intervals against round 0 / the previous round (same problems)
         if rec.get("round", 0) > 0 and "paired" not in rec:
-            rec["paired"] = paired_changes(out, int(rec["round"]), sorted(rec.get("eval") or {}))
+            rec["paired"] = paired_changes(out, int(rec["round"]), sorted(rec.get("eval") or {}), ids)
         for name, c in (rec.get("controls") or {}).items():
             if "paired" not in c:
                 c["paired"] = control_paired_changes(out, int(rec["round"]), name,
-                                                     sorted(c.get("eval") or {}))
+                                                     sorted(c.get("eval") or {}), ids)
     atomic_write_json(out / "summary.json", {"rounds": rounds, **({"about": about} if about else {})})
     atomic_write_text(out / "summary.md", summary_markdown(rounds, about))
 

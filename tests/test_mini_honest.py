@@ -251,3 +251,34 @@ def test_pretrain_with_hard_problems_and_hard_eval_world(tmp_path):
     recipe["eval"] = {**recipe["eval"], "world": {"min_steps": 3, "max_steps": 3}}
     rec = pretrain(recipe, tmp_path / "m", progress=False)
     assert rec["metrics"]["n"] == recipe["eval"]["n"] and rec["train"]["n_params"] > 0
+
+
+def test_every_summary_figure_comes_from_the_problems_this_evaluation_covers(tmp_path):
+    """A rerun in place with a smaller eval.limit: the records of the earlier, larger attempt stay in
+    round_<r>/eval/<bench>.jsonl, but the paired intervals (rounds and controls) are computed over the
+    problems this evaluation covers, as its accuracy is (issue "the third reliability pass")."""
+    from sphere.pipeline import evaluated_ids
+
+    ids = [f"p{i}" for i in range(32)]
+    r0 = {i: False for i in ids}
+    r1 = {i: k >= 16 for k, i in enumerate(ids)}  # the 16 gains are all past the first 16 problems
+    _write_eval(tmp_path / "round_0", "mini", r0, ids)
+    _write_eval(tmp_path / "round_1", "mini", r1, ids[::-1])
+    _write_eval(tmp_path / "round_1" / "controls" / "rft", "mini", r1, ids)
+    rounds = [{"round": 0, "eval": {"mini": {"accuracy": 0.0}}, "wall_s": 1.0},
+              {"round": 1, "eval": {"mini": {"accuracy": 0.0}}, "wall_s": 1.0,
+               "controls": {"rft": {"eval": {"mini": {"accuracy": 0.0}}, "pairs": 1}}}]
+    _write_summary(tmp_path, json.loads(json.dumps(rounds)), None, {"mini": ids[:16]})
+    s = json.loads((tmp_path / "summary.json").read_text())["rounds"]
+    c = s[1]["paired"]["mini"]["vs_r0"]
+    assert (c["n"], c["gained"], c["delta"]) == (16, 0, 0.0)  # not n=32 with 16 gained
+    ctl = s[1]["controls"]["rft"]["paired"]["mini"]
+    assert ctl["vs_start"]["n"] == 16 and ctl["sphere_vs_control"]["n"] == 16
+    _write_summary(tmp_path, json.loads(json.dumps(rounds)))  # without ids: every record (the old reading)
+    assert json.loads((tmp_path / "summary.json").read_text())["rounds"][1]["paired"]["mini"]["vs_r0"]["n"] == 32
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+        cfg = compose(config_name="run", overrides=["experiment=mini_planted", "eval.limit=16"])
+    got = evaluated_ids(cfg)
+    assert list(got) == ["mini"] and len(got["mini"]) == 16 and got["mini"][0] == "mini-test-0"
