@@ -14,7 +14,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${SPHERE_VENV:-.venv}
-EXTRAS=${SPHERE_EXTRAS:-cpu,test,scale,report}
+EXTRAS=${SPHERE_EXTRAS:-cpu,test,scale,report,optuna}  # optuna: the objectives sweep preset (tests/test_losses_sweep.py)
 PY=${PYTHON:-python3}
 t0=$(date +%s)
 if [ ! -x "$VENV/bin/python" ]; then
