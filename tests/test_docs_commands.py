@@ -98,6 +98,8 @@ def _variables(path: Path, tmp: Path) -> dict[str, str]:
 
 def _substitute(s: str, variables: dict[str, str], tmp: Path) -> str:
     def var(m):
+        if m.group(0).startswith("${") and m.string[m.end():m.end() + 1] == ":":
+            return m.group(0)  # `${sphere_resource:...}`: an OmegaConf resolver (single-quoted), not a variable
         name = m.group(1) or m.group(2)
         return variables.get(name, str(tmp / f"var_{name}"))
 
