@@ -24,6 +24,7 @@ from omegaconf import OmegaConf
 
 from sphere.io import read_jsonl_tolerant
 from sphere.scale import ray_runner
+from test_ray_runner import compose  # the composed config with Hydra's runtime set
 
 pytestmark = [pytest.mark.ray]
 
@@ -57,21 +58,6 @@ def cluster():
     finally:
         ray.shutdown()
         c.shutdown()
-
-
-def compose(name: str, out: Path, overrides: list[str]):
-    from hydra import compose as hcompose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.hydra_config import HydraConfig
-
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = hcompose(name, overrides=[*overrides, f"hydra.run.dir={out}"], return_hydra_config=True)
-    cfg.hydra.runtime.output_dir = str(out)
-    cfg.hydra.runtime.cwd = str(Path.cwd())
-    HydraConfig.instance().set_config(cfg)
-    return cfg
 
 
 GEN = [
