@@ -398,8 +398,11 @@ def _task(fn, verbose: bool):
 
 
 # Exceptions that report bad input (validation, missing files or optional packages, a memory plan that does
-# not fit): printed as one message without a traceback.
-USER_ERRORS = (ValueError, KeyError, FileNotFoundError, ModuleNotFoundError, NotADirectoryError)
+# not fit, a backend server nobody answers at backend.base_url): printed as one message without a traceback.
+from sphere.backends.base import BackendUnavailableError  # noqa: E402 - stdlib-only module
+
+USER_ERRORS = (ValueError, KeyError, FileNotFoundError, ModuleNotFoundError, NotADirectoryError,
+               BackendUnavailableError)
 
 
 INTERRUPTED = "sphere: interrupted; rerun the same command (same hydra.run.dir) to resume"

@@ -601,3 +601,36 @@ def test_resume_bogus_in_a_dry_run_is_one_line(tmp_path):
     proc = _sphere("run", "dry_run=true", "resume=bogus", f"hydra.run.dir={out}", timeout=120)
     _assert_clean_failure(proc, out, ["config resume='bogus'", "auto | fresh | force"])
     assert "Traceback" not in proc.stderr
+
+
+# ------------------------------------------- third reliability pass: a backend server nobody answers
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("secret", [False, True], ids=["plain-url", "url-with-credentials"])
+def test_backend_server_refusing_connections_is_one_line(secret, tmp_path):
+    """Before: `sphere eval backend=openai backend.base_url=http://127.0.0.1:9` ended in Hydra's "Error
+    executing job" line and a 20-line traceback (BackendUnavailableError was not a handled error), and a
+    user:password@ or ?key= part of the URL was printed. Now: one line naming the URL without them, what
+    failed and what to check; no traceback, no run directory left behind."""
+    port = _closed_port()
+    url = (f"http://sphereuser:S3cretPassw0rd@127.0.0.1:{port}/?api_key=QueryKey12345" if secret
+           else f"http://127.0.0.1:{port}")
+    out = tmp_path / "run"
+    proc = _sphere("eval", "backend=openai", f"backend.base_url='{url}'", "backend.retries=0", "benchmarks=[mini]",
+                   "limit=2", f"hydra.run.dir={out}", timeout=120)
+    _assert_clean_failure(proc, out, [f"http://127.0.0.1:{port}", "backend.base_url", "server is running"])
+    assert "Traceback" not in proc.stderr and "Error executing job" not in proc.stderr, proc.stderr[-3000:]
+    errs = [ln for ln in proc.stderr.splitlines() if ln.startswith("sphere eval: error:")]
+    assert len(errs) == 1, proc.stderr[-3000:]
+    if secret:
+        for s in ("S3cretPassw0rd", "sphereuser", "QueryKey12345"):
+            assert s not in proc.stderr + proc.stdout, proc.stderr[-3000:]
+    else:
+        assert "Connection refused" in errs[0], errs[0]
+        assert not out.exists()

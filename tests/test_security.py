@@ -326,9 +326,11 @@ def test_failed_job_prints_no_secret_override(multirun, tmp_path):
     out = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
     env.pop("HYDRA_FULL_ERROR", None)
+    # verbose=true: the unreachable server (a one-line error since the third reliability pass) is re-raised,
+    # so Hydra prints its own failure line with the overrides
     args = ["eval", "backend=openai", "backend.base_url=http://127.0.0.1:9", "backend.retries=0",
             "benchmarks=[mini]", "limit=2", f"backend.api_key={keys[0]}", f"+logger.api_key='{keys[1]}'",
-            f"+note={keys[2]}"]
+            f"+note={keys[2]}", "verbose=true"]
     args += [f"hydra.sweep.dir={out}", "-m"] if multirun else [f"hydra.run.dir={out}"]
     proc = subprocess.run([sys.executable, "-m", "sphere.cli", *args], capture_output=True, text=True,
                           env=env, timeout=300, cwd=ROOT)

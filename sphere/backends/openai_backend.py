@@ -37,9 +37,40 @@ from sphere.backends.base import (
 )
 
 
+def shown_url(url: str) -> str:
+    """``url`` as error messages show it: without user:password@ and without a query string or fragment
+    (either may carry a key, e.g. ``?api_key=...``)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    try:
+        u = urlsplit(url)
+        host = u.hostname or ""
+        if ":" in host:  # IPv6
+            host = f"[{host}]"
+        netloc = host + (f":{u.port}" if u.port else "")
+        return urlunsplit((u.scheme, netloc, u.path, "", ""))
+    except ValueError:
+        return "<backend.base_url>"
+
+
+def _no_secrets(text: str, url: str, shown: str) -> str:
+    """``text`` with the full ``url`` (and its user:password@ part) replaced by ``shown``."""
+    from urllib.parse import urlsplit
+
+    text = text.replace(url, shown)
+    try:
+        u = urlsplit(url)
+    except ValueError:
+        return text
+    for part in (u.password, u.username, u.query):
+        if part:
+            text = text.replace(part, "***")
+    return text
+
+
 class HTTPStatusError(RuntimeError):
     def __init__(self, url: str, status: int, body: str):
-        super().__init__(f"{url}: HTTP {status}: {body[:500]}")
+        super().__init__(f"{shown_url(url)}: HTTP {status}: {body[:500]}")
         self.status = status
         self.body = body
 
@@ -87,7 +118,8 @@ class OpenAIBackend(BackendBase):
         data = models.get("data") or []
         if served_model is None:
             if not data:
-                raise BackendUnavailableError(f"{self.base_url}/v1/models lists no model; set backend.served_model")
+                raise BackendUnavailableError(f"backend=openai: {shown_url(self.base_url)}/v1/models lists no "
+                                              "model; set backend.served_model")
             served_model = data[0]["id"]
         self.served_model = served_model
         if max_model_len is None:
@@ -127,10 +159,14 @@ class OpenAIBackend(BackendBase):
             except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as e:
                 last = e
                 continue
+        reason = getattr(last, "reason", last)
+        reason = getattr(reason, "strerror", None) or reason  # ConnectionRefusedError -> "Connection refused"
+        shown = shown_url(url)
         raise BackendUnavailableError(
-            f"{url}: no answer after {self.retries + 1} attempt(s) (timeout {self.timeout_s:g}s each): "
-            f"{type(last).__name__}: {getattr(last, 'reason', last)}. Is the server running? "
-            "(config: backend.base_url, backend.timeout_s, backend.retries)"
+            f"backend=openai: {shown}: no answer after {self.retries + 1} attempt(s) (timeout "
+            f"{self.timeout_s:g}s each): {type(last).__name__}: {_no_secrets(str(reason), url, shown)}. Check "
+            f"that the server is running and listening at {shown_url(self.base_url)} (e.g. `vllm serve MODEL "
+            "--port PORT`), or set backend.base_url (backend.timeout_s, backend.retries)"
         )
 
     def _prefix_counters(self) -> dict[str, float]:
