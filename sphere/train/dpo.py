@@ -89,6 +89,41 @@ def _summary(history: list[dict], key: str) -> tuple[float | None, float | None]
     return vals[0], sum(tail) / len(tail)
 
 
+def _prior_history(ckpt: Path | None) -> list[dict]:
+    """The log history of the attempt that wrote ``ckpt`` (its ``trainer_state.json``), up to the checkpoint's
+    step: the records a resumed training continues from (the killed attempt's later records are redone)."""
+    if ckpt is None:
+        return []
+    try:
+        state = json.loads((ckpt / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        log.warning("train: cannot read the log history of %s (%s); train_metrics.json covers this attempt only",
+                    ckpt, e)
+        return []
+    step = int(state.get("global_step") or 0)
+    out = []
+    for h in state.get("log_history") or []:
+        rec = {k: float(v) for k, v in h.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if "step" in rec and 0 < rec["step"] <= step and "train_runtime" not in rec:
+            rec["step"] = int(rec["step"])
+            out.append(rec)
+    return out
+
+
+def _whole_loss_mean(prior: list[dict], result, ckpt_step: int) -> float:
+    """The mean training loss over every optimizer step of a resumed training: TRL's ``training_loss`` covers
+    only this attempt's steps (after ``ckpt_step``); the killed attempt's logged losses (each the mean over the
+    steps since the previous log) cover the steps before it."""
+    done = int(result.global_step) - ckpt_step
+    total, covered, prev = float(result.training_loss) * done, done, 0
+    for h in prior:
+        if "loss" in h:
+            total += h["loss"] * (h["step"] - prev)
+            covered += h["step"] - prev
+            prev = h["step"]
+    return total / covered if covered else float(result.training_loss)
+
+
 # --------------------------------------------------------------------------------------------- train
 MARGIN_SAMPLE = 64  # training pairs the after-training DPO margin is measured on
 
@@ -224,6 +259,7 @@ def _train(t: dict, policy_path: Path, pairs: PairSet, out_dir: Path, *, logger:
     rank0 = trainer.is_world_process_zero()
     if ckpt is not None and rank0:
         log.info("train: resuming from %s", ckpt)
+    prior = _prior_history(ckpt) if rank0 else []  # read now: the checkpoint rotation may remove ckpt
     result = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt is not None else None)
     t_train = time.perf_counter() - t0 - t_setup
     after = _margin_after(trainer)  # every rank: the evaluation is data-parallel too
@@ -251,9 +287,21 @@ def _train(t: dict, policy_path: Path, pairs: PairSet, out_dir: Path, *, logger:
     trained.save_pretrained(tmp, safe_serialization=True)
     _copy_tokenizer(policy_path, tmp, t)
     _clean_config(tmp, str(t["dtype"]))
-    metrics = _metrics(history, result, pairs, t, prep, policy_path, peft_config is not None,
+    # a resumed training: the killed attempt's log history up to its checkpoint, then this attempt's, so
+    # train_metrics.json describes the whole training (loss_first is step 1's), as an uninterrupted run's does
+    ckpt_step = int(ckpt.name.rsplit("-", 1)[1]) if ckpt is not None else None
+    metrics = _metrics(prior + history, result, pairs, t, prep, policy_path, peft_config is not None,
                        t_setup=t_setup, t_train=t_train, wall=time.perf_counter() - t0)
-    metrics["resumed_from_step"] = int(ckpt.name.rsplit("-", 1)[1]) if ckpt is not None else None
+    metrics["resumed_from_step"] = ckpt_step
+    metrics["resumed"] = None if ckpt is None else {
+        "checkpoint": str(ckpt.relative_to(out_dir)) if ckpt.is_relative_to(out_dir) else str(ckpt),
+        "step": ckpt_step,
+        "log_history": (f"steps 1-{ckpt_step} from the killed attempt's {ckpt.name}/trainer_state.json "
+                        f"({len(prior)} records), steps {ckpt_step + 1}-{metrics['steps']} from this attempt "
+                        f"({len(history)} records)"),
+        "times": "setup_s, train_s and wall_s are this attempt's"}
+    if ckpt is not None:
+        metrics["train_loss_mean"] = _whole_loss_mean(prior, result, ckpt_step)
     metrics["processes"] = int(args.world_size)
     metrics["global_batch"] = int(t["batch_size"]) * int(t["grad_accum"]) * int(args.world_size)
     metrics.update(after)
