@@ -1,8 +1,10 @@
-"""Benchmarks: `sphere bench <name>`; each prints one JSON object as its last stdout line."""
+"""Benchmarks: `sphere bench <name>`; each prints its results on stdout (a table, then one JSON object as the
+last line) and its progress and log lines on stderr."""
 
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -28,7 +30,9 @@ def emit(res: dict) -> None:
 
 
 def metrics_table(title: str, res: dict, keys: Iterable[str], fmt: Callable[[object], str] = str) -> None:
-    """A two-column rich table of ``res[key]`` for the keys present, on stderr (stdout stays parseable)."""
+    """A two-column rich table of ``res[key]`` for the keys present, on stdout: results go to stdout (as
+    `sphere eval`'s table does), progress and log lines to stderr; ``emit`` prints the JSON line after it, so
+    the last stdout line stays the one JSON object."""
     try:
         from rich.console import Console
         from rich.table import Table
@@ -40,4 +44,4 @@ def metrics_table(title: str, res: dict, keys: Iterable[str], fmt: Callable[[obj
     for key in keys:
         if key in res:
             t.add_row(key, fmt(res[key]))
-    Console(stderr=True).print(t)
+    Console(file=sys.stdout).print(t)

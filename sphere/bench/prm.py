@@ -60,7 +60,7 @@ def _random_prm(layers: int, vocab: int, seed: int):
     import torch
     from transformers import Qwen2Config
 
-    from sphere.rewards.prm import QwenProcessRewardModel
+    from sphere.rewards.prm_model import QwenProcessRewardModel  # imports torch
 
     torch.manual_seed(seed)
     cfg = Qwen2Config(hidden_size=3584, num_attention_heads=28, num_key_value_heads=4,
@@ -198,7 +198,7 @@ def _table(res: dict) -> None:
                       "-" if g["peak_mib"] is None else f"{g['peak_mib']:.0f}",
                       f"{g.get('token_ratio', 1.0):.2f}", f"{g.get('wall_ratio', 1.0):.2f}",
                       f"{g.get('max_abs_diff', 0.0):.1e}")
-    Console(stderr=True).print(t)
+    Console(file=sys.stdout).print(t)  # results on stdout (progress and logs on stderr), before emit()'s JSON
 
 
 def main(cfg: Any) -> float:
