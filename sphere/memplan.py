@@ -22,8 +22,11 @@ to replace a measurement.
 
 from __future__ import annotations
 
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any
+
+from sphere.budget_windows import generation_window, prm_window
+from sphere.budgets import length_budgets
 
 GB = 1e9
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "auto": 2}
@@ -146,65 +149,81 @@ def memory_plan(cfg: Any, budgets: dict | None = None) -> dict:
     the model's own), as the backends clamp it) and a PRM input is at most min(what the longest chain can
     reach, the PRM's window)."""
     if budgets is None:
-        from sphere.budgets import length_budgets
-
         budgets = length_budgets(cfg, measure=False)
-    windows = budgets.get("windows") or {}
-    hw = cfg.get("hardware") or {}
-    gpu_gb = hw.get("gpu_memory_gb")
-    gpu_gb = float(gpu_gb) if gpu_gb else None
-    tp = int(cfg.backend.get("tensor_parallel_size", 1) or 1)
-    per_gpu = gpu_gb  # a tensor-parallel engine splits weights and KV across `tp` GPUs of this size
-    problems: list[str] = []
-    dtype = str(cfg.model.get("dtype", "bfloat16"))
-    vllm = str(cfg.backend.name) == "vllm"
-    max_len = cfg.backend.get("max_model_len")
-    frac = float(cfg.backend.get("gpu_memory_utilization", 0.85))
+    g = _Gpu.of(cfg, budgets.get("windows") or {})
+    phases = _phases(cfg, g, budgets)
+    out: dict = {"gpu_memory_gb": g.gpu_gb, "tensor_parallel_size": g.tp, "phases": {}}
+    for ph, items in phases.items():
+        out["phases"][ph] = {"items": items, "total_gb": _phase_total(cfg, ph, items, g)}
+    if g.gpu_gb:
+        for ph in ("generate", "stage3"):
+            fr = [it["gpu_memory_utilization"] for it in phases.get(ph, []) if "gpu_memory_utilization" in it]
+            if sum(fr) > 0.95:
+                g.problems.append(f"phase {ph}: vLLM fractions {' + '.join(map(str, fr))} = {sum(fr):.2f} > 0.95 "
+                                  "of one GPU: engines sharing a GPU must split it")
+    out["fits"] = None if not g.gpu_gb else not g.problems
+    out["problems"] = g.problems
+    unknown = sorted({it["model"] for items in phases.values() for it in items if it.get("gb") is None
+                      and it.get("weights_gb") is None})
+    if unknown:
+        out["unknown_models"] = unknown
+    return out
 
-    def window_of(role: str, name: str) -> int | None:
-        w = (windows.get(role) or {}).get("tokens")
+
+@dataclass
+class _Gpu:
+    """The settings every item of the plan reads, and the problems found so far."""
+
+    cfg: Any
+    windows: dict
+    gpu_gb: float | None
+    tp: int
+    dtype: str
+    vllm: bool
+    max_len: Any
+    frac: float
+    problems: list[str] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, cfg: Any, windows: dict) -> _Gpu:
+        hw = cfg.get("hardware") or {}
+        gpu_gb = hw.get("gpu_memory_gb")
+        return cls(cfg, windows, float(gpu_gb) if gpu_gb else None,
+                   int(cfg.backend.get("tensor_parallel_size", 1) or 1), str(cfg.model.get("dtype", "bfloat16")),
+                   str(cfg.backend.name) == "vllm", cfg.backend.get("max_model_len"),
+                   float(cfg.backend.get("gpu_memory_utilization", 0.85)))
+
+    @property
+    def per_gpu(self) -> float | None:
+        return self.gpu_gb  # a tensor-parallel engine splits weights and KV across `tp` GPUs of this size
+
+    def window_of(self, role: str, name: str) -> int | None:
+        w = (self.windows.get(role) or {}).get("tokens")
         if w is None:
-            from sphere.budgets import generation_window
+            w = generation_window(self.cfg, name).tokens
+        return w or self.max_len
 
-            w = generation_window(cfg, name).tokens
-        return w or max_len
-
-    def gen_engine(what: str, name: str, role: str) -> dict:
-        n = window_of(role, name)
-        if vllm:
-            it = _engine_item(what, name, dtype, frac, per_gpu * tp if per_gpu else None, n, problems)
+    def gen_engine(self, what: str, name: str, role: str) -> dict:
+        n = self.window_of(role, name)
+        tp, per_gpu = self.tp, self.per_gpu
+        if self.vllm:
+            it = _engine_item(what, name, self.dtype, self.frac, per_gpu * tp if per_gpu else None, n, self.problems)
             if it.get("gb") is not None:
                 it["gb"] = round(it["gb"] / tp, 2)
         else:
-            it = _hf_item(what, name, dtype, int(cfg.search.get("batch_leaves", 64)), n)
+            it = _hf_item(what, name, self.dtype, int(self.cfg.search.get("batch_leaves", 64)), n)
         it["max_len"] = n
         return it
 
-    phases: dict[str, list[dict]] = {"generate": [gen_engine("policy", str(cfg.model.policy), "policy")]}
+
+def _phases(cfg: Any, g: _Gpu, budgets: dict) -> dict[str, list[dict]]:
+    """The items each phase keeps resident: generate (policy, PRM), stage3, train."""
+    phases: dict[str, list[dict]] = {"generate": [g.gen_engine("policy", str(cfg.model.policy), "policy")]}
     sc = cfg.scorer
     if str(sc.name) == "prm":
-        prm_name = str(sc.model)
-        prm_w = (windows.get("prm") or {}).get("tokens")
-        if prm_w is None:
-            from sphere.budgets import prm_window
-
-            pw = prm_window(cfg)
-            prm_w = pw.tokens if pw is not None else None
-        if str(sc.engine) == "vllm":
-            # the PRM engine's own window (scorer.max_model_len or the PRM's max_position_embeddings), never
-            # the policy backend's max_model_len
-            prm_len = prm_w or sc.get("max_model_len") or 4096
-            prm = _engine_item("PRM", prm_name, str(sc.get("dtype", dtype)), float(sc.gpu_memory_utilization),
-                               per_gpu, prm_len, problems)
-        else:
-            # a PRM input: min(what the longest chain can reach, the PRM's window); a longer chain ends there
-            reach = budgets.get("prm_input_max")
-            prm_len = min(x for x in (reach, prm_w) if x) if (reach or prm_w) else 4096
-            prm = _hf_item("PRM", prm_name, str(sc.get("dtype", dtype)), int(sc.get("batch_size", 16)), prm_len)
-        prm["max_len"] = int(prm_len)
-        phases["generate"].append(prm)
+        phases["generate"].append(_prm_item(cfg, g, budgets))
     if bool(cfg.stages.stage3) and int(cfg.get("rounds", 1)) > 0:
-        s3 = [gen_engine("small", str(cfg.model.small), "small")]
+        s3 = [g.gen_engine("small", str(cfg.model.small), "small")]
         if str(sc.name) == "prm":
             s3.append(dict(phases["generate"][1]))
         if not bool(cfg.stages.close_policy_before_small):
@@ -213,34 +232,48 @@ def memory_plan(cfg: Any, budgets: dict | None = None) -> dict:
     target = cfg.model.get("train_target") or cfg.model.policy
     if int(cfg.get("rounds", 1)) > 0:
         phases["train"] = [_train_item(cfg, str(target))]
-    out: dict = {"gpu_memory_gb": gpu_gb, "tensor_parallel_size": tp, "phases": {}}
-    for ph, items in phases.items():
-        known = [it["gb"] for it in items if it.get("gb") is not None]
-        total = round(sum(known), 2) if len(known) == len(items) else None
-        out["phases"][ph] = {"items": items, "total_gb": total}
-        if gpu_gb and total is not None and total > gpu_gb:
-            parts = " + ".join(f"{it['what']} {it['gb']:.1f} GB" for it in items)
-            hint = {"generate": "lower backend.gpu_memory_utilization, or scorer.gpu_memory_utilization / "
-                                "scorer.engine",
-                    "stage3": ("lower backend.gpu_memory_utilization or use a smaller PRM share"
-                               if bool(cfg.stages.close_policy_before_small) else
-                               "set stages.close_policy_before_small=true or lower backend.gpu_memory_utilization"),
-                    "train": "use LoRA (train_opts@train=lora), gradient_checkpointing, a smaller batch or "
-                             "max_length, or more GPUs (conf/accelerate/)"}[ph]
-            problems.append(f"phase {ph}: {parts} = {total:.1f} GB > {gpu_gb:g} GB per GPU: {hint}")
-    if gpu_gb:
-        for ph in ("generate", "stage3"):
-            fr = [it["gpu_memory_utilization"] for it in phases.get(ph, []) if "gpu_memory_utilization" in it]
-            if sum(fr) > 0.95:
-                problems.append(f"phase {ph}: vLLM fractions {' + '.join(map(str, fr))} = {sum(fr):.2f} > 0.95 "
-                                "of one GPU: engines sharing a GPU must split it")
-    out["fits"] = None if not gpu_gb else not problems
-    out["problems"] = problems
-    unknown = sorted({it["model"] for items in phases.values() for it in items if it.get("gb") is None
-                      and it.get("weights_gb") is None})
-    if unknown:
-        out["unknown_models"] = unknown
-    return out
+    return phases
+
+
+def _prm_item(cfg: Any, g: _Gpu, budgets: dict) -> dict:
+    """The PRM: a vLLM engine of its own window, or transformers with inputs as long as a chain can reach."""
+    sc = cfg.scorer
+    prm_name = str(sc.model)
+    prm_w = (g.windows.get("prm") or {}).get("tokens")
+    if prm_w is None:
+        pw = prm_window(cfg)
+        prm_w = pw.tokens if pw is not None else None
+    if str(sc.engine) == "vllm":
+        # the PRM engine's own window (scorer.max_model_len or the PRM's max_position_embeddings), never
+        # the policy backend's max_model_len
+        prm_len = prm_w or sc.get("max_model_len") or 4096
+        prm = _engine_item("PRM", prm_name, str(sc.get("dtype", g.dtype)), float(sc.gpu_memory_utilization),
+                           g.per_gpu, prm_len, g.problems)
+    else:
+        # a PRM input: min(what the longest chain can reach, the PRM's window); a longer chain ends there
+        reach = budgets.get("prm_input_max")
+        prm_len = min(x for x in (reach, prm_w) if x) if (reach or prm_w) else 4096
+        prm = _hf_item("PRM", prm_name, str(sc.get("dtype", g.dtype)), int(sc.get("batch_size", 16)), prm_len)
+    prm["max_len"] = int(prm_len)
+    return prm
+
+
+def _phase_total(cfg: Any, ph: str, items: list[dict], g: _Gpu) -> float | None:
+    """A phase's total (None when an item is unknown); over the GPU: a problem with the settings to change."""
+    known = [it["gb"] for it in items if it.get("gb") is not None]
+    total = round(sum(known), 2) if len(known) == len(items) else None
+    gpu_gb = g.gpu_gb
+    if gpu_gb and total is not None and total > gpu_gb:
+        parts = " + ".join(f"{it['what']} {it['gb']:.1f} GB" for it in items)
+        hint = {"generate": "lower backend.gpu_memory_utilization, or scorer.gpu_memory_utilization / "
+                            "scorer.engine",
+                "stage3": ("lower backend.gpu_memory_utilization or use a smaller PRM share"
+                           if bool(cfg.stages.close_policy_before_small) else
+                           "set stages.close_policy_before_small=true or lower backend.gpu_memory_utilization"),
+                "train": "use LoRA (train_opts@train=lora), gradient_checkpointing, a smaller batch or "
+                         "max_length, or more GPUs (conf/accelerate/)"}[ph]
+        g.problems.append(f"phase {ph}: {parts} = {total:.1f} GB > {gpu_gb:g} GB per GPU: {hint}")
+    return total
 
 
 class MemoryPlanError(ValueError):

@@ -42,7 +42,7 @@ def check_weights(path: str | os.PathLike, what: str = "model") -> None:
             ) from None
 
 
-def _looks_like_path(s: str) -> bool:
+def looks_like_path(s: str) -> bool:
     return s.startswith(("/", ".", "~")) or s.count("/") > 1
 
 
@@ -104,7 +104,7 @@ def model_files(name: str, filenames: tuple[str, ...]) -> tuple[dict[str, Path] 
     p = Path(s).expanduser()
     if p.is_dir():
         return {f: p / f for f in filenames if (p / f).is_file()}, f"directory {p}"
-    if p.exists() or _looks_like_path(s) or s.count("/") != 1:
+    if p.exists() or looks_like_path(s) or s.count("/") != 1:
         return None, f"{s!r} is not a local model directory"
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
     try:
@@ -149,7 +149,7 @@ def resolve_model(name_or_path: str | os.PathLike, cfg=None) -> Path:
         return check_model_dir(standin_path(s), what=f"stand-in model {s!r}")
     # --- end stand-ins
     p = Path(s).expanduser()
-    if p.exists() or _looks_like_path(s):
+    if p.exists() or looks_like_path(s):
         return check_model_dir(p)
     if s.count("/") == 1:  # org/name on the hub
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")

@@ -141,13 +141,13 @@ def detect_family(model: str) -> tuple[str | None, str]:
     chat template of another family, an unknown hub name), never falling back to the mini prompt. A local
     path that does not exist (or a word that is neither a path nor a hub name) returns ``(None, why)``:
     loading the model fails later with it named; ``mini`` / ``mini-small`` have no chat template."""
-    from sphere.models import _looks_like_path, model_files
+    from sphere.models import looks_like_path, model_files
 
     s = str(model).strip()
     if s in ("mini", "mini-small"):  # sphere's own mini models: no chat template
         return None, f"{s}: the mini world's model, no chat template"
     found, where = model_files(s, ("chat_template.jinja", "tokenizer_config.json"))
-    hub_name = not _looks_like_path(s) and s.count("/") == 1 and not Path(s).expanduser().exists()
+    hub_name = not looks_like_path(s) and s.count("/") == 1 and not Path(s).expanduser().exists()
     if found is None and not hub_name:  # a missing path or an unknown word: loading the model fails, naming it
         return None, f"{where}: loading it will fail, naming it"
     if found is not None:
@@ -164,7 +164,7 @@ def detect_family(model: str) -> tuple[str | None, str]:
                               f"name); pass prompt=FAMILY ({' | '.join(FAMILIES)})")
 
 
-def _user_text(fam: Mapping[str, Any], problem: str) -> str:
+def user_text(fam: Mapping[str, Any], problem: str) -> str:
     instr = fam.get("instruction") or ""
     return f"{problem}\n{instr}".strip() if instr else problem
 
@@ -187,7 +187,7 @@ def header_text(tokenizer, problem: str, fam: Mapping[str, Any]) -> str:
         msgs = []
         if fam.get("system"):
             msgs.append({"role": "system", "content": fam["system"]})
-        msgs.append({"role": "user", "content": _user_text(fam, problem)})
+        msgs.append({"role": "user", "content": user_text(fam, problem)})
         head = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
         return _with_assistant_prefix(head, fam)
     return _with_assistant_prefix(fam["template"].format(problem=problem, instruction=fam.get("instruction") or "",

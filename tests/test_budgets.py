@@ -98,12 +98,12 @@ def test_paper_budgets_against_the_standins_2048_windows(exp):
 
 
 def test_a_step_larger_than_the_policy_window_is_refused_before_any_tokenizer_loads(monkeypatch):
-    import sphere.budgets as budgets
+    import sphere.budget_prompts as budget_prompts  # where the budgets' prompt measurement looks it up
 
     def no_tokenizer(name):
         raise AssertionError("a step larger than the window needs no prompt measurement")
 
-    monkeypatch.setattr(budgets, "local_tokenizer", no_tokenizer)
+    monkeypatch.setattr(budget_prompts, "local_tokenizer", no_tokenizer)
     with pytest.raises(LengthBudgetError) as e:
         check_length_budgets(_cfg("paper_qwen2_5_7b", "model=standin_qwen2_5", "data.problems=mini",
                                   "search.max_step_tokens=4096"))

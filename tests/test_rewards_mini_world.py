@@ -34,9 +34,9 @@ def test_copied_operand_is_wrong_here_and_right_for_the_symbolic_checker():
     a, op, b, c = reference_chain(p["problem"])[1]
     wrong_b = b + 1 if op != "/" else b  # keep the division exact: change the left operand instead
     wrong_a = a if op != "/" else a * 2
-    from sphere.mini.world import _apply
+    from sphere.mini.world import apply_op
 
-    bad = steps[1].split(", so ")[0] + f", so {wrong_a} {op} {wrong_b} = {_apply(op, wrong_a, wrong_b)}."
+    bad = steps[1].split(", so ")[0] + f", so {wrong_a} {op} {wrong_b} = {apply_op(op, wrong_a, wrong_b)}."
     path = steps[:1] + [bad] + steps[2:]
     assert MiniWorldStepScorer().score_steps(p["problem"], path) == [1.0] + [0.0] * (len(path) - 1)
     # the symbolic checker only sees that the arithmetic holds

@@ -45,6 +45,9 @@ import platform
 import time
 from typing import Any
 
+from omegaconf import OmegaConf
+
+from sphere.backends import make_backend
 from sphere.bench import emit
 from sphere.bench.pipeline_loops import (  # moved out of this module (issue #18); importable here too
     ARMS,
@@ -61,23 +64,65 @@ from sphere.bench.pipeline_measure import (  # moved out of this module (issue #
     _warm,
 )
 from sphere.bench.pipeline_report import _aggregate, _summary, _table
+from sphere.data.problems import load_problems
+from sphere.models import resolve_model
+from sphere.prompts import family_config
+from sphere.rewards import make_scorer
+from sphere.search.config import validate_search_config
+from sphere.verify import check_answers
 
 
 # ---------------------------------------------------------------------------------------------- main
 def bench(cfg) -> dict:
-    from omegaconf import OmegaConf
-
-    from sphere.backends import make_backend
-    from sphere.generate.generator import load_problems
-    from sphere.models import resolve_model
-    from sphere.prompts import family_config
-    from sphere.rewards import make_scorer
-    from sphere.search.driver import validate_search_config
-    from sphere.verify import check_answers
-
     scfg = cfg.search
-    validate_search_config(scfg)
-    if str(scfg.mode) != "paper" or bool(scfg.outcome_in_reward):
+    arms, n, repeats = _check_settings(cfg)
+    problems, warm_problems = _problems(cfg, n)
+    model = resolve_model(str(cfg.model.policy), cfg)
+    fam = family_config(cfg)
+    name = str(cfg.backend.name)
+    vllm_over = dict(OmegaConf.to_container(cfg.vllm_overrides, resolve=True) or {}) if name == "vllm" else {}
+    verifier = check_answers
+    res = _header(cfg, model, problems, repeats)
+    if vllm_over:
+        res["vllm_overrides"] = vllm_over
+    # vLLM: one engine with prefix caching for sphere and the per-problem loop, one without for the one-leaf
+    # loop, both open so the arms can be interleaved; transformers has no prefix cache: one backend.
+    # Order matters: each new vLLM engine unregisters the Prometheus metrics of the engines before it
+    # (vllm/v1/metrics/loggers.py, PrometheusStatLogger.__init__), so the scorer (a vLLM PRM) opens first, the
+    # engine without prefix caching next (it needs no counters: it computes every sequence's prompt) and the
+    # engine whose cache hits are counted last.
+    apc_of = {a: (a != "one_leaf") if name == "vllm" else True for a in arms}
+    backends: dict[bool, Any] = {}
+    scorer = None
+    runs: dict[str, list[dict]] = {a: [] for a in arms}
+    try:
+        scorer = make_scorer(cfg)
+        for apc in sorted(set(apc_of.values())):
+            _open_backend(cfg, model, fam, verifier, scfg, vllm_over, apc, res, backends)
+        if warm_problems:  # every arm once on problems outside the bench's: code paths, shapes, caches
+            for arm in arms:
+                b = backends[apc_of[arm]]
+                _run_arm(arm, warm_problems, b, scorer, verifier, cfg, fam, b.tokenizer)
+        for rep in range(repeats):
+            for arm in arms:
+                runs[arm].append(_timed_arm(cfg, arm, rep, problems, backends[apc_of[arm]], apc_of[arm], scorer,
+                                            verifier, fam))
+    finally:
+        if scorer is not None and getattr(scorer, "close", None) is not None:
+            scorer.close()
+        for b in backends.values():
+            b.close()
+    for arm, rs in runs.items():
+        res["arms"][arm] = _aggregate(rs)
+    res["machine"]["loadavg_1m_end"] = _loadavg()
+    _summary(res)
+    return res
+
+
+def _check_settings(cfg) -> tuple[list[str], int, int]:
+    """(arms, problems, repeats), refused in one line where the bench cannot compare the loops."""
+    validate_search_config(cfg.search)
+    if str(cfg.search.mode) != "paper" or bool(cfg.search.outcome_in_reward):
         raise ValueError(
             "bench pipeline compares stage-1 loops of the paper mode: needs search.mode=paper and "
             "search.outcome_in_reward=false"
@@ -91,6 +136,11 @@ def bench(cfg) -> dict:
         raise ValueError(f"config problems={n}: allowed an integer >= 1")
     if repeats < 1:
         raise ValueError(f"config repeats={repeats}: allowed an integer >= 1")
+    return arms, n, repeats
+
+
+def _problems(cfg, n: int) -> tuple[list[dict], list[dict]]:
+    """The bench's ``n`` problems and the warm-up problems after them."""
     n_warm = int(cfg.warmup_problems)
     data = OmegaConf.merge(cfg.data, {"limit": n + n_warm})
     if str(cfg.data.problems) == "mini":
@@ -99,16 +149,16 @@ def bench(cfg) -> dict:
     problems, warm_problems = loaded[:n], loaded[n:]
     if not problems:
         raise ValueError(f"data.problems={cfg.data.problems!r} gave no problems")
-    pp_limit = cfg.get("per_problem_limit")
-    model = resolve_model(str(cfg.model.policy), cfg)
-    fam = family_config(cfg)
-    name = str(cfg.backend.name)
-    vllm_over = dict(OmegaConf.to_container(cfg.vllm_overrides, resolve=True) or {}) if name == "vllm" else {}
-    verifier = check_answers
-    res: dict[str, Any] = {
+    return problems, warm_problems
+
+
+def _header(cfg, model, problems: list[dict], repeats: int) -> dict[str, Any]:
+    """The result's settings and machine; ``arms`` filled in by the runs."""
+    scfg = cfg.search
+    return {
         "bench": "pipeline",
         "model": str(model),
-        "backend": name,
+        "backend": str(cfg.backend.name),
         "scorer": str(cfg.scorer.name),
         "problems": len(problems),
         "data": str(cfg.data.problems),
@@ -138,70 +188,51 @@ def bench(cfg) -> dict:
         },
         "arms": {},
     }
-    if vllm_over:
-        res["vllm_overrides"] = vllm_over
-    # vLLM: one engine with prefix caching for sphere and the per-problem loop, one without for the one-leaf
-    # loop, both open so the arms can be interleaved; transformers has no prefix cache: one backend.
-    # Order matters: each new vLLM engine unregisters the Prometheus metrics of the engines before it
-    # (vllm/v1/metrics/loggers.py, PrometheusStatLogger.__init__), so the scorer (a vLLM PRM) opens first, the
-    # engine without prefix caching next (it needs no counters: it computes every sequence's prompt) and the
-    # engine whose cache hits are counted last.
-    apc_of = {a: (a != "one_leaf") if name == "vllm" else True for a in arms}
-    backends: dict[bool, Any] = {}
-    scorer = None
-    runs: dict[str, list[dict]] = {a: [] for a in arms}
-    try:
-        scorer = make_scorer(cfg)
-        for apc in sorted(set(apc_of.values())):
-            over = dict(vllm_over)
-            if name == "vllm":
-                over["enable_prefix_caching"] = apc
-            t0 = time.perf_counter()
-            b = make_backend(cfg, model, **over)
-            backends[apc] = b
-            _warm(b, b.tokenizer, fam, verifier, scfg, int(cfg.warmup_rounds))
-            res["machine"][f"engine_startup_s_{'apc_on' if apc else 'apc_off'}"] = round(
-                time.perf_counter() - t0, 1
-            )
-        if warm_problems:  # every arm once on problems outside the bench's: code paths, shapes, caches
-            for arm in arms:
-                b = backends[apc_of[arm]]
-                _run_arm(arm, warm_problems, b, scorer, verifier, cfg, fam, b.tokenizer)
-        for rep in range(repeats):
-            for arm in arms:
-                b = backends[apc_of[arm]]
-                probs = (
-                    problems[: int(pp_limit)] if arm == "per_problem" and pp_limit is not None else problems
-                )
-                r = _run_arm(
-                    arm,
-                    probs,
-                    b,
-                    scorer,
-                    verifier,
-                    cfg,
-                    fam,
-                    b.tokenizer,
-                    counters=name == "vllm" and apc_of[arm],
-                )
-                r["prefix_caching"] = bool(apc_of[arm]) if name == "vllm" else None
-                runs[arm].append(r)
-                print(
-                    f"bench pipeline: repeat {rep + 1}/{repeats} {arm}: {r['problems']} problems, "
-                    f"{r['pairs']} pairs, {r['wall_s']:.1f} s, {r['backend_calls']} calls "
-                    f"(load {r['loadavg_1m_start']})",
-                    flush=True,
-                )
-    finally:
-        if scorer is not None and getattr(scorer, "close", None) is not None:
-            scorer.close()
-        for b in backends.values():
-            b.close()
-    for arm, rs in runs.items():
-        res["arms"][arm] = _aggregate(rs)
-    res["machine"]["loadavg_1m_end"] = _loadavg()
-    _summary(res)
-    return res
+
+
+def _open_backend(cfg, model, fam, verifier, scfg, vllm_over: dict, apc: bool, res: dict,
+                  backends: dict[bool, Any]) -> None:
+    """One backend (vLLM: with or without prefix caching) into ``backends[apc]`` (before its warm-up, so the
+    caller closes it whatever happens), warmed up; its start-up time goes in ``res``."""
+    over = dict(vllm_over)
+    if str(cfg.backend.name) == "vllm":
+        over["enable_prefix_caching"] = apc
+    t0 = time.perf_counter()
+    b = make_backend(cfg, model, **over)
+    backends[apc] = b
+    _warm(b, b.tokenizer, fam, verifier, scfg, int(cfg.warmup_rounds))
+    res["machine"][f"engine_startup_s_{'apc_on' if apc else 'apc_off'}"] = round(
+        time.perf_counter() - t0, 1
+    )
+
+
+def _timed_arm(cfg, arm: str, rep: int, problems: list[dict], b: Any, apc: bool, scorer: Any, verifier: Any,
+               fam: dict) -> dict:
+    """One timed run of ``arm`` (repeat ``rep``), printed as a progress line."""
+    name, repeats = str(cfg.backend.name), int(cfg.repeats)
+    pp_limit = cfg.get("per_problem_limit")
+    probs = (
+        problems[: int(pp_limit)] if arm == "per_problem" and pp_limit is not None else problems
+    )
+    r = _run_arm(
+        arm,
+        probs,
+        b,
+        scorer,
+        verifier,
+        cfg,
+        fam,
+        b.tokenizer,
+        counters=name == "vllm" and apc,
+    )
+    r["prefix_caching"] = bool(apc) if name == "vllm" else None
+    print(
+        f"bench pipeline: repeat {rep + 1}/{repeats} {arm}: {r['problems']} problems, "
+        f"{r['pairs']} pairs, {r['wall_s']:.1f} s, {r['backend_calls']} calls "
+        f"(load {r['loadavg_1m_start']})",
+        flush=True,
+    )
+    return r
 
 
 def main(cfg) -> dict:

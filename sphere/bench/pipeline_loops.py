@@ -9,7 +9,10 @@ from __future__ import annotations
 from typing import Any
 
 from sphere.backends.base import SamplingParams
+from sphere.generate.stages import route
 from sphere.rewards.base import shape_rewards
+from sphere.search.driver import SearchDriver
+from sphere.search.types import SearchJob
 
 ARMS = ("sphere", "per_problem", "one_leaf")
 
@@ -172,9 +175,6 @@ def run_one_leaf(problems, jobs, backend, scorer, verifier, scfg, delim: str, se
 def run_sphere(problems, jobs, backend, scorer, verifier, scfg, delim: str, seed: int, engine_backend: str):
     """The batched forest loop as ``sphere generate`` runs stage 1. Returns as ``run_per_problem``, and the
     driver's stats."""
-    from sphere.generate.generator import route
-    from sphere.search.driver import SearchDriver, SearchJob
-
     driver = SearchDriver(
         backend, scorer, verifier, scfg, delimiter=delim, engine_backend=engine_backend, seed=seed
     )

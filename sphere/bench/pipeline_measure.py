@@ -10,7 +10,9 @@ import time
 from typing import Any
 
 from sphere.backends.base import SamplingParams
+from sphere.backends.vllm_backend import read_counters
 from sphere.bench.pipeline_loops import ARMS, run_one_leaf, run_per_problem, run_sphere
+from sphere.prompts import build_prompt_ids
 
 
 # ---------------------------------------------------------------------------------------------- counters
@@ -72,8 +74,6 @@ def _model_scorer(scorer: Any) -> bool:
 
 def _vllm_counters(backend: Any) -> dict[str, float]:
     """vLLM's prompt-token counters, by source label (``vllm:prompt_tokens_by_source{local_compute}``)."""
-    from sphere.backends.vllm_backend import read_counters
-
     llm = getattr(backend, "llm", None)
     return {} if llm is None else read_counters(llm, by_label="source")
 
@@ -108,8 +108,6 @@ def _loadavg() -> float | None:
 def _run_arm(arm: str, problems, backend, scorer, verifier, cfg, fam, tok, counters: bool = False) -> dict:
     """One timed run of ``arm``. ``counters``: read vLLM's prompt-token counters for this backend (only valid
     for the engine created last in the process, see ``bench``)."""
-    from sphere.prompts import build_prompt_ids
-
     scfg = cfg.search
     delim = str(fam["step_delimiter"])
     seed = int(cfg.seed)
@@ -145,27 +143,43 @@ def _run_arm(arm: str, problems, backend, scorer, verifier, cfg, fam, tok, count
     vc1 = _vllm_counters(backend)
     sc1 = dict(scorer.stats()) if sc.texts is None else {}
     gen_tokens = int(st1.get("generated_tokens", 0) - st0.get("generated_tokens", 0))
+    out = _arm_record(be, sc, routes, wall, cpu, gen_tokens, _prompt_tokens(be, vc0, vc1, counters),
+                      _scorer_tokens(sc, sc0, sc1, tok), load0)
+    out.update(extra)
+    return out
+
+
+def _prompt_tokens(be: CountingBackend, vc0: dict, vc1: dict, counters: bool) -> dict:
+    """Prompt tokens computed (vLLM's counter after prefix-cache hits, else sent x n) and prefilled."""
     key = "vllm:prompt_tokens_by_source{local_compute}"
-    counters_ok = None
     if counters and key in vc1:
-        computed = int(vc1[key] - vc0.get(key, 0.0))
-        computed_src = "vllm prompt_tokens_by_source{local_compute} (after prefix-cache hits)"
         prefilled = int(vc1.get("vllm:prompt_tokens", 0.0) - vc0.get("vllm:prompt_tokens", 0.0))
-        counters_ok = prefilled == be.n_gen_tokens  # the counters are this engine's: n sequences per prompt
-    else:
-        computed = be.n_gen_tokens
-        computed_src = "sent x n sequences (no prefix cache; padding not counted)"
-        prefilled = be.n_gen_tokens
+        return {"computed": int(vc1[key] - vc0.get(key, 0.0)),
+                "source": "vllm prompt_tokens_by_source{local_compute} (after prefix-cache hits)",
+                "prefilled": prefilled,
+                "ok": prefilled == be.n_gen_tokens}  # the counters are this engine's: n sequences per prompt
+    return {"computed": be.n_gen_tokens, "source": "sent x n sequences (no prefix cache; padding not counted)",
+            "prefilled": be.n_gen_tokens, "ok": None}
+
+
+def _scorer_tokens(sc: CountingScorer, sc0: dict, sc1: dict, tok) -> dict:
+    """Scorer tokens: what a model scorer ran (its stats), or the text the symbolic checker read."""
     if sc.texts is None:
-        scorer_tokens = int(sc1.get("tokens", 0) - sc0.get("tokens", 0))
-        scorer_computed = int(sc1.get("tokens_computed", 0) - sc0.get("tokens_computed", 0))
-        scorer_items_run = int(sc1.get("items_scored", 0) - sc0.get("items_scored", 0))
-        scorer_src = "scorer stats(): tokens run (computed: padding included)"
-    else:
-        lens = [len(ids) for ids in tok(sc.texts, add_special_tokens=False)["input_ids"]] if sc.texts else []
-        scorer_tokens = scorer_computed = int(sum(lens))
-        scorer_items_run = sc.items
-        scorer_src = "policy-tokenizer tokens of the text the scorer read (it runs no model)"
+        return {"tokens": int(sc1.get("tokens", 0) - sc0.get("tokens", 0)),
+                "computed": int(sc1.get("tokens_computed", 0) - sc0.get("tokens_computed", 0)),
+                "items_run": int(sc1.get("items_scored", 0) - sc0.get("items_scored", 0)),
+                "source": "scorer stats(): tokens run (computed: padding included)"}
+    lens = [len(ids) for ids in tok(sc.texts, add_special_tokens=False)["input_ids"]] if sc.texts else []
+    n = int(sum(lens))
+    return {"tokens": n, "computed": n, "items_run": sc.items,
+            "source": "policy-tokenizer tokens of the text the scorer read (it runs no model)"}
+
+
+def _arm_record(be: CountingBackend, sc: CountingScorer, routes: list[str], wall: float, cpu: float | None,
+                gen_tokens: int, pt: dict, st: dict, load0: float | None) -> dict:
+    """The arm's figures, in all, per pair and per problem."""
+    computed, prefilled = pt["computed"], pt["prefilled"]
+    scorer_tokens, scorer_computed = st["tokens"], st["computed"]
     counts = {r: routes.count(r) for r in ("pair", "inverted", "both_right", "both_wrong")}
     pairs = counts["pair"] + counts["inverted"]
     out = {
@@ -182,16 +196,16 @@ def _run_arm(arm: str, problems, backend, scorer, verifier, cfg, fam, tok, count
         "prompt_tokens_sent": be.prompt_tokens,
         "prompt_tokens_prefilled": prefilled,  # every sequence's prompt (n per request), before cache hits
         "prompt_tokens_computed": computed,
-        "prompt_tokens_computed_source": computed_src,
-        "vllm_counters_consistent": counters_ok,  # vllm:prompt_tokens == sent x n (null: counters not used)
+        "prompt_tokens_computed_source": pt["source"],
+        "vllm_counters_consistent": pt["ok"],  # vllm:prompt_tokens == sent x n (null: counters not used)
         "generated_tokens": gen_tokens,
         "scorer_calls": sc.calls,
         "scorer_items": sc.items,
-        "scorer_items_run": scorer_items_run,
+        "scorer_items_run": st["items_run"],
         "scorer_steps": sc.steps,
         "scorer_tokens": scorer_tokens,
         "scorer_tokens_computed": scorer_computed,
-        "scorer_tokens_source": scorer_src,
+        "scorer_tokens_source": st["source"],
         "routes": counts,
         "pairs": pairs,
         "loadavg_1m_start": load0,
@@ -209,7 +223,6 @@ def _run_arm(arm: str, problems, backend, scorer, verifier, cfg, fam, tok, count
     }
     out["per_pair"] = {k: (round(v / pairs, 4) if pairs else None) for k, v in per.items()}
     out["per_problem"] = {k: round(v / max(1, len(routes)), 4) for k, v in per.items()}
-    out.update(extra)
     return out
 
 
@@ -217,8 +230,6 @@ def _warm(backend: Any, tok, fam, verifier, scfg, rounds: int) -> None:
     """Engine start-up effects (the first calls of each batch shape are slow on vLLM-CPU) and the checker's
     worker processes, outside the timed loops: ``rounds`` calls of one prompt and of ``batch_leaves`` prompts
     on warm-up problems unlike the bench's, with the search's sampling settings."""
-    from sphere.prompts import build_prompt_ids
-
     sp = SamplingParams(
         n=int(scfg.expansions),
         temperature=float(scfg.temperature),

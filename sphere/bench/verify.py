@@ -24,7 +24,7 @@ from pathlib import Path
 
 from sphere.bench import emit, metrics_table
 from sphere.verify import Verifier, extract_answer, normalize_answer
-from sphere.verify.extract import _balanced_from
+from sphere.verify.extract import balanced_from
 from sphere.verify.validate import PATHOLOGICAL_INPUTS, load_rows
 
 # Seconds a pathological call may exceed its timeout (worker restart after a kill) before it is a hang.
@@ -42,7 +42,7 @@ def _rewrite_equivalent(solution: str, gold: str) -> str | None:
         return None
     i = solution.rfind("\\boxed{")
     if i >= 0:
-        got = _balanced_from(solution, i + len("\\boxed"))
+        got = balanced_from(solution, i + len("\\boxed"))
         return None if got is None else solution[:i] + "\\boxed{" + alt + "}" + solution[got[1] :]
     j = solution.rfind("####")
     if j >= 0:

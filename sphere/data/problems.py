@@ -8,17 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
-
-
-def sources(dcfg: Any) -> list[str]:
-    src = dcfg.problems
-    if OmegaConf.is_config(src) or isinstance(src, (list, tuple)):
-        return [str(s) for s in src]
-    return [str(src)]
-
-
-NAMED = {"math_train": "math/train.jsonl", "gsm8k_train": "gsm8k/train.jsonl"}
+from sphere.data import training
+from sphere.data.selection import NAMED, sources  # noqa: F401 - NAMED re-exported (sphere.rundir reads it here)
 
 
 def load_problems(dcfg: Any, seed: int) -> list[dict]:
@@ -48,9 +39,7 @@ def count_problems(dcfg: Any, seed: int) -> int:
         elif src.startswith("hf:"):
             n += int(dcfg.get("hf_expected_size") or 0)
         elif src == "training" or src.startswith(("numina:", "metamath:")):  # sphere/data/training/
-            from sphere.data.training import count_source
-
-            n += count_source(src, dcfg, seed)
+            n += training.count_source(src, dcfg, seed, load=load_source, count=count_problems)
         else:
             path = Path(str(dcfg.data_dir)) / NAMED[src] if src in NAMED else Path(src)
             if not path.is_file():
@@ -69,9 +58,7 @@ def load_source(src: str, dcfg: Any, seed: int, limit: int | None) -> list[dict]
     from sphere.data.benchmarks import load_problems_jsonl
 
     if src == "training" or src.startswith(("numina:", "metamath:")):  # NuminaMath / MetaMathQA pools
-        from sphere.data.training import load_source
-
-        return load_source(src, dcfg, seed, limit)
+        return training.load_source(src, dcfg, seed, limit, load=load_source)
     if src in NAMED:
         return load_problems_jsonl(Path(str(dcfg.data_dir)) / NAMED[src], limit=limit)
     if src.startswith("hf:"):

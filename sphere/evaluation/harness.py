@@ -31,6 +31,10 @@ from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 
+from omegaconf import OmegaConf
+
+from sphere.backends import make_backend
+from sphere.backends.replay import make_replay_backend
 from sphere.data import benchmark_key, load_benchmark
 from sphere.evaluation.benchmark import (  # moved out of this module (issue #18); importable here too
     _progress,
@@ -49,7 +53,11 @@ from sphere.evaluation.signatures import (  # moved out of this module (issue #1
     record_signature,  # noqa: F401
     reuse_records,  # noqa: F401
 )
+from sphere.evaluation.report import load_reference_results, markdown_table
 from sphere.io import atomic_write_json, atomic_write_text
+from sphere.models import resolve_model
+from sphere.prompts import family_config
+from sphere.rundir import check_or_record, resume_mode
 
 RESERVED_KEYS = ("meta",)
 
@@ -80,19 +88,12 @@ def run_eval(
     settings = settings or EvalSettings()
     out_dir = Path(out_dir)
     names = expand_benchmarks(benchmarks)
-    keys = [benchmark_key(n) for n in names]
-    for k in keys:
-        if k in RESERVED_KEYS:
-            raise ValueError(f"benchmarks: {k!r} is a reserved key of eval/results.json; rename the file")
-    if len(set(keys)) != len(keys):
-        raise ValueError(f"benchmarks: two entries map to the same output name: {keys}")
+    keys = _output_keys(names)
     loaded = [(n, load_benchmark(n, data_dir, limit)) for n in names]  # fail on bad data before generating
     sig_parts = {"model": model_name,
                  "backend": backend_name or getattr(backend, "name", type(backend).__name__),
                  "prompt": prompt_info(family_cfg) if not hasattr(backend, "complete_records") else None,
                  "checker": checker_info()}
-    from sphere.rundir import check_or_record, resume_mode
-
     # refuse (or, with resume=fresh, move aside) eval/ outputs of other settings before generating anything
     check_or_record(out_dir, "eval", eval_signature(sig_parts, settings), mode=resume_mode(settings.resume),
                     outputs=["eval"])
@@ -105,7 +106,28 @@ def run_eval(
                                                          progress=prog)
     stats = dict(backend_stats or {}) if backend is None else (backend.stats() if hasattr(backend, "stats")
                                                                   else {})
-    results["meta"] = {
+    results["meta"] = _meta(model_name, sig_parts, stats, settings, limit, data_dir, runs, extra_meta)
+    atomic_write_json(out_dir / "eval" / "results.json", results)
+    refs = load_reference_results(reference_path)
+    atomic_write_text(out_dir / "eval" / "results.md", markdown_table(results, refs))
+    return results
+
+
+def _output_keys(names: list[str]) -> list[str]:
+    """Each benchmark's key in eval/results.json, refused where reserved or where two collide."""
+    keys = [benchmark_key(n) for n in names]
+    for k in keys:
+        if k in RESERVED_KEYS:
+            raise ValueError(f"benchmarks: {k!r} is a reserved key of eval/results.json; rename the file")
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"benchmarks: two entries map to the same output name: {keys}")
+    return keys
+
+
+def _meta(model_name: str, sig_parts: dict, stats: Mapping, settings: EvalSettings, limit: int | None,
+          data_dir: str | Path | None, runs: dict, extra_meta: Mapping | None) -> dict:
+    """results.json ``meta``: what was evaluated, how, and when."""
+    return {
         "model": model_name,
         "backend": {"name": sig_parts["backend"], "stats": stats},
         "prompt": sig_parts["prompt"],
@@ -119,19 +141,11 @@ def run_eval(
         "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         **dict(extra_meta or {}),
     }
-    atomic_write_json(out_dir / "eval" / "results.json", results)
-    from sphere.evaluation.report import load_reference_results, markdown_table
-
-    refs = load_reference_results(reference_path)
-    atomic_write_text(out_dir / "eval" / "results.md", markdown_table(results, refs))
-    return results
 
 
 def evaluate(cfg, out_dir: str | Path, backend=None) -> dict:
     """Evaluate from a composed config (conf/eval.yaml). ``backend``: reuse an existing one (e.g. the
     engine of ``sphere run``; it is not closed here); None -> built from ``cfg.backend`` and closed."""
-    from omegaconf import OmegaConf
-
     backend_name = OmegaConf.select(cfg, "backend.name", default=None)
     benchmarks = expand_benchmarks(cfg.benchmarks)
     data_dir = OmegaConf.select(cfg, "paths.data_dir", default=None)
@@ -143,20 +157,13 @@ def evaluate(cfg, out_dir: str | Path, backend=None) -> dict:
     extra: dict = {}
     model_name = str(OmegaConf.select(cfg, "model.policy", default=""))
     if backend is None and backend_name == "replay":
-        from sphere.backends.replay import make_replay_backend
-
         backend = make_replay_backend(cfg)
         model_name = f"replay:{backend.source}"
     elif backend is None:
-        from sphere.backends import make_backend
-        from sphere.models import resolve_model
-
         model_path = resolve_model(model_name, cfg)
         extra["model_path"] = str(model_path)
         backend = make_backend(cfg, model_path)
     if not hasattr(backend, "complete_records"):
-        from sphere.prompts import family_config
-
         family_cfg = family_config(cfg)
     try:
         results = run_eval(

@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from sphere.generate.pairs import make_pair, prm_rank
-from sphere.search.driver import Trajectory
+from sphere.search.types import Trajectory
 
 CONSTRUCTIONS = ("sphere", "first_wrong_step", "siblings", "best_worst_of_n")
 CUTS = ("step", "remainder")

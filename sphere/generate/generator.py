@@ -20,7 +20,6 @@ A kill -9 at any moment loses at most the problems in flight; a rerun skips ever
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from pathlib import Path
@@ -30,12 +29,25 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from sphere.data.problems import count_problems, load_problems  # noqa: F401 - re-exported (data layer)
+from sphere.generate.constructions import Construction, PairContext, build_pairs, sample_and_score, seed_from
+from sphere.generate.outputs import (  # noqa: F401 - re-exported: chain_ends, FINISHES lived here
+    CUT_FINISHES,
+    FINISHES,
+    chain_ends,
+    generate_stats,
+    previous_stats,
+    report_cut_chains,
+    traj_from_dict,
+    traj_to_dict,
+    trajectory_lines,
+)
 from sphere.generate.pairs import (
     PairFilter,
     filter_pairs,
     solution_text,
 )
 from sphere.generate.records import STAGE_FILES, read_stage_logs
+from sphere.generate.settings import config_hash, validate_generate_config  # noqa: F401 - re-exported
 from sphere.generate.stages import (  # one stage-log reader, one resume rule
     StageContext,
     route,
@@ -44,89 +56,19 @@ from sphere.generate.stages import (  # one stage-log reader, one resume rule
     stage3_outcome,
 )
 from sphere.io import JsonlAppender, atomic_write_json, atomic_write_text
-from sphere.search.driver import SearchDriver, SearchJob, SearchResult, Trajectory, call_fill
-
-
-# ---------------------------------------------------------------------------------------------- config
-def config_hash(cfg: Any) -> str:
-    """Signature of everything that changes the generated data (not paths, logging or workers)."""
-    # resolve each node against the whole config (data.data_dir points at paths.data_dir)
-    keep = {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k]
-            for k in ("model", "search", "stages", "scorer", "data", "prompt", "seed") if k in cfg}
-    blob = json.dumps(keep, sort_keys=True)
-    return hashlib.sha1(blob.encode()).hexdigest()[:12]
-
-
-def validate_generate_config(cfg: Any) -> None:
-    st = cfg.stages
-    if str(st.inverted) not in ("swap", "drop"):
-        raise ValueError(f"config stages.inverted={st.inverted!r}: allowed swap | drop")
-    if str(st.stage2_rejected) not in ("sol_max", "sol_min"):
-        raise ValueError(f"config stages.stage2_rejected={st.stage2_rejected!r}: allowed sol_max | sol_min")
-    if int(st.small_expansions_factor) < 1:
-        raise ValueError(f"config stages.small_expansions_factor={st.small_expansions_factor}: allowed >= 1")
-    if cfg.data.limit is not None and int(cfg.data.limit) < 0:
-        raise ValueError(f"config data.limit={cfg.data.limit}: allowed null or an integer >= 0")
-    if "scorer" in cfg and str(cfg.scorer.get("name", "")) == "mini_world":  # no model: its knobs check here
-        from sphere.rewards.mini_world import MiniWorldStepScorer
-
-        MiniWorldStepScorer(cfg.scorer)
-    # the search and filter settings too, before any model loads or output file is created (issue #11)
-    from sphere.search.driver import validate_search_config
-
-    validate_search_config(cfg.search)
-    PairFilter.from_cfg(cfg.filters)
-    from sphere.generate.constructions import Construction
-
-    con = Construction.from_cfg(cfg.get("construction"))
-    runner = cfg.get("runner")
-    if con.name != "sphere" and runner is not None and str(runner.get("name", "local")) != "local":
-        raise ValueError(f"config construction={con.name}: runs with runner=local only (runner=ray writes the "
-                         "paper's pairs: construction=sphere)")
-    if str(cfg.get("engine_backend", "cpp")) not in ("cpp", "py"):
-        raise ValueError(f"config engine_backend={cfg.engine_backend!r}: allowed cpp | py")
-
-
-FINISHES = ("answer", "eos", "depth", "length", "window")
-CUT_FINISHES = ("depth", "length", "window")  # chains cut before a stated answer: graded wrong, never chosen
-
-
-def chain_ends(recs: dict[int, list[dict]]) -> dict:
-    """Terminal trajectories of the stage records by finish, in all and per stage, with the share cut at the
-    depth limit, the policy's window and the scorer's window (generate_stats.json ``chain_ends``)."""
-
-    def count(rs: list[dict]) -> dict:
-        c = {f: 0 for f in FINISHES}
-        for r in rs:
-            for t in r.get("terminals") or []:
-                f = str(t.get("finish", ""))
-                c[f] = c.get(f, 0) + 1
-        n = sum(c.values())
-        return {"terminals": n, **c, "share": {f: c[f] / n if n else 0.0 for f in CUT_FINISHES}}
-
-    out = count([r for rs in recs.values() for r in rs])
-    out["by_stage"] = {str(s): count(rs) for s, rs in sorted(recs.items())}
-    return out
-
-
-def traj_to_dict(t: Trajectory | None) -> dict | None:
-    if t is None:
-        return None
-    return {
-        "steps": t.steps,
-        "correct": t.correct,
-        "value": t.value,
-        "rewards": t.rewards,
-        "scores": t.scores,
-        "finish": t.finish,
-    }
-
-
-def traj_from_dict(d: dict | None) -> Trajectory | None:
-    if d is None:
-        return None
-    return Trajectory(d["steps"], bool(d["correct"]), float(d["value"]), list(d["rewards"]),
-                      list(d["scores"]), str(d["finish"]))
+from sphere.prompts import (
+    build_prompt_ids,
+    build_prompt_text,
+    build_reflection_ids,
+    build_reflection_text,
+    family_config,
+    user_text,
+    uses_chat,
+)
+from sphere.rundir import generate_signature
+from sphere.search.driver import SearchDriver
+from sphere.search.types import SearchJob, SearchResult, Trajectory
+from sphere.viz.snapshot import save_tree_snapshot
 
 
 class Generator:
@@ -144,12 +86,8 @@ class Generator:
         self.out = Path(out_dir)
         self.logger = logger
         self.hash = config_hash(cfg)
-        from sphere.generate.constructions import Construction
-
         self.construction = Construction.from_cfg(cfg.get("construction"))  # conf/construction/
         self.pair_ctx = None  # set by run(): how the non-paper constructions write a pair
-        from sphere.prompts import family_config
-
         self.fam = family_config(cfg)
         self.delim = str(self.fam["step_delimiter"])
         self.answer_after = str(self.fam.get("answer_after") or "")  # R1: boxed answers count after </think>
@@ -157,27 +95,19 @@ class Generator:
 
     # ------------------------------------------------------------------ prompts
     def _prompt_fn(self, tokenizer: Any, problem: dict):
-        from sphere.prompts import build_prompt_ids
-
         fam, text = self.fam, problem["problem"]
         return lambda steps: build_prompt_ids(tokenizer, text, steps, fam)
 
     def _reflection_fn(self, tokenizer: Any, problem: dict, attempt: Trajectory):
-        from sphere.prompts import build_reflection_ids
-
         fam, text, att = self.fam, problem["problem"], list(attempt.steps)
         return lambda steps: build_reflection_ids(tokenizer, text, att, fam, continue_steps=steps)
 
     def _pair_prompt(self, tokenizer: Any, problem: dict, attempt: Trajectory | None = None) -> Any:
         """The pair's prompt: text for plain models, a user message list for chat models (TRL format)."""
-        from sphere.prompts import build_prompt_text, build_reflection_text, uses_chat
-
         fam = getattr(self, "pair_fam", None) or self.fam
         if uses_chat(tokenizer, fam):
-            from sphere.prompts import _user_text
-
             if attempt is None:
-                content = _user_text(fam, problem["problem"])
+                content = user_text(fam, problem["problem"])
             else:
                 content = fam["reflection"].format(problem=problem["problem"],
                                                    attempt=self.delim.join(attempt.steps),
@@ -205,15 +135,10 @@ class Generator:
         it is called after the policy's stages are done, so callers may free the policy first."""
         t_start = time.perf_counter()
         cfg = self.cfg
-        st_cfg = cfg.stages
-        from sphere.generate.constructions import PairContext, sample_and_score, seed_from
-
-        from sphere.rundir import generate_signature
-
         seed_from(self.construction, self.out, self.hash,  # construction.search_from: another run's search
                   lambda: generate_signature(cfg, self.policy_name or cfg.model.policy,
                                              self.small_name or cfg.model.get("small")))
-        done1, done2, done3 = self._done(1), self._done(2), self._done(3)
+        done = {s: self._done(s) for s in (1, 2, 3)}
         by_id = {p["id"]: p for p in problems}
         if len(by_id) != len(problems):
             dup = len(problems) - len(by_id)
@@ -221,7 +146,34 @@ class Generator:
         tok = policy_backend.tokenizer
         if hasattr(scorer, "set_golds"):  # rollout values need each problem's gold answer
             scorer.set_golds(problems)
-        # provenance of the pairs: the models that actually ran (sphere run: round r's trained checkpoint)
+        ctx = self._stage_context(tok)
+        snap_every = int(cfg.output.snapshot_every)
+        stats_acc: dict = {"search": {}}
+        run = _PolicyStages(self, ctx, tok, progress)
+        try:
+            run.driver = SearchDriver(policy_backend, scorer, verifier, cfg.search, delimiter=self.delim,
+                                      answer_after=self.answer_after,
+                                      engine_backend=str(cfg.engine_backend), seed=int(cfg.seed))
+            jobs = run.resume_plan(problems, done, snap_every)
+            run.report()  # a resumed run starts where it stopped
+            if jobs:
+                run.driver.run(jobs, run.on_result)
+                stats_acc["search"]["policy"] = run.driver.stats.as_dict(int(cfg.search.batch_leaves))
+            if self.construction.name == "best_worst_of_n":  # sampled while the policy is loaded (resumes)
+                sample_and_score(cfg, self.construction, policy_backend, scorer, problems, self.out,
+                                 self.policy_name or str(cfg.model.policy), self.fam, self.delim)
+            if run.stage3_todo:  # the small model looks for plausible wrong solutions
+                small = small_backend_factory() if small_backend_factory is not None else policy_backend
+                stats_acc["search"]["small"] = self._stage3(small, scorer, verifier, run.stage3_todo, ctx,
+                                                            run.finish, run.counts, progress)
+        finally:
+            run.close()
+        return self.finalize(problems, stats_acc, time.perf_counter() - t_start)
+
+    def _stage_context(self, tok: Any) -> StageContext:
+        """How the stages write their pairs (and ``self.pair_ctx``, the same for the other constructions).
+        Provenance of the pairs: the models that actually ran (sphere run: round r's trained checkpoint)."""
+        cfg = self.cfg
         ptok = self.pair_tok or tok  # the pairs' prompt: the trained model's (a transfer target's) own
         ctx = StageContext.from_config(
             cfg, delim=self.delim, policy_name=self.policy_name or str(cfg.model.policy),
@@ -231,90 +183,7 @@ class Generator:
         self.pair_ctx = PairContext(delim=ctx.delim, pair_prompt=ctx.pair_prompt, conversational=ctx.conversational,
                                     response_prefix=ctx.response_prefix, policy_name=ctx.policy_name,
                                     config_hash=ctx.config_hash)
-        snap_every = int(cfg.output.snapshot_every)
-        w = {s: JsonlAppender(self.out / "stages" / f) for s, f in STAGE_FILES.items()}
-        stats_acc: dict = {"search": {}}
-        # progress: problems finished, searches done per stage, and searches queued for stages 2 and 3 (known
-        # only once stage 1 routes a problem there), so a long stage 2 does not look like a stall
-        counts = {"done": 0, "pairs": {1: 0, 2: 0, 3: 0}, "searched": {1: 0, 2: 0, 3: 0},
-                  "queued": {2: 0, 3: 0}}
-        try:
-            driver = SearchDriver(policy_backend, scorer, verifier, cfg.search, delimiter=self.delim,
-                                  answer_after=self.answer_after,
-                                  engine_backend=str(cfg.engine_backend), seed=int(cfg.seed))
-
-            def stage2_job(p: dict, rec1: dict) -> SearchJob:
-                # both_wrong implies a chain (route: no terminal at all is no_chain, never stage 2)
-                attempt = traj_from_dict(rec1[str(st_cfg.stage2_rejected)] or rec1["sol_max"] or rec1["sol_min"])
-                return SearchJob(f"2:{p['id']}", p, self._reflection_fn(tok, p, attempt),
-                                 {"stage": 2, "attempt": attempt})
-
-            jobs, stage3_todo = [], []
-            for i, p in enumerate(problems):  # resume: the stage each problem still needs
-                r1 = done1.get(p["id"])
-                if r1 is None:
-                    meta = {"stage": 1, "snapshot": snap_every > 0 and i % snap_every == 0}
-                    jobs.append(SearchJob(f"1:{p['id']}", p, self._prompt_fn(tok, p), meta))
-                    continue
-                counts["searched"][1] += 1
-                nxt = {"both_wrong": 2, "both_right": 3}.get(r1["route"])
-                if nxt == 2 and st_cfg.stage2 or nxt == 3 and st_cfg.stage3:
-                    counts["queued"][nxt] += 1
-                    if p["id"] in (done2 if nxt == 2 else done3):
-                        counts["searched"][nxt] += 1
-                        counts["done"] += 1
-                    elif nxt == 2:
-                        jobs.append(stage2_job(p, r1))
-                    else:
-                        stage3_todo.append((p, r1))
-                else:
-                    counts["done"] += 1
-
-            if progress is not None:  # a resumed run starts where it stopped
-                progress(counts)
-
-            def finish(stage: int, p: dict, res: SearchResult, route_: str, pairs: list[dict]) -> dict:
-                rec = self._record(stage, p, res, route_, pairs)
-                w[stage].write(rec)
-                counts["pairs"][stage] += len(pairs)
-                return rec
-
-            def on_result(res: SearchResult) -> None:  # stages 1 and 2 (the policy's searches)
-                p, stage = res.job.problem, int(res.job.meta["stage"])
-                if res.snapshot is not None:
-                    self._save_snapshot(self.out / "trees", f"stage{stage}-{p['id']}", res)
-                counts["searched"][stage] += 1
-                if stage == 1:
-                    rt, pairs, nxt = stage1_outcome(res, p, ctx)
-                    rec = finish(1, p, res, rt, pairs)
-                    if nxt in (2, 3):
-                        counts["queued"][nxt] += 1
-                    if nxt == 2:
-                        driver.submit(stage2_job(p, rec))
-                    elif nxt == 3:
-                        stage3_todo.append((p, rec))
-                    else:
-                        counts["done"] += 1
-                else:
-                    finish(2, p, res, *stage2_outcome(res, p, res.job.meta["attempt"], ctx))
-                    counts["done"] += 1
-                if progress is not None:
-                    progress(counts)
-
-            if jobs:
-                driver.run(jobs, on_result)
-                stats_acc["search"]["policy"] = driver.stats.as_dict(int(cfg.search.batch_leaves))
-            if self.construction.name == "best_worst_of_n":  # sampled while the policy is loaded (resumes)
-                sample_and_score(cfg, self.construction, policy_backend, scorer, problems, self.out,
-                                 self.policy_name or str(cfg.model.policy), self.fam, self.delim)
-            if stage3_todo:  # the small model looks for plausible wrong solutions
-                small = small_backend_factory() if small_backend_factory is not None else policy_backend
-                stats_acc["search"]["small"] = self._stage3(small, scorer, verifier, stage3_todo, ctx,
-                                                            finish, counts, progress)
-        finally:
-            for a in w.values():
-                a.close()
-        return self.finalize(problems, stats_acc, time.perf_counter() - t_start)
+        return ctx
 
     def _stage3(self, small: Any, scorer: Any, verifier: Any, todo: list[tuple[dict, dict]], ctx: StageContext,
                 finish: Any, counts: dict, progress: Any) -> dict:
@@ -347,8 +216,6 @@ class Generator:
 
     def _conv(self, tok: Any) -> bool:
         """Whether the pairs are conversational (the pairs' family and tokenizer use a chat template)."""
-        from sphere.prompts import uses_chat
-
         return uses_chat(tok, getattr(self, "pair_fam", None) or self.fam)
 
     def _record(self, stage: int, p: dict, res: SearchResult, route_: str, pairs: list[dict]) -> dict:
@@ -368,8 +235,6 @@ class Generator:
 
     def _save_snapshot(self, d: Path, name: str, res: SearchResult) -> None:
         """The searched tree as trees/<name>.npz (``sphere viz tree`` renders it)."""
-        from sphere.viz.snapshot import save_tree_snapshot
-
         snap = res.snapshot
         arrays = {k: np.asarray(v) for k, v in snap.items() if k != "text"}
         index = {int(n): i for i, n in enumerate(np.asarray(snap["node_id"]).tolist())}
@@ -390,106 +255,108 @@ class Generator:
     # ------------------------------------------------------------------ outputs
     def finalize(self, problems: list[dict], stats_acc: dict, wall_s: float) -> dict:
         """Rebuild pairs.jsonl / trajectories.jsonl / generate_stats.json from the stage logs."""
-        cfg = self.cfg
         recs = {s: list(d.values()) for s, d in read_stage_logs(self.out).items()}
         wanted = {p["id"] for p in problems}
-        traj_lines = []
-        used: dict[int, list[dict]] = {1: [], 2: [], 3: []}
-        for s in (1, 2, 3):
-            seen = set()
-            for r in recs[s]:
-                if r["problem_id"] not in wanted or r["problem_id"] in seen:
-                    continue
-                seen.add(r["problem_id"])
-                used[s].append(r)
-                # one line per distinct trajectory of the record, with every role it plays (Sol_max and
-                # Sol_min are terminals too, and may be the same trajectory)
-                lines: dict[str, dict] = {}
-                tagged = [("sol_max", r.get("sol_max")), ("sol_min", r.get("sol_min"))]
-                for role, t in [*tagged, *(("terminal", t) for t in r["terminals"])]:
-                    if t is None:
-                        continue
-                    line = lines.setdefault(json.dumps(t, sort_keys=True),
-                                            {"problem_id": r["problem_id"], "stage": s, **t, "roles": []})
-                    if role not in line["roles"]:
-                        line["roles"].append(role)
-                traj_lines.extend(lines.values())
-        from sphere.generate.constructions import build_pairs  # conf/construction/: which pairs the search makes
-
+        traj_lines, used = trajectory_lines(recs, wanted)
+        # conf/construction/: which pairs the search makes
         all_pairs = build_pairs(self.construction, used, {str(p["id"]): p for p in problems}, self.pair_ctx,
                                 self.out)
-        kept, drops = filter_pairs(all_pairs, PairFilter.from_cfg(cfg.filters))
+        kept, drops = filter_pairs(all_pairs, PairFilter.from_cfg(self.cfg.filters))
         atomic_write_text(self.out / "pairs.jsonl",
                           "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in kept))
         atomic_write_text(self.out / "trajectories.jsonl",
                           "".join(json.dumps(t, ensure_ascii=False) + "\n" for t in traj_lines))
-        s1 = {r["problem_id"]: r for r in recs[1] if r["problem_id"] in wanted}
-        routes: dict[str, int] = {}
-        for r in s1.values():
-            routes[r["route"]] = routes.get(r["route"], 0) + 1
-        pairs_per_stage = {str(s): sum(1 for p in kept if int(p["stage"]) == s) for s in (1, 2, 3)}
-        search = stats_acc.get("search", {})
-        prev = {}
         stats_path = self.out / "generate_stats.json"
-        if stats_path.exists():
-            try:
-                prev = json.loads(stats_path.read_text())
-            except json.JSONDecodeError:
-                prev = {}
-        tot = {k: 0.0 for k in ("backend_calls", "tokens", "candidates", "leaves", "engine_s", "backend_s",
-                                "scorer_s", "verify_s", "full_calls", "full_call_leaves", "collisions",
-                                "pruned", "context_ends", "window_ends")}
-        for sd in search.values():
-            for k in tot:
-                tot[k] += float(sd.get(k, 0))
-        batch = int(cfg.search.batch_leaves)
-        pol = search.get("policy", {})
-        stats = {
-            "config_hash": self.hash,
-            "construction": self.construction.name,
-            "problems": len(problems),
-            "problems_done_stage1": len(s1),
-            "routes": routes,
-            "problems_per_stage": {"1": len(s1), "2": sum(1 for r in recs[2] if r["problem_id"] in wanted),
-                                   "3": sum(1 for r in recs[3] if r["problem_id"] in wanted)},
-            "pairs_per_stage": pairs_per_stage,
-            "pairs_total": len(kept),
-            "pairs_before_filters": len(all_pairs),
-            "filter_drops": drops,
-            "yield": len(kept) / max(1, len(problems)),
-            "backend_calls": int(tot["backend_calls"]),
-            "tokens": int(tot["tokens"]),
-            "candidates": int(tot["candidates"]),
-            "mean_leaves_per_call": call_fill(tot, batch)["mean_leaves_per_call"],
-            # over the policy search's calls made while problems remained queued (its queue is longest)
-            "leaves_per_call_frac": call_fill(pol, batch)["leaves_per_call_frac"],
-            "engine_s": tot["engine_s"],
-            "backend_s": tot["backend_s"],
-            "scorer_s": tot["scorer_s"],
-            "verify_s": tot["verify_s"],
-            "engine_time_frac": tot["engine_s"] / max(1e-9, wall_s),
-            "collisions": int(tot["collisions"]),
-            "pruned": int(tot["pruned"]),
-            "context_ends": int(tot["context_ends"]),  # leaves whose prompt no longer fit the policy's window
-            "window_ends": int(tot["window_ends"]),  # candidate steps over the step scorer's window
-            # how the chains ended: every terminal trajectory of the searches, by finish; the share cut at
-            # search.max_depth (depth), the policy's window (length) and the step scorer's window (window)
-            "chain_ends": chain_ends({s: [r for r in recs[s] if r["problem_id"] in wanted] for s in recs}),
-            "wall_s": wall_s,
-            "search": search,
-            "previous_attempts_wall_s": (prev.get("previous_attempts_wall_s", 0.0) + prev.get("wall_s", 0.0))
-            if prev.get("config_hash") == self.hash else 0.0,
-        }
+        stats = generate_stats(config_hash=self.hash, construction=self.construction.name, problems=problems,
+                               recs=recs, wanted=wanted, kept=kept, all_pairs=all_pairs, drops=drops,
+                               search=stats_acc.get("search", {}), batch=int(self.cfg.search.batch_leaves),
+                               wall_s=wall_s, prev=previous_stats(stats_path))
         atomic_write_json(stats_path, stats)
-        ce = stats["chain_ends"]
-        if any(ce[f] for f in CUT_FINISHES):  # say it where the user looks, not only in the stats file
-            import sys
-
-            print(f"[generate] {sum(ce[f] for f in CUT_FINISHES)} of {ce['terminals']} chains were cut before an "
-                  f"answer: {ce['depth']} at search.max_depth, {ce['length']} at the policy's window, "
-                  f"{ce['window']} at the step scorer's window (graded wrong, never chosen; generate_stats.json "
-                  "chain_ends)", file=sys.stderr, flush=True)
+        report_cut_chains(stats)
         return stats
+
+
+class _PolicyStages:
+    """One run's policy searches (stages 1 and 2): the stage logs they append to, what a resumed run still
+    needs, the progress counts and the problems queued for stage 3."""
+
+    def __init__(self, gen: Generator, ctx: StageContext, tok: Any, progress: Any):
+        self.gen, self.ctx, self.tok, self.progress = gen, ctx, tok, progress
+        self.w = {s: JsonlAppender(gen.out / "stages" / f) for s, f in STAGE_FILES.items()}
+        # progress: problems finished, searches done per stage, and searches queued for stages 2 and 3 (known
+        # only once stage 1 routes a problem there), so a long stage 2 does not look like a stall
+        self.counts = {"done": 0, "pairs": {1: 0, 2: 0, 3: 0}, "searched": {1: 0, 2: 0, 3: 0},
+                       "queued": {2: 0, 3: 0}}
+        self.stage3_todo: list[tuple[dict, dict]] = []
+        self.driver: SearchDriver | None = None
+
+    def close(self) -> None:
+        for a in self.w.values():
+            a.close()
+
+    def report(self) -> None:
+        if self.progress is not None:
+            self.progress(self.counts)
+
+    def stage2_job(self, p: dict, rec1: dict) -> SearchJob:
+        # both_wrong implies a chain (route: no terminal at all is no_chain, never stage 2)
+        st_cfg = self.gen.cfg.stages
+        attempt = traj_from_dict(rec1[str(st_cfg.stage2_rejected)] or rec1["sol_max"] or rec1["sol_min"])
+        return SearchJob(f"2:{p['id']}", p, self.gen._reflection_fn(self.tok, p, attempt),
+                         {"stage": 2, "attempt": attempt})
+
+    def resume_plan(self, problems: list[dict], done: dict[int, dict], snap_every: int) -> list[SearchJob]:
+        """Resume: the stage each problem still needs (stage-1 and stage-2 jobs; stage 3 is queued)."""
+        st_cfg, counts = self.gen.cfg.stages, self.counts
+        jobs = []
+        for i, p in enumerate(problems):
+            r1 = done[1].get(p["id"])
+            if r1 is None:
+                meta = {"stage": 1, "snapshot": snap_every > 0 and i % snap_every == 0}
+                jobs.append(SearchJob(f"1:{p['id']}", p, self.gen._prompt_fn(self.tok, p), meta))
+                continue
+            counts["searched"][1] += 1
+            nxt = {"both_wrong": 2, "both_right": 3}.get(r1["route"])
+            if nxt == 2 and st_cfg.stage2 or nxt == 3 and st_cfg.stage3:
+                counts["queued"][nxt] += 1
+                if p["id"] in (done[2] if nxt == 2 else done[3]):
+                    counts["searched"][nxt] += 1
+                    counts["done"] += 1
+                elif nxt == 2:
+                    jobs.append(self.stage2_job(p, r1))
+                else:
+                    self.stage3_todo.append((p, r1))
+            else:
+                counts["done"] += 1
+        return jobs
+
+    def finish(self, stage: int, p: dict, res: SearchResult, route_: str, pairs: list[dict]) -> dict:
+        rec = self.gen._record(stage, p, res, route_, pairs)
+        self.w[stage].write(rec)
+        self.counts["pairs"][stage] += len(pairs)
+        return rec
+
+    def on_result(self, res: SearchResult) -> None:  # stages 1 and 2 (the policy's searches)
+        p, stage = res.job.problem, int(res.job.meta["stage"])
+        counts, ctx = self.counts, self.ctx
+        if res.snapshot is not None:
+            self.gen._save_snapshot(self.gen.out / "trees", f"stage{stage}-{p['id']}", res)
+        counts["searched"][stage] += 1
+        if stage == 1:
+            rt, pairs, nxt = stage1_outcome(res, p, ctx)
+            rec = self.finish(1, p, res, rt, pairs)
+            if nxt in (2, 3):
+                counts["queued"][nxt] += 1
+            if nxt == 2:
+                self.driver.submit(self.stage2_job(p, rec))
+            elif nxt == 3:
+                self.stage3_todo.append((p, rec))
+            else:
+                counts["done"] += 1
+        else:
+            self.finish(2, p, res, *stage2_outcome(res, p, res.job.meta["attempt"], ctx))
+            counts["done"] += 1
+        self.report()
 
 
 __all__ = ["Generator", "load_problems", "route", "solution_text"]

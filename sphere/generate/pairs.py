@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from sphere.search.driver import Trajectory
+from sphere.search.types import Trajectory
 
 
 @dataclass

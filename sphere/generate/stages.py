@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sphere.generate.pairs import has_final_answer, make_pair, mentions_attempt, pick_solution
-from sphere.search.driver import SearchResult, Trajectory
+from sphere.search.types import SearchResult, Trajectory
 
 
 @dataclass

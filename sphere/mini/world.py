@@ -51,7 +51,7 @@ _ITEMS = ["marbles", "apples", "stickers", "coins", "cards", "books", "shells", 
 _BOXES = ["bags", "boxes", "jars", "packs", "baskets", "cups"]
 # op -> list of (problem sentence, solution step prefix). {N}=name {P}=pronoun {I}=item {b}=operand.
 # Steps are short on purpose: every token costs CPU time in training, search and evaluation.
-_PHRASES: dict[str, list[tuple[str, str]]] = {
+PHRASES: dict[str, list[tuple[str, str]]] = {
     "+": [
         ("Then {P} finds {b} more.", "{N} finds {b} more"),
         ("Then {P} gets {b} more from a friend.", "{N} gets {b} more"),
@@ -118,7 +118,7 @@ class WorldSpec:
         return d
 
 
-def _apply(op: str, a: int, b: int) -> int:
+def apply_op(op: str, a: int, b: int) -> int:
     if op == "+":
         return a + b
     if op == "-":
@@ -168,8 +168,8 @@ def make_problem(rng: random.Random, w: WorldSpec, pid: str) -> dict:
         if pick is None:  # pragma: no cover - every total in [1, max_value] admits + or -
             break
         op, b = pick
-        new = _apply(op, total, b)
-        q, s = rng.choice(_PHRASES[op])
+        new = apply_op(op, total, b)
+        q, s = rng.choice(PHRASES[op])
         fmt = {"N": name, "P": pron, "I": item, "b": b}
         sents.append(q.format(**fmt))
         steps.append(f"{s.format(**fmt)}, so {total} {op} {b} = {new}.")
@@ -301,7 +301,7 @@ def plant_slips(problems: list[dict], rate: float, seed: int, max_value: int = 2
             if op == "/" and a % b and "divide" not in kinds:
                 ok = False
                 break
-            exact = _apply(op, a, b)
+            exact = apply_op(op, a, b)
             c = _slip(op, a, b, exact, kinds)
             slipped |= c != exact
             if not 1 <= c <= max_value:

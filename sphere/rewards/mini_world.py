@@ -26,8 +26,8 @@ import hashlib
 import re
 from typing import Any
 
-from sphere.mini.world import _PHRASES
-from sphere.mini.world import _apply as _world_apply
+from sphere.mini.world import PHRASES
+from sphere.mini.world import apply_op as _world_apply
 
 _START = re.compile(r"^\w+ has (?P<total>\d+) [a-z]+\.$")
 _START_PRODUCT = re.compile(r"^\w+ has (?P<a>\d+) [a-z]+ with (?P<b>\d+) [a-z]+ each\.$")
@@ -39,7 +39,7 @@ _SENTENCE = re.compile(r"(?<=[.?])\s+")
 
 def _op_patterns() -> list[tuple[str, re.Pattern]]:
     out = []
-    for op, phrases in _PHRASES.items():
+    for op, phrases in PHRASES.items():
         for sentence, _step in phrases:
             pat = re.escape(sentence)
             pat = pat.replace(re.escape("{P}"), r"(?:he|she)").replace(re.escape("{I}"), r"[a-z]+")
@@ -52,7 +52,7 @@ _OPS = _op_patterns()
 
 
 def _apply(op: str, a: int, b: int) -> int | None:
-    """The world's arithmetic (``sphere.mini.world._apply``); None for a division that is not exact."""
+    """The world's arithmetic (``sphere.mini.world.apply_op``); None for a division that is not exact."""
     if op == "/" and not (b and a % b == 0):
         return None
     return _world_apply(op, a, b)

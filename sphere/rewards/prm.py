@@ -55,66 +55,32 @@ and when the vLLM engine is the better choice).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
+
+from omegaconf import OmegaConf
+
+from sphere.backends import require_vllm
+from sphere.backends.vllm_backend import configure_cpu_env, get_engine, is_cpu_build, release_engine
+from sphere.models import check_model_dir, resolve_model
+from sphere.rewards.prm_model import QwenProcessRewardModel  # noqa: F401 - re-exported (imports torch)
 
 DEFAULT_SYSTEM = "Please reason step by step, and put your final answer within \\boxed{}."
 
 
-def _torch_nn():
-    import torch.nn as nn
-
-    return nn
-
-
-class QwenProcessRewardModel(_torch_nn().Module):
-    """Qwen2.5-Math-PRM architecture in plain PyTorch: body (AutoModel of the config) + ``score`` head."""
-
-    def __init__(self, config):
-        super().__init__()
-        import torch.nn as nn
-        from transformers import AutoModel
-
-        self.config = config
-        self.model = AutoModel.from_config(config)
-        h, k = config.hidden_size, int(getattr(config, "num_labels", 2) or 2)
-        self.score = nn.Sequential(nn.Linear(h, h), nn.ReLU(), nn.Linear(h, k))
-
-    def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False):
-        """Logits ``[B, T, labels]``; ``past_key_values`` (a transformers ``Cache``) is filled or read in place
-        (the shared-prefix scoring of sphere/rewards/shared_prefix.py)."""
-        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                            past_key_values=past_key_values, use_cache=use_cache).last_hidden_state
-        return self.score(hidden)
-
-    @classmethod
-    def from_pretrained(cls, path: str | Path, dtype=None,
-                        trust_remote_code: bool = False) -> QwenProcessRewardModel:
-        import torch
-        from safetensors.torch import load_file
-        from transformers import AutoConfig
-
-        path = Path(path)
-        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-        model = cls(config)
-        index = path / "model.safetensors.index.json"
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else [
-            "model.safetensors"]
-        state: dict[str, Any] = {}
-        for f in files:
-            if not (path / f).is_file():
-                raise FileNotFoundError(f"PRM checkpoint {path}: weight file {f} missing")
-            state.update(load_file(str(path / f)))
-        state = {k: v for k, v in state.items() if not k.startswith("lm_head.")}
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        missing = [k for k in missing if not k.endswith("rotary_emb.inv_freq")]
-        if missing or unexpected:
-            raise ValueError(f"PRM checkpoint {path}: does not match the Qwen PRM layout "
-                             f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
-        if dtype is not None:
-            model.to(dtype)
-        return model.eval().requires_grad_(False) if isinstance(model, torch.nn.Module) else model
+def _scorer_settings(cfg: Any, overrides: dict) -> dict:
+    """The ``scorer`` node of ``cfg`` as a plain dict (a detached node: its literal values), plus ``overrides``."""
+    sc = cfg.get("scorer") if cfg is not None and hasattr(cfg, "get") else None
+    if OmegaConf.is_config(sc):
+        try:
+            s = OmegaConf.to_container(sc, resolve=True)
+        except Exception:  # noqa: BLE001 - a detached scorer node: keep literal values only
+            s = {k: v for k, v in OmegaConf.to_container(sc, resolve=False).items()
+                 if not (isinstance(v, str) and v.startswith("${"))}
+    else:
+        s = dict(sc or {})
+    s.update(overrides)
+    return s
 
 
 class PRMScorer:
@@ -122,36 +88,29 @@ class PRMScorer:
 
     def __init__(self, cfg: Any = None, model_path: str | Path | None = None, *, engine: str | None = None,
                  **overrides: Any):
-        from omegaconf import OmegaConf
-
-        sc = cfg.get("scorer") if cfg is not None and hasattr(cfg, "get") else None
-        if OmegaConf.is_config(sc):
-            try:
-                s = OmegaConf.to_container(sc, resolve=True)
-            except Exception:  # noqa: BLE001 - a detached scorer node: keep literal values only
-                s = {k: v for k, v in OmegaConf.to_container(sc, resolve=False).items()
-                     if not (isinstance(v, str) and v.startswith("${"))}
-        else:
-            s = dict(sc or {})
-        s.update(overrides)
+        s = _scorer_settings(cfg, overrides)
         self.engine = engine or s.get("engine", "transformers")
         if self.engine not in ("transformers", "vllm"):
             raise ValueError(f"scorer.engine={self.engine!r}: allowed 'transformers' | 'vllm'")
         if self.engine == "vllm":
-            from sphere.backends import require_vllm
-
             require_vllm("scorer.engine=vllm", "scorer.engine=transformers")
         if model_path is None:
             model_cfg = cfg.get("model") if cfg is not None and hasattr(cfg, "get") else None
             name = s.get("model") or (model_cfg.get("prm") if model_cfg is not None else None)
             if not name:
                 raise ValueError("PRMScorer: no model (config key scorer.model or model.prm)")
-            from sphere.models import resolve_model
-
             model_path = resolve_model(name, cfg)
-        from sphere.models import check_model_dir
-
         self.model_path = check_model_dir(model_path, what="PRM model")
+        self._read_settings(s)
+        trust = bool(s.get("trust_remote_code", False))
+        arch = self._open_tokenizer(s, trust)
+        if self.engine == "transformers":
+            self._open_transformers(s, arch, trust)
+        else:
+            self._open_vllm(s, trust)
+
+    def _read_settings(self, s: dict) -> None:
+        """The scoring settings (reward token, system prompt, batching, shared prefixes) and the counters."""
         self.step_tag = s.get("step_tag", "<extra_0>")
         self.system = s.get("system", DEFAULT_SYSTEM)
         self.batch_size = int(s.get("batch_size", 16))
@@ -166,7 +125,10 @@ class PRMScorer:
             raise ValueError(f"scorer.shared_prefix_min={self.shared_prefix_min}: allowed an integer >= 1")
         self._stats = {"calls": 0, "items": 0, "items_scored": 0, "tokens": 0, "tokens_computed": 0,
                        "tokens_shared": 0, "groups": 0, "forward_passes": 0, "seconds": 0.0}
-        trust = bool(s.get("trust_remote_code", False))
+
+    def _open_tokenizer(self, s: dict, trust: bool) -> str:
+        """The PRM's tokenizer and reward token, its window (``max_length``) and the long-chain rule;
+        returns the checkpoint's architecture."""
         from transformers import AutoConfig, AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path, trust_remote_code=trust)
@@ -184,40 +146,43 @@ class PRMScorer:
         if self.long_chains not in ("end", "recent"):
             raise ValueError(f"scorer.long_chains={self.long_chains!r}: allowed end | recent")
         self._stats["items_truncated"] = 0
-        if self.engine == "transformers":
-            import torch
+        return arch
 
-            dtype = getattr(torch, s.get("dtype", "float32"))
-            device = s.get("device", "auto")
-            if device == "auto":
-                device = "cuda" if torch.cuda.is_available() else "cpu"
-            self.device = torch.device(device)
-            if arch.endswith("ForTokenClassification"):
-                from transformers import AutoModelForTokenClassification
+    def _open_transformers(self, s: dict, arch: str, trust: bool) -> None:
+        """The transformers engine: a token-classification model, or the Qwen PRM layout."""
+        import torch
 
-                self._model = AutoModelForTokenClassification.from_pretrained(
-                    self.model_path, dtype=dtype, trust_remote_code=trust).eval()
-                self._token_cls = True
-            else:
-                self._model = QwenProcessRewardModel.from_pretrained(self.model_path, dtype=dtype,
-                                                                     trust_remote_code=trust)
-                self._token_cls = False
-            self._model.to(self.device)
+        dtype = getattr(torch, s.get("dtype", "float32"))
+        device = s.get("device", "auto")
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        if arch.endswith("ForTokenClassification"):
+            from transformers import AutoModelForTokenClassification
+
+            self._model = AutoModelForTokenClassification.from_pretrained(
+                self.model_path, dtype=dtype, trust_remote_code=trust).eval()
+            self._token_cls = True
         else:
-            from sphere.backends.vllm_backend import configure_cpu_env, get_engine, is_cpu_build
+            self._model = QwenProcessRewardModel.from_pretrained(self.model_path, dtype=dtype,
+                                                                 trust_remote_code=trust)
+            self._token_cls = False
+        self._model.to(self.device)
 
-            if is_cpu_build():
-                configure_cpu_env(s.get("cpu_kvcache_gib", 1), s.get("cpu_omp_threads_bind", "nobind"))
-            # Prefix caching off: token pooling returns hidden states only for the tokens the engine computed,
-            # so reward tokens inside a cached prefix would be missing from the output.
-            kw = dict(runner="pooling", dtype=s.get("dtype", "float32"), trust_remote_code=trust,
-                      enable_prefix_caching=False,
-                      enforce_eager=bool(s.get("enforce_eager", True)), seed=0,
-                      gpu_memory_utilization=float(s.get("gpu_memory_utilization", 0.3)))
-            for k in ("max_model_len", "block_size"):
-                if s.get(k):
-                    kw[k] = int(s[k])
-            self._llm, self._key = get_engine(str(self.model_path), **kw)
+    def _open_vllm(self, s: dict, trust: bool) -> None:
+        """The vLLM engine (pooling runner, no prefix caching)."""
+        if is_cpu_build():
+            configure_cpu_env(s.get("cpu_kvcache_gib", 1), s.get("cpu_omp_threads_bind", "nobind"))
+        # Prefix caching off: token pooling returns hidden states only for the tokens the engine computed,
+        # so reward tokens inside a cached prefix would be missing from the output.
+        kw = dict(runner="pooling", dtype=s.get("dtype", "float32"), trust_remote_code=trust,
+                  enable_prefix_caching=False,
+                  enforce_eager=bool(s.get("enforce_eager", True)), seed=0,
+                  gpu_memory_utilization=float(s.get("gpu_memory_utilization", 0.3)))
+        for k in ("max_model_len", "block_size"):
+            if s.get(k):
+                kw[k] = int(s[k])
+        self._llm, self._key = get_engine(str(self.model_path), **kw)
 
     # ---------------------------------------------------------------------------------------------
     def build_ids(self, problem: str, steps: list[str]) -> list[int]:
@@ -387,7 +352,5 @@ class PRMScorer:
 
     def close(self) -> None:
         if self._key is not None:
-            from sphere.backends.vllm_backend import release_engine
-
             release_engine(self._key)
             self._key = self._llm = None

@@ -19,8 +19,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-if TYPE_CHECKING:  # pragma: no cover
-    from sphere.search.driver import SearchDriver, SearchJob, Trajectory
+from sphere.search.types import SearchJob, Trajectory
+
+if TYPE_CHECKING:  # pragma: no cover - annotation only: the driver imports this module and calls it
+    from sphere.search.driver import SearchDriver
 
 
 @dataclass

@@ -6,7 +6,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from sphere.testing.standin import IM_END, RECIPE, _deterministic, _family
+from sphere.testing.standin_convert import IM_END
+from sphere.testing.standin_recipe import RECIPE, _deterministic, _family
 
 
 def heldout_problems(n: int, split: str = "test") -> list[dict]:

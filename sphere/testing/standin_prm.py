@@ -15,28 +15,20 @@ import re
 import time
 from pathlib import Path
 
-from sphere.testing.standin import (
-    ENDOFTEXT,
-    PRM_SYSTEM,
-    RECIPE,
-    STEP_TAG,
-    _log,
-    _lr_at,
-    qwen2_config,
-    save_tokenizer,
-)
+from sphere.testing.standin_convert import ENDOFTEXT, PRM_SYSTEM, STEP_TAG, qwen2_config, save_tokenizer
+from sphere.testing.standin_recipe import RECIPE, _log, _lr_at
 from sphere.testing.standin_eval import heldout_problems
 
 _EQ_STEP = re.compile(r"^(?P<head>.*?)(?P<a>\d+) (?P<op>[-+*/]) (?P<b>\d+) = (?P<c>\d+)(?P<tail>\.?)$")
 
 
 def _exact(op: str, a: int, b: int) -> int | None:
-    """The mini world's arithmetic (``sphere.mini.world._apply``); None for a division that is not exact."""
-    from sphere.mini.world import _apply
+    """The mini world's arithmetic (``sphere.mini.world.apply_op``); None for a division that is not exact."""
+    from sphere.mini.world import apply_op
 
     if op == "/" and not (b and a % b == 0):
         return None
-    return _apply(op, a, b)
+    return apply_op(op, a, b)
 
 
 def corrupt_steps(steps: list[str], rng: random.Random, force: bool = False) -> tuple[list[str], list[bool]]:
@@ -102,9 +94,45 @@ def build_prm(policy_dir: Path, tok, problems: list[dict], r: dict, seed: int, s
     """A ``QwenProcessRewardModel`` with the policy's body, trained on step correctness. ``stop_after``:
     stop after that many steps with the full schedule (a bit-exact prefix of the full build)."""
     import torch
+
+    model, cfg, n_old = _prm_from_policy(policy_dir, tok, r, seed)
+    rng = random.Random(seed + 1)
+    data = prm_pair_examples(tok, problems, rng)
+    pad = tok.convert_tokens_to_ids(ENDOFTEXT)
+    opt, base_lrs = _prm_optimizer(model, cfg, n_old, r)
+    order = list(range(len(data)))
+    rng.shuffle(order)
+    pos, losses, bs = 0, [], int(r["batch_size"])
+    steps = int(r["steps"])
+    model.train()
+    for step in range(steps if stop_after is None else min(steps, stop_after)):
+        if pos + bs > len(order):
+            rng.shuffle(order)
+            pos = 0
+        rows = [row for i in order[pos: pos + bs] for row in data[i]]  # good, bad, good, bad, ...
+        pos += bs
+        for g, base in zip(opt.param_groups, base_lrs, strict=True):
+            g["lr"] = _lr_at(step, steps, int(r["warmup"]), base)
+        loss, pair = _prm_loss(model, rows, pad, float(r.get("pair_weight", 1.0)))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(pair.item()))
+        if step % 50 == 0 or step == steps - 1:
+            _log(f"prm step {step}/{steps} loss {float(loss.item()):.3f} pair {losses[-1]:.3f}")
+    model.eval()
+    return model, cfg, losses
+
+
+def _prm_from_policy(policy_dir: Path, tok, r: dict, seed: int):
+    """(the PRM with the policy's layers plus ``r.extra_layers`` identity layers, its config, the policy's
+    layer count)."""
+    import torch
+    from safetensors.torch import load_file
     from transformers import AutoConfig
 
-    from sphere.rewards.prm import QwenProcessRewardModel
+    from sphere.rewards.prm_model import QwenProcessRewardModel  # imports torch
 
     pcfg = AutoConfig.from_pretrained(str(policy_dir), trust_remote_code=False)
     extra = int(r.get("extra_layers", 0))
@@ -114,8 +142,6 @@ def build_prm(policy_dir: Path, tok, problems: list[dict], r: dict, seed: int, s
     cfg.tie_word_embeddings = False
     torch.manual_seed(seed)
     model = QwenProcessRewardModel(cfg)
-    from safetensors.torch import load_file
-
     body = {k[len("model."):]: v for k, v in load_file(str(policy_dir / "model.safetensors")).items()
             if k.startswith("model.")}
     missing, unexpected = model.model.load_state_dict(body, strict=False)
@@ -128,9 +154,13 @@ def build_prm(policy_dir: Path, tok, problems: list[dict], r: dict, seed: int, s
         for i in range(n_old, cfg.num_hidden_layers):
             model.model.layers[i].self_attn.o_proj.weight.zero_()
             model.model.layers[i].mlp.down_proj.weight.zero_()
-    rng = random.Random(seed + 1)
-    data = prm_pair_examples(tok, problems, rng)
-    pad = tok.convert_tokens_to_ids(ENDOFTEXT)
+    return model, cfg, n_old
+
+
+def _prm_optimizer(model, cfg, n_old: int, r: dict):
+    """AdamW with three learning rates: the policy's layers, the added layers, the score head."""
+    import torch
+
     new = [p for i in range(n_old, cfg.num_hidden_layers) for p in model.model.layers[i].parameters()]
     new_ids = {id(p) for p in new}
     old = [p for p in model.model.parameters() if id(p) not in new_ids]
@@ -138,49 +168,33 @@ def build_prm(policy_dir: Path, tok, problems: list[dict], r: dict, seed: int, s
               (list(model.score.parameters()), float(r["head_lr"]))]
     groups = [(ps, lr) for ps, lr in groups if ps]
     opt = torch.optim.AdamW([{"params": ps, "lr": lr} for ps, lr in groups], weight_decay=0.0)
-    base_lrs = [lr for _, lr in groups]
-    order = list(range(len(data)))
-    rng.shuffle(order)
-    pos, losses, bs = 0, [], int(r["batch_size"])
-    steps = int(r["steps"])
-    model.train()
-    for step in range(steps if stop_after is None else min(steps, stop_after)):
-        if pos + bs > len(order):
-            rng.shuffle(order)
-            pos = 0
-        rows = [row for i in order[pos: pos + bs] for row in data[i]]  # good, bad, good, bad, ...
-        pos += bs
-        width = max(len(ids) for ids, _ in rows)
-        x = torch.full((len(rows), width), pad, dtype=torch.long)
-        m = torch.zeros((len(rows), width), dtype=torch.long)
-        y = torch.full((len(rows), width), -100, dtype=torch.long)
-        last = torch.zeros(len(rows), dtype=torch.long)
-        for i, (ids, tp) in enumerate(rows):
-            x[i, : len(ids)] = torch.tensor(ids)
-            m[i, : len(ids)] = 1
-            y[i, tp] = 1
-            if i % 2:
-                y[i, tp[-1]] = 0
-            last[i] = tp[-1]
-        for g, base in zip(opt.param_groups, base_lrs, strict=True):
-            g["lr"] = _lr_at(step, steps, int(r["warmup"]), base)
-        logits = model(x, m)
-        # pointwise: every step tag (the prefix steps are correct, the last one is right or wrong) ...
-        point = torch.nn.functional.cross_entropy(logits.reshape(-1, 2), y.reshape(-1), ignore_index=-100)
-        # ... and pairwise (Bradley-Terry): the right last step above its corrupted twin (same prefix)
-        z = logits[torch.arange(len(rows)), last]
-        margin = (z[:, 1] - z[:, 0]).view(-1, 2)
-        pair = torch.nn.functional.softplus(margin[:, 1] - margin[:, 0]).mean()
-        loss = point + float(r.get("pair_weight", 1.0)) * pair
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(float(pair.item()))
-        if step % 50 == 0 or step == steps - 1:
-            _log(f"prm step {step}/{steps} loss {float(loss.item()):.3f} pair {losses[-1]:.3f}")
-    model.eval()
-    return model, cfg, losses
+    return opt, [lr for _, lr in groups]
+
+
+def _prm_loss(model, rows: list, pad: int, pair_weight: float):
+    """(loss, pairwise part) of one batch of (right, corrupted) rows."""
+    import torch
+
+    width = max(len(ids) for ids, _ in rows)
+    x = torch.full((len(rows), width), pad, dtype=torch.long)
+    m = torch.zeros((len(rows), width), dtype=torch.long)
+    y = torch.full((len(rows), width), -100, dtype=torch.long)
+    last = torch.zeros(len(rows), dtype=torch.long)
+    for i, (ids, tp) in enumerate(rows):
+        x[i, : len(ids)] = torch.tensor(ids)
+        m[i, : len(ids)] = 1
+        y[i, tp] = 1
+        if i % 2:
+            y[i, tp[-1]] = 0
+        last[i] = tp[-1]
+    logits = model(x, m)
+    # pointwise: every step tag (the prefix steps are correct, the last one is right or wrong) ...
+    point = torch.nn.functional.cross_entropy(logits.reshape(-1, 2), y.reshape(-1), ignore_index=-100)
+    # ... and pairwise (Bradley-Terry): the right last step above its corrupted twin (same prefix)
+    z = logits[torch.arange(len(rows)), last]
+    margin = (z[:, 1] - z[:, 0]).view(-1, 2)
+    pair = torch.nn.functional.softplus(margin[:, 1] - margin[:, 0]).mean()
+    return point + pair_weight * pair, pair
 
 
 def prm_pair_examples(tok, problems: list[dict], rng: random.Random):

@@ -204,7 +204,7 @@ def build_tiny_prm(out_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike,
     from safetensors.torch import save_file
     from transformers import AutoTokenizer, Qwen2Config
 
-    from sphere.rewards.prm import QwenProcessRewardModel
+    from sphere.rewards.prm_model import QwenProcessRewardModel  # imports torch
 
     r = dict(PRM_RECIPE)
     if train_steps is not None:
@@ -230,27 +230,7 @@ def build_tiny_prm(out_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike,
     opt = torch.optim.AdamW(model.parameters(), lr=r["lr"])
     model.train()
     for _ in range(r["train_steps"]):
-        rows, labs = [], []
-        for _ in range(r["batch_size"]):
-            problem, steps, ok = prm_example(rng)
-            ids = tok(prm_text(tok, problem, steps), add_special_tokens=False)["input_ids"]
-            lab = [-100] * len(ids)
-            pos = [i for i, t in enumerate(ids) if t == tag]
-            for p, good in zip(pos, ok):
-                lab[p] = int(good)
-            rows.append(ids)
-            labs.append(lab)
-        width = max(map(len, rows))
-        x = torch.full((len(rows), width), tok.pad_token_id)
-        y = torch.full((len(rows), width), -100)
-        for i, (ids, lab) in enumerate(zip(rows, labs)):
-            x[i, : len(ids)] = torch.tensor(ids)
-            y[i, : len(lab)] = torch.tensor(lab)
-        logits = model(x, (x != tok.pad_token_id).long())
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 2), y.reshape(-1), ignore_index=-100)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        loss = _prm_step(model, opt, tok, tag, rng, r["batch_size"])
     model.eval()
     cfg.save_pretrained(out)
     save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()},
@@ -258,6 +238,34 @@ def build_tiny_prm(out_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike,
     (out / "sphere_recipe.json").write_text(json.dumps({"recipe": r, "seed": seed,
                                                        "final_loss": round(float(loss.item()), 4)}))
     return out
+
+
+def _prm_step(model, opt, tok, tag: int, rng: random.Random, batch_size: int):
+    """One optimiser step on ``batch_size`` fresh examples (a label per step tag); returns the loss."""
+    import torch
+
+    rows, labs = [], []
+    for _ in range(batch_size):
+        problem, steps, ok = prm_example(rng)
+        ids = tok(prm_text(tok, problem, steps), add_special_tokens=False)["input_ids"]
+        lab = [-100] * len(ids)
+        pos = [i for i, t in enumerate(ids) if t == tag]
+        for p, good in zip(pos, ok):
+            lab[p] = int(good)
+        rows.append(ids)
+        labs.append(lab)
+    width = max(map(len, rows))
+    x = torch.full((len(rows), width), tok.pad_token_id)
+    y = torch.full((len(rows), width), -100)
+    for i, (ids, lab) in enumerate(zip(rows, labs)):
+        x[i, : len(ids)] = torch.tensor(ids)
+        y[i, : len(lab)] = torch.tensor(lab)
+    logits = model(x, (x != tok.pad_token_id).long())
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 2), y.reshape(-1), ignore_index=-100)
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss
 
 
 # ------------------------------------------------------------------------------------------------ cache

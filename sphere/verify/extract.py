@@ -41,7 +41,7 @@ _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?|-?\.\d+")
 _BRACE = re.compile(r"\\[{}]|[{}]")
 
 
-def _balanced_from(text: str, start: int) -> tuple[str, int] | None:
+def balanced_from(text: str, start: int) -> tuple[str, int] | None:
     """Content of the brace group opening at ``text[start] == '{'`` and the index after it, or None.
 
     Scans at most ``MAX_ANSWER_CHARS`` characters: a longer group is not an answer (and the bound keeps
@@ -69,7 +69,7 @@ def has_open_box(text: str) -> bool:
     j = pos + len(cmd)
     while j < len(text) and text[j] in " \t":
         j += 1
-    return j >= len(text) or (text[j] == "{" and _balanced_from(text, j) is None)
+    return j >= len(text) or (text[j] == "{" and balanced_from(text, j) is None)
 
 
 def last_boxed(text: str) -> str | None:
@@ -83,7 +83,7 @@ def last_boxed(text: str) -> str | None:
         while j < len(text) and text[j] in " \t":
             j += 1
         if j < len(text) and text[j] == "{":
-            got = _balanced_from(text, j)
+            got = balanced_from(text, j)
             if got is not None:
                 return got[0].strip()
         elif j > pos + len(cmd) and j < len(text):

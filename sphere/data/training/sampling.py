@@ -70,82 +70,15 @@ def sample_training(
     ``data.limit`` keeps the mix). The manifest records seed, mix, quotas, per-pool drop counts, the
     contaminated problems per benchmark and the sampled ids. ``keys``: the config key naming each pool's path,
     for error messages (default ``data.training.<pool>``)."""
-    unknown = [k for k in list(mix) + list(pools) if k not in POOLS]
-    if unknown:
-        raise ValueError(f"data.training: unknown pool(s) {sorted(set(unknown))}; allowed {', '.join(POOLS)}")
-    active = {k: float(v) for k, v in mix.items() if float(v) > 0}
-    if n is not None and int(n) < 0:
-        raise ValueError(f"data.training.n={n}: allowed null or an integer >= 0")
-    q = quotas(int(n), active) if n is not None else {k: None for k in active}
-    missing = [k for k in active if k not in pools]
-    if missing:
-        raise ValueError(f"data.training.mix names {missing} but no path is configured for it")
+    active, q = _quotas_of(pools, n, mix)
     decon = None
     if decontaminate:
         decon = decontaminator or load_decontaminator(data_dir, ngram)
-    seen: set[str] = set()
+    acc = _Sampled(decon)
     per_pool: dict[str, dict] = {}
-    dropped: list[dict] = []
-    per_bench = {name: 0 for name in (decon.benchmark_sizes if decon else {})}
     out: list[dict] = []
     for pool in active:
-        schema = POOLS[pool]
-        cols, files = read_pool(pools[pool], pool, (keys or {}).get(pool))
-        rows = len(cols["problem"])
-        want = q[pool]
-        perm = _seed_for(seed, pool).permutation(rows)
-        st = {"path": str(pools[pool]), "files": [str(f) for f in files], "rows": rows, "quota": want,
-              "examined": 0, "sampled": 0, "dropped_no_answer": 0, "dropped_malformed": 0,
-              "dropped_duplicate": 0, "dropped_contaminated": 0}
-        got: list[dict] = []
-        gold_fn = GOLD[pool]
-        for b0 in range(0, rows, batch):
-            if want is not None and len(got) >= want:
-                break
-            idx = perm[b0:b0 + batch].tolist()
-            golds = [gold_fn(cols["text"][i]) for i in idx]
-            probs = [cols["problem"][i] for i in idx]
-            ok = [isinstance(p, str) and p.strip() != "" for p in probs]
-            checks = [g is not None and o for g, o in zip(golds, ok, strict=True)]
-            hits = decon.find([p for p, c in zip(probs, checks, strict=True) if c]) if decon else []
-            hit_iter = iter(hits)
-            for i, g, p, o, c in zip(idx, golds, probs, ok, checks, strict=True):
-                if want is not None and len(got) >= want:
-                    break
-                m = next(hit_iter) if (c and decon) else None
-                st["examined"] += 1
-                if not o:
-                    st["dropped_malformed"] += 1
-                    continue
-                if g is None:
-                    st["dropped_no_answer"] += 1
-                    continue
-                if m is not None:
-                    st["dropped_contaminated"] += 1
-                    per_bench[m.benchmark] = per_bench.get(m.benchmark, 0) + 1
-                    dropped.append({"id": f"{pool}-{i}", "benchmark": m.benchmark,
-                                    "benchmark_id": m.benchmark_id, "rule": m.rule})
-                    continue
-                key = " ".join(normalize_words(p))
-                if key in seen:
-                    st["dropped_duplicate"] += 1
-                    continue
-                seen.add(key)
-                text = cols["text"][i]
-                rec = {"id": f"{pool}-{i}", "problem": p, "answer": g, "solution": text,
-                       "source": schema.title, "origin": cols["origin"][i], "row": i}
-                if pool == "numina":
-                    rec["n_boxed"] = count_boxed(text)
-                for c in schema.extra:
-                    if cols[c][i] is not None:
-                        rec[c] = cols[c][i]
-                got.append(rec)
-        st["sampled"] = len(got)
-        if want is not None and len(got) < want:
-            st["shortfall"] = want - len(got)
-            log.warning("%s: only %d usable problems for a quota of %d (%s)", schema.title, len(got), want,
-                        st)
-        per_pool[pool] = st
+        got, per_pool[pool] = _sample_pool(pool, pools[pool], (keys or {}).get(pool), q[pool], seed, batch, acc)
         out.extend(got)
     order = _seed_for(seed, "__order__").permutation(len(out)).tolist()
     out = [out[i] for i in order]
@@ -161,10 +94,103 @@ def sample_training(
             "ngram": int(decon.n) if decon else int(ngram),
             "min_tokens": int(decon.min_tokens) if decon else MIN_WINDOW_TOKENS,
             "benchmarks": dict(decon.benchmark_sizes) if decon else {},
-            "dropped_per_benchmark": per_bench,
-            "dropped": dropped,
+            "dropped_per_benchmark": acc.per_bench,
+            "dropped": acc.dropped,
         },
         "pools": per_pool,
         "ids": [p["id"] for p in out],
     }
     return out, manifest
+
+
+def _quotas_of(pools: dict[str, str], n: int | None, mix: dict[str, float]) -> tuple[dict[str, float], dict]:
+    """(the pools of weight > 0, each one's quota: None = every usable row), refused where they do not match."""
+    unknown = [k for k in list(mix) + list(pools) if k not in POOLS]
+    if unknown:
+        raise ValueError(f"data.training: unknown pool(s) {sorted(set(unknown))}; allowed {', '.join(POOLS)}")
+    active = {k: float(v) for k, v in mix.items() if float(v) > 0}
+    if n is not None and int(n) < 0:
+        raise ValueError(f"data.training.n={n}: allowed null or an integer >= 0")
+    q = quotas(int(n), active) if n is not None else {k: None for k in active}
+    missing = [k for k in active if k not in pools]
+    if missing:
+        raise ValueError(f"data.training.mix names {missing} but no path is configured for it")
+    return active, q
+
+
+class _Sampled:
+    """What the pools share while they are sampled: the decontaminator, the normalised problems kept so far
+    (duplicates across pools drop), and the contaminated problems dropped (per benchmark, and each one)."""
+
+    def __init__(self, decon: Decontaminator | None):
+        self.decon = decon
+        self.seen: set[str] = set()
+        self.per_bench = {name: 0 for name in (decon.benchmark_sizes if decon else {})}
+        self.dropped: list[dict] = []
+
+
+def _sample_pool(pool: str, spec: str, key: str | None, want: int | None, seed: int, batch: int,
+                 acc: _Sampled) -> tuple[list[dict], dict]:
+    """One pool's problems in its seeded order until ``want``, and its manifest entry (drop counts)."""
+    schema = POOLS[pool]
+    cols, files = read_pool(spec, pool, key)
+    rows = len(cols["problem"])
+    perm = _seed_for(seed, pool).permutation(rows)
+    st = {"path": str(spec), "files": [str(f) for f in files], "rows": rows, "quota": want,
+          "examined": 0, "sampled": 0, "dropped_no_answer": 0, "dropped_malformed": 0,
+          "dropped_duplicate": 0, "dropped_contaminated": 0}
+    got: list[dict] = []
+    for b0 in range(0, rows, batch):
+        if want is not None and len(got) >= want:
+            break
+        _sample_batch(pool, cols, perm[b0:b0 + batch].tolist(), want, acc, st, got)
+    st["sampled"] = len(got)
+    if want is not None and len(got) < want:
+        st["shortfall"] = want - len(got)
+        log.warning("%s: only %d usable problems for a quota of %d (%s)", schema.title, len(got), want,
+                    st)
+    return got, st
+
+
+def _sample_batch(pool: str, cols: dict, idx: list[int], want: int | None, acc: _Sampled, st: dict,
+                  got: list[dict]) -> None:
+    """Rows ``idx`` of a pool, in order, into ``got`` (until ``want``): each dropped when malformed, without a
+    gold answer, contaminated or a duplicate, counted in ``st``."""
+    schema, decon = POOLS[pool], acc.decon
+    golds = [GOLD[pool](cols["text"][i]) for i in idx]
+    probs = [cols["problem"][i] for i in idx]
+    ok = [isinstance(p, str) and p.strip() != "" for p in probs]
+    checks = [g is not None and o for g, o in zip(golds, ok, strict=True)]
+    hits = decon.find([p for p, c in zip(probs, checks, strict=True) if c]) if decon else []
+    hit_iter = iter(hits)
+    for i, g, p, o, c in zip(idx, golds, probs, ok, checks, strict=True):
+        if want is not None and len(got) >= want:
+            break
+        m = next(hit_iter) if (c and decon) else None
+        st["examined"] += 1
+        if not o:
+            st["dropped_malformed"] += 1
+            continue
+        if g is None:
+            st["dropped_no_answer"] += 1
+            continue
+        if m is not None:
+            st["dropped_contaminated"] += 1
+            acc.per_bench[m.benchmark] = acc.per_bench.get(m.benchmark, 0) + 1
+            acc.dropped.append({"id": f"{pool}-{i}", "benchmark": m.benchmark,
+                                "benchmark_id": m.benchmark_id, "rule": m.rule})
+            continue
+        key = " ".join(normalize_words(p))
+        if key in acc.seen:
+            st["dropped_duplicate"] += 1
+            continue
+        acc.seen.add(key)
+        text = cols["text"][i]
+        rec = {"id": f"{pool}-{i}", "problem": p, "answer": g, "solution": text,
+               "source": schema.title, "origin": cols["origin"][i], "row": i}
+        if pool == "numina":
+            rec["n_boxed"] = count_boxed(text)
+        for c in schema.extra:
+            if cols[c][i] is not None:
+                rec[c] = cols[c][i]
+        got.append(rec)

@@ -6,14 +6,26 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import OmegaConf
+
+from sphere.data.selection import sources
 from sphere.data.training.decontamination import DEFAULT_NGRAM, load_decontaminator
 from sphere.data.training.pools import POOLS, pool_available
 from sphere.data.training.sampling import sample_training
+from sphere.io import atomic_write_json
 
 log = logging.getLogger("sphere.data.training")  # the logger name of the module before the split (issue #18)
+
+# The loader and counter of data.problems' other sources (``sphere.data.problems.load_source`` /
+# ``count_problems``) for ``data.training.fallback``: passed in by sphere.data.problems, which dispatches the
+# training sources here, so this module does not import it back (no import cycle in sphere.data).
+Loader = Callable[[str, Any, int, "int | None"], list[dict]]
+Counter = Callable[[Any, int], int]
 
 
 # ---------------------------------------------------------------------------------------------- config glue
@@ -34,8 +46,6 @@ def _tcfg(dcfg: Any) -> Any:
 
 
 def _plain(x: Any) -> Any:
-    from omegaconf import OmegaConf
-
     return OmegaConf.to_container(x, resolve=True) if OmegaConf.is_config(x) else x
 
 
@@ -97,13 +107,9 @@ def _write_manifest(dcfg: Any, manifest: dict) -> Path | None:
     path = Path(str(name))
     if not path.is_absolute():
         try:
-            from hydra.core.hydra_config import HydraConfig
-
             path = Path(HydraConfig.get().runtime.output_dir) / path
         except Exception:  # noqa: BLE001 - no Hydra run (library use): the caller keeps the dict
             return None
-    from sphere.io import atomic_write_json
-
     atomic_write_json(path, manifest)
     return path
 
@@ -139,19 +145,18 @@ def require_training(dcfg: Any) -> None:
     """Refuse (``MissingPoolsError``, one line) when ``data.problems`` includes ``training``, a pool of the
     mix has no local files and no ``data.training.fallback`` is set. Loading, counting (dry runs) and the
     plan's ``data_source`` all refuse the same way: a paper run never silently trains on other problems."""
-    from sphere.data.problems import sources as _sources
-
-    if TRAINING_SOURCE not in _sources(dcfg):
+    if TRAINING_SOURCE not in sources(dcfg):
         return
     ok, why = training_available(dcfg)
     if not ok and _fallback(dcfg) is None:
         raise missing_pools_error(why)
 
 
-def load_source(src: str, dcfg: Any, seed: int, limit: int | None) -> list[dict]:
-    """Problems of a training source for ``sphere.generate.generator.load_problems`` (writes the manifest).
+def load_source(src: str, dcfg: Any, seed: int, limit: int | None, *, load: Loader) -> list[dict]:
+    """Problems of a training source for ``sphere.data.problems.load_problems`` (writes the manifest).
     ``training`` with a pool missing uses ``data.training.fallback`` when set (logged and recorded), else
-    refuses in one line naming the missing files and the override (``require_training``)."""
+    refuses in one line naming the missing files and the override (``require_training``). ``load``: the
+    loader of the fallback's sources (``sphere.data.problems.load_source``, passed in: see ``Loader``)."""
     if src == TRAINING_SOURCE:
         ok, why = training_available(dcfg)
         if not ok:
@@ -159,7 +164,7 @@ def load_source(src: str, dcfg: Any, seed: int, limit: int | None) -> list[dict]
             if fb is None:
                 raise missing_pools_error(why)
             log.warning("data.problems=training: %s; using data.training.fallback=%s", why, fb)
-            out, dropped = _fallback_problems(dcfg, seed)
+            out, dropped = _fallback_problems(dcfg, seed, load)
             _write_manifest(dcfg, {"kind": "sphere.training_sample", "fallback": fb, "reason": why,
                                    "decontamination": dropped})
             return out if limit is None else out[:limit]
@@ -169,15 +174,13 @@ def load_source(src: str, dcfg: Any, seed: int, limit: int | None) -> list[dict]
     return problems if limit is None else problems[:limit]
 
 
-def _fallback_problems(dcfg: Any, seed: int) -> tuple[list[dict], dict]:
+def _fallback_problems(dcfg: Any, seed: int, load: Loader) -> tuple[list[dict], dict]:
     """The fallback sources' problems, decontaminated against the six benchmarks like the pools when
     ``data.training.decontaminate`` is on (the shipped MATH train holds exact copies of a MATH-500 and two
     OlympiadBench problems); returns (problems, drop counts per benchmark)."""
-    from sphere.data.problems import load_source as _load_source
-
     out: list[dict] = []
     for s in _fallback(dcfg) or []:
-        out.extend(_load_source(s, dcfg, seed, None))
+        out.extend(load(s, dcfg, seed, None))
     t = _tcfg(dcfg)
     if not bool(t.get("decontaminate", True)):
         return out, {"enabled": False}
@@ -194,31 +197,26 @@ def _fallback_problems(dcfg: Any, seed: int) -> tuple[list[dict], dict]:
     return kept, {"enabled": True, "ngram": dec.n, "dropped_per_benchmark": per, "kept": len(kept)}
 
 
-def count_source(src: str, dcfg: Any, seed: int) -> int:
+def count_source(src: str, dcfg: Any, seed: int, *, load: Loader, count: Counter) -> int:
     """Number of problems ``load_source`` gives (before data.limit), reading local files only (dry runs).
     With the pools present this runs the sampling and decontamination (seconds for the full datasets).
-    Pools missing without a fallback: the same one-line refusal as ``load_source``."""
+    Pools missing without a fallback: the same one-line refusal as ``load_source``. ``load`` / ``count``:
+    ``sphere.data.problems.load_source`` / ``count_problems`` for the fallback's sources (see ``Loader``)."""
     if src == TRAINING_SOURCE:
         ok, why = training_available(dcfg)
         if not ok and _fallback(dcfg) is None:
             raise missing_pools_error(why)
     if src == TRAINING_SOURCE and not training_available(dcfg)[0] and _fallback(dcfg) is not None:
-        from omegaconf import OmegaConf
-
-        from sphere.data.problems import count_problems
-
         if bool(_tcfg(dcfg).get("decontaminate", True)):
-            return len(_fallback_problems(dcfg, seed)[0])
+            return len(_fallback_problems(dcfg, seed, load)[0])
         sub = OmegaConf.merge(dcfg, {"problems": _fallback(dcfg), "limit": None})
-        return count_problems(sub, seed)
+        return count(sub, seed)
     return len(sample_from_config(src, dcfg)[0])
 
 
 def describe_source(dcfg: Any) -> dict:
     """What ``data.problems`` reads, for the dry-run plan: ``{"uses": ..., "reason": ...}``."""
-    from sphere.data.problems import sources as _sources
-
-    srcs = _sources(dcfg)
+    srcs = sources(dcfg)
     if TRAINING_SOURCE not in srcs:
         return {"uses": srcs, "reason": "data.problems"}
     ok, why = training_available(dcfg)
