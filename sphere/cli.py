@@ -25,7 +25,7 @@ from pathlib import Path
 
 # command words -> (primary config name, "module:function"). Functions take a DictConfig.
 HYDRA_COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
-    ("run",): ("run", "sphere.pipeline:main"),
+    ("run",): ("run", "sphere.loop.rounds:main"),
     ("generate",): ("generate", "sphere.runners:generate_main"),
     ("train",): ("train", "sphere.train.dpo:main"),
     ("eval",): ("eval", "sphere.runners:eval_main"),

@@ -16,9 +16,10 @@ SPHERE's over the same problems (paired intervals in ``summary.json`` / ``summar
   a scored tree search" from "any right/wrong pair would do".
 
 A control is a baseline of one round: round r's controls start from round r's policy (SPHERE's), they do
-not continue as chains of their own. Files: ``round_<r+1>/controls/<name>/{pairs.jsonl, train/, eval/}``
-(``random_pairs`` also ``samples/eval/problems.jsonl``: every sampled solution with its verdict). Every piece
-resumes like the round itself: sampling and evaluation per problem, training by its DONE marker.
+not continue as chains of their own. This module holds what a control is (config checks, the RFT recipe, the
+sampler, the random pairing); the round loop runs them (sphere/loop/controls.py: their pairs while the start
+policy is open, their training and evaluation after the round's). ``sample_solutions`` stays down here because
+the ``best_worst_of_n`` construction (sphere/generate/constructions.py) samples with it too.
 """
 
 from __future__ import annotations
@@ -31,7 +32,9 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from sphere.io import atomic_write_text
+from sphere.evaluation.harness import run_eval
+from sphere.evaluation.settings import EvalSettings
+from sphere.io import atomic_write_text, read_jsonl_tolerant
 
 CONTROLS = ("rft", "random_pairs")
 
@@ -128,10 +131,6 @@ def sample_solutions(cfg: DictConfig, backend: Any, problems: Sequence[dict], ou
     """``controls.samples`` full solutions per problem from ``backend`` at the search temperature, graded
     against each problem's answer (the evaluation harness on ``out/problems.jsonl``; resumes per problem).
     Returns the per-problem records."""
-    from sphere.evaluation.harness import run_eval
-    from sphere.evaluation.settings import EvalSettings
-    from sphere.io import read_jsonl_tolerant
-
     out.mkdir(parents=True, exist_ok=True)
     bench = out / "problems.jsonl"
     rows = "".join(json.dumps({"id": p["id"], "problem": p["problem"], "answer": p["answer"],
@@ -147,69 +146,12 @@ def sample_solutions(cfg: DictConfig, backend: Any, problems: Sequence[dict], ou
     return list(read_jsonl_tolerant(out / "samples" / "eval" / "problems.jsonl"))
 
 
-def _base_seed(cfg: DictConfig) -> int:
+def base_seed(cfg: DictConfig) -> int:
+    """``controls.seed``, else the run's seed."""
     seed = cfg.controls.get("seed")
     return int(cfg.seed) if seed is None else int(seed)
 
 
 def control_seed(cfg: DictConfig, round_: int) -> int:
     """The pairing seed of round ``round_`` + 1's random-pairs control (``controls.seed``, else the run's)."""
-    return _base_seed(cfg) * 1000 + int(round_)
-
-
-def prepare_controls(cfg: DictConfig, r: int, *, backend: Any, problems: Sequence[dict], policy: str,
-                     sphere_pairs: Path, n_sphere_pairs: int, pair_prompt: Callable[[dict], Any],
-                     conversational: bool, response_prefix: str, out: Path) -> dict[str, Path]:
-    """Round ``r + 1``'s control pairs, written while the start policy's backend is open:
-    ``{name: pairs.jsonl}`` (``rft`` trains on SPHERE's own ``sphere_pairs``)."""
-    from sphere.prompts import family_config
-    from sphere.rundir import check_or_record
-
-    paths: dict[str, Path] = {}
-    for name in enabled_controls(cfg):
-        cdir = out / name
-        if name == "rft":
-            paths[name] = Path(sphere_pairs)
-            continue
-        # the pairing settings, checked before anything is sampled or written (a changed seed is refused here,
-        # naming it, instead of rewriting pairs.jsonl under a model trained on the old pairs)
-        check_or_record(cdir, "control_pairs", {"controls.seed": _base_seed(cfg),
-                                                "controls.samples": int(cfg.controls.get("samples", 4)),
-                                                "max_pairs (SPHERE's pairs this round)": n_sphere_pairs},
-                        outputs=["pairs.jsonl"])
-        recs = sample_solutions(cfg, backend, problems, cdir, policy, family_config(cfg))
-        pairs = random_pairs(recs, {str(p["id"]): p for p in problems}, max_pairs=n_sphere_pairs,
-                             seed=control_seed(cfg, r), pair_prompt=pair_prompt,
-                             conversational=conversational, response_prefix=response_prefix, model=policy)
-        if not pairs:
-            print(f"[sphere run] round {r + 1} control random_pairs: no problem has both a right and a wrong "
-                  f"sample among {len(recs)} problems x {cfg.controls.get('samples', 4)} samples; skipped",
-                  flush=True)
-            continue
-        paths[name] = write_pairs(cdir / "pairs.jsonl", pairs)
-    return paths
-
-
-def finish_controls(cfg: DictConfig, r: int, *, start_policy: str, pairs: dict[str, Path], out: Path,
-                    evaluate: Callable[[Any, Path, str], dict], logger: Any = None) -> dict[str, dict]:
-    """Train each control from ``start_policy`` on its pairs, evaluate it (``evaluate(backend, dir, model)``),
-    and return ``{name: {"pairs", "model", "eval"}}`` for ``summary.json``."""
-    from sphere.lifecycle import Models
-    from sphere.train.dpo import train_dpo
-    from sphere.train.pairs import load_pairs
-
-    res: dict[str, dict] = {}
-    for name, pairs_path in pairs.items():
-        cdir = out / name
-        tcfg = rft_train_config(cfg.train, float(cfg.controls.get("rft_beta", 1e-4))) if name == "rft" \
-            else cfg.train
-        model = str(train_dpo(tcfg, start_policy, pairs_path, cdir / "train"))
-        with Models(cfg, policy=model) as m:
-            ev = evaluate(m.policy(), cdir, model)
-        res[name] = {"pairs": len(load_pairs(pairs_path).rows), "pairs_path": str(pairs_path), "model": model,
-                     "eval": ev}
-        print(f"[sphere run] round {r + 1} control {name}: " + ", ".join(
-            f"{b} {100 * v['accuracy']:.1f}%" for b, v in ev.items()), flush=True)
-        if logger is not None:
-            logger.log({f"controls/{name}/{b}/accuracy": v["accuracy"] for b, v in ev.items()}, step=r + 1)
-    return res
+    return base_seed(cfg) * 1000 + int(round_)

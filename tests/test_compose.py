@@ -54,9 +54,9 @@ def plain(node):
 
 
 def run_eval_settings(run_cfg) -> tuple[dict, list[str], object, dict]:
-    """What `sphere run` evaluates a round with (sphere/pipeline.py ``_eval_round``): the EvalSettings, the
-    benchmarks (``eval.benchmarks``; ``round_benchmarks`` adds ``model.extra_eval_benchmarks``), the limit and
-    the prompt family."""
+    """What `sphere run` evaluates a round with (sphere/runners.py ``LocalRunner.evaluate``): the EvalSettings,
+    the benchmarks (``eval.benchmarks``; ``round_benchmarks`` adds ``model.extra_eval_benchmarks``), the limit
+    and the prompt family."""
     from sphere.evaluation.settings import expand_benchmarks, settings_from_config
     from sphere.prompts import family_config
 

@@ -1,4 +1,4 @@
-"""Per-round controls of `sphere run` (issue #20, sphere/controls.py): SFT on SPHERE's chosen solutions (RFT)
+"""Per-round controls of `sphere run` (issue #20, sphere/controls.py, sphere/loop/controls.py): SFT on SPHERE's chosen solutions (RFT)
 and DPO on randomly paired right/wrong samples, trained from the same start policy and compared over the same
 problems."""
 
@@ -15,7 +15,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from sphere.controls import enabled_controls, random_pairs, rft_train_config, validate_controls_config
-from sphere.pipeline import _write_summary, validate_run_config
+from sphere.loop.plan import validate_run_config
+from sphere.loop.summary import write_summary
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -125,7 +126,7 @@ def test_summary_compares_each_control_with_its_start_and_with_sphere(tmp_path):
     rounds = [{"round": 0, "eval": {"mini": {"accuracy": 0.4}}, "wall_s": 1.0},
               {"round": 1, "eval": {"mini": {"accuracy": 0.5}}, "pairs_per_stage": {"1": 5}, "wall_s": 1.0,
                "controls": {"rft": {"pairs": 5, "eval": {"mini": {"accuracy": 0.43}}}}}]
-    _write_summary(tmp_path, rounds)
+    write_summary(tmp_path, rounds)
     c = json.loads((tmp_path / "summary.json").read_text())["rounds"][1]["controls"]["rft"]["paired"]["mini"]
     assert (c["vs_start"]["gained"], c["vs_start"]["lost"]) == (3, 0)
     assert c["vs_start"]["delta"] == pytest.approx(0.03)
@@ -190,8 +191,8 @@ def test_sphere_run_with_controls_end_to_end_and_resumes(tmp_path):
 def test_summary_shows_a_rounds_evaluation_before_the_next_rounds_pairs_exist(tmp_path, monkeypatch):
     """summary.json/md carry round r's accuracy as soon as it is evaluated, not only once round r+1's pairs
     are generated and trained (hours on the paper's setting): a generation that dies still leaves round 0."""
-    from sphere import pipeline
     from sphere.generate import generator
+    from sphere.loop import rounds as loop
 
     def boom(*a, **k):
         raise RuntimeError("generation died (test double)")
@@ -200,7 +201,7 @@ def test_summary_shows_a_rounds_evaluation_before_the_next_rounds_pairs_exist(tm
     monkeypatch.setattr(generator.Generator, "run", boom)
     cfg = _cfg("experiment=mini_planted", "rounds=1", "data.mini_n=8", "eval.limit=20")
     with pytest.raises(RuntimeError, match="generation died"):
-        pipeline.run(cfg, tmp_path)
+        loop.run(cfg, tmp_path)
     rounds = json.loads((tmp_path / "summary.json").read_text())["rounds"]
     assert [r["round"] for r in rounds] == [0] and rounds[0]["eval"]["mini"]["n"] == 20
     assert "| 0 |" in (tmp_path / "summary.md").read_text()

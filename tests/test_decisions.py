@@ -8,7 +8,8 @@ once and watching the test go red).
 4. stage 3 rejects the MOST plausible wrong solution (stage3_outcome, pick_solution(best=True));
 5. MCTS Sol_max / Sol_min break outcome-replaced value ties by the step scorer's last score (value_rank);
 6. the mean backup weights merged duplicates by their multiplicity (SearchDriver._expand_backup);
-7. the summary's "95%" paired interval is a 95% interval (pipeline.paired_changes -> paired_accuracy_change);
+7. the summary's "95%" paired interval is a 95% interval (sphere.evaluation.paired.paired_changes ->
+   paired_accuracy_change);
 8. the stages' own pairs (before any filter) are chosen correct / rejected wrong.
 """
 
@@ -194,7 +195,7 @@ def test_mean_backup_weights_merged_duplicates(engine):
 
 # ------------------------------------------------------------------ 7. the "95%" interval is at 95%
 def test_summary_paired_interval_is_at_95_percent(tmp_path):
-    from sphere.pipeline import paired_changes
+    from sphere.evaluation.paired import paired_changes
 
     # 400 problems: 80 gained, 40 lost, 280 unchanged -> delta 0.1, per-problem sd sqrt(0.3 - 0.01)
     n, gained, lost = 400, 80, 40

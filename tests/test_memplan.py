@@ -175,14 +175,14 @@ def test_models_refuse_closing_the_policy_under_a_rollout_scorer(monkeypatch):
         m.small()
 
 
-def test_pipeline_and_generate_use_the_lifecycle_owner():
+def test_runners_and_generate_use_the_lifecycle_owner():
     """No module opens a small model on its own any more (the four factories of issue #18)."""
     import inspect
 
     import sphere.generate.local as gen
-    import sphere.pipeline as pipe
+    import sphere.runners as runners  # the round loop opens its models through the runner seam
     import sphere.scale.workers as ray_workers  # the Ray actor bodies (were in sphere.scale.ray_runner)
 
-    for mod in (gen, pipe, ray_workers):
+    for mod in (gen, runners, ray_workers):
         src = inspect.getsource(mod)
         assert "small_factory" not in src and "Models(" in src, mod.__name__

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from sphere.evaluation.metrics import paired_accuracy_change
-from sphere.pipeline import _write_summary, paired_changes, summary_markdown
+from sphere.evaluation.paired import paired_changes
+from sphere.loop.summary import summary_markdown, write_summary
 
 ROOT = Path(__file__).resolve().parents[1]
 HONEST = ROOT / "assets" / "mini_honest"
@@ -91,7 +92,7 @@ def test_summary_pairs_rounds_by_problem_id(tmp_path):
     rounds = [{"round": r, "eval": {"mini": {"accuracy": sum(v.values()) / 200}},
                "pairs_per_stage": None if r == 0 else {"1": 3, "2": 1, "3": 0}, "wall_s": 1.0}
               for r, v in enumerate((r0, r1, r2))]
-    _write_summary(tmp_path, rounds)
+    write_summary(tmp_path, rounds)
     s = json.loads((tmp_path / "summary.json").read_text())["rounds"]
     assert "paired" not in s[0]
     c1 = s[1]["paired"]["mini"]["vs_r0"]
@@ -257,7 +258,7 @@ def test_every_summary_figure_comes_from_the_problems_this_evaluation_covers(tmp
     """A rerun in place with a smaller eval.limit: the records of the earlier, larger attempt stay in
     round_<r>/eval/<bench>.jsonl, but the paired intervals (rounds and controls) are computed over the
     problems this evaluation covers, as its accuracy is (issue "the third reliability pass")."""
-    from sphere.pipeline import evaluated_ids
+    from sphere.evaluation.paired import evaluated_ids
 
     ids = [f"p{i}" for i in range(32)]
     r0 = {i: False for i in ids}
@@ -268,13 +269,13 @@ def test_every_summary_figure_comes_from_the_problems_this_evaluation_covers(tmp
     rounds = [{"round": 0, "eval": {"mini": {"accuracy": 0.0}}, "wall_s": 1.0},
               {"round": 1, "eval": {"mini": {"accuracy": 0.0}}, "wall_s": 1.0,
                "controls": {"rft": {"eval": {"mini": {"accuracy": 0.0}}, "pairs": 1}}}]
-    _write_summary(tmp_path, json.loads(json.dumps(rounds)), None, {"mini": ids[:16]})
+    write_summary(tmp_path, json.loads(json.dumps(rounds)), None, {"mini": ids[:16]})
     s = json.loads((tmp_path / "summary.json").read_text())["rounds"]
     c = s[1]["paired"]["mini"]["vs_r0"]
     assert (c["n"], c["gained"], c["delta"]) == (16, 0, 0.0)  # not n=32 with 16 gained
     ctl = s[1]["controls"]["rft"]["paired"]["mini"]
     assert ctl["vs_start"]["n"] == 16 and ctl["sphere_vs_control"]["n"] == 16
-    _write_summary(tmp_path, json.loads(json.dumps(rounds)))  # without ids: every record (the old reading)
+    write_summary(tmp_path, json.loads(json.dumps(rounds)))  # without ids: every record (the old reading)
     assert json.loads((tmp_path / "summary.json").read_text())["rounds"][1]["paired"]["mini"]["vs_r0"]["n"] == 32
     from hydra import compose, initialize_config_dir
 

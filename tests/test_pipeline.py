@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from sphere.pipeline import summary_markdown
+from sphere.loop.summary import summary_markdown
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml"))
@@ -79,7 +79,7 @@ def _ci(delta, lo, hi, n=100):
 def test_summary_says_what_the_run_shows_read_off_the_intervals():
     """summary.md opens with the experiment's `about` text and one plain line per interval: above zero is
     "better", below zero "worse" / "the control better", spanning zero "no difference this run can detect"."""
-    from sphere.pipeline import verdict_markdown
+    from sphere.loop.summary import verdict_markdown
 
     rounds = [
         {"round": 0, "eval": {"mini": {"accuracy": 0.4}}, "wall_s": 1.0},
@@ -108,8 +108,8 @@ def test_summary_says_what_the_run_shows_read_off_the_intervals():
 def test_summary_json_keeps_the_about_text(tmp_path):
     import json
 
-    from sphere.pipeline import _write_summary
+    from sphere.loop.summary import write_summary
 
-    _write_summary(tmp_path, [{"round": 0, "eval": {}, "wall_s": 0.0}], "what it shows")
+    write_summary(tmp_path, [{"round": 0, "eval": {}, "wall_s": 0.0}], "what it shows")
     assert json.loads((tmp_path / "summary.json").read_text())["about"] == "what it shows"
     assert "what it shows" in (tmp_path / "summary.md").read_text()

@@ -145,12 +145,14 @@ def test_ray_driver_runs_under_the_command_lock(tmp_path, monkeypatch):
 
     seen = {}
 
-    def fake_main_generate(cfg, out):
+    def fake_generate(cfg, out):  # the Ray driver, as the runner seam calls it (sphere/runners.py RayRunner)
         seen["held"] = rundir.is_held(out)
         seen["holder"] = rundir.holder(out)
-        return 0.0
+        return {"pairs_per_stage": {}, "pairs_total": 0, "yield": 0.0, "engine_time_frac": 0.0,
+                "leaves_per_call_frac": 0.0, "wall_s": 0.0, "backend_calls": 0, "tokens": 0,
+                "mean_leaves_per_call": 0.0, "pruned": 0, "collisions": 0}
 
-    monkeypatch.setattr(rr, "main_generate", fake_main_generate)
+    monkeypatch.setattr(rr, "generate", fake_generate)
     monkeypatch.setattr(sys, "argv", list(sys.argv))  # sphere.cli.main sets it for Hydra
     out = tmp_path / "ray"
     main(["generate", "runner=ray", "data.mini_n=2", f"hydra.run.dir={out}"])

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from sphere.pipeline import controls_markdown, paired_markdown
+from sphere.evaluation.paired import controls_markdown, paired_markdown
 from sphere.runreport.jobs import STAGES, Job
 
 
