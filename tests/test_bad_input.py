@@ -622,8 +622,8 @@ def test_backend_server_refusing_connections_is_one_line(secret, tmp_path):
     url = (f"http://sphereuser:S3cretPassw0rd@127.0.0.1:{port}/?api_key=QueryKey12345" if secret
            else f"http://127.0.0.1:{port}")
     out = tmp_path / "run"
-    proc = _sphere("eval", "backend=openai", f"backend.base_url='{url}'", "backend.retries=0", "benchmarks=[mini]",
-                   "limit=2", f"hydra.run.dir={out}", timeout=120)
+    proc = _sphere("eval", "backend=openai", f"backend.base_url='{url}'", "backend.retries=0",
+                   "benchmarks=[mini]", "limit=2", f"hydra.run.dir={out}", timeout=120)
     _assert_clean_failure(proc, out, [f"http://127.0.0.1:{port}", "backend.base_url", "server is running"])
     assert "Traceback" not in proc.stderr and "Error executing job" not in proc.stderr, proc.stderr[-3000:]
     errs = [ln for ln in proc.stderr.splitlines() if ln.startswith("sphere eval: error:")]
@@ -634,3 +634,75 @@ def test_backend_server_refusing_connections_is_one_line(secret, tmp_path):
     else:
         assert "Connection refused" in errs[0], errs[0]
         assert not out.exists()
+
+
+# ------------------------------------------------- third reliability pass: a full disk during `sphere train`
+TRAIN_ON_A_DISK = ["train.max_steps=6", "train.batch_size=2", "train.lora.r=4", "train.save_steps=2",
+                   "train.warmup_ratio=0.0"]
+
+
+@needs_mount_ns
+@pytest.mark.parametrize("size,what,where", [
+    ("300k", "a training checkpoint", "trainer/checkpoint-"),  # checkpoint-2 fits, a later one does not
+    ("700k", "the merged model", ".merged.tmp"),  # every checkpoint fits, the published model does not
+], ids=["checkpoint", "merged"])
+def test_full_disk_during_train_names_the_path_and_what_was_written(size, what, where, tmp_path,
+                                                                     tiny_model_dir):
+    """Before: a 42-line traceback ending in `SafetensorError: ... No space left on device (os error 28)` or
+    torch's `RuntimeError: basic_ios::clear: iostream error`, no path. Now one line naming the directory, what
+    was being written and what to do; after the space is freed (the tmpfs remounted larger) the same command
+    resumes from the last complete checkpoint and finishes after train.max_steps steps (not one more: resuming
+    from the last step's checkpoint trained a 7th step of 6 before)."""
+    from test_train_dpo import make_pairs, write_jsonl
+
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", make_pairs(16))
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    out = disk / "run"
+    cmd = " ".join([sys.executable, "-m", "sphere.cli", "train", f"model={tiny_model_dir}", f"pairs={pairs}",
+                    *TRAIN_ON_A_DISK, f"hydra.run.dir={out}"])
+    script = (f"mount -t tmpfs -o size={size} tmpfs {disk} && {{ {cmd}; echo RC1=$? >&2; "
+              f"mount -o remount,size=16m {disk} && {cmd} >/dev/null; echo RC2=$? >&2; "
+              f"cat {out}/train_metrics.json >&2; }}")
+    proc = subprocess.run(["unshare", "-m", "sh", "-c", script], capture_output=True, text=True, env=_env(),
+                          timeout=600, cwd=ROOT)
+    err = proc.stderr
+    first = err[:err.index("RC1=")]
+    assert "RC1=1" in err and "Traceback" not in first, err[-3000:]
+    lines = [ln for ln in first.splitlines() if ln.startswith("sphere train:")]
+    assert len(lines) == 1, first[-3000:]
+    for needle in (f"no space left writing {out / where}", f"while writing {what}", "errno 28", "Free space",
+                   "rerun the same command"):
+        assert needle in lines[0], lines[0]
+    assert "RC2=0" in err, err[-3000:]
+    m = json.loads(err[err.index("RC2=0") + 5:])
+    # a full disk while publishing: the rerun publishes the last checkpoint without training a 7th step (it did)
+    assert m["steps"] == 6 and m["resumed_from_step"] in ((2, 4) if where.startswith("trainer") else (6,)), m
+
+
+def test_disk_error_reads_the_writers_own_messages(tmp_path, monkeypatch):
+    """Without a small file system: safetensors' and torch.save's failures (which name no file) and Python's
+    own ENOSPC become one OSError naming the path and what was written; other errors are not disk errors."""
+    import errno as errno_
+
+    from sphere.train import checkpoints
+    from sphere.train.checkpoints import disk_error, writing
+
+    target = tmp_path / "trainer" / "checkpoint-4"
+    rust = RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)")
+    e = disk_error(rust, target, "a training checkpoint")
+    assert e.errno == errno_.ENOSPC and e.filename == str(target) and "while writing a training checkpoint" in e.strerror
+    torch_err = RuntimeError("basic_ios::clear: iostream error")
+    monkeypatch.setattr(checkpoints, "_free_bytes", lambda p: 4096)  # a full file system
+    assert disk_error(torch_err, target, "x").errno == errno_.ENOSPC
+    monkeypatch.setattr(checkpoints, "_free_bytes", lambda p: 10 << 30)  # 10 GiB free: not a full disk
+    assert disk_error(torch_err, target, "x") is None
+    py = OSError(errno_.ENOSPC, "No space left on device")  # a write() names no file
+    assert disk_error(py, target, "y").filename == str(target)
+    assert disk_error(OSError(errno_.ENOENT, "gone"), target, "y") is None
+    assert disk_error(ValueError("bad value"), target, "y") is None
+    with pytest.raises(OSError) as ei, writing(target, "the merged model"):
+        raise rust
+    assert ei.value.errno == errno_.ENOSPC and ei.value.filename == str(target)
+    with pytest.raises(KeyError), writing(target, "z"):
+        raise KeyError("other")

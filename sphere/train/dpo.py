@@ -64,6 +64,7 @@ from sphere.train.checkpoints import (  # moved out of this module (issue #18); 
     _load_tokenizer,
     _publish,
     last_checkpoint,
+    writing,
 )
 from sphere.train.config import (  # moved out of this module (issue #18); the names stay importable here
     DEFAULTS,  # noqa: F401
@@ -97,8 +98,8 @@ def _prior_history(ckpt: Path | None) -> list[dict]:
     try:
         state = json.loads((ckpt / "trainer_state.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
-        log.warning("train: cannot read the log history of %s (%s); train_metrics.json covers this attempt only",
-                    ckpt, e)
+        log.warning("train: cannot read the log history of %s (%s); train_metrics.json covers this attempt "
+                    "only", ckpt, e)
         return []
     step = int(state.get("global_step") or 0)
     out = []
@@ -112,8 +113,8 @@ def _prior_history(ckpt: Path | None) -> list[dict]:
 
 def _whole_loss_mean(prior: list[dict], result, ckpt_step: int) -> float:
     """The mean training loss over every optimizer step of a resumed training: TRL's ``training_loss`` covers
-    only this attempt's steps (after ``ckpt_step``); the killed attempt's logged losses (each the mean over the
-    steps since the previous log) cover the steps before it."""
+    only this attempt's steps (after ``ckpt_step``); the killed attempt's logged losses (each the mean over
+    the steps since the previous log) cover the steps before it."""
     done = int(result.global_step) - ckpt_step
     total, covered, prev = float(result.training_loss) * done, done, 0
     for h in prior:
@@ -122,6 +123,28 @@ def _whole_loss_mean(prior: list[dict], result, ckpt_step: int) -> float:
             covered += h["step"] - prev
             prev = h["step"]
     return total / covered if covered else float(result.training_loss)
+
+
+def _finished(ckpt: Path) -> bool:
+    """The checkpoint is the training's last step (a crash or a full disk while publishing): resuming from it
+    would train one step more than ``max_steps`` (the HF loop checks the step count only after a step)."""
+    try:
+        state = json.loads((ckpt / "trainer_state.json").read_text(encoding="utf-8"))
+        return int(state["global_step"]) >= int(state["max_steps"]) > 0
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def _restore_finished(trainer, ckpt: Path, prior: list[dict]):
+    """The trained weights and state of a finished training from its last checkpoint, without training."""
+    from transformers.trainer_callback import TrainerState
+    from transformers.trainer_utils import TrainOutput
+
+    log.info("train: %s is the training's last step; publishing it without training further", ckpt)
+    trainer._load_from_checkpoint(str(ckpt))
+    trainer.state = TrainerState.load_from_json(str(ckpt / "trainer_state.json"))
+    step = int(trainer.state.global_step)
+    return TrainOutput(step, _whole_loss_mean(prior, TrainOutput(step, 0.0, {}), step), {})
 
 
 # --------------------------------------------------------------------------------------------- train
@@ -260,7 +283,10 @@ def _train(t: dict, policy_path: Path, pairs: PairSet, out_dir: Path, *, logger:
     if ckpt is not None and rank0:
         log.info("train: resuming from %s", ckpt)
     prior = _prior_history(ckpt) if rank0 else []  # read now: the checkpoint rotation may remove ckpt
-    result = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt is not None else None)
+    if ckpt is not None and _finished(ckpt):
+        result = _restore_finished(trainer, ckpt, prior)
+    else:
+        result = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt is not None else None)
     t_train = time.perf_counter() - t0 - t_setup
     after = _margin_after(trainer)  # every rank: the evaluation is data-parallel too
     if not rank0:
@@ -276,17 +302,19 @@ def _train(t: dict, policy_path: Path, pairs: PairSet, out_dir: Path, *, logger:
         from sphere.train.weights import lora_weight_names
 
         shutil.rmtree(tmp_adapter, ignore_errors=True)
-        trained.save_pretrained(tmp_adapter, safe_serialization=True)
-        _copy_tokenizer(policy_path, tmp_adapter, t)
+        with writing(tmp_adapter, "the trained LoRA adapter"):
+            trained.save_pretrained(tmp_adapter, safe_serialization=True)
+            _copy_tokenizer(policy_path, tmp_adapter, t)
         trained_names = lora_weight_names(trained)
         trained = trained.merge_and_unload()
     trained = trained.to(torch.float32) if t["dtype"] == "float32" else trained
     trained.config.use_cache = True
     tmp = out_dir / ".merged.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    trained.save_pretrained(tmp, safe_serialization=True)
-    _copy_tokenizer(policy_path, tmp, t)
-    _clean_config(tmp, str(t["dtype"]))
+    with writing(tmp, "the merged model (the trained policy)"):
+        trained.save_pretrained(tmp, safe_serialization=True)
+        _copy_tokenizer(policy_path, tmp, t)
+        _clean_config(tmp, str(t["dtype"]))
     # a resumed training: the killed attempt's log history up to its checkpoint, then this attempt's, so
     # train_metrics.json describes the whole training (loss_first is step 1's), as an uninterrupted run's does
     ckpt_step = int(ckpt.name.rsplit("-", 1)[1]) if ckpt is not None else None
@@ -297,8 +325,10 @@ def _train(t: dict, policy_path: Path, pairs: PairSet, out_dir: Path, *, logger:
         "checkpoint": str(ckpt.relative_to(out_dir)) if ckpt.is_relative_to(out_dir) else str(ckpt),
         "step": ckpt_step,
         "log_history": (f"steps 1-{ckpt_step} from the killed attempt's {ckpt.name}/trainer_state.json "
-                        f"({len(prior)} records), steps {ckpt_step + 1}-{metrics['steps']} from this attempt "
-                        f"({len(history)} records)"),
+                        f"({len(prior)} records), " + (
+                            f"steps {ckpt_step + 1}-{metrics['steps']} from this attempt ({len(history)} records)"
+                            if metrics["steps"] > ckpt_step else
+                            "none from this attempt (the checkpoint was the last step: published, not trained)")),
         "times": "setup_s, train_s and wall_s are this attempt's"}
     if ckpt is not None:
         metrics["train_loss_mean"] = _whole_loss_mean(prior, result, ckpt_step)

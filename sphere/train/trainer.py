@@ -138,6 +138,21 @@ def _trainer_class():
                             "raise train.max_length to keep them", too_long, n_in, max_len, longest)
             return ds
 
+        def _save_checkpoint(self, model, trial):
+            """TRL's checkpoint; a full disk while writing it is one error naming the checkpoint directory
+            (safetensors and torch.save name no file)."""
+            from pathlib import Path
+
+            from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+            from sphere.train.checkpoints import writing
+
+            step = self.state.global_step
+            folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{step}"
+            with writing(folder, "a training checkpoint (weights, optimizer, scheduler and RNG states; every "
+                                 "train.save_steps steps)"):
+                return super()._save_checkpoint(model, trial)
+
         def create_scheduler(self, num_training_steps, optimizer=None):
             """HF's scheduler, with every warmup step moved one step earlier: HF's linear warmup gives the
             first optimizer step lr 0, so a run of <= warmup steps published the base weights (issue #28
