@@ -23,3 +23,19 @@ def _register_resolvers() -> None:
 
 
 _register_resolvers()
+
+
+def _register_settings() -> None:
+    # The settings' defaults (sphere/schema.py) are nodes of Hydra's ConfigStore that conf/ composes over
+    # (`- /settings/search@_here_`), so every process composing sphere's configs needs them: registered on import.
+    try:
+        from sphere.schema import register
+    except ImportError:  # pragma: no cover
+        return
+    try:
+        register()
+    except ImportError:  # pragma: no cover - hydra missing: nothing composes configs then
+        pass
+
+
+_register_settings()

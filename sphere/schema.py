@@ -1,14 +1,29 @@
-"""Typed configs (issue #17 item G): dataclass schemas of the settings a typo can silently break, registered
-in Hydra's ConfigStore (group ``schema``: ``search``, ``sampling``, ``train``, ``eval``, ``run_eval``, ``data``,
-``stages``), and ``check_config(cfg)``, which checks every present node against its schema: a value of the
-wrong type names its full key (``config search.expansions='abc': expected an integer``, not ``invalid literal
-for int()``), and every budget has a range (``search.max_step_tokens=0``: ``>= 1``). ``RunDirLock``
-(sphere/rundir/) runs it in ``on_run_start``, before Hydra creates the run directory, so a mistyped
-command writes nothing and loads no model.
+"""The typed settings of sphere: one place for each setting's type, default, range and doc.
 
-The schemas type the fields they list and leave the rest alone (the YAML files stay the documentation and
-the place for new fields); the commands' own checks (``validate_search_config``, ``validate_train_cfg``, ...)
-still cover the cross-field rules.
+Each group a user overrides (``search``, ``sampling``, ``train`` (the DPO recipe of ``train_opts``), ``eval``,
+``data``, ``stages``, ``filters``) is one dataclass below. A field carries
+
+- its **type** (the annotation),
+- its **default** (the dataclass default; nothing else writes it),
+- its **doc** (``metadata["doc"]``, what the YAML comments said before),
+- its **range** (``metadata``: ``ge`` / ``gt`` / ``le`` / ``lt`` numeric bounds, ``choices`` allowed values,
+  ``word`` the wording of the allowed range in a message),
+
+the way TRL's ``DPOConfig`` does. ``register()`` puts every group's defaults in Hydra's ConfigStore as
+``settings/<group>`` (a plain node: the values, no structured typing at compose time), and the YAML files
+compose over it (``- /settings/search@_here_`` in conf/search/paper.yaml, ``- /settings/sampling@sampling`` in
+conf/config.yaml, ...), so that conf/ keeps only presets and experiment deltas. It also stores the dataclasses
+themselves as ``schema/<name>`` (tools, tests). ``sphere/__init__.py`` calls ``register()`` on import, so any
+process composing sphere's configs has them.
+
+``check_config(cfg, command)`` checks every present node against its dataclass before anything runs: a value
+of the wrong type names its full key (``config search.expansions='abc': expected an integer``, not
+``invalid literal for int()``), and every budget has a range (``search.max_step_tokens=0``: ``>= 1``).
+``RunDirLock`` (sphere/rundir/) runs it in ``on_run_start``, before Hydra creates the run directory, so a
+mistyped command writes nothing and loads no model. Keys no dataclass lists are left alone here (``+key``
+typos are refused by sphere/overrides.py); the commands' own checks (``validate_search_config``,
+``validate_train_cfg``, ...) cover the cross-field rules. tests/test_settings.py fails when a YAML key under a
+typed group has no field here and when a YAML file writes a default again.
 """
 
 from __future__ import annotations
@@ -17,174 +32,388 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-# metadata keys: ge / gt / le / lt (numeric bounds), choices (allowed values); a float bound message shows
-# the interval
+# metadata keys: doc (what the setting does), ge / gt / le / lt (numeric bounds), choices (allowed values),
+# word (how a range message words the allowed values), alone (the value of an interpolated default, such as
+# ``${seed}``, for a partial config read outside a composed one: ``defaults(cls, alone=True)``)
 
 
-def _f(default: Any, **meta: Any) -> Any:
-    return field(default=default, metadata=meta)
+def _f(default: Any, doc: str, **meta: Any) -> Any:
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"doc": doc, **meta})
+    return field(default=default, metadata={"doc": doc, **meta})
+
+
+def _sub(cls: type, doc: str) -> Any:
+    return field(default_factory=cls, metadata={"doc": doc})
+
+
+# ============================================================================================== search
+@dataclass
+class PruningSettings:
+    policy: str = _f("minmax", "none | minmax (paper: keep the best and the worst child) | topk | threshold")
+    k: int = _f(2, "topk: children kept per expansion", ge=1)
+    tau: float = _f(0.0, "threshold: drop children with reward < tau (or < best - tau when relative)")
+    relative: bool = _f(False, "threshold relative to the best sibling's reward")
 
 
 @dataclass
-class PruningSchema:
-    policy: str = "minmax"
-    k: int = _f(2, ge=1)
-    tau: float = 0.0
-    relative: bool = False
+class EngineSettings:
+    rule: str = _f("puct", "uct | puct (selection rule for mcts mode)")
+    c: float = _f(1.25, "exploration constant (c_uct or c_puct)", ge=0)
+    virtual_loss: float = _f(1.0, "in-flight visits counted as losses so the k leaves of a tree differ", ge=0)
+    fpu: str = _f("parent", "first-play urgency: parent | value | inf", choices=("parent", "value", "inf"))
+    fpu_reduction: float = _f(0.0, "subtracted from the parent's Q for unvisited children (fpu=parent)")
+    q_norm: bool = _f(False, "min-max normalise Q per tree (MuZero)")
 
 
 @dataclass
-class EngineSchema:
-    rule: str = "puct"
-    c: float = _f(1.25, ge=0)
-    virtual_loss: float = _f(1.0, ge=0)
-    fpu: str = _f("parent", choices=("parent", "value", "inf"))
-    fpu_reduction: float = 0.0
-    q_norm: bool = False
+class SearchSettings:
+    """The search (conf/search/: paper, the default, and mcts). The defaults are the SPHERE paper's
+    self-generation search (arXiv 2503.04813, Sec. 3.1): at each expansion sample E candidate steps, keep only
+    the best and the worst by reward (minmax pruning); two greedy chains give Sol_max and Sol_min. The paper
+    gives no constants beyond E=5 and T=0.8; the rest are ours."""
+
+    mode: str = _f("paper", "paper (two pruned greedy chains) | mcts (UCT/PUCT with a simulation budget); "
+                   "validate_search_config checks it")
+    expansions: int = _f(5, "E: candidate steps sampled per expansion (paper: 5)", ge=1)
+    temperature: float = _f(0.8, "sampling temperature for candidate steps (paper: 0.8)", ge=0)
+    top_p: float = _f(1.0, "nucleus sampling for candidate steps", gt=0, le=1)
+    max_step_tokens: int = _f(96, "max new tokens per step; a step cut here ends with finish=\"length\"", ge=1)
+    max_depth: int = _f(8, "max steps per solution; a step at this depth is terminal", ge=1)
+    batch_leaves: int = _f(64, "prompts per backend call: trees join until this many leaves are pending", ge=1)
+    dedup_candidates: bool = _f(True, "merge identical candidates of one expansion into one child (prior and "
+                                "mean backup weighted by the multiplicity) and score each distinct step once; "
+                                "paper-mode Sol_max/Sol_min are unchanged by it (sphere/search/driver.py)")
+    k: int = _f(1, "leaves per tree per round (mcts; paper mode expands each chain's head)", ge=1)
+    simulations: int = _f(16, "expansions per tree (mcts budget; paper mode stops when both chains end)", ge=1)
+    max_terminals: int = _f(0, "mcts: retire a tree after this many terminal trajectories (0 = no limit)", ge=0)
+    reward: str = _f("advantage", "step reward: raw PRM score | advantage (paper: PRM(s<=t) - PRM(s<=t-1)) | min")
+    outcome: str = _f("replace", "terminal value from the answer check: replace (1/0) | mix ((1-w) PRM + w "
+                      "outcome) | add (PRM +- w) | none (PRM only); w = outcome_weight")
+    outcome_in_reward: bool = _f(False, "also add +-outcome_weight to a terminal step's reward (steers minmax "
+                                 "to answers)")
+    outcome_weight: float = _f(1.0, "w above (mix needs 0 <= w <= 1)", ge=0)
+    backup: str = _f("mean", "value backed up from an expansion: mean | max over the kept children's values")
+    pruning: PruningSettings = _sub(PruningSettings, "which children an expansion keeps")
+    engine: EngineSettings = _sub(EngineSettings, "the tree engine's selection (mcts mode)")
+
+
+# ============================================================================================ sampling
+@dataclass
+class SamplingSettings:
+    """Sampling of full solutions (sphere.backends.SamplingParams): the evaluation and the controls' samples.
+    The search samples its steps with ``search.*`` (temperature, top_p, max_step_tokens, expansions)."""
+
+    temperature: float = _f(0.8, "0 = greedy (evaluation: used when it samples, eval.n > 1)", ge=0)
+    top_p: float = _f(1.0, "nucleus sampling mass (1.0 = off)", gt=0, le=1)
+    max_solution_tokens: int = _f(1024, "token budget of a full solution (complete: evaluation, rollouts, "
+                                  "constructions)", ge=1)
+    seed: Optional[int] = _f("${seed}", "per-call sampling seed (null = engine randomness)")
 
 
 @dataclass
-class SearchSchema:
-    mode: str = "paper"  # paper | mcts: validate_search_config
-    expansions: int = _f(5, ge=1)
-    temperature: float = _f(0.8, ge=0)
-    top_p: float = _f(1.0, gt=0, le=1)
-    max_step_tokens: int = _f(96, ge=1)
-    max_depth: int = _f(8, ge=1)
-    batch_leaves: int = _f(64, ge=1)
-    dedup_candidates: bool = True
-    k: int = _f(1, ge=1)
-    simulations: int = _f(16, ge=1)
-    max_terminals: int = _f(0, ge=0)
-    reward: str = "advantage"
-    outcome: str = "replace"
-    outcome_in_reward: bool = False
-    outcome_weight: float = _f(1.0, ge=0)
-    backup: str = "mean"
-    pruning: PruningSchema = field(default_factory=PruningSchema)
-    engine: EngineSchema = field(default_factory=EngineSchema)
+class EvalSamplingSettings(SamplingSettings):
+    """`sphere eval`'s ``sampling`` node: the shared settings and the samples per problem."""
+
+    n: int = _f(1, "samples per problem: 1 = greedy pass@1; K > 1 adds pass@k (unbiased) and maj@K "
+                "(conf/eval.yaml: ${eval.n})", ge=1)
+
+
+# ============================================================================================== train
+@dataclass
+class LoraSettings:
+    enabled: bool = _f(True, "LoRA adapter; the reference is the adapter-disabled base (one model in memory)")
+    r: int = _f(32, "LoRA rank", ge=1)
+    alpha: float = _f(64, "LoRA scaling numerator (effective scale alpha / r)", gt=0)
+    dropout: float = _f(0.0, "LoRA dropout (TRL disables model dropout during DPO anyway)", ge=0, lt=1)
+    target_modules: Any = _f("all-linear", "\"all-linear\" (every linear layer but the LM head) or a list of "
+                             "module names")
 
 
 @dataclass
-class SamplingSchema:
-    n: int = _f(4, ge=1)
-    temperature: float = _f(0.8, ge=0)
-    top_p: float = _f(1.0, gt=0, le=1)
-    max_step_tokens: int = _f(256, ge=1)
-    max_solution_tokens: int = _f(1024, ge=1)
-    seed: Optional[int] = 0
+class LossSettings:
+    """The loss: TRL's DPOTrainer computes it (formulas: docs/experiments/objectives.md). ``train.loss.type=ipo``,
+    a mixture ``train.loss.type=[sigmoid,sft] train.loss.weights=[1.0,0.5]``; sphere.train.config.loss_settings
+    checks the cross-field rules."""
+
+    type: Any = _f("sigmoid", "one of TRL's DPO losses: sigmoid (DPO) | ipo | hinge | robust | exo_pair | nca_pair "
+                   "| bco_pair | sppo_hard | aot | aot_unpaired | apo_zero | apo_down | discopop | sft | "
+                   "sigmoid_norm (length-normalised DPO); or a list of them (a mixture, with weights)")
+    weights: Any = _f(None, "a mixture's weights, one per type (TRL loss_weights); null = 1 each")
+    beta: float = _f(0.1, "KL strength beta (IPO: the tau of the IPO paper)", gt=0)
+    label_smoothing: float = _f(0.0, "[0, 0.5): with type=sigmoid alone it is cDPO (assumed label-flip "
+                                "probability); robust | exo_pair | aot | aot_unpaired read it as TRL does "
+                                "(exo_pair needs > 0)", ge=0, lt=0.5)
+    rpo_alpha: float = _f(0.0, "weight of an SFT (NLL) term on the chosen completion (RPO; TRL's sft); 0 = off",
+                          ge=0)
+    ld_alpha: Optional[float] = _f(None, "LD-DPO: weight of the tokens past the shorter completion's length, "
+                                   "[0, 1]; null = off", ge=0, le=1)
+    use_weighting: bool = _f(False, "WPO: weight each pair by the policy's length-normalised probability of "
+                             "both sides")
+    discopop_tau: float = _f(0.05, "discopop: the temperature of its log-ratio modulation", gt=0)
 
 
 @dataclass
-class LoraSchema:
-    enabled: bool = True
-    r: int = _f(32, ge=1)
-    alpha: float = _f(64, gt=0)
-    dropout: float = _f(0.0, ge=0, lt=1)
-    target_modules: Any = "all-linear"
+class TrainSettings:
+    """The DPO recipe, composed under ``train`` (``train_opts@train``: lora, the default, or full;
+    conf/train_opts/), read by sphere.train.dpo.train_dpo through sphere.train.config.resolve_train_cfg. The
+    defaults are the LoRA recipe. Mini-world numbers measured on 300 correct-vs-corrupted pairs with the tiny
+    test Llama (hidden 64): LoRA lr 2e-3 with plain DPO collapsed the policy (chosen log-prob -16 -> -94,
+    garbage generations); 5e-4 kept it intact (-16 -> -19). rpo_alpha > 0 keeps the chosen likelihood from
+    falling."""
+
+    lora: LoraSettings = _sub(LoraSettings, "LoRA through PEFT (lora.enabled=false: full fine-tuning)")
+    loss: LossSettings = _sub(LossSettings, "the DPO loss")
+    lr: float = _f(5e-4, "peak learning rate (AdamW); full fine-tuning wants ~10x less than LoRA", gt=0)
+    epochs: float = _f(2, "passes over the pairs (> 0 unless max_steps >= 1: validate_train_cfg)", ge=0)
+    max_steps: int = _f(-1, "> 0: stop after this many optimizer steps (overrides epochs); -1 = epochs", ge=-1)
+    batch_size: int = _f(8, "pairs per micro-batch (each pair = 2 sequences)", ge=1)
+    grad_accum: int = _f(1, "micro-batches per optimizer step", ge=1)
+    max_length: Optional[int] = _f(512, "tokens of prompt + completion; a longer pair is dropped (never cut) and "
+                                   "counted in train_metrics.json (pairs_dropped_too_long); null = the model's "
+                                   "max_position_embeddings", ge=8)
+    max_prompt_length: Optional[int] = _f(None, "prompts longer than this keep their last tokens; null = no limit",
+                                          ge=1)
+    append_eos: bool = _f(True, "end plain-text completions with EOS (full solutions); false for step-level pairs")
+    warmup_ratio: float = _f(0.1, "linear warmup, as a fraction of the total optimizer steps (rounded up); its "
+                             "first step already trains (lr/W, 2lr/W, ..., lr), so even a 1-step run changes the "
+                             "weights", ge=0, lt=1)
+    scheduler: str = _f("cosine", "transformers lr scheduler: cosine | linear | constant | constant_with_warmup ...")
+    weight_decay: float = _f(0.0, "AdamW weight decay", ge=0)
+    max_grad_norm: float = _f(1.0, "gradient clipping", gt=0)
+    precompute_ref: bool = _f(True, "reference log-probs computed once before training (one forward per pair)")
+    seed: int = _f("${seed}", "data order and LoRA init", alone=0)
+    threads: Optional[int] = _f(None, "torch intra-op threads; null = leave as is (OMP_NUM_THREADS)", ge=1)
+    progress: Any = _f("auto", "progress bar: auto (only on a terminal) | true | false")
+    logging_steps: int = _f(1, "log train/* metrics every this many optimizer steps", ge=1)
+    dtype: str = _f("float32", "training and merged-checkpoint dtype: float32 (CPU) | bfloat16 | float16",
+                    choices=("float32", "bfloat16", "float16"))
+    trust_remote_code: bool = _f("${model.trust_remote_code}", "passed to from_pretrained; only true when a "
+                                 "config says so", alone=False)
+    device: str = _f("auto", "auto (CUDA when visible, else CPU) | cpu | cuda", choices=("auto", "cpu", "cuda"))
+    gradient_checkpointing: bool = _f(False, "recompute activations in backward: less memory, ~30% slower (7B on "
+                                      "GPU: true)")
+    save_steps: int = _f(50, "TRL checkpoint every this many optimizer steps; a rerun after a crash resumes from "
+                         "the last one (same step count as an uninterrupted run); 0 = none (a rerun starts over)",
+                         ge=0)
+    save_total_limit: int = _f(1, "checkpoints kept on disk (each: weights + optimizer state, ~3x the model for "
+                               "full FT)", ge=1)
+    processes: int = _f(1, "1: train in this process on ONE device, even with several GPUs visible. N > 1: N "
+                        "data-parallel processes (torchrun; NCCL, one GPU each; gloo on CPU), rank 0 writes "
+                        "merged/. batch_size is per process: global batch = processes x batch_size x grad_accum",
+                        ge=1)
+
+
+# =============================================================================================== eval
+@dataclass
+class EvalSettings:
+    """The evaluation: `sphere run`'s per-round ``eval`` node and `sphere eval`'s (whose top-level keys read
+    it, conf/eval.yaml). The defaults are `sphere eval`'s; conf/run.yaml sets the per-round deltas."""
+
+    benchmarks: Any = _f(["mini"], "math500 | gsm8k (test) | aime24 | aime25 | amc23 | olympiadbench | mini | "
+                         "gsm8k_train | math_train | all (the six paper benchmarks) | a local .jsonl (id, problem, "
+                         "answer); files are read from paths.data_dir")
+    limit: Optional[int] = _f(None, "problems per benchmark, the first N in file order (null = all)", ge=1,
+                              word="a positive integer or null (all problems)")
+    n: int = _f(1, "samples per problem: 1 = greedy pass@1; K > 1 adds pass@k / maj@K (sampled)", ge=1)
+    batch_size: Optional[int] = _f(None, "problems per backend call (null = a whole benchmark in one call, the "
+                                   "fastest with vLLM); finished problems are saved after each call", ge=1,
+                                   word="a positive integer or null (one call per benchmark)")
+    temperature: Optional[float] = _f(None, "null = greedy (0) for n == 1, sampling.temperature for n > 1; a "
+                                      "number forces it", ge=0)
+    max_tokens: Optional[int] = _f(None, "token budget per solution (null = sampling.max_solution_tokens)", ge=1)
+    verify_timeout_s: float = _f(5.0, "seconds the checker may spend on one answer before it counts as wrong",
+                                 gt=0)
+    progress: Any = _f(None, "progress bar: null = only when stderr is a terminal; true / false force it")
 
 
 @dataclass
-class LossSchema:
-    type: Any = "sigmoid"  # a TRL loss type or a list of them (sphere.train.config.loss_settings checks it)
-    weights: Any = None  # one weight per type, or null
-    beta: float = _f(0.1, gt=0)
-    label_smoothing: float = _f(0.0, ge=0, lt=0.5)
-    rpo_alpha: float = _f(0.0, ge=0)
-    ld_alpha: Optional[float] = _f(None, ge=0, le=1)
-    use_weighting: bool = False
-    discopop_tau: float = _f(0.05, gt=0)
+class RunEvalSettings(EvalSettings):
+    """`sphere run`'s per-round ``eval`` node: the evaluation settings and whether an interrupted round's
+    finished problems are reused."""
+
+    resume: bool = _f(True, "reuse finished problems of an interrupted run")
 
 
 @dataclass
-class TrainSchema:
-    lora: LoraSchema = field(default_factory=LoraSchema)
-    loss: LossSchema = field(default_factory=LossSchema)
-    lr: float = _f(5e-4, gt=0)
-    epochs: float = _f(2.0, ge=0)  # > 0 unless max_steps >= 1: sphere.train.config.validate_train_cfg
-    max_steps: int = _f(-1, ge=-1)
-    batch_size: int = _f(8, ge=1)
-    grad_accum: int = _f(1, ge=1)
-    max_length: Optional[int] = _f(512, ge=8)
-    max_prompt_length: Optional[int] = _f(None, ge=1)
-    append_eos: bool = True
-    warmup_ratio: float = _f(0.1, ge=0, lt=1)
-    scheduler: str = "cosine"
-    weight_decay: float = _f(0.0, ge=0)
-    max_grad_norm: float = _f(1.0, gt=0)
-    precompute_ref: bool = True
-    seed: int = 0
-    threads: Optional[int] = _f(None, ge=1)
-    logging_steps: int = _f(1, ge=1)
-    dtype: str = _f("float32", choices=("float32", "bfloat16", "float16"))
-    trust_remote_code: bool = False
-    device: str = _f("auto", choices=("auto", "cpu", "cuda"))
-    gradient_checkpointing: bool = False
-    save_steps: int = _f(50, ge=0)
-    save_total_limit: int = _f(1, ge=1)
-    processes: int = _f(1, ge=1)  # 1 = one process on one device; N = N DDP processes (torchrun)
+class EvalCommandSettings:
+    """`sphere eval`'s top-level settings (conf/eval.yaml: they read ``eval.*``)."""
+
+    limit: Optional[int] = _f(None, "see eval.limit", ge=1, word="a positive integer or null (all problems)")
+    batch_size: Optional[int] = _f(None, "see eval.batch_size", ge=1,
+                                   word="a positive integer or null (one call per benchmark)")
+    temperature: Optional[float] = _f(None, "see eval.temperature", ge=0)
+    max_tokens: Optional[int] = _f(None, "see eval.max_tokens", ge=1)
+    verify_timeout_s: float = _f(5.0, "see eval.verify_timeout_s", gt=0)
+
+
+# =============================================================================================== data
+@dataclass
+class TrainingPoolSettings:
+    """The paper's pools for data.problems=training (and numina:PATH / metamath:PATH); local files only."""
+
+    numina: str = _f("${paths.data_dir}/../training/numina", "NuminaMath-CoT: a parquet/JSONL/JSON file, a "
+                     "directory of them, or hf:AI-MO/NuminaMath-CoT if in the local hub cache")
+    metamath: str = _f("${paths.data_dir}/../training/metamath", "MetaMathQA: MetaMathQA-395K.json (a JSON list), "
+                       "a directory, or hf:meta-math/MetaMathQA if cached")
+    n: Optional[int] = _f(20000, "problems sampled in total over the mix (a numina:/metamath: source: from that "
+                          "file alone); null = every usable row", ge=1)
+    mix: Any = _f({"numina": 0.5, "metamath": 0.5}, "share of n per pool (weights, renormalised; 0 = pool unused)")
+    seed: Optional[int] = _f("${seed}", "sampling seed (recorded in the manifest)")
+    decontaminate: bool = _f(True, "drop problems sharing a word n-gram with MATH-500, GSM8K test, AIME 24/25, "
+                             "AMC 23, OlympiadBench (under data_dir)")
+    ngram: int = _f(13, "decontamination window in normalised words (shorter problems: whole-problem containment "
+                    "or exact match)", ge=1)
+    fallback: Any = _f(None, "sources used instead when a pool of the mix has no local files (e.g. [math_train, "
+                       "gsm8k_train]); null = error")
+    manifest: Optional[str] = _f("training_manifest.json", "sampled ids, seed, mix, quotas and drop counts, "
+                                 "written in the run directory (null = not written)")
 
 
 @dataclass
-class EvalSchema:
-    """`sphere eval`'s top-level settings (conf/eval.yaml)."""
+class DataSettings:
+    """The problems searched (`sphere generate`, each round of `sphere run`): sphere.data.problems."""
 
-    limit: Optional[int] = _f(None, ge=1, word="a positive integer or null (all problems)")
-    batch_size: Optional[int] = _f(None, ge=1, word="a positive integer or null (one call per benchmark)")
-    temperature: Optional[float] = _f(None, ge=0)
-    max_tokens: Optional[int] = _f(None, ge=1)
-    verify_timeout_s: float = _f(5.0, gt=0)
+    problems: Any = _f("mini", "mini | math_train | gsm8k_train | training (NuminaMath + MetaMathQA, "
+                       "data.training) | numina:PATH | metamath:PATH | a local JSONL path | hf:NAME[:SPLIT]; or a "
+                       "list of them")
+    limit: Optional[int] = _f(None, "use only the first N problems (null = all)", ge=0)
+    mini_n: int = _f(256, "mini world: number of training problems generated", ge=1)
+    mini_seed: int = _f(7, "mini world: seed of the training split (disjoint from the held-out test seed)")
+    data_dir: str = _f("${paths.data_dir}", "where math_train / gsm8k_train live")
+    hf_problem_field: str = _f("problem", "hf: datasets: the problem text column")
+    hf_answer_field: str = _f("answer", "hf: datasets: the gold answer column")
+    hf_expected_size: Optional[int] = _f(None, "hf: datasets: rows the dry run counts for it (it reads no hub); "
+                                         "null = 0", ge=0)
+    training: TrainingPoolSettings = _sub(TrainingPoolSettings, "the paper's training pools")
 
 
+# ============================================================================================= stages
 @dataclass
-class RunEvalSchema:
-    """`sphere run`'s per-round evaluation (conf/run.yaml ``eval``)."""
+class StagesSettings:
+    """SPHERE's stages 2 and 3 (stage 1, self-generation, always runs)."""
 
-    limit: Optional[int] = _f(500, ge=1)
-    n: int = _f(1, ge=1)
-    batch_size: Optional[int] = _f(None, ge=1)
-    temperature: Optional[float] = _f(None, ge=0)
-    max_tokens: Optional[int] = _f(None, ge=1)
-    verify_timeout_s: float = _f(5.0, gt=0)
+    stage2: bool = _f(True, "self-correction for problems where Sol_max and Sol_min are both wrong")
+    stage3: bool = _f(True, "diversity induction with the small model where both are right")
+    inverted: str = _f("swap", "Sol_max wrong but Sol_min right: swap (pair with roles swapped, stage 1) | drop",
+                       choices=("swap", "drop"))
+    stage2_rejected: str = _f("sol_max", "the wrong attempt shown in the reflection prompt and rejected: "
+                              "sol_max | sol_min", choices=("sol_max", "sol_min"))
+    stage2_prompt_with_attempt: bool = _f(False, "pair prompt = reflection prompt with the attempt (true) or the "
+                                          "plain problem")
+    small_expansions_factor: int = _f(2, "stage 3: the small model samples factor * E candidates (paper: 2E)",
+                                      ge=1)
+    close_policy_before_small: bool = _f(False, "free the policy backend before loading the small model (big GPU "
+                                         "models)")
 
 
+# ============================================================================================ filters
 @dataclass
-class DataSchema:
-    limit: Optional[int] = _f(None, ge=0)
-    mini_n: int = _f(256, ge=1)
-    mini_seed: int = 7
+class FiltersSettings:
+    """Which pairs are kept (sphere/generate/filters)."""
+
+    dedup: bool = _f(True, "drop exact duplicate (prompt, chosen, rejected) pairs")
+    min_margin: float = _f(0.0, "keep pairs with value(chosen) - value(rejected) >= this")
+    min_edit_distance: float = _f(0.02, "keep pairs whose texts differ by at least this normalised edit distance "
+                                  "[0, 1]", ge=0, le=1)
+    max_length_ratio: float = _f(4.0, "drop pairs whose longer text is more than this times the shorter (0 = off)",
+                                 ge=0)
+    chosen_min_step_score: float = _f(0.0, "drop pairs whose chosen solution has a step the scorer scores below "
+                                      "this (raw step score in [0, 1]; 0 = off). A right answer reached through a "
+                                      "wrong step teaches that step. Symbolic checker: 0.5 drops steps whose "
+                                      "equations are mostly wrong", ge=0, le=1)
+    stage3_rejected_needs_answer: bool = _f(True, "stage 3: a rejected solution must state a final answer "
+                                            "(\\boxed{}); one without is not a plausible wrong solution. The best "
+                                            "wrong one with an answer is used")
+    stage2_drop_attempt_refs: bool = _f(True, "stage 2 with the plain pair prompt (stages.stage2_prompt_with_attempt:"
+                                        " false): a chosen solution that refers to \"the attempt\" it was shown is "
+                                        "not used")
 
 
-@dataclass
-class StagesSchema:
-    stage2: bool = True
-    stage3: bool = True
-    inverted: str = "swap"
-    stage2_rejected: str = "sol_max"
-    stage2_prompt_with_attempt: bool = False
-    small_expansions_factor: int = _f(2, ge=1)
-    close_policy_before_small: bool = False
+# ========================================================================================== registry
+# The groups whose defaults live here: name in the ConfigStore (settings/<name>) -> dataclass. The YAML that
+# composes over each: search -> conf/search/paper.yaml; sampling -> conf/config.yaml; train -> conf/train_opts/
+# lora.yaml; eval -> conf/run.yaml and conf/eval.yaml; data, stages, filters -> conf/generate.yaml.
+SETTINGS: dict[str, type] = {
+    "search": SearchSettings,
+    "sampling": SamplingSettings,
+    "train": TrainSettings,
+    "eval": EvalSettings,
+    "data": DataSettings,
+    "stages": StagesSettings,
+    "filters": FiltersSettings,
+}
 
-
-# (config node, schema, the commands (primary config names) it applies to); node "" = the top level
+# (config node, dataclass, the commands (primary config names) it is checked for); node "" = the top level
 SCHEMAS: list[tuple[str, type, tuple[str, ...]]] = [
-    ("search", SearchSchema, ("generate", "run")),
-    ("sampling", SamplingSchema, ("generate", "run", "eval")),
-    ("train", TrainSchema, ("train", "run")),
-    ("eval", RunEvalSchema, ("run",)),
-    ("data", DataSchema, ("generate", "run")),
-    ("stages", StagesSchema, ("generate", "run")),
-    ("", EvalSchema, ("eval",)),
+    ("search", SearchSettings, ("generate", "run")),
+    ("sampling", SamplingSettings, ("generate", "run")),
+    ("sampling", EvalSamplingSettings, ("eval",)),
+    ("train", TrainSettings, ("train", "run")),
+    ("eval", RunEvalSettings, ("run",)),
+    ("eval", EvalSettings, ("eval",)),
+    ("data", DataSettings, ("generate", "run")),
+    ("stages", StagesSettings, ("generate", "run")),
+    ("filters", FiltersSettings, ("generate", "run")),
+    ("", EvalCommandSettings, ("eval",)),
 ]
+
+# the names older code and tests use
+SearchSchema, SamplingSchema, TrainSchema, LossSchema, LoraSchema = (
+    SearchSettings, SamplingSettings, TrainSettings, LossSettings, LoraSettings)
+DataSchema, StagesSchema, EvalSchema, RunEvalSchema = DataSettings, StagesSettings, EvalCommandSettings, RunEvalSettings
+
+
+def defaults(cls: type, alone: bool = False) -> dict:
+    """A settings dataclass's defaults as a plain nested dict. Interpolations such as ``${seed}`` are kept, or
+    with ``alone`` (a partial config read outside a composed one) replaced by the field's ``alone`` value (what
+    the interpolation gives in the shipped base config)."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            v = f.default
+        else:
+            v = f.default_factory()  # type: ignore[misc]
+        if alone and "alone" in f.metadata:
+            v = f.metadata["alone"]
+        out[f.name] = defaults(type(v), alone) if dataclasses.is_dataclass(v) else v
+    return out
+
+
+def doc(key: str) -> str:
+    """The doc of a dotted settings key, e.g. ``doc("train.loss.beta")``."""
+    group, *rest = key.split(".")
+    cls: Any = SETTINGS[group]
+    for i, name in enumerate(rest):
+        f = {f.name: f for f in dataclasses.fields(cls)}[name]
+        if i == len(rest) - 1:
+            return str(f.metadata.get("doc", ""))
+        cls = f.default_factory()  # type: ignore[misc]
+        cls = type(cls)
+    return (cls.__doc__ or "").strip()
+
+
+_registered = False
 
 
 def register() -> None:
-    """Put the schemas in Hydra's ConfigStore (group ``schema``), for ``defaults`` lists and tools."""
+    """Put the settings in Hydra's ConfigStore: ``settings/<group>`` (each group's defaults, the node the YAML
+    files compose over) and ``schema/<name>`` (the dataclasses, for ``defaults`` lists and tools). Idempotent."""
+    global _registered
+    if _registered:
+        return
     from hydra.core.config_store import ConfigStore
 
     cs = ConfigStore.instance()
-    for key, schema, commands in SCHEMAS:
-        cs.store(group="schema", name=key or commands[0], node=schema)
+    for name, cls in SETTINGS.items():
+        cs.store(group="settings", name=name, node=defaults(cls))
+    stored: set[str] = set()
+    for key, schema, commands in SCHEMAS:  # a node typed differently per command: <command>_<node> after the first
+        name = key or commands[0]
+        name = f"{commands[0]}_{key or 'top'}" if name in stored else name
+        stored.add(name)
+        cs.store(group="schema", name=name, node=schema)
+    _registered = True
 
 
 class ConfigTypeError(ValueError):
@@ -225,7 +454,9 @@ def _check_range(key: str, v: Any, meta: dict, shown: Any) -> None:
     raise ConfigTypeError(f"config {key}={shown!r}: must be {want}")
 
 
-def _walk(schema: type, node: dict, prefix: str) -> None:
+def check_node(schema: type, node: dict, prefix: str) -> None:
+    """Check a plain (resolved) ``node`` against ``schema``: type and range of every field it has; the message
+    names ``prefix`` + the field."""
     import typing
 
     from omegaconf import OmegaConf
@@ -239,7 +470,7 @@ def _walk(schema: type, node: dict, prefix: str) -> None:
         key, v, tp = f"{prefix}{f.name}", node[f.name], hints[f.name]
         if dataclasses.is_dataclass(tp):
             if isinstance(v, dict):
-                _walk(tp, v, key + ".")
+                check_node(tp, v, key + ".")
             elif v is not None:
                 raise ConfigTypeError(f"config {key}={v!r}: expected a mapping of settings")
             continue
@@ -248,6 +479,9 @@ def _walk(schema: type, node: dict, prefix: str) -> None:
         except ValidationError:
             raise ConfigTypeError(f"config {key}={v!r}: expected {_type_word(tp)}") from None
         _check_range(key, typed[f.name], dict(f.metadata), v)
+
+
+_walk = check_node
 
 
 def check_config(cfg: Any, command: str | None = None) -> None:
@@ -265,7 +499,7 @@ def check_config(cfg: Any, command: str | None = None) -> None:
         plain = OmegaConf.to_container(node, resolve=True) if key else {
             f.name: OmegaConf.select(cfg, f.name, default=None) for f in dataclasses.fields(schema)
             if f.name in cfg}
-        _walk(schema, plain, f"{key}." if key else "")
+        check_node(schema, plain, f"{key}." if key else "")
     rounds = OmegaConf.select(cfg, "rounds", default=None) if command == "run" else None
     if rounds is not None and (not isinstance(rounds, int) or isinstance(rounds, bool) or rounds < 0):
         raise ConfigTypeError(f"config rounds={rounds!r}: expected an integer >= 0")

@@ -106,9 +106,11 @@ def test_composed_config_builds_backend_and_sampling(tiny_model_dir):
     from sphere.cli import conf_dir
 
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=["backend=transformers", "sampling.n=3"])
-    sp = sampling_params(cfg, "step")
-    assert sp.n == 3 and sp.stop == [cfg.prompt.step_delimiter] and sp.max_tokens == cfg.sampling.max_step_tokens
+        cfg = compose(config_name="config", overrides=["backend=transformers"])
+    # no dead sampling.n / sampling.max_step_tokens any more: the search samples search.expansions candidates
+    # of search.max_step_tokens, passed as overrides
+    sp = sampling_params(cfg, "step", n=3, max_tokens=96)
+    assert sp.n == 3 and sp.stop == [cfg.prompt.step_delimiter] and sp.max_tokens == 96
     full = sampling_params(cfg, "solution")
     assert full.stop is None and full.max_tokens == cfg.sampling.max_solution_tokens
     b = make_backend(cfg, tiny_model_dir)

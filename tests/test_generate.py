@@ -107,9 +107,13 @@ def _problems(n: int, seed: int = 0) -> list[dict]:
 
 
 def _cfg(**over) -> OmegaConf:
-    search = OmegaConf.load(CONF / "search" / "paper.yaml")
+    from sphere.schema import DataSettings, FiltersSettings, SearchSettings, StagesSettings, defaults
+
+    search = OmegaConf.create(defaults(SearchSettings))  # conf/search/paper.yaml: the SearchSettings defaults
     gen = OmegaConf.load(CONF / "generate.yaml")
     gen.pop("defaults")
+    gen = OmegaConf.merge({"data": defaults(DataSettings), "stages": defaults(StagesSettings),
+                           "filters": defaults(FiltersSettings)}, gen)  # what generate.yaml composes over
     prompt = OmegaConf.load(CONF / "prompt" / "mini.yaml")
     # a reflection prompt that shows the attempt (the chat families' shape), so stage 2 is recognisable
     prompt.reflection = "Problem: {problem}\n\nAttempt:\n{attempt}\n\nThe attempt has a mistake. Corrected solution:\n"

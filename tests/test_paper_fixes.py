@@ -173,8 +173,10 @@ def test_paper_config_states_the_stage2_pairing_choice():
     conf = Path(__file__).resolve().parents[1] / "conf"
     exp = OmegaConf.load(conf / "experiment" / "paper_qwen2_5_7b.yaml")
     assert exp.stages.stage2_prompt_with_attempt is False
-    gen = OmegaConf.load(conf / "generate.yaml")
-    assert gen.filters.stage2_drop_attempt_refs is True and gen.filters.stage3_rejected_needs_answer is True
+    from sphere.schema import FiltersSettings  # the filters' defaults (conf/generate.yaml composes over them)
+
+    gen = FiltersSettings()
+    assert gen.stage2_drop_attempt_refs is True and gen.stage3_rejected_needs_answer is True
 
 
 class ThinkingFakeBackend(FakeStepBackend):

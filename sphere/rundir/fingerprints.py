@@ -122,12 +122,17 @@ def data_signature(dcfg: Any) -> dict:
 
 
 GENERATE_IGNORED = {"stages": ("close_policy_before_small",)}  # memory management, not outputs
+# The `sampling` settings `sphere generate` reads (the search samples its steps with search.*): the token budget
+# of a full solution (construction=best_worst_of_n's samples). The others are in sphere.rundir.resume.REMOVED_KEYS,
+# so a run directory recorded with them still resumes.
+GENERATE_SAMPLING = ("max_solution_tokens",)
 
 
 def generate_signature(cfg: Any, policy: Any = None, small: Any = None) -> dict:
     """Everything that determines `sphere generate`'s outputs (pairs, stage logs): the models (names and
     weight hashes; ``policy``/``small`` override ``model.policy``/``model.small``, as in `sphere run`), the
-    data, search, scorer (and its PRM's hash), stages, filters, prompt, sampling, backend kind and seed.
+    data, search, scorer (and its PRM's hash), stages, filters, prompt, the sampling settings it reads
+    (``GENERATE_SAMPLING``), backend kind and seed.
     Paths, logging, workers and the engine implementation (C++ and Python build identical trees) are
     not part of it."""
     stages = dict(_node(cfg, "stages") or {})
@@ -147,7 +152,7 @@ def generate_signature(cfg: Any, policy: Any = None, small: Any = None) -> dict:
         "stages": stages,
         "filters": _node(cfg, "filters"),
         "prompt": _node(cfg, "prompt"),
-        "sampling": _node(cfg, "sampling"),
+        "sampling": {k: v for k, v in (_node(cfg, "sampling") or {}).items() if k in GENERATE_SAMPLING},
         "backend": {"name": _node(cfg, "backend.name"), "dtype": _node(cfg, "backend.dtype")},
         "seed": _node(cfg, "seed"),
     }

@@ -118,14 +118,29 @@ ADDED_KEYS: dict[str, Any] = {
 }
 
 
+# Signature keys removed after run directories were recorded with them, each with why it no longer determines
+# the outputs (a dead setting nothing read, or one the command never used): a record that has the key matches
+# whatever value it holds, so upgrading sphere does not refuse a resume over a setting that changed nothing.
+# The symmetric of ADDED_KEYS; a key that is in the new signature is compared as usual.
+REMOVED_KEYS: dict[str, str] = {
+    "sampling.n": "candidates per step came from search.expansions; sampling.n was read by nothing `sphere "
+                  "generate` runs (removed from conf/config.yaml; `sphere eval` keeps its own)",
+    "sampling.max_step_tokens": "the step budget is search.max_step_tokens; nothing read this one (removed)",
+    "sampling.temperature": "the search samples at search.temperature; generate never read it",
+    "sampling.top_p": "the search samples with search.top_p; generate never read it",
+    "sampling.seed": "the search's per-call seeds derive from `seed` (in the signature); generate never read it",
+}
+
+
 def differences(old: Mapping, new: Mapping) -> list[tuple[str, Any, Any]]:
     """(key, old, new) for every key whose value differs (a missing key reads as ``ABSENT``; a key of
-    ``ADDED_KEYS`` missing from ``old`` reads as its value from before it existed)."""
+    ``ADDED_KEYS`` missing from ``old`` reads as its value from before it existed; a key of ``REMOVED_KEYS``
+    present in ``old`` and missing from ``new`` is no difference)."""
     def before(k: str) -> Any:
         return old.get(k, ADDED_KEYS.get(k, ABSENT))
 
     return [(k, old.get(k, ABSENT), new.get(k, ABSENT)) for k in sorted(set(old) | set(new))
-            if before(k) != new.get(k, ABSENT)]
+            if before(k) != new.get(k, ABSENT) and not (k in REMOVED_KEYS and k in old and k not in new)]
 
 
 def mismatch_message(where: str | os.PathLike, command: str, diffs: list[tuple[str, Any, Any]],

@@ -1,4 +1,5 @@
-"""The `train` node of `sphere train` (sphere.train.dpo): ``DEFAULTS`` of every ``train.*`` field,
+"""The `train` node of `sphere train` (sphere.train.dpo): ``DEFAULTS`` of every ``train.*`` field (read from
+sphere.schema.TrainSettings, where each field's type, default, range and doc are written),
 ``resolve_train_cfg`` (merge over the defaults, unknown keys are errors), ``validate_train_cfg`` (range
 checks before any model loads), ``loss_settings`` (``train.loss`` onto TRL 1.x ``loss_type`` /
 ``loss_weights``, see the sphere.train.dpo docstring) and ``dpo_config`` (the ``trl.DPOConfig``)."""
@@ -29,23 +30,21 @@ def _plain(cfg: Any) -> dict:
     raise TypeError(f"train config must be a mapping (got {type(cfg).__name__})")
 
 
-# Defaults of every `train.*` field (conf/train_opts/lora.yaml documents them); missing keys fall back here
-# so the pipeline can pass a partial config.
-DEFAULTS: dict[str, Any] = {
-    "lora": {"enabled": True, "r": 32, "alpha": 64, "dropout": 0.0, "target_modules": "all-linear"},
-    "loss": {"type": "sigmoid", "weights": None, "beta": 0.1, "label_smoothing": 0.0, "rpo_alpha": 0.0,
-             "ld_alpha": None, "use_weighting": False, "discopop_tau": 0.05},
-    "lr": 5e-4, "epochs": 2, "max_steps": -1, "batch_size": 8, "grad_accum": 1,
-    "max_length": 512, "max_prompt_length": None, "append_eos": True,
-    "warmup_ratio": 0.1, "scheduler": "cosine", "weight_decay": 0.0, "max_grad_norm": 1.0,
-    "precompute_ref": True, "seed": 0, "threads": None, "progress": "auto", "logging_steps": 1,
-    "dtype": "float32", "trust_remote_code": False, "device": "auto", "gradient_checkpointing": False,
-    "save_steps": 50, "save_total_limit": 1, "processes": 1,
-}
+def _defaults() -> dict[str, Any]:
+    from sphere.schema import TrainSettings, defaults
+
+    return defaults(TrainSettings, alone=True)
+
+
+# Every `train.*` field with its default, read from sphere.schema.TrainSettings (the one place they are written;
+# `seed` and `trust_remote_code`, interpolations in a composed config, take their base values 0 and false here).
+DEFAULTS: dict[str, Any] = _defaults()
+_LOSS_DEFAULTS: dict[str, Any] = DEFAULTS["loss"]
 
 
 def resolve_train_cfg(cfg_train: Any) -> dict:
-    """Merge ``cfg_train`` over ``DEFAULTS``; unknown keys are an error naming the key."""
+    """Merge ``cfg_train`` over ``DEFAULTS`` (sphere.schema.TrainSettings); unknown keys are an error naming
+    the key. A partial config (the pipeline's, a test's) takes the dataclass defaults for what it leaves out."""
     user = _plain(cfg_train) if cfg_train is not None else {}
     out: dict[str, Any] = {}
     for k, v in user.items():
@@ -78,7 +77,7 @@ def loss_settings(loss: Mapping) -> dict:
     (a mixture, ``weights`` one per type, null = 1 each); ``type=sigmoid`` with ``label_smoothing`` > 0 is cDPO
     (``sigmoid`` + ``robust`` weighted, exact; sphere.train.dpo docstring); ``rpo_alpha`` adds that weight of
     TRL's ``sft`` term. Every error names the key and what is allowed."""
-    raw = loss.get("type", "sigmoid")
+    raw = loss.get("type", _LOSS_DEFAULTS["type"])
     if isinstance(raw, str):
         types = [raw.lower()]
     elif isinstance(raw, (list, tuple)) and raw and all(isinstance(x, str) for x in raw):
@@ -92,7 +91,7 @@ def loss_settings(loss: Mapping) -> dict:
                              "list of them (cDPO = sigmoid + label_smoothing)")
     if len(set(types)) != len(types):
         raise ValueError(f"train.loss.type={types}: a loss type appears twice; give it one weight instead")
-    wraw = loss.get("weights")
+    wraw = loss.get("weights", _LOSS_DEFAULTS["weights"])
     if wraw is None:
         weights = [1.0] * len(types)
     else:
@@ -100,9 +99,9 @@ def loss_settings(loss: Mapping) -> dict:
             raise ValueError(f"train.loss.weights={wraw!r}: allowed null or a list of {len(types)} number(s), one "
                              f"per train.loss.type {types}")
         weights = [_num("weights", w) for w in wraw]
-    beta = _num("beta", loss.get("beta", 0.1))
-    eps = _num("label_smoothing", loss.get("label_smoothing", 0.0) or 0.0)
-    alpha = _num("rpo_alpha", loss.get("rpo_alpha", 0.0) or 0.0)
+    beta = _num("beta", loss.get("beta", _LOSS_DEFAULTS["beta"]))
+    eps = _num("label_smoothing", loss.get("label_smoothing", _LOSS_DEFAULTS["label_smoothing"]) or 0.0)
+    alpha = _num("rpo_alpha", loss.get("rpo_alpha", _LOSS_DEFAULTS["rpo_alpha"]) or 0.0)
     if not beta > 0:
         raise ValueError(f"train.loss.beta={beta}: must be > 0")
     if not 0.0 <= eps < 0.5:
@@ -115,15 +114,15 @@ def loss_settings(loss: Mapping) -> dict:
         raise ValueError("train.loss.type=exo_pair needs train.loss.label_smoothing > 0 (the EXO paper: 1e-3)")
     if alpha < 0:
         raise ValueError(f"train.loss.rpo_alpha={alpha}: must be >= 0 (0 disables the SFT term)")
-    ld = loss.get("ld_alpha")
+    ld = loss.get("ld_alpha", _LOSS_DEFAULTS["ld_alpha"])
     if ld is not None:
         ld = _num("ld_alpha", ld)
         if not 0.0 <= ld <= 1.0:
             raise ValueError(f"train.loss.ld_alpha={ld}: allowed null (off) or [0, 1] (LD-DPO: 1 = plain DPO)")
-    tau = _num("discopop_tau", loss.get("discopop_tau", 0.05))
+    tau = _num("discopop_tau", loss.get("discopop_tau", _LOSS_DEFAULTS["discopop_tau"]))
     if not tau > 0:
         raise ValueError(f"train.loss.discopop_tau={tau}: must be > 0")
-    uw = loss.get("use_weighting", False)
+    uw = loss.get("use_weighting", _LOSS_DEFAULTS["use_weighting"])
     if not isinstance(uw, bool):
         raise ValueError(f"train.loss.use_weighting={uw!r}: allowed true or false")
     if cdpo:
@@ -159,36 +158,20 @@ def _use_cpu(device: str) -> bool:
 
 
 def validate_train_cfg(t: dict) -> None:
-    """Range checks of a resolved train config, before any model loads or output is written."""
-    if t["batch_size"] < 1 or t["grad_accum"] < 1:
-        raise ValueError(
-            f"train.batch_size={t['batch_size']}, train.grad_accum={t['grad_accum']}: must be >= 1")
-    if not t["lr"] > 0:
-        raise ValueError(f"train.lr={t['lr']}: must be > 0")
-    if t["max_length"] is not None and int(t["max_length"]) < 8:
-        raise ValueError(f"train.max_length={t['max_length']}: must be >= 8 tokens or null (no truncation)")
+    """Checks of a resolved train config, before any model loads or output is written: every field's type and
+    range from sphere.schema.TrainSettings (``ConfigTypeError``, a ValueError naming the full key), then the
+    rules between fields, and the loss (``loss_settings``)."""
+    from sphere.schema import TrainSettings, check_node
+
+    check_node(TrainSettings, t, "train.")
     max_steps, epochs = int(t["max_steps"]), float(t["epochs"])
-    if max_steps == 0 or max_steps < -1:
+    if max_steps == 0:
         raise ValueError(f"train.max_steps={max_steps}: allowed -1 (train for train.epochs) or >= 1")
     if max_steps == -1 and not epochs > 0:
         raise ValueError(f"train.epochs={t['epochs']}: must be > 0 (or set train.max_steps >= 1); zero "
                          "epochs would publish the untrained policy as the trained one")
-    if not 0.0 <= float(t["warmup_ratio"]) < 1.0:
-        raise ValueError(f"train.warmup_ratio={t['warmup_ratio']}: must be in [0, 1)")
-    if float(t["weight_decay"]) < 0 or not float(t["max_grad_norm"]) > 0:
-        raise ValueError(f"train.weight_decay={t['weight_decay']}, train.max_grad_norm={t['max_grad_norm']}: "
-                         "must be >= 0 and > 0")
-    if t["max_prompt_length"] is not None and int(t["max_prompt_length"]) < 1:
-        raise ValueError(f"train.max_prompt_length={t['max_prompt_length']}: must be >= 1 or null (no limit)")
-    if int(t["logging_steps"]) < 1:
-        raise ValueError(f"train.logging_steps={t['logging_steps']}: must be >= 1")
-    save_steps, save_limit = int(t["save_steps"]), int(t["save_total_limit"])
-    if save_steps < 0:
-        raise ValueError(f"train.save_steps={save_steps}: must be >= 0 (0 = no checkpoints, no resume)")
-    if save_limit < 1:
-        raise ValueError(f"train.save_total_limit={save_limit}: must be >= 1 (checkpoints kept on disk)")
     processes = t["processes"]
-    if isinstance(processes, bool) or not isinstance(processes, int) or processes < 1:
+    if isinstance(processes, bool) or not isinstance(processes, int):
         raise ValueError(f"train.processes={processes!r}: must be an integer >= 1 (1 = this process, one "
                          "device; N = N data-parallel processes, one device each)")
     loss_settings(t["loss"])
