@@ -5,6 +5,7 @@ its dataclass; conf/ keeps presets and experiment deltas.
   node (``sphere.schema.SCHEMAS``: search, sampling, train, eval, data, stages, filters, for the commands that
   read them) is a field of that node's dataclass: a YAML key with no field (a typo, a field added to conf/ only,
   a dead field) fails here.
+- ``test_the_run_base_is_neutral``: conf/run.yaml sets no mini (or paper) values; experiments carry them.
 - ``test_no_default_is_written_twice``. The rule: a YAML file outside ``conf/experiment/`` (the group options
   and the command configs: conf/*.yaml, conf/search/, conf/train_opts/) must not set a key of a typed node to
   the value it already has there, i.e. the dataclass default overlaid with what the file composes over (its own
@@ -161,3 +162,11 @@ def test_every_field_has_a_doc():
 
     undocumented = [k for _, cls, _ in SCHEMAS for k, f in walk(cls, "") if not f.metadata.get("doc")]
     assert not undocumented, f"settings without a doc (metadata['doc']): {undocumented}"
+
+
+def test_the_run_base_is_neutral():
+    """conf/run.yaml writes no study's values over the settings (the mini world's recipe lives in the mini_*
+    experiments, the paper's in paper_*): of the typed keys it sets only the loop's own eval.resume. So an
+    experiment states what its study sets, and no paper experiment undoes a mini default (their composed
+    values are pinned by tests/test_composed_snapshot.py)."""
+    assert _typed_values(CONF / "run.yaml") == {"eval.resume": True}
