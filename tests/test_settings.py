@@ -2,12 +2,12 @@
 its dataclass; conf/ keeps presets and experiment deltas.
 
 - ``test_every_composed_key_has_a_typed_field``: every key that a command or experiment composes under a typed
-  node (``sphere.schema.SCHEMAS``: search, sampling, train, eval, data, stages, filters, for the commands that
-  read them) is a field of that node's dataclass: a YAML key with no field (a typo, a field added to conf/ only,
+  node (``sphere.schema.SCHEMAS``: search, sampling, train, eval, data, stages, filters, and per option
+  ``OPTION_SCHEMAS``: scorer, for the commands that read them) is a field of that node's dataclass: a YAML key with no field (a typo, a field added to conf/ only,
   a dead field) fails here.
 - ``test_the_run_base_is_neutral``: conf/run.yaml sets no mini (or paper) values; experiments carry them.
 - ``test_no_default_is_written_twice``. The rule: a YAML file outside ``conf/experiment/`` (the group options
-  and the command configs: conf/*.yaml, conf/search/, conf/train_opts/) must not set a key of a typed node to
+  and the command configs: conf/*.yaml, conf/search/, conf/train_opts/, conf/scorer/) must not set a key of a typed node to
   the value it already has there, i.e. the dataclass default overlaid with what the file composes over (its own
   ``defaults``: another option of the same group, ``full`` over ``lora``, ``mcts`` over ``paper``; for a command
   config, the command configs it extends: run over generate over config). Interpolations compare as written
@@ -33,15 +33,22 @@ def _commands() -> dict[str, tuple[tuple[str, ...], list[str]]]:
     out = {n: e for n, e in entries().items() if e[0][0] in ("run", "generate", "train", "eval")}
     out["generate search=mcts"] = (("generate",), ["search=mcts"])
     out["train train_opts@train=full"] = (("train",), ["train_opts@train=full"])
-    out["generate scorer=prm"] = (("generate",), ["scorer=prm"])
+    for scorer in ("prm", "rollout", "mini_world"):
+        out[f"generate scorer={scorer}"] = (("generate",), [f"scorer={scorer}"])
     return out
+
+
+def _default(f: dataclasses.Field):
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    return None if f.default_factory is dataclasses.MISSING else f.default_factory()
 
 
 def _fields(cls: type, prefix: str) -> tuple[set[str], set[str]]:
     """(leaf keys, mapping keys) of a dataclass, dotted under ``prefix``."""
     leaves, maps = set(), set()
     for f in dataclasses.fields(cls):
-        v = f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
+        v = _default(f)
         if dataclasses.is_dataclass(v):
             maps.add(prefix + f.name)
             sub_l, sub_m = _fields(type(v), f"{prefix}{f.name}.")
@@ -54,14 +61,19 @@ def _fields(cls: type, prefix: str) -> tuple[set[str], set[str]]:
 
 @pytest.mark.parametrize("name", sorted(_commands()))
 def test_every_composed_key_has_a_typed_field(name):
-    from sphere.schema import SCHEMAS
+    from sphere.schema import OPTION_SCHEMAS, SCHEMAS
 
     key, args = _commands()[name]
     cfg = composed(key, args)
     config_name = {"run": "run", "generate": "generate", "train": "train", "eval": "eval"}[key[0]]
     missing = []
-    for node, cls, commands in SCHEMAS:
-        if config_name not in commands or not node:
+    typed = [(n, c, cmds) for n, c, cmds in SCHEMAS if n]
+    typed += [(n, opts.get(str(cfg.get(f"{n}.name"))), cmds) for n, opts, cmds in OPTION_SCHEMAS]
+    for node, cls, commands in typed:
+        if config_name not in commands:
+            continue
+        if cls is None:
+            missing.append(f"{node} (its name {cfg.get(node + '.name')!r} has no dataclass)")
             continue
         leaves, maps = _fields(cls, node + ".")
         for k in cfg:
@@ -106,7 +118,7 @@ def _typed_values(path: Path) -> dict[str, object]:
     from sphere.schema import SETTINGS
 
     body = {k: v for k, v in _load(path).items() if k not in ("defaults", "hydra")}
-    group = {"search": "search", "train_opts": "train"}.get(path.parent.name)
+    group = {"search": "search", "train_opts": "train", "scorer": "scorer"}.get(path.parent.name)
     if group:
         return {f"{group}.{k}": v for k, v in _flat(body).items()}
     if path.parent == CONF:
@@ -116,11 +128,13 @@ def _typed_values(path: Path) -> dict[str, object]:
 
 def _overridden(path: Path) -> dict[str, object]:
     """What each typed key is before ``path`` sets it: the dataclass defaults, then the files it composes over."""
-    from sphere.schema import SETTINGS, defaults
+    from sphere.schema import OPTIONS, SETTINGS, defaults
 
     base = {}
     for g, cls in SETTINGS.items():
         base.update(_flat(defaults(cls), f"{g}."))
+    if path.parent.name in OPTIONS:  # an option with a dataclass of its own (conf/scorer/prm.yaml)
+        base.update(_flat(defaults(OPTIONS[path.parent.name][path.stem]), f"{path.parent.name}."))
     for p in _parents(path):
         base.update(_overridden(p))
         base.update(_typed_values(p))
@@ -129,7 +143,7 @@ def _overridden(path: Path) -> dict[str, object]:
 
 def _checked_files() -> list[Path]:
     return [*sorted(CONF.glob("*.yaml")), *sorted((CONF / "search").glob("*.yaml")),
-            *sorted((CONF / "train_opts").glob("*.yaml"))]
+            *sorted((CONF / "train_opts").glob("*.yaml")), *sorted((CONF / "scorer").glob("*.yaml"))]
 
 
 @pytest.mark.parametrize("path", _checked_files(), ids=lambda p: str(p.relative_to(CONF)))
@@ -151,16 +165,17 @@ def test_defaults_are_read_from_the_dataclasses():
 
 
 def test_every_field_has_a_doc():
-    from sphere.schema import SCHEMAS
+    from sphere.schema import OPTION_SCHEMAS, SCHEMAS
 
     def walk(cls, prefix):
         for f in dataclasses.fields(cls):
-            v = f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
+            v = _default(f)
             yield prefix + f.name, f
             if dataclasses.is_dataclass(v):
                 yield from walk(type(v), f"{prefix}{f.name}.")
 
-    undocumented = [k for _, cls, _ in SCHEMAS for k, f in walk(cls, "") if not f.metadata.get("doc")]
+    classes = [cls for _, cls, _ in SCHEMAS] + [c for _, opts, _ in OPTION_SCHEMAS for c in opts.values()]
+    undocumented = [f"{cls.__name__}.{k}" for cls in classes for k, f in walk(cls, "") if not f.metadata.get("doc")]
     assert not undocumented, f"settings without a doc (metadata['doc']): {undocumented}"
 
 
@@ -170,3 +185,14 @@ def test_the_run_base_is_neutral():
     experiment states what its study sets, and no paper experiment undoes a mini default (their composed
     values are pinned by tests/test_composed_snapshot.py)."""
     assert _typed_values(CONF / "run.yaml") == {"eval.resume": True}
+
+
+def test_an_option_group_is_checked_with_its_options_dataclass():
+    """scorer=X is typed by X's dataclass (sphere.schema.OPTION_SCHEMAS): a wrong type names the full key."""
+    from omegaconf import OmegaConf
+
+    from sphere.schema import ConfigTypeError, check_config
+
+    with pytest.raises(ConfigTypeError, match=r"^config scorer\.m='many': expected an integer$"):
+        check_config(OmegaConf.create({"scorer": {"name": "rollout", "m": "many"}}), "generate")
+    check_config(OmegaConf.create({"scorer": {"name": "symbolic", "m": "many"}}), "generate")  # not symbolic's
