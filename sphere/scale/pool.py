@@ -168,6 +168,19 @@ class PoolStats:
     events: list = field(default_factory=list)  # one line per death / take-back / revival (ray_runner.json)
 
 
+@dataclass
+class _Run:
+    """The state of one ``ActorPool.run`` (one phase): its chunks, what finished, progress times."""
+
+    queue: deque  # chunks waiting for an actor (a requeued chunk goes to the front)
+    mine: set  # ids of this run's chunks (a late result of an earlier phase's chunk is not counted)
+    alive: set  # slots not dead for good
+    finished: set = field(default_factory=set)
+    last_counts: dict = field(default_factory=dict)  # slot -> problems done at its last poll
+    last_progress: float = field(default_factory=time.monotonic)
+    last_poll: float = 0.0
+
+
 class StallError(RuntimeError):
     """No chunk finished and no actor reported progress for ``runner.stall_timeout_s`` seconds."""
 
@@ -234,130 +247,149 @@ class ActorPool:
         on_poll: Callable[[dict], None] | None = None,
         on_dispatch: Callable[[Any, Chunk], None] | None = None,
     ) -> PoolStats:
-        import ray
-
-        transient, permanent = _error_kinds()
-        n = len(self.actors)
-        queue: deque[Chunk] = deque(chunks)
-        finished: set[int] = set()
         # the actors' state is kept across runs (the phases of a round): an actor still busy with a chunk
         # of the previous phase (its node lost, its restart pending) stays busy and unanswering
-        alive = set(range(n)) - self.dead  # not dead for good
-        answering, busy, last_answer, poll_refs = self.answering, self.busy, self.last_answer, self.poll_refs
-        mine = {c.id for c in chunks}
-        last_counts: dict[int, int] = {}
-        now = time.monotonic()
-        last_progress = now
-        last_poll = 0.0
-
-        def dispatchable() -> list[int]:
-            return [s for s in range(n) if s in alive and s in answering and s not in busy]
-
-        def pending() -> bool:  # chunks of this run not finished anywhere
-            return any(c.id not in finished for c in queue) or any(
-                c.id in mine and c.id not in finished for _, c in busy.values()
-            )
-
-        def requeue(ch: Chunk, why: str) -> None:
-            if ch.id not in mine or ch.id in finished or any(c.id == ch.id for c in queue):
-                return
-            if ch.attempts > self.max_chunk_retries:
+        st = _Run(queue=deque(chunks), mine={c.id for c in chunks},
+                  alive=set(range(len(self.actors))) - self.dead)  # alive: not dead for good
+        errors = _error_kinds()
+        while self._pending(st):
+            self._dispatch(st, submit, on_dispatch)
+            if not st.alive:
                 raise RuntimeError(
-                    f"ray runner: chunk {ch.id} ({ch.size} problems) was dispatched {ch.attempts} times, "
-                    f"more than 1 + runner.max_chunk_retries={self.max_chunk_retries}; last: {why}"
+                    f"ray runner: all {len(self.actors)} actors died for good (Ray's restarts, "
+                    f"runner.max_restarts, are spent or could not be placed); "
+                    f"{sum(1 for c in st.queue if c.id not in st.finished)} chunks unfinished; rerun the "
+                    "same command to resume"
                 )
-            self.stats.retries += 1
-            self.stats.retried_chunks.append(ch.id)
-            queue.appendleft(ch)
-
-        while pending():
-            while queue and queue[0].id in finished:
-                queue.popleft()
-            for slot in dispatchable():
-                if not queue:
-                    break
-                ch = queue.popleft()
-                ch.attempts += 1
-                busy[slot] = (submit(self.actors[slot], ch), ch)
-                if on_dispatch is not None:
-                    on_dispatch(self.actors[slot], ch)
-            if not alive:
-                raise RuntimeError(
-                    f"ray runner: all {n} actors died for good (Ray's restarts, runner.max_restarts, are "
-                    f"spent or could not be placed); {sum(1 for c in queue if c.id not in finished)} chunks "
-                    "unfinished; rerun the same command to resume"
-                )
-            refs = {ref: slot for slot, (ref, _) in busy.items()}
-            ready, _ = ray.wait(list(refs), num_returns=1, timeout=self.poll_s) if refs else ([], [])
-            if not refs:
-                time.sleep(self.poll_s)
-            for ref in ready:
-                slot = refs[ref]
-                _, ch = busy.pop(slot)
-                try:
-                    res = ray.get(ref)
-                except transient as e:  # Ray: the actor may come back; keep it, give the chunk to anyone
-                    self.stats.unavailable += 1
-                    answering.discard(slot)
-                    self.log(f"actor {slot} unavailable ({type(e).__name__}, transient: kept, not killed); "
-                             f"chunk {ch.id} goes back to the queue")
-                    requeue(ch, f"{type(e).__name__}: {e}")
-                    continue
-                except permanent as e:  # Ray spent max_restarts (or the actor was killed for good)
-                    self.stats.actor_deaths += 1
-                    alive.discard(slot)
-                    self.dead.add(slot)
-                    self.log(
-                        f"actor {slot} died for good ({type(e).__name__}); chunk {ch.id} goes to the "
-                        f"remaining actors; going on with {len(alive)} of {n} workers"
-                    )
-                    requeue(ch, f"{type(e).__name__}: {e}")
-                    continue
-                last_progress = time.monotonic()
-                last_answer[slot] = last_progress
-                if slot not in answering:
-                    answering.add(slot)
-                    self.log(f"actor {slot} answers again; it takes chunks again")
-                if ch.id in finished or ch.id not in mine:  # a late copy (another actor finished it; or a
-                    # chunk of an earlier phase): its records are merged as no-ops by the driver
-                    on_result(ch, res)
-                    continue
-                finished.add(ch.id)
-                self.stats.chunks += 1
-                key = str(slot)
-                self.stats.per_actor_chunks[key] = self.stats.per_actor_chunks.get(key, 0) + 1
-                on_result(ch, res)
+            self._collect(st, on_result, errors)
             now = time.monotonic()
-            if now - last_poll >= self.poll_s:
-                last_poll = now
-                counts = self._poll(alive, poll_refs, last_answer)
-                now = time.monotonic()
-                for slot, c in counts.items():
-                    if slot in busy and c != last_counts.get(slot):
-                        last_progress = now
-                    last_counts[slot] = c
-                    if slot not in answering and slot in alive:
-                        answering.add(slot)
-                        self.log(f"actor {slot} answers again (restarted by Ray); it takes chunks again")
-                for slot in list(answering):
-                    if slot in alive and slot in self._ever and now - last_answer[slot] > self.unavailable_s:
-                        answering.discard(slot)
-                        msg = f"actor {slot} has not answered for {now - last_answer[slot]:.0f} s " \
-                              f"(runner.unavailable_s={self.unavailable_s:g}: restarting, or its node is gone)"
-                        if slot in busy:
-                            ch = busy[slot][1]
-                            self.stats.taken_back += 1
-                            msg += f"; its chunk {ch.id} also goes to the actors that answer"
-                            requeue(ch, msg)
-                        self.log(f"{msg}; {len([s for s in alive if s in answering])} of {n} workers answering")
-                if on_poll is not None and busy:
-                    on_poll({busy[s][1].id: c for s, c in counts.items() if s in busy})
-                if now - last_progress > self.stall_s:
-                    raise StallError(self._stall_message(now - last_progress, queue, busy, finished,
-                                                         alive, answering, n))
+            if now - st.last_poll >= self.poll_s:
+                st.last_poll = now
+                self._poll_phase(st, on_poll)
         return self.stats
 
-    def _stall_message(self, waited, queue, busy, finished, alive, answering, n) -> str:
+    # ------------------------------------------------------------------ the phases of one pass of run()
+    def _pending(self, st: _Run) -> bool:
+        """Chunks of this run not finished anywhere (queued, or in flight on some actor)."""
+        return any(c.id not in st.finished for c in st.queue) or any(
+            c.id in st.mine and c.id not in st.finished for _, c in self.busy.values()
+        )
+
+    def _requeue(self, st: _Run, ch: Chunk, why: str) -> None:
+        if ch.id not in st.mine or ch.id in st.finished or any(c.id == ch.id for c in st.queue):
+            return
+        if ch.attempts > self.max_chunk_retries:
+            raise RuntimeError(
+                f"ray runner: chunk {ch.id} ({ch.size} problems) was dispatched {ch.attempts} times, "
+                f"more than 1 + runner.max_chunk_retries={self.max_chunk_retries}; last: {why}"
+            )
+        self.stats.retries += 1
+        self.stats.retried_chunks.append(ch.id)
+        st.queue.appendleft(ch)
+
+    def _dispatch(self, st: _Run, submit: Callable, on_dispatch: Callable | None) -> None:
+        """Give the next queued chunks to the actors that are alive, answering and idle."""
+        while st.queue and st.queue[0].id in st.finished:
+            st.queue.popleft()
+        idle = [s for s in range(len(self.actors))
+                if s in st.alive and s in self.answering and s not in self.busy]
+        for slot in idle:
+            if not st.queue:
+                break
+            ch = st.queue.popleft()
+            ch.attempts += 1
+            self.busy[slot] = (submit(self.actors[slot], ch), ch)
+            if on_dispatch is not None:
+                on_dispatch(self.actors[slot], ch)
+
+    def _collect(self, st: _Run, on_result: Callable, errors: tuple) -> None:
+        """Wait up to ``poll_s`` for a chunk in flight; take what came back."""
+        import ray
+
+        refs = {ref: slot for slot, (ref, _) in self.busy.items()}
+        if not refs:
+            time.sleep(self.poll_s)
+            return
+        ready, _ = ray.wait(list(refs), num_returns=1, timeout=self.poll_s)
+        for ref in ready:
+            self._take(st, refs[ref], ref, on_result, errors)
+
+    def _take(self, st: _Run, slot: int, ref: Any, on_result: Callable, errors: tuple) -> None:
+        """One finished call: its result goes to ``on_result``; a Ray error requeues its chunk."""
+        import ray
+
+        transient, permanent = errors
+        n = len(self.actors)
+        _, ch = self.busy.pop(slot)
+        try:
+            res = ray.get(ref)
+        except transient as e:  # Ray: the actor may come back; keep it, give the chunk to anyone
+            self.stats.unavailable += 1
+            self.answering.discard(slot)
+            self.log(f"actor {slot} unavailable ({type(e).__name__}, transient: kept, not killed); "
+                     f"chunk {ch.id} goes back to the queue")
+            self._requeue(st, ch, f"{type(e).__name__}: {e}")
+            return
+        except permanent as e:  # Ray spent max_restarts (or the actor was killed for good)
+            self.stats.actor_deaths += 1
+            st.alive.discard(slot)
+            self.dead.add(slot)
+            self.log(
+                f"actor {slot} died for good ({type(e).__name__}); chunk {ch.id} goes to the "
+                f"remaining actors; going on with {len(st.alive)} of {n} workers"
+            )
+            self._requeue(st, ch, f"{type(e).__name__}: {e}")
+            return
+        st.last_progress = time.monotonic()
+        self.last_answer[slot] = st.last_progress
+        if slot not in self.answering:
+            self.answering.add(slot)
+            self.log(f"actor {slot} answers again; it takes chunks again")
+        if ch.id in st.finished or ch.id not in st.mine:  # a late copy (another actor finished it; or a
+            # chunk of an earlier phase): its records are merged as no-ops by the driver
+            on_result(ch, res)
+            return
+        st.finished.add(ch.id)
+        self.stats.chunks += 1
+        key = str(slot)
+        self.stats.per_actor_chunks[key] = self.stats.per_actor_chunks.get(key, 0) + 1
+        on_result(ch, res)
+
+    def _poll_phase(self, st: _Run, on_poll: Callable[[dict], None] | None) -> None:
+        """Poll the actors: note progress, take back the chunks of actors silent for ``unavailable_s``,
+        report the running counts, and stop the run after ``stall_s`` without progress."""
+        counts = self._poll(st.alive, self.poll_refs, self.last_answer)
+        now = time.monotonic()
+        for slot, c in counts.items():
+            if slot in self.busy and c != st.last_counts.get(slot):
+                st.last_progress = now
+            st.last_counts[slot] = c
+            if slot not in self.answering and slot in st.alive:
+                self.answering.add(slot)
+                self.log(f"actor {slot} answers again (restarted by Ray); it takes chunks again")
+        self._take_back_silent(st, now)
+        if on_poll is not None and self.busy:
+            on_poll({self.busy[s][1].id: c for s, c in counts.items() if s in self.busy})
+        if now - st.last_progress > self.stall_s:
+            raise StallError(self._stall_message(now - st.last_progress, st))
+
+    def _take_back_silent(self, st: _Run, now: float) -> None:
+        """An actor that answered before and not for ``unavailable_s``: its chunk also goes to the others."""
+        n = len(self.actors)
+        for slot in list(self.answering):
+            if slot in st.alive and slot in self._ever and now - self.last_answer[slot] > self.unavailable_s:
+                self.answering.discard(slot)
+                msg = f"actor {slot} has not answered for {now - self.last_answer[slot]:.0f} s " \
+                      f"(runner.unavailable_s={self.unavailable_s:g}: restarting, or its node is gone)"
+                if slot in self.busy:
+                    ch = self.busy[slot][1]
+                    self.stats.taken_back += 1
+                    msg += f"; its chunk {ch.id} also goes to the actors that answer"
+                    self._requeue(st, ch, msg)
+                answering = len([s for s in st.alive if s in self.answering])
+                self.log(f"{msg}; {answering} of {n} workers answering")
+
+    def _stall_message(self, waited: float, st: _Run) -> str:
         import ray
 
         try:
@@ -368,14 +400,17 @@ class ActorPool:
         def state(s: int) -> str:
             if s not in self._ever:
                 return "never answered: not placed yet (no node has its resources) or still loading"
-            return "answering" if s in answering else "not answering"
+            return "answering" if s in self.answering else "not answering"
 
-        waits = [f"chunk {c.id} on actor {s} ({state(s)})" for s, (_, c) in busy.items() if c.id not in finished]
-        queued = [c.id for c in queue if c.id not in finished]
+        waits = [f"chunk {c.id} on actor {s} ({state(s)})" for s, (_, c) in self.busy.items()
+                 if c.id not in st.finished]
+        queued = [c.id for c in st.queue if c.id not in st.finished]
+        n = len(self.actors)
+        answering = len([s for s in st.alive if s in self.answering])
         return (
             f"ray runner: no progress for {waited:.0f} s (runner.stall_timeout_s={self.stall_s:g}); waiting "
             f"for {', '.join(waits) or 'no running chunk'}; queued chunks {queued}; "
-            f"{len(alive)} of {n} actors alive, {len([s for s in alive if s in answering])} answering; "
+            f"{len(st.alive)} of {n} actors alive, {answering} answering; "
             f"free cluster resources {free}. Finished chunks are saved: rerun the same command to resume"
         )
 

@@ -6,14 +6,31 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from sphere.backends import make_backend
+from sphere.data import benchmark_key
+from sphere.evaluation.harness import (
+    checker_info,
+    evaluate_benchmark,
+    prompt_info,
+    record_signature,
+    settings_from_config,
+)
+from sphere.generate.generator import Generator
+from sphere.generate.records import STAGE_FILES, read_stage_logs
 from sphere.io import JsonlAppender, read_jsonl_tolerant
+from sphere.lifecycle import Models
+from sphere.models import resolve_model
+from sphere.prompts import family_config
+from sphere.verify import check_answers
 
 
 def _set_threads(cfg: DictConfig) -> None:
@@ -37,8 +54,6 @@ class GenerateWorker:
         if root:
             Path(str(root)).mkdir(parents=True, exist_ok=True)
         self.scratch = Path(tempfile.mkdtemp(prefix=f"sphere-ray-gen{slot}-", dir=root or None))
-        from sphere.lifecycle import Models
-
         # the one owner of policy / small / scorer, as in a local run; kept for the actor's life: the driver
         # sends every stage-1/2 chunk of a round first (policy only), then the stage-3 chunks (small model),
         # so with stages.close_policy_before_small a worker loads the policy once and the small model once
@@ -47,8 +62,6 @@ class GenerateWorker:
         self.done_in_chunk = 0
 
     def info(self) -> dict:
-        import socket
-
         import ray
 
         return {
@@ -77,9 +90,6 @@ class GenerateWorker:
         stage-1 record is in ``prior`` (the policy is not opened: its tokenizer is kept from the policy
         phase), ``all`` = every stage. Returns the new records per stage, the search statistics, the tree
         snapshots (file name -> npz bytes) and the models this actor has loaded."""
-        from sphere.generate.generator import STAGE_FILES, Generator
-        from sphere.verify import check_answers
-
         work = self.scratch / f"chunk-{chunk_id}"
         shutil.rmtree(work, ignore_errors=True)
         (work / "stages").mkdir(parents=True)
@@ -114,8 +124,6 @@ class GenerateWorker:
                 progress=progress,
             )
             had = {int(s): {r["problem_id"] for r in recs} for s, recs in prior.items()}
-            from sphere.generate.records import read_stage_logs
-
             records = {s: [r for r in d.values() if r["problem_id"] not in had.get(s, set())]
                        for s, d in read_stage_logs(work).items()}
             trees = {p.name: p.read_bytes() for p in sorted((work / "trees").glob("*.npz"))}
@@ -152,11 +160,6 @@ class EvalWorker:
     ``evaluate_benchmark`` on a chunk of one benchmark in a scratch directory and returns its records."""
 
     def __init__(self, cfg_plain: dict, slot: int):
-        from sphere.backends import make_backend
-        from sphere.evaluation.harness import checker_info, prompt_info
-        from sphere.models import resolve_model
-        from sphere.prompts import family_config
-
         self.cfg = OmegaConf.create(cfg_plain)
         self.slot = slot
         _set_threads(self.cfg)
@@ -184,11 +187,6 @@ class EvalWorker:
         return self.backend.stats() if hasattr(self.backend, "stats") else {}
 
     def run_chunk(self, chunk_id: int, name: str, records: list[dict]) -> dict:
-        from dataclasses import replace
-
-        from sphere.data import benchmark_key
-        from sphere.evaluation.harness import evaluate_benchmark, settings_from_config
-
         settings = replace(settings_from_config(self.cfg), resume=True)
         work = self.scratch / f"chunk-{chunk_id}"
         shutil.rmtree(work, ignore_errors=True)
@@ -226,7 +224,4 @@ class EvalWorker:
 
 def _eval_sig(sig_parts: dict, cfg: Any) -> str:
     """The record signature ``evaluate_benchmark`` writes (sphere.evaluation.harness)."""
-
-    from sphere.evaluation.harness import record_signature, settings_from_config
-
     return record_signature(sig_parts, settings_from_config(cfg))
