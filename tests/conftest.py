@@ -71,7 +71,7 @@ def pytest_collection_modifyitems(config, items):
 # workers, one file at a time each): the files that start Ray clusters share one scope, so one worker runs
 # them one after another (two Ray clusters on one 2-core machine compete for its ports, CPUs and /tmp/ray).
 SERIAL_SCOPES = {f"tests/{name}": "ray clusters" for name in (
-    "test_ray_cluster.py", "test_ray_runner.py", "test_run_ray.py", "test_ray_placement.py")}
+    "test_ray_cluster.py", "test_ray_runner.py", "test_run_ray.py", "test_ray_placement.py", "test_ray_cli.py")}
 
 
 @pytest.hookimpl(optionalhook=True)
