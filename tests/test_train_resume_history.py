@@ -53,7 +53,8 @@ def test_resumed_training_metrics_describe_the_whole_training(tmp_path, tiny_mod
     with pytest.raises(Killed):
         dpo.train_dpo(OPTS, tiny_model_dir, pairs, out)
     monkeypatch.setattr(dpo, "_callbacks", real)
-    assert (out / "trainer" / "checkpoint-3" / "trainer_state.json").is_file() and not (out / "merged").exists()
+    assert (out / "trainer" / "checkpoint-3" / "trainer_state.json").is_file()
+    assert not (out / "merged").exists()
 
     log = FakeLogger()
     dpo.train_dpo(OPTS, tiny_model_dir, pairs, out, logger=log)
@@ -61,7 +62,8 @@ def test_resumed_training_metrics_describe_the_whole_training(tmp_path, tiny_mod
     # the resumed attempt itself logged steps 4-8 only
     assert sorted(s for m, s in log.calls if "train/loss" in m) == [4, 5, 6, 7, 8]
     # the weights are the uninterrupted run's, bit for bit, and so is every recorded summary of the training
-    w_clean, w_run = load_file(clean / "merged" / "model.safetensors"), load_file(out / "merged" / "model.safetensors")
+    w_clean = load_file(clean / "merged" / "model.safetensors")
+    w_run = load_file(out / "merged" / "model.safetensors")
     assert all((w_clean[k] == w_run[k]).all() for k in w_clean)
     assert got["resumed_from_step"] == 3 and got["steps"] == want["steps"] == 8
     for key in ("loss_first", "loss_final", "rewards_margins_first", "rewards_margins_final",
