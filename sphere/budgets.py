@@ -46,8 +46,8 @@ from sphere.budget_prompts import (  # noqa: F401 - re-exported: the prompt side
     benchmark_texts,
     local_tokenizer,
     measure_prompts,
-    problem_texts,
     prm_input_ids,
+    problem_texts,
     prompt_lengths,
 )
 from sphere.budget_windows import (  # noqa: F401 - re-exported: the numbers and the windows

@@ -21,6 +21,10 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from sphere import backends  # called as backends.make_backend: tests replace it there
+from sphere.models import resolve_model
+from sphere.rewards import make_scorer
+
 log = logging.getLogger(__name__)
 
 
@@ -45,15 +49,11 @@ class Models:
     # ------------------------------------------------------------------------------------ paths
     def policy_path(self) -> str:
         if self._policy_path is None:
-            from sphere.models import resolve_model
-
             self._policy_path = str(resolve_model(str(self.cfg.model.policy), self.cfg))
         return self._policy_path
 
     def small_path(self) -> str:
         if self._small_path is None:
-            from sphere.models import resolve_model
-
             self._small_path = str(resolve_model(str(self.cfg.model.small), self.cfg))
         return self._small_path
 
@@ -61,17 +61,13 @@ class Models:
     def policy(self) -> Any:
         """The policy backend (opened, or reopened after ``close_policy``)."""
         if self._policy is None:
-            from sphere.backends import make_backend
-
-            self._policy = make_backend(self.cfg, self.policy_path())
+            self._policy = backends.make_backend(self.cfg, self.policy_path())
             self.opened.append("policy")
         return self._policy
 
     def scorer(self) -> Any:
         """The step scorer of ``cfg.scorer`` (a rollout scorer samples with the policy backend)."""
         if self._scorer is None:
-            from sphere.rewards import make_scorer
-
             name = str(self.cfg.scorer.name)
             self._scorer = make_scorer(self.cfg, backend=self.policy() if name == "rollout" else None)
             self.opened.append(f"scorer:{name}")
@@ -88,9 +84,7 @@ class Models:
                 raise ValueError("stages.close_policy_before_small=true with scorer=rollout: the rollout scorer "
                                  "samples with the policy; use scorer=prm or keep the policy open")
             self.close_policy()
-        from sphere.backends import make_backend
-
-        self._small = make_backend(self.cfg, self.small_path())
+        self._small = backends.make_backend(self.cfg, self.small_path())
         self.opened.append("small")
         return self._small
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from sphere.models import STANDIN_NAMES, resolve_model
+
 # Dimensions of the hub models the experiment configs name, from each model's config.json on the Hugging Face
 # hub (hidden, intermediate, layers, attention heads, KV heads, vocab, tied embeddings, q/k/v bias, head).
 # Used only when the model is not a local directory (dry runs before the weights are downloaded).
@@ -63,12 +65,8 @@ KNOWN_WINDOWS: dict[str, int] = {
 def local_model_dir(name: str) -> Path | None:
     """The local directory of ``name``: a directory, a shipped name (stand-ins, the mini models), or a hub id
     whose snapshot is already in the local Hugging Face cache (never downloads); None otherwise."""
-    from sphere.models import STANDIN_NAMES
-
     s = str(name)
     if s in (*STANDIN_NAMES, "mini", "mini-small"):  # names of shipped local models
-        from sphere.models import resolve_model
-
         try:
             return Path(resolve_model(s))
         except (FileNotFoundError, ValueError):

@@ -14,6 +14,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from safetensors import safe_open
+
+from sphere.mini import assets_dir, ensure_mini_model
 from sphere.resources import ModelNotFoundError  # noqa: E402,F401 - defined low so sphere.mini can raise it
 
 
@@ -28,8 +31,6 @@ def check_weights(path: str | os.PathLike, what: str = "model") -> None:
     files = sorted(Path(path).glob("*.safetensors"))
     if not files:
         return
-    from safetensors import safe_open
-
     for f in files:
         try:
             with safe_open(str(f), framework="numpy"):
@@ -84,8 +85,6 @@ STANDIN_NAMES = ("standin-qwen2_5", "standin-qwen2_5-small", "standin-qwen2_5-pr
 def standin_path(name: str) -> Path:
     """Where the shipped stand-in checkpoint ``name`` lives: ``<repo>/assets/standin/<name>`` (next to
     ``sphere.mini.assets_dir()``), whatever the working directory."""
-    from sphere.mini import assets_dir
-
     if name not in STANDIN_NAMES:
         raise ModelNotFoundError(f"stand-in model {name!r}: allowed {list(STANDIN_NAMES)}")
     return assets_dir().parent / "standin" / name
@@ -139,8 +138,6 @@ def resolve_model(name_or_path: str | os.PathLike, cfg=None) -> Path:
     if not s:
         raise ModelNotFoundError("model name is empty (config key model.policy / model.small / model.prm)")
     if s in ("mini", "mini-small"):
-        from sphere.mini import ensure_mini_model  # lazy: the mini world is optional at import time
-
         p = Path(ensure_mini_model(cfg, which=s))
         check_weights(p, s)
         return p
@@ -153,7 +150,7 @@ def resolve_model(name_or_path: str | os.PathLike, cfg=None) -> Path:
         return check_model_dir(p)
     if s.count("/") == 1:  # org/name on the hub
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
-        from huggingface_hub import snapshot_download
+        from huggingface_hub import snapshot_download  # heavy: ~1 s of imports (its hf_api)
 
         try:
             snap = Path(snapshot_download(s, local_files_only=offline))

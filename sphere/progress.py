@@ -10,6 +10,8 @@ import sys
 import time
 from typing import Any
 
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
 
 class StageProgress:
     def __init__(self, total: int, label: str, every_s: float = 30.0):
@@ -24,8 +26,6 @@ class StageProgress:
 
     def __enter__(self) -> StageProgress:
         if self._tty:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
             self._progress = Progress(
                 TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                 TimeElapsedColumn(), TextColumn("{task.fields[info]}"), transient=False,

@@ -15,9 +15,15 @@ Token ids are produced once here and handed to the backend; nothing is tokenised
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from omegaconf import OmegaConf
+
+from sphere.models import looks_like_path, model_files
+from sphere.resources import resource_path
 
 FAMILIES = ("mini", "qwen2_5", "qwen2_5_math", "phi4", "deepseek_r1")
 REQUIRED = ("system", "instruction", "template", "assistant_prefix", "step_delimiter", "use_chat_template",
@@ -25,15 +31,11 @@ REQUIRED = ("system", "instruction", "template", "assistant_prefix", "step_delim
 
 
 def _conf_dir() -> Path:
-    from sphere.resources import resource_path
-
     return resource_path("conf")
 
 
 def load_family(name: str) -> dict:
     """Read ``conf/prompt/<name>.yaml`` as a plain dict (outside Hydra: scripts, tests)."""
-    from omegaconf import OmegaConf
-
     path = _conf_dir() / "prompt" / f"{name}.yaml"
     if not path.is_file():
         have = sorted(p.stem for p in path.parent.glob("*.yaml"))
@@ -60,8 +62,6 @@ def family_config(cfg) -> dict:
     ``cfg.model.family``; otherwise ``model.family`` wins and conf/prompt/<model.family>.yaml is loaded, so
     ``model=qwen2_5_7b`` alone picks the Qwen prompts (override fields with ``prompt=qwen2_5 prompt.x=...``).
     """
-    from omegaconf import OmegaConf
-
     model = cfg.get("model") if hasattr(cfg, "get") else None
     family = model.get("family") if model is not None else None
     node = cfg.get("prompt") if hasattr(cfg, "get") else None
@@ -112,8 +112,6 @@ def family_from_template(template: str | None) -> tuple[str | None, str]:
 def _template_of(files: Mapping[str, Any]) -> str | None:
     """The chat template among a model's files: ``chat_template.jinja`` (transformers >= 4.47 writes it there)
     or ``tokenizer_config.json``'s ``chat_template`` (a string, or a list of named templates: ``default``)."""
-    import json
-
     jinja = files.get("chat_template.jinja")
     if jinja is not None and Path(jinja).is_file():
         return Path(jinja).read_text(encoding="utf-8")
@@ -141,8 +139,6 @@ def detect_family(model: str) -> tuple[str | None, str]:
     chat template of another family, an unknown hub name), never falling back to the mini prompt. A local
     path that does not exist (or a word that is neither a path nor a hub name) returns ``(None, why)``:
     loading the model fails later with it named; ``mini`` / ``mini-small`` have no chat template."""
-    from sphere.models import looks_like_path, model_files
-
     s = str(model).strip()
     if s in ("mini", "mini-small"):  # sphere's own mini models: no chat template
         return None, f"{s}: the mini world's model, no chat template"

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from omegaconf import OmegaConf
+
 _PKG = Path(__file__).resolve().parent
 _REPO = _PKG.parent
 
@@ -53,7 +55,5 @@ def resource_path(rel: str, must_exist: bool = True) -> Path:
 
 def register_resolvers() -> None:
     """``${sphere_resource:data/benchmarks}`` -> absolute path of the shipped copy (idempotent)."""
-    from omegaconf import OmegaConf
-
     if not OmegaConf.has_resolver("sphere_resource"):
         OmegaConf.register_new_resolver("sphere_resource", lambda rel: str(resource_path(str(rel))))

@@ -21,6 +21,9 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
+from omegaconf import OmegaConf
+
 
 def build_commands(spec: dict, extra: list[str], out_dir: str) -> list[list[str]]:
     if not isinstance(spec, dict):
@@ -46,8 +49,6 @@ def build_commands(spec: dict, extra: list[str], out_dir: str) -> list[list[str]
 
 
 def main(argv: list[str]) -> int:
-    from omegaconf import OmegaConf
-
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0
@@ -55,8 +56,6 @@ def main(argv: list[str]) -> int:
     if not path.is_file():
         print(f"sphere sweep: {path}: no such sweep file", file=sys.stderr)
         return 2
-    import yaml
-
     try:
         spec = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
     except yaml.YAMLError as e:  # one line: the file, the line and column, what the parser expected

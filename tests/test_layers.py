@@ -175,8 +175,8 @@ def module_graph() -> dict[str, dict[str, list[str]]]:
         for n in _runtime_imports(ast.parse(p.read_text(encoding="utf-8"))):
             if isinstance(n, ast.ImportFrom):
                 if n.level:
-                    base = ".".join(parts[: len(parts) - n.level + (1 if is_pkg else 0)] + ([n.module] if n.module
-                                                                                           else []))
+                    head = parts[: len(parts) - n.level + (1 if is_pkg else 0)]
+                    base = ".".join(head + ([n.module] if n.module else []))
                 else:
                     base = n.module or ""
                 targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in mods else base for a in n.names]
@@ -184,7 +184,8 @@ def module_graph() -> dict[str, dict[str, list[str]]]:
                 targets = [a.name for a in n.names]
             for t in targets:
                 if t in mods and t != mod and _unit(t) == _unit(mod) and t.count(".") and mod.count("."):
-                    graph.setdefault(mod, {}).setdefault(t, []).append(f"{p.relative_to(PKG.parent)}:{n.lineno}")
+                    where = f"{p.relative_to(PKG.parent)}:{n.lineno}"
+                    graph.setdefault(mod, {}).setdefault(t, []).append(where)
     return graph
 
 
@@ -221,7 +222,7 @@ def test_no_import_cycle_inside_a_package():
     for cyc in find_cycles(graph):
         if _unit(cyc[0]) in KNOWN_CYCLES:
             continue
-        hops = [f"{a} -> {b} ({', '.join(graph[a][b][:2])})" for a, b in zip(cyc, cyc[1:])]
+        hops = [f"{a} -> {b} ({', '.join(graph[a][b][:2])})" for a, b in zip(cyc, cyc[1:], strict=False)]
         bad.append("  " + "\n  ".join(hops))
     assert not bad, "import cycles inside a package:\n" + "\n\n".join(bad)
 
@@ -236,6 +237,6 @@ def test_the_cycle_checker_finds_a_planted_cycle():
 
 
 def test_the_cycle_checker_skips_type_checking_imports():
-    tree = ast.parse("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import a\nelse:\n    import b\n"
-                     "def f():\n    import c\n")
+    tree = ast.parse("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import a\nelse:\n"
+                     "    import b\ndef f():\n    import c\n")
     assert [n.names[0].name for n in _runtime_imports(tree)][1:] == ["b", "c"]

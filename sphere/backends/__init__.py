@@ -17,6 +17,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from omegaconf import OmegaConf
+
+from sphere.backends import transformers_backend, vllm_backend
 from sphere.backends.base import (
     FINISH_REASONS,
     Backend,
@@ -26,6 +29,10 @@ from sphere.backends.base import (
     SamplingParams,
     has_boxed_answer,
 )
+from sphere.backends.openai_backend import OpenAIBackend
+from sphere.backends.replay import make_replay_backend
+from sphere.models import resolve_model
+from sphere.prompts import family_config
 
 BACKENDS = ("transformers", "vllm", "openai")
 
@@ -34,8 +41,6 @@ __all__ = ["BACKENDS", "FINISH_REASONS", "Backend", "BackendUnavailableError", "
 
 
 def _plain(node: Any) -> dict:
-    from omegaconf import OmegaConf
-
     if node is None:
         return {}
     return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else dict(node)
@@ -64,29 +69,19 @@ def make_backend(cfg: Any, model_path: str | Path | None = None, **overrides: An
     bcfg = {**_plain(cfg.get("backend") if hasattr(cfg, "get") else cfg["backend"]), **overrides}
     name = bcfg.pop("name", None)
     if name == "replay":  # stored completions graded by problem id, no model (sphere/backends/replay.py)
-        from sphere.backends.replay import make_replay_backend
-
         return make_replay_backend(cfg)
     if name not in BACKENDS:
         raise ValueError(f"backend.name={name!r}: allowed {list(BACKENDS)} (conf/backend/<name>.yaml)")
     if name == "vllm":
         require_vllm()
     if model_path is None:
-        from sphere.models import resolve_model
-
         model_path = resolve_model(cfg.model.policy, cfg)
     model_cfg = cfg.get("model") if hasattr(cfg, "get") else None
     trust = bool(model_cfg.get("trust_remote_code", False)) if model_cfg is not None else False
-    if name == "transformers":
-        from sphere.backends.transformers_backend import TransformersBackend
-
-        return TransformersBackend(model_path, trust_remote_code=trust, **bcfg)
+    if name == "transformers":  # module attributes: tests replace the classes there
+        return transformers_backend.TransformersBackend(model_path, trust_remote_code=trust, **bcfg)
     if name == "vllm":
-        from sphere.backends.vllm_backend import VLLMBackend
-
-        return VLLMBackend(model_path, trust_remote_code=trust, **bcfg)
-    from sphere.backends.openai_backend import OpenAIBackend
-
+        return vllm_backend.VLLMBackend(model_path, trust_remote_code=trust, **bcfg)
     return OpenAIBackend(model_path, trust_remote_code=trust, **bcfg)
 
 
@@ -98,8 +93,6 @@ def sampling_params(cfg: Any, mode: str = "step", **overrides: Any) -> SamplingP
     kw: dict[str, Any] = dict(n=int(s.get("n", 1)), temperature=float(s.get("temperature", 0.8)),
                               top_p=float(s.get("top_p", 1.0)), seed=s.get("seed"))
     if mode == "step":
-        from sphere.prompts import family_config
-
         kw["max_tokens"] = int(s.get("max_step_tokens", 256))
         kw["stop"] = [family_config(cfg)["step_delimiter"]]
     else:

@@ -15,7 +15,9 @@ cannot tell them apart except by speed.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -238,9 +240,6 @@ def model_eos_ids(model_dir, tokenizer) -> set[int]:
     ``eos_token_id`` of ``config.json`` and ``generation_config.json`` (an int or a list). Phi-4-mini, for
     one, ends turns with ``<|end|>``, which only its generation config names (its tokenizer's EOS is
     ``<|endoftext|>``); vLLM stops there too, and the token must not reach the step text."""
-    import json
-    from pathlib import Path
-
     ids = {getattr(tokenizer, "eos_token_id", None)}
     for name in ("config.json", "generation_config.json"):
         p = Path(model_dir) / name

@@ -24,6 +24,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from sphere.backends.base import (
     BackendBase,
@@ -35,13 +36,12 @@ from sphere.backends.base import (
     check_sampling,
     finalize,
 )
+from sphere.models import check_model_dir
 
 
 def shown_url(url: str) -> str:
     """``url`` as error messages show it: without user:password@ and without a query string or fragment
     (either may carry a key, e.g. ``?api_key=...``)."""
-    from urllib.parse import urlsplit, urlunsplit
-
     try:
         u = urlsplit(url)
         host = u.hostname or ""
@@ -55,8 +55,6 @@ def shown_url(url: str) -> str:
 
 def _no_secrets(text: str, url: str, shown: str) -> str:
     """``text`` with the full ``url`` (and its user:password@ part) replaced by ``shown``."""
-    from urllib.parse import urlsplit
-
     text = text.replace(url, shown)
     try:
         u = urlsplit(url)
@@ -93,8 +91,6 @@ class OpenAIBackend(BackendBase):
         trust_remote_code: bool = False,
     ):
         from transformers import AutoTokenizer
-
-        from sphere.models import check_model_dir
 
         path = check_model_dir(model_path, what="tokenizer (backend model)")
         self.model_path = str(path)

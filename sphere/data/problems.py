@@ -5,11 +5,14 @@ reachable. ``load_problems(data_cfg, seed)`` returns the problem dicts (id, prob
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 from sphere.data import training
+from sphere.data.benchmarks import load_problems_jsonl
 from sphere.data.selection import NAMED, sources  # noqa: F401 - NAMED re-exported (sphere.rundir reads it here)
+from sphere.mini.world import training_problems
 
 
 def load_problems(dcfg: Any, seed: int) -> list[dict]:
@@ -51,12 +54,8 @@ def count_problems(dcfg: Any, seed: int) -> int:
 
 def load_source(src: str, dcfg: Any, seed: int, limit: int | None) -> list[dict]:
     if src == "mini":
-        from sphere.mini.world import training_problems
-
         n = int(dcfg.mini_n) if limit is None else min(int(dcfg.mini_n), limit)
         return training_problems(n, seed=int(dcfg.mini_seed) + seed)
-    from sphere.data.benchmarks import load_problems_jsonl
-
     if src == "training" or src.startswith(("numina:", "metamath:")):  # NuminaMath / MetaMathQA pools
         return training.load_source(src, dcfg, seed, limit, load=load_source)
     if src in NAMED:
@@ -68,8 +67,6 @@ def load_source(src: str, dcfg: Any, seed: int, limit: int | None) -> list[dict]
         try:
             ds = datasets.load_dataset(name, split=split or "train")
         except (ConnectionError, OSError) as e:  # offline (HF_HUB_OFFLINE=1) or no network, not in the cache
-            import os
-
             off = " (HF_HUB_OFFLINE=1)" if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0") else ""
             raise FileNotFoundError(
                 f"config data.problems={src}: the dataset {name!r} is neither reachable{off} nor in the local "

@@ -6,9 +6,13 @@ vote) and ``_progress`` (the progress bar on stderr)."""
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from sphere.backends.base import Candidate, SamplingParams
 from sphere.data import BENCHMARKS, benchmark_key
@@ -16,6 +20,9 @@ from sphere.evaluation.metrics import majority_vote, summarize
 from sphere.evaluation.settings import EvalSettings
 from sphere.evaluation.signatures import record_signature, reuse_records
 from sphere.io import JsonlAppender
+from sphere.prompts import build_prompt_ids
+from sphere.rundir import default_mode, resume_mode
+from sphere.verify import check_answers, extract_answer
 
 
 def _generate(
@@ -28,8 +35,6 @@ def _generate(
     if hasattr(backend, "complete_records"):  # replay: completions looked up by problem id
         out = backend.complete_records(key, batch, params)
     else:
-        from sphere.prompts import build_prompt_ids
-
         if family_cfg is None:
             raise ValueError(
                 "run_eval: family_cfg (the prompt family, cfg.prompt) is required for a model backend"
@@ -54,8 +59,6 @@ def _generate(
 
 
 def _grade(batch: list[dict], cands: list[list[Candidate]], sig: str, timeout_s: float) -> list[dict]:
-    from sphere.verify import check_answers, extract_answer
-
     pairs = [(c.text, r["answer"]) for r, cs in zip(batch, cands) for c in cs]
     verdicts = check_answers(pairs, timeout_s=timeout_s) if pairs else []
     out, i = [], 0
@@ -83,9 +86,6 @@ def _grade(batch: list[dict], cands: list[list[Candidate]], sig: str, timeout_s:
 
 
 def _progress(enabled: bool | None):
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     console = Console(stderr=True)
     on = console.is_terminal if enabled is None else enabled
     return Progress(TextColumn("eval {task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -103,8 +103,6 @@ def evaluate_benchmark(backend, name: str, records: list[dict], out_dir: Path, s
         records, skipped = backend.select(key, records)
     sig = record_signature(sig_parts or {}, settings)
     done: dict[str, dict] = {}
-    from sphere.rundir import default_mode, resume_mode
-
     mode = resume_mode(settings.resume)
     mode = default_mode() if mode == "auto" else mode
     if mode != "fresh":
@@ -137,8 +135,6 @@ def evaluate_benchmark(backend, name: str, records: list[dict], out_dir: Path, s
     summary["title"] = BENCHMARKS[key].title if key in BENCHMARKS else key
     summary["skipped"] = skipped
     if summary.get("overflow"):  # graded wrong without a word, these read as the model's mistakes
-        import sys
-
         limit = getattr(backend, "max_model_len", None)
         print(f"sphere eval {key}: {summary['overflow']} of {summary['n']} prompt(s) longer than the context "
               f"window{f' ({limit} tokens)' if limit else ''}: not generated, counted wrong (finish "

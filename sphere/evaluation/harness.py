@@ -40,6 +40,7 @@ from sphere.evaluation.benchmark import (  # moved out of this module (issue #18
     _progress,
     evaluate_benchmark,
 )
+from sphere.evaluation.report import load_reference_results, markdown_table
 from sphere.evaluation.settings import (  # moved out of this module (issue #18); importable here too
     EvalSettings,
     expand_benchmarks,
@@ -53,7 +54,6 @@ from sphere.evaluation.signatures import (  # moved out of this module (issue #1
     record_signature,  # noqa: F401
     reuse_records,  # noqa: F401
 )
-from sphere.evaluation.report import load_reference_results, markdown_table
 from sphere.io import atomic_write_json, atomic_write_text
 from sphere.models import resolve_model
 from sphere.prompts import family_config

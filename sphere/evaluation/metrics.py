@@ -10,6 +10,8 @@ import math
 import re
 from collections.abc import Sequence
 
+import numpy as np
+
 
 def wilson_ci(correct: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
     """Wilson score interval for a binomial proportion ``correct / n`` (95% by default).
@@ -144,8 +146,6 @@ def paired_accuracy_change(before: Sequence[bool], after: Sequence[bool], *, lev
     matter, so it draws them from the multinomial of those shares (the same distribution as index
     resampling, O(n_boot)). Returns ``{n, before, after, delta, gained, lost, ci_low, ci_high, level,
     mcnemar_p, excludes_zero}`` (accuracies and delta as fractions)."""
-    import numpy as np
-
     if len(before) != len(after):
         raise ValueError(f"paired_accuracy_change: {len(before)} verdicts before, {len(after)} after; "
                          "a paired interval needs the same problems")

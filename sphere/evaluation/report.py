@@ -11,13 +11,13 @@ import json
 import os
 from pathlib import Path
 
+from sphere.resources import resource_path
+
 REF_FIELDS = ("model", "benchmark", "metric", "value", "setting", "source", "url")
 
 
 def default_reference_path() -> Path:
     """The shipped ``data/reference_results.json``: the checkout's, or the copy inside an installed wheel."""
-    from sphere.resources import resource_path
-
     return resource_path("data/reference_results.json", must_exist=False)
 
 

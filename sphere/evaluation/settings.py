@@ -5,13 +5,15 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
+
+from omegaconf import OmegaConf
 
 from sphere.backends.base import SamplingParams
 from sphere.data import PAPER_BENCHMARKS
+from sphere.rundir import resume_mode
 
 
 @dataclass
@@ -57,10 +59,6 @@ def expand_benchmarks(names: Sequence[str] | str) -> list[str]:
 
 def settings_from_config(cfg) -> EvalSettings:
     """EvalSettings from the composed config (conf/eval.yaml + the ``sampling`` node)."""
-    from omegaconf import OmegaConf
-
-    from sphere.rundir import resume_mode
-
     def sel(key, default):
         v = OmegaConf.select(cfg, key, default=default)
         return default if v is None else v

@@ -12,8 +12,11 @@ from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
 
+import sphere.prompts as p
+import sphere.verify as v
 from sphere.evaluation.settings import EvalSettings
 from sphere.io import read_jsonl_tolerant
+from sphere.rundir import SignatureMismatch, mismatch_message, model_fingerprint
 
 
 def _by_content(sig_parts: Mapping) -> dict:
@@ -23,8 +26,6 @@ def _by_content(sig_parts: Mapping) -> dict:
     out = dict(sig_parts)
     model = out.get("model")
     if model:
-        from sphere.rundir import model_fingerprint
-
         fp = model_fingerprint(model)
         if fp.get("sha256") and "name" not in fp:
             out["model"] = f"dir sha256:{fp['sha256']}"
@@ -51,8 +52,6 @@ def _pkg_version(name: str) -> str | None:
 
 def checker_info() -> dict:
     """Versions that define a verdict: sphere.verify's own version tag (if it has one) and math-verify."""
-    import sphere.verify as v
-
     return {
         "module": "sphere.verify",
         "version": getattr(v, "CHECKER_VERSION", None) or getattr(v, "__version__", None),
@@ -64,8 +63,6 @@ def checker_info() -> dict:
 def prompt_info(family_cfg: Mapping | None) -> dict:
     if family_cfg is None:
         return {"family": None, "sha256_16": None}
-    import sphere.prompts as p
-
     return {
         "family": family_cfg.get("name"),
         "version": getattr(p, "PROMPT_VERSION", None),
@@ -77,8 +74,6 @@ def reuse_records(path: Path, records: list[dict], sig: str, mode: str = "auto")
     """Finished records of ``path`` for ``records`` (by id). A record written with other settings (its
     ``sig``) is refused in mode auto, with the shared signature-mismatch message (sphere/rundir/), and
     reused in mode force."""
-    from sphere.rundir import SignatureMismatch, mismatch_message
-
     ids = {r["id"] for r in records}
     done: dict[str, dict] = {}
     for k, rec in enumerate(read_jsonl_tolerant(path), 1):
@@ -95,8 +90,6 @@ def eval_signature(sig_parts: Mapping, settings: EvalSettings) -> dict:
     """signature.json content of an eval directory: what each record's ``sig`` hashes (model name, backend,
     prompt family, checker versions, sampling) plus the model's weights hash when it is a local directory
     or the mini model (sphere/rundir/)."""
-    from sphere.rundir import model_fingerprint
-
     out = {**_by_content(sig_parts), "sampling": asdict(settings.sampling_params())}
     fp = model_fingerprint(sig_parts.get("model", "")) if sig_parts.get("model") else {}
     if fp.get("sha256"):

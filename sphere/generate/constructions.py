@@ -39,7 +39,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from omegaconf import OmegaConf
+
+from sphere.controls import sample_solutions
 from sphere.generate.pairs import make_pair, prm_rank
+from sphere.generate.records import read_stage_logs
+from sphere.io import atomic_write_text, read_jsonl_tolerant
+from sphere.prompts import steps_text
+from sphere.rundir.resume import differences, flatten
 from sphere.search.types import Trajectory
 
 CONSTRUCTIONS = ("sphere", "first_wrong_step", "siblings", "best_worst_of_n")
@@ -154,8 +161,6 @@ def _prefixed_pair(ctx: PairContext, construction: str, p: dict, prefix: list[st
     """A pair whose prompt is the problem followed by ``prefix`` (steps shared by both chains). Plain text: the
     prefix ends the prompt. Conversational: the prompt is the user turn, so the prefix starts both assistant
     completions (it cancels in DPO's chosen-minus-rejected log-ratio; it counts in an SFT term)."""
-    from sphere.prompts import steps_text
-
     shared = steps_text(prefix, ctx.delim)
     base = ctx.pair_prompt(p, None)
     if isinstance(base, str):
@@ -279,8 +284,6 @@ def build_pairs(c: Construction, recs: dict[int, list[dict]], problems: Mapping[
         raise ValueError(f"construction={c.name}: needs the pair prompt of a local generation run (runner=local)")
     out: list[dict] = []
     if c.name == "best_worst_of_n":
-        from sphere.io import read_jsonl_tolerant
-
         path = Path(out_dir or ".") / SAMPLES_DIR / SCORED
         if not path.is_file():
             raise ValueError(f"construction=best_worst_of_n: {path} is missing (the scored samples are written "
@@ -303,11 +306,6 @@ def sample_and_score(cfg: Any, c: Construction, backend: Any, scorer: Any, probl
     """best_worst_of_n: ``c.samples`` solutions per problem from the random-pairs control's sampler, each
     scored by the step scorer; written to ``out_dir/best_worst_of_n/scored.jsonl`` (atomically; the sampling
     itself resumes per problem through the evaluation harness)."""
-    from omegaconf import OmegaConf
-
-    from sphere.controls import sample_solutions
-    from sphere.io import atomic_write_text
-
     d = Path(out_dir) / SAMPLES_DIR
     scfg = OmegaConf.create({
         "controls": {"samples": int(c.samples)},
@@ -352,8 +350,6 @@ def seed_from(c: Construction, out_dir: Path, config_hash: str, signature: Calla
     dst = Path(out_dir) / "stages"
     if any(dst.glob("*.jsonl")) and any(f.stat().st_size for f in dst.glob("*.jsonl")):
         return 0  # already seeded (or searched): resume as usual
-    from sphere.generate.records import read_stage_logs
-
     recs = read_stage_logs(src)
     hashes = {str(r.get("config_hash")) for d in recs.values() for r in d.values()}
     if hashes and hashes != {config_hash}:
@@ -363,8 +359,6 @@ def seed_from(c: Construction, out_dir: Path, config_hash: str, signature: Calla
                          "stages, prompt and seed")
     sig_file = src / "signature.json"
     if signature is not None and sig_file.is_file():
-        from sphere.rundir.resume import differences, flatten
-
         try:
             old = (json.loads(sig_file.read_text()).get("generate") or {}).get("signature")
         except ValueError:

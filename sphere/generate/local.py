@@ -8,27 +8,27 @@ import json
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
+from sphere import lifecycle  # lifecycle.Models: tests replace it there
 from sphere.generate.generator import Generator, load_problems
 from sphere.io import read_jsonl_tolerant
+from sphere.loggers import make_logger
+from sphere.memplan import MemoryPlanError, memory_plan
+from sphere.progress import StageProgress
+from sphere.verify import check_answers
 
 
 def run_local(cfg: DictConfig, out: Path) -> float:
     """`sphere generate` in one process (``runner=local``; sphere/runners.py picks the runner): the three
     stages into ``out``; returns the number of pairs. The caller validated the config and the run dir."""
-    from sphere.lifecycle import Models
-    from sphere.loggers import make_logger
-    from sphere.progress import StageProgress
-    from sphere.verify import check_answers
-
     check_generate_memory(cfg)  # before any model loads, as `sphere run` (needs hardware.gpu_memory_gb)
     problems = load_problems(cfg.data, int(cfg.seed))
     if not problems:
         raise SystemExit(f"sphere generate: data.problems={cfg.data.problems!r} gave no problems")
     logger = make_logger(cfg, out, "generate")
     try:
-        with Models(cfg) as models:  # policy, small (stage 3), step scorer: one owner, closed on exit
+        with lifecycle.Models(cfg) as models:  # policy, small (stage 3), scorer: one owner, closed on exit
             gen = Generator(cfg, out, logger=logger)
             with StageProgress(len(problems), "generate") as prog:
                 stats = gen.run(problems, models.policy(), models.scorer(), check_answers,
@@ -47,10 +47,6 @@ def generate_memory_plan(cfg: DictConfig) -> dict:
     engine and the PRM; ``stage3``: the small model's engine beside them), checked as `sphere run` checks
     them, without the DPO phase `sphere generate` never runs (its config has no ``train`` recipe unless an
     experiment set one)."""
-    from omegaconf import OmegaConf
-
-    from sphere.memplan import memory_plan
-
     # every node but Hydra's own (its ${hydra:...} fields resolve only inside a running job)
     view = {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k]
             for k in cfg if k != "hydra"}
@@ -68,8 +64,6 @@ def generate_memory_plan(cfg: DictConfig) -> dict:
 def check_generate_memory(cfg: DictConfig) -> dict:
     """The plan; raises ``sphere.memplan.MemoryPlanError`` naming what does not fit when
     ``hardware.gpu_memory_gb`` is set (the same check and message as `sphere run`)."""
-    from sphere.memplan import MemoryPlanError
-
     plan = generate_memory_plan(cfg)
     if plan["fits"] is False:
         raise MemoryPlanError(

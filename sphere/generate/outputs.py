@@ -1,7 +1,8 @@
 """What `sphere generate` writes at the end, rebuilt from the stage logs (``Generator.finalize``):
 ``trajectories.jsonl`` (one line per distinct trajectory of a record, with its roles), ``pairs.jsonl`` (the
 construction's pairs after the filters) and ``generate_stats.json`` (routes, pairs per stage, the searches'
-totals, ``chain_ends``); and how a trajectory is stored in a record (``traj_to_dict`` / ``traj_from_dict``)."""
+totals, ``chain_ends``); and how a trajectory is stored in a record (``traj_to_dict`` /
+``traj_from_dict``)."""
 
 from __future__ import annotations
 

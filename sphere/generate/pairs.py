@@ -10,9 +10,11 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
+from sphere.backends.base import has_boxed_answer
 from sphere.search.types import Trajectory
 
 
@@ -63,8 +65,6 @@ def prm_rank(t: Trajectory) -> tuple[float, float]:
 
 def has_final_answer(t: Trajectory, delimiter: str = "\n\n") -> bool:
     """Whether the solution states a final answer (a closed ``\\boxed{}``)."""
-    from sphere.backends.base import has_boxed_answer
-
     return has_boxed_answer(solution_text(t, delimiter))
 
 
@@ -81,8 +81,6 @@ _ATTEMPT_REFS = (
 
 
 def mentions_attempt(text: str) -> bool:
-    import re
-
     return any(re.search(p, text, flags=re.IGNORECASE) for p in _ATTEMPT_REFS)
 
 

@@ -7,9 +7,18 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
+from omegaconf import OmegaConf
+
+from sphere.mini.model import missing_files
+from sphere.mini.pretrain import pretrain, sha256_file
 from sphere.mini.world import (  # noqa: F401  (re-exported)
     MINI_PROMPT_TEMPLATE,
     STEP_DELIMITER,
@@ -18,6 +27,7 @@ from sphere.mini.world import (  # noqa: F401  (re-exported)
     generate_problems,
     load_mini_benchmark,
 )
+from sphere.resources import ModelNotFoundError, resource_path
 
 log = logging.getLogger(__name__)
 
@@ -34,17 +44,11 @@ def repo_root() -> Path:
 def assets_dir() -> Path:
     """Where shipped mini checkpoints live: ``<repo>/assets/mini`` in a checkout, the packaged copy in an
     installed wheel (``sphere.resources``)."""
-    from sphere.resources import resource_path
-
     return resource_path("assets/mini", must_exist=False)
 
 
 def load_recipe(which: str) -> dict:
     """The recipe mapping of ``which`` ("policy" | "small") from conf/mini/<which>.yaml."""
-    from omegaconf import OmegaConf
-
-    from sphere.resources import resource_path
-
     if which not in RECIPES:
         raise ValueError(f"ensure_mini_model: which={which!r}; allowed: {sorted(RECIPES)}")
     path = resource_path("conf") / "mini" / f"{RECIPES[which][0]}.yaml"
@@ -54,11 +58,6 @@ def load_recipe(which: str) -> dict:
 def verify_checkpoint(d: Path) -> list[str]:
     """Problems with a mini checkpoint directory (missing files, weights that do not match the sha256
     recorded in recipe.json); empty when it is usable."""
-    import json
-
-    from sphere.mini.model import missing_files
-    from sphere.mini.pretrain import sha256_file
-
     if not d.is_dir():
         return [f"{d}: not a directory"]
     miss = missing_files(d)
@@ -93,12 +92,6 @@ def ensure_mini_model(cfg=None, which: str = "policy", progress: bool = True, bu
     ``build=True``; otherwise a missing model is an error naming the command that builds it, never a silent
     long job. A half-written cache entry is never returned: training writes to a temporary directory that
     is renamed when complete."""
-    import hashlib
-    import json
-    import os
-    import shutil
-    import tempfile
-
     which = _which_of(cfg, which)
     recipe = load_recipe(which)
     name = recipe["name"]
@@ -119,15 +112,11 @@ def ensure_mini_model(cfg=None, which: str = "policy", progress: bool = True, bu
     if target.is_dir() and not verify_checkpoint(target):
         return target
     if not build:
-        from sphere.resources import ModelNotFoundError
-
         raise ModelNotFoundError(
             f"the mini {which} model {name!r} is not usable ({'; '.join(problems)}) and not in the cache "
             f"({target}). Build it once (15-25 min on 2 CPU cores): "
             f"`sphere pretrain-mini mini={which} save_to={target}`"
         )
-    from sphere.mini.pretrain import pretrain
-
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
     try:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import re
 
+from sphere.mini.world import STEP_DELIMITER, WorldSpec, generate_problems, plant_slips, training_problems
+
 _BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
 _EQ = re.compile(r"(\d+) ([-+*/]) (\d+) = (\d+)")
 
@@ -46,10 +48,6 @@ def drill_examples(n: int, per: int, seed: int, world, slip_rate: float = 0.0,
     several times faster per CPU second. The model never sees this prompt at evaluation. ``slip_rate``:
     the source solutions carry the recipe's planted slips (sphere.mini.world.plant_slips), so drills and
     word problems teach the same arithmetic."""
-    import re
-
-    from sphere.mini.world import STEP_DELIMITER, generate_problems, plant_slips
-
     if n <= 0:
         return []
     eq = re.compile(r"(\d+ [-+*/] \d+ = \d+)")
@@ -69,8 +67,6 @@ def drill_examples(n: int, per: int, seed: int, world, slip_rate: float = 0.0,
 
 def hard_world(world, overrides):
     """``world`` with the fields of ``overrides`` (a mapping of WorldSpec fields) replaced."""
-    from sphere.mini.world import WorldSpec
-
     return WorldSpec.from_mapping({**world.to_dict(), **dict(overrides or {})})
 
 
@@ -80,8 +76,6 @@ def hard_examples(tr: dict, world, seed: int) -> list[dict]:
     ``train.hard_holdout`` problems of each). The easy-to-hard recipes (conf/mini/honest*.yaml) show the
     policy a few harder problems, so that it solves them sometimes when sampling but not reliably greedily.
     0 (the default) adds nothing."""
-    from sphere.mini.world import training_problems
-
     n = int(tr.get("hard_n", 0) or 0)
     if n <= 0:
         return []

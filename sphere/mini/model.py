@@ -11,12 +11,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
 EOS = "<|endoftext|>"
 
 
 def train_tokenizer(texts: list[str], vocab_size: int):
     """A ``PreTrainedTokenizerFast`` trained on ``texts`` (deterministic for the same texts)."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())

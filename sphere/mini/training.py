@@ -11,6 +11,8 @@ import shutil
 import time
 from pathlib import Path
 
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
 from sphere.io import atomic_write_json
 from sphere.mini.examples import drill_examples, hard_examples
 from sphere.mini.model import build_model, n_params, train_tokenizer
@@ -55,8 +57,6 @@ def deterministic(threads: int):
 
 
 def progress_bar(total: int, desc: str):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
     return Progress(
         TextColumn(f"[bold]{desc}"),
         BarColumn(),
@@ -138,8 +138,8 @@ def train(recipe: dict, out_dir: Path, progress: bool = True, snapshots: tuple[i
         cfg = _sft_config(recipe, out_dir, max_len)
         losses: list[tuple[int, float]] = []
         _PlainLossSFTTrainer = _plain_loss_sft_trainer()
-        cb = _callback(cfg.max_steps, f"pretrain {recipe['name']}" if progress else None, stop_after, snapshots,
-                       out_dir, tokenizer, losses)
+        desc = f"pretrain {recipe['name']}" if progress else None
+        cb = _callback(cfg.max_steps, desc, stop_after, snapshots, out_dir, tokenizer, losses)
         trainer = _PlainLossSFTTrainer(
             model=model, args=cfg, train_dataset=ds, processing_class=tokenizer, callbacks=[cb]
         )
@@ -213,8 +213,8 @@ def _sft_config(recipe: dict, out_dir: Path, max_len: int):
     )
 
 
-def _callback(max_steps: int, desc: str | None, stop_after: int | None, snapshots: tuple[int, ...], out_dir: Path,
-              tokenizer, losses: list[tuple[int, float]]):
+def _callback(max_steps: int, desc: str | None, stop_after: int | None, snapshots: tuple[int, ...],
+              out_dir: Path, tokenizer, losses: list[tuple[int, float]]):
     """The trainer callback: progress bar (``desc``: its title, None = no bar), ``stop_after``, the step
     snapshots and the loss curve (appended to ``losses``)."""
     from transformers import TrainerCallback

@@ -15,7 +15,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from omegaconf import DictConfig, OmegaConf
+
 from sphere.rewards.base import OUTCOME_MODES, SHAPE_MODES, StepScorer, combine_outcome, shape_rewards
+from sphere.rewards.mini_world import MiniWorldStepScorer
+from sphere.rewards.rollout import RolloutScorer
+from sphere.rewards.symbolic import SymbolicStepScorer
 
 SCORERS = ("symbolic", "prm", "rollout", "mini_world")
 
@@ -33,8 +38,6 @@ __all__ = [
 def _full_config(cfg: Any) -> Any:
     """The whole config holding ``cfg`` as its ``scorer`` node (PRM / rollout scorers read ``cfg.scorer``
     and ``cfg.model``); a stand-alone scorer node is wrapped as ``{"scorer": node}``."""
-    from omegaconf import DictConfig, OmegaConf
-
     if cfg is None:
         return None
     if "name" not in cfg and "scorer" in cfg:
@@ -54,19 +57,13 @@ def make_scorer(cfg: Any, backend: Any = None, **kw: Any) -> StepScorer:
     node = cfg.get("scorer", cfg) if cfg is not None and "name" not in cfg else cfg
     name = str(node.get("name", "")) if node is not None else ""
     if name == "symbolic":
-        from sphere.rewards.symbolic import SymbolicStepScorer
-
         return SymbolicStepScorer(node, **kw)
     if name == "mini_world":
-        from sphere.rewards.mini_world import MiniWorldStepScorer
-
         return MiniWorldStepScorer(node)
     if name == "prm":
-        from sphere.rewards.prm import PRMScorer
+        from sphere.rewards.prm import PRMScorer  # imports torch
 
         return PRMScorer(_full_config(cfg), **kw)
     if name == "rollout":
-        from sphere.rewards.rollout import RolloutScorer
-
         return RolloutScorer(_full_config(cfg), backend=backend, **kw)
     raise ValueError(f"scorer.name={name!r} (conf/scorer/): allowed {', '.join(SCORERS)}")

@@ -55,6 +55,7 @@ and when the vLLM engine is the better choice).
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -240,8 +241,6 @@ class PRMScorer:
 
     def score(self, items: list[tuple[str, list[str]]]) -> list[list[float]]:
         """One score in [0, 1] per step of each (problem, steps); each distinct item is computed once."""
-        import time
-
         t0 = time.perf_counter()
         self._stats["calls"] += 1
         self._stats["items"] += len(items)

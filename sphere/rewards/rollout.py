@@ -18,14 +18,16 @@ from __future__ import annotations
 
 from typing import Any
 
+from omegaconf import OmegaConf
+
 from sphere.backends.base import SamplingParams, has_boxed_answer
+from sphere.prompts import build_prompt_ids, family_config, load_family
+from sphere.verify import check_answers
 
 
 class RolloutScorer:
     def __init__(self, cfg: Any = None, backend: Any = None, *, family: dict | None = None,
                  records: list[dict] | None = None, **overrides: Any):
-        from omegaconf import OmegaConf
-
         if backend is None:
             raise ValueError("RolloutScorer needs a generation backend (sphere.backends.make_backend(cfg))")
         sc = cfg.get("scorer") if cfg is not None and hasattr(cfg, "get") else None
@@ -47,8 +49,6 @@ class RolloutScorer:
         self.seed = s.get("seed")
         self.verify_timeout_s = float(s.get("verify_timeout_s", 5.0))
         if family is None:
-            from sphere.prompts import family_config, load_family
-
             family = family_config(cfg) if cfg is not None else load_family("mini")
         self.family = family
         self.delim = family["step_delimiter"]
@@ -61,9 +61,6 @@ class RolloutScorer:
 
     def score(self, items: list[tuple[str, list[str]]], golds: list[str] | None = None) -> list[list[float]]:
         """One value in [0, 1] per step: the share of m rollouts from that step that reach ``golds[i]``."""
-        from sphere.prompts import build_prompt_ids
-        from sphere.verify import check_answers
-
         if golds is None and self.gold_by_problem:
             missing = [p for p, _ in items if p not in self.gold_by_problem]
             if missing:

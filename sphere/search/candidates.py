@@ -8,14 +8,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from sphere.backends.base import Candidate, has_boxed_answer
+
 _CONTEXT_END = "context_end"  # finish of the placeholder candidate of a leaf whose prompt fills the window
 _WINDOW_END = "window_end"  # finish of the placeholder of a candidate step the step scorer's window cannot take
 CUT_ENDS = (_CONTEXT_END, _WINDOW_END)  # placeholders: the chain is cut there, the empty step is not part of it
 
 
 def _context_end(finish: str = _CONTEXT_END):
-    from sphere.backends.base import Candidate
-
     return Candidate(text="", token_ids=[], logprob_sum=0.0, logprob_mean=0.0, finish=finish,
                      token_logprobs=[])
 
@@ -26,8 +26,6 @@ def _window_end():
 
 def answer_closed(text: str, marker: str) -> bool:
     """A ``\\boxed{}`` answer after ``marker`` (R1: the end of the thinking block) in ``text``."""
-    from sphere.backends.base import has_boxed_answer
-
     i = text.find(marker)
     return i >= 0 and has_boxed_answer(text[i + len(marker):])
 

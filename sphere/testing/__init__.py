@@ -6,16 +6,6 @@ locally in seconds and cached by recipe hash (``tiny_model_path()``, ``tiny_prm_
 
 from __future__ import annotations
 
+from sphere.testing.tiny import tiny_model_path, tiny_prm_path
+
 __all__ = ["tiny_model_path", "tiny_prm_path"]
-
-
-def tiny_model_path():
-    from sphere.testing.tiny import tiny_model_path as f
-
-    return f()
-
-
-def tiny_prm_path():
-    from sphere.testing.tiny import tiny_prm_path as f
-
-    return f()

@@ -30,9 +30,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
 import sys
 import tempfile
+import zlib
 from pathlib import Path
+
+import numpy as np
+import tokenizers
+from safetensors.numpy import load_file
+
+from sphere.mini import load_recipe
+from sphere.mini.pretrain import sha256_file, train
+from sphere.resources import resource_path
+from sphere.testing import standin as S
 
 # optimizer steps of each prefix: past the warmup (50 steps for the mini policy, 20 for the stand-ins), so
 # the cosine part of every schedule is exercised too
@@ -42,13 +54,10 @@ REL_TOL = 1e-3  # see the module docstring and --calibrate
 
 
 def digests_path() -> Path:
-    from sphere.resources import resource_path
-
     return resource_path("assets") / "build_prefix_digests.json"
 
 
 def _versions() -> dict:
-    import tokenizers
     import torch
     import transformers
     import trl
@@ -59,11 +68,6 @@ def _versions() -> dict:
 
 def fingerprint(path: Path) -> dict[str, list[float]]:
     """{tensor: [rms, projection_1, ...]} of a safetensors file (module docstring)."""
-    import zlib
-
-    import numpy as np
-    from safetensors.numpy import load_file
-
     out = {}
     for name, t in sorted(load_file(str(path)).items()):
         x = np.asarray(t, dtype=np.float64).ravel()
@@ -75,24 +79,17 @@ def fingerprint(path: Path) -> dict[str, list[float]]:
 
 
 def _model(path: Path) -> dict:
-    from sphere.mini.pretrain import sha256_file
-
     return {"sha256": sha256_file(path), "fingerprint": fingerprint(path)}
 
 
 def mini_prefix(out: Path, steps: int = STEPS["mini"]) -> dict[str, dict]:
     """{"mini": {sha256, fingerprint}} of the shipped mini policy's recipe stopped after ``steps`` steps."""
-    from sphere.mini import load_recipe
-    from sphere.mini.pretrain import train
-
     train(load_recipe("policy"), out / "mini", progress=False, stop_after=steps)
     return {"mini": _model(out / "mini" / "model.safetensors")}
 
 
 def standin_prefix(out: Path, steps: int = STEPS["standin"]) -> dict[str, dict]:
     """{stand-in name: {sha256, fingerprint}} of the stand-in build (policy, small, PRM) after ``steps``."""
-    from sphere.testing import standin as S
-
     S.build(out, evaluate=False, stop_after=steps)
     names = [S.DIR_OF[r] for r in ("policy", "small", "prm")]
     return {n: _model(out / n / "model.safetensors") for n in names}
@@ -181,9 +178,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def _compute_in(which: str, out: Path, steps: int, env: dict) -> dict:
     """``compute`` in a fresh interpreter with ``env`` added (torch reads ATEN_CPU_CAPABILITY at start-up)."""
-    import os
-    import subprocess
-
     code = ("import json, sys; from pathlib import Path; from sphere.testing import build_prefix as B; "
             f"print(json.dumps(B.compute({which!r}, Path({str(out)!r}), {steps})))")
     p = subprocess.run([sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True,

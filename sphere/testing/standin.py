@@ -45,33 +45,40 @@ Usage::
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import random
 import time
 from pathlib import Path
 
+import tokenizers
+
+from sphere.mini.pretrain import drill_examples, sha256_file
+from sphere.mini.world import plant_slips, training_problems
+from sphere.prompts import build_reflection_text, header_text
 from sphere.testing.standin_convert import (  # noqa: F401 - re-exported: the build's public pieces
-    TEMPLATES_DIR,
-    QWEN2_5_TEMPLATE,
-    STEP_TAG,
     ENDOFTEXT,
-    IM_START,
     IM_END,
+    IM_START,
     NEW_SPECIAL_TOKENS,
-    PRM_SYSTEM,
-    QWEN_DEFAULT_SYSTEM,
-    QWEN2_PRETOKENIZE_REGEX,
     PHRASE_TOKENS,
-    chat_template,
+    PRM_SYSTEM,
+    QWEN2_5_TEMPLATE,
+    QWEN2_PRETOKENIZE_REGEX,
+    QWEN_DEFAULT_SYSTEM,
+    STEP_TAG,
+    TEMPLATES_DIR,
     build_tokenizer,
-    save_tokenizer,
-    qwen2_config,
+    chat_template,
+    convert_llama,
     llama_state,
     load_converted,
-    convert_llama,
+    qwen2_config,
+    save_tokenizer,
 )
-
+from sphere.testing.standin_eval import evaluate_policy
+from sphere.testing.standin_prm import build_prm, corrupt_steps, evaluate_prm, save_prm
 from sphere.testing.standin_recipe import (  # noqa: F401 - re-exported: the recipe and its helpers
     DIR_OF,
     NAMES,
@@ -92,8 +99,6 @@ from sphere.testing.standin_recipe import (  # noqa: F401 - re-exported: the rec
 def _corrupt_attempt(solution: str, rng: random.Random) -> str:
     """A flawed copy of a solution for reflection prompts: one equation gets a wrong result, later steps
     continue from it, the boxed answer follows."""
-    from sphere.testing.standin_prm import corrupt_steps
-
     steps = corrupt_steps(solution.split("\n\n"), rng, force=True)[0]
     return "\n\n".join(steps)
 
@@ -101,8 +106,6 @@ def _corrupt_attempt(solution: str, rng: random.Random) -> str:
 def chat_examples(tok, problems: list[dict], fam: dict, reflection_share: float, rng: random.Random,
                   end: str = IM_END) -> list[tuple[list[int], int]]:
     """(ids, prompt length) per problem: the chat prompt (``sphere.prompts``) + solution + ``<|im_end|>``."""
-    from sphere.prompts import build_reflection_text, header_text
-
     heads = []
     for p in problems:
         if reflection_share and rng.random() < reflection_share:
@@ -182,8 +185,6 @@ def save_causal_lm(model, tok, out: Path) -> None:
 
 # --------------------------------------------------------------------------------------------- build
 def _train_causal(role: str, tok, fam: dict, seed: int, out: Path, stop_after: int | None = None) -> dict:
-    from sphere.mini.world import plant_slips, training_problems
-
     r = RECIPE[role]
     t0 = time.time()
     src = _mini_source(r["source"])
@@ -194,8 +195,6 @@ def _train_causal(role: str, tok, fam: dict, seed: int, out: Path, stop_after: i
     ex = chat_examples(tok, probs, fam, float(r["reflection_share"]), random.Random(seed + 5))
     pools = [[e for e in ex if len(e[0]) <= 160], [e for e in ex if len(e[0]) > 160]]  # reflection prompts
     if r.get("n_drills"):
-        from sphere.mini.pretrain import drill_examples
-
         drills = drill_examples(int(r["n_drills"]), 8, seed + 1, world, slip_rate=float(r["slip_rate"]),
                                 slip_kinds=tuple(r["slip_kinds"]))
         pools.append(chat_examples(tok, drills, fam, 0.0, random.Random(seed + 6)))
@@ -207,11 +206,8 @@ def _train_causal(role: str, tok, fam: dict, seed: int, out: Path, stop_after: i
 
 
 def write_record(out: Path, role: str, stats: dict, metrics: dict, seed: int) -> dict:
-    import tokenizers
     import torch
     import transformers
-
-    from sphere.mini.pretrain import sha256_file
 
     rec = {
         "name": DIR_OF[role], "role": role, "seed": seed, "recipe": RECIPE,
@@ -231,8 +227,6 @@ def build(out_dir: str | os.PathLike, seed: int | None = None, evaluate: bool = 
     """Build policy, small and PRM into ``out_dir/<name>``; ``steps_scale`` < 1 = a quick smoke build.
     ``stop_after``: every training loop stops after that many steps, schedules unchanged: a prefix of the
     full build, bit for bit (what CI checks against tests/data/build_prefix_digests.json)."""
-    from sphere.mini.world import training_problems
-
     seed = int(RECIPE["seed"] if seed is None else seed)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -248,8 +242,6 @@ def build(out_dir: str | os.PathLike, seed: int | None = None, evaluate: bool = 
         for role in ("policy", "small"):
             _log(f"building {role}")
             stats[role] = _train_causal(role, tok, fam, seed, out / DIR_OF[role], stop_after=stop_after)
-        from sphere.testing.standin_prm import build_prm, save_prm
-
         _log("building prm")
         t0 = time.time()
         r = RECIPE["prm"]
@@ -266,13 +258,10 @@ def build(out_dir: str | os.PathLike, seed: int | None = None, evaluate: bool = 
         if evaluate:
             _log(f"evaluating {role}")
             if role == "prm":
-                from sphere.rewards.prm import PRMScorer
-                from sphere.testing.standin_prm import evaluate_prm
+                from sphere.rewards.prm import PRMScorer  # imports torch
 
                 metrics = evaluate_prm(PRMScorer(None, model_path=d, engine="transformers"))
             else:
-                from sphere.testing.standin_eval import evaluate_policy
-
                 metrics = evaluate_policy(d)
         stats[role]["build_seconds_total"] = build_seconds
         summary[role] = write_record(d, role, stats[role], metrics, seed)["metrics"]
@@ -282,8 +271,6 @@ def build(out_dir: str | os.PathLike, seed: int | None = None, evaluate: bool = 
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
-
     ap = argparse.ArgumentParser(prog="python -m sphere.testing.standin", description=__doc__.split("\n")[0])
     ap.add_argument("out_dir")
     ap.add_argument("--seed", type=int, default=None)

@@ -14,6 +14,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers
+
 TEMPLATES_DIR = Path(__file__).resolve().parent / "templates"
 QWEN2_5_TEMPLATE = TEMPLATES_DIR / "qwen2_5_instruct.jinja"
 STEP_TAG = "<extra_0>"
@@ -58,7 +60,6 @@ def build_tokenizer(src: Path, specials: list[str] | None = None, eos: str = IM_
     The defaults make the Qwen2.5 family's tokenizer; ``sphere.testing.standin_families`` passes other
     ``specials`` (special tokens appended in order), ``eos``/``pad``, a chat ``template`` (text) and
     ``words`` (non-special added tokens such as R1's ``<think>``, appended after the phrase tokens)."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     data = json.loads((src / "tokenizer.json").read_text())

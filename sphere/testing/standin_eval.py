@@ -6,13 +6,14 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from sphere.mini.pretrain import is_correct
+from sphere.mini.world import load_mini_benchmark
+from sphere.prompts import header_text
 from sphere.testing.standin_convert import IM_END
 from sphere.testing.standin_recipe import RECIPE, _deterministic, _family
 
 
 def heldout_problems(n: int, split: str = "test") -> list[dict]:
-    from sphere.mini.world import load_mini_benchmark
-
     return load_mini_benchmark(split, n, RECIPE["world"])
 
 
@@ -22,9 +23,6 @@ def evaluate_policy(model_dir: Path, n: int | None = None, pass_k: int | None = 
     form (``sphere.prompts`` header of the ``qwen2_5`` family), with plain ``model.generate``."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from sphere.mini.pretrain import is_correct
-    from sphere.prompts import header_text
 
     ev = RECIPE["eval"]
     n = int(n or ev["n"])

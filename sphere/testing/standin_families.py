@@ -32,6 +32,7 @@ Usage::
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import random
@@ -39,7 +40,14 @@ import sys
 import time
 from pathlib import Path
 
+import tokenizers
+from tokenizers import processors
+
+from sphere.mini.pretrain import is_correct, sha256_file
+from sphere.mini.world import plant_slips, training_problems
+from sphere.prompts import encode, header_text, load_family
 from sphere.testing import standin as base
+from sphere.testing.standin_eval import heldout_problems
 
 BOS_R1, EOS_R1 = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
 
@@ -92,8 +100,6 @@ def template_text(name: str) -> str:
 def build_family_tokenizer(key: str):
     """The mini vocabulary in Qwen2's text pipeline (``standin.build_tokenizer``) with family ``key``'s
     tokens, EOS, pad and chat template; R1's puts its BOS in front of every encoding."""
-    from tokenizers import processors
-
     t = TOKENIZERS[key]
     tok = base.build_tokenizer(base._mini_source("mini"), specials=t["specials"], eos=t["eos"], pad=t["pad"],
                                template=template_text(t["template"]), words=t["words"])
@@ -173,9 +179,6 @@ def save(model, tok, spec: dict, out: Path) -> None:
 
 
 def train_one(name: str, tok, seed: int, out: Path) -> dict:
-    from sphere.mini.world import plant_slips, training_problems
-    from sphere.prompts import load_family
-
     spec = MODELS[name]
     r = RECIPE[spec["role"]]
     t0 = time.time()
@@ -201,15 +204,10 @@ def evaluate(model_dir: Path, family: str, n: int) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from sphere.mini.pretrain import is_correct
-    from sphere.prompts import encode, header_text, load_family
-
     tok = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32,
                                                  trust_remote_code=False).eval()
     fam = load_family(family)
-    from sphere.testing.standin_eval import heldout_problems
-
     probs = heldout_problems(n)
     ok, ends, t0 = 0, 0, time.time()
     eos = model.generation_config.eos_token_id
@@ -229,11 +227,8 @@ def evaluate(model_dir: Path, family: str, n: int) -> dict:
 def build(out_dir: str | os.PathLike, families: list[str] | None = None, evaluate_n: int | None = None,
           seed: int | None = None) -> dict:
     """Build the stand-ins of ``families`` (``phi4``, ``r1``; default both) into ``out_dir/<name>``."""
-    import tokenizers
     import torch
     import transformers
-
-    from sphere.mini.pretrain import sha256_file
 
     seed = int(RECIPE["seed"] if seed is None else seed)
     out = Path(out_dir)
@@ -262,8 +257,6 @@ def build(out_dir: str | os.PathLike, families: list[str] | None = None, evaluat
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
-
     ap = argparse.ArgumentParser(prog="python -m sphere.testing.standin_families",
                                  description=__doc__.split("\n")[0])
     ap.add_argument("out_dir")

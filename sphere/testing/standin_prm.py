@@ -15,17 +15,16 @@ import re
 import time
 from pathlib import Path
 
+from sphere.mini.world import apply_op
 from sphere.testing.standin_convert import ENDOFTEXT, PRM_SYSTEM, STEP_TAG, qwen2_config, save_tokenizer
-from sphere.testing.standin_recipe import RECIPE, _log, _lr_at
 from sphere.testing.standin_eval import heldout_problems
+from sphere.testing.standin_recipe import RECIPE, _log, _lr_at
 
 _EQ_STEP = re.compile(r"^(?P<head>.*?)(?P<a>\d+) (?P<op>[-+*/]) (?P<b>\d+) = (?P<c>\d+)(?P<tail>\.?)$")
 
 
 def _exact(op: str, a: int, b: int) -> int | None:
     """The mini world's arithmetic (``sphere.mini.world.apply_op``); None for a division that is not exact."""
-    from sphere.mini.world import apply_op
-
     if op == "/" and not (b and a % b == 0):
         return None
     return apply_op(op, a, b)

@@ -32,6 +32,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
 RECIPE_VERSION = 3  # bump when the recipe changes: cached models are keyed by it
 STEP_TAG = "<extra_0>"
 SPECIAL_TOKENS = ["<s>", "</s>", "<pad>", STEP_TAG]
@@ -92,7 +94,6 @@ def corpus(n: int, seed: int) -> list[str]:
 # ------------------------------------------------------------------------------------------ tokenizer
 def train_tokenizer(texts: list[str], vocab_size: int, out_dir: Path):
     """Byte-level BPE; every newline is its own pre-token so "\\n\\n" always tokenises as two "\\n"."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())

@@ -16,10 +16,12 @@ expression hits MemoryError instead of the machine's memory.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
 import signal
+import sys
 from collections import OrderedDict
 
 from sphere.verify.extract import fast_verdict, is_prose
@@ -139,9 +141,6 @@ def _limit_memory(mb: int) -> None:
 
 def worker_main(memory_limit_mb: int, stdin=None, stdout=None) -> None:
     """Serve checks on ``stdin``/``stdout`` (JSON lines) until EOF."""
-    import json
-    import sys
-
     stdin = stdin or sys.stdin
     stdout = stdout or sys.stdout
     os.environ.setdefault("OMP_NUM_THREADS", "1")

@@ -19,8 +19,11 @@ backtracking-prone regexes over model text, bounded scans) and never evaluates a
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections import deque
 from fractions import Fraction
+
+from sphere.verify.arith import try_evaluate
 
 # Longest answer (characters) the checker considers; longer extractions are not answers but runaway text.
 MAX_ANSWER_CHARS = 1000
@@ -111,8 +114,6 @@ _NON_ASCII = re.compile(r"[^\x00-\x7f]")
 
 
 def _vulgar(m: re.Match) -> str:
-    import unicodedata
-
     num, _, den = unicodedata.normalize("NFKC", m.group(2)).partition("\u2044")
     whole = m.group(1)
     if whole:  # a mixed number 1½ = 3/2 (not 1 times 1/2)
@@ -310,8 +311,6 @@ def is_prose(ans: str) -> bool:
 
 def _value(norm: str):
     """Exact (Fraction) or approximate (float) value of a normalised arithmetic answer, else None."""
-    from sphere.verify.arith import try_evaluate
-
     if not norm or len(norm) > 300 or not _ARITH_CHARS.fullmatch(norm):
         return None
     return try_evaluate(norm)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from sphere.rundir import command_errors
 from sphere.viz.snapshot import load_tree_snapshot, save_tree_snapshot
 from sphere.viz.tree import render_tree_html, write_tree_html
 
@@ -45,8 +46,6 @@ def main(argv: list[str]) -> int:
               file=sys.stderr)
         return 2
     out = opts.get("out") or str(Path(snap).with_suffix(".html"))
-    from sphere.rundir import command_errors
-
     try:
         with command_errors("viz tree"):  # a full disk, a read-only out=: one line naming the path
             path = write_tree_html(snap, out, opts.get("title"))

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from sphere.engine._common import EXHAUSTED, EXPANDED, PRUNED, PRUNED_EXPAND, PRUNED_SUBTREE, TERMINAL
+from sphere.io import atomic_write_text
 from sphere.viz.snapshot import load_tree_snapshot, trajectory_nodes
 
 FLAG_BITS = {"TERMINAL": TERMINAL, "EXPANDED": EXPANDED, "PRUNED_EXPAND": PRUNED_EXPAND,
@@ -96,8 +97,6 @@ def write_tree_html(snapshot: str | Path, out: str | Path, title: str | None = N
     arrays, meta = load_tree_snapshot(snapshot)
     out = Path(out)
     page = render_tree_html(arrays, meta, title or f"sphere tree: {Path(snapshot).stem}")
-    from sphere.io import atomic_write_text
-
     atomic_write_text(out, page)
     umask = os.umask(0)
     os.umask(umask)

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from sphere.data.benchmarks import PAPER_BENCHMARKS, load_benchmark
+
 # Problems (training or benchmark) shorter than this many normalised words are matched exactly only:
 # containment of a 1-2 word text ("Find x.") says nothing. Benchmark problems this short do not exist
 # (the shortest MATH-500 problems have 3 words: "Simplify $\sqrt{242}$.").
@@ -244,8 +246,6 @@ def load_decontaminator(data_dir: str | os.PathLike | None, ngram: int = DEFAULT
     from ``data_dir`` (the shipped data/benchmarks by default), with the boilerplate background corpus
     ``background`` (registered names; None or () = none). A missing benchmark or background file is an
     error."""
-    from sphere.data.benchmarks import PAPER_BENCHMARKS, load_benchmark
-
     def load(name: str, role: str) -> list[dict]:
         try:
             return load_benchmark(name, data_dir)

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sphere.verify.extract import last_boxed
+
 # Longest gold answer kept (characters), as in sphere.verify.extract.MAX_ANSWER_CHARS.
 MAX_GOLD_CHARS = 1000
 SUPPORTED_SUFFIXES = (".parquet", ".jsonl", ".json")
@@ -42,8 +44,6 @@ POOLS: dict[str, PoolSchema] = {
 def numina_gold(solution: Any) -> str | None:
     """Content of the LAST ``\\boxed{...}``/``\\fbox{...}`` of a NuminaMath solution (nested braces kept),
     or None when there is none, it is unbalanced, empty or longer than ``MAX_GOLD_CHARS``."""
-    from sphere.verify.extract import last_boxed
-
     if not isinstance(solution, str):
         return None
     pos = max(solution.rfind("\\boxed"), solution.rfind("\\fbox"))

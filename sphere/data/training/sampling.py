@@ -78,7 +78,8 @@ def sample_training(
     per_pool: dict[str, dict] = {}
     out: list[dict] = []
     for pool in active:
-        got, per_pool[pool] = _sample_pool(pool, pools[pool], (keys or {}).get(pool), q[pool], seed, batch, acc)
+        key = (keys or {}).get(pool)
+        got, per_pool[pool] = _sample_pool(pool, pools[pool], key, q[pool], seed, batch, acc)
         out.extend(got)
     order = _seed_for(seed, "__order__").permutation(len(out)).tolist()
     out = [out[i] for i in order]
@@ -104,7 +105,8 @@ def sample_training(
 
 
 def _quotas_of(pools: dict[str, str], n: int | None, mix: dict[str, float]) -> tuple[dict[str, float], dict]:
-    """(the pools of weight > 0, each one's quota: None = every usable row), refused where they do not match."""
+    """(the pools of weight > 0, each one's quota: None = every usable row), refused where they do not
+    match."""
     unknown = [k for k in list(mix) + list(pools) if k not in POOLS]
     if unknown:
         raise ValueError(f"data.training: unknown pool(s) {sorted(set(unknown))}; allowed {', '.join(POOLS)}")
