@@ -71,7 +71,7 @@ def test_third_party_records_go_to_the_job_log_only(tmp_path, monkeypatch):
 
     from sphere.loggers import SphereOnConsole, route_third_party
 
-    for var in ("VLLM_LOGGING_CONFIG_PATH", "VLLM_CONFIGURE_LOGGING", "WANDB_SILENT"):
+    for var in ("VLLM_LOGGING_CONFIG_PATH", "VLLM_CONFIGURE_LOGGING", "VLLM_LOGGING_LEVEL", "WANDB_SILENT"):
         monkeypatch.delenv(var, raising=False)
     root = logging.getLogger()
     saved = (list(root.handlers), root.level)
