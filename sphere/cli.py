@@ -88,7 +88,8 @@ def _usage() -> str:
     for key in [*HYDRA_COMMANDS, *PLAIN_COMMANDS]:
         lines.append(f"  {' '.join(key):<16} {DESCRIPTIONS.get(key, '')}")
     lines += ["", "`sphere <command> --help` describes a command and the options it takes;",
-              "`sphere <command> --cfg job` prints its composed config (every field is commented in conf/)."]
+              "`sphere <command> --cfg job` prints its composed config (each field's type, default and doc:",
+              "sphere/schema.py; presets and experiments: conf/)."]
     return "\n".join(lines)
 
 
