@@ -8,7 +8,9 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from sphere.budget_windows import FLOOR, Prompt, Window, _n, _steps
+from sphere.budget_windows import FLOOR, Prompt, Window
+from sphere.budget_windows import count_text as _n
+from sphere.budget_windows import full_steps as _steps
 
 
 class _Refused(Exception):
@@ -74,7 +76,8 @@ def _stage1(p: Prompt, pol: Window, c: _Chain, checks: list[dict]) -> int:
     """Stage 1 (policy): prompt + depth x step; returns how far a chain can reach (tokens of steps)."""
     S, D, per, full = c.S, c.D, c.per, c.full
     if pol.tokens is None:
-        _check(checks, "stage 1 (policy)", "unknown", f"stage 1 (policy): window unknown ({pol.why}): not checked")
+        _check(checks, "stage 1 (policy)", "unknown",
+               f"stage 1 (policy): window unknown ({pol.why}): not checked")
         return full
     if p.typical + S > pol.tokens:
         _refuse(checks, "stage 1 (policy)",
@@ -115,7 +118,8 @@ def _prm_check(cfg: Any, P: dict[str, Prompt], prm: Window | None, c: _Chain, re
         _check(checks, "step scorer (PRM)", "unknown", f"step scorer (PRM): window unknown ({prm.why})")
     elif q.typical + S + 1 > prm.tokens:
         _refuse(checks, "step scorer (PRM)",
-                f"search.max_step_tokens={S}: the PRM cannot score even a one-step item: {_after(q, 'PRM prompt')}"
+                f"search.max_step_tokens={S}: the PRM cannot score even a one-step item: "
+                f"{_after(q, 'PRM prompt')}"
                 f" + {S} + 1 reward token = {_n(q.typical + S + 1)} > the PRM window {_n(prm.tokens)} "
                 f"({prm.why}); lower search.max_step_tokens or raise scorer.max_length")
         raise _Refused
@@ -127,14 +131,16 @@ def _prm_check(cfg: Any, P: dict[str, Prompt], prm: Window | None, c: _Chain, re
     return prm_cap, prm_input
 
 
-def _prm_window_line(cfg: Any, q: Prompt, prm: Window, c: _Chain, full_prm: int, checks: list[dict]) -> int | None:
+def _prm_window_line(cfg: Any, q: Prompt, prm: Window, c: _Chain, full_prm: int,
+                     checks: list[dict]) -> int | None:
     """The PRM's line where its window is known and one step fits; returns the cap on a chain's tokens of
     steps (None: ``scorer.long_chains: recent``, the PRM cuts no chain)."""
     S, D = c.S, c.D
     need = q.longest + full_prm
     room = prm.tokens - q.longest
     k = max(0, room) // (S + 1)
-    prm_cap: int | None = max(0, room - min(D, math.ceil(max(0, room) / (S + 1))))  # tokens of steps, tags off
+    # tokens of steps, tags off
+    prm_cap: int | None = max(0, room - min(D, math.ceil(max(0, room) / (S + 1))))
     head = f"step scorer (PRM): prompt {_n(q.longest)} + {D} steps x ({_n(S)} + 1 reward token) = {_n(need)}"
     if need <= prm.tokens:
         tail, status = f" <= window {_n(prm.tokens)}: ok", "ok"
@@ -211,7 +217,8 @@ def _stage3(cfg: Any, ps: Prompt, sw: Window | None, c: _Chain, prm_cap: int | N
 
 def _dpo_check(cfg: Any, P: dict[str, Prompt], W: dict[str, Window | None], c: _Chain, longest: int,
                longest_any: int, checks: list[dict]) -> None:
-    """DPO: prompt + chosen (or rejected) + EOS against ``train.max_length`` and the trained model's window."""
+    """DPO: prompt + chosen (or rejected) + EOS against ``train.max_length`` and the trained model's
+    window."""
     tr = cfg.get("train")
     if tr is None or tr.get("max_length") is None:
         return

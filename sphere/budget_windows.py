@@ -51,16 +51,16 @@ class Prompt:
 FLOOR = "floor"
 
 
-def _floor() -> Prompt:
+def floor_prompt() -> Prompt:
     """A one-token prompt: the first pass of the checks, before any tokenizer loads."""
     return Prompt(1, 1, FLOOR)
 
 
-def _n(x: int | None) -> str:
+def count_text(x: int | None) -> str:
     return "?" if x is None else f"{int(x):,}"
 
 
-def _steps(k: int) -> str:
+def full_steps(k: int) -> str:
     return f"{k} full step" + ("" if k == 1 else "s")
 
 
@@ -71,16 +71,17 @@ def generation_window(cfg: Any, name: str) -> Window:
     be = cfg.get("backend") or {}
     cap = be.get("max_model_len")
     cap = int(cap) if cap else None
-    own = f"{name}'s max_position_embeddings {_n(mw)} [{src}]"
+    own = f"{name}'s max_position_embeddings {count_text(mw)} [{src}]"
     if mw and cap:
         if cap <= mw:
-            return Window(cap, f"backend.max_model_len {_n(cap)} (<= {own})", "backend.max_model_len")
-        return Window(mw, f"{own} (backend.max_model_len {_n(cap)} is clamped to it)",
+            return Window(cap, f"backend.max_model_len {count_text(cap)} (<= {own})", "backend.max_model_len")
+        return Window(mw, f"{own} (backend.max_model_len {count_text(cap)} is clamped to it)",
                       f"{name}'s max_position_embeddings")
     if mw:
         return Window(mw, own, f"{name}'s max_position_embeddings")
     if cap:
-        return Window(cap, f"backend.max_model_len {_n(cap)} ({name}'s own window unknown)", "backend.max_model_len")
+        return Window(cap, f"backend.max_model_len {count_text(cap)} ({name}'s own window unknown)",
+                      "backend.max_model_len")
     return Window(None, f"unknown ({name}: not local, not a known hub model)", "")
 
 
@@ -94,15 +95,17 @@ def prm_window(cfg: Any) -> Window | None:
     mw, src = model_window(name)
     ml = sc.get("max_length")
     if ml:
-        w = Window(int(ml), f"scorer.max_length {_n(ml)} ({name}'s max_position_embeddings {_n(mw)})",
+        w = Window(int(ml),
+                   f"scorer.max_length {count_text(ml)} ({name}'s max_position_embeddings {count_text(mw)})",
                    "scorer.max_length")
     elif mw:
-        w = Window(mw, f"{name}'s max_position_embeddings {_n(mw)} [{src}] (scorer.max_length null)",
+        w = Window(mw, f"{name}'s max_position_embeddings {count_text(mw)} [{src}] (scorer.max_length null)",
                    "scorer.max_length")
     else:
         return Window(None, f"unknown ({name}: not local, not a known hub model; set scorer.max_length)",
                       "scorer.max_length")
     cap = sc.get("max_model_len") if str(sc.get("engine")) == "vllm" else None
     if cap and int(cap) < int(w.tokens):
-        w = Window(int(cap), f"scorer.max_model_len {_n(cap)} (vLLM engine; < {w.why})", "scorer.max_model_len")
+        w = Window(int(cap), f"scorer.max_model_len {count_text(cap)} (vLLM engine; < {w.why})",
+                   "scorer.max_model_len")
     return w

@@ -61,10 +61,12 @@ from sphere.budget_windows import (  # noqa: F401 - re-exported: the numbers and
     LengthBudgetError,
     Prompt,
     Window,
-    _floor,
-    _n,
+    floor_prompt,
     generation_window,
     prm_window,
+)
+from sphere.budget_windows import (
+    count_text as _n,
 )
 
 
@@ -118,7 +120,7 @@ def length_budgets(cfg: Any, measure: bool = True, phases: tuple[str, ...] = ("g
         return checks, extra
 
     # first with a one-token prompt: a step larger than a window is refused before any tokenizer loads
-    floor = {k: _floor() for k in ("policy", "reflection", "small", "prm", "train", "eval")}
+    floor = {k: floor_prompt() for k in ("policy", "reflection", "small", "prm", "train", "eval")}
     checks, extra = run_checks(floor)
     if not any(c["status"] == "refused" for c in checks):
         P = measure_prompts(cfg, names, step, measure)
