@@ -5,7 +5,7 @@
 #    prefix of the same builds instead (tests/test_build_prefix.py, ~1.5 min). Also marked `nightly`: the heavy
 #    variants of tests CI runs in another form (test_crash's extra kill seeds, two of the three transfer
 #    experiments, the paper_phi4 sibling run, the paper path with the PRM on vLLM, the full mini_planted
-#    `sphere run` on a `ray start` cluster against runner=local: tests/test_ray_cli.py, ~21 min), ~40 min.
+#    `sphere run` on a `ray start` cluster against runner=local: tests/test_ray_cli.py, ~18 min), ~36 min.
 # 2. mutation testing of the modules that decide the data (scripts/mutation.sh, mutmut; docs/mutation.md): the
 #    decision modules below by default (~25 min with 1 worker on a busy 2-core machine), every configured module
 #    with MUTATION_ALL=1 (~8800 mutants: hours). Fails when the score is under MUTATION_MIN_SCORE (0.90).
