@@ -42,22 +42,10 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from sphere.budget_checks import eval_check, generation_checks
-from sphere.budget_prompts import (  # noqa: F401 - re-exported: the prompt side of the budgets
-    benchmark_texts,
-    local_tokenizer,
+from sphere.budget_prompts import (
     measure_prompts,
-    prm_input_ids,
-    problem_texts,
-    prompt_lengths,
 )
-from sphere.budget_windows import (  # noqa: F401 - re-exported: the numbers and the windows
-    CHARS_PER_TOKEN,
-    FLOOR,
-    LONGEST_SAMPLE,
-    PROMPT_ALLOWANCE,
-    TEMPLATE_ALLOWANCE,
-    TYPICAL_ALLOWANCE,
-    TYPICAL_SAMPLE,
+from sphere.budget_windows import (
     LengthBudgetError,
     Prompt,
     Window,

@@ -27,21 +27,11 @@ from typing import Any
 
 from sphere.budget_windows import generation_window, prm_window
 from sphere.budgets import length_budgets
+from sphere.modelinfo import model_shape  # the models' shapes and windows (known hub models, config.json)
 
 GB = 1e9
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "auto": 2}
 
-# The models' shapes and windows (known hub models, local config.json): sphere/modelinfo.py; the names stay
-# importable here.
-from sphere.modelinfo import (  # noqa: E402, F401
-    KNOWN_SHAPES,
-    KNOWN_WINDOWS,
-    local_model_dir,
-    model_config,
-    model_shape,
-    model_window,
-    shape_from_config,
-)
 
 
 def param_count(s: dict) -> int:

@@ -17,7 +17,7 @@ from pathlib import Path
 from safetensors import safe_open
 
 from sphere.mini import assets_dir, ensure_mini_model
-from sphere.resources import ModelNotFoundError  # noqa: E402,F401 - defined low so sphere.mini can raise it
+from sphere.resources import ModelNotFoundError
 
 
 class CorruptModelError(ValueError):

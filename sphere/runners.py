@@ -28,11 +28,13 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
 from sphere.budgets import check_length_budgets
+from sphere.data.problems import load_problems
 from sphere.evaluation.harness import evaluate as evaluate_local
-from sphere.evaluation.harness import report, run_eval, settings_from_config
-from sphere.evaluation.settings import round_benchmarks
-from sphere.generate.generator import Generator, load_problems, validate_generate_config
+from sphere.evaluation.harness import report, run_eval
+from sphere.evaluation.settings import round_benchmarks, settings_from_config
+from sphere.generate.generator import Generator
 from sphere.generate.local import check_generate_memory, log_generate_stats
+from sphere.generate.settings import validate_generate_config
 from sphere.lifecycle import Models
 from sphere.loggers import make_logger
 from sphere.progress import StageProgress

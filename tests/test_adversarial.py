@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from sphere.generate.pairs import PairFilter, edit_distance, filter_pairs, make_pair
-from sphere.search.driver import Trajectory
+from sphere.search.types import Trajectory
 from sphere.verify import check_answers, extract_answer
 
 MB = 1_000_000

@@ -8,7 +8,8 @@ import threading
 import pytest
 
 from sphere.backends import BackendUnavailableError, SamplingParams, make_backend, sampling_params
-from sphere.models import ModelNotFoundError, resolve_model
+from sphere.models import resolve_model
+from sphere.resources import ModelNotFoundError
 
 
 def test_missing_model_path_fails_at_once(tmp_path, monkeypatch):

@@ -14,7 +14,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from test_generate import FakeStepBackend, _cfg, _problems, _prompt_fn
 
-from sphere.bench.pipeline import CountingBackend, CountingScorer, run_one_leaf, run_per_problem, run_sphere
+from sphere.bench.pipeline_loops import run_one_leaf, run_per_problem, run_sphere
+from sphere.bench.pipeline_measure import CountingBackend, CountingScorer
 from sphere.cli import DESCRIPTIONS, HYDRA_COMMANDS, conf_dir
 
 PER_ARM_KEYS = {

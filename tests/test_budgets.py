@@ -15,14 +15,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from sphere.budgets import (
-    LengthBudgetError,
-    check_length_budgets,
-    format_budgets,
-    length_budgets,
-    local_tokenizer,
-    prm_input_ids,
-)
+from sphere.budget_prompts import local_tokenizer, prm_input_ids
+from sphere.budget_windows import LengthBudgetError
+from sphere.budgets import check_length_budgets, format_budgets, length_budgets
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER = ["paper_qwen2_5_7b", "paper_phi4", "paper_deepseek_r1_distill_qwen_7b", "transfer_phi4",

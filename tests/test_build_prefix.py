@@ -61,7 +61,8 @@ def test_stop_after_gives_the_full_runs_weights_at_that_step(tmp_path):
     the weights the full run has after step k, and not the full run's final weights."""
     from test_mini_model import TINY
 
-    from sphere.mini.pretrain import sha256_file, train
+    from sphere.mini.pretrain import sha256_file
+    from sphere.mini.training import train
 
     recipe = json.loads(json.dumps(TINY))
     recipe["train"].update(max_steps=6, lr_scheduler="cosine", warmup_steps=2)

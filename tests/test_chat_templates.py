@@ -160,7 +160,7 @@ def test_pair_prompt_trains_in_the_generation_context(tiny_model_dir, family, te
     solution = "\n\n".join(STEPS)
     # the pair's chosen content as Generator + make_pair write it (R1: the assistant_prefix "<think>\n" first)
     from sphere.generate.pairs import make_pair
-    from sphere.search.driver import Trajectory
+    from sphere.search.types import Trajectory
 
     gen.fam, gen._conv = fam, (lambda t: Generator._conv(gen, t))
     sol = Trajectory(list(STEPS), True, 1.0, [], [], "answer")

@@ -27,8 +27,9 @@ from sphere.backends.base import Candidate
 from sphere.generate.stages import StageContext, stage1_outcome, stage3_outcome
 from sphere.io import read_jsonl_tolerant
 from sphere.rewards.base import shape_rewards
-from sphere.search.driver import SearchDriver, SearchJob, SearchResult, Trajectory
+from sphere.search.driver import SearchDriver
 from sphere.search.policies import MCTS
+from sphere.search.types import SearchJob, SearchResult, Trajectory
 
 DELIM = "\n\n"
 

@@ -20,7 +20,10 @@ from test_generate import FakeStepBackend, FakeTokenizer, _cfg, _problems, _prom
 from sphere.backends.base import Candidate, SamplingParams
 from sphere.generate.generator import Generator
 from sphere.io import read_jsonl_tolerant
-from sphere.search.driver import SearchDriver, SearchJob, merge_duplicates, validate_search_config
+from sphere.search.candidates import merge_duplicates
+from sphere.search.config import validate_search_config
+from sphere.search.driver import SearchDriver
+from sphere.search.types import SearchJob
 
 
 def _c(text: str, lp: float = -1.0, finish: str = "step") -> Candidate:

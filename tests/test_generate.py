@@ -16,9 +16,12 @@ import pytest
 from omegaconf import OmegaConf
 
 from sphere.backends.base import Candidate, SamplingParams
-from sphere.generate.generator import Generator, route
+from sphere.generate.generator import Generator
+from sphere.generate.stages import route
 from sphere.io import read_jsonl_tolerant
-from sphere.search.driver import SearchDriver, SearchJob, Trajectory, validate_search_config
+from sphere.search.config import validate_search_config
+from sphere.search.driver import SearchDriver
+from sphere.search.types import SearchJob, Trajectory
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 

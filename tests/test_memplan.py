@@ -10,14 +10,8 @@ import sys
 import pytest
 from omegaconf import OmegaConf
 
-from sphere.memplan import (
-    KNOWN_SHAPES,
-    MemoryPlanError,
-    check_memory_plan,
-    memory_plan,
-    model_shape,
-    param_count,
-)
+from sphere.memplan import MemoryPlanError, check_memory_plan, memory_plan, param_count
+from sphere.modelinfo import KNOWN_SHAPES, model_shape
 
 
 @pytest.mark.parametrize("name,billions", [
@@ -118,7 +112,7 @@ def test_engines_hold_one_sequence_of_their_own_window():
 
 
 def test_every_known_hub_model_has_a_known_window():
-    from sphere.memplan import KNOWN_WINDOWS, model_window
+    from sphere.modelinfo import KNOWN_WINDOWS, model_window
 
     assert set(KNOWN_WINDOWS) == set(KNOWN_SHAPES)
     assert model_window("Qwen/Qwen2.5-Math-PRM-7B") == (4096, "hub config.json, known")

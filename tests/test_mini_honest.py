@@ -214,7 +214,7 @@ def test_honest_problem_files_regenerate_and_are_disjoint():
 
 def test_hard_examples_default_is_off_and_shipped_recipes_do_not_use_it():
     from sphere.mini import load_recipe
-    from sphere.mini.pretrain import hard_examples
+    from sphere.mini.examples import hard_examples
     from sphere.mini.world import WorldSpec
 
     w = WorldSpec()

@@ -9,8 +9,8 @@ import shutil
 import pytest
 
 from sphere.mini import assets_dir, ensure_mini_model, load_recipe, verify_checkpoint
+from sphere.mini.examples import equation_slips, is_correct
 from sphere.mini.model import build_model, train_tokenizer
-from sphere.mini.pretrain import equation_slips, is_correct
 from sphere.mini.world import STEP_DELIMITER, format_prompt, generate_problems
 
 
@@ -72,7 +72,7 @@ def test_answer_check_and_equation_slips():
 def test_drills_are_correct_equations_from_the_world():
     import re
 
-    from sphere.mini.pretrain import DRILL_PROBLEM, drill_examples
+    from sphere.mini.examples import DRILL_PROBLEM, drill_examples
     from sphere.mini.world import WorldSpec
 
     w = WorldSpec()

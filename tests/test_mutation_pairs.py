@@ -20,7 +20,7 @@ from sphere.generate.pairs import (
     pick_solution,
     prm_rank,
 )
-from sphere.search.driver import Trajectory
+from sphere.search.types import Trajectory
 
 D = "\n\n"
 

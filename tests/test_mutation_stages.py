@@ -7,7 +7,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from sphere.generate.stages import StageContext, route, stage1_outcome, stage2_outcome, stage3_outcome
-from sphere.search.driver import SearchJob, SearchResult, Trajectory
+from sphere.search.types import SearchJob, SearchResult, Trajectory
 
 D = "\n\n"
 P = {"id": "p0", "problem": "Add: 1, 2", "answer": "3", "source": "mini"}

@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 
 from sphere.generate.pairs import PairFilter, filter_pairs, make_pair
 from sphere.rewards.symbolic import SymbolicStepScorer
-from sphere.search.driver import Trajectory
+from sphere.search.types import Trajectory
 
 PROBLEM = {"id": "p1", "problem": "Tom has 3 boxes of 4 apples and eats 2. How many are left?",
            "answer": "10"}
@@ -54,6 +54,9 @@ def test_threshold_outside_0_1_is_refused(bad):
 
 
 def test_the_shipped_config_documents_and_disables_it():
-    from sphere.schema import FiltersSettings, doc  # the filters' type, default and doc (generate.yaml composes them)
+    from sphere.schema import (  # the filters' type, default and doc (generate.yaml composes them)
+        FiltersSettings,
+        doc,
+    )
 
     assert FiltersSettings().chosen_min_step_score == 0.0 and "0 = off" in doc("filters.chosen_min_step_score")

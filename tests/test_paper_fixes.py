@@ -12,10 +12,11 @@ import pytest
 from test_generate import FakeStepBackend, _cfg, _problems, _prompt_fn
 
 from sphere.backends.base import ContextOverflowError, check_context
-from sphere.generate.pairs import has_final_answer, mentions_attempt, pick_solution, prm_rank
 from sphere.generate.generator import Generator
+from sphere.generate.pairs import has_final_answer, mentions_attempt, pick_solution, prm_rank
 from sphere.io import read_jsonl_tolerant
-from sphere.search.driver import SearchDriver, SearchJob, Trajectory
+from sphere.search.driver import SearchDriver
+from sphere.search.types import SearchJob, Trajectory
 
 
 class WindowedFakeBackend(FakeStepBackend):

@@ -17,7 +17,8 @@ from test_generate import FakeStepBackend, _cfg, _problems, _prompt_fn
 
 from sphere.generate.generator import Generator
 from sphere.io import read_jsonl_tolerant
-from sphere.search.driver import SearchDriver, SearchJob
+from sphere.search.driver import SearchDriver
+from sphere.search.types import SearchJob
 
 ROOT = Path(__file__).resolve().parents[1]
 

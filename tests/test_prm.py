@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from sphere.rewards.prm import PRMScorer, QwenProcessRewardModel
+from sphere.rewards.prm import PRMScorer
+from sphere.rewards.prm_model import QwenProcessRewardModel
 
 PROBLEM = "Ann has 12 coins. Ann gets 5, then gets 3. How many coins now?"
 GOOD = ["First, 12 + 5 = 17.", "Then, 17 + 3 = 20.", "The answer is \\boxed{20}."]

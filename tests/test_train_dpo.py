@@ -139,7 +139,7 @@ def test_pairs_keep_only_trainer_fields_and_count_stages(tmp_path):
      [1.8, -0.8, 2.0], 0.1),
 ])
 def test_loss_options_reach_dpo_config(tmp_path, loss, types, weights, eps):
-    from sphere.train.dpo import dpo_config, resolve_train_cfg
+    from sphere.train.config import dpo_config, resolve_train_cfg
 
     t = resolve_train_cfg({"loss": loss, "lr": 1e-3, "batch_size": 3, "grad_accum": 2, "max_length": 77,
                            "epochs": 5, "seed": 7, "progress": False})
@@ -166,7 +166,7 @@ def test_loss_options_reach_dpo_config(tmp_path, loss, types, weights, eps):
     ({"lora": {"rank": 8}}, "train.lora.rank: unknown"),
 ])
 def test_bad_train_options_name_the_key(tmp_path, cfg, msg):
-    from sphere.train.dpo import dpo_config, resolve_train_cfg
+    from sphere.train.config import dpo_config, resolve_train_cfg
 
     with pytest.raises(ValueError, match=msg):
         dpo_config(resolve_train_cfg(cfg), tmp_path)
@@ -393,7 +393,7 @@ def test_train_configs_compose_and_resolve():
     from hydra import compose, initialize_config_dir
 
     from sphere.cli import conf_dir
-    from sphere.train.dpo import resolve_train_cfg
+    from sphere.train.config import resolve_train_cfg
 
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
         lora = resolve_train_cfg(compose("train", overrides=["pairs=p.jsonl", "seed=5"]).train)

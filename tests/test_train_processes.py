@@ -208,7 +208,7 @@ def test_processes_is_a_documented_train_option():
     from hydra import compose, initialize_config_dir
 
     from sphere.cli import conf_dir
-    from sphere.train.dpo import resolve_train_cfg
+    from sphere.train.config import resolve_train_cfg
 
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
         for opts in ("lora", "full"):

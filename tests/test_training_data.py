@@ -355,7 +355,7 @@ def _cfg(*overrides: str):
 
 
 def test_generate_config_training_source(tmp_path):
-    from sphere.generate.generator import count_problems, load_problems
+    from sphere.data.problems import count_problems, load_problems
 
     man = tmp_path / "manifest.json"
     cfg = _cfg("data.problems=training", *_POOL_OVERRIDES, "data.training.n=6", "data.training.seed=11",
@@ -378,7 +378,7 @@ def test_generate_config_training_source(tmp_path):
 
 
 def test_fallback_and_describe(tmp_path):
-    from sphere.generate.generator import count_problems, load_problems
+    from sphere.data.problems import count_problems, load_problems
 
     missing = tmp_path / "no_numina"
     base = ["data.problems=training", f"data.training.numina={missing}", f"data.training.metamath={METAMATH}"]

@@ -239,7 +239,7 @@ def test_page_in_headless_chromium(tmp_path: Path):
 def test_reads_what_generate_writes(tmp_path):
     """`sphere generate` saves trees with Generator._save_snapshot; the viewer must read those files."""
     from sphere.generate.generator import Generator
-    from sphere.search.driver import SearchJob, SearchResult, Trajectory
+    from sphere.search.types import SearchJob, SearchResult, Trajectory
 
     src = tmp_path / "src.npz"
     build_snapshot(src, rounds=6)

@@ -57,8 +57,6 @@ from sphere.bench.pipeline_loops import (  # moved out of this module (issue #18
     run_sphere,
 )
 from sphere.bench.pipeline_measure import (  # moved out of this module (issue #18); importable here too
-    CountingBackend,  # noqa: F401
-    CountingScorer,  # noqa: F401
     _loadavg,
     _run_arm,
     _warm,

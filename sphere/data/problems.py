@@ -11,7 +11,7 @@ from typing import Any
 
 from sphere.data import training
 from sphere.data.benchmarks import load_problems_jsonl
-from sphere.data.selection import NAMED, sources  # noqa: F401 - NAMED re-exported (sphere.rundir reads it here)
+from sphere.data.selection import NAMED, sources
 from sphere.mini.world import training_problems
 
 

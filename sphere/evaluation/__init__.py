@@ -11,8 +11,9 @@ Public API::
 
 from __future__ import annotations
 
-from sphere.evaluation.harness import EvalSettings, evaluate, expand_benchmarks, run_eval
+from sphere.evaluation.harness import evaluate, run_eval
 from sphere.evaluation.metrics import majority_vote, pass_at_k, summarize, wilson_ci
+from sphere.evaluation.settings import EvalSettings, expand_benchmarks
 
 __all__ = ["EvalSettings", "evaluate", "expand_benchmarks", "run_eval", "majority_vote", "pass_at_k",
            "summarize", "wilson_ci"]

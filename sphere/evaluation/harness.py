@@ -51,8 +51,6 @@ from sphere.evaluation.signatures import (  # moved out of this module (issue #1
     checker_info,
     eval_signature,
     prompt_info,
-    record_signature,  # noqa: F401
-    reuse_records,  # noqa: F401
 )
 from sphere.io import atomic_write_json, atomic_write_text
 from sphere.models import resolve_model

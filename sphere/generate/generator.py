@@ -28,12 +28,8 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from sphere.data.problems import count_problems, load_problems  # noqa: F401 - re-exported (data layer)
 from sphere.generate.constructions import Construction, PairContext, build_pairs, sample_and_score, seed_from
-from sphere.generate.outputs import (  # noqa: F401 - re-exported: chain_ends, FINISHES lived here
-    CUT_FINISHES,
-    FINISHES,
-    chain_ends,
+from sphere.generate.outputs import (
     generate_stats,
     previous_stats,
     report_cut_chains,
@@ -47,7 +43,7 @@ from sphere.generate.pairs import (
     solution_text,
 )
 from sphere.generate.records import STAGE_FILES, read_stage_logs
-from sphere.generate.settings import config_hash, validate_generate_config  # noqa: F401 - re-exported
+from sphere.generate.settings import config_hash, validate_generate_config
 from sphere.generate.stages import (  # one stage-log reader, one resume rule
     StageContext,
     route,
@@ -359,4 +355,4 @@ class _PolicyStages:
         self.report()
 
 
-__all__ = ["Generator", "load_problems", "route", "solution_text"]
+__all__ = ["Generator", "route", "solution_text"]

@@ -11,7 +11,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from sphere import lifecycle  # lifecycle.Models: tests replace it there
-from sphere.generate.generator import Generator, load_problems
+from sphere.data.problems import load_problems
+from sphere.generate.generator import Generator
 from sphere.io import read_jsonl_tolerant
 from sphere.loggers import make_logger
 from sphere.memplan import MemoryPlanError, memory_plan

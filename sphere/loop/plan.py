@@ -17,15 +17,16 @@ from omegaconf import DictConfig, OmegaConf
 from sphere.budgets import check_length_budgets, format_budgets
 from sphere.controls import enabled_controls, validate_controls_config
 from sphere.data.benchmarks import benchmark_key, load_benchmark
+from sphere.data.problems import count_problems
 from sphere.data.training import describe_source
 from sphere.evaluation.settings import round_benchmarks
-from sphere.generate.generator import count_problems, validate_generate_config
+from sphere.generate.settings import validate_generate_config
 from sphere.loop.controls import controls_estimate
 from sphere.memplan import check_memory_plan, format_plan
 from sphere.runners import runner_name
 from sphere.scale.placement import check_placement, format_placement
-from sphere.search.driver import estimate_backend_calls, validate_search_config
-from sphere.train.dpo import resolve_train_cfg
+from sphere.search.config import estimate_backend_calls, validate_search_config
+from sphere.train.config import resolve_train_cfg
 
 
 def _validate_runner(cfg: DictConfig) -> None:

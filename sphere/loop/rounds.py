@@ -31,8 +31,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from sphere.controls import enabled_controls
+from sphere.data.problems import load_problems
 from sphere.evaluation.paired import evaluated_ids
-from sphere.generate.generator import load_problems
 from sphere.loggers import make_logger
 from sphere.loop.controls import finish_controls, pair_prompt, prepare_controls
 from sphere.loop.plan import preflight, print_plan, validate_run_config

@@ -26,21 +26,15 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
 from sphere.io import atomic_write_json
-from sphere.mini.examples import (  # noqa: F401 - re-exported: grading and training-data helpers
-    DRILL_PROBLEM,
+from sphere.mini.examples import (
     boxed_answer,
-    drill_examples,
     equation_slips,
-    hard_examples,
     hard_world,
     is_correct,
 )
-from sphere.mini.training import (  # noqa: F401 - re-exported: the training lives there
-    SERVE_CONTEXT,
+from sphere.mini.training import (
     deterministic,
-    portable_tokenizer_config,
     progress_bar,
-    serving_config,
     train,
 )
 from sphere.mini.world import WorldSpec, format_prompt, load_mini_benchmark

@@ -64,7 +64,7 @@ from omegaconf import OmegaConf
 from sphere.backends import require_vllm
 from sphere.backends.vllm_backend import configure_cpu_env, get_engine, is_cpu_build, release_engine
 from sphere.models import check_model_dir, resolve_model
-from sphere.rewards.prm_model import QwenProcessRewardModel  # noqa: F401 - re-exported (imports torch)
+from sphere.rewards.prm_model import QwenProcessRewardModel
 
 DEFAULT_SYSTEM = "Please reason step by step, and put your final answer within \\boxed{}."
 

@@ -109,8 +109,8 @@ def data_signature(dcfg: Any) -> dict:
     """What ``load_problems`` reads: the ``data`` settings (but its ``data_dir`` path) and the sha256 of
     every local file among the sources (shipped sets and JSONL paths); ``mini`` and ``hf:`` sources are
     named by their settings."""
-    from sphere.data.problems import NAMED as _NAMED
-    from sphere.data.problems import sources as _sources
+    from sphere.data.selection import NAMED as _NAMED
+    from sphere.data.selection import sources as _sources
 
     conf = {k: v for k, v in (_plain(dcfg) or {}).items() if k != "data_dir"}
     files = {}

@@ -13,16 +13,10 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from sphere.data import benchmark_key, load_benchmark
-from sphere.evaluation.harness import (
-    checker_info,
-    eval_signature,
-    expand_benchmarks,
-    prompt_info,
-    reuse_records,
-    run_eval,
-    settings_from_config,
-)
 from sphere.evaluation.harness import evaluate as evaluate_local
+from sphere.evaluation.harness import run_eval
+from sphere.evaluation.settings import expand_benchmarks, settings_from_config
+from sphere.evaluation.signatures import checker_info, eval_signature, prompt_info, reuse_records
 from sphere.io import JsonlAppender, atomic_write_json
 from sphere.progress import StageProgress
 from sphere.prompts import family_config

@@ -14,10 +14,12 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from sphere.generate.generator import Generator, load_problems, validate_generate_config
+from sphere.data.problems import load_problems
+from sphere.generate.generator import Generator
 from sphere.generate.local import log_generate_stats
 from sphere.generate.records import STAGE_FILES, read_stage_logs
 from sphere.generate.records import is_finished as _is_finished
+from sphere.generate.settings import validate_generate_config
 from sphere.io import JsonlAppender, atomic_write_json
 from sphere.loggers import make_logger
 from sphere.progress import StageProgress

@@ -17,13 +17,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from sphere.backends import make_backend
 from sphere.data import benchmark_key
-from sphere.evaluation.harness import (
-    checker_info,
-    evaluate_benchmark,
-    prompt_info,
-    record_signature,
-    settings_from_config,
-)
+from sphere.evaluation.benchmark import evaluate_benchmark
+from sphere.evaluation.settings import settings_from_config
+from sphere.evaluation.signatures import checker_info, prompt_info, record_signature
 from sphere.generate.generator import Generator
 from sphere.generate.records import STAGE_FILES, read_stage_logs
 from sphere.io import JsonlAppender, read_jsonl_tolerant

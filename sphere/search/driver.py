@@ -48,10 +48,8 @@ import numpy as np
 
 from sphere.backends.base import SamplingParams
 from sphere.engine import make_forest
-from sphere.search.candidates import merge_duplicates  # noqa: F401 - importable here (issue #18)
 from sphere.search.config import (  # moved out of this module (issue #18); the names stay importable here
     _engine_config,
-    estimate_backend_calls,  # noqa: F401
     validate_search_config,
 )
 from sphere.search.policies import POLICIES, TreeState
@@ -61,7 +59,6 @@ from sphere.search.types import (  # moved out of this module (issue #18); the n
     SearchResult,
     SearchStats,
     Trajectory,
-    call_fill,  # noqa: F401
 )
 
 

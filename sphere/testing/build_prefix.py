@@ -42,7 +42,8 @@ import tokenizers
 from safetensors.numpy import load_file
 
 from sphere.mini import load_recipe
-from sphere.mini.pretrain import sha256_file, train
+from sphere.mini.pretrain import sha256_file
+from sphere.mini.training import train
 from sphere.resources import resource_path
 from sphere.testing import standin as S
 

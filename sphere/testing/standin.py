@@ -54,7 +54,8 @@ from pathlib import Path
 
 import tokenizers
 
-from sphere.mini.pretrain import drill_examples, sha256_file
+from sphere.mini.examples import drill_examples
+from sphere.mini.pretrain import sha256_file
 from sphere.mini.world import plant_slips, training_problems
 from sphere.prompts import build_reflection_text, header_text
 from sphere.testing.standin_convert import (  # noqa: F401 - re-exported: the build's public pieces

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from sphere.mini.pretrain import is_correct
+from sphere.mini.examples import is_correct
 from sphere.mini.world import load_mini_benchmark
 from sphere.prompts import header_text
 from sphere.testing.standin_convert import IM_END

@@ -43,7 +43,8 @@ from pathlib import Path
 import tokenizers
 from tokenizers import processors
 
-from sphere.mini.pretrain import is_correct, sha256_file
+from sphere.mini.examples import is_correct
+from sphere.mini.pretrain import sha256_file
 from sphere.mini.world import plant_slips, training_problems
 from sphere.prompts import encode, header_text, load_family
 from sphere.testing import standin as base

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from sphere.mini import assets_dir, verify_checkpoint
-from sphere.mini.pretrain import deterministic
+from sphere.mini.training import deterministic
 from sphere.mini.world import WorldSpec
 from sphere.models import standin_path as _standin_path
 from sphere.prompts import load_family

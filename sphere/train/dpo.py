@@ -57,7 +57,6 @@ from typing import Any
 from sphere.io import atomic_write_json, atomic_write_text
 from sphere.train.checkpoints import (  # moved out of this module (issue #18); the names stay importable here
     DONE,
-    TOKENIZER_FILES,  # noqa: F401
     _clean_config,
     _copy_tokenizer,
     _is_done,
@@ -67,8 +66,6 @@ from sphere.train.checkpoints import (  # moved out of this module (issue #18); 
     writing,
 )
 from sphere.train.config import (  # moved out of this module (issue #18); the names stay importable here
-    DEFAULTS,  # noqa: F401
-    LOSS_TYPES,  # noqa: F401
     dpo_config,
     loss_settings,
     resolve_train_cfg,
@@ -501,7 +498,6 @@ def main(cfg) -> float | None:
     for name in ("datasets", "transformers", "peft", "trl", "accelerate"):  # INFO chatter ("JAX available")
         logging.getLogger(name).setLevel(logging.WARNING)
     from sphere.loggers import make_logger
-
     from sphere.rundir import locked
 
     with locked(out_dir, "train"):  # out_dir=... outside the Hydra run dir: one writer there too
