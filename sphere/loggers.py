@@ -479,12 +479,17 @@ def _vllm_logging_config(log_file: str, level: str) -> dict:
     }
 
 
+# set by route_third_party when third-party notices go to the job log (read by sphere.scale.pool.ray_init_kwargs)
+QUIET_ENV = "SPHERE_THIRD_PARTY_LOG"
+
+
 def route_third_party(verbose: bool) -> str | None:
     """Third-party notices go to the job's log file (<run dir>/<job>.log, the root logger's file handler that
     Hydra configured), not the console, unless ``verbose``: the console handler keeps sphere's own lines and
     errors (``SphereOnConsole``); Python warnings become log records (``logging.captureWarnings``); vLLM's
     loggers in this and its child processes append to the job log (``VLLM_LOGGING_CONFIG_PATH``); W&B is
-    silent (``WANDB_SILENT``). Settings the user made in the environment win. Returns the job log's path."""
+    silent (``WANDB_SILENT``); Ray logs at WARNING and keeps the actors' output in its session logs
+    (``runner.log_to_driver: auto``). Settings the user made in the environment win. Returns the job log's path."""
     import logging
 
     if verbose:
@@ -501,6 +506,7 @@ def route_third_party(verbose: bool) -> str | None:
         return None
     logging.captureWarnings(True)
     os.environ.setdefault("WANDB_SILENT", "true")
+    os.environ[QUIET_ENV] = log_file  # Ray (sphere/scale/pool.py): INFO lines and the actors' output stay off
     if "VLLM_LOGGING_CONFIG_PATH" not in os.environ and os.environ.get("VLLM_CONFIGURE_LOGGING", "1") != "0":
         import atexit
         import tempfile

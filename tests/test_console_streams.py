@@ -71,7 +71,8 @@ def test_third_party_records_go_to_the_job_log_only(tmp_path, monkeypatch):
 
     from sphere.loggers import SphereOnConsole, route_third_party
 
-    for var in ("VLLM_LOGGING_CONFIG_PATH", "VLLM_CONFIGURE_LOGGING", "VLLM_LOGGING_LEVEL", "WANDB_SILENT"):
+    for var in ("VLLM_LOGGING_CONFIG_PATH", "VLLM_CONFIGURE_LOGGING", "VLLM_LOGGING_LEVEL", "WANDB_SILENT",
+                "SPHERE_THIRD_PARTY_LOG"):
         monkeypatch.delenv(var, raising=False)
     root = logging.getLogger()
     saved = (list(root.handlers), root.level)
@@ -104,11 +105,33 @@ def test_third_party_records_go_to_the_job_log_only(tmp_path, monkeypatch):
         assert cfg["handlers"]["job_log"]["filename"] == str(job_log)
         assert cfg["loggers"]["vllm"] == {"handlers": ["job_log"], "level": "WARNING", "propagate": False}
         assert os.environ["WANDB_SILENT"] == "true"
+        assert os.environ["SPHERE_THIRD_PARTY_LOG"] == str(job_log)  # read by Ray's init (next test)
     finally:
         logging.captureWarnings(False)
         root.handlers[:] = saved[0]
         root.setLevel(saved[1])
         fh.close()
+
+
+def test_ray_keeps_its_info_lines_and_the_actors_output_off_the_console_unless_verbose(monkeypatch):
+    """Before: `sphere generate runner=ray` printed Ray's INFO lines ("Started a local Ray instance", ...) and
+    every actor's forwarded stdout/stderr whatever `verbose` said (runner.log_to_driver: true). Now
+    `log_to_driver: auto` forwards them only when third-party notices are not routed to the job log
+    (verbose=true), and Ray logs at WARNING otherwise; true/false force it; anything else is refused."""
+    import logging
+
+    from sphere.loggers import QUIET_ENV
+    from sphere.scale.pool import ray_init_kwargs
+
+    monkeypatch.delenv(QUIET_ENV, raising=False)
+    assert ray_init_kwargs({"log_to_driver": "auto"}) == {"log_to_driver": True, "logging_level": logging.INFO}
+    monkeypatch.setenv(QUIET_ENV, "/run/generate.log")
+    assert ray_init_kwargs({"log_to_driver": "auto"}) == {"log_to_driver": False, "logging_level": logging.WARNING}
+    assert ray_init_kwargs({}) == {"log_to_driver": False, "logging_level": logging.WARNING}
+    assert ray_init_kwargs({"log_to_driver": True})["log_to_driver"] is True
+    assert ray_init_kwargs({"log_to_driver": "false"})["log_to_driver"] is False
+    with pytest.raises(ValueError, match=r"runner.log_to_driver='sometimes': allowed auto \| true \| false"):
+        ray_init_kwargs({"log_to_driver": "sometimes"})
 
 
 def test_wandb_offline_notices_stay_off_the_console(tmp_path, tiny_model_dir):

@@ -16,6 +16,8 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from sphere.loggers import QUIET_ENV
+
 
 # ---------------------------------------------------------------------------------------------- config
 def validate_runner_config(rcfg: Any) -> None:
@@ -81,6 +83,26 @@ def runtime_env(rcfg: Any) -> dict:
     return {"env_vars": env}
 
 
+def ray_init_kwargs(rcfg: Any) -> dict:
+    """``log_to_driver`` and ``logging_level`` for ``ray.init``. ``runner.log_to_driver: auto`` (the default)
+    forwards the actors' stdout/stderr to this terminal only when the command runs with ``verbose=true``
+    (otherwise third-party notices go to the job log, sphere.loggers.route_third_party, and the actors' output
+    stays in Ray's session logs, ``<temp dir>/session_latest/logs``); ``true`` / ``false`` force it. Without
+    ``verbose``, Ray's own INFO lines ("Started a local Ray instance", ...) are not printed either."""
+    import logging
+
+    quiet = bool(os.environ.get(QUIET_ENV))
+    v = rcfg.get("log_to_driver", "auto")
+    word = str(v).lower()
+    if word == "auto":
+        to_driver = not quiet
+    elif word in ("true", "false"):
+        to_driver = word == "true"
+    else:
+        raise ValueError(f"config runner.log_to_driver={v!r}: allowed auto | true | false (conf/runner/ray.yaml)")
+    return {"log_to_driver": to_driver, "logging_level": logging.WARNING if quiet else logging.INFO}
+
+
 class RayCluster:
     """Context manager: join ``runner.address``, reuse an already initialised Ray (tests, notebooks), or
     start a local cluster sized for ``runner.workers`` and shut it down on exit."""
@@ -95,11 +117,7 @@ class RayCluster:
         r = self.rcfg
         if ray.is_initialized():
             return self
-        kw: dict[str, Any] = {
-            "runtime_env": runtime_env(r),
-            "log_to_driver": bool(r.get("log_to_driver", True)),
-            "include_dashboard": False,
-        }
+        kw: dict[str, Any] = {"runtime_env": runtime_env(r), **ray_init_kwargs(r), "include_dashboard": False}
         if r.get("address"):
             kw.pop("include_dashboard")
             ray.init(address=str(r.address), **kw)
