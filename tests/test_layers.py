@@ -137,8 +137,6 @@ def test_the_round_loop_has_one_runner_seam():
 # policies name the driver that calls them).
 KNOWN_CYCLES: dict[str, str] = {
     # package -> why it is allowed for now; remove the entry with the fix
-    "train": "sphere.train.dpo <-> sphere.train.distributed (function-level imports): sphere/train/ is being "
-             "rewritten apart from this change",
 }
 
 

@@ -2,12 +2,12 @@
 
 ``launch`` renders the pairs once (the tokenizer only), saves them as a ``datasets`` directory the ranks share
 (map caches and TRL's precomputed reference log-probs are written once, by rank 0), and runs
-``python -m torch.distributed.run --standalone --nproc_per_node N -m sphere.train.distributed SPEC``: N
-processes, each on one device, joined by torch DDP through the HF Trainer / accelerate (gloo on CPU, NCCL on
-GPU, one GPU per local rank). ``train.batch_size`` stays per process, so the global batch is
-``processes x batch_size x grad_accum``. Every rank trains; rank 0 alone writes ``adapter/``, ``merged/``,
-train_metrics.json and DONE (sphere.train.dpo._train). Resume: the launcher picks the TRL checkpoint before
-any rank starts, every rank loads it (model, optimizer, scheduler, its own RNG state).
+``python -m torch.distributed.run --standalone --nproc_per_node N -m sphere.train.rank SPEC``: N
+processes (sphere.train.rank), each on one device, joined by torch DDP through the HF Trainer / accelerate
+(gloo on CPU, NCCL on GPU, one GPU per local rank). ``train.batch_size`` stays per process, so the global
+batch is ``processes x batch_size x grad_accum``. Every rank trains; rank 0 alone writes ``adapter/``,
+``merged/``, train_metrics.json and DONE (sphere.train.dpo._train). Resume: the launcher picks the TRL
+checkpoint before any rank starts, every rank loads it (model, optimizer, scheduler, its own RNG state).
 
 Metrics: rank 0 appends its train/* records to ``.processes/metrics.jsonl``; the launcher forwards them to
 the caller's logger while the processes run. Output of all ranks: ``out_dir/train_processes.log`` (and the
@@ -17,8 +17,6 @@ Failures: a rank that raises writes ``.processes/rank<r>.error.json`` and exits 
 other ranks (which may be blocked in a collective: no hang), and ``launch`` raises one error naming the
 first failing rank and its message, of the same built-in type (ValueError, FileNotFoundError, ...). A rank
 killed without a Python error (e.g. out of memory) is reported with torchrun's exit code and the log.
-
-``SPHERE_TRAIN_FAIL_RANK=r[:k]`` (tests only): rank r raises after its k-th optimizer step (default 1).
 """
 
 from __future__ import annotations
@@ -33,11 +31,11 @@ import subprocess
 import sys
 import threading
 import time
-import traceback
 from pathlib import Path
-from typing import Any
 
 from sphere.io import atomic_write_json
+from sphere.train.config import _use_cpu
+from sphere.train.loading import _quiet, _rows, _tokenizer
 
 log = logging.getLogger("sphere.train")
 
@@ -72,11 +70,6 @@ class _Forwarder:
 def launch(t: dict, policy_path: Path, pairs, out_dir: Path, *, logger, show: bool,
            ckpt: Path | None) -> None:
     """Run the training as ``t["processes"]`` processes; returns when they all exited cleanly."""
-    from datasets import Dataset
-
-    from sphere.train.config import _use_cpu
-    from sphere.train.dpo import _quiet, _rows, _tokenizer
-
     n = int(t["processes"])
     cpu = _use_cpu(str(t["device"]))
     if not cpu:
@@ -87,6 +80,23 @@ def launch(t: dict, policy_path: Path, pairs, out_dir: Path, *, logger, show: bo
             raise ValueError(f"train.processes={n}: only {k} GPU(s) visible (CUDA_VISIBLE_DEVICES); one "
                              "process per GPU")
     work = out_dir / WORK
+    _prepare(work, t, policy_path, pairs, out_dir, show=show, ckpt=ckpt)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
+           "--max_restarts=0", "-m", "sphere.train.rank", str(work / "spec.json")]
+    logfile = out_dir / LOG
+    log.info("train: %d processes (%s), output in %s", n, "gloo on CPU" if cpu else "NCCL, one GPU each",
+             logfile)
+    rc, tail = _run(cmd, logfile, _Forwarder(work / "metrics.jsonl", logger), show=show)
+    if rc != 0:
+        raise _failure(work, n, rc, tail, logfile)
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def _prepare(work: Path, t: dict, policy_path: Path, pairs, out_dir: Path, *, show: bool,
+             ckpt: Path | None) -> None:
+    """The ranks' shared inputs under ``work``: the rendered pairs as a ``datasets`` directory and spec.json."""
+    from datasets import Dataset
+
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     _quiet(show)
@@ -95,14 +105,13 @@ def launch(t: dict, policy_path: Path, pairs, out_dir: Path, *, logger, show: bo
     spec = {"t": t, "policy": str(policy_path), "pairs": str(pairs.path), "out_dir": str(out_dir),
             "ckpt": str(ckpt) if ckpt is not None else None, "render": render, "show": bool(show)}
     atomic_write_json(work / "spec.json", spec)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
-           "--max_restarts=0", "-m", "sphere.train.distributed", str(work / "spec.json")]
+
+
+def _run(cmd: list[str], logfile: Path, forward: _Forwarder, *, show: bool) -> tuple[int, list[str]]:
+    """Run torchrun, its output appended to ``logfile`` (and the terminal when ``show``), rank 0's metrics
+    forwarded while it runs; returns its exit code and the last 40 lines of output."""
     env = {k: v for k, v in os.environ.items() if k not in _DIST_ENV}
-    logfile = out_dir / LOG
-    log.info("train: %d processes (%s), output in %s", n, "gloo on CPU" if cpu else "NCCL, one GPU each",
-             logfile)
     tail: collections.deque[str] = collections.deque(maxlen=40)
-    forward = _Forwarder(work / "metrics.jsonl", logger)
     with open(logfile, "a", encoding="utf-8") as lf:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
                                 errors="replace", bufsize=1)
@@ -132,9 +141,7 @@ def launch(t: dict, policy_path: Path, pairs, out_dir: Path, *, logger, show: bo
                     proc.wait()
             reader.join(10)
         forward()
-    if proc.returncode != 0:
-        raise _failure(work, n, proc.returncode, list(tail), logfile)
-    shutil.rmtree(work, ignore_errors=True)
+    return proc.returncode, list(tail)
 
 
 def _failure(work: Path, n: int, rc: int, tail: list[str], logfile: Path) -> Exception:
@@ -161,73 +168,3 @@ def _failure(work: Path, n: int, rc: int, tail: list[str], logfile: Path) -> Exc
         except TypeError:
             pass
     return RuntimeError(msg)
-
-
-class _JsonlLogger:
-    """Rank 0's MetricsLogger: one JSON line per call, read by the launcher's _Forwarder."""
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def log(self, metrics: dict[str, float], step: int | None = None) -> None:
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps({"metrics": metrics, "step": step}) + "\n")
-
-
-def _fail_callback(rank: int, step: int):
-    from transformers import TrainerCallback
-
-    class FailAt(TrainerCallback):
-        # after the step: the other ranks have finished the previous step's checkpoint (they took part in this
-        # step's gradient all-reduce) and now wait in the next one
-        def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step >= step:
-                raise RuntimeError(f"injected failure on rank {rank} after step {state.global_step} "
-                                   "(SPHERE_TRAIN_FAIL_RANK)")
-
-    return FailAt()
-
-
-def main(argv: list[str] | None = None) -> int:
-    """One rank (run by torchrun): train, or write this rank's error file and exit 1."""
-    argv = sys.argv[1:] if argv is None else argv
-    spec_path = Path(argv[0])
-    work = spec_path.parent
-    rank = int(os.environ.get("RANK", "0"))
-    logging.basicConfig(level=logging.INFO, format=f"[rank {rank}] %(message)s")
-    for name in ("datasets", "transformers", "peft", "trl", "accelerate"):
-        logging.getLogger(name).setLevel(logging.WARNING if rank == 0 else logging.ERROR)
-    try:
-        from sphere.train.dpo import _train
-        from sphere.train.pairs import load_pairs
-
-        spec: dict[str, Any] = json.loads(spec_path.read_text())
-        extra = ()
-        fail = os.environ.get("SPHERE_TRAIN_FAIL_RANK", "").split(":")
-        if fail[0] == str(rank):
-            extra = (_fail_callback(rank, int(fail[1]) if len(fail) > 1 else 1),)
-        _train(spec["t"], Path(spec["policy"]), load_pairs(spec["pairs"]), Path(spec["out_dir"]),
-               logger=_JsonlLogger(work / "metrics.jsonl") if rank == 0 else None,
-               show=bool(spec["show"]) and rank == 0, ckpt=Path(spec["ckpt"]) if spec["ckpt"] else None,
-               data=(work / "data", spec["render"]), extra_callbacks=extra)
-    except Exception as e:  # noqa: BLE001 - reported to the launcher, then this rank exits 1
-        traceback.print_exc()
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
-        atomic_write_json(work / f"rank{rank}.error.json",
-                          {"rank": rank, "time": time.time(), "type": type(e).__name__, "message": msg,
-                           "traceback": traceback.format_exc()})
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(1)  # at once: no interpreter teardown waiting on a process group the others still hold
-    try:
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    except Exception:  # noqa: BLE001
-        pass
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
