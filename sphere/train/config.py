@@ -10,6 +10,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from omegaconf import DictConfig, OmegaConf
+
+from sphere.schema import TrainSettings, check_node, defaults
+
 # TRL 1.x DPOTrainer's loss types (trl.DPOConfig.loss_type); a list of them is a mixture (loss_weights)
 LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
               "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
@@ -18,21 +22,14 @@ SMOOTHED = ("robust", "exo_pair", "aot", "aot_unpaired")  # the types TRL reads 
 
 def _plain(cfg: Any) -> dict:
     """A DictConfig / Mapping as a resolved plain dict."""
-    try:
-        from omegaconf import DictConfig, OmegaConf
-
-        if isinstance(cfg, DictConfig):
-            return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
-    except ImportError:  # pragma: no cover
-        pass
+    if isinstance(cfg, DictConfig):
+        return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
     if isinstance(cfg, Mapping):
         return {k: _plain(v) if isinstance(v, Mapping) else v for k, v in cfg.items()}
     raise TypeError(f"train config must be a mapping (got {type(cfg).__name__})")
 
 
 def _defaults() -> dict[str, Any]:
-    from sphere.schema import TrainSettings, defaults
-
     return defaults(TrainSettings, alone=True)
 
 
@@ -78,53 +75,13 @@ def loss_settings(loss: Mapping) -> dict:
     (``sigmoid`` + ``robust`` weighted, exact; sphere.train.dpo docstring); ``rpo_alpha`` adds that weight of
     TRL's ``sft`` term. Every error names the key and what is allowed."""
     raw = loss.get("type", _LOSS_DEFAULTS["type"])
-    if isinstance(raw, str):
-        types = [raw.lower()]
-    elif isinstance(raw, (list, tuple)) and raw and all(isinstance(x, str) for x in raw):
-        types = [str(x).lower() for x in raw]
-    else:
-        raise ValueError(f"train.loss.type={raw!r}: allowed one of {list(LOSS_TYPES)} or a non-empty list of "
-                         "them (a mixture)")
-    for t in types:
-        if t not in LOSS_TYPES:
-            raise ValueError(f"train.loss.type={t!r}: allowed {' | '.join(LOSS_TYPES)} (TRL's DPO losses) or a "
-                             "list of them (cDPO = sigmoid + label_smoothing)")
-    if len(set(types)) != len(types):
-        raise ValueError(f"train.loss.type={types}: a loss type appears twice; give it one weight instead")
-    wraw = loss.get("weights", _LOSS_DEFAULTS["weights"])
-    if wraw is None:
-        weights = [1.0] * len(types)
-    else:
-        if not isinstance(wraw, (list, tuple)) or len(wraw) != len(types):
-            raise ValueError(f"train.loss.weights={wraw!r}: allowed null or a list of {len(types)} number(s), one "
-                             f"per train.loss.type {types}")
-        weights = [_num("weights", w) for w in wraw]
+    types = _loss_types(raw)
+    weights = _loss_weights(loss.get("weights", _LOSS_DEFAULTS["weights"]), types)
     beta = _num("beta", loss.get("beta", _LOSS_DEFAULTS["beta"]))
     eps = _num("label_smoothing", loss.get("label_smoothing", _LOSS_DEFAULTS["label_smoothing"]) or 0.0)
     alpha = _num("rpo_alpha", loss.get("rpo_alpha", _LOSS_DEFAULTS["rpo_alpha"]) or 0.0)
-    if not beta > 0:
-        raise ValueError(f"train.loss.beta={beta}: must be > 0")
-    if not 0.0 <= eps < 0.5:
-        raise ValueError(f"train.loss.label_smoothing={eps}: must be in [0, 0.5)")
-    cdpo = eps > 0 and types == ["sigmoid"]
-    if eps > 0 and not cdpo and not set(types) & set(SMOOTHED):
-        raise ValueError(f"train.loss.label_smoothing={eps} applies to type=sigmoid alone (cDPO) or to "
-                         f"{' | '.join(SMOOTHED)}, not {raw!r}")
-    if "exo_pair" in types and eps == 0:
-        raise ValueError("train.loss.type=exo_pair needs train.loss.label_smoothing > 0 (the EXO paper: 1e-3)")
-    if alpha < 0:
-        raise ValueError(f"train.loss.rpo_alpha={alpha}: must be >= 0 (0 disables the SFT term)")
-    ld = loss.get("ld_alpha", _LOSS_DEFAULTS["ld_alpha"])
-    if ld is not None:
-        ld = _num("ld_alpha", ld)
-        if not 0.0 <= ld <= 1.0:
-            raise ValueError(f"train.loss.ld_alpha={ld}: allowed null (off) or [0, 1] (LD-DPO: 1 = plain DPO)")
-    tau = _num("discopop_tau", loss.get("discopop_tau", _LOSS_DEFAULTS["discopop_tau"]))
-    if not tau > 0:
-        raise ValueError(f"train.loss.discopop_tau={tau}: must be > 0")
-    uw = loss.get("use_weighting", _LOSS_DEFAULTS["use_weighting"])
-    if not isinstance(uw, bool):
-        raise ValueError(f"train.loss.use_weighting={uw!r}: allowed true or false")
+    cdpo = _check_beta_smoothing_alpha(beta, eps, alpha, types, raw)
+    ld, tau, uw = _loss_extras(loss)
     if cdpo:
         types, weights = ["sigmoid", "robust"], [2.0 * (1.0 - eps), -(1.0 - 2.0 * eps)]
     if alpha > 0:
@@ -142,6 +99,67 @@ def loss_settings(loss: Mapping) -> dict:
         "discopop_tau": tau,
     }
 
+
+def _loss_types(raw) -> list[str]:
+    """``train.loss.type`` (a name or a list of names) -> the lower-cased TRL loss types, each once."""
+    if isinstance(raw, str):
+        types = [raw.lower()]
+    elif isinstance(raw, (list, tuple)) and raw and all(isinstance(x, str) for x in raw):
+        types = [str(x).lower() for x in raw]
+    else:
+        raise ValueError(f"train.loss.type={raw!r}: allowed one of {list(LOSS_TYPES)} or a non-empty list of "
+                         "them (a mixture)")
+    for t in types:
+        if t not in LOSS_TYPES:
+            raise ValueError(f"train.loss.type={t!r}: allowed {' | '.join(LOSS_TYPES)} (TRL's DPO losses) or a "
+                             "list of them (cDPO = sigmoid + label_smoothing)")
+    if len(set(types)) != len(types):
+        raise ValueError(f"train.loss.type={types}: a loss type appears twice; give it one weight instead")
+    return types
+
+
+def _loss_weights(wraw, types: list[str]) -> list[float]:
+    """``train.loss.weights``: null = 1 per type, else one number per type."""
+    if wraw is None:
+        return [1.0] * len(types)
+    if not isinstance(wraw, (list, tuple)) or len(wraw) != len(types):
+        raise ValueError(f"train.loss.weights={wraw!r}: allowed null or a list of {len(types)} number(s), one "
+                         f"per train.loss.type {types}")
+    return [_num("weights", w) for w in wraw]
+
+
+def _check_beta_smoothing_alpha(beta: float, eps: float, alpha: float, types: list[str], raw) -> bool:
+    """Checks ``beta``, ``label_smoothing`` and ``rpo_alpha`` against the loss types; returns whether the recipe
+    is cDPO (``type=sigmoid`` with ``label_smoothing`` > 0)."""
+    if not beta > 0:
+        raise ValueError(f"train.loss.beta={beta}: must be > 0")
+    if not 0.0 <= eps < 0.5:
+        raise ValueError(f"train.loss.label_smoothing={eps}: must be in [0, 0.5)")
+    cdpo = eps > 0 and types == ["sigmoid"]
+    if eps > 0 and not cdpo and not set(types) & set(SMOOTHED):
+        raise ValueError(f"train.loss.label_smoothing={eps} applies to type=sigmoid alone (cDPO) or to "
+                         f"{' | '.join(SMOOTHED)}, not {raw!r}")
+    if "exo_pair" in types and eps == 0:
+        raise ValueError("train.loss.type=exo_pair needs train.loss.label_smoothing > 0 (the EXO paper: 1e-3)")
+    if alpha < 0:
+        raise ValueError(f"train.loss.rpo_alpha={alpha}: must be >= 0 (0 disables the SFT term)")
+    return cdpo
+
+
+def _loss_extras(loss: Mapping) -> tuple[float | None, float, bool]:
+    """(``ld_alpha``, ``discopop_tau``, ``use_weighting``), checked."""
+    ld = loss.get("ld_alpha", _LOSS_DEFAULTS["ld_alpha"])
+    if ld is not None:
+        ld = _num("ld_alpha", ld)
+        if not 0.0 <= ld <= 1.0:
+            raise ValueError(f"train.loss.ld_alpha={ld}: allowed null (off) or [0, 1] (LD-DPO: 1 = plain DPO)")
+    tau = _num("discopop_tau", loss.get("discopop_tau", _LOSS_DEFAULTS["discopop_tau"]))
+    if not tau > 0:
+        raise ValueError(f"train.loss.discopop_tau={tau}: must be > 0")
+    uw = loss.get("use_weighting", _LOSS_DEFAULTS["use_weighting"])
+    if not isinstance(uw, bool):
+        raise ValueError(f"train.loss.use_weighting={uw!r}: allowed true or false")
+    return ld, tau, uw
 
 def _use_cpu(device: str) -> bool:
     import torch
@@ -161,8 +179,6 @@ def validate_train_cfg(t: dict) -> None:
     """Checks of a resolved train config, before any model loads or output is written: every field's type and
     range from sphere.schema.TrainSettings (``ConfigTypeError``, a ValueError naming the full key), then the
     rules between fields, and the loss (``loss_settings``)."""
-    from sphere.schema import TrainSettings, check_node
-
     check_node(TrainSettings, t, "train.")
     max_steps, epochs = int(t["max_steps"]), float(t["epochs"])
     if max_steps == 0:

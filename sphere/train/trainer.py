@@ -6,7 +6,12 @@ from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
 from typing import Protocol
+
+from tqdm.auto import tqdm
+
+from sphere.train.checkpoints import writing
 
 log = logging.getLogger("sphere.train")
 
@@ -40,8 +45,6 @@ def _callbacks(logger: MetricsLogger | None, show_progress: bool, history: list[
         bar = None
 
         def on_train_begin(self, args, state, control, **kwargs):
-            from tqdm.auto import tqdm
-
             self.bar = tqdm(total=state.max_steps, desc="dpo", dynamic_ncols=True, file=sys.stderr)
 
         def on_step_end(self, args, state, control, **kwargs):
@@ -88,64 +91,22 @@ def _trainer_class():
             finally:
                 args.max_length = max_len
             eos_id = self._tokenizer.eos_token_id
-            cut = sum(1 for n in ds["prompt_ids"] if mpl is not None and len(n) > mpl)
-
-            def fix(ex):
-                if mpl is not None and len(ex["prompt_ids"]) > mpl:
-                    # keep the end of the prompt: the partial solution next to the completion matters most
-                    ex["prompt_ids"] = ex["prompt_ids"][-mpl:]
-                if not keep_eos:
-                    for k in ("chosen_ids", "rejected_ids"):
-                        if len(ex[k]) > 1 and ex[k][-1] == eos_id:
-                            ex[k] = ex[k][:-1]
-                return ex
-
-            if mpl is not None or not keep_eos:
-                ds = ds.map(fix, desc=f"sphere: prompt truncation / EOS policy ({dataset_name})")
-            ds = ds.filter(lambda ex: len(ex["chosen_ids"]) > 0 and len(ex["rejected_ids"]) > 0)
-            n_nonempty = len(ds)
-            # A pair longer than max_length is dropped, never cut: TRL keeps the start of a long sequence, so
-            # the answer and the end-of-turn token would be lost and DPO would teach the policy to stop
-            # mid-solution (issue #28 item 5).
-            triples = zip(ds["prompt_ids"], ds["chosen_ids"], ds["rejected_ids"], strict=True)
-            lengths = [len(p) + max(len(c), len(r)) for p, c, r in triples]
-            longest, shortest = max(lengths, default=0), min(lengths, default=0)
-            too_long = sum(1 for n in lengths if max_len is not None and n > max_len)
-            if too_long:
-                ds = ds.filter(lambda ex: len(ex["prompt_ids"])
-                               + max(len(ex["chosen_ids"]), len(ex["rejected_ids"])) <= max_len)
-            with_eos = sum(1 for k in ("chosen_ids", "rejected_ids") for ids in ds[k]
-                           if ids and ids[-1] == eos_id)
-            kept_longest = max((len(p) + max(len(c), len(r)) for p, c, r in
-                                zip(ds["prompt_ids"], ds["chosen_ids"], ds["rejected_ids"], strict=True)),
-                               default=0)
+            ds, cut = _cut_prompts_and_eos(ds, mpl, keep_eos, eos_id, dataset_name)
+            ds, n_nonempty, too_long, longest, shortest = _drop_empty_and_long(ds, max_len)
+            with_eos, kept_longest = _kept_stats(ds, eos_id)
             self.sphere_prep_stats = {"prompts_truncated": cut, "dropped": n_in - len(ds),
                                       "dropped_too_long": too_long, "dropped_empty": n_in - n_nonempty,
                                       "kept": len(ds), "completions_with_eos": with_eos,
                                       "longest_pair_tokens": longest,
                                       "longest_kept_pair_tokens": kept_longest}
-            if len(ds) == 0:
-                raise ValueError(
-                    f"{self.sphere_source}: every pair was dropped: none of the {n_in} fits train.max_length="
-                    f"{max_len} tokens (longest pair {longest} tokens prompt + completion, shortest "
-                    f"{shortest}); "
-                    "raise train.max_length (up to the model's max_position_embeddings) or set "
-                    "train.max_prompt_length"
-                )
-            if too_long and args.process_index == 0:  # once, not once per rank
-                log.warning("train: dropped %d of %d pairs longer than train.max_length=%d tokens (longest "
-                            "%d): a pair is never cut (that loses the answer and the end-of-turn token); "
-                            "raise train.max_length to keep them", too_long, n_in, max_len, longest)
+            _check_kept(len(ds), n_in, too_long, longest, shortest, max_len, self.sphere_source,
+                        args.process_index)
             return ds
 
         def _save_checkpoint(self, model, trial):
             """TRL's checkpoint; a full disk while writing it is one error naming the checkpoint directory
             (safetensors and torch.save name no file)."""
-            from pathlib import Path
-
             from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-
-            from sphere.train.checkpoints import writing
 
             step = self.state.global_step
             folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{step}"
@@ -164,6 +125,72 @@ def _trainer_class():
             return sched
 
     return SphereDPOTrainer
+
+
+def _cut_prompts_and_eos(ds, mpl: int | None, keep_eos: bool, eos_id, dataset_name: str):
+    """The tokenised pairs with a prompt over ``max_prompt_length`` cut to its end and, without the EOS policy,
+    the completions' final EOS removed. Returns (dataset, prompts cut)."""
+    cut = sum(1 for n in ds["prompt_ids"] if mpl is not None and len(n) > mpl)
+
+    def fix(ex):
+        if mpl is not None and len(ex["prompt_ids"]) > mpl:
+            # keep the end of the prompt: the partial solution next to the completion matters most
+            ex["prompt_ids"] = ex["prompt_ids"][-mpl:]
+        if not keep_eos:
+            for k in ("chosen_ids", "rejected_ids"):
+                if len(ex[k]) > 1 and ex[k][-1] == eos_id:
+                    ex[k] = ex[k][:-1]
+        return ex
+
+    if mpl is not None or not keep_eos:
+        ds = ds.map(fix, desc=f"sphere: prompt truncation / EOS policy ({dataset_name})")
+    return ds, cut
+
+
+def _drop_empty_and_long(ds, max_len: int | None):
+    """The pairs with an empty completion dropped, then those over ``max_len`` tokens. Returns (dataset, pairs
+    left after the first filter, pairs dropped as too long, the longest and the shortest pair's tokens)."""
+    ds = ds.filter(lambda ex: len(ex["chosen_ids"]) > 0 and len(ex["rejected_ids"]) > 0)
+    n_nonempty = len(ds)
+    # A pair longer than max_length is dropped, never cut: TRL keeps the start of a long sequence, so
+    # the answer and the end-of-turn token would be lost and DPO would teach the policy to stop
+    # mid-solution (issue #28 item 5).
+    triples = zip(ds["prompt_ids"], ds["chosen_ids"], ds["rejected_ids"], strict=True)
+    lengths = [len(p) + max(len(c), len(r)) for p, c, r in triples]
+    longest, shortest = max(lengths, default=0), min(lengths, default=0)
+    too_long = sum(1 for n in lengths if max_len is not None and n > max_len)
+    if too_long:
+        ds = ds.filter(lambda ex: len(ex["prompt_ids"])
+                       + max(len(ex["chosen_ids"]), len(ex["rejected_ids"])) <= max_len)
+    return ds, n_nonempty, too_long, longest, shortest
+
+
+def _kept_stats(ds, eos_id) -> tuple[int, int]:
+    """Of the kept pairs: (the completions ending in EOS, the longest pair's tokens)."""
+    with_eos = sum(1 for k in ("chosen_ids", "rejected_ids") for ids in ds[k]
+                   if ids and ids[-1] == eos_id)
+    kept_longest = max((len(p) + max(len(c), len(r)) for p, c, r in
+                        zip(ds["prompt_ids"], ds["chosen_ids"], ds["rejected_ids"], strict=True)),
+                       default=0)
+    return with_eos, kept_longest
+
+
+def _check_kept(kept: int, n_in: int, too_long: int, longest: int, shortest: int, max_len: int | None,
+                source: str, process_index: int) -> None:
+    """No pair left: one error naming the longest and shortest pair; some dropped as too long: a warning,
+    once (rank 0)."""
+    if kept == 0:
+        raise ValueError(
+            f"{source}: every pair was dropped: none of the {n_in} fits train.max_length="
+            f"{max_len} tokens (longest pair {longest} tokens prompt + completion, shortest "
+            f"{shortest}); "
+            "raise train.max_length (up to the model's max_position_embeddings) or set "
+            "train.max_prompt_length"
+        )
+    if too_long and process_index == 0:  # once, not once per rank
+        log.warning("train: dropped %d of %d pairs longer than train.max_length=%d tokens (longest "
+                    "%d): a pair is never cut (that loses the answer and the end-of-turn token); "
+                    "raise train.max_length to keep them", too_long, n_in, max_len, longest)
 
 
 def shift_warmup(sched, warmup_steps: int) -> None:

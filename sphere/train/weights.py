@@ -9,6 +9,8 @@ from collections.abc import Iterable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
 
+from safetensors import safe_open
+
 CHUNK = 1 << 24  # elements per float32 chunk (64 MiB)
 
 
@@ -21,8 +23,6 @@ class _Tensors:
     """key -> tensor of a model directory (safetensors opened lazily; .bin shards loaded whole)."""
 
     def __init__(self, d: Path, stack: ExitStack):
-        from safetensors import safe_open
-
         self.where: dict[str, object] = {}
         for f in _files(d):
             if f.suffix == ".safetensors":
