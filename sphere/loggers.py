@@ -507,6 +507,8 @@ def route_third_party(verbose: bool) -> str | None:
     logging.captureWarnings(True)
     os.environ.setdefault("WANDB_SILENT", "true")
     os.environ[QUIET_ENV] = log_file  # Ray (sphere/scale/pool.py): INFO lines and the actors' output stay off
+    # child processes (vLLM's engine core and workers) print library FutureWarnings straight to their stderr
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning")
     if "VLLM_LOGGING_CONFIG_PATH" not in os.environ and os.environ.get("VLLM_CONFIGURE_LOGGING", "1") != "0":
         import atexit
         import tempfile

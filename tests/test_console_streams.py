@@ -160,7 +160,7 @@ def test_vllm_eval_console_has_no_vllm_lines(tmp_path):
     """Before: `sphere eval backend=vllm model=mini` printed 29 stderr lines per run, none of them sphere's
     (vLLM's start-up WARNINGs from three processes, Python FutureWarnings, torch's NUMA note, a load bar).
     Now vLLM's logger records of every vLLM process go to <run dir>/runners.log; the console keeps the results
-    (stdout) and the few lines vLLM's worker processes print outside logging (tqdm, C++, warnings): 12."""
+    (stdout) and the few lines vLLM's processes print outside logging (Triton, torch's C++ NUMA note): 3."""
     pytest.importorskip("vllm")
     out = tmp_path / "run"
     proc = _sphere("eval", "model=mini", "backend=vllm", "benchmarks=[mini]", "limit=4", f"hydra.run.dir={out}",
@@ -169,5 +169,8 @@ def test_vllm_eval_console_has_no_vllm_lines(tmp_path):
     assert "| mini world (test) | 4 |" in proc.stdout
     vllm_lines = [ln for ln in proc.stderr.splitlines() if "WARNING" in ln or "[vllm" in ln or "pid=" in ln]
     assert not vllm_lines, proc.stderr
-    assert len(proc.stderr.splitlines()) <= 14, proc.stderr  # 12 measured (was 29)
+    # 3 measured (was 29, then 12): Triton's two prints and torch's C++ NUMA note, written by vLLM's processes
+    # straight to their stderr; the child FutureWarnings (PYTHONWARNINGS) and the load bar (use_tqdm_on_load) go
+    assert len(proc.stderr.splitlines()) <= 4, proc.stderr
+    assert "FutureWarning" not in proc.stderr and "Loading safetensors" not in proc.stderr, proc.stderr
     assert "Triton is not installed" in (out / "runners.log").read_text()

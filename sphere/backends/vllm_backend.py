@@ -42,6 +42,7 @@ from sphere.backends.base import (
     finalize,
     model_eos_ids,
 )
+from sphere.loggers import QUIET_ENV
 from sphere.models import check_model_dir
 
 _ENGINES: dict[tuple, list] = {}  # key -> [LLM, refcount]
@@ -139,6 +140,8 @@ def get_engine(model_path: str, **kw):
             return _ENGINES[key][0], key
         from vllm import LLM
 
+        if os.environ.get(QUIET_ENV) and "use_tqdm_on_load" not in kw:
+            kw = {**kw, "use_tqdm_on_load": False}  # the weight-loading bar: not without verbose=true
         llm = LLM(model=str(model_path), **kw)
         _ENGINES[key] = [llm, 1]
         return llm, key
