@@ -8,7 +8,6 @@ with the keys as ``***``.
 
 from __future__ import annotations
 
-import logging
 import os
 import subprocess
 import sys

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import re
 import time
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
