@@ -80,7 +80,9 @@ def _same_trees(a, b) -> bool:
     return all(np.array_equal(sa[key], sb[key], equal_nan=sa[key].dtype.kind == "f") for key in sa)
 
 
-def bench(cfg) -> dict:
+def _runs(cfg) -> tuple[dict, dict, dict, bool]:
+    """The timed C++ run, the Python run and a fresh C++ run over the same first `py_rounds` rounds, and
+    whether the last two built the same trees."""
     ecfg = EngineConfig(rule=cfg.rule, c=float(cfg.c), virtual_loss=float(cfg.virtual_loss),
                         max_depth=int(cfg.max_depth), pruning=cfg.pruning)
     common = dict(cfg=ecfg, trees=int(cfg.trees), branching=int(cfg.branching), k=int(cfg.k),
@@ -95,35 +97,37 @@ def bench(cfg) -> dict:
     cpp_small = run_workload("cpp", **common, rounds=py_rounds)  # same rounds as Python, fresh forest
     parity = _same_trees(cpp_small["forest"], py["forest"])
     del py["forest"], cpp_small["forest"]
+    return cpp, py, cpp_small, parity
 
-    f = cpp["forest"]
-    st = f.stats()
-    clock = str(cfg.timer)
-    if clock not in ("cpu", "wall"):
-        raise ValueError(f"timer={clock!r}: allowed 'cpu', 'wall'")
 
-    def rates(run: dict, clk: str) -> dict:
-        n = np.maximum(run["leaves"], 1).astype(float)
-        sel = run[f"select_{clk}"]
-        rnd = sel + run[f"expand_{clk}"] + run[f"backup_{clk}"]
-        return {
-            # medians over rounds: robust to the odd round where the machine was busy elsewhere
-            "selects_per_s": float(np.median(n / np.maximum(sel, 1e-9))),
-            "round_per_leaf_s": float(np.median(rnd / n)),
-            "sims_per_s": float(np.median(n / np.maximum(rnd, 1e-9))),
-            "select_ms": float(np.median(sel)) * 1e3,
-            "expand_ms": float(np.median(run[f"expand_{clk}"])) * 1e3,
-            "backup_ms": float(np.median(run[f"backup_{clk}"])) * 1e3,
-            "round_ms": float(np.median(rnd)) * 1e3,
-        }
+def _rates(run: dict, clk: str) -> dict:
+    n = np.maximum(run["leaves"], 1).astype(float)
+    sel = run[f"select_{clk}"]
+    rnd = sel + run[f"expand_{clk}"] + run[f"backup_{clk}"]
+    return {
+        # medians over rounds: robust to the odd round where the machine was busy elsewhere
+        "selects_per_s": float(np.median(n / np.maximum(sel, 1e-9))),
+        "round_per_leaf_s": float(np.median(rnd / n)),
+        "sims_per_s": float(np.median(n / np.maximum(rnd, 1e-9))),
+        "select_ms": float(np.median(sel)) * 1e3,
+        "expand_ms": float(np.median(run[f"expand_{clk}"])) * 1e3,
+        "backup_ms": float(np.median(run[f"backup_{clk}"])) * 1e3,
+        "round_ms": float(np.median(rnd)) * 1e3,
+    }
 
-    main_, wall = rates(cpp, clock), rates(cpp, "wall")
-    small, pyr = rates(cpp_small, clock), rates(py, clock)
-    out = {
+
+def _result(cfg, clock: str, cpp: dict, py: dict, cpp_small: dict, parity: bool) -> dict:
+    """The result object: the settings, the rates on `clock` (and on the wall clock), the forest's stats and
+    the machine."""
+    st = cpp["forest"].stats()
+    main_, wall = _rates(cpp, clock), _rates(cpp, "wall")
+    small, pyr = _rates(cpp_small, clock), _rates(py, clock)
+    small_wall, py_wall = _rates(cpp_small, "wall"), _rates(py, "wall")
+    return {
         "bench": "engine",
         "trees": int(cfg.trees), "branching": int(cfg.branching), "max_depth": int(cfg.max_depth),
-        "k": int(cfg.k), "rounds": rounds, "py_rounds": py_rounds, "rule": cfg.rule, "pruning": cfg.pruning,
-        "virtual_loss": float(cfg.virtual_loss),
+        "k": int(cfg.k), "rounds": int(cfg.rounds), "py_rounds": int(cfg.py_rounds), "rule": cfg.rule,
+        "pruning": cfg.pruning, "virtual_loss": float(cfg.virtual_loss),
         "timer": clock,  # cpu = thread CPU time (excludes time other processes hold the core); wall = perf_counter
         # selects = leaves returned by select() (virtual loss applied; collisions excluded), median round
         "cpp_selects_per_s": round(main_["selects_per_s"]),
@@ -141,7 +145,7 @@ def bench(cfg) -> dict:
         "cpp_simulations_per_s": round(main_["sims_per_s"]),
         "wall_cpp_selects_per_s": round(wall["selects_per_s"]),
         "wall_round_ms_4096_leaves": round(wall["round_per_leaf_s"] * 4096 * 1e3, 3),
-        "wall_speedup": round(rates(cpp_small, "wall")["selects_per_s"] / rates(py, "wall")["selects_per_s"], 1),
+        "wall_speedup": round(small_wall["selects_per_s"] / py_wall["selects_per_s"], 1),
         "bytes_per_node": int(st["bytes_per_node"]),
         "nodes": int(st["nodes"]),
         "max_tree_depth": int(max(d for d, n in enumerate(st["depth_histogram"]) if n)),
@@ -152,6 +156,14 @@ def bench(cfg) -> dict:
         "cpus": os.cpu_count(),
         "loadavg_1m": round(os.getloadavg()[0], 2),
     }
+
+
+def bench(cfg) -> dict:
+    cpp, py, cpp_small, parity = _runs(cfg)
+    clock = str(cfg.timer)
+    if clock not in ("cpu", "wall"):
+        raise ValueError(f"timer={clock!r}: allowed 'cpu', 'wall'")
+    out = _result(cfg, clock, cpp, py, cpp_small, parity)
     out["targets_met"] = bool(out["cpp_selects_per_s"] >= 1_000_000 and out["speedup"] >= 50
                               and out["round_ms_4096_leaves"] <= 10)
     if cfg.peers:

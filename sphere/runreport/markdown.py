@@ -65,7 +65,8 @@ def sweep_markdown(jobs: list[Job]) -> list[str]:
     return [*out, ""]
 
 
-def report_markdown(root: Path, jobs: list[Job], figures: list[tuple[str, Path]], out: Path) -> str:
+def _header_markdown(root: Path, jobs: list[Job], figures: list[tuple[str, Path]], out: Path) -> list[str]:
+    """The title, the source and its jobs, the swept settings and the figures."""
     lines = [f"# sphere report: `{root.name or root}`", "",
              f"Source: `{root}` ({len(jobs)} job{'s' if len(jobs) != 1 else ''}: "
              + ", ".join(f"{sum(1 for j in jobs if j.kind == k)} {k}" for k in ("run", "generate", "eval")
@@ -76,61 +77,86 @@ def report_markdown(root: Path, jobs: list[Job], figures: list[tuple[str, Path]]
     for title, path in figures:
         rel = os.path.relpath(path, out)
         lines += [f"## {title}", "", f"![{title}]({Path(rel).as_posix()})", ""]
+    return lines
 
+
+def _generation_markdown(jobs: list[Job]) -> list[str]:
+    """A table of the generation jobs; nothing without one."""
     gens = [j for j in jobs if j.kind == "generate"]
-    if gens:
-        lines += ["## Generation jobs", "",
-                  "| job | setting | pairs s1 | s2 | s3 | total | yield | problems | wall (s) |",
-                  "|---|---|---|---|---|---|---|---|---|"]
-        for j in gens:
-            pps = j.pairs_per_stage() or {}
-            d = j.data
-            lines.append("| " + " | ".join(_md_escape(x) for x in [
-                j.rel, j.label, *(str(pps.get(s, 0)) for s in STAGES), _fmt(d.get("pairs_total")),
-                _fmt(d.get("yield")), _fmt(d.get("problems")), _fmt(d.get("wall_s"), ".0f")]) + " |")
-        lines.append("")
+    if not gens:
+        return []
+    lines = ["## Generation jobs", "",
+             "| job | setting | pairs s1 | s2 | s3 | total | yield | problems | wall (s) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for j in gens:
+        pps = j.pairs_per_stage() or {}
+        d = j.data
+        lines.append("| " + " | ".join(_md_escape(x) for x in [
+            j.rel, j.label, *(str(pps.get(s, 0)) for s in STAGES), _fmt(d.get("pairs_total")),
+            _fmt(d.get("yield")), _fmt(d.get("problems")), _fmt(d.get("wall_s"), ".0f")]) + " |")
+    lines.append("")
+    return lines
+
+
+def _accuracy_cell(j: Job, b: str, v: dict | None) -> str:
+    """A job's final accuracy on benchmark ``b``: the Wilson interval where recorded and, for a run of more
+    than one round, the change against round 0."""
+    if not v or v.get("accuracy") is None:
+        return "-"
+    c = f"{100 * float(v['accuracy']):.1f}%"
+    if v.get("ci95_low") is not None and v.get("ci95_high") is not None:
+        c += f" [{100 * float(v['ci95_low']):.1f}, {100 * float(v['ci95_high']):.1f}]"
+    if j.kind == "run":
+        r0 = ((j.data["rounds"][0].get("eval") or {}).get(b) or {}).get("accuracy")
+        if r0 is not None and len(j.data["rounds"]) > 1:
+            c += f" ({100 * (float(v['accuracy']) - float(r0)):+.1f} vs round 0)"
+    return c
+
+
+def _accuracy_markdown(jobs: list[Job]) -> list[str]:
+    """A table of the final accuracies of the run and eval jobs; nothing without one."""
     accs = [j for j in jobs if j.kind in ("run", "eval")]
-    if accs:
-        benches = sorted({b for j in accs for b in j.final_accuracy()})
-        lines += ["## Accuracy", "", "| job | setting | rounds | " + " | ".join(
-            f"{b} (final)" for b in benches) + " |", "|---|---|---|" + "---|" * len(benches)]
-        for j in accs:
-            fa = j.final_accuracy()
-            nr = len(j.data.get("rounds") or []) if j.kind == "run" else "-"
-            cells = []
-            for b in benches:
-                v = fa.get(b)
-                if not v or v.get("accuracy") is None:
-                    cells.append("-")
-                    continue
-                c = f"{100 * float(v['accuracy']):.1f}%"
-                if v.get("ci95_low") is not None and v.get("ci95_high") is not None:
-                    c += f" [{100 * float(v['ci95_low']):.1f}, {100 * float(v['ci95_high']):.1f}]"
-                if j.kind == "run":
-                    r0 = ((j.data["rounds"][0].get("eval") or {}).get(b) or {}).get("accuracy")
-                    if r0 is not None and len(j.data["rounds"]) > 1:
-                        c += f" ({100 * (float(v['accuracy']) - float(r0)):+.1f} vs round 0)"
-                cells.append(c)
-            lines.append("| " + " | ".join(_md_escape(x) for x in [j.rel, j.label, str(nr), *cells]) + " |")
-        lines.append("")
+    if not accs:
+        return []
+    benches = sorted({b for j in accs for b in j.final_accuracy()})
+    lines = ["## Accuracy", "", "| job | setting | rounds | " + " | ".join(
+        f"{b} (final)" for b in benches) + " |", "|---|---|---|" + "---|" * len(benches)]
+    for j in accs:
+        fa = j.final_accuracy()
+        nr = len(j.data.get("rounds") or []) if j.kind == "run" else "-"
+        cells = [_accuracy_cell(j, b, fa.get(b)) for b in benches]
+        lines.append("| " + " | ".join(_md_escape(x) for x in [j.rel, j.label, str(nr), *cells]) + " |")
+    lines.append("")
+    return lines
+
+
+def _rounds_markdown(j: Job, single: bool) -> list[str]:
+    """A run's rounds: accuracies, pairs and times per round, then its paired intervals and controls."""
+    rounds = j.data.get("rounds") or []
+    benches = sorted({b for r in rounds for b in (r.get("eval") or {})})
+    title = "Rounds" if single else f"Rounds of {j.rel} ({j.label})"
+    lines = [f"## {_md_escape(title)}", "", "| round | " + " | ".join(benches)
+             + " | pairs s1/s2/s3 | generate (s) | train (s) | wall (s) |",
+             "|---|" + "---|" * (len(benches) + 4)]
+    for r in rounds:
+        ev = r.get("eval") or {}
+        accs = [f"{100 * float(ev[b]['accuracy']):.1f}%" if ev.get(b, {}).get("accuracy") is not None
+                else "-" for b in benches]
+        pps = r.get("pairs_per_stage")
+        pairs = "/".join(str(pps.get(s_, 0)) for s_ in STAGES) if pps else "-"
+        secs = [_fmt(r.get(k), ".0f") for k in ("generate_s", "train_s", "wall_s")]
+        lines.append("| " + " | ".join([str(r.get("round", "?")), *accs, pairs, *secs]) + " |")
+    # the paired intervals and the per-round controls of summary.json, as in the run's summary.md
+    return [*lines, *paired_markdown(rounds), *controls_markdown(rounds), ""]
+
+
+def report_markdown(root: Path, jobs: list[Job], figures: list[tuple[str, Path]], out: Path) -> str:
+    lines = _header_markdown(root, jobs, figures, out)
+    lines += _generation_markdown(jobs)
+    lines += _accuracy_markdown(jobs)
     lines += sweep_markdown(jobs)
     for j in [j for j in jobs if j.kind == "run"]:
-        rounds = j.data.get("rounds") or []
-        benches = sorted({b for r in rounds for b in (r.get("eval") or {})})
-        title = "Rounds" if len(jobs) == 1 else f"Rounds of {j.rel} ({j.label})"
-        lines += [f"## {_md_escape(title)}", "", "| round | " + " | ".join(benches)
-                  + " | pairs s1/s2/s3 | generate (s) | train (s) | wall (s) |",
-                  "|---|" + "---|" * (len(benches) + 4)]
-        for r in rounds:
-            ev = r.get("eval") or {}
-            accs = [f"{100 * float(ev[b]['accuracy']):.1f}%" if ev.get(b, {}).get("accuracy") is not None
-                    else "-" for b in benches]
-            pps = r.get("pairs_per_stage")
-            pairs = "/".join(str(pps.get(s_, 0)) for s_ in STAGES) if pps else "-"
-            secs = [_fmt(r.get(k), ".0f") for k in ("generate_s", "train_s", "wall_s")]
-            lines.append("| " + " | ".join([str(r.get("round", "?")), *accs, pairs, *secs]) + " |")
-        # the paired intervals and the per-round controls of summary.json, as in the run's summary.md
-        lines += [*paired_markdown(rounds), *controls_markdown(rounds), ""]
+        lines += _rounds_markdown(j, single=len(jobs) == 1)
     lines += ["Generated by `sphere report`. Accuracy brackets are 95% Wilson intervals where the evaluation "
               "recorded them.", ""]
     return "\n".join(lines)
