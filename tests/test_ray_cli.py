@@ -28,13 +28,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections import Counter
 from pathlib import Path
 
 import psutil
 import pytest
-
-from sphere.io import read_jsonl_tolerant
+from test_ray_cluster import records  # {stage: {problem_id: record}}, a problem written twice fails
 
 pytestmark = [pytest.mark.ray]
 
@@ -159,17 +157,6 @@ def cli_cluster(tmp_path_factory):
         left = cluster_processes(tmp, p["port"])
         shutil.rmtree(tmp, ignore_errors=True)
         assert not left, f"processes of the test's cluster still running: {[q.pid for q in left]}"
-
-
-def records(out: Path) -> dict[int, dict[str, dict]]:
-    """``{stage: {problem_id: record}}``; fails on a problem written twice."""
-    got = {}
-    for s in (1, 2, 3):
-        recs = read_jsonl_tolerant(out / "stages" / f"stage{s}.jsonl")
-        dup = [k for k, c in Counter(r["problem_id"] for r in recs).items() if c > 1]
-        assert not dup, f"stage {s}: problems written twice {dup}"
-        got[s] = {r["problem_id"]: r for r in recs}
-    return got
 
 
 def local_argv(argv: list[str], out: Path) -> list[str]:
