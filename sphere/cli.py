@@ -23,6 +23,8 @@ import signal
 import sys
 from pathlib import Path
 
+from sphere.cli_overrides import defaults_groups, family_overrides, rewrite_model_override
+
 # command words -> (primary config name, "module:function"). Functions take a DictConfig.
 HYDRA_COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("run",): ("run", "sphere.loop.rounds:main"),
@@ -93,53 +95,6 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
-def _defaults_groups(cdir: Path, config_name: str, seen: set | None = None) -> dict[str, str]:
-    """group -> default option of a primary config, following its parent configs (``- config``). A group
-    under another package keeps it in the key (``train_opts@train``: what an override must spell). The
-    default experiment's own ``override /group: option`` entries are the effective defaults, so they win."""
-    from omegaconf import OmegaConf
-
-    seen = set() if seen is None else seen
-    if config_name in seen or not (cdir / f"{config_name}.yaml").is_file():
-        return {}
-    seen.add(config_name)
-    out: dict[str, str] = {}
-    for item in OmegaConf.to_container(OmegaConf.load(cdir / f"{config_name}.yaml")).get("defaults", []):
-        if isinstance(item, str):
-            if item != "_self_":
-                out.update(_defaults_groups(cdir, item, seen))
-            continue
-        for k, v in item.items():
-            group = k.replace("override ", "").strip().lstrip("/")
-            out[group] = "null" if v is None else str(v)
-    exp = out.get("experiment")
-    if exp and exp != "null":
-        out.update({g: v for g, v in _experiment_overrides(cdir, exp).items() if g in out})
-    return out
-
-
-def _experiment_overrides(cdir: Path, exp: str, seen: set | None = None) -> dict[str, str]:
-    """group -> option an experiment's ``override /group: option`` entries set, after those of the
-    experiments it includes (``- mini_planted`` in conf/experiment/loop_check.yaml), which it overrides."""
-    from omegaconf import OmegaConf
-
-    seen = set() if seen is None else seen
-    path = cdir / "experiment" / f"{exp}.yaml"
-    if exp in seen or not path.is_file():
-        return {}
-    seen.add(exp)
-    out: dict[str, str] = {}
-    for item in OmegaConf.to_container(OmegaConf.load(path)).get("defaults", []):
-        if isinstance(item, str):
-            if item != "_self_":
-                out.update(_experiment_overrides(cdir, item, seen))
-            continue
-        for k, v in item.items():
-            if k.startswith("override "):
-                out[k.replace("override ", "").strip().lstrip("/")] = "null" if v is None else str(v)
-    return out
-
-
 # `sphere <command> --help` text for commands whose module docstring is written for developers (the runner
 # layer serves generate and eval): how a user chooses what the command works on.
 USAGE: dict[tuple[str, ...], str] = {
@@ -202,7 +157,7 @@ def command_help(key: tuple[str, ...], cdir: Path) -> str:
     lines = [f"sphere {name}: {DESCRIPTIONS.get(key, '')}", ""]
     if doc:
         lines += [doc.strip(), ""]
-    groups = {g: d for g, d in _defaults_groups(cdir, config_name).items() if g.split("@")[0] in USER_GROUPS}
+    groups = {g: d for g, d in defaults_groups(cdir, config_name).items() if g.split("@")[0] in USER_GROUPS}
     if key in PHASE_COMMANDS:  # null slots exist only for an experiment's overrides; experiment=X is appended
         groups = {g: d for g, d in groups.items() if d != "null"}
         groups.setdefault("experiment", "none")
@@ -231,82 +186,12 @@ def _match(argv: list[str], table: dict) -> tuple[tuple[str, ...], list[str]] | 
     return None
 
 
-def _model_values(val: str, cdir: Path) -> list[str] | None:
-    """The models of ``model=VAL`` that are paths or hub names (a multirun sweep ``a,b`` gives several);
-    None when VAL names options of conf/model/ (or mixes them with paths: Hydra reports that)."""
-    vals = [v.strip() for v in val.split(",")] if val else []
-    if not vals or any(not v or (cdir / "model" / f"{v}.yaml").is_file() for v in vals):
-        return None
-    return vals
-
-
-def rewrite_model_override(args: list[str], cdir: Path) -> list[str]:
-    """``model=X`` with X not in conf/model/ becomes ``model.policy=X`` (a path or a hub name); a sweep
-    ``model=X,Y`` of such values becomes ``model.policy=X,Y``."""
-    out = []
-    for a in args:
-        if a.startswith("model=") and _model_values(a.split("=", 1)[1], cdir) is not None:
-            a = f"model.policy={a.split('=', 1)[1]}"
-        out.append(a)
-    return out
-
-
-def _value(args: list[str], key: str) -> str | None:
-    """The value of the last ``key=VALUE`` override in ``args`` (None if absent)."""
-    vals = [a.split("=", 1)[1] for a in args if a.split("=", 1)[0].lstrip("+") == key and "=" in a]
-    return vals[-1] if vals else None
-
-
-def family_overrides(args: list[str], cdir: Path, note=None) -> list[str]:
-    """The prompt family follows the model (``sphere.prompts.detect_family``).
-
-    - ``model=X`` with X a local directory or hub name (not an option of conf/model/): X's chat template
-      decides (Qwen2.5-Instruct -> qwen2_5, R1 distill -> deepseek_r1, phi-4 -> phi4, ...) and
-      ``model.family=F prompt=F`` are added; a model without a chat template keeps the configured family
-      (its plain ``template``); one whose family cannot be told is refused unless ``prompt=`` is given.
-    - ``prompt=F`` given explicitly wins: ``model.family=F`` is added (``sphere.prompts.family_config``
-      otherwise prefers ``model.family``), unless ``model.family=`` is given too.
-    ``note(msg)`` receives one line saying what was decided (the CLI prints it to stderr)."""
-    from sphere.prompts import UnknownPromptFamily, detect_family
-
-    prompt = _value(args, "prompt")
-    if prompt is not None and "," in prompt:
-        return []
-    if _value(args, "model.family") is not None:
-        return []
-    if prompt is not None:
-        return [f"model.family={prompt}"]
-    model = _value(args, "model")
-    models = _model_values(model, cdir) if model is not None else None
-    if not models:
-        return []
-    found = {}
-    for m in models:
-        try:
-            found[m] = detect_family(m)
-        except UnknownPromptFamily as e:
-            raise SystemExit(f"sphere: {e}") from None
-    fams = {fam for fam, _ in found.values()}
-    if len(fams) > 1:  # a sweep over models of different families: one prompt cannot serve them all
-        raise SystemExit(f"sphere: model={model}: the models want different prompt families ("
-                         + ", ".join(f"{m}: {f or 'configured'}" for m, (f, _) in found.items())
-                         + "); sweep them in separate commands or pass prompt=FAMILY")
-    fam, why = next(iter(found.values()))
-    if fam is None:
-        if note is not None:
-            note(f"sphere: model={model}: {why}; the configured prompt family is kept")
-        return []
-    if note is not None:
-        note(f"sphere: model={model}: prompt family {fam} ({why}); prompt=FAMILY overrides it")
-    return [f"model.family={fam}", f"prompt={fam}"]
-
-
 def experiment_overrides(args: list[str], key: tuple[str, ...], cdir: Path) -> list[str]:
     """``experiment=X`` for a command whose config has no experiment slot (generate, train, eval): appended
     as ``+experiment=X``, so the experiment applies last, over everything, as in `sphere run` (conf/run.yaml).
     Each of these configs has null slots for the groups an experiment overrides (train_opts@train, search,
     ...), so ``experiment=paper_qwen2_5_7b`` composes and gives each phase the settings `sphere run` uses."""
-    if key not in PHASE_COMMANDS or "experiment" in _defaults_groups(cdir, HYDRA_COMMANDS[key][0]):
+    if key not in PHASE_COMMANDS or "experiment" in defaults_groups(cdir, HYDRA_COMMANDS[key][0]):
         return args
     out = []
     for a in args:

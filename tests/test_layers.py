@@ -12,7 +12,7 @@ PKG = Path(__file__).resolve().parents[1] / "sphere"
 
 # top (0) to bottom; a module may import from its own layer or any layer below
 LAYERS: list[set[str]] = [
-    {"cli"},
+    {"cli", "cli_overrides"},
     {"loop"},
     {"sweep", "runreport", "bench"},
     {"runners"},
