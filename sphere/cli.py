@@ -260,7 +260,7 @@ def _task(fn, verbose: bool):
         quiet_third_party(verbose)
         if verbose:
             logging.getLogger().setLevel(logging.INFO)
-        from sphere.loggers import route_third_party
+        from sphere.console import route_third_party
 
         route_third_party(verbose)  # vLLM / W&B / Python warnings: to <run dir>/<job>.log, not the console
         from sphere import rundir  # the run-dir lock is a Hydra callback (conf/config.yaml); see sphere/rundir/

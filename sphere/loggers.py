@@ -11,16 +11,14 @@ The API key is never logged: wandb reads it from the environment itself, and the
 log has every secret by key name (``is_secret_key``: ``api_key``, ``token``, ``*_token``, ``secret``,
 ``password``, ``WANDB_API_KEY``, ``HF_TOKEN``, ... but not counts such as ``max_step_tokens``), every
 secret-shaped value (``is_secret_value``: a 40-hex W&B key, ``hf_...``, ``sk-...``, ``ghp_...``, ``AKIA...``)
-and every value containing a secret environment variable's value replaced by ``***``. ``read_offline_run`` reads an offline run
-back (the tests use it to check what was recorded).
+and every value containing a secret environment variable's value replaced by ``***``.
+``sphere.wandb_runs.read_offline_run`` reads an offline run back (the tests use it to check what was recorded).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import struct
 import sys
 from pathlib import Path
 from typing import Any
@@ -237,100 +235,6 @@ def make_logger(cfg: Any, run_dir: str | os.PathLike, job_name: str) -> NullLogg
     raise ValueError(f"config logger.name={name!r}: allowed none | wandb")
 
 
-# ------------------------------------------------------------------------------------ reading runs back
-def _wandb_log_records(path: Path):
-    """Raw record payloads of a ``run-<id>.wandb`` transaction log (LevelDB log format: 32 KiB blocks of
-    7-byte-headed chunks FULL/FIRST/MIDDLE/LAST, after a 7-byte ``:W&B`` file header)."""
-    data = path.read_bytes()
-    if data[:4] != b":W&B":
-        raise ValueError(f"{path}: not a W&B transaction log (no ':W&B' header)")
-    block, pos, buf = 32768, 7, b""
-    while pos + 7 <= len(data):
-        left = block - pos % block
-        if left < 7:  # block trailer padding
-            pos += left
-            continue
-        _crc, length, kind = struct.unpack_from("<IHB", data, pos)
-        pos += 7
-        chunk = data[pos:pos + length]
-        pos += length
-        if kind == 0 and length == 0:  # zero padding at the end of a block
-            pos += block - pos % block if pos % block else 0
-            continue
-        if kind == 1:
-            yield chunk
-        elif kind == 2:
-            buf = chunk
-        elif kind == 3:
-            buf += chunk
-        elif kind == 4:
-            yield buf + chunk
-            buf = b""
-        else:
-            raise ValueError(f"{path}: unknown chunk type {kind} at byte {pos - length - 7}")
-
-
-def read_offline_run(run_dir: str | os.PathLike) -> dict[str, Any]:
-    """What an offline W&B run recorded: ``{"dir", "run" (name/group/notes/project), "config" (key -> value),
-    "history" (list of step dicts), "summary", "artifacts" (list of {name, type, files}), "tables"
-    (key -> {"columns", "data"})}``. ``run_dir`` is a job directory (holding ``wandb/``) or an
-    ``offline-run-*`` directory; the latest run is read."""
-    from wandb.proto import wandb_internal_pb2 as pb
-
-    d = Path(run_dir)
-    if not d.name.startswith("offline-run-"):
-        base = d / "wandb" if (d / "wandb").is_dir() else d
-        runs = sorted(base.glob("offline-run-*"))
-        if not runs:
-            raise FileNotFoundError(f"{run_dir}: no wandb/offline-run-* directory")
-        d = runs[-1]
-    logs = sorted(d.glob("run-*.wandb"))
-    if not logs:
-        raise FileNotFoundError(f"{d}: no run-*.wandb transaction log")
-    out: dict[str, Any] = {"dir": str(d), "run": {}, "config": {}, "history": [], "summary": {},
-                           "artifacts": [], "tables": {}}
-
-    def put(dst: dict, item) -> None:  # nested_key = path into nested dicts (tables are logged as dicts)
-        keys = list(item.nested_key) or [item.key]
-        for k in keys[:-1]:
-            dst = dst.setdefault(k, {})
-        dst[keys[-1]] = json.loads(item.value_json)
-
-    def items(its) -> dict:
-        d: dict = {}
-        for it in its:
-            put(d, it)
-        return d
-
-    for raw in _wandb_log_records(logs[0]):
-        rec = pb.Record()
-        rec.ParseFromString(raw)
-        kind = rec.WhichOneof("record_type")
-        if kind == "run":
-            r = rec.run
-            out["run"] = {"name": r.display_name, "group": r.run_group, "notes": r.notes,
-                          "project": r.project,
-                          "id": r.run_id}
-            out["config"].update(items(r.config.update))
-        elif kind == "config":
-            out["config"].update(items(rec.config.update))
-        elif kind == "history":
-            out["history"].append(items(rec.history.item))
-        elif kind == "summary":
-            out["summary"].update(items(rec.summary.update))
-        elif kind == "artifact":
-            a = rec.artifact
-            out["artifacts"].append({"name": a.name, "type": a.type,
-                                     "files": [e.path for e in a.manifest.contents]})
-    for row in out["history"]:
-        for k, v in row.items():
-            if isinstance(v, dict) and v.get("_type") == "table-file" and v.get("path"):
-                p = d / "files" / v["path"]
-                if p.is_file():
-                    out["tables"][k] = json.loads(p.read_text())
-    return out
-
-
 def _hydra_callback_base() -> type:
     from hydra.experimental.callback import Callback
 
@@ -450,79 +354,3 @@ class RedactSecrets:
         clean = RedactingStream(None, secrets)._clean(msg)
         record.msg, record.args, record.exc_info, record.exc_text, record.stack_info = clean, (), None, None, None
         return True
-
-
-# ------------------------------------------------------------ third-party notices: the job log, not the console
-class SphereOnConsole:
-    """A logging filter for the console handler (``route_third_party``): sphere's own records, and any
-    library's errors, reach the console; every other library's notices (vLLM's start-up warnings, Python
-    warnings, W&B's, Hydra's) go to the job log file only."""
-
-    def filter(self, record: Any) -> bool:
-        import logging
-
-        name = record.name
-        return name == "sphere" or name.startswith("sphere.") or record.levelno >= logging.ERROR
-
-
-# vLLM configures its own "vllm" logger in every process it starts (engine core, workers) from this file
-# (VLLM_LOGGING_CONFIG_PATH): a handler appending to the job log, secrets filtered as in the job log's own.
-def _vllm_logging_config(log_file: str, level: str) -> dict:
-    return {
-        "version": 1, "disable_existing_loggers": False,
-        "formatters": {"plain": {
-            "format": "[%(asctime)s][%(name)s][%(levelname)s] - (pid %(process)d) %(message)s"}},
-        "filters": {"redact": {"()": "sphere.loggers.RedactSecrets"}},
-        "handlers": {"job_log": {"class": "logging.FileHandler", "filename": log_file, "formatter": "plain",
-                                 "level": level, "delay": True, "filters": ["redact"]}},
-        "loggers": {"vllm": {"handlers": ["job_log"], "level": level, "propagate": False}},
-    }
-
-
-# set by route_third_party when third-party notices go to the job log (read by sphere.scale.pool.ray_init_kwargs)
-QUIET_ENV = "SPHERE_THIRD_PARTY_LOG"
-
-
-def route_third_party(verbose: bool) -> str | None:
-    """Third-party notices go to the job's log file (<run dir>/<job>.log, the root logger's file handler that
-    Hydra configured), not the console, unless ``verbose``: the console handler keeps sphere's own lines and
-    errors (``SphereOnConsole``); Python warnings become log records (``logging.captureWarnings``); vLLM's
-    loggers in this and its child processes append to the job log (``VLLM_LOGGING_CONFIG_PATH``); W&B is
-    silent (``WANDB_SILENT``); Ray logs at WARNING and keeps the actors' output in its session logs
-    (``runner.log_to_driver: auto``). Settings the user made in the environment win. Returns the job log's path."""
-    import logging
-
-    if verbose:
-        return None
-    root = logging.getLogger()
-    log_file = None
-    for h in root.handlers:
-        if isinstance(h, logging.FileHandler):
-            log_file = h.baseFilename
-        elif isinstance(h, logging.StreamHandler) and not any(isinstance(f, SphereOnConsole)
-                                                              for f in h.filters):
-            h.addFilter(SphereOnConsole())
-    if log_file is None:  # not under Hydra's logging (a library call): leave the console as it is
-        return None
-    logging.captureWarnings(True)
-    os.environ.setdefault("WANDB_SILENT", "true")
-    os.environ[QUIET_ENV] = log_file  # Ray (sphere/scale/pool.py): INFO lines and the actors' output stay off
-    # child processes (vLLM's engine core and workers) print library FutureWarnings straight to their stderr
-    os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning")
-    if "VLLM_LOGGING_CONFIG_PATH" not in os.environ and os.environ.get("VLLM_CONFIGURE_LOGGING", "1") != "0":
-        import atexit
-        import tempfile
-
-        fd, path = tempfile.mkstemp(prefix="sphere-vllm-logging-", suffix=".json")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(_vllm_logging_config(log_file, os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")), f)
-        os.environ["VLLM_LOGGING_CONFIG_PATH"] = path
-
-        def _remove(p: str = path) -> None:
-            try:
-                os.unlink(p)
-            except OSError:
-                pass
-
-        atexit.register(_remove)
-    return log_file

@@ -69,7 +69,7 @@ def test_third_party_records_go_to_the_job_log_only(tmp_path, monkeypatch):
     import logging
     import warnings
 
-    from sphere.loggers import SphereOnConsole, route_third_party
+    from sphere.console import SphereOnConsole, route_third_party
 
     for var in ("VLLM_LOGGING_CONFIG_PATH", "VLLM_CONFIGURE_LOGGING", "VLLM_LOGGING_LEVEL", "WANDB_SILENT",
                 "SPHERE_THIRD_PARTY_LOG"):
@@ -120,8 +120,8 @@ def test_ray_keeps_its_info_lines_and_the_actors_output_off_the_console_unless_v
     (verbose=true), and Ray logs at WARNING otherwise; true/false force it; anything else is refused."""
     import logging
 
-    from sphere.loggers import QUIET_ENV
-    from sphere.scale.pool import ray_init_kwargs
+    from sphere.console import QUIET_ENV
+    from sphere.scale.cluster import ray_init_kwargs
 
     monkeypatch.delenv(QUIET_ENV, raising=False)
     assert ray_init_kwargs({"log_to_driver": "auto"}) == {"log_to_driver": True, "logging_level": logging.INFO}

@@ -22,10 +22,10 @@ LAYERS: list[set[str]] = [
     {"lifecycle"},
     {"search", "rewards"},
     {"backends", "engine", "viz"},
-    {"prompts", "data", "rundir", "loggers", "progress", "verify", "modelinfo"},
+    {"prompts", "data", "rundir", "loggers", "console", "wandb_runs", "progress", "verify", "modelinfo"},
     {"models"},
     {"mini"},
-    {"io", "resources", "schema", "overrides", "__init__"},
+    {"io", "resources", "schema", "schema_fields", "schema_scorers", "schema_train", "overrides", "__init__"},
 ]
 
 

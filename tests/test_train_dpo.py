@@ -408,7 +408,8 @@ def test_train_metrics_reach_an_offline_wandb_run(tmp_path, tiny_model_dir):
     """train/* metrics through the project's W&B logger (offline): one history row per optimizer step."""
     from omegaconf import OmegaConf
 
-    from sphere.loggers import make_logger, read_offline_run
+    from sphere.loggers import make_logger
+    from sphere.wandb_runs import read_offline_run
     from sphere.train.dpo import train_dpo
 
     pairs = write_jsonl(tmp_path / "pairs.jsonl", make_pairs(8))

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from sphere.loggers import NullLogger, make_logger, read_offline_run, redact, resolve_mode
+from sphere.loggers import NullLogger, make_logger, redact, resolve_mode
+from sphere.wandb_runs import read_offline_run
 
 FAKE_KEY = "0123456789abcdef0123456789abcdef01234567"  # looks like a W&B key (40 hex chars); not real
 

@@ -42,7 +42,7 @@ from sphere.backends.base import (
     finalize,
     model_eos_ids,
 )
-from sphere.loggers import QUIET_ENV
+from sphere.console import QUIET_ENV
 from sphere.models import check_model_dir
 
 _ENGINES: dict[tuple, list] = {}  # key -> [LLM, refcount]

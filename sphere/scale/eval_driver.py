@@ -21,16 +21,8 @@ from sphere.io import JsonlAppender, atomic_write_json
 from sphere.progress import StageProgress
 from sphere.prompts import family_config
 from sphere.rundir import check_or_record, default_mode, resume_mode
-from sphere.scale.pool import (
-    ActorPool,
-    Chunk,
-    PoolStats,
-    RayCluster,
-    _worker_pool,
-    chunked,
-    plain_config,
-    validate_runner_config,
-)
+from sphere.scale.cluster import RayCluster, plain_config, validate_runner_config
+from sphere.scale.pool import ActorPool, Chunk, PoolStats, _worker_pool, chunked
 from sphere.scale.workers import EvalWorker
 
 

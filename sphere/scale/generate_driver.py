@@ -23,15 +23,8 @@ from sphere.generate.settings import validate_generate_config
 from sphere.io import JsonlAppender, atomic_write_json
 from sphere.loggers import make_logger
 from sphere.progress import StageProgress
-from sphere.scale.pool import (
-    ActorPool,
-    Chunk,
-    RayCluster,
-    _worker_pool,
-    chunked,
-    plain_config,
-    validate_runner_config,
-)
+from sphere.scale.cluster import RayCluster, plain_config, validate_runner_config
+from sphere.scale.pool import ActorPool, Chunk, _worker_pool, chunked
 from sphere.scale.workers import GenerateWorker
 from sphere.search.types import call_fill
 

@@ -27,9 +27,9 @@ Known limits: chunk granularity is the unit of durability (a driver crash loses 
 the finished ones); the actors need the model paths and the Python environment on every node (a shared
 filesystem or the same image), the problems themselves travel from the driver.
 
-The code lives in four modules, this one keeps the names importable: sphere.scale.pool (config check,
-cluster, actor pool), sphere.scale.workers (the actor bodies), sphere.scale.generate_driver and
-sphere.scale.eval_driver (the two drivers).
+The code lives in five modules, this one keeps the names importable: sphere.scale.cluster (config check,
+cluster), sphere.scale.pool (actor pool), sphere.scale.workers (the actor bodies),
+sphere.scale.generate_driver and sphere.scale.eval_driver (the two drivers).
 """
 
 from __future__ import annotations
@@ -42,17 +42,14 @@ from sphere.scale.generate_driver import (
     main_generate,
     stage_state,
 )
-from sphere.scale.pool import (
-    ActorPool,
-    Chunk,
-    PoolStats,
+from sphere.scale.cluster import (
     RayCluster,
     actor_resources,
-    chunked,
     plain_config,
     runtime_env,
     validate_runner_config,
 )
+from sphere.scale.pool import ActorPool, Chunk, PoolStats, chunked
 from sphere.scale.workers import EvalWorker, GenerateWorker
 
 __all__ = [
