@@ -17,13 +17,24 @@ gives each phase the settings ``sphere run experiment=X`` uses for it (``hydra_o
 
 from __future__ import annotations
 
+import ast
+import functools
 import importlib
+import importlib.util
+import logging
 import os
 import signal
 import sys
 from pathlib import Path
 
+import hydra
+
+from sphere import rundir  # the run-dir lock is a Hydra callback (conf/config.yaml); see sphere/rundir/
 from sphere.cli_overrides import defaults_groups, family_overrides, rewrite_model_override
+from sphere.console import route_third_party
+from sphere.loggers import redact_console
+from sphere.overrides import check_added_keys
+from sphere.schema import register
 
 # command words -> (primary config name, "module:function"). Functions take a DictConfig.
 HYDRA_COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
@@ -145,13 +156,10 @@ def command_help(key: tuple[str, ...], cdir: Path) -> str:
     """`sphere <command> --help`: what the command does, its usage, the groups and options it takes."""
     config_name, target = HYDRA_COMMANDS[key]
     mod = target.split(":")[0]
-    import importlib.util
 
     doc = USAGE.get(key, "")
     spec = importlib.util.find_spec(mod) if not doc else None
     if spec is not None and spec.origin:
-        import ast
-
         doc = ast.get_docstring(ast.parse(Path(spec.origin).read_text(encoding="utf-8"))) or ""
     name = " ".join(key)
     lines = [f"sphere {name}: {DESCRIPTIONS.get(key, '')}", ""]
@@ -243,7 +251,6 @@ def quiet_third_party(verbose: bool) -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DATASETS_VERBOSITY", "error")
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-    import logging
 
     for name in ("vllm", "transformers", "datasets", "ray", "urllib3", "httpx", "filelock", "torch"):
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -251,25 +258,18 @@ def quiet_third_party(verbose: bool) -> None:
 
 def _task(fn, verbose: bool):
     """The Hydra task: ``fn(cfg)`` with sphere's process-wide settings applied first."""
-    import functools
-
     @functools.wraps(fn)  # Hydra names the job after the wrapped function's module
     def task(cfg):
-        import logging
-
         quiet_third_party(verbose)
         if verbose:
             logging.getLogger().setLevel(logging.INFO)
-        from sphere.console import route_third_party
 
         route_third_party(verbose)  # vLLM / W&B / Python warnings: to <run dir>/<job>.log, not the console
-        from sphere import rundir  # the run-dir lock is a Hydra callback (conf/config.yaml); see sphere/rundir/
 
         command = sys.argv[0].removeprefix("sphere-").replace("-", " ")
         with rundir.cli_errors(command):  # full disk, read-only dir, dir in use, settings mismatch: one line
             try:
                 rundir.set_default_mode(cfg.get("resume", "auto"))  # resume=bogus: one line (a ValueError)
-                from sphere.overrides import check_added_keys
 
                 check_added_keys(cfg, sys.argv[1:])  # `+search.expansion=3`: a typo, refused (sphere/overrides.py)
                 return fn(cfg)
@@ -338,8 +338,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _dispatch(argv: list[str]) -> None:
-    from sphere.loggers import redact_console
-
     # Hydra prints a failed job's overrides in clear ("Error executing job with overrides: [...]"), keys
     # included; tracebacks and log lines may repeat a value: the console streams hide every secret value of
     # the command line and the environment (SECURITY.md, claim 4)
@@ -374,10 +372,6 @@ def _dispatch(argv: list[str]) -> None:
     verbose = _verbose(rest)
     quiet_third_party(verbose)
     fn = _load(target)
-
-    import hydra
-
-    from sphere.schema import register
 
     register()  # typed schemas of search/train/eval/... in Hydra's ConfigStore (checked by RunDirLock)
     sys.argv = ["sphere-" + "-".join(key), *rest]

@@ -6,13 +6,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from omegaconf import OmegaConf
+
+from sphere.prompts import UnknownPromptFamily, detect_family
+
 
 def defaults_groups(cdir: Path, config_name: str, seen: set | None = None) -> dict[str, str]:
     """group -> default option of a primary config, following its parent configs (``- config``). A group
     under another package keeps it in the key (``train_opts@train``: what an override must spell). The
     default experiment's own ``override /group: option`` entries are the effective defaults, so they win."""
-    from omegaconf import OmegaConf
-
     seen = set() if seen is None else seen
     if config_name in seen or not (cdir / f"{config_name}.yaml").is_file():
         return {}
@@ -35,8 +37,6 @@ def defaults_groups(cdir: Path, config_name: str, seen: set | None = None) -> di
 def _experiment_overrides(cdir: Path, exp: str, seen: set | None = None) -> dict[str, str]:
     """group -> option an experiment's ``override /group: option`` entries set, after those of the
     experiments it includes (``- mini_planted`` in conf/experiment/loop_check.yaml), which it overrides."""
-    from omegaconf import OmegaConf
-
     seen = set() if seen is None else seen
     path = cdir / "experiment" / f"{exp}.yaml"
     if exp in seen or not path.is_file():
@@ -90,8 +90,6 @@ def family_overrides(args: list[str], cdir: Path, note=None) -> list[str]:
     - ``prompt=F`` given explicitly wins: ``model.family=F`` is added (``sphere.prompts.family_config``
       otherwise prefers ``model.family``), unless ``model.family=`` is given too.
     ``note(msg)`` receives one line saying what was decided (the CLI prints it to stderr)."""
-    from sphere.prompts import UnknownPromptFamily, detect_family
-
     prompt = _value(args, "prompt")
     if prompt is not None and "," in prompt:
         return []

@@ -4,8 +4,11 @@ warnings, W&B, Ray) to the job's log file; ``QUIET_ENV`` tells Ray and vLLM that
 
 from __future__ import annotations
 
+import atexit
 import json
+import logging
 import os
+import tempfile
 from typing import Any
 
 
@@ -15,8 +18,6 @@ class SphereOnConsole:
     warnings, W&B's, Hydra's) go to the job log file only."""
 
     def filter(self, record: Any) -> bool:
-        import logging
-
         name = record.name
         return name == "sphere" or name.startswith("sphere.") or record.levelno >= logging.ERROR
 
@@ -47,8 +48,6 @@ def route_third_party(verbose: bool) -> str | None:
     loggers in this and its child processes append to the job log (``VLLM_LOGGING_CONFIG_PATH``); W&B is
     silent (``WANDB_SILENT``); Ray logs at WARNING and keeps the actors' output in its session logs
     (``runner.log_to_driver: auto``). Settings the user made in the environment win. Returns the job log's path."""
-    import logging
-
     if verbose:
         return None
     root = logging.getLogger()
@@ -68,9 +67,6 @@ def route_third_party(verbose: bool) -> str | None:
     # child processes (vLLM's engine core and workers) print library FutureWarnings straight to their stderr
     os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning")
     if "VLLM_LOGGING_CONFIG_PATH" not in os.environ and os.environ.get("VLLM_CONFIGURE_LOGGING", "1") != "0":
-        import atexit
-        import tempfile
-
         fd, path = tempfile.mkstemp(prefix="sphere-vllm-logging-", suffix=".json")
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(_vllm_logging_config(log_file, os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")), f)

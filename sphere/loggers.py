@@ -20,8 +20,15 @@ from __future__ import annotations
 import os
 import re
 import sys
+import traceback
 from pathlib import Path
 from typing import Any
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
+from omegaconf import OmegaConf
+
+from sphere.io import atomic_write_text
 
 MODES = ("auto", "online", "offline", "disabled")
 
@@ -136,8 +143,6 @@ def resolve_mode(mode: str) -> str:
 def hydra_job_identity() -> dict[str, Any]:
     """Group / job number / overrides of the current Hydra job ({} outside Hydra)."""
     try:
-        from hydra.core.hydra_config import HydraConfig
-
         hc = HydraConfig.get()
     except Exception:
         return {}
@@ -225,8 +230,6 @@ def make_logger(cfg: Any, run_dir: str | os.PathLike, job_name: str) -> NullLogg
     if name == "none":
         return NullLogger()
     if name == "wandb":
-        from omegaconf import OmegaConf
-
         try:
             config = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
         except Exception:  # an interpolation that needs a live Hydra app (outside `sphere <cmd>`)
@@ -235,13 +238,7 @@ def make_logger(cfg: Any, run_dir: str | os.PathLike, job_name: str) -> NullLogg
     raise ValueError(f"config logger.name={name!r}: allowed none | wandb")
 
 
-def _hydra_callback_base() -> type:
-    from hydra.experimental.callback import Callback
-
-    return Callback
-
-
-class RedactHydraFiles(_hydra_callback_base()):
+class RedactHydraFiles(Callback):
     """Hydra callback (conf/config.yaml ``hydra.callbacks``): Hydra saves the composed config and the
     command-line overrides to ``<run dir>/.hydra/*.yaml`` before the job starts; a secret passed as an
     override (``+logger.api_key=...``) would sit there in clear. ``on_job_start`` runs right after the
@@ -249,10 +246,6 @@ class RedactHydraFiles(_hydra_callback_base()):
     sweep directory's ``multirun.yaml``, which the sweeper saved before the first job."""
 
     def on_job_start(self, config: Any, **kwargs: Any) -> None:
-        from omegaconf import OmegaConf
-
-        from sphere.io import atomic_write_text
-
         paths = []
         hydra_dir = config.hydra.get("output_subdir")
         if hydra_dir:
@@ -344,8 +337,6 @@ class RedactSecrets:
             return True
         msg = record.getMessage()
         if record.exc_info:
-            import traceback
-
             msg += "\n" + "".join(traceback.format_exception(*record.exc_info)).rstrip("\n")
         elif record.exc_text:
             msg += "\n" + record.exc_text

@@ -14,6 +14,8 @@ from __future__ import annotations
 import difflib
 from typing import Any
 
+from omegaconf import OmegaConf
+
 # Groups whose keys are fixed by conf/ (and, for search / sampling / data / stages / eval, the schemas of
 # sphere/schema.py): an added key is read by nothing.
 CLOSED = ("search", "scorer", "stages", "filters", "data", "eval", "sampling", "runner")
@@ -25,8 +27,6 @@ OPEN = ("backend", "logger", "model", "prompt", "hydra")
 
 
 def _keys(node: Any, prefix: str) -> list[str]:
-    from omegaconf import OmegaConf
-
     out = []
     if OmegaConf.is_dict(node):
         for k in node.keys():
@@ -41,8 +41,6 @@ def _keys(node: Any, prefix: str) -> list[str]:
 def check_added_keys(cfg: Any, args: list[str]) -> None:
     """Raise ValueError for an override ``+G.KEY=V`` with G in ``CLOSED`` (``++`` sets a key whether or
     not it exists and is left alone); the message names the nearest key G has."""
-    from omegaconf import OmegaConf
-
     for a in args:
         if not a.startswith("+") or a.startswith("++") or "=" not in a:
             continue

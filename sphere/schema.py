@@ -32,8 +32,13 @@ typed group has no field here and when a YAML file writes a default again.
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass
 from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
+from omegaconf.errors import ValidationError
 
 from sphere.schema_fields import _f, _sub
 from sphere.schema_scorers import SCORERS
@@ -328,7 +333,6 @@ def register() -> None:
     global _registered
     if _registered:
         return
-    from hydra.core.config_store import ConfigStore
 
     cs = ConfigStore.instance()
     for name, cls in SETTINGS.items():
@@ -386,11 +390,6 @@ def _check_range(key: str, v: Any, meta: dict, shown: Any) -> None:
 def check_node(schema: type, node: dict, prefix: str) -> None:
     """Check a plain (resolved) ``node`` against ``schema``: type and range of every field it has; the message
     names ``prefix`` + the field."""
-    import typing
-
-    from omegaconf import OmegaConf
-    from omegaconf.errors import ValidationError
-
     hints = typing.get_type_hints(schema)
     typed = OmegaConf.structured(schema)
     for f in dataclasses.fields(schema):
@@ -417,8 +416,6 @@ def check_config(cfg: Any, command: str | None = None) -> None:
     """Check ``cfg``'s typed nodes (``SCHEMAS``) before anything runs; raises ``ConfigTypeError`` naming the
     full key. ``command``: the primary config name (generate, train, eval, run; other commands' configs
     are not checked here)."""
-    from omegaconf import OmegaConf
-
     for key, schema, commands in SCHEMAS:
         if command not in commands:
             continue

@@ -65,6 +65,7 @@ from sphere.backends import require_vllm
 from sphere.backends.vllm_backend import configure_cpu_env, get_engine, is_cpu_build, release_engine
 from sphere.models import check_model_dir, resolve_model
 from sphere.rewards.prm_model import QwenProcessRewardModel
+from sphere.rewards.shared_prefix import probs_shared
 
 DEFAULT_SYSTEM = "Please reason step by step, and put your final answer within \\boxed{}."
 
@@ -297,7 +298,6 @@ class PRMScorer:
 
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         if self.shared_prefix != "off":  # each shared token prefix computed once (issue 34, module docstring)
-            from sphere.rewards.shared_prefix import probs_shared
 
             return probs_shared(self._model, rows, self.tag_id, device=self.device, pad_id=pad,
                                 batch_size=self.batch_size, mode=self.shared_prefix,

@@ -13,6 +13,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from omegaconf import OmegaConf
+
+import sphere.models as _models
+from sphere.data.selection import NAMED as _NAMED, sources as _sources
+from sphere.io import atomic_write_json
+from sphere.models import resolve_model
 from sphere.rundir.resume import _plain, check_or_record
 
 _HASH_CACHE_MIN = 16 * 1024 * 1024  # files at least this big are cached by (path, size, mtime, inode)
@@ -54,8 +60,6 @@ def file_sha256(path: str | os.PathLike) -> str:
     if st.st_size >= _HASH_CACHE_MIN:
         disk[ident[0]] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ino": st.st_ino, "sha256": digest}
         with contextlib.suppress(OSError):
-            from sphere.io import atomic_write_json
-
             atomic_write_json(cache, disk)
     return digest
 
@@ -78,12 +82,8 @@ def model_fingerprint(name_or_path: Any, cfg: Any = None) -> dict:
     """``{"name": ..., "sha256": ...}`` of a model: local directories by content only (a moved checkpoint
     is the same model), ``mini``/``mini-small`` by name and content, hub names by name (not downloaded)."""
     s = str(name_or_path).strip()
-    import sphere.models as models
-
-    if s in ("mini", "mini-small") or s in getattr(models, "STANDIN_NAMES", ()):  # shipped, resolved locally
+    if s in ("mini", "mini-small") or s in getattr(_models, "STANDIN_NAMES", ()):  # shipped, resolved locally
         try:
-            from sphere.models import resolve_model
-
             return {"name": s, "sha256": model_dir_sha256(resolve_model(s, cfg))}
         except Exception:  # noqa: BLE001 - the command's own model loading reports it
             return {"name": s}
@@ -97,21 +97,13 @@ def model_fingerprint(name_or_path: Any, cfg: Any = None) -> dict:
 
 # -------------------------------------------------------------------------------- per-command signatures
 def _node(cfg: Any, key: str) -> Any:
-    try:
-        from omegaconf import OmegaConf
-
-        return _plain(OmegaConf.select(cfg, key, default=None))
-    except ImportError:  # pragma: no cover
-        return _plain(cfg.get(key))
+    return _plain(OmegaConf.select(cfg, key, default=None))
 
 
 def data_signature(dcfg: Any) -> dict:
     """What ``load_problems`` reads: the ``data`` settings (but its ``data_dir`` path) and the sha256 of
     every local file among the sources (shipped sets and JSONL paths); ``mini`` and ``hf:`` sources are
     named by their settings."""
-    from sphere.data.selection import NAMED as _NAMED
-    from sphere.data.selection import sources as _sources
-
     conf = {k: v for k, v in (_plain(dcfg) or {}).items() if k != "data_dir"}
     files = {}
     for src in _sources(dcfg):

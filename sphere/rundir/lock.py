@@ -19,6 +19,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from hydra.core.hydra_config import HydraConfig
+
+from sphere.io import atomic_write_text
 from sphere.rundir.resume import (
     LOCK_NAME,
     SignatureMismatch,
@@ -27,6 +30,7 @@ from sphere.rundir.resume import (
     remember_prior_hydra,
     set_default_mode,
 )
+from sphere.schema import ConfigTypeError, check_config
 
 
 class RunDirInUse(RuntimeError):
@@ -211,8 +215,6 @@ def undo_failed_start(run_dir: str | os.PathLike | None, exc: BaseException | No
     the outputs there. Returns "removed", "restored" or None."""
     if run_dir is None:
         try:
-            from hydra.core.hydra_config import HydraConfig
-
             run_dir = HydraConfig.get().runtime.output_dir
         except Exception:  # noqa: BLE001 - not under Hydra: nothing recorded
             return None
@@ -228,8 +230,6 @@ def undo_failed_start(run_dir: str | os.PathLike | None, exc: BaseException | No
             if f.is_file() and f.name not in st["hydra"]:
                 f.unlink()
         for name, data in st["hydra"].items():
-            from sphere.io import atomic_write_text
-
             atomic_write_text(d / ".hydra" / name, data.decode("utf-8", "replace"))
         return "restored"
     return None
@@ -262,8 +262,6 @@ class RunDirLock(_hydra_callback_base()):
         self._job_dirs: list[str] = []
 
     def on_run_start(self, config: Any, **kwargs: Any) -> None:
-        from hydra.core.hydra_config import HydraConfig
-
         command = _command_of(config)
         try:
             HydraConfig.instance().set_config(config)  # hydra.run.dir may use ${hydra:job.name}
@@ -298,8 +296,6 @@ class RunDirLock(_hydra_callback_base()):
     @staticmethod
     def _check_types(config: Any) -> None:
         """The typed schemas of sphere/schema.py (issue #17 G): full key, expected type, range."""
-        from sphere.schema import ConfigTypeError, check_config
-
         try:
             name = str(config.hydra.job.config_name)
         except Exception:  # noqa: BLE001

@@ -13,6 +13,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from omegaconf import OmegaConf
+
+from sphere.io import atomic_write_json
+
 LOCK_NAME = ".lock"
 SIGNATURE_NAME = "signature.json"
 PREVIOUS_DIR = "previous"
@@ -69,13 +73,8 @@ def default_mode() -> str:
 
 
 def _plain(v: Any) -> Any:
-    try:
-        from omegaconf import OmegaConf
-
-        if OmegaConf.is_config(v):
-            return OmegaConf.to_container(v, resolve=True)
-    except ImportError:  # pragma: no cover
-        pass
+    if OmegaConf.is_config(v):
+        return OmegaConf.to_container(v, resolve=True)
     if isinstance(v, Mapping):
         return {str(k): _plain(x) for k, x in v.items()}
     if isinstance(v, (list, tuple)):
@@ -233,7 +232,6 @@ def check_or_record(run_dir: str | os.PathLike, command: str, sig: Mapping, *, m
         if status == "forced":
             rec["forced_over"] = [*(entry.get("forced_over") or []), old]
         data[command] = rec
-        from sphere.io import atomic_write_json
 
         atomic_write_json(d / SIGNATURE_NAME, data)
     _checked[memo] = blob
@@ -293,7 +291,6 @@ def _move_aside(d: Path, command: str, entries: list[Path], entry: Mapping | Non
     dest.mkdir(parents=True, exist_ok=False)
     for p in entries:
         os.replace(p, dest / p.name)
-    from sphere.io import atomic_write_json
 
     if entry is not None:
         atomic_write_json(dest / SIGNATURE_NAME, {command: entry})

@@ -25,6 +25,8 @@ import os
 import sys
 from pathlib import Path
 
+from sphere.io import atomic_write_text
+from sphere.rundir import command_errors
 from sphere.runreport.jobs import STAGES, Job, find_jobs, numeric_axis
 from sphere.runreport.markdown import report_markdown
 from sphere.runreport.plots import (
@@ -72,7 +74,6 @@ def write_report(root: str | os.PathLike, out: str | os.PathLike | None = None) 
         p = fn(jobs, out)
         if p is not None:
             figures.append((title, p))
-    from sphere.io import atomic_write_text
 
     report = out / "report.md"
     atomic_write_text(report, report_markdown(root, jobs, figures, out))
@@ -103,7 +104,6 @@ def main(argv: list[str]) -> int:
     if root is None:
         print("sphere report: missing DIR (a run or multirun directory)", file=sys.stderr)
         return 2
-    from sphere.rundir import command_errors
 
     try:
         with command_errors("report"):  # a full disk, a read-only out=, no matplotlib: one line

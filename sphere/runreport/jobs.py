@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from omegaconf import OmegaConf
+
 STAGES = ("1", "2", "3")
 _SKIP_DIRS = {"wandb", "trees", "stages", "checkpoints", "__pycache__", "ckpt", "model", "merged"}
 
@@ -64,7 +66,6 @@ def _read_overrides(job_dir: Path) -> dict[str, str]:
     path = job_dir / ".hydra" / "overrides.yaml"
     if not path.is_file():
         return {}
-    from omegaconf import OmegaConf
 
     try:
         items = OmegaConf.to_container(OmegaConf.load(path))

@@ -4,10 +4,13 @@ final accuracy against it (95% CI bars; jobs that do not set the swept value are
 
 from __future__ import annotations
 
+import os
 import re
+import tempfile
 from pathlib import Path
 from typing import Any
 
+from sphere.evaluation.metrics import wilson_ci
 from sphere.runreport.jobs import STAGES, Job, _as_float, numeric_axis
 
 STAGE_COLORS = {"1": "#0969da", "2": "#bf8700", "3": "#8250df"}
@@ -26,9 +29,6 @@ def _plt():
 
 def _save(fig, path: Path) -> Path:
     """Write the figure atomically: a full disk or a read-only directory leaves no partial (0-byte) PNG."""
-    import os
-    import tempfile
-
     import matplotlib.pyplot as plt
 
     try:
@@ -213,8 +213,6 @@ def _yield_ci(j: Job):
     if y is None:
         return None
     if isinstance(k, int) and isinstance(n, int) and 0 <= k <= n and n > 0:
-        from sphere.evaluation.metrics import wilson_ci
-
         return (float(y), *wilson_ci(k, n))  # at most one pair per problem: a proportion
     return float(y)
 

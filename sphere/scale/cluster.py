@@ -4,6 +4,7 @@ settings, the cluster context manager and one actor's resources."""
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -81,8 +82,6 @@ def ray_init_kwargs(rcfg: Any) -> dict:
     (otherwise third-party notices go to the job log, sphere.console.route_third_party, and the actors' output
     stays in Ray's session logs, ``<temp dir>/session_latest/logs``); ``true`` / ``false`` force it. Without
     ``verbose``, Ray's own INFO lines ("Started a local Ray instance", ...) are not printed either."""
-    import logging
-
     quiet = bool(os.environ.get(QUIET_ENV))
     v = rcfg.get("log_to_driver", "auto")
     word = str(v).lower()
