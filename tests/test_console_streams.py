@@ -90,7 +90,7 @@ def test_third_party_records_go_to_the_job_log_only(tmp_path, monkeypatch):
         assert [type(f) for f in ch.filters] == [SphereOnConsole] and not fh.filters
         logging.getLogger("vllm.platforms").warning("Triton is not installed")
         logging.getLogger("sphere.eval").info("eval mini: 4 problems")
-        logging.getLogger("ray").error("worker died")
+        logging.getLogger("somelib.workers").error("worker died")  # not "ray": imported Ray stops it propagating
         with warnings.catch_warnings():
             warnings.simplefilter("always")
             warnings.warn("`torch.distributed.reduce_op` is deprecated", FutureWarning, stacklevel=1)
@@ -170,7 +170,12 @@ def test_vllm_eval_console_has_no_vllm_lines(tmp_path):
     vllm_lines = [ln for ln in proc.stderr.splitlines() if "WARNING" in ln or "[vllm" in ln or "pid=" in ln]
     assert not vllm_lines, proc.stderr
     # 3 measured (was 29, then 12): Triton's two prints and torch's C++ NUMA note, written by vLLM's processes
-    # straight to their stderr; the child FutureWarnings (PYTHONWARNINGS) and the load bar (use_tqdm_on_load) go
-    assert len(proc.stderr.splitlines()) <= 4, proc.stderr
+    # straight to their stderr, and on some runs multiprocessing's resource_tracker note about a shared-memory
+    # block vLLM leaves (2 lines); the child FutureWarnings (PYTHONWARNINGS) and the load bar (use_tqdm_on_load) go
+    outside = ("Triton is installed", "NUMA binding", "resource_tracker")
+    rest = [ln for ln in proc.stderr.splitlines() if ln.strip() and not any(o in ln for o in outside)]
+    assert not rest, proc.stderr
+    assert len(proc.stderr.splitlines()) <= 5, proc.stderr
     assert "FutureWarning" not in proc.stderr and "Loading safetensors" not in proc.stderr, proc.stderr
-    assert "Triton is not installed" in (out / "runners.log").read_text()
+    # vLLM's Triton notice (its wording depends on the Triton build installed) is in the job log, not the console
+    assert "[vllm.triton_utils.importing][WARNING] - Triton is" in (out / "runners.log").read_text()
