@@ -88,9 +88,11 @@ def test_third_party_records_go_to_the_job_log_only(tmp_path, monkeypatch):
         assert route_third_party(verbose=False) == str(job_log)
         assert route_third_party(verbose=False) == str(job_log)  # idempotent: one filter
         assert [type(f) for f in ch.filters] == [SphereOnConsole] and not fh.filters
-        logging.getLogger("vllm.platforms").warning("Triton is not installed")
+        # Neutral logger names: once a test in this worker imported vLLM or Ray, their own logging config
+        # stops "vllm"/"ray" records propagating to the root (vLLM's routing is checked in the e2e test).
+        logging.getLogger("somegpulib.platforms").warning("Triton is not installed")
         logging.getLogger("sphere.eval").info("eval mini: 4 problems")
-        logging.getLogger("somelib.workers").error("worker died")  # not "ray": imported Ray stops it propagating
+        logging.getLogger("somelib.workers").error("worker died")
         with warnings.catch_warnings():
             warnings.simplefilter("always")
             warnings.warn("`torch.distributed.reduce_op` is deprecated", FutureWarning, stacklevel=1)
