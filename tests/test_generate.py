@@ -285,6 +285,27 @@ def test_resume_after_failure_skips_finished_and_duplicates_nothing(tmp_path):
         map(key, read_jsonl_tolerant(crashed / "pairs.jsonl")))
 
 
+def test_pairs_are_written_in_problem_order_whatever_the_stage_logs_order(tmp_path):
+    """The stage logs are in completion order, which differs between runners (the Ray driver appends whole
+    chunks as they come back); DPO's batches follow pairs.jsonl's order, so it must not. Reversing each stage
+    log and rebuilding the outputs must give the same bytes, listed stage by stage in problem order."""
+    probs = _problems(24)
+    _generate(tmp_path, _cfg(), FakeStepBackend(None), small=FakeStepBackend(0.3))
+    first = {f: (tmp_path / f).read_bytes() for f in ("pairs.jsonl", "trajectories.jsonl")}
+    pairs = read_jsonl_tolerant(tmp_path / "pairs.jsonl")
+    pos = {p["id"]: i for i, p in enumerate(probs)}
+    order = [(int(p["stage"]), pos[p["problem_id"]]) for p in pairs]
+    assert len({s for s, _ in order}) == 3 and order == sorted(order)
+    for s in (1, 2, 3):
+        log = tmp_path / "stages" / f"stage{s}.jsonl"
+        lines = log.read_text().splitlines(keepends=True)
+        assert len(lines) > 1
+        log.write_text("".join(reversed(lines)))
+    Generator(_cfg(), tmp_path).finalize(probs, {"search": {}}, 0.0)
+    for f, data in first.items():
+        assert (tmp_path / f).read_bytes() == data, f
+
+
 def test_bad_generate_config(tmp_path):
     with pytest.raises(ValueError, match=r"stages\.inverted"):
         Generator(_cfg(**{"stages.inverted": "keep"}), tmp_path)

@@ -251,8 +251,12 @@ class Generator:
     # ------------------------------------------------------------------ outputs
     def finalize(self, problems: list[dict], stats_acc: dict, wall_s: float) -> dict:
         """Rebuild pairs.jsonl / trajectories.jsonl / generate_stats.json from the stage logs."""
-        recs = {s: list(d.values()) for s, d in read_stage_logs(self.out).items()}
-        wanted = {p["id"] for p in problems}
+        # problem order, not stage-log order: the logs are in completion order, which differs between runners
+        # (the Ray driver appends whole chunks as they return), and DPO's shuffle depends on the pairs' order
+        pos = {p["id"]: i for i, p in enumerate(problems)}
+        recs = {s: sorted(d.values(), key=lambda r: pos.get(r["problem_id"], len(pos)))
+                for s, d in read_stage_logs(self.out).items()}
+        wanted = set(pos)
         traj_lines, used = trajectory_lines(recs, wanted)
         # conf/construction/: which pairs the search makes
         all_pairs = build_pairs(self.construction, used, {str(p["id"]): p for p in problems}, self.pair_ctx,
