@@ -11,7 +11,7 @@
 #    with MUTATION_ALL=1 (~8800 mutants: hours). Fails when the score is under MUTATION_MIN_SCORE (0.90).
 #   bash scripts/nightly.sh [extra pytest args]
 # It is the README's test command (scripts/test.sh: set-up, offline single-threaded environment, skip gate)
-# restricted to those tests. After a nightly run that passed, `python -m sphere.testing.build_prefix --write`
+# restricted to those tests. After a nightly run that passed, `python -m sphere.standins.build_prefix --write`
 # re-records the prefix digests if a change to a build was intended (new shipped weights: rebuild and ship
 # them first).
 set -uo pipefail

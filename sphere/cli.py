@@ -34,6 +34,7 @@ from sphere.cli_overrides import defaults_groups, family_overrides, rewrite_mode
 from sphere.console import route_third_party
 from sphere.loggers import redact_console
 from sphere.overrides import check_added_keys
+from sphere.resources import resource_path
 from sphere.schema import register
 
 # command words -> (primary config name, "module:function"). Functions take a DictConfig.
@@ -83,8 +84,6 @@ USER_GROUPS = ("model", "backend", "prompt", "search", "scorer", "runner", "logg
 def conf_dir() -> Path:
     """The config directory: the repository's ``conf/`` (checkout / editable install) or the packaged copy
     (``sphere.resources``)."""
-    from sphere.resources import resource_path
-
     cand = resource_path("conf", must_exist=False)
     if (cand / "config.yaml").is_file():
         return cand
@@ -366,7 +365,7 @@ def _dispatch(argv: list[str]) -> None:
         return
     rest = hydra_overrides(key, rest, cdir, note=lambda m: print(m, file=sys.stderr, flush=True))
     if any(a.startswith("construction=") for a in rest):  # one line naming the allowed ones
-        from sphere.generate.constructions import check_construction_override
+        from sphere.generate.constructions import check_construction_override  # defers sphere.generate (2 s)
 
         check_construction_override(rest, cdir)
     verbose = _verbose(rest)

@@ -22,7 +22,7 @@ import logging
 from typing import Any
 
 from sphere import backends  # called as backends.make_backend: tests replace it there
-from sphere.models import resolve_model
+from sphere.model_paths import resolve_model
 from sphere.rewards import make_scorer
 
 log = logging.getLogger(__name__)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from sphere.models import STANDIN_NAMES, resolve_model
+from sphere.model_paths import STANDIN_NAMES, resolve_model
 
 # Dimensions of the hub models the experiment configs name, from each model's config.json on the Hugging Face
 # hub (hidden, intermediate, layers, attention heads, KV heads, vocab, tied embeddings, q/k/v bias, head).

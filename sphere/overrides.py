@@ -6,7 +6,7 @@ override only composes when the key is absent, so under a group whose keys are f
 ``+`` key is a typo: ``check_added_keys`` refuses it in one line naming the nearest known key (difflib).
 
 Groups that take extra keys on purpose are left open (``OPEN``); ``train`` checks its own keys
-(``sphere.train.config.resolve_train_cfg``) and ``controls`` too (``sphere.controls``).
+(``sphere.train.train_config.resolve_train_cfg``) and ``controls`` too (``sphere.controls``).
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from sphere.models import looks_like_path, model_files
+from sphere.model_paths import looks_like_path, model_files
 from sphere.resources import resource_path
 
 FAMILIES = ("mini", "qwen2_5", "qwen2_5_math", "phi4", "deepseek_r1")

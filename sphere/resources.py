@@ -29,7 +29,7 @@ class ResourceNotFoundError(FileNotFoundError):
 
 
 class ModelNotFoundError(FileNotFoundError):
-    """A model name or path that does not lead to a usable local model (re-exported by ``sphere.models``)."""
+    """A model name or path that does not lead to a usable local model (re-exported by ``sphere.model_paths``)."""
 
 
 def resource_path(rel: str, must_exist: bool = True) -> Path:

@@ -23,7 +23,7 @@ class LoraSettings:
 @dataclass
 class LossSettings:
     """The loss: TRL's DPOTrainer computes it (formulas: docs/experiments/objectives.md). ``train.loss.type=ipo``,
-    a mixture ``train.loss.type=[sigmoid,sft] train.loss.weights=[1.0,0.5]``; sphere.train.config.loss_settings
+    a mixture ``train.loss.type=[sigmoid,sft] train.loss.weights=[1.0,0.5]``; sphere.train.train_config.loss_settings
     checks the cross-field rules."""
 
     type: Any = _f("sigmoid", "one of TRL's DPO losses: sigmoid (DPO) | ipo | hinge | robust | exo_pair | nca_pair "
@@ -46,7 +46,7 @@ class LossSettings:
 @dataclass
 class TrainSettings:
     """The DPO recipe, composed under ``train`` (``train_opts@train``: lora, the default, or full;
-    conf/train_opts/), read by sphere.train.dpo.train_dpo through sphere.train.config.resolve_train_cfg. The
+    conf/train_opts/), read by sphere.train.dpo.train_dpo through sphere.train.train_config.resolve_train_cfg. The
     defaults are the LoRA recipe. Mini-world numbers measured on 300 correct-vs-corrupted pairs with the tiny
     test Llama (hidden 64): LoRA lr 2e-3 with plain DPO collapsed the policy (chosen log-prob -16 -> -94,
     garbage generations); 5e-4 kept it intact (-16 -> -19). rpo_alpha > 0 keeps the chosen likelihood from

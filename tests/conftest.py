@@ -120,7 +120,7 @@ def require_vllm() -> None:
 @pytest.fixture(scope="session")
 def tiny_model_dir() -> Path:
     """The tiny Llama test model (built once, cached by recipe hash under $SPHERE_CACHE_DIR/testing)."""
-    from sphere.testing.tiny import tiny_model_path
+    from sphere.standins.tiny import tiny_model_path
 
     return tiny_model_path()
 
@@ -128,7 +128,7 @@ def tiny_model_dir() -> Path:
 @pytest.fixture(scope="session")
 def tiny_prm_dir(tiny_model_dir) -> Path:
     """The tiny Qwen2.5-Math-PRM-shaped reward model (cached like tiny_model_dir)."""
-    from sphere.testing.tiny import tiny_prm_path
+    from sphere.standins.tiny import tiny_prm_path
 
     return tiny_prm_path()
 

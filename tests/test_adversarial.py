@@ -139,7 +139,7 @@ def test_edit_distance_unchanged_on_short_texts():
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("conversational", [False, True])
 def test_pairs_from_hostile_trajectories_build_filter_and_load(tmp_path, conversational):
-    from sphere.train.pairs import load_pairs
+    from sphere.train.pairs_file import load_pairs
 
     pairs = []
     names = list(HOSTILE)

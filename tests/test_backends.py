@@ -12,7 +12,7 @@ import pytest
 
 from sphere.backends import FINISH_REASONS, ContextOverflowError, SamplingParams
 from sphere.prompts import build_prompt_ids, load_family
-from sphere.testing.tiny import arithmetic_problem
+from sphere.standins.tiny import arithmetic_problem
 
 DELIM = "\n\n"
 

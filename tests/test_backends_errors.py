@@ -8,7 +8,7 @@ import threading
 import pytest
 
 from sphere.backends import BackendUnavailableError, SamplingParams, make_backend, sampling_params
-from sphere.models import resolve_model
+from sphere.model_paths import resolve_model
 from sphere.resources import ModelNotFoundError
 
 

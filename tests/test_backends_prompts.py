@@ -13,7 +13,7 @@ from sphere.prompts import (
     build_reflection_text,
     load_family,
 )
-from sphere.testing.tiny import CHATML
+from sphere.standins.tiny import CHATML
 
 
 @pytest.fixture(scope="module")

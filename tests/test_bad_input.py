@@ -128,7 +128,7 @@ def test_bad_data_file_through_sphere_generate(name, tmp_path):
 
 @pytest.mark.parametrize("name", sorted(PAIR_CASES))
 def test_bad_pairs_file(name):
-    from sphere.train.pairs import load_pairs
+    from sphere.train.pairs_file import load_pairs
 
     line, words = PAIR_CASES[name]
     path = CORPUS / name
@@ -140,7 +140,7 @@ def test_bad_pairs_file(name):
 
 
 def test_bad_pairs_file_through_sphere_train(tmp_path):
-    from sphere.testing.tiny import tiny_model_path
+    from sphere.standins.tiny import tiny_model_path
 
     path = CORPUS / "pairs_missing_rejected.jsonl"
     out = tmp_path / "run"

@@ -3,7 +3,7 @@
 The full from-scratch rebuilds (tests marked `nightly`, scripts/nightly.sh) take ~20 minutes; every CI run
 instead replays the first optimizer steps of the same builds, schedules unchanged, and compares the weights
 with assets/build_prefix_digests.json within a calibrated tolerance (another CPU sums floats in another
-order: bit-exactness holds on one machine only; sphere/testing/build_prefix.py).
+order: bit-exactness holds on one machine only; sphere/standins/build_prefix.py).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import json
 
 import pytest
 
-from sphere.testing import build_prefix as B
+from sphere.standins import build_prefix as B
 
 
 @pytest.mark.slow
@@ -77,7 +77,7 @@ def test_standin_sft_stop_after_keeps_the_schedule(monkeypatch):
     """sft(..., stop_after=k) runs k steps with the learning rates of the full schedule."""
     import torch
 
-    from sphere.testing import standin as S
+    from sphere.standins import qwen2_5 as S
 
     seen = []
     real = S._lr_at

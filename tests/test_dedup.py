@@ -278,7 +278,7 @@ def test_paper_mode_pairs_unchanged_by_dedup_on_greedy_settings(tmp_path):
 def test_greedy_tiny_model_extremes_unchanged_by_dedup(tiny_transformers_backend):
     """The real tiny policy, greedy: E identical samples merge into one child; Sol_max / Sol_min unchanged."""
     from sphere.prompts import build_prompt_ids, load_family
-    from sphere.testing.tiny import arithmetic_problem
+    from sphere.standins.tiny import arithmetic_problem
 
     rng = random.Random(5)
     probs = []

@@ -24,7 +24,7 @@ PAPER = ["math500", "gsm8k", "aime24", "aime25", "amc23", "olympiadbench"]
 
 @pytest.fixture(scope="module")
 def tiny_model() -> Path:
-    from sphere.testing.tiny import tiny_model_path
+    from sphere.standins.tiny import tiny_model_path
 
     return tiny_model_path()
 

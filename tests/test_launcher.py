@@ -93,7 +93,7 @@ def test_submitit_local_pruning_sweep(tmp_path):
     through submitit's local executor; each leaves exactly one generate_stats.json with its own policy."""
     import random
 
-    from sphere.testing.tiny import arithmetic_problem, tiny_model_path
+    from sphere.standins.tiny import arithmetic_problem, tiny_model_path
 
     rng = random.Random(3)
     data = tmp_path / "problems.jsonl"

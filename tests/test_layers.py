@@ -17,13 +17,13 @@ LAYERS: list[set[str]] = [
     {"sweep", "runreport", "bench"},
     {"runners"},
     {"scale"},
-    {"generate", "evaluation", "train", "testing", "memplan", "budgets", "budget_checks", "budget_prompts",
+    {"generate", "evaluation", "train", "standins", "memplan", "budgets", "budget_checks", "budget_prompts",
      "budget_windows", "controls"},
     {"lifecycle"},
     {"search", "rewards"},
     {"backends", "engine", "viz"},
     {"prompts", "data", "rundir", "loggers", "console", "wandb_runs", "progress", "verify", "modelinfo"},
-    {"models"},
+    {"model_paths"},
     {"mini"},
     {"io", "resources", "schema", "schema_fields", "schema_scorers", "schema_train", "overrides", "__init__"},
 ]
@@ -114,7 +114,7 @@ def test_the_round_loop_has_one_runner_seam():
     assert all(w.startswith("sphere/loop/plan.py:") for w in where), where  # the dry run's placement only
 
 
-# Cycles inside one package (sphere.search, sphere.testing, ...): the graph of modules, each `from pkg import
+# Cycles inside one package (sphere.search, sphere.standins, ...): the graph of modules, each `from pkg import
 # mod` read as an import of the submodule. Every import statement counts, those inside functions included (a
 # function-level import that closes a loop is still a cycle, only deferred), except the ones under
 # `if TYPE_CHECKING:`, which never run: an annotation may name a module that imports this one (the search
@@ -215,7 +215,7 @@ def test_the_cycle_checker_finds_a_planted_cycle():
     planted = {**graph, "sphere.x.a": {"sphere.x.b": ["a.py:1"]}, "sphere.x.b": {"sphere.x.c": ["b.py:9"]},
                "sphere.x.c": {"sphere.x.a": ["c.py:40"]}}
     assert ["sphere.x.a", "sphere.x.b", "sphere.x.c", "sphere.x.a"] in find_cycles(planted)
-    assert ("sphere.testing.standin_prm" in graph)  # the graph sees package-mates: standin_prm imports some
+    assert ("sphere.standins.reward_model" in graph)  # the graph sees package-mates: reward_model imports some
 
 
 def test_the_cycle_checker_skips_type_checking_imports():

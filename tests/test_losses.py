@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from sphere.train.config import LOSS_TYPES, loss_settings
+from sphere.train.train_config import LOSS_TYPES, loss_settings
 
 
 def test_every_trl_loss_type_is_accepted_and_trl_knows_them():
@@ -39,7 +39,7 @@ def test_every_trl_loss_type_is_accepted_and_trl_knows_them():
     ({"type": "discopop", "discopop_tau": 0.1}, ["discopop"], None, {"discopop_tau": 0.1}),
 ])
 def test_loss_settings_reach_dpo_config(tmp_path, loss, types, weights, extra):
-    from sphere.train.config import dpo_config, resolve_train_cfg
+    from sphere.train.train_config import dpo_config, resolve_train_cfg
 
     args = dpo_config(resolve_train_cfg({"loss": loss, "progress": False}), tmp_path)
     assert args.loss_type == types

@@ -10,7 +10,7 @@ template; a Phi-4-mini-shaped small model with its own tokenizer and template) a
 tokens, template and ``<think>`` format).
 
 Budgets are cut to toy scale (problems, eval.limit, eval.max_tokens); nothing else of the experiments is
-overridden. The stand-ins are shipped in assets/standin/ (sphere/testing/standin.py builds them).
+overridden. The stand-ins are shipped in assets/standin/ (sphere/standins/qwen2_5.py builds them).
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ TOL = 1e-4  # fp32 (the issue's bound)
 
 @pytest.fixture(scope="module")
 def standin_prm_path():
-    from sphere.models import resolve_model
+    from sphere.model_paths import resolve_model
 
     return resolve_model("standin-qwen2_5-prm", None)
 

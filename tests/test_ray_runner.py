@@ -1,7 +1,7 @@
 """`runner=ray`: generation and evaluation on a local 2-CPU Ray cluster against the single-process path.
 
 One Ray cluster (2 CPUs, 200 MB object store, no dashboard) serves the whole module; the tiny test model
-(sphere/testing/tiny.py, transformers backend), the symbolic scorer and the reference tree engine keep each
+(sphere/standins/tiny.py, transformers backend), the symbolic scorer and the reference tree engine keep each
 run to seconds.
 """
 
@@ -29,7 +29,7 @@ N_PROBLEMS = 16
 
 @pytest.fixture(scope="module")
 def tiny():
-    from sphere.testing.tiny import tiny_model_path
+    from sphere.standins.tiny import tiny_model_path
 
     return str(tiny_model_path())
 
@@ -38,7 +38,7 @@ def tiny():
 def problems_file(tmp_path_factory):
     """Problems of the tiny model's own arithmetic world, so every route (pair / both right / both wrong)
     occurs."""
-    from sphere.testing.tiny import arithmetic_problem
+    from sphere.standins.tiny import arithmetic_problem
 
     rng = random.Random(11)
     path = tmp_path_factory.mktemp("data") / "problems.jsonl"

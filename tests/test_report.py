@@ -180,7 +180,7 @@ def test_report_on_a_real_generate_multirun(tmp_path, tiny_model_dir):
     import subprocess
     import sys
 
-    from sphere.testing.tiny import arithmetic_problem
+    from sphere.standins.tiny import arithmetic_problem
 
     rng = random.Random(4321)
     probs = tmp_path / "problems.jsonl"

@@ -30,7 +30,7 @@ SANDBOXED = {PKG / "verify" / "_worker.py"}
 # Models these modules load are ones this project built itself (the mini world, the tiny test models):
 # local directories written by sphere, never downloaded, so they carry no remote code to trust. (Not the PRM
 # scorer, sphere/rewards/prm.py: it loads downloaded PRMs, so it is checked like every other loader.)
-SELF_BUILT = {PKG / "mini" / "pretrain.py", PKG / "testing" / "tiny.py", PKG / "testing" / "standin.py"}
+SELF_BUILT = {PKG / "mini" / "pretrain.py", PKG / "standins" / "tiny.py", PKG / "standins" / "qwen2_5.py"}
 
 BANNED_CALLS = {"eval", "exec", "compile", "sympify", "parse_expr", "parse_latex", "__import__"}
 BANNED_ATTRS = {("pickle", "load"), ("pickle", "loads"), ("marshal", "load"), ("marshal", "loads"),

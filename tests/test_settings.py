@@ -159,7 +159,7 @@ def test_defaults_are_read_from_the_dataclasses():
     """train/config.DEFAULTS and loss_settings take the dataclass's values (no second copy to drift)."""
     from sphere.schema import defaults
     from sphere.schema_train import LossSettings, TrainSettings
-    from sphere.train.config import DEFAULTS, loss_settings
+    from sphere.train.train_config import DEFAULTS, loss_settings
 
     assert DEFAULTS == defaults(TrainSettings, alone=True)
     assert loss_settings({})["beta"] == LossSettings().beta

@@ -1,4 +1,4 @@
-"""The shipped stand-ins of the paper's models (assets/standin/, sphere.testing.standin): architecture, one
+"""The shipped stand-ins of the paper's models (assets/standin/, sphere.standins.qwen2_5): architecture, one
 shared tokenizer with the exact Qwen2.5-Instruct chat template, name resolution, accuracy floors, the PRM's
 ranking of correct over corrupted steps, and the recipe's reproducibility."""
 
@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from sphere.testing import standin as S
-from sphere.testing import standin_eval as E
-from sphere.testing import standin_prm as P
+from sphere.standins import qwen2_5 as S
+from sphere.standins import measure as E
+from sphere.standins import reward_model as P
 
 ROLES = ("policy", "small", "prm")
 TEMPLATE_SHA256 = "cd8e9439f0570856fd70470bf8889ebd8b5d1107207f67a5efb46e342330527f"
@@ -135,7 +135,7 @@ def test_chat_template_renders_the_qwen_prompt(tok):
 
 
 def test_names_resolve_from_any_directory(tmp_path, monkeypatch):
-    from sphere.models import STANDIN_NAMES, resolve_model
+    from sphere.model_paths import STANDIN_NAMES, resolve_model
 
     monkeypatch.chdir(tmp_path)
     for name in STANDIN_NAMES:

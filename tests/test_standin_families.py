@@ -1,4 +1,4 @@
-"""The phi-4- and R1-shaped stand-ins (sphere/testing/standin_families.py, shipped in assets/standin/):
+"""The phi-4- and R1-shaped stand-ins (sphere/standins/families.py, shipped in assets/standin/):
 the shapes and conventions the sibling paper experiments meet, checked on the shipped checkpoints."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from sphere.models import resolve_model
+from sphere.model_paths import resolve_model
 
 FAMILY = {"standin-phi4": "phi4", "standin-phi4-mini": "phi4", "standin-r1-distill": "deepseek_r1",
           "standin-r1-distill-small": "deepseek_r1"}
@@ -19,7 +19,7 @@ FAMILY = {"standin-phi4": "phi4", "standin-phi4-mini": "phi4", "standin-r1-disti
 def test_shapes_templates_and_recipes(name, arch):
     from transformers import AutoTokenizer
 
-    from sphere.testing.standin_families import MODELS, TOKENIZERS, template_text
+    from sphere.standins.families import MODELS, TOKENIZERS, template_text
 
     d = resolve_model(name)
     cfg = json.loads((d / "config.json").read_text())
@@ -63,10 +63,10 @@ def test_phi4_mini_stops_at_end_of_turn_that_only_its_generation_config_names():
 
 
 def test_shipped_templates_are_the_fixture_copies():
-    """sphere/testing/templates/ ships byte-identical copies of the test fixtures (whose sources are recorded)."""
+    """sphere/standins/templates/ ships byte-identical copies of the test fixtures (whose sources are recorded)."""
     from pathlib import Path
 
-    from sphere.testing.standin_families import TOKENIZERS, template_text
+    from sphere.standins.families import TOKENIZERS, template_text
 
     fixtures = Path(__file__).resolve().parent / "fixtures" / "chat_templates"
     for t in TOKENIZERS.values():

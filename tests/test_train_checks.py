@@ -11,7 +11,7 @@ import math
 import pytest
 from test_train_dpo import make_pairs, write_jsonl
 
-from sphere.testing.tiny import DELIM
+from sphere.standins.tiny import DELIM
 
 
 def _long(rows: list[dict], which: dict[int, str]) -> list[dict]:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from sphere.train.pairs import load_pairs
+from sphere.train.pairs_file import load_pairs
 
 # ----------------------------------------------------------------------------------------------- data
 
@@ -27,7 +27,7 @@ from sphere.train.pairs import load_pairs
 def make_pairs(n: int, seed: int = 0) -> list[dict]:
     """n pairs on the tiny model's format: chosen = correct solution, rejected = first step off by a few,
     the error carried through to a wrong boxed answer."""
-    from sphere.testing.tiny import DELIM, PROMPT_TEMPLATE, arithmetic_problem
+    from sphere.standins.tiny import DELIM, PROMPT_TEMPLATE, arithmetic_problem
 
     rng = random.Random(seed)
     out = []
@@ -139,7 +139,7 @@ def test_pairs_keep_only_trainer_fields_and_count_stages(tmp_path):
      [1.8, -0.8, 2.0], 0.1),
 ])
 def test_loss_options_reach_dpo_config(tmp_path, loss, types, weights, eps):
-    from sphere.train.config import dpo_config, resolve_train_cfg
+    from sphere.train.train_config import dpo_config, resolve_train_cfg
 
     t = resolve_train_cfg({"loss": loss, "lr": 1e-3, "batch_size": 3, "grad_accum": 2, "max_length": 77,
                            "epochs": 5, "seed": 7, "progress": False})
@@ -166,7 +166,7 @@ def test_loss_options_reach_dpo_config(tmp_path, loss, types, weights, eps):
     ({"lora": {"rank": 8}}, "train.lora.rank: unknown"),
 ])
 def test_bad_train_options_name_the_key(tmp_path, cfg, msg):
-    from sphere.train.config import dpo_config, resolve_train_cfg
+    from sphere.train.train_config import dpo_config, resolve_train_cfg
 
     with pytest.raises(ValueError, match=msg):
         dpo_config(resolve_train_cfg(cfg), tmp_path)
@@ -269,7 +269,7 @@ def test_incomplete_merged_dir_is_retrained(tmp_path, tiny_model_dir):
 
 def test_conversational_pairs_prompt_truncation_and_eos_policy(tmp_path, tiny_model_dir):
     """Chat-format pairs train through the tokenizer's chat template; max_prompt_length cuts prompts."""
-    from sphere.testing.tiny import CHATML
+    from sphere.standins.tiny import CHATML
     from sphere.train.dpo import train_dpo
 
     model = tmp_path / "chat_model"
@@ -350,7 +350,7 @@ def test_vllm_greedy_on_the_merged_checkpoint_equals_transformers(tmp_path, tiny
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from sphere.testing.tiny import PROMPT_TEMPLATE, arithmetic_problem
+    from sphere.standins.tiny import PROMPT_TEMPLATE, arithmetic_problem
     from sphere.train.dpo import train_dpo
 
     pairs = write_jsonl(tmp_path / "pairs.jsonl", make_pairs(8))
@@ -393,7 +393,7 @@ def test_train_configs_compose_and_resolve():
     from hydra import compose, initialize_config_dir
 
     from sphere.cli import conf_dir
-    from sphere.train.config import resolve_train_cfg
+    from sphere.train.train_config import resolve_train_cfg
 
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
         lora = resolve_train_cfg(compose("train", overrides=["pairs=p.jsonl", "seed=5"]).train)
@@ -441,7 +441,7 @@ def test_chat_pairs_train_on_the_text_generation_produced(template, rewrites):
     from transformers import AutoTokenizer
 
     from sphere.resources import resource_path
-    from sphere.train.pairs import render_chat_pairs
+    from sphere.train.pairs_file import render_chat_pairs
 
     tok = AutoTokenizer.from_pretrained(resource_path("assets/standin/standin-qwen2_5"))
     tok.chat_template = (_TEMPLATES / template).read_text()
@@ -469,9 +469,9 @@ def test_dpo_prompt_tokens_are_the_generation_prompt_tokens(model):
     tokenizer (which adds one itself and whose template renders one too), none for the others."""
     from transformers import AutoTokenizer
 
-    from sphere.models import resolve_model
+    from sphere.model_paths import resolve_model
     from sphere.prompts import build_prompt_ids, load_family
-    from sphere.train.pairs import render_chat_pairs
+    from sphere.train.pairs_file import render_chat_pairs
 
     fam = load_family({"standin-r1-distill": "deepseek_r1", "standin-phi4-mini": "phi4"}.get(model, "qwen2_5"))
     tok = AutoTokenizer.from_pretrained(resolve_model(model))

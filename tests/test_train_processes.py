@@ -184,7 +184,7 @@ def test_one_device_guard():
 
 @pytest.mark.parametrize("bad", [0, -1, 1.5, True, "2"])
 def test_bad_process_counts_are_refused(bad):
-    from sphere.train.config import resolve_train_cfg, validate_train_cfg
+    from sphere.train.train_config import resolve_train_cfg, validate_train_cfg
 
     with pytest.raises(ValueError, match="train.processes"):
         validate_train_cfg(resolve_train_cfg({"processes": bad}))
@@ -207,7 +207,7 @@ def test_processes_is_a_documented_train_option():
     from hydra import compose, initialize_config_dir
 
     from sphere.cli import conf_dir
-    from sphere.train.config import resolve_train_cfg
+    from sphere.train.train_config import resolve_train_cfg
 
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
         for opts in ("lora", "full"):

@@ -17,7 +17,7 @@ from test_generate import FakeStepBackend, _cfg, _problems
 
 from sphere.generate.generator import Generator
 from sphere.prompts import build_prompt_ids, load_family
-from sphere.train.pairs import load_pairs, render_chat_pairs
+from sphere.train.pairs_file import load_pairs, render_chat_pairs
 
 ROOT = Path(__file__).resolve().parents[1]
 

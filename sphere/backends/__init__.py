@@ -31,7 +31,7 @@ from sphere.backends.base import (
 )
 from sphere.backends.openai_backend import OpenAIBackend
 from sphere.backends.replay import make_replay_backend
-from sphere.models import resolve_model
+from sphere.model_paths import resolve_model
 from sphere.prompts import family_config
 
 BACKENDS = ("transformers", "vllm", "openai")

@@ -36,7 +36,7 @@ from sphere.backends.base import (
     check_sampling,
     finalize,
 )
-from sphere.models import check_model_dir
+from sphere.model_paths import check_model_dir
 
 
 def shown_url(url: str) -> str:

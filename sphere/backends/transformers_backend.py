@@ -21,7 +21,7 @@ from sphere.backends.base import (
     finalize,
     model_eos_ids,
 )
-from sphere.models import check_model_dir
+from sphere.model_paths import check_model_dir
 
 _DTYPES = ("float32", "bfloat16", "float16", "auto")
 

@@ -43,7 +43,7 @@ from sphere.backends.base import (
     model_eos_ids,
 )
 from sphere.console import QUIET_ENV
-from sphere.models import check_model_dir
+from sphere.model_paths import check_model_dir
 
 _ENGINES: dict[tuple, list] = {}  # key -> [LLM, refcount]
 _LOCK = threading.Lock()

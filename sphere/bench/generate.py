@@ -40,9 +40,9 @@ from sphere.backends import SamplingParams, transformers_backend, vllm_backend  
 from sphere.backends.openai_backend import OpenAIBackend
 from sphere.backends.vllm_backend import configure_cpu_env, is_cpu_build, launch_server, stop_server
 from sphere.bench import emit
-from sphere.models import resolve_model
+from sphere.model_paths import resolve_model
 from sphere.prompts import build_prompt_text, family_config
-from sphere.testing.tiny import DELIM, arithmetic_problem, tiny_model_path
+from sphere.standins.tiny import DELIM, arithmetic_problem, tiny_model_path
 
 
 def _model_path(cfg) -> Path:

@@ -63,7 +63,7 @@ from sphere.bench.pipeline_measure import (  # moved out of this module (issue #
 )
 from sphere.bench.pipeline_report import _aggregate, _summary, _table
 from sphere.data.problems import load_problems
-from sphere.models import resolve_model
+from sphere.model_paths import resolve_model
 from sphere.prompts import family_config
 from sphere.rewards import make_scorer
 from sphere.search.config import validate_search_config

@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.table import Table
 
 from sphere.bench import emit
-from sphere.models import resolve_model
+from sphere.model_paths import resolve_model
 
 PROBLEM = "Ann has 12 coins. Ann gets 5, then gets 3, then gives 4 away. How many coins now?"
 STEPS = ["First, 12 + 5 = 17.", "Then, 17 + 3 = 20.", "Next, 20 - 4 = 16.", "So Ann has 16 coins left.",

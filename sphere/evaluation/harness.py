@@ -53,7 +53,7 @@ from sphere.evaluation.signatures import (  # moved out of this module (issue #1
     prompt_info,
 )
 from sphere.io import atomic_write_json, atomic_write_text
-from sphere.models import resolve_model
+from sphere.model_paths import resolve_model
 from sphere.prompts import family_config
 from sphere.rundir import check_or_record, resume_mode
 

@@ -30,7 +30,7 @@ from sphere.prompts import family_config
 from sphere.rundir import check_or_record
 from sphere.runners import Runner
 from sphere.train.dpo import train_dpo
-from sphere.train.pairs import load_pairs
+from sphere.train.pairs_file import load_pairs
 
 
 def controls_estimate(cfg: DictConfig, n: int) -> dict:

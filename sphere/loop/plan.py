@@ -26,7 +26,7 @@ from sphere.memplan import check_memory_plan, format_plan
 from sphere.runners import runner_name
 from sphere.scale.placement import check_placement, format_placement
 from sphere.search.config import estimate_backend_calls, validate_search_config
-from sphere.train.config import resolve_train_cfg
+from sphere.train.train_config import resolve_train_cfg
 
 
 def _validate_runner(cfg: DictConfig) -> None:

@@ -37,7 +37,7 @@ from sphere.loggers import make_logger
 from sphere.loop.controls import finish_controls, pair_prompt, prepare_controls
 from sphere.loop.plan import preflight, print_plan, validate_run_config
 from sphere.loop.summary import earlier_rounds, keep_earlier_timings, show_eval, write_summary
-from sphere.models import resolve_model
+from sphere.model_paths import resolve_model
 from sphere.prompts import family_config, load_family
 from sphere.rundir import check_generate
 from sphere.runners import Runner, make_runner

@@ -63,7 +63,7 @@ from omegaconf import OmegaConf
 
 from sphere.backends import require_vllm
 from sphere.backends.vllm_backend import configure_cpu_env, get_engine, is_cpu_build, release_engine
-from sphere.models import check_model_dir, resolve_model
+from sphere.model_paths import check_model_dir, resolve_model
 from sphere.rewards.prm_model import QwenProcessRewardModel
 from sphere.rewards.shared_prefix import probs_shared
 

@@ -15,10 +15,10 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-import sphere.models as _models
+import sphere.model_paths as _models
 from sphere.data.selection import NAMED as _NAMED, sources as _sources
 from sphere.io import atomic_write_json
-from sphere.models import resolve_model
+from sphere.model_paths import resolve_model
 from sphere.rundir.resume import _plain, check_or_record
 
 _HASH_CACHE_MIN = 16 * 1024 * 1024  # files at least this big are cached by (path, size, mtime, inode)
@@ -74,7 +74,7 @@ def model_dir_sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def _is_pathlike(s: str) -> bool:  # the rule of sphere.models.resolve_model
+def _is_pathlike(s: str) -> bool:  # the rule of sphere.model_paths.resolve_model
     return s.startswith(("/", ".", "~")) or s.count("/") > 1 or Path(s).expanduser().exists()
 
 

@@ -24,7 +24,7 @@ from sphere.generate.generator import Generator
 from sphere.generate.records import STAGE_FILES, read_stage_logs
 from sphere.io import JsonlAppender, read_jsonl_tolerant
 from sphere.lifecycle import Models
-from sphere.models import resolve_model
+from sphere.model_paths import resolve_model
 from sphere.prompts import family_config
 from sphere.verify import check_answers
 

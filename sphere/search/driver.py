@@ -53,7 +53,7 @@ from sphere.search.config import (  # moved out of this module (issue #18); the 
     validate_search_config,
 )
 from sphere.search.policies import POLICIES, TreeState
-from sphere.search.rounds import RoundPhases
+from sphere.search.phases import RoundPhases
 from sphere.search.types import (  # moved out of this module (issue #18); the names stay importable here
     SearchJob,
     SearchResult,

@@ -1,6 +1,6 @@
 """DPO training (`sphere train`): ``train_dpo`` (TRL DPOTrainer, LoRA via PEFT) and pairs.jsonl checking."""
 
-from sphere.train.pairs import PairSet, load_pairs
+from sphere.train.pairs_file import PairSet, load_pairs
 
 __all__ = ["PairSet", "load_pairs", "train_dpo"]
 

@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 from sphere.io import atomic_write_json
-from sphere.train.config import _use_cpu
+from sphere.train.train_config import _use_cpu
 from sphere.train.loading import _quiet, _rows, _tokenizer
 
 log = logging.getLogger("sphere.train")

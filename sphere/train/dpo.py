@@ -67,7 +67,7 @@ from sphere.train.checkpoints import (
     last_checkpoint,
     writing,
 )
-from sphere.train.config import dpo_config, resolve_train_cfg, validate_train_cfg
+from sphere.train.train_config import dpo_config, resolve_train_cfg, validate_train_cfg
 from sphere.train.distributed import launch
 from sphere.train.loading import _env, _load, _one_device, _peft_config, _quiet, _rows
 from sphere.train.metrics import (
@@ -78,7 +78,7 @@ from sphere.train.metrics import (
     _resumed,
     _whole_loss_mean,
 )
-from sphere.train.pairs import PairSet, load_pairs
+from sphere.train.pairs_file import PairSet, load_pairs
 from sphere.train.trainer import MetricsLogger, _callbacks, _trainer_class
 from sphere.train.weights import lora_weight_names, weight_change
 
@@ -115,7 +115,7 @@ def train_dpo(cfg_train: Any, policy_path: str | os.PathLike, pairs_path: str | 
 
     ``cfg_train``: the ``train`` node (conf/train_opts/lora.yaml lists every field; missing fields take the
     defaults in ``DEFAULTS``). ``policy_path``: a local HF model directory. ``pairs_path``: pairs.jsonl
-    (``sphere.train.pairs.load_pairs`` rules). Writes ``out_dir/{adapter,merged,train_metrics.json}``;
+    (``sphere.train.pairs_file.load_pairs`` rules). Writes ``out_dir/{adapter,merged,train_metrics.json}``;
     returns ``out_dir/merged`` straight away when it is already complete. ``train.processes=1`` trains in
     this process on one device (even with several GPUs visible); ``N > 1`` launches N data-parallel
     processes (sphere.train.distributed) and returns when rank 0 has published ``merged/``.
@@ -292,13 +292,13 @@ def _resolve_policy(cfg) -> Path:
     # a transfer experiment trains its target (as `sphere run` does), not the policy that generated the pairs
     name = str(cfg.model.get("train_target") or cfg.model.policy)
     try:  # optional here: without it a local model directory still trains (the fallback below)
-        from sphere.models import resolve_model
+        from sphere.model_paths import resolve_model
     except ImportError:
         p = Path(name)
         if (p / "config.json").is_file():
             return p
         raise SystemExit(
-            f"model.policy={name!r}: sphere.models is not available to resolve it; pass a local HF model "
+            f"model.policy={name!r}: sphere.model_paths is not available to resolve it; pass a local HF model "
             "directory (model=/path/to/checkpoint)"
         ) from None
     return Path(resolve_model(name, cfg))

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 from sphere.train.checkpoints import _load_tokenizer
-from sphere.train.pairs import PairSet, render_chat_pairs
+from sphere.train.pairs_file import PairSet, render_chat_pairs
 
 log = logging.getLogger("sphere.train")
 

@@ -19,7 +19,7 @@ from typing import Any
 
 from sphere.io import atomic_write_json
 from sphere.train.dpo import _train
-from sphere.train.pairs import load_pairs
+from sphere.train.pairs_file import load_pairs
 
 
 class _JsonlLogger:

@@ -76,9 +76,9 @@ def check_tokenizer(p: Path, what: str = "model") -> None:
         "checkpoint was made from into that directory")
 
 
-# --- stand-ins of the paper's models (sphere.testing.standin): name -> <repo>/assets/standin/<name>
-STANDIN_NAMES = ("standin-qwen2_5", "standin-qwen2_5-small", "standin-qwen2_5-prm",  # sphere.testing.standin
-                 "standin-phi4", "standin-phi4-mini", "standin-r1-distill",  # sphere.testing.standin_families
+# --- stand-ins of the paper's models (sphere.standins.qwen2_5): name -> <repo>/assets/standin/<name>
+STANDIN_NAMES = ("standin-qwen2_5", "standin-qwen2_5-small", "standin-qwen2_5-prm",  # sphere.standins.qwen2_5
+                 "standin-phi4", "standin-phi4-mini", "standin-r1-distill",  # sphere.standins.families
                  "standin-r1-distill-small")
 
 

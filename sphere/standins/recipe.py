@@ -1,7 +1,7 @@
 """The stand-in family's recipe (``RECIPE``, names, directories) and the small helpers every build step
 shares (deterministic torch, the build log, the prompt family, the mini world, source checkpoints, the
-learning-rate schedule). ``sphere.testing.standin`` (the build), ``standin_prm`` and ``standin_eval`` import
-it; it imports none of them (issue: one import cycle in sphere.testing)."""
+learning-rate schedule). ``sphere.standins.qwen2_5`` (the build), ``reward_model`` and ``measure`` import
+it; it imports none of them (issue: one import cycle in sphere.standins)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 from sphere.mini import assets_dir, verify_checkpoint
 from sphere.mini.training import deterministic
 from sphere.mini.world import WorldSpec
-from sphere.models import standin_path as _standin_path
+from sphere.model_paths import standin_path as _standin_path
 from sphere.prompts import load_family
 
 RECIPE_VERSION = 1

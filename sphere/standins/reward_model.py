@@ -1,6 +1,6 @@
 """The stand-in PRM (``standin-qwen2_5-prm``): its training data, its build and its measurement.
 
-Owns what ``sphere.testing.standin`` needs to make a Qwen2.5-Math-PRM-shaped process reward model: planted
+Owns what ``sphere.standins.qwen2_5`` needs to make a Qwen2.5-Math-PRM-shaped process reward model: planted
 step errors (``corrupt_steps``: a wrong result, a forgotten carry, the divide-as-multiply misconception, a
 wrongly copied running total, a wrong boxed answer), the PRM input format (``prm_text``: system = the math
 instruction, user = problem, assistant = steps each followed by ``<extra_0>``), training (``build_prm``:
@@ -16,9 +16,9 @@ import time
 from pathlib import Path
 
 from sphere.mini.world import apply_op
-from sphere.testing.standin_convert import ENDOFTEXT, PRM_SYSTEM, STEP_TAG, qwen2_config, save_tokenizer
-from sphere.testing.standin_eval import heldout_problems
-from sphere.testing.standin_recipe import RECIPE, _log, _lr_at
+from sphere.standins.convert import ENDOFTEXT, PRM_SYSTEM, STEP_TAG, qwen2_config, save_tokenizer
+from sphere.standins.measure import heldout_problems
+from sphere.standins.recipe import RECIPE, _log, _lr_at
 
 _EQ_STEP = re.compile(r"^(?P<head>.*?)(?P<a>\d+) (?P<op>[-+*/]) (?P<b>\d+) = (?P<c>\d+)(?P<tail>\.?)$")
 

@@ -13,12 +13,12 @@
   arithmetic steps so its head is not at initialisation; it is far too small to judge arithmetic, and the
   tests only rely on its shape (one score per step, prefix consistency, engine agreement).
 - ``tiny_model_path()`` / ``tiny_prm_path()``: the same, cached under ``$SPHERE_CACHE_DIR/testing`` (or
-  ``~/.cache/sphere/testing``) in a directory keyed by a hash of the recipe; builds are atomic
+  ``~/.cache/sphere/standins``) in a directory keyed by a hash of the recipe; builds are atomic
   (temp dir + rename), so parallel test sessions never see half a model.
 
 Usage::
 
-    python -m sphere.testing.tiny /tmp/tiny            # build the policy model there
+    python -m sphere.standins.tiny /tmp/tiny            # build the policy model there
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Measuring the stand-in policies: the held-out mini problems and greedy accuracy / pass@k in chat form
-(``evaluate_policy``), what each ``recipe.json`` of ``sphere.testing.standin`` records."""
+(``evaluate_policy``), what each ``recipe.json`` of ``sphere.standins.qwen2_5`` records."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pathlib import Path
 from sphere.mini.examples import is_correct
 from sphere.mini.world import load_mini_benchmark
 from sphere.prompts import header_text
-from sphere.testing.standin_convert import IM_END
-from sphere.testing.standin_recipe import RECIPE, _deterministic, _family
+from sphere.standins.convert import IM_END
+from sphere.standins.recipe import RECIPE, _deterministic, _family
 
 
 def heldout_problems(n: int, split: str = "test") -> list[dict]:

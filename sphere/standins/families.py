@@ -1,6 +1,6 @@
 """Stand-ins of the paper's other model families: phi-4 and the DeepSeek-R1 distills (no hub, ever).
 
-``sphere.testing.standin`` builds the Qwen2.5 family (policy, small model, PRM). The sibling experiments need
+``sphere.standins.qwen2_5`` builds the Qwen2.5 family (policy, small model, PRM). The sibling experiments need
 models that look like theirs to every part of the code, so this module builds, with the same recipe (the
 mini models converted, fine-tuned briefly on mini-world problems in the family's chat form):
 
@@ -22,12 +22,12 @@ mini models converted, fine-tuned briefly on mini-world problems in the family's
 
 The PRM of every family is the Qwen stand-in PRM (``standin-qwen2_5-prm``), as in the paper (Qwen2.5-Math-PRM
 scores every policy). The templates are the exact texts in ``tests/fixtures/chat_templates/`` (sources and
-licences in its SOURCES.md), copied into ``sphere/testing/templates/``. Partial rotary embeddings
+licences in its SOURCES.md), copied into ``sphere/standins/templates/``. Partial rotary embeddings
 (Phi-4-mini) and tied embeddings are not reproduced: the stand-ins keep the mini models' geometry.
 
 Usage::
 
-    python -m sphere.testing.standin_families OUT_DIR [--family phi4|r1] [--no-eval]
+    python -m sphere.standins.families OUT_DIR [--family phi4|r1] [--no-eval]
 """
 
 from __future__ import annotations
@@ -47,8 +47,8 @@ from sphere.mini.examples import is_correct
 from sphere.mini.pretrain import sha256_file
 from sphere.mini.world import plant_slips, training_problems
 from sphere.prompts import encode, header_text, load_family
-from sphere.testing import standin as base
-from sphere.testing.standin_eval import heldout_problems
+from sphere.standins import qwen2_5 as base
+from sphere.standins.measure import heldout_problems
 
 BOS_R1, EOS_R1 = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
 
@@ -246,9 +246,9 @@ def build(out_dir: str | os.PathLike, families: list[str] | None = None, evaluat
             rec = {"name": name, "role": spec["role"], "stands_in_for": spec["stands_in_for"],
                    "architecture": spec["arch"], "seed": seed, "recipe": {**RECIPE, "model": spec,
                                                                            "tokenizer": TOKENIZERS[spec["tokenizer"]]},
-                   "command": "python -m sphere.testing.standin_families OUT_DIR", "train": stats,
+                   "command": "python -m sphere.standins.families OUT_DIR", "train": stats,
                    "metrics": metrics, "weights_sha256": sha256_file(out / name / "model.safetensors"),
-                   "chat_template": f"sphere/testing/templates/{TOKENIZERS[spec['tokenizer']]['template']}",
+                   "chat_template": f"sphere/standins/templates/{TOKENIZERS[spec['tokenizer']]['template']}",
                    "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                                 "tokenizers": tokenizers.__version__}}
             (out / name / "recipe.json").write_text(json.dumps(rec, indent=1, ensure_ascii=False) + "\n")
@@ -258,7 +258,7 @@ def build(out_dir: str | os.PathLike, families: list[str] | None = None, evaluat
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m sphere.testing.standin_families",
+    ap = argparse.ArgumentParser(prog="python -m sphere.standins.families",
                                  description=__doc__.split("\n")[0])
     ap.add_argument("out_dir")
     ap.add_argument("--family", action="append", choices=sorted(FAMILY_MODELS),

@@ -1,5 +1,5 @@
 """Tokenizer and weights of the stand-ins: the mini models' vocabulary and Llama weights in the shapes of the
-paper's models (``sphere.testing.standin`` builds the Qwen2.5 family with it, ``standin_families`` the
+paper's models (``sphere.standins.qwen2_5`` builds the Qwen2.5 family with it, ``families`` the
 phi-4 and R1 ones).
 
 Owns the Qwen2.5 tokenizer conventions (ChatML specials, the PRM's step tag, whole-phrase tokens for fixed
@@ -57,7 +57,7 @@ def build_tokenizer(src: Path, specials: list[str] | None = None, eos: str = IM_
     matched before pre-tokenization), so mini-world text gets exactly the ids the mini models were trained
     on and the converted models start from the mini models' accuracy.
 
-    The defaults make the Qwen2.5 family's tokenizer; ``sphere.testing.standin_families`` passes other
+    The defaults make the Qwen2.5 family's tokenizer; ``sphere.standins.families`` passes other
     ``specials`` (special tokens appended in order), ``eos``/``pad``, a chat ``template`` (text) and
     ``words`` (non-special added tokens such as R1's ``<think>``, appended after the phrase tokens)."""
     from transformers import PreTrainedTokenizerFast

@@ -1,7 +1,7 @@
 """Bit-exact prefixes of the shipped checkpoints' builds: the reproducibility check every CI run makes.
 
 The full check rebuilds the shipped mini policy (``sphere pretrain-mini mini=policy``, ~13 min on one core)
-and the Qwen-shaped stand-in family (``python -m sphere.testing.standin OUT``, ~8 min) from nothing and
+and the Qwen-shaped stand-in family (``python -m sphere.standins.qwen2_5 OUT``, ~8 min) from nothing and
 compares them with the shipped checkpoints. Those two tests carry the ``nightly`` marker and run in the
 nightly job (``bash scripts/nightly.sh``), not in every CI run (issue #16: CI in ~45 minutes).
 
@@ -21,7 +21,7 @@ AVX2 ones (``ATEN_CPU_CAPABILITY``: another summation order, as on another CPU) 
 "kernels" drift after the prefix; a real change (one optimizer step fewer) by at least the "one step" drift;
 ``REL_TOL`` sits between them (figures in assets/build_prefix_digests.json, "calibration"). The sha256 are kept and reported: equal means bit-identical.
 
-The digests are written by ``python -m sphere.testing.build_prefix --write`` from the same commit as a
+The digests are written by ``python -m sphere.standins.build_prefix --write`` from the same commit as a
 nightly run that reproduced the shipped checkpoints; without ``--write`` it compares (what the CI test does)
 and exits 1 on a difference.
 """
@@ -45,7 +45,7 @@ from sphere.mini import load_recipe
 from sphere.mini.pretrain import sha256_file
 from sphere.mini.training import train
 from sphere.resources import resource_path
-from sphere.testing import standin as S
+from sphere.standins import qwen2_5 as S
 
 # optimizer steps of each prefix: past the warmup (50 steps for the mini policy, 20 for the stand-ins), so
 # the cosine part of every schedule is exercised too
@@ -122,7 +122,7 @@ def recorded() -> dict:
     p = digests_path()
     if not p.is_file():
         raise FileNotFoundError(f"{p}: missing; write it with "
-                                "`python -m sphere.testing.build_prefix --write`")
+                                "`python -m sphere.standins.build_prefix --write`")
     return json.loads(p.read_text())
 
 
@@ -148,7 +148,7 @@ def compare(which: str, got: dict) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m sphere.testing.build_prefix", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m sphere.standins.build_prefix", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--write", action="store_true", help=f"record the digests into {digests_path()}")
     ap.add_argument("--only", choices=sorted(BUILDS), help="one build (default: both)")
@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         rec.update(got)
         digests_path().write_text(json.dumps({
             "about": "sha256 of the shipped builds' weights after a prefix of their optimizer steps; "
-                     "see sphere/testing/build_prefix.py",
+                     "see sphere/standins/build_prefix.py",
             "versions": _versions(), "builds": dict(sorted(rec.items()))}, indent=1) + "\n")
         print(f"wrote {digests_path()}")
         return 0
@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _compute_in(which: str, out: Path, steps: int, env: dict) -> dict:
     """``compute`` in a fresh interpreter with ``env`` added (torch reads ATEN_CPU_CAPABILITY at start-up)."""
-    code = ("import json, sys; from pathlib import Path; from sphere.testing import build_prefix as B; "
+    code = ("import json, sys; from pathlib import Path; from sphere.standins import build_prefix as B; "
             f"print(json.dumps(B.compute({which!r}, Path({str(out)!r}), {steps})))")
     p = subprocess.run([sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True,
                        check=True)

@@ -35,12 +35,12 @@ the same family and a Qwen2.5-Math-PRM. ``build(out_dir)`` makes a family of tha
 
 Everything is single-threaded, deterministic torch (the same machine and library versions give the same
 bytes; ``recipe.json`` records the sha256 of each ``model.safetensors``). Shipped in ``assets/standin/``;
-``standin_path(name)`` finds them, ``sphere.models.resolve_model`` resolves the names.
+``standin_path(name)`` finds them, ``sphere.model_paths.resolve_model`` resolves the names.
 
 Usage::
 
-    python -m sphere.testing.standin OUT_DIR            # build + measure (~10 min on one core)
-    python -m sphere.testing.standin OUT_DIR --no-eval  # build only
+    python -m sphere.standins.qwen2_5 OUT_DIR            # build + measure (~10 min on one core)
+    python -m sphere.standins.qwen2_5 OUT_DIR --no-eval  # build only
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ from sphere.mini.examples import drill_examples
 from sphere.mini.pretrain import sha256_file
 from sphere.mini.world import plant_slips, training_problems
 from sphere.prompts import build_reflection_text, header_text
-from sphere.testing.standin_convert import (  # noqa: F401 - re-exported: the build's public pieces
+from sphere.standins.convert import (  # noqa: F401 - re-exported: the build's public pieces
     ENDOFTEXT,
     IM_END,
     IM_START,
@@ -78,9 +78,9 @@ from sphere.testing.standin_convert import (  # noqa: F401 - re-exported: the bu
     qwen2_config,
     save_tokenizer,
 )
-from sphere.testing.standin_eval import evaluate_policy
-from sphere.testing.standin_prm import build_prm, corrupt_steps, evaluate_prm, save_prm
-from sphere.testing.standin_recipe import (  # noqa: F401 - re-exported: the recipe and its helpers
+from sphere.standins.measure import evaluate_policy
+from sphere.standins.reward_model import build_prm, corrupt_steps, evaluate_prm, save_prm
+from sphere.standins.recipe import (  # noqa: F401 - re-exported: the recipe and its helpers
     DIR_OF,
     NAMES,
     RECIPE,
@@ -212,10 +212,10 @@ def write_record(out: Path, role: str, stats: dict, metrics: dict, seed: int) ->
 
     rec = {
         "name": DIR_OF[role], "role": role, "seed": seed, "recipe": RECIPE,
-        "command": "python -m sphere.testing.standin OUT_DIR",
+        "command": "python -m sphere.standins.qwen2_5 OUT_DIR",
         "train": stats, "metrics": metrics,
         "weights_sha256": sha256_file(out / "model.safetensors"),
-        "chat_template": "sphere/testing/templates/qwen2_5_instruct.jinja (Qwen/Qwen2.5-7B-Instruct)",
+        "chat_template": "sphere/standins/templates/qwen2_5_instruct.jinja (Qwen/Qwen2.5-7B-Instruct)",
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "tokenizers": tokenizers.__version__},
     }
@@ -272,7 +272,7 @@ def build(out_dir: str | os.PathLike, seed: int | None = None, evaluate: bool = 
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m sphere.testing.standin", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m sphere.standins.qwen2_5", description=__doc__.split("\n")[0])
     ap.add_argument("out_dir")
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--no-eval", action="store_true", help="build only (no measurements in recipe.json)")
