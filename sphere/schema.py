@@ -1,9 +1,12 @@
 """The typed settings of sphere: one place for each setting's type, default, range and doc.
 
-Each group a user overrides (``search``, ``sampling``, ``train`` (the DPO recipe of ``train_opts``), ``eval``,
-``data``, ``stages``, ``filters``) is one dataclass below (``train``'s in sphere/schema_train.py), and a
-group whose options have fields of their own (``scorer``: symbolic, mini_world, prm, rollout) one dataclass per option
-(``OPTIONS``, picked by ``name``; sphere/schema_scorers.py). A field carries (sphere/schema_fields.py)
+Each group a user overrides (``search``, ``sampling``, ``train`` (the DPO recipe of ``train_opts``),
+``eval``, ``data``, ``stages``, ``filters``, ``controls``) is one dataclass (here; ``train``'s in
+sphere/schema_train.py, ``eval``'s in sphere/schema_eval.py, ``sampling``'s and ``controls``' in
+sphere/schema_groups.py), and a group whose options have fields of their own one dataclass per option
+(``OPTIONS``, picked by ``name``: ``scorer`` (symbolic, mini_world, prm, rollout) in sphere/schema_scorers.py;
+``runner`` (local, ray), ``logger`` (none, wandb), ``backend`` (openai, replay, transformers, vllm) in
+sphere/schema_groups.py). A field carries (sphere/schema_fields.py)
 
 - its **type** (the annotation),
 - its **default** (the dataclass default; nothing else writes it),
@@ -40,7 +43,15 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 from omegaconf.errors import ValidationError
 
+from sphere.schema_eval import EvalCommandSettings, EvalSamplingSettings, EvalSettings, RunEvalSettings
 from sphere.schema_fields import _f, _sub
+from sphere.schema_groups import (
+    BACKEND_OPTIONS,
+    LOGGER_OPTIONS,
+    RUNNER_OPTIONS,
+    ControlsSettings,
+    SamplingSettings,
+)
 from sphere.schema_scorers import SCORERS
 from sphere.schema_train import LoraSettings, LossSettings, TrainSettings
 
@@ -94,70 +105,6 @@ class SearchSettings:
     backup: str = _f("mean", "value backed up from an expansion: mean | max over the kept children's values")
     pruning: PruningSettings = _sub(PruningSettings, "which children an expansion keeps")
     engine: EngineSettings = _sub(EngineSettings, "the tree engine's selection (mcts mode)")
-
-
-# ============================================================================================ sampling
-@dataclass
-class SamplingSettings:
-    """Sampling of full solutions (sphere.backends.SamplingParams): the evaluation and the controls' samples.
-    The search samples its steps with ``search.*`` (temperature, top_p, max_step_tokens, expansions)."""
-
-    temperature: float = _f(0.8, "0 = greedy (evaluation: used when it samples, eval.n > 1)", ge=0)
-    top_p: float = _f(1.0, "nucleus sampling mass (1.0 = off)", gt=0, le=1)
-    max_solution_tokens: int = _f(1024, "token budget of a full solution (complete: evaluation, rollouts, "
-                                  "constructions)", ge=1)
-    seed: Optional[int] = _f("${seed}", "per-call sampling seed (null = engine randomness)")
-
-
-@dataclass
-class EvalSamplingSettings(SamplingSettings):
-    """`sphere eval`'s ``sampling`` node: the shared settings and the samples per problem."""
-
-    n: int = _f(1, "samples per problem: 1 = greedy pass@1; K > 1 adds pass@k (unbiased) and maj@K "
-                "(conf/eval.yaml: ${eval.n})", ge=1)
-
-
-# =============================================================================================== eval
-@dataclass
-class EvalSettings:
-    """The evaluation: `sphere run`'s per-round ``eval`` node and `sphere eval`'s (whose top-level keys read
-    it, conf/eval.yaml). The defaults are `sphere eval`'s; conf/run.yaml sets the per-round deltas."""
-
-    benchmarks: Any = _f(["mini"], "math500 | gsm8k (test) | aime24 | aime25 | amc23 | olympiadbench | mini | "
-                         "gsm8k_train | math_train | all (the six paper benchmarks) | a local .jsonl (id, problem, "
-                         "answer); files are read from paths.data_dir")
-    limit: Optional[int] = _f(None, "problems per benchmark, the first N in file order (null = all)", ge=1,
-                              word="a positive integer or null (all problems)")
-    n: int = _f(1, "samples per problem: 1 = greedy pass@1; K > 1 adds pass@k / maj@K (sampled)", ge=1)
-    batch_size: Optional[int] = _f(None, "problems per backend call (null = a whole benchmark in one call, the "
-                                   "fastest with vLLM); finished problems are saved after each call", ge=1,
-                                   word="a positive integer or null (one call per benchmark)")
-    temperature: Optional[float] = _f(None, "null = greedy (0) for n == 1, sampling.temperature for n > 1; a "
-                                      "number forces it", ge=0)
-    max_tokens: Optional[int] = _f(None, "token budget per solution (null = sampling.max_solution_tokens)", ge=1)
-    verify_timeout_s: float = _f(5.0, "seconds the checker may spend on one answer before it counts as wrong",
-                                 gt=0)
-    progress: Any = _f(None, "progress bar: null = only when stderr is a terminal; true / false force it")
-
-
-@dataclass
-class RunEvalSettings(EvalSettings):
-    """`sphere run`'s per-round ``eval`` node: the evaluation settings and whether an interrupted round's
-    finished problems are reused."""
-
-    resume: bool = _f(True, "reuse finished problems of an interrupted run")
-
-
-@dataclass
-class EvalCommandSettings:
-    """`sphere eval`'s top-level settings (conf/eval.yaml: they read ``eval.*``)."""
-
-    limit: Optional[int] = _f(None, "see eval.limit", ge=1, word="a positive integer or null (all problems)")
-    batch_size: Optional[int] = _f(None, "see eval.batch_size", ge=1,
-                                   word="a positive integer or null (one call per benchmark)")
-    temperature: Optional[float] = _f(None, "see eval.temperature", ge=0)
-    max_tokens: Optional[int] = _f(None, "see eval.max_tokens", ge=1)
-    verify_timeout_s: float = _f(5.0, "see eval.verify_timeout_s", gt=0)
 
 
 # =============================================================================================== data
@@ -245,8 +192,9 @@ class FiltersSettings:
 
 # ========================================================================================== registry
 # The groups whose defaults live here: name in the ConfigStore (settings/<name>) -> dataclass. The YAML that
-# composes over each: search -> conf/search/paper.yaml; sampling -> conf/config.yaml; train -> conf/train_opts/
-# lora.yaml; eval -> conf/run.yaml and conf/eval.yaml; data, stages, filters -> conf/generate.yaml.
+# composes over each: search -> conf/search/paper.yaml; sampling -> conf/config.yaml; train ->
+# conf/train_opts/lora.yaml; eval -> conf/run.yaml and conf/eval.yaml; data, stages, filters ->
+# conf/generate.yaml; controls -> conf/run.yaml.
 SETTINGS: dict[str, type] = {
     "search": SearchSettings,
     "sampling": SamplingSettings,
@@ -255,10 +203,14 @@ SETTINGS: dict[str, type] = {
     "data": DataSettings,
     "stages": StagesSettings,
     "filters": FiltersSettings,
+    "controls": ControlsSettings,
 }
 
-# Groups with one dataclass per option (the node's ``name`` picks it): settings/<group>/<option> in the ConfigStore.
-OPTIONS: dict[str, dict[str, type]] = {"scorer": SCORERS}
+# Groups with one dataclass per option (the node's ``name`` picks it): settings/<group>/<option> in the
+# ConfigStore, which conf/<group>/<option>.yaml composes over (``- /settings/scorer/prm@_here_`` in
+# conf/scorer/prm.yaml): scorer (sphere/schema_scorers.py), runner, logger, backend (sphere/schema_groups.py).
+OPTIONS: dict[str, dict[str, type]] = {"scorer": SCORERS, "runner": RUNNER_OPTIONS, "logger": LOGGER_OPTIONS,
+                                       "backend": BACKEND_OPTIONS}
 
 # (config node, dataclass, the commands (primary config names) it is checked for); node "" = the top level
 SCHEMAS: list[tuple[str, type, tuple[str, ...]]] = [
@@ -272,10 +224,14 @@ SCHEMAS: list[tuple[str, type, tuple[str, ...]]] = [
     ("stages", StagesSettings, ("generate", "run")),
     ("filters", FiltersSettings, ("generate", "run")),
     ("", EvalCommandSettings, ("eval",)),
+    ("controls", ControlsSettings, ("run",)),
 ]
 # (config node, {option name: dataclass}, commands): checked with the dataclass of the node's ``name``
 OPTION_SCHEMAS: list[tuple[str, dict[str, type], tuple[str, ...]]] = [
     ("scorer", SCORERS, ("generate", "run")),
+    ("runner", RUNNER_OPTIONS, ("generate", "eval", "run")),
+    ("logger", LOGGER_OPTIONS, ("generate", "eval", "train", "run")),
+    ("backend", BACKEND_OPTIONS, ("generate", "eval", "run")),
 ]
 
 

@@ -456,6 +456,14 @@ ADDED_KEYS = [
     (["run", "dry_run=true", "+search.expansion=3"], ["+search.expansion", "did you mean search.expansions?"]),
     (["generate", "+stages.stage_2=false"], ["+stages.stage_2", "did you mean stages.stage2?"]),
     (["eval", "+sampling.temprature=0.5"], ["+sampling.temprature", "did you mean sampling.temperature?"]),
+    # the typed runner / logger / backend options and controls (sphere/schema_groups.py); backend and logger
+    # take new keyword arguments (below), so there only a near miss of a key they have is refused
+    (["generate", "runner=ray", "+runner.worker=3"], ["+runner.worker", "did you mean runner.workers?"]),
+    (["run", "dry_run=true", "logger=wandb", "+logger.projct=x"],
+     ["+logger.projct", "did you mean logger.project?"]),
+    (["eval", "backend=openai", "+backend.max_concurency=3"],
+     ["+backend.max_concurency", "did you mean backend.max_concurrency?"]),
+    (["run", "dry_run=true", "+controls.rtf=true"], ["+controls.rtf", "did you mean controls.rft?"]),
 ]
 
 

@@ -25,16 +25,10 @@ SNAPSHOT = ROOT / "tests" / "data" / "composed" / "snapshot.json"
 
 # key (dotted, any entry) -> why it may be missing now (a removed dead field). Only a removal is allowed: a key
 # listed here that is still composed must keep its recorded value.
-ALLOWED: dict[str, str] = {
-    "sampling.n": "dead outside `sphere eval` (the search samples search.expansions; `sphere run` evaluates with "
-                  "eval.n); conf/eval.yaml keeps it (${eval.n}), checked by test_eval_keeps_sampling_n",
-    "sampling.max_step_tokens": "dead: the search's step budget is search.max_step_tokens; nothing read this one",
-}
+ALLOWED: dict[str, str] = {}  # key -> why it may be absent now (empty: the snapshot was rewritten with --write
+# after the dead sampling.n / sampling.max_step_tokens went, and with the typed option groups added)
 # (entry, key prefix) -> why keys under it may be new (absent from the snapshot)
-ADDED: dict[tuple[str, str], str] = {
-    ("bench pipeline", "data."): "its data node composes over settings/data (sphere/schema.py) instead of copying "
-                                "6 of its defaults; the fields it did not list (hf_expected_size, training) are unread",
-}
+ADDED: dict[tuple[str, str], str] = {}
 
 
 def entries() -> dict[str, tuple[tuple[str, ...], list[str]]]:
@@ -44,6 +38,11 @@ def entries() -> dict[str, tuple[tuple[str, ...], list[str]]]:
     out = {" ".join(key): (key, []) for key in HYDRA_COMMANDS}
     for p in sorted((ROOT / "conf" / "experiment").glob("*.yaml")):
         out[f"run experiment={p.stem}"] = (("run",), [f"experiment={p.stem}"])
+    # the options the defaults do not compose (typed per option: sphere/schema_groups.py)
+    for key, arg in [(("generate",), "runner=ray"), (("run",), "runner=ray"), (("train",), "logger=wandb"),
+                     (("run",), "logger=wandb"), *((("eval",), f"backend={b}") for b in
+                                                   ("openai", "replay", "transformers", "vllm"))]:
+        out[f"{' '.join(key)} {arg}"] = (key, [arg])
     return out
 
 

@@ -25,7 +25,8 @@ LAYERS: list[set[str]] = [
     {"prompts", "data", "rundir", "loggers", "console", "wandb_runs", "progress", "verify", "modelinfo"},
     {"model_paths"},
     {"mini"},
-    {"io", "resources", "schema", "schema_fields", "schema_scorers", "schema_train", "overrides", "__init__"},
+    {"io", "resources", "schema", "schema_eval", "schema_fields", "schema_groups", "schema_scorers", "schema_train",
+     "overrides", "__init__"},
 ]
 
 

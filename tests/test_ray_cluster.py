@@ -20,11 +20,10 @@ from pathlib import Path
 
 import pytest
 import ray
-from omegaconf import OmegaConf
 
 from sphere.io import read_jsonl_tolerant
 from sphere.scale import ray_runner
-from test_ray_runner import compose  # the composed config with Hydra's runtime set
+from test_ray_runner import compose, ray_runner_config  # the composed config with Hydra's runtime set
 
 pytestmark = [pytest.mark.ray]
 
@@ -37,7 +36,7 @@ WAIT_S = 300  # every wait in this module gives up after this long, saying what 
 def cluster():
     from ray.cluster_utils import Cluster
 
-    rcfg = OmegaConf.load(CONF / "runner" / "ray.yaml")
+    rcfg = ray_runner_config()
     # shutdown_at_exit=False: Ray's node would install a SIGTERM handler, which only the main thread may, and
     # the test adds a node from a second thread while the run goes on (the fixture shuts the cluster down)
     c = Cluster(

@@ -27,6 +27,17 @@ CONF = Path(__file__).resolve().parents[1] / "conf"
 N_PROBLEMS = 16
 
 
+def ray_runner_config():
+    """The ``runner`` node conf/runner/ray.yaml composes to: RayRunnerSettings' defaults
+    (sphere/schema_groups.py) under the file's own values."""
+    from sphere.schema import defaults
+    from sphere.schema_groups import RayRunnerSettings
+
+    own = OmegaConf.to_container(OmegaConf.load(CONF / "runner" / "ray.yaml"))
+    own.pop("defaults", None)
+    return OmegaConf.create({**defaults(RayRunnerSettings, alone=True), **own})
+
+
 @pytest.fixture(scope="module")
 def tiny():
     from sphere.standins.tiny import tiny_model_path
@@ -52,7 +63,7 @@ def problems_file(tmp_path_factory):
 @pytest.fixture(scope="module")
 def cluster():
     """A local cluster shared by the module; ``RayCluster`` reuses it (and does not shut it down)."""
-    rcfg = OmegaConf.load(CONF / "runner" / "ray.yaml")
+    rcfg = ray_runner_config()
     ray.init(
         address="local",
         num_cpus=2,
@@ -165,7 +176,7 @@ def noise_tol(a: int, b: int, n: int) -> float:
 
 
 def test_runner_config_errors_name_the_key():
-    rcfg = OmegaConf.load(CONF / "runner" / "ray.yaml")
+    rcfg = ray_runner_config()
     ray_runner.validate_runner_config(rcfg)
     bad = {
         "workers": 0,

@@ -1,13 +1,16 @@
-"""One source of truth per setting (sphere/schema.py): each typed group's type, default, range and doc live in
-its dataclass; conf/ keeps presets and experiment deltas.
+"""One source of truth per setting (sphere/schema.py and the sphere/schema_*.py it imports): each typed
+group's type, default, range and doc live in its dataclass; conf/ keeps presets and experiment deltas.
 
 - ``test_every_composed_key_has_a_typed_field``: every key that a command or experiment composes under a typed
-  node (``sphere.schema.SCHEMAS``: search, sampling, train, eval, data, stages, filters, and per option
-  ``OPTION_SCHEMAS``: scorer, for the commands that read them) is a field of that node's dataclass: a YAML key with no field (a typo, a field added to conf/ only,
-  a dead field) fails here.
+  node (``sphere.schema.SCHEMAS``: search, sampling, train, eval, data, stages, filters, controls, and per
+  option ``OPTION_SCHEMAS``: scorer, runner, logger, backend, for the commands that read them) is a field of
+  that node's dataclass: a YAML key with no field (a typo, a field added to conf/ only, a dead field) fails
+  here. Options a command does not compose by default (``runner=ray``, ``logger=wandb``, ``backend=openai``,
+  ...) are composed too (``_commands``).
 - ``test_the_run_base_is_neutral``: conf/run.yaml sets no mini (or paper) values; experiments carry them.
 - ``test_no_default_is_written_twice``. The rule: a YAML file outside ``conf/experiment/`` (the group options
-  and the command configs: conf/*.yaml, conf/search/, conf/train_opts/, conf/scorer/) must not set a key of a typed node to
+  and the command configs: conf/*.yaml, conf/search/, conf/train_opts/, and each option group's directory:
+  conf/scorer/, conf/runner/, conf/logger/, conf/backend/) must not set a key of a typed node to
   the value it already has there, i.e. the dataclass default overlaid with what the file composes over (its own
   ``defaults``: another option of the same group, ``full`` over ``lora``, ``mcts`` over ``paper``; for a command
   config, the command configs it extends: run over generate over config). Interpolations compare as written
@@ -35,6 +38,12 @@ def _commands() -> dict[str, tuple[tuple[str, ...], list[str]]]:
     out["train train_opts@train=full"] = (("train",), ["train_opts@train=full"])
     for scorer in ("prm", "rollout", "mini_world"):
         out[f"generate scorer={scorer}"] = (("generate",), [f"scorer={scorer}"])
+    # the options of runner / logger / backend that no command composes by default
+    for key, args in [*[((c,), ["runner=ray"]) for c in ("generate", "eval", "run")],
+                      (("train",), ["logger=wandb"]), (("generate",), ["logger=wandb"]),
+                      *[(("eval",), [f"backend={b}"]) for b in ("openai", "replay", "transformers")],
+                      (("generate",), ["backend=vllm"]), (("run",), ["backend=openai"])]:
+        out[" ".join([*key, *args])] = (key, args)
     return out
 
 
@@ -82,8 +91,8 @@ def test_every_composed_key_has_a_typed_field(name):
             # a leaf, or a value inside a free-form field (a dict/list value such as data.training.mix.numina)
             if k not in leaves and not any(k.startswith(lf + ".") for lf in leaves):
                 missing.append(k)
-    assert not missing, (f"`sphere {name}` composes keys no dataclass of sphere/schema.py declares (add a typed "
-                         f"field with its doc, or remove the key): {sorted(missing)}")
+    assert not missing, (f"`sphere {name}` composes keys no dataclass of sphere/schema*.py declares (add a "
+                         f"typed field with its doc, or remove the key): {sorted(missing)}")
 
 
 def _load(path: Path) -> dict:
@@ -115,10 +124,10 @@ def _parents(path: Path) -> list[Path]:
 def _typed_values(path: Path) -> dict[str, object]:
     """The dotted typed keys a file sets, and their values: a group option's whole body under its group's
     node (conf/search/ -> search, conf/train_opts/ -> train), a command config's typed top-level nodes."""
-    from sphere.schema import SETTINGS
+    from sphere.schema import OPTIONS, SETTINGS
 
     body = {k: v for k, v in _load(path).items() if k not in ("defaults", "hydra")}
-    group = {"search": "search", "train_opts": "train", "scorer": "scorer"}.get(path.parent.name)
+    group = {"search": "search", "train_opts": "train", **{g: g for g in OPTIONS}}.get(path.parent.name)
     if group:
         return {f"{group}.{k}": v for k, v in _flat(body).items()}
     if path.parent == CONF:
@@ -142,8 +151,10 @@ def _overridden(path: Path) -> dict[str, object]:
 
 
 def _checked_files() -> list[Path]:
-    return [*sorted(CONF.glob("*.yaml")), *sorted((CONF / "search").glob("*.yaml")),
-            *sorted((CONF / "train_opts").glob("*.yaml")), *sorted((CONF / "scorer").glob("*.yaml"))]
+    from sphere.schema import OPTIONS
+
+    return [*sorted(CONF.glob("*.yaml")),
+            *[p for d in ("search", "train_opts", *OPTIONS) for p in sorted((CONF / d).glob("*.yaml"))]]
 
 
 @pytest.mark.parametrize("path", _checked_files(), ids=lambda p: str(p.relative_to(CONF)))
@@ -152,7 +163,7 @@ def test_no_default_is_written_twice(path):
     twice = [f"{k}: {v!r}" for k, v in _typed_values(path).items() if k in before and before[k] == v
              and type(before[k]) is type(v)]
     assert not twice, (f"conf/{path.relative_to(CONF)} writes values its settings already have (the dataclass "
-                       f"default in sphere/schema.py, or the file it composes over); delete them: {twice}")
+                       f"default in sphere/schema*.py, or the file it composes over); delete them: {twice}")
 
 
 def test_defaults_are_read_from_the_dataclasses():

@@ -36,7 +36,13 @@ def wandb_env(tmp_path, monkeypatch):
 
 
 def _cfg(mode: str, **extra) -> OmegaConf:
-    base = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "logger" / "wandb.yaml")
+    from sphere.schema import defaults
+    from sphere.schema_groups import WandbLoggerSettings
+
+    path = Path(__file__).resolve().parents[1] / "conf" / "logger" / "wandb.yaml"
+    own = OmegaConf.to_container(OmegaConf.load(path))
+    own.pop("defaults", None)  # conf/logger/wandb.yaml composes over WandbLoggerSettings' defaults
+    base = OmegaConf.create({**defaults(WandbLoggerSettings), **own})
     base.mode = mode
     base.project = "sphere-test"
     return OmegaConf.create({"logger": base, "seed": 7,

@@ -19,8 +19,9 @@ from sphere.mini.model import build_model, n_params, train_tokenizer
 from sphere.mini.world import WorldSpec, format_prompt, generate_problems, plant_slips, training_problems
 
 # Context advertised in the saved config.json. The model uses RoPE (no position parameters), so this only
-# sizes caches; backends default to max_model_len=2048 (conf/backend/vllm.yaml) and vLLM refuses a
-# max_model_len above the config's. Training sequences are <= model.max_position_embeddings of the recipe.
+# sizes caches; backends default to max_model_len=2048 (VLLMBackendSettings, sphere/schema_groups.py) and
+# vLLM refuses a max_model_len above the config's. Training sequences are <= model.max_position_embeddings of
+# the recipe.
 SERVE_CONTEXT = 2048
 
 

@@ -4,7 +4,7 @@
     sphere generate runner=ray runner.workers=8 runner.address=auto backend=vllm model=qwen2_5_7b ...
     sphere eval runner=ray runner.workers=8 model=/ckpt backend=vllm benchmarks=[all]
 
-Design (conf/runner/ray.yaml documents every knob):
+Design (sphere/schema_groups.py, RayRunnerSettings, documents every knob; conf/runner/ray.yaml picks it):
 
 - The driver (this process) loads the problems, reads the run directory's resume logs and keeps only the
   unfinished problems, cuts them into chunks of ``runner.chunk_size`` and hands chunks to
