@@ -126,24 +126,42 @@ def write_pairs(path: Path, pairs: Sequence[dict]) -> Path:
     return path
 
 
-def sample_solutions(cfg: DictConfig, backend: Any, problems: Sequence[dict], out: Path, model_name: str,
-                     family: dict) -> list[dict]:
-    """``controls.samples`` full solutions per problem from ``backend`` at the search temperature, graded
-    against each problem's answer (the evaluation harness on ``out/problems.jsonl``; resumes per problem).
-    Returns the per-problem records."""
+def write_sample_problems(out: Path, problems: Sequence[dict]) -> Path:
+    """``out/problems.jsonl``: the searched problems as a benchmark file the evaluation harness samples from
+    (rewritten only when they changed, so a rerun resumes per problem)."""
     out.mkdir(parents=True, exist_ok=True)
     bench = out / "problems.jsonl"
     rows = "".join(json.dumps({"id": p["id"], "problem": p["problem"], "answer": p["answer"],
                                "source": p.get("source", "")}) + "\n" for p in problems)
     if not bench.is_file() or bench.read_text() != rows:
         atomic_write_text(bench, rows)
-    settings = EvalSettings(n=int(cfg.controls.get("samples", 4)), temperature=float(cfg.search.temperature),
-                            top_p=float(cfg.search.get("top_p", 1.0)),
-                            max_tokens=int(cfg.sampling.max_solution_tokens), seed=int(cfg.seed),
-                            resume=True, verify_timeout_s=float(cfg.eval.get("verify_timeout_s", 5.0)))
-    run_eval(backend, [str(bench)], out / "samples", settings=settings, family_cfg=family,
-             model_name=model_name, progress=cfg.eval.get("progress"))
+    return bench
+
+
+def sample_settings(cfg: DictConfig) -> EvalSettings:
+    """How the random-pairs control samples: ``controls.samples`` full solutions per problem at the search's
+    temperature and top_p, up to ``sampling.max_solution_tokens``, seeded by the run's seed."""
+    return EvalSettings(n=int(cfg.controls.get("samples", 4)), temperature=float(cfg.search.temperature),
+                        top_p=float(cfg.search.get("top_p", 1.0)),
+                        max_tokens=int(cfg.sampling.max_solution_tokens), seed=int(cfg.seed),
+                        resume=True, verify_timeout_s=float(cfg.eval.get("verify_timeout_s", 5.0)))
+
+
+def read_samples(out: Path) -> list[dict]:
+    """The per-problem records the sampling wrote (``out/samples/eval/problems.jsonl``), each with its
+    samples and their verdicts."""
     return list(read_jsonl_tolerant(out / "samples" / "eval" / "problems.jsonl"))
+
+
+def sample_solutions(cfg: DictConfig, backend: Any, problems: Sequence[dict], out: Path, model_name: str,
+                     family: dict) -> list[dict]:
+    """``sample_settings`` solutions per problem from ``backend`` in this process, graded against each
+    problem's answer (the evaluation harness on ``out/problems.jsonl``; resumes per problem). Returns the
+    per-problem records. (With ``runner=ray`` the actors sample the same file: sphere.runners.)"""
+    bench = write_sample_problems(out, problems)
+    run_eval(backend, [str(bench)], out / "samples", settings=sample_settings(cfg), family_cfg=family,
+             model_name=model_name, progress=cfg.eval.get("progress"))
+    return read_samples(out)
 
 
 def base_seed(cfg: DictConfig) -> int:

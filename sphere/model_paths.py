@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 from safetensors import safe_open
 
@@ -160,3 +161,12 @@ def resolve_model(name_or_path: str | os.PathLike, cfg=None) -> Path:
         check_weights(snap, s)
         return snap
     raise ModelNotFoundError(f"model {s!r}: not 'mini', not an existing directory, not a hub name org/name")
+
+
+def load_tokenizer(name_or_path: str | os.PathLike, cfg=None) -> Any:
+    """The tokenizer of a model (``resolve_model``'s directory), with ``model.trust_remote_code`` from ``cfg``
+    (off by default)."""
+    from transformers import AutoTokenizer  # heavy: only where a tokenizer is needed
+
+    trust = bool(cfg is not None and cfg.get("model") is not None and cfg.model.get("trust_remote_code"))
+    return AutoTokenizer.from_pretrained(resolve_model(name_or_path, cfg), trust_remote_code=trust)

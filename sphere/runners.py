@@ -22,12 +22,14 @@ import contextlib
 import json
 from contextlib import AbstractContextManager
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
 from sphere.budgets import check_length_budgets
+from sphere.controls import read_samples, sample_settings, sample_solutions, write_sample_problems
 from sphere.data.problems import load_problems
 from sphere.evaluation.harness import evaluate as evaluate_local
 from sphere.evaluation.harness import report, run_eval
@@ -37,6 +39,7 @@ from sphere.generate.local import check_generate_memory, log_generate_stats
 from sphere.generate.settings import validate_generate_config
 from sphere.lifecycle import Models
 from sphere.loggers import make_logger
+from sphere.model_paths import load_tokenizer
 from sphere.progress import StageProgress
 from sphere.prompts import family_config
 from sphere.rundir import check_generate
@@ -73,6 +76,13 @@ class Runner(Protocol):
     def evaluate(self, cfg: Any, out: Path, *, models: Any = None, policy: str | None = None,
                  family: dict | None = None) -> dict:
         """``out/eval/`` (per-benchmark records, results.json/md); the results dict (with ``meta``)."""
+
+    def sample(self, cfg: Any, out: Path, *, models: Any, policy: str, problems: Sequence[dict]) -> list[dict]:
+        """The random-pairs control's samples (sphere.controls.sample_settings) of ``policy`` on ``problems``,
+        graded, into ``out/samples/eval/``; the per-problem records."""
+
+    def tokenizer(self, cfg: Any, *, models: Any, policy: str) -> Any:
+        """``policy``'s tokenizer in this process (the controls write their pairs' prompts with it)."""
 
 
 def _round_eval(cfg: Any) -> tuple[dict, dict]:
@@ -125,6 +135,12 @@ class LocalRunner:
                             family_cfg=family or family_config(cfg), model_name=policy,
                             progress=cfg.eval.get("progress"))
 
+    def sample(self, cfg: Any, out: Path, *, models: Any, policy: str, problems: Sequence[dict]) -> list[dict]:
+        return sample_solutions(cfg, models.policy(), problems, out, policy, family_config(cfg))
+
+    def tokenizer(self, cfg: Any, *, models: Any, policy: str) -> Any:
+        return models.policy().tokenizer
+
 
 def _round_config(cfg: Any, policy: str, **top: Any) -> Any:
     """``cfg`` resolved into a plain (non-struct) config with ``model.policy`` = this round's policy and the
@@ -167,6 +183,23 @@ class RayRunner:
         ev["benchmarks"] = round_benchmarks(cfg)
         ecfg = _round_config(cfg, policy, sampling=samp, reference_results=None, **ev)
         return ray_runner.evaluate(ecfg, out)
+
+    def sample(self, cfg: Any, out: Path, *, models: Any, policy: str, problems: Sequence[dict]) -> list[dict]:
+        """The actors sample ``out/problems.jsonl`` as a one-benchmark evaluation with the control's settings
+        (the records and their format are the harness's, as in one process)."""
+        bench, st = write_sample_problems(out, problems), sample_settings(cfg)
+        ev, samp = _round_eval(cfg)
+        samp.update(n=st.n, temperature=st.temperature, top_p=st.top_p, max_solution_tokens=st.max_tokens,
+                    seed=st.seed)
+        ev.update(benchmarks=[str(bench)], limit=None, temperature=st.temperature, max_tokens=st.max_tokens,
+                  resume=True, verify_timeout_s=st.verify_timeout_s)
+        ray_runner.evaluate(_round_config(cfg, policy, sampling=samp, reference_results=None, **ev),
+                            out / "samples")
+        return read_samples(out)
+
+    def tokenizer(self, cfg: Any, *, models: Any, policy: str) -> Any:
+        """Loaded here from the model directory (the actors hold the models)."""
+        return load_tokenizer(policy, cfg)
 
 
 def make_runner(cfg: Any) -> Runner:

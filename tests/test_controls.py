@@ -103,10 +103,12 @@ def test_bad_controls_config_is_refused_naming_the_field(override, words):
     assert words in str(e.value)
 
 
-def test_controls_refused_with_ray():
-    with pytest.raises(ValueError, match="runner=local"):
-        validate_run_config(_cfg("controls.rft=true", "runner=ray"))
-    validate_run_config(_cfg("experiment=mini_planted", "runner=ray"))  # off: fine
+def test_controls_refused_in_a_transfer_run_only():
+    """The controls run on either runner (tests/test_run_ray.py runs them on Ray); a transfer run
+    (model.train_target) has no self-evolution loop to compare them with."""
+    validate_run_config(_cfg("controls.rft=true", "controls.random_pairs=true", "runner=ray"))
+    with pytest.raises(ValueError, match="transfer run"):
+        validate_run_config(_cfg("experiment=transfer_qwen2_5_1_5b", "controls.rft=true"))
 
 
 def _write_eval(d: Path, bench: str, verdicts: dict[str, bool]) -> None:

@@ -21,12 +21,10 @@ from sphere.controls import (
     enabled_controls,
     random_pairs,
     rft_train_config,
-    sample_solutions,
     write_pairs,
 )
 from sphere.evaluation.settings import round_benchmarks
 from sphere.generate.generator import Generator
-from sphere.prompts import family_config
 from sphere.rundir import check_or_record
 from sphere.runners import Runner
 from sphere.train.dpo import train_dpo
@@ -51,11 +49,13 @@ def pair_prompt(cfg: DictConfig, gdir: Path, tokenizer: Any) -> tuple[Callable[[
     return Generator(cfg, gdir).pair_prompt_fn(tokenizer)
 
 
-def prepare_controls(cfg: DictConfig, r: int, *, backend: Any, problems: Sequence[dict], policy: str,
-                     sphere_pairs: Path, n_sphere_pairs: int, pair_prompt: Callable[[dict], Any],
-                     conversational: bool, response_prefix: str, out: Path) -> dict[str, Path]:
-    """Round ``r + 1``'s control pairs, written while the start policy's backend is open:
-    ``{name: pairs.jsonl}`` (``rft`` trains on SPHERE's own ``sphere_pairs``)."""
+def prepare_controls(cfg: DictConfig, r: int, *, sample: Callable[[Sequence[dict], Path], list[dict]],
+                     problems: Sequence[dict], policy: str, sphere_pairs: Path, n_sphere_pairs: int,
+                     pair_prompt: Callable[[dict], Any], conversational: bool, response_prefix: str,
+                     out: Path) -> dict[str, Path]:
+    """Round ``r + 1``'s control pairs, written while the start policy is open: ``{name: pairs.jsonl}``
+    (``rft`` trains on SPHERE's own ``sphere_pairs``). ``sample(problems, out)``: the runner's sampling from
+    the start policy (``Runner.sample``: in this process, or on the Ray actors)."""
     paths: dict[str, Path] = {}
     for name in enabled_controls(cfg):
         cdir = out / name
@@ -68,7 +68,7 @@ def prepare_controls(cfg: DictConfig, r: int, *, backend: Any, problems: Sequenc
                                                 "controls.samples": int(cfg.controls.get("samples", 4)),
                                                 "max_pairs (SPHERE's pairs this round)": n_sphere_pairs},
                         outputs=["pairs.jsonl"])
-        recs = sample_solutions(cfg, backend, problems, cdir, policy, family_config(cfg))
+        recs = sample(problems, cdir)
         pairs = random_pairs(recs, {str(p["id"]): p for p in problems}, max_pairs=n_sphere_pairs,
                              seed=control_seed(cfg, r), pair_prompt=pair_prompt,
                              conversational=conversational, response_prefix=response_prefix, model=policy)

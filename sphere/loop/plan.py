@@ -30,20 +30,16 @@ from sphere.train.train_config import resolve_train_cfg
 
 
 def _validate_runner(cfg: DictConfig) -> None:
-    """What runs on ``runner=local`` only: a transfer run, and the per-round controls."""
+    """What runs on ``runner=local`` only (a transfer run), and the controls a transfer run has none of."""
     ray = runner_name(cfg) == "ray"
     if ray and cfg.model.get("train_target"):
         raise ValueError("runner=ray with model.train_target (a transfer run) is not supported: its pairs "
                          "are written with the target model's prompt and tokenizer (Generator pair_tok), "
                          "which the Ray workers do not build; use runner=local for transfer runs")
-    if enabled_controls(cfg) and (ray or cfg.model.get("train_target")):
-        why = ("runner=ray keeps the round's start policy inside its Ray actors, and the controls "
-               "sample from it (controls.random_pairs) and build their pairs with its tokenizer in the "
-               "driver process (sphere/loop/controls.py prepare_controls)" if ray else
-               "they are part of the self-evolution loop, not of a transfer run (model.train_target)")
-        raise ValueError(f"config controls: the per-round controls run with runner=local only: {why}; "
-                         "turn them off (controls.rft=false controls.random_pairs=false) or use "
-                         "runner=local")
+    if enabled_controls(cfg) and cfg.model.get("train_target"):
+        raise ValueError("config controls: the per-round controls are part of the self-evolution loop, not of "
+                         "a transfer run (model.train_target); turn them off (controls.rft=false "
+                         "controls.random_pairs=false)")
 
 
 def validate_run_config(cfg: DictConfig) -> None:

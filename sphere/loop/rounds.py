@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,11 +38,10 @@ from sphere.loggers import make_logger
 from sphere.loop.controls import finish_controls, pair_prompt, prepare_controls
 from sphere.loop.plan import preflight, print_plan, validate_run_config
 from sphere.loop.summary import earlier_rounds, keep_earlier_timings, show_eval, write_summary
-from sphere.model_paths import resolve_model
+from sphere.model_paths import load_tokenizer, resolve_model
 from sphere.prompts import family_config, load_family
 from sphere.rundir import check_generate
 from sphere.runners import Runner, make_runner
-from sphere.train.checkpoints import _load_tokenizer
 from sphere.train.dpo import train_dpo
 
 
@@ -69,7 +69,7 @@ def arms(cfg: DictConfig) -> Arms:
     fam_name = cfg.model.get("train_target_family")
     fam = load_family(str(fam_name)) if fam_name else None
     target = str(resolve_model(str(target_name), cfg))
-    tok = _load_tokenizer(Path(target), {"trust_remote_code": bool(cfg.model.get("trust_remote_code"))})
+    tok = load_tokenizer(target, cfg)
     return Arms(start=target, small=small, generator=policy, family=fam,
                 pair_family=fam or family_config(cfg), pair_tokenizer=tok)
 
@@ -192,8 +192,12 @@ class RoundLoop:
         if not enabled_controls(cfg) or stats["pairs_total"] == 0:
             return _Generated(stats)
         t0 = time.perf_counter()
-        fn, conv, prefix = pair_prompt(cfg, gdir, models.policy().tokenizer)
-        paths = prepare_controls(cfg, r, backend=models.policy(), problems=self.problems, policy=generator,
+        fn, conv, prefix = pair_prompt(cfg, gdir, self.runner.tokenizer(cfg, models=models, policy=generator))
+
+        def sample(problems: Sequence[dict], out: Path) -> list[dict]:
+            return self.runner.sample(cfg, out, models=models, policy=generator, problems=problems)
+
+        paths = prepare_controls(cfg, r, sample=sample, problems=self.problems, policy=generator,
                                  sphere_pairs=gdir / "pairs.jsonl", n_sphere_pairs=int(stats["pairs_total"]),
                                  pair_prompt=fn, conversational=conv, response_prefix=prefix,
                                  out=self.out / f"round_{r + 1}" / "controls")
