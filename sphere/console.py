@@ -60,6 +60,9 @@ def route_third_party(verbose: bool) -> str | None:
             h.addFilter(SphereOnConsole())
     if log_file is None:  # not under Hydra's logging (a library call): leave the console as it is
         return None
+    # captureWarnings(True) does nothing while logging believes it already captures; a caller that restored
+    # warnings.showwarning since (warnings.catch_warnings, pytest) left it believing so: start over
+    logging.captureWarnings(False)
     logging.captureWarnings(True)
     os.environ.setdefault("WANDB_SILENT", "true")
     # Ray (sphere/scale/cluster.py): INFO lines and the actors' output stay off

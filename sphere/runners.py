@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
-from collections.abc import Sequence
 from typing import Any, Protocol
 
 from hydra.core.hydra_config import HydraConfig
@@ -77,7 +77,8 @@ class Runner(Protocol):
                  family: dict | None = None) -> dict:
         """``out/eval/`` (per-benchmark records, results.json/md); the results dict (with ``meta``)."""
 
-    def sample(self, cfg: Any, out: Path, *, models: Any, policy: str, problems: Sequence[dict]) -> list[dict]:
+    def sample(self, cfg: Any, out: Path, *, models: Any, policy: str,
+               problems: Sequence[dict]) -> list[dict]:
         """The random-pairs control's samples (sphere.controls.sample_settings) of ``policy`` on ``problems``,
         graded, into ``out/samples/eval/``; the per-problem records."""
 
@@ -135,7 +136,8 @@ class LocalRunner:
                             family_cfg=family or family_config(cfg), model_name=policy,
                             progress=cfg.eval.get("progress"))
 
-    def sample(self, cfg: Any, out: Path, *, models: Any, policy: str, problems: Sequence[dict]) -> list[dict]:
+    def sample(self, cfg: Any, out: Path, *, models: Any, policy: str,
+               problems: Sequence[dict]) -> list[dict]:
         return sample_solutions(cfg, models.policy(), problems, out, policy, family_config(cfg))
 
     def tokenizer(self, cfg: Any, *, models: Any, policy: str) -> Any:
@@ -184,7 +186,8 @@ class RayRunner:
         ecfg = _round_config(cfg, policy, sampling=samp, reference_results=None, **ev)
         return ray_runner.evaluate(ecfg, out)
 
-    def sample(self, cfg: Any, out: Path, *, models: Any, policy: str, problems: Sequence[dict]) -> list[dict]:
+    def sample(self, cfg: Any, out: Path, *, models: Any, policy: str,
+               problems: Sequence[dict]) -> list[dict]:
         """The actors sample ``out/problems.jsonl`` as a one-benchmark evaluation with the control's settings
         (the records and their format are the harness's, as in one process)."""
         bench, st = write_sample_problems(out, problems), sample_settings(cfg)

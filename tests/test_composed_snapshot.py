@@ -25,8 +25,9 @@ SNAPSHOT = ROOT / "tests" / "data" / "composed" / "snapshot.json"
 
 # key (dotted, any entry) -> why it may be missing now (a removed dead field). Only a removal is allowed: a key
 # listed here that is still composed must keep its recorded value.
-ALLOWED: dict[str, str] = {}  # key -> why it may be absent now (empty: the snapshot was rewritten with --write
-# after the dead sampling.n / sampling.max_step_tokens went, and with the typed option groups added)
+# Empty: the snapshot was rewritten (--write) after the dead sampling.n / sampling.max_step_tokens went and
+# the typed option groups were added.
+ALLOWED: dict[str, str] = {}
 # (entry, key prefix) -> why keys under it may be new (absent from the snapshot)
 ADDED: dict[tuple[str, str], str] = {}
 

@@ -225,8 +225,9 @@ def test_sphere_run_on_the_cluster_equals_local(cli_cluster, tmp_path, size):
     every round's generation and evaluation on the actors of nodes B and C, the same pairs and accuracies as
     `runner=local` (greedy search).
 
-    pairs.jsonl lists the pairs in problem order whatever order the chunks came back in (the Ray driver appends
-    stage records as chunks return), so DPO's batches, the trained policy and every later round are equal too."""
+    pairs.jsonl lists the pairs in problem order whatever order the chunks came back in (the Ray driver
+    appends stage records as chunks return), so DPO's batches, the trained policy and every later round are
+    equal too."""
     p = cli_cluster
     address = next(a for a in p["sphere"] if a.startswith("runner.address="))
     ray_args = ["runner=ray", address, "runner.workers=2", "runner.gpus_per_worker=1"]

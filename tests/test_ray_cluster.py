@@ -153,9 +153,13 @@ def test_node_removed_mid_round_then_node_added(cluster, single, tmp_path):
         assert not diff, f"stage {s}: records differ from the one-process run on {diff}"
     assert len(a[1]) == N
     assert (out / "pairs.jsonl").read_text() != "" or not any(r.get("pairs") for r in a[1].values())
-    # the lost chunk was given to the remaining worker (not waited for), the added node did chunks
-    assert info["taken_back"] >= 1, info["events"]
-    assert any("not answered" in e for e in info["events"]), info["events"]
+    # the lost chunk was not waited for: either the driver gave it to the remaining worker once its actor
+    # stopped answering (taken_back), or Ray reported the actor unavailable first (ActorUnavailableError, on a
+    # loaded machine) and the chunk went back to the queue; the added node did chunks
+    ev = info["events"]
+    taken = info["taken_back"] >= 1 and any("not answered" in e for e in ev)
+    requeued = info["unavailable"] >= 1 and any("goes back to the queue" in e for e in ev)
+    assert taken or requeued, ev
     nodes_used = {v["node"] for v in info["model_loads"].values()}
     assert events["added"] in nodes_used, (events, info["model_loads"])
     # the restarted actor on the new node loaded its models once, as every worker: 1 policy, 1 small model

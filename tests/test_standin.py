@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from sphere.standins import qwen2_5 as S
 from sphere.standins import measure as E
+from sphere.standins import qwen2_5 as S
 from sphere.standins import reward_model as P
 
 ROLES = ("policy", "small", "prm")

@@ -37,8 +37,8 @@ def _validate_runner(cfg: DictConfig) -> None:
                          "are written with the target model's prompt and tokenizer (Generator pair_tok), "
                          "which the Ray workers do not build; use runner=local for transfer runs")
     if enabled_controls(cfg) and cfg.model.get("train_target"):
-        raise ValueError("config controls: the per-round controls are part of the self-evolution loop, not of "
-                         "a transfer run (model.train_target); turn them off (controls.rft=false "
+        raise ValueError("config controls: the per-round controls are part of the self-evolution loop, "
+                         "not of a transfer run (model.train_target); turn them off (controls.rft=false "
                          "controls.random_pairs=false)")
 
 

@@ -52,8 +52,8 @@ from sphere.search.config import (  # moved out of this module (issue #18); the 
     _engine_config,
     validate_search_config,
 )
-from sphere.search.policies import POLICIES, TreeState
 from sphere.search.phases import RoundPhases
+from sphere.search.policies import POLICIES, TreeState
 from sphere.search.types import (  # moved out of this module (issue #18); the names stay importable here
     SearchJob,
     SearchResult,

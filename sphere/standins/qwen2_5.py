@@ -79,7 +79,6 @@ from sphere.standins.convert import (  # noqa: F401 - re-exported: the build's p
     save_tokenizer,
 )
 from sphere.standins.measure import evaluate_policy
-from sphere.standins.reward_model import build_prm, corrupt_steps, evaluate_prm, save_prm
 from sphere.standins.recipe import (  # noqa: F401 - re-exported: the recipe and its helpers
     DIR_OF,
     NAMES,
@@ -94,6 +93,7 @@ from sphere.standins.recipe import (  # noqa: F401 - re-exported: the recipe and
     assets_root,
     standin_path,
 )
+from sphere.standins.reward_model import build_prm, corrupt_steps, evaluate_prm, save_prm
 
 
 # ------------------------------------------------------------------------------------ chat-form data

@@ -34,8 +34,8 @@ import time
 from pathlib import Path
 
 from sphere.io import atomic_write_json
-from sphere.train.train_config import _use_cpu
 from sphere.train.loading import _quiet, _rows, _tokenizer
+from sphere.train.train_config import _use_cpu
 
 log = logging.getLogger("sphere.train")
 

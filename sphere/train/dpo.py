@@ -67,7 +67,6 @@ from sphere.train.checkpoints import (
     last_checkpoint,
     writing,
 )
-from sphere.train.train_config import dpo_config, resolve_train_cfg, validate_train_cfg
 from sphere.train.distributed import launch
 from sphere.train.loading import _env, _load, _one_device, _peft_config, _quiet, _rows
 from sphere.train.metrics import (
@@ -79,6 +78,7 @@ from sphere.train.metrics import (
     _whole_loss_mean,
 )
 from sphere.train.pairs_file import PairSet, load_pairs
+from sphere.train.train_config import dpo_config, resolve_train_cfg, validate_train_cfg
 from sphere.train.trainer import MetricsLogger, _callbacks, _trainer_class
 from sphere.train.weights import lora_weight_names, weight_change
 

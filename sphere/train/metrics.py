@@ -11,8 +11,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from sphere.train.train_config import loss_settings
 from sphere.train.pairs_file import PairSet
+from sphere.train.train_config import loss_settings
 
 log = logging.getLogger("sphere.train")
 
