@@ -6,9 +6,10 @@ override only composes when the key is absent, so under a group whose keys are f
 ``+`` key is a typo: ``check_added_keys`` refuses it in one line naming the nearest known key (difflib).
 
 Groups that take extra keys on purpose are left open (``OPEN``), except that under one with typed options
-(``TYPED_OPEN``: backend, logger; sphere/schema_groups.py) a ``+`` key spelled like a key the group has
-(``+backend.max_concurency=3``) is refused as the typo it is, while a new name (``+backend.token=...``,
-``+logger.api_key=...``) still passes. ``train`` checks its own keys
+(``TYPED_OPEN``: backend, logger, sphere/schema_groups.py; model, prompt, sphere/schema_models.py) a ``+`` key
+spelled like a key the group has (``+backend.max_concurency=3``, ``+model.trust_remote_cod=true``) is refused
+as the typo it is, while a new name (``+backend.token=...``, ``+logger.api_key=...``,
+``+model.extra_eval_benchmarks=[mini]``) still passes. ``train`` checks its own keys
 (``sphere.train.train_config.resolve_train_cfg``).
 """
 
@@ -20,16 +21,18 @@ from typing import Any
 from omegaconf import OmegaConf
 
 # Groups whose keys are fixed by conf/ and the schemas of sphere/schema.py: an added key is read by nothing.
-CLOSED = ("search", "scorer", "stages", "filters", "data", "eval", "sampling", "runner", "controls")
+CLOSED = ("search", "scorer", "stages", "filters", "data", "eval", "sampling", "runner", "controls",
+          "construction")
 # Open on purpose: backend (extra keys are the backend class's keyword arguments: `+backend.token=...` for
 # a server; the class refuses one it does not take), logger (`+logger.api_key=...`, and W&B settings passed
-# through), model (a model's own settings), prompt, hydra, and the top level (`+secret_token=...`,
-# `+experiment=X`).
+# through), model (a model's own settings; keys only some files write: `+model.extra_eval_benchmarks=[mini]`,
+# `+model.train_target_family=F`), prompt (a family's extra keys), hydra, and the top level
+# (`+secret_token=...`, `+experiment=X`).
 OPEN = ("backend", "logger", "model", "prompt", "hydra")
 # Open groups with typed options: a `+` key whose name is this close to the name of a key the group has
 # (difflib ratio) is a typo of it (max_concurency: 0.97, projct: 0.92); vLLM's keyword arguments read further
 # from every field (data_parallel_size vs tensor_parallel_size: 0.79, max_num_batched_tokens: 0.59).
-TYPED_OPEN = ("backend", "logger")
+TYPED_OPEN = ("backend", "logger", "model", "prompt")
 TYPO_CUTOFF = 0.85
 
 

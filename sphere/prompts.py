@@ -15,6 +15,7 @@ Token ids are produced once here and handed to the backend; nothing is tokenised
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -24,6 +25,7 @@ from omegaconf import OmegaConf
 
 from sphere.model_paths import looks_like_path, model_files
 from sphere.resources import resource_path
+from sphere.schema_models import PromptSettings, prompt_defaults
 
 FAMILIES = ("mini", "qwen2_5", "qwen2_5_math", "phi4", "deepseek_r1")
 REQUIRED = ("system", "instruction", "template", "assistant_prefix", "step_delimiter", "use_chat_template",
@@ -35,12 +37,20 @@ def _conf_dir() -> Path:
 
 
 def load_family(name: str) -> dict:
-    """Read ``conf/prompt/<name>.yaml`` as a plain dict (outside Hydra: scripts, tests)."""
+    """Read ``conf/prompt/<name>.yaml`` as a plain dict (outside Hydra: scripts, tests): the file over
+    ``PromptSettings``' defaults (sphere/schema_models.py; the file writes only what differs), as Hydra
+    composes it (``- /settings/prompt/<name>@_here_``), in the fields' order."""
     path = _conf_dir() / "prompt" / f"{name}.yaml"
     if not path.is_file():
         have = sorted(p.stem for p in path.parent.glob("*.yaml"))
         raise FileNotFoundError(f"prompt family {name!r}: {path} not found; available: {have}")
-    return validate_family(OmegaConf.to_container(OmegaConf.load(path), resolve=True), str(path))
+    own = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    own.pop("defaults", None)
+    merged = {**prompt_defaults(), **own}
+    order = [f.name for f in dataclasses.fields(PromptSettings)]
+    fam = {**{k: merged[k] for k in order if k in merged},
+           **{k: v for k, v in merged.items() if k not in order}}
+    return validate_family(fam, str(path))
 
 
 def validate_family(fam: Mapping[str, Any], where: str = "prompt") -> dict:

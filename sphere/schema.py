@@ -1,12 +1,14 @@
 """The typed settings of sphere: one place for each setting's type, default, range and doc.
 
 Each group a user overrides (``search``, ``sampling``, ``train`` (the DPO recipe of ``train_opts``),
-``eval``, ``data``, ``stages``, ``filters``, ``controls``) is one dataclass (here; ``train``'s in
+``eval``, ``data``, ``stages``, ``filters``, ``controls``, ``model``) is one dataclass (here; ``train``'s in
 sphere/schema_train.py, ``eval``'s in sphere/schema_eval.py, ``sampling``'s and ``controls``' in
-sphere/schema_groups.py), and a group whose options have fields of their own one dataclass per option
-(``OPTIONS``, picked by ``name``: ``scorer`` (symbolic, mini_world, prm, rollout) in sphere/schema_scorers.py;
-``runner`` (local, ray), ``logger`` (none, wandb), ``backend`` (openai, replay, transformers, vllm) in
-sphere/schema_groups.py). A field carries (sphere/schema_fields.py)
+sphere/schema_groups.py, ``model``'s in sphere/schema_models.py), and a group whose options have fields of
+their own one dataclass per option (``OPTIONS``, picked by ``name``: ``scorer`` (symbolic, mini_world, prm,
+rollout) in sphere/schema_scorers.py; ``runner`` (local, ray), ``logger`` (none, wandb), ``backend`` (openai,
+replay, transformers, vllm) in sphere/schema_groups.py; ``construction`` (sphere, first_wrong_step, siblings,
+best_worst_of_n) and ``prompt`` (every family: one shared dataclass) in sphere/schema_models.py). A field
+carries (sphere/schema_fields.py)
 
 - its **type** (the annotation),
 - its **default** (the dataclass default; nothing else writes it),
@@ -52,6 +54,7 @@ from sphere.schema_groups import (
     ControlsSettings,
     SamplingSettings,
 )
+from sphere.schema_models import CONSTRUCTION_OPTIONS, PROMPT_OPTIONS, ModelSettings
 from sphere.schema_scorers import SCORERS
 from sphere.schema_train import LoraSettings, LossSettings, TrainSettings
 
@@ -194,23 +197,18 @@ class FiltersSettings:
 # The groups whose defaults live here: name in the ConfigStore (settings/<name>) -> dataclass. The YAML that
 # composes over each: search -> conf/search/paper.yaml; sampling -> conf/config.yaml; train ->
 # conf/train_opts/lora.yaml; eval -> conf/run.yaml and conf/eval.yaml; data, stages, filters ->
-# conf/generate.yaml; controls -> conf/run.yaml.
-SETTINGS: dict[str, type] = {
-    "search": SearchSettings,
-    "sampling": SamplingSettings,
-    "train": TrainSettings,
-    "eval": EvalSettings,
-    "data": DataSettings,
-    "stages": StagesSettings,
-    "filters": FiltersSettings,
-    "controls": ControlsSettings,
-}
+# conf/generate.yaml; controls -> conf/run.yaml; model -> every conf/model/*.yaml (sphere/schema_models.py).
+SETTINGS: dict[str, type] = {"search": SearchSettings, "sampling": SamplingSettings, "train": TrainSettings,
+                             "eval": EvalSettings, "data": DataSettings, "stages": StagesSettings,
+                             "filters": FiltersSettings, "controls": ControlsSettings, "model": ModelSettings}
 
 # Groups with one dataclass per option (the node's ``name`` picks it): settings/<group>/<option> in the
 # ConfigStore, which conf/<group>/<option>.yaml composes over (``- /settings/scorer/prm@_here_`` in
-# conf/scorer/prm.yaml): scorer (sphere/schema_scorers.py), runner, logger, backend (sphere/schema_groups.py).
+# conf/scorer/prm.yaml): scorer (sphere/schema_scorers.py), runner, logger, backend (sphere/schema_groups.py),
+# construction, prompt (sphere/schema_models.py; every prompt family maps to the one PromptSettings).
 OPTIONS: dict[str, dict[str, type]] = {"scorer": SCORERS, "runner": RUNNER_OPTIONS, "logger": LOGGER_OPTIONS,
-                                       "backend": BACKEND_OPTIONS}
+                                       "backend": BACKEND_OPTIONS, "construction": CONSTRUCTION_OPTIONS,
+                                       "prompt": PROMPT_OPTIONS}
 
 # (config node, dataclass, the commands (primary config names) it is checked for); node "" = the top level
 SCHEMAS: list[tuple[str, type, tuple[str, ...]]] = [
@@ -225,6 +223,7 @@ SCHEMAS: list[tuple[str, type, tuple[str, ...]]] = [
     ("filters", FiltersSettings, ("generate", "run")),
     ("", EvalCommandSettings, ("eval",)),
     ("controls", ControlsSettings, ("run",)),
+    ("model", ModelSettings, ("generate", "eval", "train", "run")),
 ]
 # (config node, {option name: dataclass}, commands): checked with the dataclass of the node's ``name``
 OPTION_SCHEMAS: list[tuple[str, dict[str, type], tuple[str, ...]]] = [
@@ -232,6 +231,8 @@ OPTION_SCHEMAS: list[tuple[str, dict[str, type], tuple[str, ...]]] = [
     ("runner", RUNNER_OPTIONS, ("generate", "eval", "run")),
     ("logger", LOGGER_OPTIONS, ("generate", "eval", "train", "run")),
     ("backend", BACKEND_OPTIONS, ("generate", "eval", "run")),
+    ("construction", CONSTRUCTION_OPTIONS, ("generate", "run")),
+    ("prompt", PROMPT_OPTIONS, ("generate", "eval", "train", "run")),
 ]
 
 

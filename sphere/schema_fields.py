@@ -22,5 +22,10 @@ def _name(doc: str) -> Any:
     return field(metadata={"doc": doc})
 
 
+def _given(doc: str, **meta: Any) -> Any:
+    """A field with no default: a node has it only where its file (or an override) writes it."""
+    return field(metadata={"doc": doc, **meta})
+
+
 def _sub(cls: type, doc: str) -> Any:
     return field(default_factory=cls, metadata={"doc": doc})

@@ -39,10 +39,15 @@ def entries() -> dict[str, tuple[tuple[str, ...], list[str]]]:
     out = {" ".join(key): (key, []) for key in HYDRA_COMMANDS}
     for p in sorted((ROOT / "conf" / "experiment").glob("*.yaml")):
         out[f"run experiment={p.stem}"] = (("run",), [f"experiment={p.stem}"])
-    # the options the defaults do not compose (typed per option: sphere/schema_groups.py)
+    # the options the defaults do not compose (typed per option: sphere/schema_groups.py, schema_models.py)
     for key, arg in [(("generate",), "runner=ray"), (("run",), "runner=ray"), (("train",), "logger=wandb"),
                      (("run",), "logger=wandb"), *((("eval",), f"backend={b}") for b in
-                                                   ("openai", "replay", "transformers", "vllm"))]:
+                                                   ("openai", "replay", "transformers", "vllm")),
+                     # construction / model / prompt options (typed: sphere/schema_models.py)
+                     *((("generate",), f"construction={c}") for c in
+                       ("first_wrong_step", "siblings", "best_worst_of_n")),
+                     *((("eval",), f"model={m}") for m in ("standin_phi4", "qwen2_5_7b")),
+                     *((("eval",), f"prompt={f}") for f in ("deepseek_r1", "qwen2_5_math"))]:
         out[f"{' '.join(key)} {arg}"] = (key, [arg])
     return out
 

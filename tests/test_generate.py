@@ -110,6 +110,7 @@ def _problems(n: int, seed: int = 0) -> list[dict]:
 
 
 def _cfg(**over) -> OmegaConf:
+    from sphere.prompts import load_family
     from sphere.schema import DataSettings, FiltersSettings, SearchSettings, StagesSettings, defaults
 
     search = OmegaConf.create(defaults(SearchSettings))  # conf/search/paper.yaml: the SearchSettings defaults
@@ -117,7 +118,7 @@ def _cfg(**over) -> OmegaConf:
     gen.pop("defaults")
     gen = OmegaConf.merge({"data": defaults(DataSettings), "stages": defaults(StagesSettings),
                            "filters": defaults(FiltersSettings)}, gen)  # what generate.yaml composes over
-    prompt = OmegaConf.load(CONF / "prompt" / "mini.yaml")
+    prompt = OmegaConf.create(load_family("mini"))  # conf/prompt/mini.yaml over the PromptSettings defaults
     # a reflection prompt that shows the attempt (the chat families' shape), so stage 2 is recognisable
     prompt.reflection = "Problem: {problem}\n\nAttempt:\n{attempt}\n\nThe attempt has a mistake. Corrected solution:\n"
     cfg = OmegaConf.create({"seed": 0, "model": {"policy": "fake", "small": "fake-small", "prm": "symbolic"},

@@ -26,7 +26,7 @@ LAYERS: list[set[str]] = [
     {"model_paths"},
     {"mini"},
     {"io", "resources", "schema", "schema_eval", "schema_fields", "schema_groups", "schema_scorers", "schema_train",
-     "overrides", "__init__"},
+     "schema_models", "overrides", "__init__"},
 ]
 
 

@@ -2,18 +2,20 @@
 group's type, default, range and doc live in its dataclass; conf/ keeps presets and experiment deltas.
 
 - ``test_every_composed_key_has_a_typed_field``: every key that a command or experiment composes under a typed
-  node (``sphere.schema.SCHEMAS``: search, sampling, train, eval, data, stages, filters, controls, and per
-  option ``OPTION_SCHEMAS``: scorer, runner, logger, backend, for the commands that read them) is a field of
-  that node's dataclass: a YAML key with no field (a typo, a field added to conf/ only, a dead field) fails
-  here. Options a command does not compose by default (``runner=ray``, ``logger=wandb``, ``backend=openai``,
+  node (``sphere.schema.SCHEMAS``: search, sampling, train, eval, data, stages, filters, controls, model, and
+  per option ``OPTION_SCHEMAS``: scorer, runner, logger, backend, construction, prompt, for the commands that
+  read them) is a field of that node's dataclass: a YAML key with no field (a typo, a field added to conf/
+  only, a dead field) fails here. Options a command does not compose by default (``runner=ray``,
+  ``logger=wandb``, ``backend=openai``, ``construction=siblings``, ``model=phi4``, ``prompt=deepseek_r1``,
   ...) are composed too (``_commands``).
 - ``test_the_run_base_is_neutral``: conf/run.yaml sets no mini (or paper) values; experiments carry them.
 - ``test_no_default_is_written_twice``. The rule: a YAML file outside ``conf/experiment/`` (the group options
-  and the command configs: conf/*.yaml, conf/search/, conf/train_opts/, and each option group's directory:
-  conf/scorer/, conf/runner/, conf/logger/, conf/backend/) must not set a key of a typed node to
-  the value it already has there, i.e. the dataclass default overlaid with what the file composes over (its own
-  ``defaults``: another option of the same group, ``full`` over ``lora``, ``mcts`` over ``paper``; for a command
-  config, the command configs it extends: run over generate over config). Interpolations compare as written
+  and the command configs: conf/*.yaml, conf/search/, conf/train_opts/, conf/model/, and each option
+  group's directory: conf/scorer/, conf/runner/, conf/logger/, conf/backend/, conf/construction/,
+  conf/prompt/) must not set a key of a typed node to the value it already has there, i.e. the dataclass
+  default overlaid with what the file composes over (its own ``defaults``: another option of the same
+  group, ``full`` over ``lora``, ``mcts`` over ``paper``; for a command config, the command configs it
+  extends: run over generate over config). Interpolations compare as written
   (``${seed}`` equals ``${seed}``). Experiments are exempt: they state the settings of a study (a paper's
   beta = 0.1 even though it is the default), and tests/test_composed_snapshot.py pins what they compose to.
   conf/mini/ (the mini models' pretraining recipes) and the bench configs have nodes of their own shape and
@@ -42,7 +44,15 @@ def _commands() -> dict[str, tuple[tuple[str, ...], list[str]]]:
     for key, args in [*[((c,), ["runner=ray"]) for c in ("generate", "eval", "run")],
                       (("train",), ["logger=wandb"]), (("generate",), ["logger=wandb"]),
                       *[(("eval",), [f"backend={b}"]) for b in ("openai", "replay", "transformers")],
-                      (("generate",), ["backend=vllm"]), (("run",), ["backend=openai"])]:
+                      (("generate",), ["backend=vllm"]), (("run",), ["backend=openai"]),
+                      # construction / model / prompt (sphere/schema_models.py)
+                      *[(("generate",), [f"construction={c}"]) for c in ("first_wrong_step", "siblings",
+                                                                         "best_worst_of_n")],
+                      (("run",), ["construction=siblings"]),
+                      *[(("eval",), [f"model={m}"]) for m in ("phi4", "standin_deepseek_r1", "mini_honest")],
+                      (("train",), ["model=qwen2_5_7b"]),
+                      *[(("generate",), [f"prompt={f}"]) for f in ("qwen2_5", "qwen2_5_math", "deepseek_r1")],
+                      (("train",), ["prompt=phi4"])]:
         out[" ".join([*key, *args])] = (key, args)
     return out
 
@@ -127,7 +137,8 @@ def _typed_values(path: Path) -> dict[str, object]:
     from sphere.schema import OPTIONS, SETTINGS
 
     body = {k: v for k, v in _load(path).items() if k not in ("defaults", "hydra")}
-    group = {"search": "search", "train_opts": "train", **{g: g for g in OPTIONS}}.get(path.parent.name)
+    group = {"search": "search", "train_opts": "train", "model": "model",
+             **{g: g for g in OPTIONS}}.get(path.parent.name)
     if group:
         return {f"{group}.{k}": v for k, v in _flat(body).items()}
     if path.parent == CONF:
@@ -154,7 +165,8 @@ def _checked_files() -> list[Path]:
     from sphere.schema import OPTIONS
 
     return [*sorted(CONF.glob("*.yaml")),
-            *[p for d in ("search", "train_opts", *OPTIONS) for p in sorted((CONF / d).glob("*.yaml"))]]
+            *[p for d in ("search", "train_opts", "model", *OPTIONS)
+              for p in sorted((CONF / d).glob("*.yaml"))]]
 
 
 @pytest.mark.parametrize("path", _checked_files(), ids=lambda p: str(p.relative_to(CONF)))

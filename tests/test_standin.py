@@ -143,11 +143,14 @@ def test_names_resolve_from_any_directory(tmp_path, monkeypatch):
     from omegaconf import OmegaConf
 
     from sphere.cli import conf_dir
+    from sphere.schema import defaults
+    from sphere.schema_models import ModelSettings
 
     named = set()
     for conf, family in (("standin_qwen2_5", "qwen2_5"), ("standin_phi4", "phi4"),
                          ("standin_deepseek_r1", "deepseek_r1")):
-        cfg = OmegaConf.load(conf_dir() / "model" / f"{conf}.yaml")
+        # the file over the ModelSettings defaults it composes over (it writes only what differs)
+        cfg = OmegaConf.merge(defaults(ModelSettings), OmegaConf.load(conf_dir() / "model" / f"{conf}.yaml"))
         assert cfg.family == family and cfg.trust_remote_code is False
         named |= {cfg.policy, cfg.small, cfg.prm}
     assert named == set(STANDIN_NAMES)  # every shipped stand-in has a model config, and only those
