@@ -215,7 +215,7 @@ def _order(out: Path, rnd: int) -> list[tuple]:
             map(json.loads, (out / f"round_{rnd}" / "generate" / "pairs.jsonl").read_text().splitlines())]
 
 
-NIGHTLY = [pytest.mark.nightly, pytest.mark.timeout(3600)]  # 17.5 min here: 12.6 on the cluster, 4-8 local
+NIGHTLY = [pytest.mark.nightly, pytest.mark.timeout(3600)]  # 30 min at load 7-10: 25 on the cluster, 4 local
 
 
 @pytest.mark.parametrize("size", [pytest.param("small", marks=pytest.mark.slow),
