@@ -71,6 +71,7 @@ def qwen_run(tmp_path_factory):
     return out, summary
 
 
+@pytest.mark.timeout(1800)  # its fixture's paper-path run (6 min on an idle CI) counts too; slow when loaded
 def test_paper_qwen_dpo_as_two_processes_in_sphere_run(qwen_run, tmp_path):
     """`train.processes=2` on a multi-GPU node: two DDP processes (gloo here), rank 0 alone publishes. Round 0's
     evaluation and round 1's pairs are the Qwen run's (copied: the run resumes them), so this run trains round

@@ -30,6 +30,7 @@ def _pairs(out):
     return sorted((r["problem_id"], r["stage"], json.dumps(r["chosen"]), json.dumps(r["rejected"])) for r in rows)
 
 
+@pytest.mark.timeout(1800)  # two sphere runs with the RFT control each
 def test_sphere_run_on_ray_equals_local(tmp_path):
     local = _run(tmp_path / "local", "controls.rft=true")
     ray = _run(tmp_path / "ray", "controls.rft=true", "runner=ray", "runner.workers=2")
@@ -47,6 +48,7 @@ def test_sphere_run_on_ray_equals_local(tmp_path):
     assert rft[0]["eval"] == rft[1]["eval"] and rft[0]["pairs"] == rft[1]["pairs"] > 0
 
 
+@pytest.mark.timeout(1800)  # 4 trainings and evaluations on a local Ray cluster; slow on a loaded machine
 def test_random_pairs_control_samples_on_the_actors(tmp_path):
     """`controls.random_pairs=true` with runner=ray: the start policy's samples come from the actors (a
     one-benchmark evaluation of the searched problems), in the harness's own records, and pair one right and
