@@ -25,7 +25,8 @@ from omegaconf import OmegaConf
 
 from sphere.model_paths import looks_like_path, model_files
 from sphere.resources import resource_path
-from sphere.schema_models import PromptSettings, prompt_defaults
+from sphere.schema import defaults
+from sphere.schema_models import PromptSettings
 
 FAMILIES = ("mini", "qwen2_5", "qwen2_5_math", "phi4", "deepseek_r1")
 REQUIRED = ("system", "instruction", "template", "assistant_prefix", "step_delimiter", "use_chat_template",
@@ -46,7 +47,7 @@ def load_family(name: str) -> dict:
         raise FileNotFoundError(f"prompt family {name!r}: {path} not found; available: {have}")
     own = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
     own.pop("defaults", None)
-    merged = {**prompt_defaults(), **own}
+    merged = {**defaults(PromptSettings), **own}
     order = [f.name for f in dataclasses.fields(PromptSettings)]
     fam = {**{k: merged[k] for k in order if k in merged},
            **{k: v for k, v in merged.items() if k not in order}}

@@ -19,7 +19,7 @@ def _f(default: Any, doc: str, **meta: Any) -> Any:
 
 def _name(doc: str) -> Any:
     """An option's ``name``: no default; its file (conf/<group>/<option>.yaml) writes it (it picks the dataclass)."""
-    return field(metadata={"doc": doc})
+    return _given(doc)
 
 
 def _given(doc: str, **meta: Any) -> Any:

@@ -5,11 +5,10 @@ range and doc. ``construction`` has one dataclass per option of conf/constructio
 own checks (with the messages their tests pin): sphere/generate/constructions.py (``Construction.from_cfg``,
 ``check_construction_override``), sphere/prompts.py (``validate_family``); the ranges here repeat them so
 that ``check_config`` refuses a bad value before anything runs. sphere/prompts.py (``load_family``) reads a
-conf/prompt/ file outside Hydra over ``PromptSettings``' defaults (``prompt_defaults``)."""
+conf/prompt/ file outside Hydra over ``PromptSettings``' defaults (``sphere.schema.defaults``)."""
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -129,15 +128,6 @@ class PromptSettings:
 # every family of conf/prompt/ has the same fields (sphere.prompts.FAMILIES)
 PROMPT_OPTIONS: dict[str, type] = {f: PromptSettings for f in
                                    ("mini", "qwen2_5", "qwen2_5_math", "phi4", "deepseek_r1")}
-
-
-def prompt_defaults() -> dict:
-    """``PromptSettings``' defaults, in field order (the fields with no default left out)."""
-    out = {}
-    for f in dataclasses.fields(PromptSettings):
-        if f.default is not dataclasses.MISSING:
-            out[f.name] = f.default
-    return out
 
 
 # =============================================================================================== model
