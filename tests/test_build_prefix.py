@@ -51,9 +51,35 @@ def test_a_changed_weight_or_step_count_is_reported():
 
 def test_the_tolerance_sits_between_another_cpus_drift_and_one_step():
     cal = B.recorded()["calibration"]
-    assert cal["rel_tol"] == B.REL_TOL
-    for which in ("mini",):
+    assert cal["rel_tol"] == B.REL_TOL and cal["loss_rel_tol"] == B.LOSS_REL_TOL
+    for which in ("mini", "standin"):
         assert 3 * cal[which]["kernels_drift"] < B.REL_TOL < cal[which]["one_step"] / 10
+        assert 3 * cal[which]["loss_kernels_drift"] < B.LOSS_REL_TOL < cal[which]["loss_one_step_off"] / 10
+
+
+@pytest.mark.parametrize("which", sorted(B.BUILDS))
+def test_a_changed_loss_curve_is_reported(which):
+    rec = B.recorded()["builds"][which]
+    assert set(rec["loss"]) == set(rec["sha256"]) and all(len(c) >= 2 for c in rec["loss"].values())
+    assert B.compare(which, rec) == []
+    name = sorted(rec["loss"])[-1]
+
+    def moved(i: int, by: float) -> dict:
+        got = copy.deepcopy(rec)
+        got["loss"][name][i][1] *= 1 + by
+        return got
+
+    assert B.compare(which, moved(-1, 0.5 * B.LOSS_REL_TOL)) == []
+    for i in (0, -1):
+        (p,) = B.compare(which, moved(i, 2 * B.LOSS_REL_TOL))
+        assert p.startswith(f"{which}/{name}: training loss curve differs from the recorded one by 0.002 of a loss")
+    short = copy.deepcopy(rec)
+    short["loss"][name].pop()
+    (p,) = B.compare(which, short)
+    assert "differs from the recorded one by inf" in p
+    assert B.loss_drift([[1, 2.0], [2, 1.0]], [[1, 2.0], [2, 1.0]]) == 0.0
+    assert B.loss_drift([[1, 2.2], [2, 1.0]], [[1, 2.0], [2, 1.1]]) == pytest.approx(0.1)
+    assert B.loss_drift([[1, 2.0]], [[2, 2.0]]) == float("inf")
 
 
 def test_stop_after_gives_the_full_runs_weights_at_that_step(tmp_path):

@@ -113,13 +113,15 @@ def _plain_loss_sft_trainer():
 
 
 def train(recipe: dict, out_dir: Path, progress: bool = True, snapshots: tuple[int, ...] = (),
-          stop_after: int | None = None) -> dict:
+          stop_after: int | None = None, log_every: int | None = None) -> dict:
     """Train the mini model of ``recipe`` into ``out_dir`` (HF checkpoint). Returns training stats.
 
     ``snapshots``: also save the model after these steps to ``out_dir/step-<k>`` (with a constant LR
     schedule, step-k of a long run equals a run with ``max_steps=k``: how max_steps was chosen).
     ``stop_after``: stop after this many optimizer steps, schedule unchanged, and save: the weights are
-    exactly the full run's at that step (the reproducibility check CI runs instead of a full rebuild)."""
+    exactly the full run's at that step (the reproducibility check CI runs instead of a full rebuild).
+    ``log_every``: log the training loss (``loss_curve``) every that many steps (default ``max_steps // 20``;
+    logging does not change the weights)."""
     import datasets
 
     datasets.disable_progress_bars()
@@ -136,7 +138,7 @@ def train(recipe: dict, out_dir: Path, progress: bool = True, snapshots: tuple[i
         max_len = int(recipe["model"]["max_position_embeddings"])
         ds = datasets.Dataset.from_dict(_tokenize_examples(tokenizer, probs, max_len))
         model = build_model(recipe["model"], tokenizer, int(recipe["seed"]))
-        cfg = _sft_config(recipe, out_dir, max_len)
+        cfg = _sft_config(recipe, out_dir, max_len, log_every)
         losses: list[tuple[int, float]] = []
         _PlainLossSFTTrainer = _plain_loss_sft_trainer()
         desc = f"pretrain {recipe['name']}" if progress else None
@@ -182,7 +184,7 @@ def _training_set(recipe: dict, world: WorldSpec) -> list[dict]:
     return probs
 
 
-def _sft_config(recipe: dict, out_dir: Path, max_len: int):
+def _sft_config(recipe: dict, out_dir: Path, max_len: int, log_every: int | None = None):
     from trl import SFTConfig
 
     tr = recipe["train"]
@@ -205,7 +207,7 @@ def _sft_config(recipe: dict, out_dir: Path, max_len: int):
         completion_only_loss=True,
         max_length=max_len,
         dataset_kwargs={"skip_prepare_dataset": True},  # already tokenised with labels (see above)
-        logging_steps=max(1, int(tr["max_steps"]) // 20),
+        logging_steps=log_every or max(1, int(tr["max_steps"]) // 20),
         save_strategy="no",
         report_to=[],
         disable_tqdm=True,

@@ -203,7 +203,8 @@ def _train_causal(role: str, tok, fam: dict, seed: int, out: Path, stop_after: i
                  tok.pad_token_id, what=role, stop_after=stop_after)
     save_causal_lm(model, tok, out)
     return {"train_seconds": round(time.time() - t0, 1), "final_loss": round(sum(losses[-20:]) / 20, 4),
-            "n_params": sum(p.numel() for p in model.parameters()), "source": str(r["source"])}
+            "n_params": sum(p.numel() for p in model.parameters()), "source": str(r["source"]),
+            "loss_curve": losses}
 
 
 def write_record(out: Path, role: str, stats: dict, metrics: dict, seed: int) -> dict:
@@ -251,7 +252,9 @@ def build(out_dir: str | os.PathLike, seed: int | None = None, evaluate: bool = 
         save_prm(model, cfg, tok, out / DIR_OF["prm"])
         stats["prm"] = {"train_seconds": round(time.time() - t0, 1),
                         "final_loss": round(sum(losses[-20:]) / 20, 4),
-                        "n_params": sum(p.numel() for p in model.parameters())}
+                        "n_params": sum(p.numel() for p in model.parameters()), "loss_curve": losses}
+    # every step's training loss, returned (the prefix check compares them), not written to recipe.json
+    curves = {DIR_OF[role]: stats[role].pop("loss_curve") for role in ("policy", "small", "prm")}
     build_seconds = round(time.time() - t_all, 1)
     for role in ("policy", "small", "prm"):
         d = out / DIR_OF[role]
@@ -268,6 +271,7 @@ def build(out_dir: str | os.PathLike, seed: int | None = None, evaluate: bool = 
         summary[role] = write_record(d, role, stats[role], metrics, seed)["metrics"]
         _log(f"{role}: {json.dumps({k: v for k, v in summary[role].items() if k != 'example'})}")
     summary["build_seconds"] = build_seconds
+    summary["loss_curves"] = curves
     return summary
 
 
@@ -282,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     res = build(a.out_dir, a.seed, evaluate=not a.no_eval, steps_scale=a.steps_scale)
     print(json.dumps({k: ({kk: vv for kk, vv in v.items() if kk != "example"} if isinstance(v, dict) else v)
-                      for k, v in res.items()}))
+                      for k, v in res.items() if k != "loss_curves"}))
     return 0
 
 
