@@ -104,4 +104,5 @@ class RolloutScorer:
 
     def score_records(self, records: list[dict], steps: list[list[str]]) -> list[list[float]]:
         """``score`` for problem records (``{"problem": ..., "answer": ...}``) and their step lists."""
-        return self.score([(r["problem"], s) for r, s in zip(records, steps)], [r["answer"] for r in records])
+        items = [(r["problem"], s) for r, s in zip(records, steps)]
+        return self.score(items, [str(r["answer"]) for r in records])  # golds as set_golds keeps them
