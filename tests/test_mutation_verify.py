@@ -433,7 +433,7 @@ def test_parse_number_bounds_and_signs():
     ("f(x)=ax+b, where b is an arbitrary integer", True), ("abc def ghi", True), ("the answer: 5 and more", True),
     ("two apples", False), ("ab cd ef gh", False), ("xabc", False), ("\\frac \\sqrt \\alpha", False),
     ("one two\\text{three}", False), ("one two\\textbf{three four}", False), ("one two three", True),
-    ("5", False), ("", False),
+    ("5", False), ("", False), ("a\\text{b}c d\\text{e}", False),
 ])
 def test_is_prose(ans, want):
     assert ex.is_prose(ans) is want
@@ -453,7 +453,7 @@ def test_balanced_from_scans_at_most_max_answer_chars():
 @pytest.mark.parametrize("text, want", [
     ("\\boxed", True), ("so \\boxed  \t{3", True), ("\\fbox{3", True), ("\\boxed{3} then \\fbox{", True),
     ("\\boxed {3}", False), ("\\boxed X", False), ("\\boxed 5", False), ("no box", False), ("\\boxed{{3}", True),
-    ("\\fbox{1} \\boxed{2}", False),
+    ("\\fbox{1} \\boxed{2}", False), ("\\boxed{3 \\boxed{4}", False),  # the last box decides
 ])
 def test_has_open_box(text, want):
     assert ex.has_open_box(text) is want
