@@ -511,6 +511,17 @@ def test_pool_fast_path_and_cache(fake_worker_env):
         assert sorted(v._cache) == [("u", "v"), ("w", "z")]
 
 
+def test_pool_cache_evicts_the_least_recently_used(fake_worker_env):
+    with pool.Verifier(workers=1, timeout_s=30, worker_module=_FAKE, cache_size=2) as v:
+        assert v.check_many([("\\boxed{a}", "b"), ("\\boxed{c}", "d")]) == [False, False]
+        assert list(v._cache) == [("a", "b"), ("c", "d")]
+        assert v.check_many([("\\boxed{a}", "b")]) == [False]  # a hit: ("a", "b") is now the most recent
+        assert list(v._cache) == [("c", "d"), ("a", "b")]
+        assert v.check_many([("\\boxed{e}", "f")]) == [False]
+        assert list(v._cache) == [("a", "b"), ("e", "f")]  # ("c", "d") was the least recently used
+        assert v.stats()["cache_hits"] == 1 and v.stats()["worker_checks"] == 3
+
+
 def test_pool_without_cache(fake_worker_env):
     with pool.Verifier(workers=1, timeout_s=30, worker_module=_FAKE, cache_size=0) as v:
         assert v.check_many([("\\boxed{a}", "b")] * 3) == [False] * 3

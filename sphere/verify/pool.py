@@ -276,6 +276,8 @@ class Verifier:
             if fast and self.cache_size:
                 with self._lock:
                     hit = self._cache.get((pred, gold))
+                    if hit is not None:
+                        self._cache.move_to_end((pred, gold))  # least recently used goes first
                 if hit is not None:
                     res[i] = hit
                     n_hit += 1
