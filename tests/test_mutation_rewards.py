@@ -867,7 +867,7 @@ def test_shared_prefix_forms_give_separate_scores(random_prm, mode, batch_size, 
     got = probs_shared(random_prm, rows, 1, device=torch.device("cpu"), pad_id=0, batch_size=batch_size,
                        mode=mode, min_shared=2, stats=st)
     assert [len(g) for g in got] == [3, 3, 3, 1]
-    assert max(abs(a - b) for g, r in zip(got, ref) for a, b in zip(g, r)) < 1e-6
+    assert max(abs(a - b) for g, r in zip(got, ref, strict=True) for a, b in zip(g, r, strict=True)) < 1e-6
     assert st == stats
 
 
@@ -980,7 +980,7 @@ def test_probs_shared_defaults_stats_and_batch_boundary(random_prm):
     st = {}
     got = probs_shared(random_prm, rows, 1, device=torch.device("cpu"), pad_id=0, batch_size=4, stats=st)
     ref = _separately(random_prm, rows)
-    assert max(abs(a - b) for g, r in zip(got, ref) for a, b in zip(g, r)) < 1e-6
+    assert max(abs(a - b) for g, r in zip(got, ref, strict=True) for a, b in zip(g, r, strict=True)) < 1e-6
     assert st == {"groups": 1, "tokens_shared": 16, "forward_passes": 2, "tokens_computed": 16 + 2 * 3}
 
 
@@ -991,7 +991,7 @@ def test_kv_longest_continuations_first_and_a_reward_token_at_the_start(random_p
     got = probs_shared(random_prm, rows, 1, device=torch.device("cpu"), pad_id=0, batch_size=2, mode="kv",
                        min_shared=2, stats=st)
     ref = _separately(random_prm, rows)
-    assert max(abs(a - b) for g, r in zip(got, ref) for a, b in zip(g, r)) < 1e-6
+    assert max(abs(a - b) for g, r in zip(got, ref, strict=True) for a, b in zip(g, r, strict=True)) < 1e-6
     # the prefix (4), then the continuations longest first in pairs: [5, 4] padded to 5, then [1]
     assert st == {"groups": 1, "tokens_shared": 8, "forward_passes": 3, "tokens_computed": 4 + 10 + 1}
     rows = [[1, 5, 1, 7, 1], [1, 5, 1, 8, 8, 1]]
@@ -999,4 +999,4 @@ def test_kv_longest_continuations_first_and_a_reward_token_at_the_start(random_p
                        min_shared=2)
     ref = _separately(random_prm, rows)
     assert [len(g) for g in got] == [3, 3]
-    assert max(abs(a - b) for g, r in zip(got, ref) for a, b in zip(g, r)) < 1e-6
+    assert max(abs(a - b) for g, r in zip(got, ref, strict=True) for a, b in zip(g, r, strict=True)) < 1e-6

@@ -3,13 +3,26 @@ docs/mutation.md; each test fails on a mutant the rest of the suite let through)
 
 from __future__ import annotations
 
+import io
+import itertools
+import json
+import logging
 import math
+import os
+import signal
 import sys
+import time
+import types
+from collections import OrderedDict
 from fractions import Fraction
+from pathlib import Path
 
 import pytest
+import sympy
 
-from sphere.verify import arith
+from sphere.verify import _worker, arith, pool
+from sphere.verify import extract as ex
+from sphere.verify import validate as val
 from sphere.verify.arith import NotArithmetic, evaluate, tokenize, try_evaluate
 
 F = Fraction
@@ -102,17 +115,6 @@ def test_tokens():
 # sphere/verify/_worker.py, called in this process (the pool's workers run it in subprocesses, which the
 # mutation run cannot see). math-verify is used with its own alarms off; pytest runs tests in the main thread.
 # ---------------------------------------------------------------------------------------------------------
-import io
-import json
-import logging
-import os
-import signal
-import time
-from collections import OrderedDict
-
-import sympy
-
-from sphere.verify import _worker
 
 
 @pytest.fixture
@@ -404,7 +406,6 @@ def test_worker_main_stops_when_the_parent_is_gone(alarm_state, rlimits, monkeyp
 # ---------------------------------------------------------------------------------------------------------
 # sphere/verify/extract.py
 # ---------------------------------------------------------------------------------------------------------
-from sphere.verify import extract as ex
 
 
 @pytest.mark.parametrize("text, want", [
@@ -463,9 +464,7 @@ def test_has_open_box(text, want):
 # sphere/verify/pool.py: the parent side, with tests/fixtures/verify_fake_worker.py as the worker (it answers
 # pred == gold without sympy; "HANG" blocks, "DIE" exits), so no math-verify import is paid per worker.
 # ---------------------------------------------------------------------------------------------------------
-from pathlib import Path
 
-from sphere.verify import pool
 
 _FAKE = "verify_fake_worker"
 
@@ -573,10 +572,6 @@ def test_pool_singleton(fake_worker_env):
 # ---------------------------------------------------------------------------------------------------------
 # sphere/verify/validate.py, on a small benchmark file and the fake worker
 # ---------------------------------------------------------------------------------------------------------
-import itertools
-import types
-
-from sphere.verify import validate as val
 
 
 def _bench(tmp_path, name, rows):
