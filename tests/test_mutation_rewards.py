@@ -4,9 +4,15 @@ mutant the rest of the suite let through)."""
 
 from __future__ import annotations
 
+import hashlib
+
 import pytest
 from omegaconf import OmegaConf
 
+import sphere.rewards.rollout as rollout_mod
+from sphere.backends import Candidate, SamplingParams
+from sphere.prompts import load_family
+from sphere.rewards.mini_world import _apply, reference_chain
 from sphere.rewards.symbolic import SymbolicStepScorer
 
 
@@ -1000,3 +1006,211 @@ def test_kv_longest_continuations_first_and_a_reward_token_at_the_start(random_p
     ref = _separately(random_prm, rows)
     assert [len(g) for g in got] == [3, 3]
     assert max(abs(a - b) for g, r in zip(got, ref, strict=True) for a, b in zip(g, r, strict=True)) < 1e-6
+
+
+# --------------------------------------------------------------------------------------------------------
+# sphere/rewards/rollout.py: RolloutScorer settings, errors and the score arithmetic (a scripted backend)
+# --------------------------------------------------------------------------------------------------------
+class ScriptedBackend:
+    """Rollout backend double: a character tokenizer, and per prompt the first ``params.n`` scripted
+    completion texts; records every ``complete`` call."""
+
+    def __init__(self, texts):
+        self.tokenizer = CharTokenizer()
+        self.texts = texts
+        self.calls = []
+
+    def complete(self, prompts, params):
+        self.calls.append((prompts, params))
+        return [[Candidate(t, [], 0.0, 0.0, "answer") for t in self.texts[: params.n]] for _ in prompts]
+
+
+def _settings(s: RolloutScorer) -> tuple:
+    return (s.m, s.mode, s.temperature, s.top_p, s.max_tokens, s.seed, s.verify_timeout_s)
+
+
+def test_rollout_defaults_config_and_overrides():
+    b = ScriptedBackend([])
+    d = RolloutScorer(None, b)
+    assert _settings(d) == (8, "soft", 0.8, 1.0, 512, None, 5.0)
+    assert d.family == load_family("mini") and d.delim == "\n\n" and d.backend is b and d.rollouts == 0
+    cfg = OmegaConf.create({"seed": 3, "scorer": {"m": 1, "mode": "hard", "temperature": 0.0, "top_p": 0.5,
+                                                  "max_tokens": 7, "seed": "${seed}",
+                                                  "verify_timeout_s": 2.5}})
+    assert _settings(RolloutScorer(cfg, b)) == (1, "hard", 0.0, 0.5, 7, 3, 2.5)
+    over = RolloutScorer(cfg, b, m=2, top_p=0.25, max_tokens=9, verify_timeout_s=1.5)
+    assert _settings(over) == (2, "hard", 0.0, 0.25, 9, 3, 1.5)
+    assert _settings(RolloutScorer({"scorer": {"top_p": 0.75, "max_tokens": 33}}, b)) == (
+        8, "soft", 0.8, 0.75, 33, None, 5.0)
+    # a value the config leaves missing (???) may be given as an override
+    missing = OmegaConf.create({"scorer": {"m": "???", "seed": 1}})
+    assert _settings(RolloutScorer(missing, b, m=3)) == (3, "soft", 0.8, 1.0, 512, 1, 5.0)
+    # an object without .get is not read as a config: defaults, the mini family
+    ns = RolloutScorer(types.SimpleNamespace(scorer={"m": 2}), b)
+    assert _settings(ns) == (8, "soft", 0.8, 1.0, 512, None, 5.0) and ns.family == load_family("mini")
+
+
+def test_rollout_family_comes_from_the_config():
+    b = ScriptedBackend([])
+    qwen = load_family("qwen2_5")
+    assert qwen != load_family("mini")
+    assert RolloutScorer(OmegaConf.create({"model": {"family": "qwen2_5"}}), b).family == qwen
+    assert RolloutScorer({"model": {"family": "qwen2_5"}}, b).family == qwen
+    fam = {"step_delimiter": " | "}
+    s = RolloutScorer(OmegaConf.create({"model": {"family": "qwen2_5"}}), b, family=fam)
+    assert s.family is fam and s.delim == " | "
+
+
+def test_rollout_bad_arguments():
+    with pytest.raises(ValueError) as e:
+        RolloutScorer(None, None)
+    assert str(e.value) == "RolloutScorer needs a generation backend (sphere.backends.make_backend(cfg))"
+    b = ScriptedBackend([])
+    with pytest.raises(ValueError) as e:
+        RolloutScorer(None, b, m=0)
+    assert str(e.value) == "scorer.m must be >= 1, got 0"
+    assert RolloutScorer(None, b, m=1).m == 1
+    with pytest.raises(ValueError) as e:
+        RolloutScorer(None, b, mode="Soft")
+    assert str(e.value) == "scorer.mode='Soft': allowed 'soft' | 'hard'"
+    s = RolloutScorer(None, b, family={"step_delimiter": "\n\n"})
+    with pytest.raises(ValueError) as e:
+        s.score([("p", ["a"]), ("q", ["b"])], ["1"])
+    need = "RolloutScorer.score needs one gold answer per item (golds=...), got"
+    assert str(e.value) == f"{need} 1 for 2 items"
+    with pytest.raises(ValueError) as e:
+        s.score([("p", ["a"])])
+    assert str(e.value) == f"{need} None for 1 items"
+    long = "Ann has " + "7" * 100 + " apples. How many?"
+    s.set_golds([{"problem": "p", "answer": 1}])
+    with pytest.raises(KeyError) as e:
+        s.score([("p", ["a"]), (long, ["b"])])
+    assert e.value.args[0] == (f"RolloutScorer: no gold answer registered for problem {long[:80]!r} "
+                               "(call set_golds(records) or pass golds=)")
+
+
+@pytest.fixture
+def answer_spy(monkeypatch):
+    """Records what the scorer hands the (real) batch answer checker."""
+    seen = []
+    real = rollout_mod.check_answers
+
+    def spy(pairs, **kw):
+        seen.append((list(pairs), kw))
+        return real(pairs, **kw)
+
+    monkeypatch.setattr(rollout_mod, "check_answers", spy)
+    return seen
+
+
+def test_rollout_score_sampling_and_checking(answer_spy):
+    b = ScriptedBackend(["So \\boxed{20}.", "So \\boxed{7}.", "unused"])
+    s = RolloutScorer(None, b, m=2, temperature=0.5, top_p=0.5, max_tokens=7, seed=3, verify_timeout_s=2.5)
+    assert s.score([("p", ["a", "The answer is \\boxed{20}."])], ["20"]) == [[0.5, 1.0]]
+    prompts, params = b.calls[0]
+    assert params == SamplingParams(n=2, temperature=0.5, top_p=0.5, max_tokens=7, seed=3)
+    assert prompts == [[2] + [ord(c) for c in "Problem: p\n\nSolution:\na\n\n"]]
+    assert answer_spy == [([("So \\boxed{20}.", "20"), ("So \\boxed{7}.", "20"),
+                            ("a\n\nThe answer is \\boxed{20}.", "20")], {"timeout_s": 2.5})]
+    assert s.rollouts == 2
+    assert s.score([("p", ["a", "b"])], ["7"]) == [[0.5, 0.5]]
+    assert s.rollouts == 6  # counted over calls
+
+
+class EmptyRowsBackend(ScriptedBackend):
+    """A backend whose rollouts do not come back (an empty row per prompt)."""
+
+    def complete(self, prompts, params):
+        self.calls.append((prompts, params))
+        return [[] for _ in prompts]
+
+
+def test_rollout_steps_without_any_verdict_score_zero(answer_spy):
+    s = RolloutScorer(None, EmptyRowsBackend([]), m=2)
+    assert s.score([("p", ["a", "b"]), ("q", [])], ["1", "2"]) == [[0.0, 0.0], []]
+    assert s.rollouts == 0
+    assert answer_spy == []  # nothing to check: the checker is not called
+
+
+# --------------------------------------------------------------------------------------------------------
+# sphere/rewards/mini_world.py: the chain parser, the scorer's cache, errors and flip_rate
+# --------------------------------------------------------------------------------------------------------
+_ANN = "Ann has 4 apples."
+_HOW = "How many apples does Ann have now?"
+
+
+def test_mini_apply_and_reference_chain_edges():
+    assert (_apply("/", 6, 3), _apply("/", 7, 2), _apply("/", 6, 0), _apply("-", 7, 2)) == (2, None, None, 5)
+    assert reference_chain(f"{_ANN} {_HOW}") == []
+    assert reference_chain(f"Ann has 3 bags with 4 apples each. {_HOW}") == [(3, "*", 4, 12)]
+    assert reference_chain(f"{_ANN} Then she finds 2 more. {_HOW}") == [(4, "+", 2, 6)]
+    assert reference_chain(f"{_ANN} Then she finds 2 more.") is None  # no question
+    assert reference_chain("") is None
+    assert reference_chain(_HOW) is None
+    split = "Then she splits them into 3 equal groups and keeps one group."
+    assert reference_chain(f"{_ANN} {split} {_HOW}") is None  # 4 / 3 is not exact
+    two = [(4, "+", 2, 6), (6, "/", 3, 2)]
+    assert reference_chain(f"{_ANN} Then she finds 2 more. {split} {_HOW}") == two
+    s = MiniWorldStepScorer()
+    assert s.step_right([], 0, "The answer is \\boxed{4}.") is False  # no equation: no result to answer
+    assert s.score_steps(f"{_ANN} {_HOW}", ["The answer is \\boxed{4}."]) == [0.0]
+
+
+def test_mini_scorer_settings_cache_and_errors():
+    s = MiniWorldStepScorer()
+    assert (s.flip_rate, s.seed) == (0.0, 0)
+    assert (MiniWorldStepScorer({"flip_rate": 0.25}).seed, MiniWorldStepScorer({"seed": 4}).seed) == (0, 4)
+    with pytest.raises(ValueError) as e:
+        MiniWorldStepScorer({"flip_rate": 0.6})
+    assert str(e.value) == ("scorer.flip_rate=0.6 (conf/scorer/mini_world.yaml): allowed [0, 0.5] "
+                            "(the chance a step verdict is flipped; 0 = exact)")
+    p = f"{_ANN} Then she finds 2 more. {_HOW}"
+    ch = s.chain(p)
+    assert ch == [(4, "+", 2, 6)] and s.chain(p) is ch and s._chains == {p: ch}  # parsed once, then cached
+    bad = "x" * 150 + "y" * 100
+    with pytest.raises(ValueError) as e:
+        s.chain(bad)
+    assert str(e.value) == ("scorer=mini_world scores only mini-world problems (sphere.mini.world's sentence "
+                            f"templates); this problem is not one: {bad[:200]!r}. Use scorer=symbolic or "
+                            "scorer=prm for other data.")
+    assert s._chains == {p: ch}
+    s.score([(p, ["a"])])
+    s.score([(p, ["a", "b"]), (p, [])])
+    assert s.stats() == {"scorer/calls": 2, "scorer/steps": 3}
+
+
+def _draw(seed, problem: str, steps: list[str], t: int) -> float:
+    """The documented flip draw: blake2b (8 bytes) of seed, problem and the prefix, read as a fraction."""
+    h = hashlib.blake2b(digest_size=8)
+    h.update(f"{seed}\x00{problem}\x00".encode())
+    h.update("\x00".join(steps[: t + 1]).encode())
+    return int.from_bytes(h.digest(), "big") / 2**64
+
+
+_FLIP_PROBLEM = f"{_ANN} Then she finds 2 more. Then she loses 1. Then she makes 3 times as many. {_HOW}"
+_FLIP_STEPS = ["Ann finds 2, so 4 + 2 = 6.", "Ann loses 1, so 6 - 1 = 5.", "So 5 * 3 = 16.",
+               "The answer is \\boxed{15}.", "Extra step."]
+_RIGHT = [True, True, False, False, False]
+
+
+def test_mini_flip_rate_flips_by_the_documented_draw():
+    for seed in range(6):
+        s = MiniWorldStepScorer({"flip_rate": 0.5, "seed": seed})
+        draws = [_draw(seed, _FLIP_PROBLEM, _FLIP_STEPS, t) for t in range(len(_RIGHT))]
+        want = [float(ok != (u < 0.5)) for ok, u in zip(_RIGHT, draws, strict=True)]
+        assert s.score([(_FLIP_PROBLEM, _FLIP_STEPS)]) == [want]
+    d = MiniWorldStepScorer({"flip_rate": 0.5})  # seed 0 by default
+    want = [float(ok != (_draw(0, _FLIP_PROBLEM, _FLIP_STEPS, t) < 0.5)) for t, ok in enumerate(_RIGHT)]
+    assert d.score_steps(_FLIP_PROBLEM, _FLIP_STEPS) == want
+    assert MiniWorldStepScorer().score_steps(_FLIP_PROBLEM, _FLIP_STEPS) == [1.0, 1.0, 0.0, 0.0, 0.0]
+
+
+def test_mini_flip_needs_a_draw_strictly_below_the_rate():
+    draws = [_draw(1, _FLIP_PROBLEM, _FLIP_STEPS, t) for t in range(len(_FLIP_STEPS))]
+    rate = max(u for u in draws if u <= 0.5)
+    s = MiniWorldStepScorer({"flip_rate": rate, "seed": 1})
+    assert s.flip_rate == rate
+    want = [float(ok != (u < rate)) for ok, u in zip(_RIGHT, draws, strict=True)]
+    assert s.score_steps(_FLIP_PROBLEM, _FLIP_STEPS) == want
+    t = draws.index(rate)
+    assert want[t] == float(_RIGHT[t])  # the step whose draw equals the rate keeps its verdict

@@ -1159,3 +1159,9 @@ def test_acquire_writes_the_holder_and_release_frees_the_lock(monkeypatch, tmp_p
     with lock.locked(d):
         assert lock.holder(d)["command"] == ""
     assert not lock.is_held(d)
+
+
+def test_a_new_key_recorded_as_none_is_a_difference():
+    # a key absent from the old record differs from an explicit None (only ADDED_KEYS read as their old value)
+    assert differences({}, {"x": None}) == [("x", ABSENT, None)]
+    assert differences({"x": None}, {"x": None}) == []

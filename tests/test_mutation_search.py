@@ -725,3 +725,8 @@ def test_an_exhausted_tree_retires_in_the_round_it_runs_out(monkeypatch):
     assert (stats.rounds, r.expansions, len(be.calls), len(progress)) == (1, 1, 1, 1)
     assert stats.engine_s == 4.0
     assert _t(r.sol_max) == (["q2 \\boxed{3}"], True, 1.0, [0.75], [0.75], "answer")
+
+
+def test_the_answer_counts_after_the_first_marker():
+    # R1 may repeat the end-of-thinking marker: the answer after the first one closes the chain
+    assert answer_closed("a</think>\\boxed{1}</think>", "</think>")

@@ -714,3 +714,9 @@ def test_pool_proc_default_worker_module():
         assert p.ready is False
     finally:
         p.kill()
+
+
+def test_text_commands_are_read_as_a_space_between_words():
+    # "ab\text{q}cd": two 2-letter words, not one 4-letter word glued across the command
+    assert not ex.is_prose("ab\\text{q}cd ef\\text{q}gh ij\\text{q}kl")
+    assert ex.is_prose("the \\text{x} answer is here")
