@@ -720,3 +720,32 @@ def test_text_commands_are_read_as_a_space_between_words():
     # "ab\text{q}cd": two 2-letter words, not one 4-letter word glued across the command
     assert not ex.is_prose("ab\\text{q}cd ef\\text{q}gh ij\\text{q}kl")
     assert ex.is_prose("the \\text{x} answer is here")
+
+
+def test_square_roots_of_zero_and_of_negatives():
+    assert evaluate("\\sqrt{0}") == 0 and isinstance(evaluate("\\sqrt{0}"), Fraction)
+    with pytest.raises(NotArithmetic) as e:
+        evaluate("\\sqrt{-1}")
+    assert str(e.value) == "square root of a negative number"
+
+
+def test_pool_replace_swaps_only_the_dead_worker(fake_worker_env):
+    with pool.Verifier(workers=2, timeout_s=30, worker_module=_FAKE) as v:
+        dead, alive = v._all
+        q = v._replace(dead)
+        assert v._all == [alive, q] and q is not dead and dead.proc.poll() is not None
+        assert len(set(v.worker_pids())) == 2 and v.stats()["restarts"] == 1
+
+
+def test_module_level_checks_pass_their_timeout(monkeypatch):
+    seen = []
+
+    class RecordingVerifier:  # test double of the process-wide Verifier
+        def check_many(self, pairs, timeout_s=None):
+            seen.append((pairs, timeout_s))
+            return [True] * len(pairs)
+
+    monkeypatch.setattr(pool, "get_verifier", lambda: RecordingVerifier())
+    assert pool.check_answer("\\boxed{1}", "1", timeout_s=2.5) is True
+    assert pool.check_answers([("a", "b")], timeout_s=1.5) == [True]
+    assert seen == [([("\\boxed{1}", "1")], 2.5), ([("a", "b")], 1.5)]
