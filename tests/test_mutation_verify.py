@@ -749,3 +749,14 @@ def test_module_level_checks_pass_their_timeout(monkeypatch):
     assert pool.check_answer("\\boxed{1}", "1", timeout_s=2.5) is True
     assert pool.check_answers([("a", "b")], timeout_s=1.5) == [True]
     assert seen == [([("\\boxed{1}", "1")], 2.5), ([("a", "b")], 1.5)]
+
+
+@pytest.mark.parametrize("text, msg", [
+    ("\\frac{1)2", "expected }, got ('op', ')')"), ("\\frac{1]{2}", "expected }, got ('op', ']')"),
+    ("\\frac{1", "expected }, got None"), ("\\fracx", "unsupported command \\fracx"),
+    ("\\frac{1}", "expected a {group}"), ("\\frac(1){2}", "expected a {group}"),
+])
+def test_groups_close_with_their_own_brace(text, msg):
+    with pytest.raises(NotArithmetic) as e:
+        evaluate(text)
+    assert str(e.value) == msg
