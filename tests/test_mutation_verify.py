@@ -760,3 +760,31 @@ def test_groups_close_with_their_own_brace(text, msg):
     with pytest.raises(NotArithmetic) as e:
         evaluate(text)
     assert str(e.value) == msg
+
+
+def test_a_forked_child_gets_its_own_verifier(fake_worker_env):
+    """A child forked after the parent built the process-wide Verifier inherits it without its executor's
+    threads: checks that need a worker hung forever there (seen in the mutation run's forked workers)."""
+    pool.reset_verifier()
+    try:
+        parent = pool.get_verifier(workers=1, timeout_s=30, worker_module=_FAKE)
+        assert parent.check_many([("\\boxed{abc}", "abd")]) == [False]
+        pid = os.fork()
+        if pid == 0:  # the child: exit status 0 = its own verifier answered
+            code = 1
+            try:
+                v = pool.get_verifier(workers=1, timeout_s=30, worker_module=_FAKE)
+                code = 0 if v is not parent and v.check_many([("\\boxed{abc}", "abd")]) == [False] else 3
+            finally:
+                os._exit(code)
+        deadline = time.monotonic() + 60
+        while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if done[0] == 0:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail("the forked child's check never returned")
+        assert os.waitstatus_to_exitcode(done[1]) == 0
+        assert pool.get_verifier() is parent and parent.check_many([("\\boxed{u}", "v")]) == [False]
+    finally:
+        pool.reset_verifier()

@@ -155,6 +155,7 @@ class Verifier:
         self._all: list[_Proc] = []
         self._lock = threading.Lock()
         self._closed = False
+        self._pid = os.getpid()  # a forked child inherits this object but not its threads (see get_verifier)
         self._stats = dict.fromkeys(
             ("checks", "fast_decided", "cache_hits", "worker_checks", "timeouts", "hard_kills", "restarts",
              "crashes"), 0
@@ -339,7 +340,10 @@ def get_verifier(workers: int = 2, timeout_s: float = 5.0, **kw) -> Verifier:
     ``reset_verifier()`` closes it so the next call builds a new one)."""
     global _SINGLETON
     with _SINGLETON_LOCK:
-        if _SINGLETON is None or _SINGLETON._closed:
+        # a forked child (a multiprocessing "fork" worker, mutmut's workers) inherits the parent's singleton
+        # without its executor threads and shares its workers' pipes: work submitted there would never run.
+        # The child gets its own; the parent's is left alone (closing it here would stop the parent's workers).
+        if _SINGLETON is None or _SINGLETON._closed or _SINGLETON._pid != os.getpid():
             _SINGLETON = Verifier(workers=workers, timeout_s=timeout_s, **kw)
         elif (_SINGLETON.workers, _SINGLETON.timeout_s) != (workers, float(timeout_s)):
             log.debug("sphere.verify: get_verifier settings ignored; the singleton already exists")
