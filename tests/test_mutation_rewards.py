@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 import sphere.rewards.rollout as rollout_mod
 from sphere.backends import Candidate, SamplingParams
 from sphere.prompts import load_family
+from sphere.resources import ModelNotFoundError
 from sphere.rewards.mini_world import _apply, reference_chain
 from sphere.rewards.symbolic import SymbolicStepScorer
 
@@ -680,6 +681,7 @@ def test_prm_close_of_the_transformers_engine_releases_nothing(tmp_path, fake_vl
 # sphere/rewards/shared_prefix.py: the packed (tree-attention) form, on a model double that reads the mask
 # --------------------------------------------------------------------------------------------------------
 from sphere.rewards.shared_prefix import (  # noqa: E402
+    PrefixCache,
     _pad,
     _tags,
     common_prefix_len,
@@ -1214,3 +1216,222 @@ def test_mini_flip_needs_a_draw_strictly_below_the_rate():
     assert s.score_steps(_FLIP_PROBLEM, _FLIP_STEPS) == want
     t = draws.index(rate)
     assert want[t] == float(_RIGHT[t])  # the step whose draw equals the rate keeps its verdict
+
+
+# --------------------------------------------------------------------------------------------------------
+# sphere/rewards/prm.py, prm_model.py, shared_prefix.py: where the model comes from, the device, counters
+# over calls, the checkpoint loader's defaults and the cost rule of the shared-prefix groups
+# --------------------------------------------------------------------------------------------------------
+def test_prm_model_name_is_resolved_with_the_config(tmp_path, fake_hf, monkeypatch):
+    d = _model_dir(tmp_path)
+    asked = []
+
+    def resolve(name, cfg=None):
+        asked.append((name, cfg))
+        return d
+
+    monkeypatch.setattr(prm_mod, "resolve_model", resolve)
+    cfg = OmegaConf.create({"scorer": {"model": "mini", "step_tag": TAG, "shared_prefix": "off"}})
+    assert PRMScorer(cfg).model_path == d.resolve()
+    assert len(asked) == 1 and asked[0][0] == "mini" and asked[0][1] is cfg
+    # an object without .get is not read as a config (nor its model.prm): the model comes from the overrides
+    ns = types.SimpleNamespace(model={"prm": "other"})
+    assert PRMScorer(ns, model="m2", step_tag=TAG).model_path == d.resolve()
+    assert asked[1][0] == "m2" and asked[1][1] is ns
+
+
+def test_prm_missing_model_dir_is_named_the_prm_model(tmp_path, fake_hf):
+    gone = tmp_path / "none"
+    with pytest.raises(ModelNotFoundError) as e:
+        PRMScorer(None, gone, engine="transformers", step_tag=TAG)
+    assert str(e.value) == (f"PRM model path {str(gone)!r} does not exist (expected a local HF model "
+                            "directory with config.json, 'mini', or a hub name org/name)")
+
+
+def test_prm_device_setting_and_auto(tmp_path, fake_hf, monkeypatch):
+    s = _mk(tmp_path, device="meta")
+    assert s.device == torch.device("meta") and fake_hf["model"].moved_to == torch.device("meta")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # auto picks the GPU (never touched here)
+    s = _mk(tmp_path / "b")
+    assert s.device == torch.device("cuda") and fake_hf["model"].moved_to == torch.device("cuda")
+    assert _mk(tmp_path / "c", device="cpu").device == torch.device("cpu")
+
+
+def test_prm_config_without_architectures_is_the_qwen_layout(tmp_path, fake_hf):
+    fake_hf["hf"] = types.SimpleNamespace(max_position_embeddings=32)
+    s = _mk(tmp_path)
+    assert (s._token_cls, s.max_length, len(fake_hf["seen"]["qwen"]), fake_hf["seen"]["tokcls"]) == (
+        False, 32, 1, [])
+
+
+class PlainTokenizer(CharTokenizer):
+    """CharTokenizer without any ``chat_template`` attribute (a tokenizer class older than chat templates)."""
+
+    def __init__(self):
+        super().__init__()
+        del self.chat_template
+
+
+def test_prm_build_ids_with_a_tokenizer_without_chat_templates(tmp_path, fake_hf):
+    fake_hf["tokenizer"] = PlainTokenizer()
+    s = _mk(tmp_path, system="S")
+    assert s.build_ids("P", ["a"]) == [2] + [ord(c) for c in "S\n\nP\n\na"] + [TAG_ID]
+
+
+def test_prm_counters_add_up_over_calls(tmp_path, fake_hf, monkeypatch):
+    ticks = iter([10.0, 10.5, 20.0, 20.25])
+    monkeypatch.setattr(prm_mod, "time", types.SimpleNamespace(perf_counter=lambda: next(ticks)))
+    s = _lens_scorer(tmp_path, max_length=10, long_chains="recent")
+    s.score([("P", ["aa", "b"])])  # 12 tokens: the first step left out
+    assert (s.stats()["seconds"], s.stats()["items_truncated"]) == (0.5, 1)
+    s.score([("P", ["aa", "b", "c"]), ("P", ["a"])])  # 14 tokens: two steps left out; 9 tokens: whole
+    assert (s.stats()["seconds"], s.stats()["items_truncated"]) == (0.75, 2)
+
+
+def test_prm_item_without_steps_is_not_fitted_to_the_window(tmp_path, fake_hf):
+    s = _lens_scorer(tmp_path, long_chains="recent")
+    s.max_length = -1  # no row fits: an item without steps has no row to fit
+    assert s.score([("P", [])]) == [[]]
+    assert s.stats()["items_scored"] == 0 and fake_hf["tokenizer"].calls == []
+
+
+class _BodyDouble:
+    """transformers.AutoModel double: the PRM body is the identity (hidden states = inputs)."""
+
+    @staticmethod
+    def from_config(config):
+        return torch.nn.Identity()
+
+
+@pytest.mark.parametrize("labels, want", [({}, 2), ({"num_labels": 0}, 2), ({"num_labels": None}, 2),
+                                          ({"num_labels": 5}, 5)])
+def test_prm_model_head_has_two_labels_unless_the_config_says(monkeypatch, labels, want):
+    import transformers
+
+    from sphere.rewards.prm_model import QwenProcessRewardModel
+
+    monkeypatch.setattr(transformers, "AutoModel", _BodyDouble)
+    m = QwenProcessRewardModel(types.SimpleNamespace(hidden_size=4, **labels))
+    assert isinstance(m.model, torch.nn.Identity)
+    assert [(x.in_features, x.out_features) for x in (m.score[0], m.score[2])] == [(4, 4), (4, want)]
+
+
+class BodySpy(torch.nn.Module):
+    """PRM body double: records the keyword arguments of each call; hidden states 1 ([B, T, 4])."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[dict] = []
+
+    def forward(self, **kw):
+        self.calls.append(kw)
+        return types.SimpleNamespace(last_hidden_state=torch.ones((*kw["input_ids"].shape, 4)))
+
+
+def test_prm_model_forward_hands_the_body_its_arguments(monkeypatch):
+    import transformers
+
+    from sphere.rewards.prm_model import QwenProcessRewardModel
+
+    monkeypatch.setattr(transformers, "AutoModel", _BodyDouble)
+    m = QwenProcessRewardModel(types.SimpleNamespace(hidden_size=4))
+    m.model = body = BodySpy()
+    x = torch.tensor([[3, 1]])
+    out = m(x)
+    assert torch.equal(out, m.score(torch.ones((1, 2, 4)))) and out.shape == (1, 2, 2)
+    # no cache unless asked for: a scoring pass must not build one
+    assert body.calls == [{"input_ids": x, "attention_mask": None, "position_ids": None,
+                           "past_key_values": None, "use_cache": False}]
+    mask, pos, cache = torch.ones_like(x), torch.tensor([[4, 5]]), object()
+    m(x, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
+    assert body.calls[1] == {"input_ids": x, "attention_mask": mask, "position_ids": pos,
+                             "past_key_values": cache, "use_cache": True}
+
+
+def test_prm_model_loader_defaults_rotary_buffers_and_long_key_lists(random_prm, tmp_path, monkeypatch):
+    import transformers
+
+    from sphere.rewards.prm_model import QwenProcessRewardModel
+
+    real, seen = transformers.AutoConfig.from_pretrained, []
+
+    def config_spy(path, **kw):
+        seen.append(kw)
+        return real(path, **kw)
+
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", config_spy)
+
+    class PersistentRotaryPRM(QwenProcessRewardModel):
+        """The PRM with its rotary frequencies in the state dict (as older transformers kept them)."""
+
+        def __init__(self, config):
+            super().__init__(config)
+            self.model.rotary_emb._non_persistent_buffers_set.discard("inv_freq")
+
+    d = tmp_path / "m"
+    _save_prm(random_prm, d)
+    QwenProcessRewardModel.from_pretrained(d)
+    QwenProcessRewardModel.from_pretrained(d, trust_remote_code=True)
+    assert seen == [{"trust_remote_code": False}, {"trust_remote_code": True}]
+    got = PersistentRotaryPRM.from_pretrained(d)  # the checkpoint has no inv_freq: recomputed, not missing
+    assert "model.rotary_emb.inv_freq" in got.state_dict()
+    assert torch.equal(got.model.rotary_emb.inv_freq, random_prm.model.rotary_emb.inv_freq)
+    drop = tuple(k for k in random_prm.state_dict() if k.startswith("model.layers.0."))[:6]
+    extra = {f"value_head.{i}": torch.zeros(1) for i in range(6)}
+    _save_prm(random_prm, tmp_path / "bad", drop=drop, extra=extra)
+    with pytest.raises(ValueError) as e:
+        QwenProcessRewardModel.from_pretrained(tmp_path / "bad")
+    assert str(e.value) == (f"PRM checkpoint {tmp_path / 'bad'}: does not match the Qwen PRM layout "
+                            f"(missing {list(drop[:5])}, unexpected {list(extra)[:5]})")
+
+
+def test_group_rows_weighs_a_nested_group_against_the_whole():
+    # a and b share 7 tokens, c shares 2 with them (min_shared 2): {a, b} costs 16 - 7 + 2 = 11 and c 3 + 2,
+    # all three as one group 19 - 2 * 2 + 2 = 17 > 16: two groups
+    a, b, c = [1, 2, 3, 4, 5, 6, 7, 8], [1, 2, 3, 4, 5, 6, 7, 9], [1, 2, 9]
+    assert group_rows([c, a, b], min_shared=2) == [(7, [1, 2]), (3, [0])]
+    # sharing 6: {a, b} 14 - 6 + 2 = 10, c 5, the whole 17 - 4 + 2 = 15: a tie keeps one group
+    a, b = [1, 2, 3, 4, 5, 6, 7], [1, 2, 3, 4, 5, 6, 8]
+    assert group_rows([c, a, b], min_shared=2) == [(2, [1, 2, 0])]
+    # two pairs sharing 3, all four sharing 2: the pairs cost 2 * (8 - 3 + 2) = 14, the whole 16 - 6 + 2 = 12
+    rows = [[1, 2, 6, 8], [1, 2, 3, 4], [1, 2, 6, 7], [1, 2, 3, 5]]
+    assert group_rows(rows, min_shared=2) == [(2, [1, 3, 2, 0])]
+
+
+class CacheProbe(torch.nn.Module):
+    """Model double for the kv form: when asked to use the cache it is handed, writes its input ids there as
+    keys and values ([B, 1, T, 1]) and records what the cache gives back (a PrefixCache: the group's prefix
+    followed by the new keys); logits 0 on the CPU."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.calls: list[dict] = []
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None,
+                use_cache=False):
+        call = {"cache": type(past_key_values).__name__, "use_cache": use_cache}
+        if isinstance(past_key_values, PrefixCache):
+            call["rows"] = past_key_values.layers[0].rows
+        if use_cache:
+            k = input_ids[:, None, :, None].float()
+            call["keys"] = past_key_values.update(k, k, 0)[0]
+        self.calls.append(call)
+        return torch.zeros((*input_ids.shape, 2))
+
+
+def test_kv_form_fills_the_cache_then_reads_it():
+    rows = [[5, 1, 7, 1], [5, 1, 8, 8, 1]]
+    model = CacheProbe()
+    got = probs_shared(model, rows, 1, device=torch.device("cpu"), pad_id=0, batch_size=4, mode="kv",
+                       min_shared=2)
+    assert got == [[0.5, 0.5], [0.5, 0.5]]
+    pre, cont = model.calls
+    assert (pre["cache"], pre["use_cache"], cont["cache"], cont["use_cache"]) == (
+        "DynamicCache", True, "PrefixCache", True)
+    assert pre["keys"][:, 0, :, 0].tolist() == [[5, 1]]
+    assert cont["rows"].tolist() == [0, 0]
+    assert cont["keys"][:, 0, :, 0].tolist() == [[5, 1, 8, 8, 1], [5, 1, 7, 1, 0]]
+    model = CacheProbe()  # on another device, the rows' group indices go there too
+    probs_shared(model, rows, 1, device=torch.device("meta"), pad_id=0, batch_size=4, mode="kv", min_shared=2)
+    assert model.calls[1]["rows"].device == torch.device("meta")
