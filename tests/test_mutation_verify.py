@@ -788,3 +788,21 @@ def test_a_forked_child_gets_its_own_verifier(fake_worker_env):
         assert pool.get_verifier() is parent and parent.check_many([("\\boxed{u}", "v")]) == [False]
     finally:
         pool.reset_verifier()
+
+
+@pytest.mark.parametrize("norm, top", [
+    ("(1,2)", True), ("3,5,7", True), ("[2,5)", True), ("\\frac{1,2}{3}", False), ("{1,2}", False),
+    ("{{1}},2", True), ("{a}{b,c}", False), ("{1}{2},3", True), ("12", False), ("", False),
+    ("}{,", True), ("{1}},2", False),
+])
+def test_top_level_commas_are_counted_outside_brace_groups(norm, top):
+    assert ex._has_top_level_comma(norm) is top
+
+
+@pytest.mark.parametrize("norm, expr", [
+    ("x^3+3x-6", True), ("(a+5)(b+2)", True), ("8n^2+4n+1", True), ("Ab+1", False), ("xy+1", False),
+    ("AB+1", False), ("x+\\pi", True), ("e^x", False), ("2i+x", False), ("x_1+1", False), ("3.5x", False),
+    ("12", False), ("x=1", False), ("\\frac{x}{2}", True), ("ab", False),
+])
+def test_expressions_in_one_letter_variables(norm, expr):
+    assert ex._is_expression_in_variables(norm) is expr
