@@ -56,12 +56,14 @@ from mutmut.stats import status_by_exit_code
 eq = set(re.findall(r"^- `([\w.]+__mutmut_\d+)`", Path("docs/mutation.md").read_text(), re.M)) \
     if Path("docs/mutation.md").exists() else set()
 by_mod: dict[str, Counter] = defaultdict(Counter)
+not_run: Counter = Counter()  # mutants not run yet (an interrupted run): outside the score, reported
 survivors = []
 for meta in sorted(Path("mutants").rglob("*.py.meta")):
     mod = ".".join(meta.relative_to("mutants").with_suffix("").with_suffix("").parts)
     for name, code in json.loads(meta.read_text())["exit_code_by_key"].items():
         st = status_by_exit_code[code]
         if st == "not checked":
+            not_run[mod] += 1
             continue
         if name in eq:
             st = "equivalent"
@@ -69,26 +71,29 @@ for meta in sorted(Path("mutants").rglob("*.py.meta")):
             survivors.append(f"{name}: {st}")
         by_mod[mod]["killed" if st in ("timeout", "caught by type check") else st] += 1
 rows, tot = [], Counter()
-print(f"{'module':40s} {'killed':>7s} {'total':>6s} {'score':>7s} {'equiv':>6s} {'survived':>8s} {'no tests':>8s}")
-for mod, c in sorted(by_mod.items()):
+print(f"{'module':40s} {'killed':>7s} {'total':>6s} {'score':>7s} {'equiv':>6s} {'survived':>8s} {'no tests':>8s}"
+      f" {'not run':>7s}")
+for mod in sorted(set(by_mod) | set(not_run)):
+    c = by_mod[mod]
     total = sum(v for k, v in c.items() if k != "equivalent")
     tot.update(c)
     score = c["killed"] / total if total else None
     rows.append({"module": mod, "killed": c["killed"], "total": total, "equivalent": c["equivalent"],
                  "survived": c["survived"], "no_tests": c["no tests"], "other": total - c["killed"]
-                 - c["survived"] - c["no tests"], "score": score})
+                 - c["survived"] - c["no tests"], "score": score, "not_run": not_run[mod]})
     print(f"{mod:40s} {c['killed']:7d} {total:6d} {(f'{score:.1%}' if score is not None else '-'):>7s} "
-          f"{c['equivalent']:6d} {c['survived']:8d} {c['no tests']:8d}")
+          f"{c['equivalent']:6d} {c['survived']:8d} {c['no tests']:8d} {not_run[mod]:7d}")
 total = sum(v for k, v in tot.items() if k != "equivalent")
 score = tot["killed"] / total if total else None
 print(f"{'ALL (measured)':40s} {tot['killed']:7d} {total:6d} {(f'{score:.1%}' if score is not None else '-'):>7s} "
-      f"{tot['equivalent']:6d} {tot['survived']:8d} {tot['no tests']:8d}")
+      f"{tot['equivalent']:6d} {tot['survived']:8d} {tot['no tests']:8d} {sum(not_run.values()):7d}")
 Path("docs/mutation.json").write_text(json.dumps(
     {"killed": tot["killed"], "total": total, "equivalent": tot["equivalent"], "score": score,
-     "modules": rows, "not_killed": survivors}, indent=1) + "\n")
+     "not_run": sum(not_run.values()), "modules": rows, "not_killed": survivors}, indent=1) + "\n")
 print(f"mutation: {tot['killed']}/{total} killed"
       + (f" ({score:.1%})" if score is not None else "") + f", {tot['equivalent']} equivalent excluded; "
-      f"{len(survivors)} not killed (docs/mutation.json)")
+      f"{len(survivors)} not killed (docs/mutation.json)"
+      + (f"; {sum(not_run.values())} mutants not run yet (outside the score)" if not_run else ""))
 floor = os.environ.get("MUTATION_MIN_SCORE")
 if floor and (score is None or score < float(floor)):
     print(f"mutation: score {score} under MUTATION_MIN_SCORE={floor}")
