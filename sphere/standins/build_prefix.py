@@ -160,12 +160,12 @@ def compare(which: str, got: dict) -> list[str]:
                             f"by {d:.3g} of a tensor's RMS > tolerance {REL_TOL:g} (sha256 "
                             f"{got['sha256'].get(name)}, recorded {want['sha256'].get(name)})")
     for name, curve in want.get("loss", {}).items():
-        d = loss_drift(got.get("loss", {}).get(name) or [], curve)
+        mine = got.get("loss", {}).get(name) or []
+        d = loss_drift(mine, curve)
         if not d <= LOSS_REL_TOL:
             problems.append(f"{which}/{name}: training loss curve differs from the recorded one by {d:.3g} of "
-                            f"a loss > tolerance {LOSS_REL_TOL:g} (logged at steps "
-                            f"{[s for s, _ in (got.get('loss', {}).get(name) or [])]}, recorded "
-                            f"{[s for s, _ in curve]})")
+                            f"a loss > tolerance {LOSS_REL_TOL:g} (logged at steps {[s for s, _ in mine]}, "
+                            f"recorded {[s for s, _ in curve]})")
     if problems and rec.get("versions") != _versions():
         problems.append(f"(recorded with {rec.get('versions')}, running {_versions()}: bitwise reproduction "
                         "holds only for the same library builds)")
